@@ -1,0 +1,74 @@
+"""mailhost: mail connections as a service, with every protocol a plugin.
+
+The public face of the package: the Python API (:class:`Mailhost`), the hook markers
+for plugin authors (:data:`hookimpl`), and the types a protocol plugin implements.
+"""
+from __future__ import annotations
+
+from .app import Mailhost
+from .certificates import Certificate, Decryption
+from .errors import (
+    AuthenticationFailed,
+    ConfigError,
+    ConnectFailure,
+    MailError,
+    MailhostError,
+    NotFound,
+    PermanentFailure,
+    PluginError,
+    TemporaryFailure,
+    TLSFailure,
+    UsageError,
+    ValidationError,
+)
+from .hookspecs import hookimpl, hookspec
+from .protocols import (
+    AfterDownloadAction,
+    ConnectionSettings,
+    Direction,
+    Encryption,
+    Estimate,
+    HostOverride,
+    IncomingSession,
+    Listing,
+    MessageRef,
+    OutgoingSession,
+    ProtocolProvider,
+    SendResult,
+    TestStep,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AfterDownloadAction",
+    "AuthenticationFailed",
+    "Certificate",
+    "ConfigError",
+    "ConnectFailure",
+    "ConnectionSettings",
+    "Decryption",
+    "Direction",
+    "Encryption",
+    "Estimate",
+    "HostOverride",
+    "IncomingSession",
+    "Listing",
+    "MailError",
+    "Mailhost",
+    "MailhostError",
+    "MessageRef",
+    "NotFound",
+    "OutgoingSession",
+    "PermanentFailure",
+    "PluginError",
+    "ProtocolProvider",
+    "SendResult",
+    "TLSFailure",
+    "TemporaryFailure",
+    "TestStep",
+    "UsageError",
+    "ValidationError",
+    "hookimpl",
+    "hookspec",
+]

@@ -1,0 +1,4 @@
+"""``python -m mailhost`` runs the CLI."""
+from .cli import main
+
+main()

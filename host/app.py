@@ -1,0 +1,164 @@
+"""The Python API's entry point: one installation's config, plugins, store and key.
+
+::
+
+    from mailhost import Mailhost
+
+    host = Mailhost.open("mailhost.toml")
+    host.connections.add_incoming(IncomingSpec(name="helpdesk", protocol="imap", ...))
+    report = host.incoming.fetch()
+
+The CLI and the web admin are thin layers over this object.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from functools import cached_property
+from typing import Any
+
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session
+
+from . import store
+from .config import Config, config_path, write_starter_config
+from .errors import ConfigError
+from .plugins import PluginHost, plugin_host
+from .secrets import RedactingFilter, Vault, create_key_file
+
+__all__ = ["Mailhost"]
+
+log = logging.getLogger(__name__)
+
+
+class Mailhost:
+    """One installation: its config, its plugins, its store and its secret key."""
+
+    def __init__(self, config: Config, plugins: PluginHost | None = None) -> None:
+        self.config = config
+        self._plugins = plugins
+        install_redaction()
+
+    # -- construction -----------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str] | None = None, plugins: PluginHost | None = None) -> Mailhost:
+        """Open the installation whose config file is ``path`` (see :func:`config_path`)."""
+        return cls(Config.load(path), plugins)
+
+    @classmethod
+    def init(cls, path: str | os.PathLike[str] | None = None, database_url: str | None = None) -> Mailhost:
+        """Create a starter config, a secret key (unless ``$MAILHOST_SECRET_KEY`` is set)
+        and the store; an existing config is left alone and its store upgraded."""
+        cfg_path = config_path(path)
+        if not cfg_path.exists():
+            write_starter_config(cfg_path, database_url)
+        elif database_url:
+            raise ConfigError(
+                f"{cfg_path} already exists: edit its [store] url instead of passing --database"
+            )
+        host = cls.open(cfg_path)
+        if not os.environ.get("MAILHOST_SECRET_KEY") and not host.config.key_file.exists():
+            create_key_file(host.config.key_file)
+        host.vault  # noqa: B018  (fails early on an unusable key)
+        host.migrate()
+        return host
+
+    # -- parts ------------------------------------------------------------------------
+
+    @property
+    def plugins(self) -> PluginHost:
+        """The loaded plugins (discovered once per process)."""
+        if self._plugins is None:
+            self._plugins = plugin_host(
+                self.config.plugins_enabled, self.config.plugins_disabled, self.config.protocol_choices
+            )
+        return self._plugins
+
+    @cached_property
+    def engine(self) -> Engine:
+        """The store's engine."""
+        return store.make_engine(self.config.database_url)
+
+    @cached_property
+    def vault(self) -> Vault:
+        """Encrypts and decrypts secrets at rest."""
+        return Vault.from_env_or_file(self.config.key_file)
+
+    @cached_property
+    def _sessionmaker(self) -> Any:
+        return store.make_sessionmaker(self.engine)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[Session]:
+        """A store transaction: committed on success, rolled back on error."""
+        self.check_schema()
+        with self._sessionmaker.begin() as s:
+            yield s
+
+    def migrate(self) -> None:
+        """Bring the store's schema up to date (``mailhost init`` does this)."""
+        try:
+            store.upgrade(self.engine)
+        except OperationalError as exc:
+            raise ConfigError(
+                f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
+                f"{exc.orig}; check [store] url in {self.config.path}"
+            ) from None
+        self._schema_ok = True
+
+    def check_schema(self) -> None:
+        """Refuse to work on a store that is missing or older than this code."""
+        if getattr(self, "_schema_ok", False):
+            return
+        try:
+            current = store.current_revision(self.engine)
+        except OperationalError as exc:
+            raise ConfigError(
+                f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
+                f"{exc.orig}; check [store] url in {self.config.path}"
+            ) from None
+        head = store.head_revision()
+        if current != head:
+            raise ConfigError(
+                f"the store at {self.engine.url.render_as_string(hide_password=True)} is at schema "
+                f"{current or 'none'}, this mailhost needs {head}: run `mailhost init` to create or upgrade it"
+            )
+        self._schema_ok = True
+
+    @cached_property
+    def connections(self) -> Any:
+        """Incoming and outgoing connections (:class:`mailhost.connections.Connections`)."""
+        from .connections import Connections
+
+        return Connections(self)
+
+    @cached_property
+    def incoming(self) -> Any:
+        """The incoming pipeline and queue (:class:`mailhost.incoming.Incoming`)."""
+        from .incoming import Incoming
+
+        return Incoming(self)
+
+    @cached_property
+    def outgoing(self) -> Any:
+        """The outgoing pipeline and queue (:class:`mailhost.outgoing.Outgoing`)."""
+        from .outgoing import Outgoing
+
+        return Outgoing(self)
+
+    def close(self) -> None:
+        """Release the store's connections."""
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+
+
+def install_redaction() -> None:
+    """Put the redacting filter on every handler of the root logger, once."""
+    root = logging.getLogger()
+    for handler in root.handlers:
+        if not any(isinstance(f, RedactingFilter) for f in handler.filters):
+            handler.addFilter(RedactingFilter())

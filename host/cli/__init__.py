@@ -1,0 +1,257 @@
+"""The ``mailhost`` command line: a thin layer over :class:`mailhost.Mailhost`.
+
+The contract is ``shared/CLI.md``: every listing takes ``--json`` (one JSON list on
+stdout and nothing else) and ``--limit N``; errors are one sentence on stderr with exit
+status 2 for bad input and 1 for a failure while running; secrets never come from the
+command line itself.
+
+The commands live by subject: :mod:`.admin` (init, plugins, host overrides),
+:mod:`.connections` (incoming and outgoing connections), :mod:`.incoming` (fetch, the
+incoming queue and log), :mod:`.delivery` (send, deliver, the outgoing queue),
+:mod:`.service` (serve).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from ..app import Mailhost
+from ..errors import MailhostError, UsageError
+from ..secrets import RedactingFilter, redact
+
+__all__ = ["cli", "main"]
+
+
+class Context:
+    """What every command gets: the config path and a lazily opened installation."""
+
+    def __init__(self, config: str | None) -> None:
+        self.config = config
+        self._host: Mailhost | None = None
+
+    @property
+    def host(self) -> Mailhost:
+        """The installation named by ``--config`` (opened on first use)."""
+        if self._host is None:
+            self._host = Mailhost.open(self.config)
+        return self._host
+
+
+pass_ctx = click.make_pass_decorator(Context)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--config", "config", metavar="FILE", envvar="MAILHOST_CONFIG",
+    help="The config file (default: $MAILHOST_CONFIG, else ./mailhost.toml).",
+)
+@click.option("-v", "--verbose", count=True, help="Log more (-v info, -vv debug). Secrets are always redacted.")
+@click.version_option(package_name="mailhost", prog_name="mailhost")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, verbose: int) -> None:
+    """mailhost: named mail connections that download into, and deliver from, durable queues."""
+    setup_logging(verbose)
+    ctx.obj = Context(config)
+
+
+def setup_logging(verbose: int) -> None:
+    """Log to stderr through the redacting filter."""
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    root = logging.getLogger()
+    if not any(getattr(h, "_mailhost", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(RedactingFilter())
+        handler._mailhost = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(level)
+    # Debug transcripts of connections are INFO records; keep them at -v and above,
+    # and always when a connection's Debug attribute is on.
+    logging.getLogger("mailhost.transcript").setLevel(logging.INFO)
+
+
+# ---------------------------------------------------------------------------------------
+# Output helpers, shared by every command
+# ---------------------------------------------------------------------------------------
+
+
+def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--json``: print one JSON document and nothing else."""
+    return click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of objects).")(f)
+
+
+def limit_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--limit N``: print at most N rows."""
+    return click.option(
+        "--limit", type=click.IntRange(min=1), default=None, metavar="N", help="Print at most N rows."
+    )(f)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def print_json(data: Any) -> None:
+    """Print ``data`` as JSON on stdout."""
+    click.echo(json.dumps(data, indent=2, default=_jsonable, ensure_ascii=False))
+
+
+def print_rows(
+    rows: Sequence[Mapping[str, Any]], columns: Sequence[str], as_json: bool, limit: int | None = None,
+    empty: str = "nothing to show",
+) -> None:
+    """A listing: JSON, or an aligned table of ``columns``."""
+    rows = list(rows)[:limit] if limit else list(rows)
+    if as_json:
+        print_json(rows)
+        return
+    if not rows:
+        click.echo(empty, err=True)
+        return
+    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
+    click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
+    for row in cells:
+        click.echo("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def print_record(record: Mapping[str, Any], as_json: bool) -> None:
+    """One object: JSON, or ``key: value`` lines."""
+    if as_json:
+        print_json(record)
+        return
+    width = max((len(k) for k in record), default=0)
+    for key, value in record.items():
+        click.echo(f"{key.ljust(width)}  {_cell(value, 200)}")
+
+
+def _cell(value: Any, width: int = 60) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_cell(v, width) for v in value) or "-"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_cell(v, width)}" for k, v in value.items()) or "-"
+    text = str(value).replace("\n", " ")
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Stop with one sentence on stderr."""
+    raise _Exit(message, code)
+
+
+class _Exit(Exception):
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------
+# Secrets: never on the command line itself
+# ---------------------------------------------------------------------------------------
+
+
+def secret_options(prefix: str = "password", what: str = "password") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--{prefix}-env VAR | --{prefix}-file F | --{prefix}-stdin``."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        f = click.option(f"--{prefix}-stdin", f"{prefix.replace('-', '_')}_stdin", is_flag=True,
+                         help=f"Read the {what} from standard input.")(f)
+        f = click.option(f"--{prefix}-file", f"{prefix.replace('-', '_')}_file", metavar="F",
+                         help=f"Read the {what} from file F.")(f)
+        f = click.option(f"--{prefix}-env", f"{prefix.replace('-', '_')}_env", metavar="VAR",
+                         help=f"Read the {what} from environment variable VAR.")(f)
+        return f
+
+    return decorate
+
+
+def read_secret(env: str | None, file: str | None, stdin: bool, what: str = "password") -> str | None:
+    """The secret from exactly one of the three sources, or ``None`` if none is given."""
+    given = [x for x in (env, file, stdin or None) if x]
+    if len(given) > 1:
+        fail(f"give the {what} one way only: --*-env, --*-file or --*-stdin")
+    if env:
+        value = os.environ.get(env)
+        if value is None:
+            fail(f"environment variable {env} is not set: export it with the {what}, or use another source")
+        return value
+    if file:
+        try:
+            return Path(file).expanduser().read_text(encoding="utf-8").rstrip("\r\n")
+        except OSError as exc:
+            fail(f"cannot read the {what} from {file}: {exc.strerror}")
+        except UnicodeDecodeError:
+            fail(f"the {what} file {file} is not UTF-8 text")
+    if stdin:
+        if sys.stdin.isatty():
+            import getpass
+
+            return getpass.getpass(f"{what.capitalize()}: ")
+        return sys.stdin.readline().rstrip("\r\n")
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------
+
+
+def main(argv: Iterable[str] | None = None) -> NoReturn:
+    """Run the CLI; errors become one sentence on stderr and an exit status."""
+    code = 0
+    try:
+        cli.main(args=list(argv) if argv is not None else None, prog_name="mailhost", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("mailhost: aborted", err=True)
+        code = 1
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        click.echo(f"mailhost: {exc.format_message()}", err=True)
+        code = exc.exit_code
+    except _Exit as exc:
+        click.echo(f"mailhost: {exc}", err=True)
+        code = exc.code
+    except MailhostError as exc:
+        click.echo(f"mailhost: {redact(str(exc))}", err=True)
+        code = exc.exit_code
+    except KeyboardInterrupt:
+        click.echo("mailhost: interrupted", err=True)
+        code = 130
+    except BrokenPipeError:
+        code = 0
+    except Exception as exc:  # a bug: say so in one line, the traceback on request
+        if os.environ.get("MAILHOST_DEBUG"):
+            click.echo(redact(traceback.format_exc()), err=True)
+        click.echo(
+            f"mailhost: unexpected error {type(exc).__name__}: {redact(str(exc))} "
+            "(set MAILHOST_DEBUG=1 for the traceback, and please report it)",
+            err=True,
+        )
+        code = 1
+    sys.exit(code)
+
+
+# Register the command modules (they import the helpers above).
+from . import admin, connections, delivery, incoming, service  # noqa: E402,F401
+
+__all__ += ["UsageError"]

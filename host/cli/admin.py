@@ -1,0 +1,91 @@
+"""``mailhost init``, ``mailhost plugins``, ``mailhost host-overrides``."""
+from __future__ import annotations
+
+import click
+
+from ..app import Mailhost
+from ..config import Config
+from ..plugins import BUILTIN, installed_plugin_names
+from . import Context, cli, fail, json_option, limit_option, pass_ctx, print_rows
+
+
+@cli.command()
+@click.option("--database", "database_url", metavar="URL",
+              help="sqlite:///FILE (default sqlite:///mailhost.db) or postgresql+psycopg://USER@HOST/DB.")
+@pass_ctx
+def init(ctx: Context, database_url: str | None) -> None:
+    """Write a starter config and secret key, and create (or upgrade) the store."""
+    host = Mailhost.init(ctx.config, database_url)
+    click.echo(f"config:   {host.config.path}", err=True)
+    click.echo(f"store:    {host.engine.url.render_as_string(hide_password=True)}", err=True)
+    key = "from $MAILHOST_SECRET_KEY" if not host.config.key_file.exists() else str(host.config.key_file)
+    click.echo(f"key:      {key} (keep a copy: stored secrets need it)", err=True)
+
+
+@cli.group()
+def plugins() -> None:
+    """List, enable and disable plugins."""
+
+
+@plugins.command("list")
+@json_option
+@limit_option
+@pass_ctx
+def plugins_list(ctx: Context, as_json: bool, limit: int | None) -> None:
+    """Every installed plugin: distribution, version, state and what it provides."""
+    rows = [p.as_dict() for p in ctx.host.plugins.plugins.values()]
+    for row in rows:
+        if row["state"] == "failed":
+            row["provides"] = row["error"]
+        else:
+            row["provides"] = ", ".join(row["protocols"] + row["after_download_actions"] + row["host_overrides"])
+    print_rows(rows, ["name", "distribution", "version", "state", "provides"], as_json, limit)
+
+
+def _set_plugin(ctx: Context, name: str, enabled: bool) -> None:
+    config = Config.load(ctx.config)
+    if name == BUILTIN:
+        fail("the builtin plugin is part of mailhost and cannot be disabled")
+    installed = installed_plugin_names()  # without importing any: a disabled one stays unimported
+    if name not in installed:
+        fail(f"no plugin named {name!r} is installed: installed plugins are {', '.join(installed) or 'none'}")
+    config.set_plugin_state(name, enabled)
+    state = "enabled" if enabled else "disabled"
+    click.echo(f"plugin {name} {state} in {config.path}; it takes effect when mailhost next starts", err=True)
+
+
+@plugins.command("enable")
+@click.argument("name")
+@pass_ctx
+def plugins_enable(ctx: Context, name: str) -> None:
+    """Enable plugin NAME (edits the config file)."""
+    _set_plugin(ctx, name, True)
+
+
+@plugins.command("disable")
+@click.argument("name")
+@pass_ctx
+def plugins_disable(ctx: Context, name: str) -> None:
+    """Disable plugin NAME (edits the config file); it is then never imported."""
+    _set_plugin(ctx, name, False)
+
+
+@cli.command("host-overrides")
+@click.option("--provider", metavar="NAME", help="Only this provider (e.g. microsoft).")
+@click.option("--protocol", metavar="NAME", help="Only this protocol (e.g. imap, smtp, graph).")
+@json_option
+@limit_option
+@pass_ctx
+def host_overrides(ctx: Context, provider: str | None, protocol: str | None, as_json: bool, limit: int | None) -> None:
+    """Predefined hosts per provider and protocol, from the plugins."""
+    rows = [
+        {
+            "provider": o.provider, "protocol": o.protocol, "name": o.name, "title": o.title,
+            "host": o.host, "port": o.port, "authority": o.authority, "scopes": list(o.scopes),
+            "plugin": o.plugin,
+        }
+        for o in ctx.host.plugins.host_overrides
+        if (provider is None or o.provider == provider) and (protocol is None or o.protocol == protocol)
+    ]
+    print_rows(rows, ["provider", "protocol", "name", "host", "title"], as_json, limit,
+               empty="no host overrides match (install a plugin that provides them)")

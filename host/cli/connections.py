@@ -1,0 +1,245 @@
+"""``mailhost incoming ...`` and ``mailhost outgoing ...``: connections."""
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from ..connections import ConnectionSpec
+from ..errors import MailError
+from ..protocols import Direction, TestStep
+from . import (
+    Context,
+    cli,
+    fail,
+    json_option,
+    limit_option,
+    pass_ctx,
+    print_json,
+    print_record,
+    print_rows,
+    read_secret,
+    secret_options,
+)
+
+_ENCRYPTIONS = click.Choice(["none", "ssl", "starttls"], case_sensitive=False)
+
+
+def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--protocol", metavar="NAME", help="imap, pop3, smtp, graph, ... (see `mailhost plugins list`)."),
+        click.option("--description", metavar="TEXT"),
+        click.option("--host", metavar="HOST", help="The server's host name."),
+        click.option("--port", type=int, metavar="PORT", help="0 or absent: the protocol's default for the encryption."),
+        click.option("--encryption", type=_ENCRYPTIONS, help="none, ssl (implicit TLS) or starttls."),
+        click.option("--username", metavar="USER"),
+        click.option("--timeout", type=int, metavar="MS", help="Milliseconds; 0 or absent: 30000."),
+        click.option("--oauth-credential", metavar="NAME", help="Sign in with this OAuth2 credential."),
+        click.option("--host-override", metavar="NAME", help="A predefined host (see `mailhost host-overrides`)."),
+        click.option("--ca-file", metavar="PATH", help="Also trust this PEM CA for this connection."),
+        secret_options(),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _incoming_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--folder", metavar="FOLDER", help="Mailbox folder (INBOX by default; Main/Sub for subfolders)."),
+        click.option("--interval", type=int, metavar="MINUTES", help="Minutes between downloads (default 1)."),
+        click.option("--after-download", metavar="ACTION", help="mark-seen (IMAP default), keep (POP3 default), delete, move, ..."),
+        click.option("--move-to", metavar="FOLDER", help="The target folder of --after-download move."),
+        click.option("--shared-mailbox", metavar="ALIAS", help="Open this shared mailbox with the user's credentials."),
+        click.option("--certificate", "certificates", multiple=True, metavar="NAME",
+                     help="Decrypt S/MIME mail with this certificate (repeatable)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return _common_options(f)
+
+
+def _outgoing_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option("--from", "from_address", metavar="ADDRESS", help="The sender address of mail sent through it."),
+        click.option("--prefix", metavar="TEXT", help="Added to the front of every subject."),
+        click.option("--size-limit", type=int, metavar="BYTES", help="Largest message it takes; 0 = unlimited."),
+        click.option("--debug/--no-debug", default=None, help="Write a redacted session transcript to the log."),
+        click.option("--fallback-to-default/--no-fallback-to-default", default=None,
+                     help="Hand undeliverable mail to the default connection."),
+        click.option("--default/--no-default", "default", default=None, help="Make this the default connection."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return _common_options(f)
+
+
+def _spec(name: str | None, opts: dict[str, Any]) -> ConnectionSpec:
+    password = read_secret(opts.pop("password_env"), opts.pop("password_file"), opts.pop("password_stdin"))
+    certificates = opts.pop("certificates", None)
+    move_to = opts.pop("move_to", None)
+    spec = ConnectionSpec(name=name, password=password, **{k: v for k, v in opts.items()})
+    if certificates:
+        spec.certificates = list(certificates)
+    if move_to is not None:
+        spec.after_download_argument = move_to
+    if spec.encryption:
+        spec.encryption = spec.encryption.lower()
+    return spec
+
+
+def _dict(ctx: Context, direction: Direction, conn: Any) -> dict[str, Any]:
+    from ..connections import connection_dict
+
+    provider = ctx.host.plugins.protocols.get((direction, conn.protocol))
+    return connection_dict(direction, conn, provider)
+
+
+def _print_steps(steps: list[TestStep], as_json: bool) -> bool:
+    ok = all(s.ok for s in steps)
+    if as_json:
+        print_json([{"step": s.name, "ok": s.ok, "detail": s.detail} for s in steps])
+    else:
+        for s in steps:
+            click.echo(f"{'ok  ' if s.ok else 'FAIL'}  {s.name:<15} {s.detail}")
+    return ok
+
+
+def _register(direction: Direction, group: click.Group, options: Callable[..., Any]) -> None:
+    word = direction.value
+
+    @group.command("add")
+    @click.argument("name")
+    @options
+    @json_option
+    @pass_ctx
+    def add(ctx: Context, name: str, as_json: bool, **opts: Any) -> None:
+        conn = ctx.host.connections.add(direction, _spec(name, opts))
+        if as_json:
+            print_json(_dict(ctx, direction, conn))
+        else:
+            note = " (disabled: test it, then `mailhost incoming enable`)" if direction is Direction.INCOMING else ""
+            click.echo(f"added {word} connection {conn.name}{note}", err=True)
+
+    add.help = f"Add a {word} connection named NAME." + (" It starts disabled." if direction is Direction.INCOMING else "")
+
+    @group.command("edit")
+    @click.argument("name")
+    @click.option("--name", "new_name", metavar="NEW", help="Rename the connection.")
+    @options
+    @json_option
+    @pass_ctx
+    def edit(ctx: Context, name: str, new_name: str | None, as_json: bool, **opts: Any) -> None:
+        conn, disabled = ctx.host.connections.edit(direction, name, _spec(new_name, opts))
+        if as_json:
+            print_json(_dict(ctx, direction, conn))
+        else:
+            click.echo(f"changed {word} connection {conn.name}" + (" and disabled it: enable it again when ready" if disabled else ""), err=True)
+
+    edit.help = f"Change a {word} connection." + (" Editing an enabled one disables it." if direction is Direction.INCOMING else "")
+
+    @group.command("list")
+    @click.option("--search", metavar="TEXT", help="Match name, description, host or username.")
+    @json_option
+    @limit_option
+    @pass_ctx
+    def list_(ctx: Context, search: str | None, as_json: bool, limit: int | None) -> None:
+        rows = [_dict(ctx, direction, c) for c in ctx.host.connections.list(direction, search)]
+        columns = (["name", "protocol", "host", "port", "username", "folder", "enabled", "last_error"]
+                   if direction is Direction.INCOMING else
+                   ["name", "protocol", "host", "port", "username", "from_address", "default"])
+        print_rows(rows, columns, as_json, limit, empty=f"no {word} connections" + (" match" if search else ""))
+
+    list_.help = f"List {word} connections."
+
+    @group.command("show")
+    @click.argument("name")
+    @json_option
+    @pass_ctx
+    def show(ctx: Context, name: str, as_json: bool) -> None:
+        print_record(_dict(ctx, direction, ctx.host.connections.get(direction, name)), as_json)
+
+    show.help = f"Show one {word} connection."
+
+    @group.command("remove")
+    @click.argument("name")
+    @pass_ctx
+    def remove(ctx: Context, name: str) -> None:
+        ctx.host.connections.remove(direction, name)
+        click.echo(f"removed {word} connection {name}", err=True)
+
+    remove.help = f"Remove a {word} connection (queued and downloaded mail is kept)."
+
+    @group.command("test")
+    @click.argument("name", required=False)
+    @options
+    @json_option
+    @pass_ctx
+    def test(ctx: Context, name: str | None, as_json: bool, **opts: Any) -> None:
+        spec = _spec(name, opts)
+        steps = list(ctx.host.connections.test(direction, name, spec))
+        if not _print_steps(steps, as_json):
+            raise SystemExit(1)
+
+    test.help = (f"Test a {word} connection step by step: NAME, or the options of add before saving "
+                 "(options given with NAME override the stored ones for this test).")
+
+
+@cli.group()
+def incoming() -> None:
+    """Incoming mail connections (IMAP, POP3, Graph, ...)."""
+
+
+@cli.group()
+def outgoing() -> None:
+    """Outgoing mail connections (SMTP, Graph, ...)."""
+
+
+_register(Direction.INCOMING, incoming, _incoming_options)
+_register(Direction.OUTGOING, outgoing, _outgoing_options)
+
+
+@incoming.command("enable")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask; enable at once.")
+@pass_ctx
+def incoming_enable(ctx: Context, name: str, yes: bool) -> None:
+    """Enable an incoming connection, after saying how many messages it would download."""
+    conn = ctx.host.connections.get(Direction.INCOMING, name)
+    if conn.enabled:
+        click.echo(f"incoming connection {name} is already enabled", err=True)
+        return
+    try:
+        estimate = ctx.host.incoming.estimate(name)
+        what = (f"the first download of {name} would fetch about {estimate.count} message(s) "
+                f"(confidence: {estimate.confidence})")
+        if estimate.note:
+            what += f"; {estimate.note}"
+    except MailError as exc:
+        what = f"could not estimate the messages to download ({exc})"
+    click.echo(what, err=True)
+    if not yes:
+        if not click.get_text_stream("stdin").isatty():
+            fail(f"enabling {name} needs confirmation: run it on a terminal or pass --yes")
+        click.confirm(f"enable {name}?", abort=True, err=True)
+    ctx.host.connections.set_enabled(name, True)
+    click.echo(f"enabled incoming connection {name}", err=True)
+
+
+@incoming.command("disable")
+@click.argument("name")
+@pass_ctx
+def incoming_disable(ctx: Context, name: str) -> None:
+    """Disable an incoming connection: no more downloads until enabled."""
+    ctx.host.connections.set_enabled(name, False)
+    click.echo(f"disabled incoming connection {name}", err=True)
+
+
+@outgoing.command("set-default")
+@click.argument("name")
+@pass_ctx
+def outgoing_set_default(ctx: Context, name: str) -> None:
+    """Make NAME the default outgoing connection."""
+    ctx.host.connections.set_default(name)
+    click.echo(f"{name} is now the default outgoing connection", err=True)

@@ -1,0 +1,2 @@
+"""``mailhost send``, ``mailhost deliver``, ``mailhost queue outgoing`` (placeholder)."""
+from __future__ import annotations

@@ -1,0 +1,138 @@
+"""``mailhost fetch``, ``mailhost queue incoming``, ``mailhost log incoming``."""
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from ..incoming import INCOMING_STATUSES, PassReport
+from . import Context, cli, json_option, limit_option, pass_ctx, print_json, print_record, print_rows
+
+
+@cli.command()
+@click.argument("names", nargs=-1, metavar="[NAME ...]")
+@json_option
+@pass_ctx
+def fetch(ctx: Context, names: tuple[str, ...], as_json: bool) -> None:
+    """One download pass now: the named connections, or every enabled one."""
+    show_progress = not as_json and sys.stderr.isatty()
+    bar: Any = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = click.progressbar(length=total, label="downloading", file=sys.stderr, show_pos=True)
+            bar.__enter__()
+        bar.update(done - bar.pos)
+
+    reports: list[PassReport] = []
+    for name in names or [None]:  # type: ignore[list-item]
+        batch = ctx.host.incoming.fetch([name] if name else None, progress if show_progress else None)
+        if bar is not None:
+            bar.__exit__(None, None, None)
+            bar = None
+        reports.extend(batch)
+    if as_json:
+        print_json([r.as_dict() for r in reports])
+    else:
+        if not reports:
+            click.echo("no enabled incoming connections to fetch", err=True)
+        for r in reports:
+            if r.skipped:
+                click.echo(f"{r.connection}: skipped, {r.skipped}", err=True)
+            elif r.ok:
+                dup = f", {r.duplicates} already stored" if r.duplicates else ""
+                click.echo(f"{r.connection}: {r.stored} new message(s), {r.bytes} bytes{dup}, in {r.seconds:.2f}s")
+            else:
+                click.echo(f"{r.connection}: failed after {r.stored} message(s): {r.error}", err=True)
+    if any(not r.ok for r in reports):
+        raise SystemExit(1)
+
+
+@cli.group()
+def queue() -> None:
+    """The incoming and outgoing mail queues."""
+
+
+def _item_dict(item: Any) -> dict[str, Any]:
+    return {
+        "id": item.id, "connection": item.connection_name, "folder": item.folder, "status": item.status,
+        "message_id": item.message_id, "subject": item.subject, "from": item.from_addr, "to": item.to_addr,
+        "size": item.size, "created_at": item.created_at, "updated_at": item.updated_at, "error": item.error,
+    }
+
+
+@queue.group("incoming", invoke_without_command=True)
+@click.option("--connection", metavar="NAME", help="Only this connection.")
+@click.option("--status", type=click.Choice(INCOMING_STATUSES), help="Only this status.")
+@json_option
+@limit_option
+@click.pass_context
+def queue_incoming(cctx: click.Context, connection: str | None, status: str | None, as_json: bool, limit: int | None) -> None:
+    """Downloaded messages, newest first."""
+    if cctx.invoked_subcommand:
+        return
+    ctx: Context = cctx.obj
+    rows = [_item_dict(i) for i in ctx.host.incoming.items(connection, status, limit)]
+    print_rows(rows, ["id", "connection", "status", "from", "subject", "size", "created_at"], as_json, limit,
+               empty="the incoming queue is empty" if not (connection or status) else "no queue items match")
+
+
+@queue_incoming.command("show")
+@click.argument("item_id", type=int, metavar="ID")
+@click.option("--raw", is_flag=True, help="Write the message exactly as downloaded to stdout.")
+@click.option("--decrypted", is_flag=True, help="With --raw: the decrypted form instead.")
+@json_option
+@pass_ctx
+def queue_incoming_show(ctx: Context, item_id: int, raw: bool, decrypted: bool, as_json: bool) -> None:
+    """One downloaded message: its metadata, or its raw bytes."""
+    item = ctx.host.incoming.item(item_id)
+    if decrypted and not raw:
+        raise click.UsageError("--decrypted goes with --raw")
+    if raw:
+        data = item.decrypted if decrypted else item.raw
+        if decrypted and data is None:
+            reason = (item.decryption or {}).get("error") or "it was not encrypted"
+            raise click.UsageError(f"item {item_id} has no decrypted form: {reason}")
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+        return
+    record = _item_dict(item)
+    record["fingerprint"] = item.fingerprint
+    record["decryption"] = item.decryption
+    print_record(record, as_json)
+
+
+@cli.group("log")
+def log_group() -> None:
+    """The incoming mail log."""
+
+
+@log_group.command("incoming")
+@click.option("--connection", metavar="NAME", help="Only this connection.")
+@click.option("--messages", is_flag=True, help="Also list each message every pass saw.")
+@json_option
+@limit_option
+@pass_ctx
+def log_incoming(ctx: Context, connection: str | None, messages: bool, as_json: bool, limit: int | None) -> None:
+    """Download passes, newest first: counts, bytes, duration, errors."""
+    rows = []
+    for entry in ctx.host.incoming.logs(connection, limit):
+        seconds = (entry.finished_at - entry.started_at).total_seconds() if entry.finished_at else None
+        row: dict[str, Any] = {
+            "id": entry.id, "connection": entry.connection_name, "status": entry.status,
+            "started_at": entry.started_at, "finished_at": entry.finished_at,
+            "seconds": round(seconds, 3) if seconds is not None else None, "listed": entry.listed,
+            "stored": entry.stored, "duplicates": entry.duplicates, "acknowledged": entry.acknowledged,
+            "bytes": entry.bytes, "error": entry.error,
+        }
+        if messages:
+            row["messages"] = [
+                {"message_id": e.message_id, "from": e.from_addr, "subject": e.subject, "at": e.at,
+                 "result": e.result, "detail": e.detail, "item_id": e.item_id}
+                for e in ctx.host.incoming.log_entries(entry.id)
+            ]
+        rows.append(row)
+    print_rows(rows, ["id", "connection", "status", "started_at", "seconds", "stored", "duplicates", "bytes", "error"],
+               as_json, limit, empty="the incoming log is empty")

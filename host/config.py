@@ -1,0 +1,197 @@
+"""The config file: where the store is, which plugins run, where the secret key lives.
+
+``--config FILE``, else ``$MAILHOST_CONFIG``, else ``./mailhost.toml``. Relative paths in
+the file (the SQLite database, the key file) are relative to the file's folder, so a
+config works from any working directory. The file is edited with tomlkit so that an
+admin's comments survive ``mailhost plugins enable``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomlkit
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from .errors import ConfigError
+
+__all__ = ["Config", "DEFAULT_CONFIG_NAME", "config_path", "write_starter_config"]
+
+DEFAULT_CONFIG_NAME = "mailhost.toml"
+
+STARTER = """\
+# mailhost configuration. Relative paths are relative to this file's folder.
+
+[store]
+# sqlite:///mailhost.db (embedded, the default) or
+# postgresql+psycopg://user@host/dbname (many workers on many machines)
+url = "{url}"
+
+[secrets]
+# The key that encrypts passwords, client secrets, tokens and private keys at rest.
+# $MAILHOST_SECRET_KEY takes precedence. Keep a copy: without it, stored secrets are lost.
+key_file = "mailhost.key"
+
+[plugins]
+# Plugins are entry points in the group "mailhost". Empty "enabled" means all installed.
+enabled = []
+disabled = []
+
+[service]
+# Seconds between delivery passes of `mailhost serve`.
+delivery_interval = 10
+# Parallel SMTP sessions when the outgoing queue is long.
+delivery_sessions = 4
+
+[web]
+# The web admin of `mailhost serve`; set listen = "" to turn it off.
+listen = "127.0.0.1:8025"
+"""
+
+
+def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """The config file to use: the explicit one, ``$MAILHOST_CONFIG``, or ./mailhost.toml."""
+    chosen = explicit or os.environ.get("MAILHOST_CONFIG") or DEFAULT_CONFIG_NAME
+    return Path(chosen).expanduser().absolute()
+
+
+@dataclass
+class Config:
+    """The parsed config file, with paths resolved."""
+
+    path: Path
+    database_url: str
+    key_file: Path
+    plugins_enabled: list[str] = field(default_factory=list)
+    plugins_disabled: list[str] = field(default_factory=list)
+    protocol_choices: dict[str, str] = field(default_factory=dict)
+    delivery_interval: float = 10.0
+    delivery_sessions: int = 4
+    web_listen: str = "127.0.0.1:8025"
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, explicit: str | os.PathLike[str] | None = None) -> Config:
+        """Read and check the config file; a missing or broken one is a ConfigError."""
+        path = config_path(explicit)
+        if not path.exists():
+            raise ConfigError(
+                f"no config file at {path}: run `mailhost init` there first, "
+                "or pass --config FILE (or set MAILHOST_CONFIG)"
+            )
+        try:
+            doc = tomlkit.parse(path.read_text(encoding="utf-8")).unwrap()
+        except (tomlkit.exceptions.ParseError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"the config file {path} is not valid TOML ({exc}): fix it") from exc
+        return cls.from_dict(path, doc)
+
+    @classmethod
+    def from_dict(cls, path: Path, doc: dict[str, Any]) -> Config:
+        """Build a Config from parsed TOML, checking each value."""
+        base = path.parent
+        store = _table(doc, "store", path)
+        url = os.environ.get("MAILHOST_DATABASE_URL") or store.get("url") or "sqlite:///mailhost.db"
+        url = resolve_database_url(str(url), base, path)
+        secrets = _table(doc, "secrets", path)
+        key_file = Path(str(secrets.get("key_file", "mailhost.key"))).expanduser()
+        plugins = _table(doc, "plugins", path)
+        enabled = _names(plugins.get("enabled", []), "plugins.enabled", path)
+        disabled = _names(plugins.get("disabled", []), "plugins.disabled", path)
+        choices = plugins.get("protocols", {})
+        if not isinstance(choices, dict):
+            raise ConfigError(f"[plugins.protocols] in {path} must be a table of protocol = plugin")
+        service = _table(doc, "service", path)
+        web = _table(doc, "web", path)
+        try:
+            interval = float(service.get("delivery_interval", 10))
+            sessions = int(service.get("delivery_sessions", 4))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"[service] in {path} has a value that is not a number: {exc}") from exc
+        if interval <= 0 or sessions < 1:
+            raise ConfigError(
+                f"[service] in {path}: delivery_interval must be > 0 and delivery_sessions >= 1"
+            )
+        return cls(
+            path=path,
+            database_url=url,
+            key_file=key_file if key_file.is_absolute() else base / key_file,
+            plugins_enabled=enabled,
+            plugins_disabled=disabled,
+            protocol_choices={str(k): str(v) for k, v in choices.items()},
+            delivery_interval=interval,
+            delivery_sessions=sessions,
+            web_listen=str(web.get("listen", "127.0.0.1:8025")),
+            raw=doc,
+        )
+
+    def set_plugin_state(self, name: str, enabled: bool) -> None:
+        """Enable or disable a plugin by editing the config file, keeping its comments."""
+        doc = tomlkit.parse(self.path.read_text(encoding="utf-8"))
+        plugins = doc.setdefault("plugins", tomlkit.table())
+        on = [n for n in plugins.get("enabled", []) if n != name]
+        off = [n for n in plugins.get("disabled", []) if n != name]
+        if enabled:
+            # With an allowlist in force, enabling means joining it.
+            if on:
+                on.append(name)
+        else:
+            off.append(name)
+        plugins["enabled"] = on
+        plugins["disabled"] = off
+        _atomic_write(self.path, tomlkit.dumps(doc))
+        self.plugins_enabled, self.plugins_disabled = on, off
+
+
+def resolve_database_url(url: str, base: Path, path: Path | None = None) -> str:
+    """Check a database URL and make a relative SQLite path relative to ``base``."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        where = f" in {path}" if path else ""
+        raise ConfigError(
+            f"the database URL {url!r}{where} is not valid: use sqlite:///FILE "
+            "or postgresql+psycopg://USER@HOST/DB"
+        ) from exc
+    backend = parsed.get_backend_name()
+    if backend not in ("sqlite", "postgresql"):
+        raise ConfigError(
+            f"the database URL {url!r} uses {backend!r}: mailhost supports sqlite and postgresql"
+        )
+    if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+        db = Path(parsed.database).expanduser()
+        if not db.is_absolute():
+            db = base / db
+        url = parsed.set(database=str(db)).render_as_string(hide_password=False)
+    return url
+
+
+def write_starter_config(path: Path, database_url: str | None) -> None:
+    """Write a new config file; refuses to overwrite one (an admin's file is precious)."""
+    if path.exists():
+        raise ConfigError(f"{path} already exists: edit it, or pass --config for a new one")
+    url = database_url or "sqlite:///mailhost.db"
+    resolve_database_url(url, path.parent)  # fail before writing anything
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, STARTER.format(url=url.replace('"', '\\"')))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _table(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
+    value = doc.get(name, {})
+    if not isinstance(value, dict):
+        raise ConfigError(f"[{name}] in {path} must be a table")
+    return value
+
+
+def _names(value: Any, key: str, path: Path) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{key} in {path} must be a list of plugin names, like [\"imap\"]")
+    return list(value)

@@ -1,0 +1,690 @@
+"""Incoming and outgoing connections: validated from what each protocol declares.
+
+The core hard-codes no protocol: which attributes apply, which are required, the
+default ports and the after-download actions all come from the protocol's
+:class:`~mailhost.protocols.ProtocolProvider`. Every rule raises a
+:class:`~mailhost.errors.ValidationError` naming the attribute and the fix, before
+anything is written.
+"""
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import re
+import ssl
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from email.utils import parseaddr
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.orm import Session
+
+from .errors import MailError, NotFound, ValidationError
+from .protocols import ConnectionSettings, Direction, Encryption, ProtocolProvider, TestStep
+from .secrets import redact
+from .store import (
+    Certificate,
+    FolderCursor,
+    IncomingConnection,
+    OAuthCredential,
+    OutgoingConnection,
+)
+
+if TYPE_CHECKING:
+    from .app import Mailhost
+
+__all__ = ["ConnectionSpec", "Connections", "connection_dict"]
+
+log = logging.getLogger(__name__)
+
+INCOMING_TIMEOUT_MAX_MS = 30000  # the seeds: 1-30000 ms, 0 or blank for 30000
+OUTGOING_TIMEOUT_MAX_MS = 600000
+DEFAULT_TIMEOUT_MS = 30000
+DEFAULT_INTERVAL_MIN = 1
+MAX_INTERVAL_MIN = 7 * 24 * 60
+
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?)*\.?$")
+# Changing one of these points the connection at another mailbox: its cursors go.
+_MAILBOX_IDENTITY = ("protocol", "host", "port", "username", "shared_mailbox", "host_override")
+
+
+@dataclass
+class ConnectionSpec:
+    """Attributes of a connection as an admin gives them.
+
+    ``None`` means "not given": the default on add, unchanged on edit. An empty string
+    clears an optional text attribute on edit.
+    """
+
+    name: str | None = None
+    protocol: str | None = None
+    description: str | None = None
+    host: str | None = None
+    port: int | None = None
+    encryption: str | None = None
+    username: str | None = None
+    password: str | None = None
+    timeout: int | None = None
+    oauth_credential: str | None = None
+    host_override: str | None = None
+    ca_file: str | None = None
+    # incoming
+    folder: str | None = None
+    interval: int | None = None
+    after_download: str | None = None
+    after_download_argument: str | None = None
+    shared_mailbox: str | None = None
+    certificates: list[str] | None = None
+    # outgoing
+    from_address: str | None = None
+    prefix: str | None = None
+    size_limit: int | None = None
+    debug: bool | None = None
+    fallback_to_default: bool | None = None
+    default: bool | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def given(self) -> dict[str, Any]:
+        """The attributes that were given."""
+        return {
+            k: v for k, v in dataclasses.asdict(self).items() if v is not None and not (k == "options" and not v)
+        }
+
+
+_INCOMING_ONLY = ("folder", "interval", "after_download", "after_download_argument", "shared_mailbox", "certificates")
+_OUTGOING_ONLY = ("from_address", "prefix", "size_limit", "debug", "fallback_to_default", "default")
+
+
+class Connections:
+    """Create, change, list and remove connections; build session settings."""
+
+    def __init__(self, host: Mailhost) -> None:
+        self.host = host
+
+    # -- queries ----------------------------------------------------------------------
+
+    def list(self, direction: Direction, search: str | None = None) -> list[Any]:
+        """Connections by name; ``search`` matches name, description, host and username."""
+        model = _model(direction)
+        with self.host.session() as s:
+            query = select(model).order_by(model.name)
+            if search:
+                like = f"%{search.lower()}%"
+                from sqlalchemy import func
+
+                query = query.where(
+                    or_(*(func.lower(func.coalesce(col, "")).like(like)
+                          for col in (model.name, model.description, model.host, model.username)))
+                )
+            return list(s.scalars(query))
+
+    def get(self, direction: Direction, name: str, s: Session | None = None) -> Any:
+        """The connection ``name``, or NotFound naming it."""
+        if s is None:
+            with self.host.session() as s2:
+                return self.get(direction, name, s2)
+        conn = s.scalar(select(_model(direction)).where(_model(direction).name == name))
+        if conn is None:
+            raise NotFound(
+                f"no {direction.value} connection named {name!r}: see `mailhost {direction.value} list`"
+            )
+        if direction is Direction.INCOMING:
+            _ = conn.certificates, conn.oauth_credential  # load while the session is open
+        return conn
+
+    def as_dict(self, direction: Direction, conn: Any) -> dict[str, Any]:
+        """The JSON form of a connection (no secrets)."""
+        return connection_dict(direction, conn)
+
+    # -- changes ----------------------------------------------------------------------
+
+    def add(self, direction: Direction, spec: ConnectionSpec) -> Any:
+        """Validate and store a new connection; incoming ones start disabled."""
+        if not spec.name:
+            raise ValidationError("a connection needs a name: give NAME", field="name")
+        if not spec.protocol:
+            raise ValidationError(
+                f"connection {spec.name!r} needs a protocol: give --protocol, one of "
+                f"{', '.join(self.host.plugins.protocol_names(direction)) or 'none installed'}",
+                field="protocol",
+            )
+        with self.host.session() as s:
+            model = _model(direction)
+            if s.scalar(select(model.id).where(model.name == spec.name.strip())) is not None:
+                raise ValidationError(
+                    f"a {direction.value} connection named {spec.name!r} already exists: "
+                    f"choose another name or use `mailhost {direction.value} edit`",
+                    field="name",
+                )
+            values, extra = self._validate(direction, s, spec.given(), None)
+            conn = model(**values)
+            if direction is Direction.INCOMING:
+                conn.enabled = False
+                conn.certificates = extra["certificates"]
+            if values.get("is_default"):
+                s.execute(update(OutgoingConnection).values(is_default=False))
+            s.add(conn)
+            s.flush()
+            return self.get(direction, conn.name, s)
+
+    def edit(self, direction: Direction, name: str, spec: ConnectionSpec) -> tuple[Any, bool]:
+        """Change a connection; returns it and whether editing disabled it (an enabled
+        incoming connection is disabled by any edit, as in the seeds)."""
+        with self.host.session() as s:
+            conn = self.get(direction, name, s)
+            current = connection_values(direction, conn)
+            given = spec.given()
+            if "name" in given and given["name"] != conn.name:
+                model = _model(direction)
+                if s.scalar(select(model.id).where(model.name == given["name"])) is not None:
+                    raise ValidationError(
+                        f"a {direction.value} connection named {given['name']!r} already exists: choose another name",
+                        field="name",
+                    )
+            if "protocol" in given and given["protocol"] != conn.protocol:
+                # Another protocol: attributes of the old one must not leak into it.
+                current = {k: v for k, v in current.items() if k in ("name", "description", "interval", "timeout")}
+            merged = {**current, **given}
+            values, extra = self._validate(direction, s, merged, conn)
+            was_enabled = bool(getattr(conn, "enabled", False))
+            moved = any(values.get(k) != getattr(conn, k, None) for k in _MAILBOX_IDENTITY)
+            for key, value in values.items():
+                setattr(conn, key, value)
+            disabled = False
+            if direction is Direction.INCOMING:
+                conn.certificates = extra["certificates"]
+                if was_enabled:
+                    conn.enabled, disabled = False, True
+                if moved:
+                    # Another mailbox: its folder cursors mean nothing there. The seen
+                    # keys and fingerprints stay, so nothing stored comes twice.
+                    s.query(FolderCursor).filter_by(connection_id=conn.id).delete()
+            elif values.get("is_default"):
+                s.execute(
+                    update(OutgoingConnection).where(OutgoingConnection.id != conn.id).values(is_default=False)
+                )
+            s.flush()
+            return self.get(direction, conn.name, s), disabled
+
+    def remove(self, direction: Direction, name: str) -> None:
+        """Delete a connection; its downloaded messages stay in the queue."""
+        with self.host.session() as s:
+            s.delete(self.get(direction, name, s))
+
+    def set_enabled(self, name: str, enabled: bool) -> Any:
+        """Enable or disable an incoming connection (enable polls it at once)."""
+        with self.host.session() as s:
+            conn = self.get(Direction.INCOMING, name, s)
+            conn.enabled = enabled
+            conn.next_poll_at = None
+            return conn
+
+    def set_default(self, name: str) -> Any:
+        """Make ``name`` the default outgoing connection (and no other)."""
+        with self.host.session() as s:
+            conn = self.get(Direction.OUTGOING, name, s)
+            s.execute(update(OutgoingConnection).where(OutgoingConnection.id != conn.id).values(is_default=False))
+            s.flush()
+            conn.is_default = True
+            return conn
+
+    def default_outgoing(self, s: Session) -> OutgoingConnection | None:
+        """The default outgoing connection, if one is set."""
+        return s.scalar(select(OutgoingConnection).where(OutgoingConnection.is_default.is_(True)))
+
+    def test(self, direction: Direction, name: str | None, spec: ConnectionSpec) -> Iterator[TestStep]:
+        """Test a stored connection (``name``), optionally with some attributes
+        changed by ``spec``, or a new one given whole by ``spec``; nothing is saved."""
+        with self.host.session() as s:
+            existing = None
+            given = spec.given()
+            if name is not None:
+                existing = s.scalar(select(_model(direction)).where(_model(direction).name == name))
+            if existing is not None:
+                given = {**connection_values(direction, existing), **given}
+            elif not given.get("protocol"):
+                raise ValidationError(
+                    f"no {direction.value} connection named {name!r}; to test one before saving, give its "
+                    "options (at least --protocol)" if name else "give NAME or the options of add (at least --protocol)",
+                    field="protocol",
+                )
+            given.setdefault("name", name or "(unsaved)")
+            values, _ = self._validate(direction, s, given, existing)
+            conn = _model(direction)(**values)  # transient: never added, never saved
+        provider = self.provider(direction, conn)
+        settings = self.settings(direction, conn)
+        if provider.test is not None:
+            yield from provider.test(settings)
+            return
+        try:
+            provider.open(settings).close()
+        except MailError as exc:
+            yield TestStep("connect", False, str(exc))
+        else:
+            yield TestStep("connect", True, f"signed in to {settings.describe()}")
+
+    # -- sessions ---------------------------------------------------------------------
+
+    def provider(self, direction: Direction, conn: Any) -> ProtocolProvider:
+        """The protocol provider of a stored connection."""
+        return self.host.plugins.protocol(direction, conn.protocol)
+
+    def settings(self, direction: Direction, conn: Any) -> ConnectionSettings:
+        """What a session needs for ``conn``: defaults resolved, the secret decrypted."""
+        provider = self.provider(direction, conn)
+        encryption = Encryption(conn.encryption)
+        port = conn.port or provider.default_ports.get(encryption)
+        if conn.oauth_credential_id is not None:
+            from .errors import ConfigError
+
+            raise ConfigError(
+                f"connection {conn.name} signs in with OAuth2, which this installation cannot do yet: "
+                "install a mailhost version with OAuth2 support"
+            )
+        debug = bool(getattr(conn, "debug", False))
+        return ConnectionSettings(
+            name=conn.name,
+            protocol=conn.protocol,
+            host=conn.host,
+            port=port,
+            encryption=encryption,
+            username=conn.username,
+            password=self.host.vault.decrypt(conn.password_enc),
+            folder=getattr(conn, "folder", None),
+            shared_mailbox=getattr(conn, "shared_mailbox", None),
+            timeout=(conn.timeout or DEFAULT_TIMEOUT_MS) / 1000.0,
+            ca_file=conn.ca_file,
+            from_address=getattr(conn, "from_address", None),
+            size_limit=getattr(conn, "size_limit", 0) or 0,
+            transcript=_transcript(conn.name) if debug else None,
+            options=dict(conn.options or {}),
+        )
+
+    # -- validation -------------------------------------------------------------------
+
+    def _validate(
+        self, direction: Direction, s: Session, given: Mapping[str, Any], existing: Any
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Check every attribute; return column values and related objects."""
+        plugins = self.host.plugins
+        provider = plugins.protocol(direction, str(given.get("protocol")))
+        name = _text(given.get("name"), "name")
+        if not name or len(name) > 200 or any(ord(c) < 32 for c in name):
+            raise ValidationError(
+                f"the connection name {given.get('name')!r} is not valid: use 1-200 printable characters",
+                field="name",
+            )
+        label = f"connection {name!r} ({provider.name})"
+        wrong_side = _OUTGOING_ONLY if direction is Direction.INCOMING else _INCOMING_ONLY
+        for key in wrong_side:
+            if given.get(key) not in (None, False, [], ""):
+                raise ValidationError(
+                    f"{key.replace('_', ' ')} does not apply to {direction.value} connections: leave it out",
+                    field=key,
+                )
+        oauth_name = _text(given.get("oauth_credential"), "oauth_credential")
+        mode = "oauth2" if oauth_name else "password"
+        if mode not in provider.connect_modes:
+            raise ValidationError(
+                f"{label}: {provider.name} does not support {mode} sign-in; "
+                f"it supports {', '.join(sorted(provider.connect_modes))}",
+                field="oauth_credential" if mode == "oauth2" else "password",
+            )
+        applies = set(provider.attributes)
+        for key in ("host", "port", "encryption", "username", "password", "folder", "shared_mailbox",
+                    "host_override", "ca_file", "certificates", "from_address", "prefix", "size_limit", "debug"):
+            value = given.get(key)
+            if value in (None, "", [], 0, False):
+                continue
+            if key not in applies:
+                raise ValidationError(
+                    f"{key.replace('_', ' ')} does not apply to {provider.name} connections"
+                    f"{' (it has no folders)' if key == 'folder' else ''}: leave it out",
+                    field=key,
+                )
+        if mode == "oauth2" and given.get("password"):
+            raise ValidationError(
+                f"{label} signs in with OAuth2 credential {oauth_name!r}, so it takes no password: leave it out",
+                field="password",
+            )
+
+        values: dict[str, Any] = {"name": name, "protocol": provider.name}
+        values["description"] = _text(given.get("description"), "description") or ""
+
+        # Host, or a predefined host override.
+        override_name = _text(given.get("host_override"), "host_override")
+        host = _text(given.get("host"), "host")
+        credential = None
+        if oauth_name:
+            credential = s.scalar(select(OAuthCredential).where(OAuthCredential.name == oauth_name))
+            if credential is None:
+                raise ValidationError(
+                    f"{label}: no OAuth2 credential named {oauth_name!r}: add it with `mailhost oauth add`",
+                    field="oauth_credential",
+                )
+        values["oauth_credential_id"] = credential.id if credential else None
+        values["host_override"] = None
+        if override_name:
+            matches = [o for o in plugins.host_overrides
+                       if o.protocol == provider.name and o.name == override_name
+                       and (credential is None or o.provider == credential.provider)]
+            if not matches:
+                choices = sorted({o.name for o in plugins.host_overrides if o.protocol == provider.name})
+                raise ValidationError(
+                    f"{label}: no host override named {override_name!r} for {provider.name}; "
+                    f"choose one of: {', '.join(choices) or 'none installed'} (see `mailhost host-overrides`)",
+                    field="host_override",
+                )
+            values["host_override"] = override_name
+            host = host or matches[0].host
+        if host:
+            values["host"] = _check_host(host, label)
+        else:
+            values["host"] = None
+        if "host" in provider.required and not values["host"]:
+            raise ValidationError(f"{label} needs a host: give --host (the mail server's name)", field="host")
+
+        # Encryption and port.
+        if provider.default_ports:
+            enc_text = (given.get("encryption") or _default_encryption(provider)).lower()
+            try:
+                encryption = Encryption(enc_text)
+            except ValueError:
+                encryption = None
+            if encryption is None or encryption not in provider.default_ports:
+                raise ValidationError(
+                    f"{label}: encryption {enc_text!r} is not valid; choose one of: "
+                    f"{', '.join(e.value for e in provider.default_ports)}",
+                    field="encryption",
+                )
+            values["encryption"] = encryption.value
+        else:
+            values["encryption"] = Encryption.SSL.value  # HTTPS-only protocols
+        port = given.get("port")
+        if port in (None, 0):
+            values["port"] = None  # the protocol's default for the encryption
+        else:
+            if not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ValidationError(f"{label}: port {port!r} is not valid: use 1-65535, or 0 for the default", field="port")
+            values["port"] = port
+
+        # Credentials.
+        username = _text(given.get("username"), "username")
+        values["username"] = username or None
+        password = given.get("password")
+        if password is not None and not isinstance(password, str):
+            raise ValidationError(f"{label}: the password must be text", field="password")
+        if password and direction is Direction.INCOMING and not password.isascii():
+            raise ValidationError(
+                f"{label}: the password contains non-ASCII characters, which IMAP and POP3 servers "
+                "do not accept reliably: use an ASCII-only password",
+                field="password",
+            )
+        if password is not None and password != "" and any(c in password for c in "\r\n\0"):
+            raise ValidationError(f"{label}: the password contains a line break or NUL: remove it", field="password")
+        if password:
+            values["password_enc"] = self.host.vault.encrypt(password)
+        elif password == "" or mode == "oauth2":
+            values["password_enc"] = None
+        elif existing is not None:
+            values["password_enc"] = existing.password_enc
+        if mode == "password":
+            for key in ("username", "password"):
+                have = values["username"] if key == "username" else values.get("password_enc")
+                if key in provider.required and not have:
+                    how = "--username USER" if key == "username" else "--password-env VAR, --password-file F or --password-stdin"
+                    raise ValidationError(f"{label} needs a {key}: give {how}", field=key)
+            if values.get("password_enc") and not values["username"]:
+                raise ValidationError(f"{label} has a password but no username: give --username", field="username")
+        elif not values["username"]:
+            raise ValidationError(
+                f"{label} signs in with OAuth2 and needs the mailbox's username: give --username", field="username"
+            )
+
+        # Timeout.
+        timeout = given.get("timeout")
+        limit = INCOMING_TIMEOUT_MAX_MS if direction is Direction.INCOMING else OUTGOING_TIMEOUT_MAX_MS
+        if timeout in (None, 0):
+            values["timeout"] = DEFAULT_TIMEOUT_MS
+        elif not isinstance(timeout, int) or not 1 <= timeout <= limit:
+            raise ValidationError(
+                f"{label}: timeout {timeout!r} ms is not valid: use 1-{limit} ms, or 0 for {DEFAULT_TIMEOUT_MS}",
+                field="timeout",
+            )
+        else:
+            values["timeout"] = timeout
+
+        # CA file.
+        ca_file = _text(given.get("ca_file"), "ca_file")
+        values["ca_file"] = _check_ca_file(ca_file, label) if ca_file else None
+
+        values["options"] = dict(given.get("options") or {})
+        extra: dict[str, Any] = {}
+        if direction is Direction.INCOMING:
+            self._validate_incoming(s, provider, label, given, values, extra)
+        else:
+            self._validate_outgoing(provider, label, given, values)
+        return values, extra
+
+    def _validate_incoming(
+        self, s: Session, provider: ProtocolProvider, label: str, given: Mapping[str, Any],
+        values: dict[str, Any], extra: dict[str, Any],
+    ) -> None:
+        folder = _text(given.get("folder"), "folder")
+        if "folder" in provider.attributes:
+            folder = folder or provider.default_folder or "INBOX"
+            if any(ord(c) < 32 for c in folder) or len(folder) > 1000:
+                raise ValidationError(f"{label}: folder {folder!r} is not a valid folder name", field="folder")
+            values["folder"] = folder
+        else:
+            values["folder"] = None
+        interval = given.get("interval")
+        if interval in (None, 0):
+            values["interval"] = DEFAULT_INTERVAL_MIN
+        elif not isinstance(interval, int) or not 1 <= interval <= MAX_INTERVAL_MIN:
+            raise ValidationError(
+                f"{label}: interval {interval!r} is not valid: use 1-{MAX_INTERVAL_MIN} minutes", field="interval"
+            )
+        else:
+            values["interval"] = interval
+        action_name = given.get("after_download") or (provider.after_download[0] if provider.after_download else "keep")
+        action = self.host.plugins.action(action_name)
+        if not action.supports(provider):
+            supported = sorted(a.name for a in self.host.plugins.actions.values() if a.supports(provider))
+            raise ValidationError(
+                f"{label}: after-download action {action_name!r} does not work with {provider.name}; "
+                f"choose one of: {', '.join(supported)}",
+                field="after_download",
+            )
+        values["after_download"] = action.name
+        argument = _text(given.get("after_download_argument"), "after_download_argument")
+        if action.takes_argument and not argument:
+            raise ValidationError(
+                f"{label}: after-download action {action.name!r} needs a folder: give --move-to FOLDER",
+                field="after_download_argument",
+            )
+        values["after_download_argument"] = argument if action.takes_argument else None
+        shared = _text(given.get("shared_mailbox"), "shared_mailbox")
+        values["shared_mailbox"] = shared or None
+        names = list(dict.fromkeys(given.get("certificates") or []))
+        certs = list(s.scalars(select(Certificate).where(Certificate.name.in_(names)))) if names else []
+        missing = sorted(set(names) - {c.name for c in certs})
+        if missing:
+            raise ValidationError(
+                f"{label}: no certificate named {', '.join(map(repr, missing))}: add it with `mailhost certs add`",
+                field="certificates",
+            )
+        extra["certificates"] = certs
+
+    def _validate_outgoing(
+        self, provider: ProtocolProvider, label: str, given: Mapping[str, Any], values: dict[str, Any]
+    ) -> None:
+        address = _text(given.get("from_address"), "from_address")
+        if address:
+            _, parsed = parseaddr(address)
+            if not parsed or "@" not in parsed or " " in parsed:
+                raise ValidationError(
+                    f"{label}: from address {address!r} is not an email address: use name@example.org",
+                    field="from_address",
+                )
+        elif "from_address" in provider.required:
+            raise ValidationError(f"{label} needs a from address: give --from ADDRESS", field="from_address")
+        values["from_address"] = address or None
+        values["prefix"] = _text(given.get("prefix"), "prefix") or None
+        size = given.get("size_limit")
+        if size is not None and (not isinstance(size, int) or size < 0):
+            raise ValidationError(f"{label}: size limit {size!r} is not valid: use bytes >= 0 (0 = unlimited)", field="size_limit")
+        values["size_limit"] = size or 0
+        values["debug"] = bool(given.get("debug"))
+        values["fallback_to_default"] = bool(given.get("fallback_to_default"))
+        values["is_default"] = bool(given.get("default"))
+
+
+def connection_values(direction: Direction, conn: Any) -> dict[str, Any]:
+    """A stored connection as spec values (for merging an edit)."""
+    values = {
+        "name": conn.name,
+        "protocol": conn.protocol,
+        "description": conn.description,
+        "host": conn.host if not conn.host_override else None,
+        "port": conn.port,
+        "encryption": conn.encryption,
+        "username": conn.username,
+        "timeout": conn.timeout,
+        "oauth_credential": conn.oauth_credential.name if conn.oauth_credential else None,
+        "host_override": conn.host_override,
+        "ca_file": conn.ca_file,
+        "options": dict(conn.options or {}),
+    }
+    if direction is Direction.INCOMING:
+        values.update(
+            folder=conn.folder,
+            interval=conn.interval,
+            after_download=conn.after_download,
+            after_download_argument=conn.after_download_argument,
+            shared_mailbox=conn.shared_mailbox,
+            certificates=[c.name for c in conn.certificates],
+        )
+    else:
+        values.update(
+            from_address=conn.from_address,
+            prefix=conn.prefix,
+            size_limit=conn.size_limit,
+            debug=conn.debug,
+            fallback_to_default=conn.fallback_to_default,
+            default=conn.is_default,
+        )
+    return values
+
+
+def connection_dict(direction: Direction, conn: Any, provider: ProtocolProvider | None = None) -> dict[str, Any]:
+    """The JSON form of a connection, with the seeds' attribute names; no secrets."""
+    port = conn.port
+    if not port and provider is not None:
+        port = provider.default_ports.get(Encryption(conn.encryption))
+    out: dict[str, Any] = {
+        "name": conn.name,
+        "description": conn.description,
+        "protocol": conn.protocol,
+        "connect_mode": "oauth2" if conn.oauth_credential_id else "password",
+        "host": conn.host,
+        "port": port,
+        "encryption": conn.encryption,
+        "username": conn.username,
+        "password_set": conn.password_enc is not None,
+        "timeout": conn.timeout,
+        "oauth_credential": conn.oauth_credential.name if conn.oauth_credential else None,
+        "host_override": conn.host_override,
+        "ca_file": conn.ca_file,
+    }
+    if direction is Direction.INCOMING:
+        out.update(
+            folder=conn.folder,
+            interval=conn.interval,
+            after_download=conn.after_download,
+            move_to=conn.after_download_argument,
+            shared_mailbox=conn.shared_mailbox,
+            certificates=[c.name for c in conn.certificates],
+            enabled=conn.enabled,
+            last_poll_at=_iso(conn.last_poll_at),
+            last_error=conn.last_error,
+        )
+    else:
+        out.update(
+            from_address=conn.from_address,
+            prefix=conn.prefix,
+            size_limit=conn.size_limit,
+            debug=conn.debug,
+            fallback_to_default=conn.fallback_to_default,
+            default=conn.is_default,
+        )
+    return out
+
+
+def _iso(value: Any) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def _model(direction: Direction) -> type[Any]:
+    return IncomingConnection if direction is Direction.INCOMING else OutgoingConnection
+
+
+def _default_encryption(provider: ProtocolProvider) -> str:
+    for enc in (Encryption.SSL, Encryption.STARTTLS, Encryption.NONE):
+        if enc in provider.default_ports:
+            return enc.value
+    return Encryption.SSL.value
+
+
+def _text(value: Any, key: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise ValidationError(f"{key.replace('_', ' ')} must be text, not {value!r}", field=key)
+    return value.strip()
+
+
+def _check_host(host: str, label: str) -> str:
+    if "://" in host or "/" in host:
+        raise ValidationError(
+            f"{label}: host {host!r} looks like a URL: give the server's name only, like imap.example.org",
+            field="host",
+        )
+    if host.count(":") == 1:
+        raise ValidationError(
+            f"{label}: host {host!r} includes a port: give the port with --port instead", field="host"
+        )
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return host.strip("[]")
+    except ValueError:
+        pass
+    if not _HOSTNAME.match(host):
+        raise ValidationError(f"{label}: host {host!r} is not a valid host name", field="host")
+    return host.lower().rstrip(".")
+
+
+def _check_ca_file(path: str, label: str) -> str:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ValidationError(f"{label}: CA file {path} does not exist: give the path of a PEM file", field="ca_file")
+    try:
+        ssl.create_default_context(cafile=str(p))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise ValidationError(
+            f"{label}: CA file {path} holds no PEM certificate ({exc}): give a PEM file of CA certificates",
+            field="ca_file",
+        ) from None
+    return str(p.absolute())
+
+
+def _transcript(name: str) -> Any:
+    logger = logging.getLogger(f"mailhost.transcript.{name}")
+
+    def write(line: str) -> None:
+        logger.info("%s", redact(line))
+
+    return write

@@ -1,0 +1,535 @@
+"""The incoming pipeline: download, store, then acknowledge. Protocol-agnostic.
+
+One pass over one connection:
+
+1. Take the connection's lease (no two workers poll one mailbox), open a session.
+2. ``list_new`` after the stored folder cursor; finish acknowledgements that a crash
+   interrupted (keys stored but not yet acknowledged).
+3. For each batch (bounded by count and bytes): ``fetch`` it, then in ONE transaction
+   insert the messages into the incoming queue, record their keys and fingerprints,
+   and advance the folder cursor. Only after that commit, run the after-download
+   action on the batch and mark it acknowledged.
+
+A crash at any instant therefore at most repeats an acknowledgement: a message is
+never lost (nothing is acknowledged before it is committed) and never stored twice
+(its key is committed with it; a renumbered folder is caught by the content
+fingerprint, SHA-256 of the raw bytes).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from email.header import decode_header, make_header
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from .errors import MailError, MailhostError, NotFound
+from .protocols import Direction, Estimate, IncomingSession, Listing, MessageRef
+from .secrets import redact
+from .store import (
+    FolderCursor,
+    IncomingConnection,
+    IncomingItem,
+    IncomingLog,
+    IncomingLogEntry,
+    SeenMessage,
+    utcnow,
+)
+
+if TYPE_CHECKING:
+    from .app import Mailhost
+
+__all__ = ["BATCH_BYTES", "BATCH_COUNT", "Incoming", "PassReport", "summarize"]
+
+log = logging.getLogger(__name__)
+
+BATCH_COUNT = 1000  # messages per transaction
+BATCH_BYTES = 32 * 1024 * 1024  # and at most this many bytes
+LEASE = dt.timedelta(minutes=10)  # renewed with every batch
+_CHUNK = 500  # keys per IN (...) query
+
+INCOMING_STATUSES = ("new", "processing", "processed", "filtered", "failed")
+
+
+@dataclass
+class PassReport:
+    """What one download pass did."""
+
+    connection: str
+    ok: bool = True
+    listed: int = 0
+    stored: int = 0
+    duplicates: int = 0
+    acknowledged: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+    skipped: str | None = None
+    item_ids: list[int] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "connection": self.connection, "ok": self.ok, "listed": self.listed, "stored": self.stored,
+            "duplicates": self.duplicates, "acknowledged": self.acknowledged, "bytes": self.bytes,
+            "seconds": round(self.seconds, 3), "error": self.error, "skipped": self.skipped,
+        }
+
+
+Progress = Callable[[int, int], None]  # (messages done, messages listed)
+
+
+class Incoming:
+    """Download passes, the incoming queue and the incoming log."""
+
+    def __init__(self, host: Mailhost) -> None:
+        self.host = host
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    # -- download passes --------------------------------------------------------------
+
+    def fetch(self, names: Sequence[str] | None = None, progress: Progress | None = None) -> list[PassReport]:
+        """One pass over each named connection, or over every enabled one."""
+        with self.host.session() as s:
+            if names:
+                for name in names:
+                    self.host.connections.get(Direction.INCOMING, name, s)  # NotFound before any work
+                chosen = list(names)
+            else:
+                chosen = list(s.scalars(
+                    select(IncomingConnection.name).where(IncomingConnection.enabled.is_(True))
+                    .order_by(IncomingConnection.name)
+                ))
+        return [self.fetch_one(name, progress) for name in chosen]
+
+    def fetch_one(self, name: str, progress: Progress | None = None) -> PassReport:
+        """One download pass over connection ``name``; failures land in the report and log."""
+        report = PassReport(name)
+        started = time.monotonic()
+        conn = self._claim(name)
+        if conn is None:
+            report.skipped = "another worker is downloading it"
+            return report
+        with self.host.session() as s:
+            log_row = IncomingLog(connection_id=conn.id, connection_name=conn.name)
+            s.add(log_row)
+            s.flush()
+            log_id = log_row.id
+        try:
+            self._run(conn, log_id, report, progress)
+        except MailhostError as exc:
+            report.ok, report.error = False, _sentence(conn.name, exc)
+        except Exception as exc:  # a plugin bug must not stop the other connections
+            log.exception("download pass of %s failed", conn.name)
+            report.ok, report.error = False, f"{conn.name}: unexpected {type(exc).__name__}: {redact(str(exc))}"
+        report.seconds = time.monotonic() - started
+        self._finish(conn, log_id, report)
+        return report
+
+    def _run(self, conn: IncomingConnection, log_id: int, report: PassReport, progress: Progress | None) -> None:
+        provider = self.host.connections.provider(Direction.INCOMING, conn)
+        action = self.host.plugins.action(conn.after_download)
+        settings = self.host.connections.settings(Direction.INCOMING, conn)
+        folder = conn.folder or ""
+        session = provider.open(settings)
+        if not isinstance(session, IncomingSession):
+            raise MailhostError(f"protocol {conn.protocol} opened a {type(session).__name__}, not an IncomingSession")
+        deferred: list[str] = []  # acknowledgements that hold only once the session closes cleanly
+        on_close = bool(getattr(session, "acknowledges_on_close", False))
+        try:
+            with self.host.session() as s:
+                state = s.get(FolderCursor, (conn.id, folder))
+                cursor = dict(state.state) if state is not None else None
+            listing = session.list_new(cursor, lambda keys: self._known(conn.id, folder, keys))
+            report.listed = len(listing.refs)
+            self._finish_pending(session, conn, folder, action, report, deferred if on_close else None)
+            total, done = len(listing.refs), 0
+            if progress and total:
+                progress(0, total)
+            for batch in _batches(listing.refs):
+                acked = self._store_batch(session, conn, folder, log_id, batch, report)
+                done += len(batch)
+                if acked:
+                    self._acknowledge(session, conn, folder, action, acked, report, deferred if on_close else None)
+                if progress:
+                    progress(done, total)
+            self._save_cursor(conn.id, folder, listing)
+        finally:
+            session.close()
+        if deferred and getattr(session, "closed_cleanly", True):
+            self._mark_acknowledged(conn.id, folder, deferred)
+
+    def _store_batch(
+        self, session: IncomingSession, conn: IncomingConnection, folder: str, log_id: int,
+        batch: Sequence[MessageRef], report: PassReport,
+    ) -> list[MessageRef]:
+        """Fetch one batch and commit it with its cursor; returns the refs to acknowledge."""
+        fetched = list(session.fetch(batch))
+        if not fetched:
+            return []
+        now = utcnow()
+        with self.host.session() as s:
+            keys = [ref.key for ref, _ in fetched]
+            already = self._known_in(s, conn.id, folder, keys)
+            prints = {ref.key: hashlib.sha256(raw).hexdigest() for ref, raw in fetched}
+            dup_prints = self._fingerprints_in(s, conn.id, folder, list(prints.values()))
+            items, seen, entries, to_ack = [], [], [], []
+            stored_keys: list[tuple[str, dict[str, Any]]] = []
+            for ref, raw in fetched:
+                if ref.key in already:
+                    continue  # stored by an earlier pass: it needs no second copy
+                fp = prints[ref.key]
+                meta = summarize(raw)
+                to_ack.append(ref)
+                if fp in dup_prints:
+                    report.duplicates += 1
+                    seen.append({"connection_id": conn.id, "folder": folder, "key": ref.key, "fingerprint": fp,
+                                 "item_id": dup_prints[fp], "acknowledged": False, "seen_at": now})
+                    entries.append({"log_id": log_id, "item_id": dup_prints[fp], "at": now, "result": "duplicate",
+                                    "detail": "same content already stored", **_entry_meta(meta)})
+                    continue
+                dup_prints[fp] = None  # the same content twice in one batch
+                report.stored += 1
+                report.bytes += len(raw)
+                items.append({"connection_id": conn.id, "connection_name": conn.name, "folder": folder,
+                              "status": "new", "size": len(raw), "fingerprint": fp, "raw": raw,
+                              "created_at": now, "updated_at": now, **meta})
+                stored_keys.append((ref.key, meta))
+            ids = _insert_returning_ids(s, items)
+            for (key, meta), item_id in zip(stored_keys, ids):
+                fp = prints[key]
+                dup_prints[fp] = item_id
+                seen.append({"connection_id": conn.id, "folder": folder, "key": key, "fingerprint": fp,
+                             "item_id": item_id, "acknowledged": False, "seen_at": now})
+                entries.append({"log_id": log_id, "item_id": item_id, "at": now, "result": "stored",
+                                "detail": None, **_entry_meta(meta)})
+            # Duplicates inside this batch point at the copy stored just now.
+            for row in seen:
+                if row["item_id"] is None:
+                    row["item_id"] = dup_prints.get(row["fingerprint"])
+            if seen:
+                s.execute(insert(SeenMessage), seen)
+            if entries:
+                s.execute(insert(IncomingLogEntry), entries)
+            last_cursor = next((r.cursor for r in reversed(batch) if r.cursor is not None), None)
+            if last_cursor is not None:
+                self._put_cursor(s, conn.id, folder, dict(last_cursor))
+            self._renew_lease(s, conn.id)
+            s.execute(update(IncomingLog).where(IncomingLog.id == log_id).values(
+                listed=report.listed, stored=report.stored, duplicates=report.duplicates, bytes=report.bytes))
+        # Committed: the messages are safe. Now others may look at them.
+        report.item_ids.extend(ids)
+        for (key, meta), item_id in zip(stored_keys, ids):
+            self._announce(conn.name, item_id, meta.get("message_id"), fetched, key)
+        return to_ack
+
+    def _announce(self, connection: str, item_id: int, message_id: str | None,
+                  fetched: list[tuple[MessageRef, bytes]], key: str) -> None:
+        impls = self.host.plugins.hook.message_stored.get_hookimpls()
+        if not impls:
+            return
+        raw = next(raw for ref, raw in fetched if ref.key == key)
+        try:
+            self.host.plugins.hook.message_stored(connection=connection, item_id=item_id, message_id=message_id, raw=raw)
+        except Exception:
+            log.exception("a message_stored hook failed for item %s of %s", item_id, connection)
+
+    def _finish_pending(
+        self, session: IncomingSession, conn: IncomingConnection, folder: str, action: Any,
+        report: PassReport, deferred: list[str] | None,
+    ) -> None:
+        """Run the after-download action for messages stored before a crash cut it short."""
+        with self.host.session() as s:
+            keys = list(s.scalars(select(SeenMessage.key).where(
+                SeenMessage.connection_id == conn.id, SeenMessage.folder == folder,
+                SeenMessage.acknowledged.is_(False))))
+        if not keys:
+            return
+        log.info("%s: finishing %d acknowledgement(s) an earlier pass left", conn.name, len(keys))
+        for chunk in _chunks(keys, BATCH_COUNT):
+            refs = session.resolve(chunk)
+            if refs:
+                action.apply(session, refs, conn.after_download_argument)
+                report.acknowledged += len(refs)
+            # Keys no longer on the server need nothing more.
+            if deferred is not None:
+                deferred.extend(chunk)
+            else:
+                self._mark_acknowledged(conn.id, folder, chunk)
+
+    def _acknowledge(
+        self, session: IncomingSession, conn: IncomingConnection, folder: str, action: Any,
+        refs: Sequence[MessageRef], report: PassReport, deferred: list[str] | None,
+    ) -> None:
+        action.apply(session, refs, conn.after_download_argument)
+        report.acknowledged += len(refs)
+        keys = [r.key for r in refs]
+        if deferred is not None:
+            deferred.extend(keys)
+        else:
+            self._mark_acknowledged(conn.id, folder, keys)
+
+    def _mark_acknowledged(self, connection_id: int, folder: str, keys: Sequence[str]) -> None:
+        with self.host.session() as s:
+            for chunk in _chunks(list(keys), _CHUNK):
+                s.execute(update(SeenMessage).where(
+                    SeenMessage.connection_id == connection_id, SeenMessage.folder == folder,
+                    SeenMessage.key.in_(chunk)).values(acknowledged=True))
+
+    # -- cursors and keys -------------------------------------------------------------
+
+    def _known(self, connection_id: int, folder: str, keys: Sequence[str]) -> set[str]:
+        with self.host.session() as s:
+            return self._known_in(s, connection_id, folder, keys)
+
+    @staticmethod
+    def _known_in(s: Session, connection_id: int, folder: str, keys: Sequence[str]) -> set[str]:
+        found: set[str] = set()
+        for chunk in _chunks(list(keys), _CHUNK):
+            found.update(s.scalars(select(SeenMessage.key).where(
+                SeenMessage.connection_id == connection_id, SeenMessage.folder == folder,
+                SeenMessage.key.in_(chunk))))
+        return found
+
+    @staticmethod
+    def _fingerprints_in(s: Session, connection_id: int, folder: str, prints: Sequence[str]) -> dict[str, int | None]:
+        found: dict[str, int | None] = {}
+        for chunk in _chunks(list(set(prints)), _CHUNK):
+            for fp, item_id in s.execute(select(SeenMessage.fingerprint, SeenMessage.item_id).where(
+                    SeenMessage.connection_id == connection_id, SeenMessage.folder == folder,
+                    SeenMessage.fingerprint.in_(chunk))):
+                found.setdefault(fp, item_id)
+        return found
+
+    def _save_cursor(self, connection_id: int, folder: str, listing: Listing) -> None:
+        if listing.cursor is None:
+            return
+        with self.host.session() as s:
+            self._put_cursor(s, connection_id, folder, dict(listing.cursor))
+
+    @staticmethod
+    def _put_cursor(s: Session, connection_id: int, folder: str, state: dict[str, Any]) -> None:
+        row = s.get(FolderCursor, (connection_id, folder))
+        if row is None:
+            s.add(FolderCursor(connection_id=connection_id, folder=folder, state=state))
+        else:
+            row.state = state
+
+    # -- leases and scheduling --------------------------------------------------------
+
+    def _claim(self, name: str) -> IncomingConnection | None:
+        """Take the connection's lease, or ``None`` if another worker holds it."""
+        now = utcnow()
+        with self.host.session() as s:
+            conn = self.host.connections.get(Direction.INCOMING, name, s)
+            taken = s.execute(
+                update(IncomingConnection)
+                .where(IncomingConnection.id == conn.id,
+                       or_(IncomingConnection.lease_until.is_(None), IncomingConnection.lease_until < now,
+                           IncomingConnection.lease_owner == self.worker))
+                .values(lease_owner=self.worker, lease_until=now + LEASE)
+                .execution_options(synchronize_session=False)
+            ).rowcount
+            if not taken:
+                return None
+            s.refresh(conn)
+            _ = conn.certificates, conn.oauth_credential
+            return conn
+
+    def _renew_lease(self, s: Session, connection_id: int) -> None:
+        s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id,
+                                                   IncomingConnection.lease_owner == self.worker)
+                  .values(lease_until=utcnow() + LEASE).execution_options(synchronize_session=False))
+
+    def _finish(self, conn: IncomingConnection, log_id: int, report: PassReport) -> None:
+        now = utcnow()
+        with self.host.session() as s:
+            s.execute(update(IncomingLog).where(IncomingLog.id == log_id).values(
+                finished_at=now, status="ok" if report.ok else "failed", listed=report.listed,
+                stored=report.stored, duplicates=report.duplicates, acknowledged=report.acknowledged,
+                bytes=report.bytes, error=report.error))
+            s.execute(update(IncomingConnection).where(IncomingConnection.id == conn.id).values(
+                last_poll_at=now, last_error=report.error,
+                next_poll_at=now + dt.timedelta(minutes=conn.interval or 1),
+                lease_owner=None, lease_until=None).execution_options(synchronize_session=False))
+
+    def due(self) -> list[str]:
+        """Enabled connections whose interval has passed, soonest first."""
+        now = utcnow()
+        with self.host.session() as s:
+            return list(s.scalars(
+                select(IncomingConnection.name).where(
+                    IncomingConnection.enabled.is_(True),
+                    or_(IncomingConnection.next_poll_at.is_(None), IncomingConnection.next_poll_at <= now),
+                    or_(IncomingConnection.lease_until.is_(None), IncomingConnection.lease_until < now),
+                ).order_by(IncomingConnection.next_poll_at)
+            ))
+
+    # -- estimate ---------------------------------------------------------------------
+
+    def estimate(self, name: str) -> Estimate:
+        """How many messages the next pass of ``name`` would download (for ``enable``)."""
+        conn = self.host.connections.get(Direction.INCOMING, name)
+        provider = self.host.connections.provider(Direction.INCOMING, conn)
+        folder = conn.folder or ""
+        with self.host.session() as s:
+            state = s.get(FolderCursor, (conn.id, folder))
+            cursor = dict(state.state) if state is not None else None
+        with provider.open(self.host.connections.settings(Direction.INCOMING, conn)) as session:
+            assert isinstance(session, IncomingSession)
+            return session.estimate(cursor, lambda keys: self._known(conn.id, folder, keys))
+
+    # -- queue and log ----------------------------------------------------------------
+
+    def items(self, connection: str | None = None, status: str | None = None,
+              limit: int | None = None) -> list[IncomingItem]:
+        """Queue items, newest first (raw bytes not loaded)."""
+        from sqlalchemy.orm import defer
+
+        if status is not None and status not in INCOMING_STATUSES:
+            from .errors import ValidationError
+
+            raise ValidationError(f"status {status!r} is not valid: choose one of {', '.join(INCOMING_STATUSES)}", "status")
+        with self.host.session() as s:
+            q = select(IncomingItem).options(defer(IncomingItem.raw), defer(IncomingItem.decrypted)).order_by(IncomingItem.id.desc())
+            if connection:
+                q = q.where(IncomingItem.connection_name == connection)
+            if status:
+                q = q.where(IncomingItem.status == status)
+            if limit:
+                q = q.limit(limit)
+            return list(s.scalars(q))
+
+    def item(self, item_id: int) -> IncomingItem:
+        """One queue item with its raw bytes."""
+        with self.host.session() as s:
+            item = s.get(IncomingItem, item_id)
+            if item is None:
+                raise NotFound(f"no incoming queue item {item_id}: see `mailhost queue incoming`")
+            _ = item.raw, item.decrypted
+            return item
+
+    def set_status(self, item_id: int, status: str, error: str | None = None) -> None:
+        """Move a queue item on (for handlers: processing, processed, filtered, failed)."""
+        if status not in INCOMING_STATUSES:
+            from .errors import ValidationError
+
+            raise ValidationError(f"status {status!r} is not valid: choose one of {', '.join(INCOMING_STATUSES)}", "status")
+        with self.host.session() as s:
+            item = s.get(IncomingItem, item_id)
+            if item is None:
+                raise NotFound(f"no incoming queue item {item_id}")
+            item.status, item.error = status, error
+
+    def logs(self, connection: str | None = None, limit: int | None = None) -> list[IncomingLog]:
+        """Download passes, newest first."""
+        with self.host.session() as s:
+            q = select(IncomingLog).order_by(IncomingLog.id.desc())
+            if connection:
+                q = q.where(IncomingLog.connection_name == connection)
+            if limit:
+                q = q.limit(limit)
+            return list(s.scalars(q))
+
+    def log_entries(self, log_id: int) -> list[IncomingLogEntry]:
+        """The messages one pass saw."""
+        with self.host.session() as s:
+            return list(s.scalars(select(IncomingLogEntry).where(IncomingLogEntry.log_id == log_id)
+                                  .order_by(IncomingLogEntry.id)))
+
+    def purge(self, older_than: dt.timedelta, statuses: Iterable[str] = ("processed", "filtered")) -> tuple[int, int]:
+        """Delete queue items in ``statuses`` and log passes older than ``older_than``.
+
+        The keys of purged messages stay recorded, so they are not downloaded again.
+        Returns (items deleted, passes deleted).
+        """
+        cutoff = utcnow() - older_than
+        with self.host.session() as s:
+            items = s.execute(delete(IncomingItem).where(
+                IncomingItem.created_at < cutoff, IncomingItem.status.in_(list(statuses)))).rowcount
+            passes = s.execute(delete(IncomingLog).where(
+                and_(IncomingLog.started_at < cutoff, IncomingLog.status != "running"))).rowcount
+        return items, passes
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def _batches(refs: Sequence[MessageRef]) -> Iterator[list[MessageRef]]:
+    batch: list[MessageRef] = []
+    size = 0
+    for ref in refs:
+        ref_size = ref.size or 0
+        if batch and (len(batch) >= BATCH_COUNT or size + ref_size > BATCH_BYTES):
+            yield batch
+            batch, size = [], 0
+        batch.append(ref)
+        size += ref_size
+    if batch:
+        yield batch
+
+
+def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
+
+
+def _insert_returning_ids(s: Session, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert queue items; their ids in order (one statement per row on old SQLite)."""
+    if not rows:
+        return []
+    table = IncomingItem.__table__
+    if s.get_bind().dialect.insert_executemany_returning_sort_by_parameter_order:
+        result = s.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
+        return [r[0] for r in result]
+    return [s.execute(insert(table).returning(table.c.id), row).scalar_one() for row in rows]
+
+
+_HEADER = re.compile(rb"^(message-id|from|to|subject)[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.I | re.M)
+_FOLD = re.compile(rb"\r?\n[ \t]+")
+
+
+def summarize(raw: bytes) -> dict[str, str | None]:
+    """Message-ID, From, To and Subject of a raw message, cheaply (headers only)."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        end = raw.find(b"\n\n")
+    head = _FOLD.sub(b" ", raw[: end if end >= 0 else len(raw)])
+    found: dict[str, str | None] = {"message_id": None, "from_addr": None, "to_addr": None, "subject": None}
+    names = {b"message-id": "message_id", b"from": "from_addr", b"to": "to_addr", b"subject": "subject"}
+    for m in _HEADER.finditer(head):
+        key = names[m.group(1).lower()]
+        if found[key] is None:
+            found[key] = _decode(m.group(2))[:1000]
+    return found
+
+
+def _decode(value: bytes) -> str:
+    text = value.decode("utf-8", "replace")
+    if "=?" in text:
+        try:
+            return str(make_header(decode_header(text)))
+        except Exception:  # malformed encoded words: keep what was there
+            return text
+    return text
+
+
+def _entry_meta(meta: dict[str, str | None]) -> dict[str, str | None]:
+    return {"message_id": meta["message_id"], "from_addr": meta["from_addr"], "subject": meta["subject"]}
+
+
+def _sentence(name: str, exc: BaseException) -> str:
+    text = redact(str(exc))
+    return text if name in text else f"{name}: {text}"

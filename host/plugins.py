@@ -1,0 +1,371 @@
+"""Plugin loading: entry points found by stevedore, registered into pluggy, once.
+
+Rules, in order:
+
+1. The host's own :mod:`mailhost.builtin` is registered first, like any plugin.
+2. Entry points in the group ``mailhost`` are listed without importing them. A plugin
+   is loaded if it is allowed by ``$MAILHOST_LOAD_PLUGINS`` (an allowlist), by
+   ``[plugins] enabled`` (empty means all) and not named in ``[plugins] disabled``.
+   A plugin that is not loaded is never imported.
+3. A plugin that fails to import, whose hook implementations do not match the specs
+   (an unknown hook name, a wrong argument), or whose ``register_*`` hook raises, is
+   marked *failed* with its error and the host runs on; ``$MAILHOST_STRICT_PLUGINS=1``
+   turns that into a :class:`~mailhost.errors.PluginError`.
+4. Two plugins registering the same protocol (direction and name): the one named in
+   ``[plugins.protocols]`` wins, else the plugin whose name sorts first; the loser is
+   told in ``mailhost plugins list``. Actions and host overrides follow the same rule.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pluggy
+from stevedore import NamedExtensionManager
+
+from . import builtin, hookspecs
+from .errors import PluginError, ValidationError
+from .protocols import AfterDownloadAction, Direction, HostOverride, ProtocolProvider
+
+__all__ = ["ENTRY_POINT_GROUP", "PluginHost", "PluginInfo", "installed_plugin_names", "plugin_host"]
+
+log = logging.getLogger(__name__)
+
+ENTRY_POINT_GROUP = "mailhost"
+BUILTIN = "builtin"
+
+State = Literal["enabled", "disabled", "failed"]
+
+
+@dataclass
+class PluginInfo:
+    """One plugin as ``mailhost plugins list`` shows it."""
+
+    name: str
+    module: str
+    distribution: str | None = None
+    version: str | None = None
+    state: State = "enabled"
+    error: str | None = None
+    hooks: list[str] = field(default_factory=list)
+    protocols: list[str] = field(default_factory=list)
+    after_download_actions: list[str] = field(default_factory=list)
+    host_overrides: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {
+            "name": self.name,
+            "distribution": self.distribution,
+            "version": self.version,
+            "module": self.module,
+            "state": self.state,
+            "error": self.error,
+            "hooks": self.hooks,
+            "protocols": self.protocols,
+            "after_download_actions": self.after_download_actions,
+            "host_overrides": self.host_overrides,
+            "notes": self.notes,
+        }
+
+
+class PluginHost:
+    """The loaded plugins and what they registered."""
+
+    def __init__(
+        self,
+        enabled: Iterable[str] = (),
+        disabled: Iterable[str] = (),
+        protocol_choices: dict[str, str] | None = None,
+        strict: bool | None = None,
+        only: Iterable[str] | None = None,
+        extra: Iterable[tuple[str, object]] = (),
+    ) -> None:
+        """Discover and load plugins.
+
+        ``only`` is the ``$MAILHOST_LOAD_PLUGINS`` allowlist (read from the environment
+        when ``None``); ``extra`` registers ``(name, plugin)`` objects directly, after
+        the entry points (for library users and tests).
+        """
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.strict = _env_flag("MAILHOST_STRICT_PLUGINS") if strict is None else strict
+        self.plugins: dict[str, PluginInfo] = {}
+        self.protocols: dict[tuple[Direction, str], ProtocolProvider] = {}
+        self.actions: dict[str, AfterDownloadAction] = {}
+        self.host_overrides: list[HostOverride] = []
+        self._choices = protocol_choices or {}
+        if only is None:
+            env = os.environ.get("MAILHOST_LOAD_PLUGINS")
+            only = [n.strip() for n in env.split(",") if n.strip()] if env is not None else None
+        self._only = set(only) if only is not None else None
+        self._enabled, self._disabled = set(enabled), set(disabled)
+
+        self._register(BUILTIN, builtin, PluginInfo(BUILTIN, builtin.__name__, "mailhost", _own_version()))
+        self._load_entry_points()
+        for name, obj in extra:
+            self._register(name, obj, PluginInfo(name, getattr(obj, "__name__", repr(obj))))
+        self._collect()
+
+    # -- loading ----------------------------------------------------------------------
+
+    def allowed(self, name: str) -> bool:
+        """Whether the plugin ``name`` may be loaded under the config and environment."""
+        if name == BUILTIN:
+            return True
+        if self._only is not None and name not in self._only:
+            return False
+        if self._enabled and name not in self._enabled:
+            return False
+        return name not in self._disabled
+
+    def _load_entry_points(self) -> None:
+        failures: dict[str, BaseException] = {}
+
+        def on_failure(_mgr: Any, ep: importlib.metadata.EntryPoint, err: BaseException) -> None:
+            failures[ep.name] = err
+
+        # One scan of the entry points; NamedExtensionManager imports only the names
+        # it is given, so a disabled plugin is never imported.
+        manager: NamedExtensionManager[Any] = NamedExtensionManager(
+            ENTRY_POINT_GROUP,
+            names=_AllowedNames(self.allowed),
+            on_load_failure_callback=on_failure,
+            on_missing_entrypoints_callback=None,
+        )
+        loaded = {ext.name: ext.plugin for ext in manager.extensions}
+        for ep in sorted(manager.list_entry_points(), key=lambda e: e.name):
+            if ep.name in self.plugins:
+                log.warning("plugin %s is installed twice; using %s", ep.name, self.plugins[ep.name].module)
+                continue
+            info = PluginInfo(ep.name, ep.value.split(":")[0])
+            info.distribution, info.version = _distribution_of(ep)
+            if not self.allowed(ep.name):
+                info.state = "disabled"
+                self.plugins[ep.name] = info
+            elif ep.name in failures:
+                self.plugins[ep.name] = info
+                self._fail(info, f"import failed: {_describe(failures[ep.name])}", failures[ep.name])
+            else:
+                self._register(ep.name, loaded[ep.name], info)
+
+    def _register(self, name: str, plugin: object, info: PluginInfo) -> None:
+        self.plugins[name] = info
+        try:
+            self.pm.register(plugin, name=name)
+        except Exception as exc:  # pluggy validates every hookimpl against its spec
+            self._fail(info, f"does not match the hook specs: {_describe(exc)}", exc)
+            return
+        try:
+            self.pm.check_pending()  # hook names with no spec: typos
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=name)
+            self._fail(info, f"implements an unknown hook: {_describe(exc)}", exc)
+            return
+        info.hooks = sorted(
+            {caller.name for caller in self.pm.get_hookcallers(plugin) or []}
+        )
+
+    def _fail(self, info: PluginInfo, why: str, exc: BaseException) -> None:
+        info.state, info.error = "failed", why
+        info.hooks = info.protocols = info.after_download_actions = info.host_overrides = []
+        if self.pm.is_registered(self.pm.get_plugin(info.name)):
+            self.pm.unregister(name=info.name)
+        message = f"plugin {info.name} ({info.module}) {why}"
+        if self.strict:
+            raise PluginError(f"{message}; strict plugin loading is on (MAILHOST_STRICT_PLUGINS)") from exc
+        log.warning("%s; it is disabled for this run", message)
+
+    # -- registries -------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        protocols = self._gather("register_protocols")
+        actions = self._gather("register_after_download_actions")
+        overrides = self._gather("register_host_overrides")
+        for plugin, items in protocols.items():
+            for p in items:
+                if not isinstance(p, ProtocolProvider):
+                    self._fail(self.plugins[plugin], f"registered {p!r}, not a ProtocolProvider", TypeError())
+                    break
+        self._settle(
+            protocols, ProtocolProvider, lambda p: (p.direction, p.name),
+            lambda p: f"{p.direction.value}/{p.name}", self.protocols,
+            lambda info, label: info.protocols.append(label),
+        )
+        self._settle(
+            actions, AfterDownloadAction, lambda a: a.name, lambda a: a.name, self.actions,
+            lambda info, label: info.after_download_actions.append(label),
+        )
+        chosen_overrides: dict[tuple[str, str, str], HostOverride] = {}
+        self._settle(
+            overrides, HostOverride, lambda o: (o.provider, o.protocol, o.name),
+            lambda o: f"{o.provider}/{o.protocol}/{o.name}", chosen_overrides,
+            lambda info, label: info.host_overrides.append(label),
+        )
+        self.host_overrides = sorted(chosen_overrides.values(), key=lambda o: (o.provider, o.protocol, o.name))
+
+    def _gather(self, hook: str) -> dict[str, list[Any]]:
+        """Call one registration hook plugin by plugin, so that each registration is
+        attributed to its plugin and a plugin that raises fails alone."""
+        gathered: dict[str, list[Any]] = {}
+        for impl in getattr(self.pm.hook, hook).get_hookimpls():
+            items: list[Any] = []
+            try:
+                impl.function(*[items.append for _ in impl.argnames])
+            except Exception as exc:
+                self._fail(self.plugins[impl.plugin_name], f"raised in {hook}: {_describe(exc)}", exc)
+                continue
+            gathered[impl.plugin_name] = items
+        return gathered
+
+    def _settle(
+        self,
+        gathered: dict[str, list[Any]],
+        kind: type,
+        key: Callable[[Any], Any],
+        label: Callable[[Any], str],
+        into: dict[Any, Any],
+        note: Callable[[PluginInfo, str], None],
+    ) -> None:
+        """Pick one registration per key: the configured plugin, else the first by name."""
+        candidates: dict[Any, list[tuple[str, Any]]] = {}
+        for plugin in sorted(gathered, key=lambda n: (n != BUILTIN, n)):
+            if self.plugins[plugin].state == "failed":
+                continue
+            for item in gathered[plugin]:
+                if not isinstance(item, kind):
+                    continue
+                candidates.setdefault(key(item), []).append((plugin, item))
+        for k, offers in candidates.items():
+            name = getattr(offers[0][1], "name", "")
+            wanted = self._choices.get(name)
+            winner = next((o for o in offers if o[0] == wanted), offers[0])
+            into[k] = _with_plugin(winner[1], winner[0])
+            note(self.plugins[winner[0]], label(winner[1]))
+            for plugin, item in offers:
+                if plugin != winner[0]:
+                    self.plugins[plugin].notes.append(
+                        f"{label(item)} is also provided by {winner[0]}, which wins "
+                        f"(choose with [plugins.protocols] {name} = \"{plugin}\")"
+                    )
+
+    # -- look-ups ---------------------------------------------------------------------
+
+    def protocol(self, direction: Direction, name: str) -> ProtocolProvider:
+        """The provider of protocol ``name``; a ValidationError lists the choices."""
+        try:
+            return self.protocols[(direction, name)]
+        except KeyError:
+            known = sorted(n for d, n in self.protocols if d == direction)
+            raise ValidationError(
+                f"no {direction.value} protocol named {name!r} is installed and enabled; "
+                f"choose one of: {', '.join(known) or 'none (install a protocol plugin such as mailhost-imap)'}",
+                field="protocol",
+            ) from None
+
+    def protocol_names(self, direction: Direction) -> list[str]:
+        """The names of the protocols available in ``direction``."""
+        return sorted(n for d, n in self.protocols if d == direction)
+
+    def action(self, name: str) -> AfterDownloadAction:
+        """The after-download action ``name``; a ValidationError lists the choices."""
+        try:
+            return self.actions[name]
+        except KeyError:
+            raise ValidationError(
+                f"no after-download action named {name!r}; choose one of: {', '.join(sorted(self.actions))}",
+                field="after_download",
+            ) from None
+
+    @property
+    def hook(self) -> Any:
+        """The pluggy hook relay, for calling the event hooks."""
+        return self.pm.hook
+
+
+def installed_plugin_names() -> list[str]:
+    """The names of the installed plugins, without importing any of them."""
+    manager: NamedExtensionManager[Any] = NamedExtensionManager(
+        ENTRY_POINT_GROUP, names=[], on_missing_entrypoints_callback=None
+    )
+    return sorted({ep.name for ep in manager.list_entry_points()})
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_host(
+    enabled: tuple[str, ...], disabled: tuple[str, ...], choices: tuple[tuple[str, str], ...],
+    only: str | None, strict: bool,
+) -> PluginHost:
+    return PluginHost(enabled, disabled, dict(choices), strict=strict)
+
+
+def plugin_host(
+    enabled: Iterable[str] = (), disabled: Iterable[str] = (), protocol_choices: dict[str, str] | None = None
+) -> PluginHost:
+    """The process's plugin host: discovered once per process for the same settings."""
+    return _cached_host(
+        tuple(sorted(enabled)), tuple(sorted(disabled)), tuple(sorted((protocol_choices or {}).items())),
+        os.environ.get("MAILHOST_LOAD_PLUGINS"), _env_flag("MAILHOST_STRICT_PLUGINS"),
+    )
+
+
+class _AllowedNames:
+    """A ``names`` container for stevedore that asks the host's rules."""
+
+    def __init__(self, allowed: Callable[[str], bool]) -> None:
+        self._allowed = allowed
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self._allowed(name)
+
+    def __iter__(self) -> Any:  # stevedore only iterates to report missing names
+        return iter(())
+
+
+def _with_plugin(item: Any, plugin: str) -> Any:
+    if getattr(item, "plugin", None) == plugin:
+        return item
+    from dataclasses import replace
+
+    return replace(item, plugin=plugin)
+
+
+def _distribution_of(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]:
+    dist = getattr(ep, "dist", None)
+    if dist is None:
+        top = ep.value.split(":")[0].split(".")[0]
+        names = _packages_distributions().get(top) or []
+        if not names:
+            return None, None
+        try:
+            dist = importlib.metadata.distribution(names[0])
+        except importlib.metadata.PackageNotFoundError:
+            return names[0], None
+    return dist.metadata["Name"], dist.version
+
+
+@functools.lru_cache(maxsize=1)
+def _packages_distributions() -> dict[str, list[str]]:
+    return dict(importlib.metadata.packages_distributions())
+
+
+def _own_version() -> str | None:
+    try:
+        return importlib.metadata.version("mailhost")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _describe(exc: BaseException) -> str:
+    text = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")

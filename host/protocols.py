@@ -1,0 +1,356 @@
+"""What a protocol plugin provides, and what it is given.
+
+A protocol plugin registers :class:`ProtocolProvider` objects through the
+``register_protocols`` hook. A provider describes the protocol (its name, its direction,
+its connect modes, its default ports, which connection attributes apply) and opens
+sessions. Sessions are small, in the spirit of httpx transports:
+
+- :class:`IncomingSession`: ``list_new`` what is new after a cursor, ``fetch`` raw
+  messages in batches, acknowledge them (``mark_seen``, ``delete``, ``move``), ``close``.
+- :class:`OutgoingSession`: ``send`` one raw message, ``close``.
+
+A session knows nothing of the store, the queues or the CLI: it is given plain
+:class:`ConnectionSettings` and returns plain values. The host does the rest (it stores
+first and acknowledges after, it retries, it logs).
+
+Usage from the host's side::
+
+    with provider.open(settings) as session:
+        listing = session.list_new(cursor, known)
+        for ref, raw in session.fetch(listing.refs[:500]):
+            ...
+"""
+from __future__ import annotations
+
+import enum
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Literal, Self
+
+__all__ = [
+    "ATTRIBUTES",
+    "AfterDownloadAction",
+    "ConnectionSettings",
+    "Direction",
+    "Encryption",
+    "Estimate",
+    "HostOverride",
+    "IncomingSession",
+    "Listing",
+    "MessageRef",
+    "OutgoingSession",
+    "ProtocolProvider",
+    "SendResult",
+    "Session",
+    "TestStep",
+]
+
+
+class Direction(str, enum.Enum):
+    """Whether a protocol downloads mail (incoming) or delivers it (outgoing)."""
+
+    INCOMING = "incoming"
+    OUTGOING = "outgoing"
+
+
+class Encryption(str, enum.Enum):
+    """How the link to the server is protected."""
+
+    NONE = "none"
+    SSL = "ssl"  # implicit TLS from the first byte ("SSL/TLS" in the seeds)
+    STARTTLS = "starttls"
+
+
+#: Connection attributes that a provider may declare as applicable. ``name``,
+#: ``description``, ``interval``, ``timeout`` and ``enabled`` always apply.
+ATTRIBUTES: frozenset[str] = frozenset(
+    {
+        "host",
+        "port",
+        "encryption",
+        "username",
+        "password",
+        "folder",
+        "shared_mailbox",
+        "oauth_credential",
+        "host_override",
+        "ca_file",
+        "certificates",
+        "from_address",
+        "prefix",
+        "size_limit",
+        "debug",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ConnectionSettings:
+    """Everything a session needs to talk to one server; no store, no CLI.
+
+    ``password`` is the decrypted secret: a session must never log it. ``transcript``
+    is set when the connection's Debug attribute is on; every line passed to it is
+    redacted by the host before it reaches a log.
+    """
+
+    name: str
+    protocol: str
+    host: str | None = None
+    port: int | None = None
+    encryption: Encryption = Encryption.SSL
+    username: str | None = None
+    password: str | None = None
+    folder: str | None = None
+    shared_mailbox: str | None = None
+    timeout: float = 30.0  # seconds
+    ca_file: str | None = None
+    from_address: str | None = None
+    size_limit: int = 0
+    #: For OAuth2 connect mode: returns a fresh access token each time it is called.
+    access_token: Callable[[], str] | None = None
+    transcript: Callable[[str], None] | None = None
+    #: Attributes a plugin declared beyond the common ones (kept as given).
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def oauth2(self) -> bool:
+        """Whether this connection signs in with an OAuth2 access token."""
+        return self.access_token is not None
+
+    def describe(self) -> str:
+        """``name on host:port``, for error messages."""
+        where = f"{self.host}:{self.port}" if self.host else self.protocol
+        return f"{self.name} on {where}"
+
+
+@dataclass(frozen=True)
+class MessageRef:
+    """One message on the server, as listed by :meth:`IncomingSession.list_new`.
+
+    ``key`` identifies the message within its folder for as long as the server keeps
+    it (IMAP: ``"<uidvalidity>:<uid>"``, POP3: the UIDL, Graph: the message id); the
+    host records it with the stored message so it is never downloaded twice.
+    ``cursor`` is the folder cursor that holds once this message and every one listed
+    before it are stored (IMAP: the UID), or ``None`` when the protocol has no ordered
+    cursor. ``handle`` is the protocol's own handle (UID, message number, ...).
+    """
+
+    key: str
+    size: int | None = None
+    handle: Any = None
+    cursor: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class Listing:
+    """What :meth:`IncomingSession.list_new` found.
+
+    ``refs`` in the order to download them. ``cursor`` is the folder cursor to store
+    once every ref is stored (for Graph, the delta link). ``reset`` says the server
+    renumbered the folder (IMAP UIDVALIDITY changed): the host then relies on content
+    fingerprints to avoid storing a message twice.
+    """
+
+    refs: Sequence[MessageRef]
+    cursor: Mapping[str, Any] | None = None
+    reset: bool = False
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """How many messages a first (or next) download pass would fetch."""
+
+    count: int
+    confidence: Literal["exact", "high", "low"]
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class TestStep:
+    """One step of a connection test: ``ok`` with details, or the failure and the fix."""
+
+    __test__ = False  # not a pytest test class
+
+    name: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class SendResult:
+    """What the server said to one message.
+
+    ``refused`` maps each recipient the server refused to its reply; the message was
+    delivered to the others. A session raises instead when nobody accepted it.
+    """
+
+    response: str = ""
+    refused: Mapping[str, str] = field(default_factory=dict)
+
+
+class Session:
+    """Base of both session kinds: a context manager that closes itself."""
+
+    def close(self) -> None:
+        """Log out and close the link. Must not raise."""
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class IncomingSession(Session, ABC):
+    """An open, signed-in link to one mailbox folder."""
+
+    @abstractmethod
+    def list_new(
+        self,
+        cursor: Mapping[str, Any] | None,
+        known: Callable[[Sequence[str]], set[str]],
+    ) -> Listing:
+        """List the messages not yet downloaded.
+
+        ``cursor`` is what the host stored for this folder (``None`` on the first
+        pass). ``known(keys)`` returns those of ``keys`` already stored, for protocols
+        whose cursor is the set of stored keys (POP3).
+        """
+
+    @abstractmethod
+    def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes]]:
+        """Download the raw messages, exactly as the server sends them.
+
+        Must not change the messages' state on the server (IMAP: ``BODY.PEEK[]``).
+        A ref that vanished meanwhile is skipped.
+        """
+
+    def resolve(self, keys: Sequence[str]) -> list[MessageRef]:
+        """Refs for keys listed in an earlier pass (to finish an acknowledgement a
+        crash interrupted); keys no longer on the server are left out."""
+        return []
+
+    def estimate(
+        self,
+        cursor: Mapping[str, Any] | None,
+        known: Callable[[Sequence[str]], set[str]],
+    ) -> Estimate:
+        """How many messages the next pass would download. Default: list them."""
+        return Estimate(len(self.list_new(cursor, known).refs), "exact")
+
+    # After-download primitives. A provider lists the actions it supports in
+    # ``ProtocolProvider.after_download``; the default bodies say it does not.
+    def mark_seen(self, refs: Sequence[MessageRef]) -> None:
+        """Mark the messages read on the server."""
+        raise NotImplementedError(f"{type(self).__name__} cannot mark messages seen")
+
+    def delete(self, refs: Sequence[MessageRef]) -> None:
+        """Remove the messages from the server."""
+        raise NotImplementedError(f"{type(self).__name__} cannot delete messages")
+
+    def move(self, refs: Sequence[MessageRef], folder: str) -> None:
+        """Move the messages to ``folder``, creating it if it is missing."""
+        raise NotImplementedError(f"{type(self).__name__} cannot move messages")
+
+
+class OutgoingSession(Session, ABC):
+    """An open, signed-in link to a server that delivers mail."""
+
+    @abstractmethod
+    def send(self, raw: bytes, sender: str, recipients: Sequence[str]) -> SendResult:
+        """Deliver one raw message to ``recipients`` (the envelope, not the headers)."""
+
+    @property
+    def max_size(self) -> int | None:
+        """The largest message the server takes (SMTP ``SIZE``), if it said so."""
+        return None
+
+
+@dataclass(frozen=True)
+class ProtocolProvider:
+    """A protocol a plugin offers: its description and how to open a session.
+
+    ``attributes`` lists which optional connection attributes apply (see
+    :data:`ATTRIBUTES`); the host refuses the others with a clear error, so the core
+    need not know that Folder is IMAP-only. ``default_ports`` maps each supported
+    encryption to its port; an empty mapping means the protocol is not host-based
+    (Microsoft Graph). ``after_download`` lists supported actions, the default first.
+    ``required`` lists the attributes a connection must set. ``test`` runs a
+    step-by-step connection test; when absent, the host opens and closes a session.
+    """
+
+    name: str
+    direction: Direction
+    open: Callable[[ConnectionSettings], Session]
+    title: str = ""
+    connect_modes: frozenset[str] = frozenset({"password"})
+    default_ports: Mapping[Encryption, int] = field(default_factory=dict)
+    attributes: frozenset[str] = frozenset()
+    #: Attributes a connection must set (in password mode; OAuth2 replaces the password).
+    required: frozenset[str] = frozenset()
+    after_download: tuple[str, ...] = ()
+    default_folder: str | None = None
+    test: Callable[[ConnectionSettings], Iterable[TestStep]] | None = None
+    #: The plugin that registered it; filled in by the host.
+    plugin: str = ""
+
+    def __post_init__(self) -> None:
+        unknown = (self.attributes | self.required) - ATTRIBUTES
+        if unknown:
+            raise ValueError(
+                f"protocol {self.name!r} declares unknown attributes {sorted(unknown)}; "
+                f"choose from {sorted(ATTRIBUTES)}"
+            )
+        bad_modes = self.connect_modes - {"password", "oauth2"}
+        if bad_modes:
+            raise ValueError(
+                f"protocol {self.name!r} declares unknown connect modes {sorted(bad_modes)}"
+            )
+
+
+@dataclass(frozen=True)
+class AfterDownloadAction:
+    """What to do with a message on the server once it is safely stored.
+
+    ``apply(session, refs, argument)`` acknowledges a batch; ``argument`` is the
+    connection's action argument (the target folder of ``move``), ``None`` if
+    ``takes_argument`` is false. ``protocols`` restricts the action to those protocol
+    names; ``None`` means every protocol that lists this action's name in its
+    ``ProtocolProvider.after_download``.
+    """
+
+    name: str
+    apply: Callable[[IncomingSession, Sequence[MessageRef], str | None], None]
+    description: str = ""
+    takes_argument: bool = False
+    protocols: frozenset[str] | None = None
+    plugin: str = ""
+
+    def supports(self, provider: ProtocolProvider) -> bool:
+        """Whether this action can run on sessions of ``provider``."""
+        if self.protocols is not None:
+            return provider.name in self.protocols
+        return self.name in provider.after_download
+
+
+@dataclass(frozen=True)
+class HostOverride:
+    """A predefined host for a provider and protocol (the seeds' "Override default
+    host setting"): for example Microsoft 365 operated by 21Vianet for IMAP."""
+
+    provider: str  # e.g. "microsoft"
+    protocol: str  # e.g. "imap", "smtp", "graph"
+    name: str  # short, unique per provider and protocol: "global", "gcc-high", ...
+    host: str
+    title: str = ""
+    port: int | None = None
+    authority: str | None = None  # the matching sign-in authority, for OAuth2
+    scopes: tuple[str, ...] = ()
+    plugin: str = ""

@@ -1,0 +1,99 @@
+"""``mailhost serve``: scheduled downloads, delivery passes and the web admin.
+
+Each enabled incoming connection is polled when its interval has passed; delivery runs
+every ``[service] delivery_interval`` seconds. One connection's failure never stops the
+others (it is logged, on the connection and in the incoming log). SIGTERM or SIGINT
+stops the service after the passes under way; a second one exits at once, which is
+safe because every pipeline stores before it acknowledges.
+
+Many ``serve`` processes may share one PostgreSQL store: connection leases and row
+leases on the outgoing queue keep them from doing the same work twice.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import FrameType
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .app import Mailhost
+
+__all__ = ["Service"]
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """The long-running loop of one worker process."""
+
+    def __init__(self, host: Mailhost, download_workers: int = 4, tick: float = 1.0) -> None:
+        self.host = host
+        self.stop = threading.Event()
+        self.tick = tick
+        self._pool = ThreadPoolExecutor(max_workers=download_workers, thread_name_prefix="download")
+        self._running: dict[str, Future[object]] = {}
+        self._signals = 0
+
+    def install_signal_handlers(self) -> None:
+        """Stop cleanly on SIGTERM/SIGINT; a second signal exits at once."""
+
+        def handler(signum: int, _frame: FrameType | None) -> None:
+            self._signals += 1
+            if self._signals > 1:
+                log.warning("second %s: exiting now", signal.Signals(signum).name)
+                raise SystemExit(128 + signum)
+            log.warning("%s: finishing the passes under way, then stopping", signal.Signals(signum).name)
+            self.stop.set()
+
+        signal.signal(signal.SIGTERM, handler)
+        signal.signal(signal.SIGINT, handler)
+
+    def run(self, once: bool = False) -> None:
+        """Serve until stopped (or one round, with ``once``)."""
+        interval = self.host.config.delivery_interval
+        next_delivery = 0.0
+        log.info("mailhost serve started; store %s", self.host.engine.url.render_as_string(hide_password=True))
+        try:
+            while not self.stop.is_set():
+                self._start_due_downloads()
+                if time.monotonic() >= next_delivery:
+                    self._deliver()
+                    next_delivery = time.monotonic() + interval
+                if once:
+                    break
+                self.stop.wait(self.tick)
+        finally:
+            self._pool.shutdown(wait=True)
+            log.info("mailhost serve stopped")
+
+    def _start_due_downloads(self) -> None:
+        self._running = {n: f for n, f in self._running.items() if not f.done()}
+        try:
+            due = self.host.incoming.due()
+        except Exception:
+            log.exception("cannot read the connections that are due")
+            return
+        for name in due:
+            if name not in self._running and not self.stop.is_set():
+                self._running[name] = self._pool.submit(self._download, name)
+
+    def _download(self, name: str) -> None:
+        try:
+            report = self.host.incoming.fetch_one(name)
+        except Exception:
+            log.exception("download pass of %s failed", name)
+            return
+        if report.error:
+            log.warning("%s", report.error)
+        elif report.stored:
+            log.info("%s: %d new message(s)", name, report.stored)
+
+    def _deliver(self) -> None:
+        try:
+            self.host.outgoing.deliver(sessions=self.host.config.delivery_sessions)
+        except Exception:
+            log.exception("delivery pass failed")

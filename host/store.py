@@ -1,0 +1,480 @@
+"""The durable store: SQLAlchemy models, the engine, and schema migrations.
+
+SQLite (WAL, ``synchronous=FULL``: a commit survives a power cut, because the
+after-download action that follows it may delete the server's copy) is the embedded
+default; PostgreSQL runs the same code for many workers. The schema is owned by the
+Alembic migrations in ``mailhost/migrations``; :func:`upgrade` brings any store to the
+newest schema without losing data.
+
+Secrets live in ``*_secret`` / ``*_enc`` columns, always Fernet ciphertext
+(see :mod:`mailhost.secrets`).
+"""
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+    create_engine,
+    event,
+    text,
+)
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship, sessionmaker
+
+__all__ = [
+    "Base",
+    "Certificate",
+    "FolderCursor",
+    "IncomingConnection",
+    "IncomingItem",
+    "IncomingLog",
+    "IncomingLogEntry",
+    "OAuthCredential",
+    "OutgoingAttempt",
+    "OutgoingConnection",
+    "OutgoingItem",
+    "SeenMessage",
+    "make_engine",
+    "upgrade",
+    "utcnow",
+]
+
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> dt.datetime:
+    """Now, in UTC, timezone-aware."""
+    return dt.datetime.now(dt.timezone.utc)
+
+
+class UTCDateTime(TypeDecorator[dt.datetime]):
+    """Stores UTC; returns timezone-aware datetimes on SQLite and PostgreSQL alike."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use mailhost.store.utcnow()")
+        if value is not None and dialect.name == "sqlite":
+            return value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        return value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=dt.timezone.utc)
+        return value
+
+
+class Base(DeclarativeBase):
+    """The models' base, with constraint names that migrations can refer to."""
+
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dt.datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+# ---------------------------------------------------------------------------------------
+# Connections, credentials, certificates
+# ---------------------------------------------------------------------------------------
+
+incoming_connection_certificates = Table(
+    "incoming_connection_certificates",
+    Base.metadata,
+    Column("connection_id", ForeignKey("incoming_connections.id", ondelete="CASCADE"), primary_key=True),
+    Column("certificate_id", ForeignKey("certificates.id", ondelete="RESTRICT"), primary_key=True),
+)
+
+
+class OAuthCredential(Base):
+    """An OAuth2 client registration and, once authorized, its tokens (encrypted)."""
+
+    __tablename__ = "oauth_credentials"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    provider: Mapped[str] = mapped_column(String(100))
+    client_id: Mapped[str] = mapped_column(String(500))
+    client_secret_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    tenant: Mapped[str | None] = mapped_column(String(200))
+    authority: Mapped[str | None] = mapped_column(String(1000))
+    authorization_endpoint: Mapped[str | None] = mapped_column(String(1000))
+    token_endpoint: Mapped[str | None] = mapped_column(String(1000))
+    scopes: Mapped[list[Any]] = mapped_column(default=list)
+    flow: Mapped[str] = mapped_column(String(50), default="authorization-code")
+    ca_file: Mapped[str | None] = mapped_column(String(1000))
+    tokens_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    token_expires_at: Mapped[dt.datetime | None]
+    last_refresh_at: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class Certificate(Base):
+    """A PKCS#12 certificate for decrypting incoming mail; the private key encrypted."""
+
+    __tablename__ = "certificates"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    alias: Mapped[str | None] = mapped_column(String(200))
+    subject: Mapped[str] = mapped_column(String(1000), default="")
+    issuer: Mapped[str] = mapped_column(String(1000), default="")
+    serial: Mapped[str] = mapped_column(String(100), default="")
+    not_before: Mapped[dt.datetime | None]
+    not_after: Mapped[dt.datetime | None]
+    cert_pem: Mapped[bytes] = mapped_column(LargeBinary)
+    key_enc: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+    connections: Mapped[list[IncomingConnection]] = relationship(
+        secondary=incoming_connection_certificates, back_populates="certificates"
+    )
+
+
+class IncomingConnection(Base):
+    """A named mailbox to download from (the seeds' Incoming Mail Connection)."""
+
+    __tablename__ = "incoming_connections"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    protocol: Mapped[str] = mapped_column(String(100))
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None]
+    encryption: Mapped[str] = mapped_column(String(20), default="ssl")
+    username: Mapped[str | None] = mapped_column(String(500))
+    password_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    folder: Mapped[str | None] = mapped_column(String(1000))
+    interval: Mapped[int] = mapped_column(default=5)  # minutes
+    timeout: Mapped[int] = mapped_column(default=30000)  # milliseconds
+    after_download: Mapped[str] = mapped_column(String(100), default="mark-seen")
+    after_download_argument: Mapped[str | None] = mapped_column(String(1000))
+    shared_mailbox: Mapped[str | None] = mapped_column(String(500))
+    oauth_credential_id: Mapped[int | None] = mapped_column(
+        ForeignKey("oauth_credentials.id", ondelete="RESTRICT")
+    )
+    host_override: Mapped[str | None] = mapped_column(String(100))
+    ca_file: Mapped[str | None] = mapped_column(String(1000))
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    enabled: Mapped[bool] = mapped_column(default=False)
+    # Scheduling and the lease that keeps two workers off one mailbox.
+    next_poll_at: Mapped[dt.datetime | None]
+    last_poll_at: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[dt.datetime | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    oauth_credential: Mapped[OAuthCredential | None] = relationship()
+    certificates: Mapped[list[Certificate]] = relationship(
+        secondary=incoming_connection_certificates, back_populates="connections", order_by="Certificate.name"
+    )
+
+
+class OutgoingConnection(Base):
+    """A named server to deliver through (the seeds' Outgoing Mail Connection)."""
+
+    __tablename__ = "outgoing_connections"
+    __table_args__ = (
+        # At most one default connection, enforced by the database itself.
+        Index(
+            "uq_outgoing_connections_default",
+            "is_default",
+            unique=True,
+            sqlite_where=text("is_default"),
+            postgresql_where=text("is_default"),
+        ),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    protocol: Mapped[str] = mapped_column(String(100))
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None]
+    encryption: Mapped[str] = mapped_column(String(20), default="starttls")
+    from_address: Mapped[str | None] = mapped_column(String(500))
+    prefix: Mapped[str | None] = mapped_column(String(500))
+    username: Mapped[str | None] = mapped_column(String(500))
+    password_enc: Mapped[bytes | None] = mapped_column(LargeBinary)
+    timeout: Mapped[int] = mapped_column(default=30000)  # milliseconds
+    size_limit: Mapped[int] = mapped_column(default=0)  # bytes, 0 = unlimited
+    debug: Mapped[bool] = mapped_column(default=False)
+    fallback_to_default: Mapped[bool] = mapped_column(default=False)
+    is_default: Mapped[bool] = mapped_column(default=False)
+    oauth_credential_id: Mapped[int | None] = mapped_column(
+        ForeignKey("oauth_credentials.id", ondelete="RESTRICT")
+    )
+    host_override: Mapped[str | None] = mapped_column(String(100))
+    ca_file: Mapped[str | None] = mapped_column(String(1000))
+    options: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    enabled: Mapped[bool] = mapped_column(default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    oauth_credential: Mapped[OAuthCredential | None] = relationship()
+
+
+# ---------------------------------------------------------------------------------------
+# The incoming side: queue, what was seen, cursors, log
+# ---------------------------------------------------------------------------------------
+
+
+class IncomingItem(Base):
+    """A downloaded message in the incoming queue, its raw bytes exactly as received."""
+
+    __tablename__ = "incoming_queue"
+    __table_args__ = (
+        Index("ix_incoming_queue_connection_status", "connection_id", "status"),
+        Index("ix_incoming_queue_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    connection_id: Mapped[int | None] = mapped_column(
+        ForeignKey("incoming_connections.id", ondelete="SET NULL")
+    )
+    connection_name: Mapped[str] = mapped_column(String(200))
+    folder: Mapped[str] = mapped_column(String(1000), default="")
+    status: Mapped[str] = mapped_column(String(20), default="new")
+    message_id: Mapped[str | None] = mapped_column(String(1000))
+    subject: Mapped[str | None] = mapped_column(Text)
+    from_addr: Mapped[str | None] = mapped_column(Text)
+    to_addr: Mapped[str | None] = mapped_column(Text)
+    size: Mapped[int] = mapped_column(default=0)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    decrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    decryption: Mapped[dict[str, Any] | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class SeenMessage(Base):
+    """A message key already stored for a connection and folder; outlives queue purges.
+
+    ``acknowledged`` turns true once the after-download action ran; a pass first
+    finishes the acknowledgements a crash interrupted.
+    """
+
+    __tablename__ = "incoming_seen"
+    __table_args__ = (
+        UniqueConstraint("connection_id", "folder", "key"),
+        Index("ix_incoming_seen_fingerprint", "connection_id", "folder", "fingerprint"),
+        Index("ix_incoming_seen_unacknowledged", "connection_id", "folder", "acknowledged"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    connection_id: Mapped[int] = mapped_column(ForeignKey("incoming_connections.id", ondelete="CASCADE"))
+    folder: Mapped[str] = mapped_column(String(1000), default="")
+    key: Mapped[str] = mapped_column(String(500))
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    item_id: Mapped[int | None] = mapped_column(ForeignKey("incoming_queue.id", ondelete="SET NULL"))
+    acknowledged: Mapped[bool] = mapped_column(default=False)
+    seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+
+
+class FolderCursor(Base):
+    """Where the last download pass of a connection's folder stopped (protocol-owned)."""
+
+    __tablename__ = "folder_cursors"
+
+    connection_id: Mapped[int] = mapped_column(
+        ForeignKey("incoming_connections.id", ondelete="CASCADE"), primary_key=True
+    )
+    folder: Mapped[str] = mapped_column(String(1000), primary_key=True, default="")
+    state: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class IncomingLog(Base):
+    """One download pass of one connection: counts, bytes, duration, error."""
+
+    __tablename__ = "incoming_log"
+    __table_args__ = (Index("ix_incoming_log_started_at", "started_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    connection_id: Mapped[int | None] = mapped_column(
+        ForeignKey("incoming_connections.id", ondelete="SET NULL")
+    )
+    connection_name: Mapped[str] = mapped_column(String(200))
+    started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[dt.datetime | None]
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running, ok, failed
+    listed: Mapped[int] = mapped_column(default=0)
+    stored: Mapped[int] = mapped_column(default=0)
+    duplicates: Mapped[int] = mapped_column(default=0)
+    acknowledged: Mapped[int] = mapped_column(default=0)
+    bytes: Mapped[int] = mapped_column(default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+
+    entries: Mapped[list[IncomingLogEntry]] = relationship(
+        back_populates="log", cascade="all, delete-orphan", passive_deletes=True
+    )
+
+
+class IncomingLogEntry(Base):
+    """One message seen by a pass: stored, duplicate, or failed, and why."""
+
+    __tablename__ = "incoming_log_entries"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    log_id: Mapped[int] = mapped_column(ForeignKey("incoming_log.id", ondelete="CASCADE"), index=True)
+    item_id: Mapped[int | None] = mapped_column(ForeignKey("incoming_queue.id", ondelete="SET NULL"))
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    message_id: Mapped[str | None] = mapped_column(String(1000))
+    from_addr: Mapped[str | None] = mapped_column(Text)
+    subject: Mapped[str | None] = mapped_column(Text)
+    result: Mapped[str] = mapped_column(String(20))
+    detail: Mapped[str | None] = mapped_column(Text)
+
+    log: Mapped[IncomingLog] = relationship(back_populates="entries")
+
+
+# ---------------------------------------------------------------------------------------
+# The outgoing side
+# ---------------------------------------------------------------------------------------
+
+
+class OutgoingItem(Base):
+    """A message waiting for (or done with) delivery."""
+
+    __tablename__ = "outgoing_queue"
+    __table_args__ = (
+        Index("ix_outgoing_queue_due", "status", "next_attempt_at"),
+        Index("ix_outgoing_queue_created_at", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    connection_id: Mapped[int | None] = mapped_column(
+        ForeignKey("outgoing_connections.id", ondelete="SET NULL")
+    )
+    connection_name: Mapped[str | None] = mapped_column(String(200))  # None: the default one
+    status: Mapped[str] = mapped_column(String(20), default="queued")
+    message_id: Mapped[str | None] = mapped_column(String(1000))
+    subject: Mapped[str | None] = mapped_column(Text)
+    from_addr: Mapped[str | None] = mapped_column(Text)
+    to_addr: Mapped[str | None] = mapped_column(Text)
+    recipients: Mapped[list[Any]] = mapped_column(default=list)  # the envelope
+    size: Mapped[int] = mapped_column(default=0)
+    raw: Mapped[bytes] = mapped_column(LargeBinary)
+    attempts: Mapped[int] = mapped_column(default=0)
+    next_attempt_at: Mapped[dt.datetime | None]
+    last_error: Mapped[str | None] = mapped_column(Text)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_until: Mapped[dt.datetime | None]
+    sent_via: Mapped[str | None] = mapped_column(String(200))
+    fell_back: Mapped[bool] = mapped_column(default=False)
+    refused: Mapped[dict[str, Any] | None]
+    created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    sent_at: Mapped[dt.datetime | None]
+
+    attempts_log: Mapped[list[OutgoingAttempt]] = relationship(
+        back_populates="item", cascade="all, delete-orphan", passive_deletes=True,
+        order_by="OutgoingAttempt.id",
+    )
+
+
+class OutgoingAttempt(Base):
+    """One delivery attempt of an outgoing message, and what the server said."""
+
+    __tablename__ = "outgoing_attempts"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    item_id: Mapped[int] = mapped_column(ForeignKey("outgoing_queue.id", ondelete="CASCADE"), index=True)
+    at: Mapped[dt.datetime] = mapped_column(default=utcnow)
+    connection_name: Mapped[str | None] = mapped_column(String(200))
+    result: Mapped[str] = mapped_column(String(20))  # sent, partial, temporary, permanent
+    detail: Mapped[str | None] = mapped_column(Text)
+    refused: Mapped[dict[str, Any] | None]
+    duration_ms: Mapped[int | None]
+
+    item: Mapped[OutgoingItem] = relationship(back_populates="attempts_log")
+
+
+# ---------------------------------------------------------------------------------------
+# Engine and migrations
+# ---------------------------------------------------------------------------------------
+
+
+def make_engine(url: str) -> Engine:
+    """An engine for ``url``; SQLite gets WAL, full sync, foreign keys and a busy wait."""
+    if url.startswith("sqlite"):
+        engine = create_engine(url, connect_args={"timeout": 30})
+
+        @event.listens_for(engine, "connect")
+        def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=FULL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return create_engine(url, pool_pre_ping=True)
+
+
+def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
+    """Sessions that keep loaded objects usable after commit."""
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _alembic_config(engine: Engine) -> Any:
+    from alembic.config import Config as AlembicConfig
+
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg.attributes["connection"] = None
+    cfg.attributes["engine"] = engine
+    return cfg
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Migrate the store to ``revision`` (the newest by default); safe to repeat."""
+    from alembic import command
+
+    with engine.begin() as conn:
+        cfg = _alembic_config(engine)
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, revision)
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The store's schema revision, or ``None`` for an empty store."""
+    from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        return MigrationContext.configure(conn).get_current_revision()
+
+
+def head_revision() -> str:
+    """The newest schema revision this version of mailhost knows."""
+    from alembic.script import ScriptDirectory
+
+    return ScriptDirectory(str(Path(__file__).parent / "migrations")).get_current_head() or ""

@@ -1,0 +1,104 @@
+"""Fixtures and helpers shared by the host's tests and the plugins' tests.
+
+- ``home``: a fresh installation (config, key, SQLite store) in a temporary folder,
+  with ``MAILHOST_CONFIG`` pointing at it.
+- ``mh``: the :class:`mailhost.Mailhost` of ``home``.
+- ``database_url``: parametrized over SQLite and a fresh PostgreSQL database.
+- :func:`run_cli`: ``mailhost`` in a subprocess, as an admin runs it.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mailhost import Mailhost
+
+PG_ADMIN_URL = os.environ.get("MAILHOST_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
+
+
+def run_cli(*args: str, input: str | bytes | None = None, env: dict[str, str] | None = None,
+            cwd: str | os.PathLike[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run ``mailhost ARGS`` in a subprocess; text output, never raises on exit status."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "mailhost", *args], input=input, env=full_env, cwd=cwd,
+        capture_output=True, text=isinstance(input, str) or input is None, timeout=timeout,
+    )
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh installation folder; MAILHOST_CONFIG points at its config file."""
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    monkeypatch.delenv("MAILHOST_LOAD_PLUGINS", raising=False)
+    monkeypatch.delenv("MAILHOST_STRICT_PLUGINS", raising=False)
+    config = tmp_path / "mailhost.toml"
+    Mailhost.init(config).close()
+    monkeypatch.setenv("MAILHOST_CONFIG", str(config))
+    return tmp_path
+
+
+@pytest.fixture
+def mh(home: Path) -> Iterator[Mailhost]:
+    """The installation in ``home``."""
+    host = Mailhost.open(home / "mailhost.toml")
+    yield host
+    host.close()
+
+
+def _pg_available() -> bool:
+    try:
+        import psycopg
+
+        psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", connect_timeout=3).close()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> str:
+    """The admin URL of the PostgreSQL server on 127.0.0.1:5432 (skipped if absent, never in CI)."""
+    if not _pg_available():
+        if os.environ.get("CI") == "true":
+            pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432, and CI must test against it")
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
+    return PG_ADMIN_URL
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database, dropped afterwards."""
+    import psycopg
+
+    name = f"mailhost_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with psycopg.connect("host=127.0.0.1 port=5432 user=postgres dbname=postgres", autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh store URL: SQLite in a temporary folder, then PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def mh_any(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mailhost]:
+    """A fresh installation on each store backend (SQLite, PostgreSQL)."""
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    config = tmp_path / "pg" / "mailhost.toml"
+    host = Mailhost.init(config, database_url)
+    monkeypatch.setenv("MAILHOST_CONFIG", str(config))
+    yield host
+    host.close()

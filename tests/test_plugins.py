@@ -1,0 +1,175 @@
+"""Plugin loading: discovery, allow and deny lists, failures, strict mode, conflicts."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from mailhost.errors import PluginError
+from mailhost.plugins import PluginHost
+from mailhost.protocols import Direction
+
+from .helpers import run_cli
+from .testplugin import install_testplugin, make_dist
+
+
+def _plugins(home: Path, env: dict[str, str]) -> dict[str, dict]:
+    out = run_cli("plugins", "list", "--json", env=env, cwd=home)
+    assert out.returncode == 0, out.stderr
+    return {p["name"]: p for p in json.loads(out.stdout)}
+
+
+def test_plugins_list_reports_installed_plugin(home: Path, plugin_env: dict[str, str]) -> None:
+    """An installed plugin is listed with distribution, version, state, hooks and protocols."""
+    p = _plugins(home, plugin_env)["testplugin"]
+    assert p["distribution"] == "mailhost-testplugin"
+    assert p["version"] == "0.1.0"
+    assert p["state"] == "enabled"
+    assert "register_protocols" in p["hooks"]
+    assert p["protocols"] == ["incoming/dir", "outgoing/dir"]
+    assert p["host_overrides"] == ["test/dir/local"]
+
+
+def test_plugin_that_raises_on_import_is_reported_not_fatal(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """A plugin raising on import is listed as failed with its error; the others run."""
+    site = make_dist(tmp_path / "broken", "mailhost-broken", {"broken": "mailhost_broken"},
+                     {"mailhost_broken": "raise RuntimeError('boom at import')\n"})
+    env = {**plugin_env, "PYTHONPATH": f"{site}:{plugin_env['PYTHONPATH']}"}
+    plugins = _plugins(home, env)
+    assert plugins["broken"]["state"] == "failed"
+    assert "boom at import" in plugins["broken"]["error"]
+    assert plugins["testplugin"]["state"] == "enabled"
+
+
+def test_disabled_plugin_is_never_imported(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """A plugin disabled in the config file is listed as disabled and never imported."""
+    marker = tmp_path / "imported"
+    site = make_dist(tmp_path / "spy", "mailhost-spy", {"spy": "mailhost_spy"},
+                     {"mailhost_spy": f"open({str(marker)!r}, 'w').close()\n"})
+    env = {**plugin_env, "PYTHONPATH": f"{site}:{plugin_env['PYTHONPATH']}"}
+    assert _plugins(home, env)["spy"]["state"] == "enabled"
+    assert marker.exists()
+    marker.unlink()
+    out = run_cli("plugins", "disable", "spy", env=env, cwd=home)
+    assert out.returncode == 0, out.stderr
+    assert _plugins(home, env)["spy"]["state"] == "disabled"
+    assert not marker.exists()
+    assert 'disabled = ["spy"]' in (home / "mailhost.toml").read_text()
+    run_cli("plugins", "enable", "spy", env=env, cwd=home)
+    assert _plugins(home, env)["spy"]["state"] == "enabled"
+
+
+def test_allowlist_environment_variable(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """MAILHOST_LOAD_PLUGINS loads only the plugins it names."""
+    site = make_dist(tmp_path / "other", "mailhost-other", {"other": "mailhost_other"}, {"mailhost_other": ""})
+    env = {**plugin_env, "PYTHONPATH": f"{site}:{plugin_env['PYTHONPATH']}", "MAILHOST_LOAD_PLUGINS": "other"}
+    plugins = _plugins(home, env)
+    assert plugins["other"]["state"] == "enabled"
+    assert plugins["testplugin"]["state"] == "disabled"
+
+
+def test_config_allowlist(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """[plugins] enabled = [...] in the config file is an allowlist."""
+    config = home / "mailhost.toml"
+    config.write_text(config.read_text().replace("enabled = []", 'enabled = ["testplugin"]'))
+    site = make_dist(tmp_path / "other", "mailhost-other", {"other": "mailhost_other"}, {"mailhost_other": ""})
+    env = {**plugin_env, "PYTHONPATH": f"{site}:{plugin_env['PYTHONPATH']}"}
+    plugins = _plugins(home, env)
+    assert plugins["testplugin"]["state"] == "enabled"
+    assert plugins["other"]["state"] == "disabled"
+
+
+def test_strict_mode_fails(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """MAILHOST_STRICT_PLUGINS=1 turns a failed plugin into an error naming it."""
+    site = make_dist(tmp_path / "broken", "mailhost-broken", {"broken": "mailhost_broken"},
+                     {"mailhost_broken": "import no_such_module_anywhere\n"})
+    env = {**plugin_env, "PYTHONPATH": f"{site}:{plugin_env['PYTHONPATH']}", "MAILHOST_STRICT_PLUGINS": "1"}
+    out = run_cli("plugins", "list", env=env, cwd=home)
+    assert out.returncode == 1
+    assert "plugin broken" in out.stderr and "no_such_module_anywhere" in out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+_TYPO = '''
+from mailhost import hookimpl
+
+@hookimpl
+def register_protocol(register):  # misspelt: the spec is register_protocols
+    pass
+'''
+
+_WRONG_ARGS = '''
+from mailhost import hookimpl
+
+@hookimpl
+def message_stored(connection, item, raw):  # "item" is not an argument of the spec
+    pass
+'''
+
+
+def test_hook_typo_is_caught() -> None:
+    """A hook implementation with no matching spec marks the plugin failed."""
+    import types
+
+    mod = types.ModuleType("typo")
+    exec(_TYPO, mod.__dict__)
+    host = PluginHost(only=[], extra=[("typo", mod)])
+    assert host.plugins["typo"].state == "failed"
+    assert "register_protocol" in (host.plugins["typo"].error or "")
+
+
+def test_hook_with_wrong_arguments_is_caught() -> None:
+    """A hook implementation whose arguments do not match its spec marks the plugin failed."""
+    import types
+
+    mod = types.ModuleType("wrongargs")
+    exec(_WRONG_ARGS, mod.__dict__)
+    host = PluginHost(only=[], extra=[("wrongargs", mod)])
+    assert host.plugins["wrongargs"].state == "failed"
+    assert "item" in (host.plugins["wrongargs"].error or "")
+    with pytest.raises(PluginError, match="wrongargs"):
+        PluginHost(only=[], extra=[("wrongargs", mod)], strict=True)
+
+
+def test_register_hook_that_raises_fails_alone(testplugin: object) -> None:
+    """A plugin whose register_protocols raises is failed; the others' registrations stand."""
+    import types
+
+    mod = types.ModuleType("raiser")
+    exec("from mailhost import hookimpl\n@hookimpl\ndef register_protocols(register):\n    raise ValueError('nope')\n",
+         mod.__dict__)
+    host = PluginHost(only=[], extra=[("testplugin", testplugin), ("raiser", mod)])
+    assert host.plugins["raiser"].state == "failed"
+    assert (Direction.INCOMING, "dir") in host.protocols
+
+
+def test_protocol_conflict_rule(testplugin: object) -> None:
+    """Two plugins with one protocol: the first by name wins unless the config chooses."""
+    import types
+
+    clone = types.ModuleType("aaa_clone")
+    exec("from tests.testplugin.mailhost_testplugin import register_protocols\n", clone.__dict__)
+    host = PluginHost(only=[], extra=[("testplugin", testplugin), ("aaa", clone)])
+    assert host.protocols[(Direction.INCOMING, "dir")].plugin == "aaa"
+    assert any("also provided by aaa" in n for n in host.plugins["testplugin"].notes)
+    chosen = PluginHost(only=[], extra=[("testplugin", testplugin), ("aaa", clone)],
+                        protocol_choices={"dir": "testplugin"})
+    assert chosen.protocols[(Direction.INCOMING, "dir")].plugin == "testplugin"
+
+
+def test_plugins_enable_unknown_name(home: Path, plugin_env: dict[str, str]) -> None:
+    """Enabling a plugin that is not installed is a one-sentence error, exit 2."""
+    before = (home / "mailhost.toml").read_text()
+    out = run_cli("plugins", "enable", "nosuch", env=plugin_env, cwd=home)
+    assert out.returncode == 2
+    assert "no plugin named 'nosuch'" in out.stderr
+    assert (home / "mailhost.toml").read_text() == before
+
+
+def test_bundled_builtin_actions_registered_through_hooks() -> None:
+    """The built-in after-download actions come from the builtin plugin, through the hook."""
+    host = PluginHost(only=[])
+    assert {a.name for a in host.actions.values()} >= {"mark-seen", "delete", "move", "keep"}
+    assert all(host.actions[n].plugin == "builtin" for n in ("mark-seen", "delete", "move", "keep"))

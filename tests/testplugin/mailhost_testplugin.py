@@ -1,0 +1,157 @@
+"""A tiny plugin that implements every hook, so the host can be tested without a server.
+
+Its ``dir`` protocol treats a local directory as a mailbox: incoming, every file in
+the connection's folder is a message (key: the file name); outgoing, each message is
+written as a file. The events it receives are appended, one JSON line each, to the
+file named by ``$MAILHOST_TESTPLUGIN_EVENTS`` when that is set.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mailhost import (
+    AfterDownloadAction,
+    ConnectionSettings,
+    Decryption,
+    Direction,
+    Estimate,
+    HostOverride,
+    IncomingSession,
+    Listing,
+    MessageRef,
+    OutgoingSession,
+    ProtocolProvider,
+    SendResult,
+    TestStep,
+    hookimpl,
+)
+from mailhost.errors import PermanentFailure, TemporaryFailure
+
+
+def _event(kind: str, **data: Any) -> None:
+    path = os.environ.get("MAILHOST_TESTPLUGIN_EVENTS")
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"event": kind, **data}) + "\n")
+
+
+class DirIncoming(IncomingSession):
+    """Every file in the folder is a message; ``.seen`` marks it read."""
+
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self.root = Path(settings.folder or ".")
+        if not self.root.is_dir():
+            raise PermanentFailure(f"{settings.name}: folder {self.root} does not exist")
+
+    def _files(self) -> list[Path]:
+        return sorted(p for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
+
+    def list_new(self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]) -> Listing:
+        files = self._files()
+        seen = known([p.name for p in files])
+        return Listing([MessageRef(p.name, p.stat().st_size, p) for p in files if p.name not in seen],
+                       cursor={"count": len(files)})
+
+    def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes]]:
+        for ref in refs:
+            if os.environ.get("MAILHOST_TESTPLUGIN_FAIL_AT") == ref.key:
+                raise TemporaryFailure(f"connection dropped while fetching {ref.key}")
+            if ref.handle.exists():
+                yield ref, ref.handle.read_bytes()
+
+    def resolve(self, keys: Sequence[str]) -> list[MessageRef]:
+        return [MessageRef(k, None, self.root / k) for k in keys if (self.root / k).exists()]
+
+    def estimate(self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]) -> Estimate:
+        return Estimate(len(self.list_new(cursor, known).refs), "exact")
+
+    def mark_seen(self, refs: Sequence[MessageRef]) -> None:
+        for ref in refs:
+            (self.root / f".{ref.key}.seen").touch()
+
+    def delete(self, refs: Sequence[MessageRef]) -> None:
+        for ref in refs:
+            (self.root / ref.key).unlink(missing_ok=True)
+
+    def move(self, refs: Sequence[MessageRef], folder: str) -> None:
+        target = self.root / folder
+        target.mkdir(exist_ok=True)
+        for ref in refs:
+            if (self.root / ref.key).exists():
+                (self.root / ref.key).rename(target / ref.key)
+
+
+class DirOutgoing(OutgoingSession):
+    """Writes each message to a file in ``$MAILHOST_TESTPLUGIN_OUTBOX/<host>``;
+    recipients starting with 'reject' are refused."""
+
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self.root = Path(os.environ.get("MAILHOST_TESTPLUGIN_OUTBOX", ".")) / (settings.host or "outbox")
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def send(self, raw: bytes, sender: str, recipients: Sequence[str]) -> SendResult:
+        refused = {r: "550 no such user" for r in recipients if r.startswith("reject")}
+        if len(refused) == len(recipients):
+            raise PermanentFailure("550 every recipient refused")
+        n = len(list(self.root.iterdir()))
+        (self.root / f"{n:06d}.eml").write_bytes(raw)
+        return SendResult("250 ok", refused)
+
+
+def _test(settings: ConnectionSettings) -> Iterator[TestStep]:
+    yield TestStep("folder", Path(settings.folder or ".").is_dir(), str(settings.folder))
+
+
+@hookimpl
+def register_protocols(register: Callable[[ProtocolProvider], None]) -> None:
+    register(ProtocolProvider(
+        name="dir", direction=Direction.INCOMING, open=DirIncoming, title="Directory (tests)",
+        attributes=frozenset({"folder", "username", "password", "certificates", "shared_mailbox"}),
+        required=frozenset({"folder"}), after_download=("mark-seen", "delete", "move", "keep"), test=_test,
+    ))
+    register(ProtocolProvider(
+        name="dir", direction=Direction.OUTGOING, open=DirOutgoing, title="Directory (tests)",
+        attributes=frozenset({"host", "from_address", "prefix", "size_limit", "debug", "username", "password"}),
+        required=frozenset({"host"}),
+    ))
+
+
+@hookimpl
+def register_host_overrides(register: Callable[[HostOverride], None]) -> None:
+    register(HostOverride(provider="test", protocol="dir", name="local", host="localhost", title="Local test host"))
+
+
+def _flag(session: IncomingSession, refs: Sequence[MessageRef], argument: str | None) -> None:
+    for ref in refs:
+        _event("flagged", key=ref.key, argument=argument)
+
+
+@hookimpl
+def register_after_download_actions(register: Callable[[AfterDownloadAction], None]) -> None:
+    register(AfterDownloadAction("test-flag", _flag, "record the message in the event file",
+                                 takes_argument=True, protocols=frozenset({"dir"})))
+
+
+@hookimpl
+def decrypt_message(raw: bytes, certificates: Sequence[Any]) -> Decryption | None:
+    if b"X-Test-Encrypted: rot13" not in raw:
+        return None
+    import codecs
+
+    head, _, body = raw.partition(b"\r\n\r\n")
+    return Decryption(head + b"\r\n\r\n" + codecs.encode(body.decode(), "rot13").encode(),
+                      certificate=certificates[0].name if certificates else None)
+
+
+@hookimpl
+def message_stored(connection: str, item_id: int, message_id: str | None, raw: bytes) -> None:
+    _event("stored", connection=connection, item_id=item_id, message_id=message_id, size=len(raw))
+
+
+@hookimpl
+def message_sent(connection: str, item_id: int, message_id: str | None, recipients: Sequence[str]) -> None:
+    _event("sent", connection=connection, item_id=item_id, message_id=message_id, recipients=list(recipients))
