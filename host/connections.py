@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import or_, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, selectinload
 
 from .errors import MailError, NotFound, ValidationError
 from .protocols import ConnectionSettings, Direction, Encryption, ProtocolProvider, TestStep
@@ -110,7 +110,7 @@ class Connections:
         """Connections by name; ``search`` matches name, description, host and username."""
         model = _model(direction)
         with self.host.session() as s:
-            query = select(model).order_by(model.name)
+            query = select(model).options(*_eager(model)).order_by(model.name)
             if search:
                 like = f"%{search.lower()}%"
                 from sqlalchemy import func
@@ -126,13 +126,12 @@ class Connections:
         if s is None:
             with self.host.session() as s2:
                 return self.get(direction, name, s2)
-        conn = s.scalar(select(_model(direction)).where(_model(direction).name == name))
+        model = _model(direction)
+        conn = s.scalar(select(model).options(*_eager(model)).where(model.name == name))
         if conn is None:
             raise NotFound(
                 f"no {direction.value} connection named {name!r}: see `mailhost {direction.value} list`"
             )
-        if direction is Direction.INCOMING:
-            _ = conn.certificates, conn.oauth_credential  # load while the session is open
         return conn
 
     def as_dict(self, direction: Direction, conn: Any) -> dict[str, Any]:
@@ -188,7 +187,7 @@ class Connections:
                 # Another protocol: attributes of the old one must not leak into it.
                 current = {k: v for k, v in current.items() if k in ("name", "description", "interval", "timeout")}
             merged = {**current, **given}
-            values, extra = self._validate(direction, s, merged, conn)
+            values, extra = self._validate(direction, s, merged, conn, explicit=set(given))
             was_enabled = bool(getattr(conn, "enabled", False))
             moved = any(values.get(k) != getattr(conn, k, None) for k in _MAILBOX_IDENTITY)
             for key, value in values.items():
@@ -306,11 +305,18 @@ class Connections:
     # -- validation -------------------------------------------------------------------
 
     def _validate(
-        self, direction: Direction, s: Session, given: Mapping[str, Any], existing: Any
+        self, direction: Direction, s: Session, given: Mapping[str, Any], existing: Any,
+        explicit: set[str] | None = None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        """Check every attribute; return column values and related objects."""
+        """Check every attribute; return column values and related objects.
+
+        ``explicit`` names the attributes the admin gave (all of ``given`` when None);
+        stored attributes that do not apply to the protocol are dropped, given ones
+        are refused.
+        """
         plugins = self.host.plugins
         provider = plugins.protocol(direction, str(given.get("protocol")))
+        explicit = set(given) if explicit is None else explicit
         name = _text(given.get("name"), "name")
         if not name or len(name) > 200 or any(ord(c) < 32 for c in name):
             raise ValidationError(
@@ -340,6 +346,9 @@ class Connections:
             if value in (None, "", [], 0, False):
                 continue
             if key not in applies:
+                if key not in explicit:
+                    given = {**given, key: None}
+                    continue
                 raise ValidationError(
                     f"{key.replace('_', ' ')} does not apply to {provider.name} connections"
                     f"{' (it has no folders)' if key == 'folder' else ''}: leave it out",
@@ -474,6 +483,8 @@ class Connections:
         values: dict[str, Any], extra: dict[str, Any],
     ) -> None:
         folder = _text(given.get("folder"), "folder")
+        if "folder" in provider.required and not folder:
+            raise ValidationError(f"{label} needs a folder: give --folder FOLDER", field="folder")
         if "folder" in provider.attributes:
             folder = folder or provider.default_folder or "INBOX"
             if any(ord(c) < 32 for c in folder) or len(folder) > 1000:
@@ -630,6 +641,14 @@ def _iso(value: Any) -> str | None:
 
 def _model(direction: Direction) -> type[Any]:
     return IncomingConnection if direction is Direction.INCOMING else OutgoingConnection
+
+
+def _eager(model: type[Any]) -> list[Any]:
+    """Load the relationships a listing shows, so objects work after the session."""
+    opts = [selectinload(model.oauth_credential)]
+    if model is IncomingConnection:
+        opts.append(selectinload(IncomingConnection.certificates))
+    return opts
 
 
 def _default_encryption(provider: ProtocolProvider) -> str:

@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import and_, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from .errors import MailError, MailhostError, NotFound
+from .certificates import Certificate
+from .errors import MailhostError, NotFound
 from .protocols import Direction, Estimate, IncomingSession, Listing, MessageRef
 from .secrets import redact
 from .store import (
@@ -178,6 +179,7 @@ class Incoming:
         if not fetched:
             return []
         now = utcnow()
+        certificates = self._certificates(conn)
         with self.host.session() as s:
             keys = [ref.key for ref, _ in fetched]
             already = self._known_in(s, conn.id, folder, keys)
@@ -203,7 +205,8 @@ class Incoming:
                 report.bytes += len(raw)
                 items.append({"connection_id": conn.id, "connection_name": conn.name, "folder": folder,
                               "status": "new", "size": len(raw), "fingerprint": fp, "raw": raw,
-                              "created_at": now, "updated_at": now, **meta})
+                              "created_at": now, "updated_at": now, **meta,
+                              **self._decrypt(conn.name, raw, certificates)})
                 stored_keys.append((ref.key, meta))
             ids = _insert_returning_ids(s, items)
             for (key, meta), item_id in zip(stored_keys, ids):
@@ -232,6 +235,28 @@ class Incoming:
         for (key, meta), item_id in zip(stored_keys, ids):
             self._announce(conn.name, item_id, meta.get("message_id"), fetched, key)
         return to_ack
+
+    def _certificates(self, conn: IncomingConnection) -> list[Certificate]:
+        """The connection's certificates with their keys, for the decryption hook."""
+        return [
+            Certificate(c.name, c.cert_pem, self.host.vault.decrypt_bytes(c.key_enc) or b"", c.alias)
+            for c in conn.certificates
+        ]
+
+    def _decrypt(self, connection: str, raw: bytes, certificates: list[Certificate]) -> dict[str, Any]:
+        """Columns for the decrypted form (the raw bytes stay as they are); none when
+        the connection has no certificates or no plugin claims the message."""
+        if not certificates:
+            return {"decrypted": None, "decryption": None}
+        try:
+            result = self.host.plugins.hook.decrypt_message(raw=raw, certificates=certificates)
+        except Exception as exc:  # stored and flagged, never dropped
+            log.exception("decryption of a message of %s failed", connection)
+            return {"decrypted": None, "decryption": {"error": f"decryption plugin failed: {exc}"}}
+        if result is None:
+            return {"decrypted": None, "decryption": None}
+        return {"decrypted": result.raw, "decryption": {
+            "certificate": result.certificate, "signed": result.signed, "error": result.error}}
 
     def _announce(self, connection: str, item_id: int, message_id: str | None,
                   fetched: list[tuple[MessageRef, bytes]], key: str) -> None:

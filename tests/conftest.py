@@ -34,7 +34,8 @@ def plugin_env(tmp_path: Path) -> dict[str, str]:
     """Environment for a subprocess in which the test plugin is an installed distribution."""
     site = install_testplugin(tmp_path / "site")
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
-    return {"PYTHONPATH": path, "MAILHOST_TESTPLUGIN_EVENTS": str(tmp_path / "events.jsonl")}
+    return {"PYTHONPATH": path, "MAILHOST_TESTPLUGIN_EVENTS": str(tmp_path / "events.jsonl"),
+            "MAILHOST_TESTPLUGIN_OUTBOX": str(tmp_path / "outbox")}
 
 
 @pytest.fixture

@@ -115,7 +115,8 @@ def register_protocols(register: Callable[[ProtocolProvider], None]) -> None:
     ))
     register(ProtocolProvider(
         name="dir", direction=Direction.OUTGOING, open=DirOutgoing, title="Directory (tests)",
-        attributes=frozenset({"host", "from_address", "prefix", "size_limit", "debug", "username", "password"}),
+        attributes=frozenset({"host", "from_address", "prefix", "size_limit", "debug", "username", "password",
+                              "ca_file", "host_override"}),
         required=frozenset({"host"}),
     ))
 

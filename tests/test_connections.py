@@ -1,0 +1,183 @@
+"""Connections through the CLI: validation from the protocol's declaration, exit 2, nothing written."""
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from .helpers import run_cli
+
+
+@pytest.fixture
+def cli(home: Path, plugin_env: dict[str, str], tmp_path: Path):
+    """Run mailhost with the test plugin installed, in the installation folder."""
+    mailbox = tmp_path / "mailbox"
+    mailbox.mkdir()
+
+    def run(*args: str, input: str | None = None, env: dict[str, str] | None = None):
+        # Only the test plugin: the tests must not depend on what else is installed.
+        base = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
+        return run_cli(*args, input=input, env={**base, **(env or {})}, cwd=home)
+
+    run.mailbox = mailbox  # type: ignore[attr-defined]
+    run.home = home  # type: ignore[attr-defined]
+    return run
+
+
+def _rows(home: Path, table: str) -> int:
+    db = sqlite3.connect(home / "mailhost.db")
+    try:
+        return db.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+    finally:
+        db.close()
+
+
+def _bad(cli, *args: str, expect: str, table: str = "incoming_connections", **kw) -> None:
+    before = _rows(cli.home, table)
+    out = cli(*args, **kw)
+    assert out.returncode == 2, (out.stdout, out.stderr)
+    assert expect in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+    assert _rows(cli.home, table) == before
+
+
+def test_add_list_show_incoming(cli) -> None:
+    """An incoming connection is added disabled and shown with the seeds' attribute names."""
+    out = cli("incoming", "add", "helpdesk", "--protocol", "dir", "--folder", str(cli.mailbox),
+              "--description", "Support mailbox", "--username", "help", "--password-env", "PW",
+              env={"PW": "s3cret-pw"})
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(cli("incoming", "show", "helpdesk", "--json").stdout)
+    assert shown["enabled"] is False
+    assert shown["after_download"] == "mark-seen"
+    assert shown["timeout"] == 30000 and shown["interval"] == 1
+    assert shown["password_set"] is True
+    assert "s3cret" not in json.dumps(shown)
+    listed = json.loads(cli("incoming", "list", "--json").stdout)
+    assert [c["name"] for c in listed] == ["helpdesk"]
+    assert json.loads(cli("incoming", "list", "--search", "SUPPORT", "--json").stdout)[0]["name"] == "helpdesk"
+    assert json.loads(cli("incoming", "list", "--search", "nomatch", "--json").stdout) == []
+
+
+@pytest.mark.parametrize(
+    "args, expect",
+    [
+        (["--protocol", "nosuch"], "no incoming protocol named 'nosuch'"),
+        ([], "needs a protocol"),
+        (["--protocol", "dir"], "needs a folder"),
+        (["--protocol", "dir", "--folder", "x", "--host", "h.example"], "host does not apply to dir"),
+        (["--protocol", "dir", "--folder", "x", "--timeout", "30001"], "timeout 30001 ms is not valid: use 1-30000"),
+        (["--protocol", "dir", "--folder", "x", "--timeout", "-5"], "timeout -5 ms is not valid"),
+        (["--protocol", "dir", "--folder", "x", "--interval", "-1"], "interval -1 is not valid"),
+        (["--protocol", "dir", "--folder", "x", "--after-download", "burn"], "no after-download action named 'burn'"),
+        (["--protocol", "dir", "--folder", "x", "--after-download", "move"], "needs a folder: give --move-to"),
+        (["--protocol", "dir", "--folder", "x", "--certificate", "nocert"], "no certificate named 'nocert'"),
+        (["--protocol", "dir", "--folder", "x", "--oauth-credential", "o"], "does not support oauth2"),
+        (["--protocol", "dir", "--folder", "x", "--from", "a@b.example"], "No such option '--from'"),
+        (["--protocol", "dir", "--folder", "x", "--username", "u", "--password-env", "NOPE_UNSET"],
+         "environment variable NOPE_UNSET is not set"),
+        (["--protocol", "dir", "--folder", "x", "--port", "abc"], "'abc' is not a valid integer"),
+    ],
+)
+def test_incoming_validation(cli, args: list[str], expect: str) -> None:
+    """Each invalid attribute is one sentence naming it and the fix; nothing is stored."""
+    _bad(cli, "incoming", "add", "c1", *args, expect=expect)
+
+
+def test_non_ascii_incoming_password_refused(cli) -> None:
+    """Incoming passwords must be ASCII, as the seeds say."""
+    _bad(cli, "incoming", "add", "c1", "--protocol", "dir", "--folder", "x", "--username", "u",
+         "--password-stdin", input="pässwörd\n", expect="non-ASCII")
+
+
+def test_duplicate_name_refused(cli) -> None:
+    """Names are unique per direction."""
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", "x").returncode == 0
+    _bad(cli, "incoming", "add", "c1", "--protocol", "dir", "--folder", "y", expect="already exists")
+
+
+def test_ca_file_checked(cli, tmp_path: Path) -> None:
+    """A CA file that is missing or not PEM is refused."""
+    junk = tmp_path / "junk.pem"
+    junk.write_text("not a certificate")
+    _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--ca-file", str(tmp_path / "none.pem"),
+         expect="does not exist", table="outgoing_connections")
+    _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--ca-file", str(junk),
+         expect="holds no PEM certificate", table="outgoing_connections")
+
+
+@pytest.mark.parametrize(
+    "host, expect",
+    [("imap://mail.example.org", "looks like a URL"), ("mail.example.org:993", "includes a port"),
+     ("bad host", "not a valid host name")],
+)
+def test_host_checked(cli, host: str, expect: str) -> None:
+    """Hosts an admin might mistype get a precise error."""
+    _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", host, expect=expect, table="outgoing_connections")
+
+
+def test_edit_enabled_incoming_disables_it(cli) -> None:
+    """Editing an enabled incoming connection disables it."""
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
+    assert cli("incoming", "enable", "c1", "--yes").returncode == 0
+    assert json.loads(cli("incoming", "show", "c1", "--json").stdout)["enabled"] is True
+    out = cli("incoming", "edit", "c1", "--description", "changed")
+    assert out.returncode == 0 and "disabled" in out.stderr
+    shown = json.loads(cli("incoming", "show", "c1", "--json").stdout)
+    assert shown["enabled"] is False and shown["description"] == "changed"
+
+
+def test_enable_reports_estimate_and_needs_confirmation(cli) -> None:
+    """`enable` estimates the messages to download and asks unless --yes."""
+    for i in range(3):
+        (cli.mailbox / f"m{i}.eml").write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
+    out = cli("incoming", "enable", "c1")
+    assert out.returncode == 2 and "pass --yes" in out.stderr
+    assert "about 3 message(s)" in out.stderr
+    out = cli("incoming", "enable", "c1", "--yes")
+    assert out.returncode == 0, out.stderr
+
+
+def test_outgoing_single_default(cli) -> None:
+    """At most one outgoing connection is the default."""
+    assert cli("outgoing", "add", "a", "--protocol", "dir", "--host", "a", "--default").returncode == 0
+    assert cli("outgoing", "add", "b", "--protocol", "dir", "--host", "b", "--default").returncode == 0
+    rows = {r["name"]: r["default"] for r in json.loads(cli("outgoing", "list", "--json").stdout)}
+    assert rows == {"a": False, "b": True}
+    assert cli("outgoing", "set-default", "a").returncode == 0
+    rows = {r["name"]: r["default"] for r in json.loads(cli("outgoing", "list", "--json").stdout)}
+    assert rows == {"a": True, "b": False}
+
+
+def test_remove_and_not_found(cli) -> None:
+    """Removing works; an unknown name is exit 2 naming it."""
+    assert cli("outgoing", "add", "a", "--protocol", "dir", "--host", "a").returncode == 0
+    assert cli("outgoing", "remove", "a").returncode == 0
+    out = cli("outgoing", "show", "a")
+    assert out.returncode == 2 and "no outgoing connection named 'a'" in out.stderr
+
+
+def test_test_before_saving(cli) -> None:
+    """`incoming test` with the options of add tests without saving."""
+    out = cli("incoming", "test", "--protocol", "dir", "--folder", str(cli.mailbox), "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)[0]["ok"] is True
+    assert json.loads(cli("incoming", "list", "--json").stdout) == []
+
+
+def test_missing_config_is_clear(tmp_path: Path) -> None:
+    """Without a config file, the error says to run init."""
+    out = run_cli("incoming", "list", cwd=tmp_path, env={"MAILHOST_CONFIG": ""})
+    assert out.returncode == 2
+    assert "mailhost init" in out.stderr
+
+
+def test_host_overrides_listing(cli) -> None:
+    """`host-overrides` lists what the plugins register, filtered by provider."""
+    rows = json.loads(cli("host-overrides", "--provider", "test", "--json").stdout)
+    assert rows[0]["name"] == "local" and rows[0]["protocol"] == "dir"
+    assert json.loads(cli("host-overrides", "--provider", "nobody", "--json").stdout) == []

@@ -1,0 +1,204 @@
+"""The incoming pipeline, protocol-agnostic, through the test plugin's `dir` protocol."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from mailhost import Mailhost
+from mailhost.connections import ConnectionSpec
+from mailhost.protocols import Direction
+from mailhost.store import Certificate, SeenMessage
+
+from .helpers import run_cli
+
+
+def _msg(i: int, body: str = "hello") -> bytes:
+    return (f"From: sender{i}@example.org\r\nTo: desk@example.org\r\nSubject: =?utf-8?q?caf=C3=A9_{i}?=\r\n"
+            f"Message-ID: <m{i}@example.org>\r\n\r\n{body} {i}\r\n").encode()
+
+
+@pytest.fixture
+def box(tmp_path: Path) -> Path:
+    d = tmp_path / "box"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def conn(tmh: Mailhost, box: Path) -> str:
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
+    return "desk"
+
+
+def _stored(tmh: Mailhost) -> list[bytes]:
+    return [tmh.incoming.item(i.id).raw for i in reversed(tmh.incoming.items())]
+
+
+def test_fetch_stores_exact_bytes_and_acknowledges(tmh: Mailhost, box: Path, conn: str) -> None:
+    """Messages are stored byte for byte with metadata, then marked seen."""
+    for i in range(5):
+        (box / f"{i:03d}.eml").write_bytes(_msg(i))
+    [report] = tmh.incoming.fetch([conn])
+    assert report.ok and report.stored == 5 and report.acknowledged == 5
+    assert _stored(tmh) == [_msg(i) for i in range(5)]
+    item = tmh.incoming.items()[-1]
+    assert (item.status, item.subject, item.from_addr, item.message_id) == (
+        "new", "café 0", "sender0@example.org", "<m0@example.org>")
+    assert all((box / f".{i:03d}.eml.seen").exists() for i in range(5))
+
+
+def test_second_pass_downloads_only_what_is_new(tmh: Mailhost, box: Path, conn: str) -> None:
+    """A pass costs what is new: stored keys are not fetched again."""
+    (box / "a.eml").write_bytes(_msg(1))
+    tmh.incoming.fetch([conn])
+    (box / "b.eml").write_bytes(_msg(2))
+    [report] = tmh.incoming.fetch([conn])
+    assert (report.listed, report.stored) == (1, 1)
+    assert len(tmh.incoming.items()) == 2
+
+
+def test_same_content_under_new_key_is_not_stored_twice(tmh: Mailhost, box: Path, conn: str) -> None:
+    """A renumbered message (new key, same bytes) is recognised by its fingerprint."""
+    (box / "a.eml").write_bytes(_msg(1))
+    tmh.incoming.fetch([conn])
+    (box / "a.eml").rename(box / "renamed.eml")
+    [report] = tmh.incoming.fetch([conn])
+    assert (report.stored, report.duplicates, report.acknowledged) == (0, 1, 1)
+    assert len(tmh.incoming.items()) == 1
+
+
+def test_crash_between_commit_and_acknowledgement(tmh: Mailhost, box: Path, conn: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the action fails after the commit, the next pass finishes it; nothing is stored twice."""
+    for i in range(3):
+        (box / f"{i}.eml").write_bytes(_msg(i))
+    from tests.testplugin.mailhost_testplugin import DirIncoming
+
+    def boom(self, refs):  # the "crash": the action never completes
+        raise RuntimeError("killed before acknowledging")
+
+    with monkeypatch.context() as m:
+        m.setattr(DirIncoming, "mark_seen", boom)
+        [report] = tmh.incoming.fetch([conn])
+    assert not report.ok and report.stored == 3
+    assert not any(box.glob(".*.seen"))
+    [report] = tmh.incoming.fetch([conn])
+    assert report.ok and (report.stored, report.acknowledged) == (0, 3)
+    assert len(list(box.glob(".*.seen"))) == 3
+    assert len(tmh.incoming.items()) == 3
+
+
+def test_failure_mid_pass_loses_nothing(tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A link dropped mid-batch stores nothing of that batch; the next pass gets everything once."""
+    import mailhost.incoming as incoming
+
+    monkeypatch.setattr(incoming, "BATCH_COUNT", 2)
+    for i in range(5):
+        (box / f"{i}.eml").write_bytes(_msg(i))
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_FAIL_AT", "3.eml")
+    [report] = tmh.incoming.fetch([conn])
+    assert not report.ok and report.stored == 2 and "connection dropped" in (report.error or "")
+    monkeypatch.delenv("MAILHOST_TESTPLUGIN_FAIL_AT")
+    [report] = tmh.incoming.fetch([conn])
+    assert report.ok and report.stored == 3
+    assert sorted(_stored(tmh)) == sorted(_msg(i) for i in range(5))
+    assert tmh.incoming.logs(conn)[1].status == "failed"
+
+
+@pytest.mark.parametrize("action, check", [
+    ("delete", lambda box: not any(box.glob("*.eml"))),
+    ("keep", lambda box: len(list(box.glob("*.eml"))) == 2 and not any(box.glob(".*.seen"))),
+])
+def test_after_download_actions(tmh: Mailhost, box: Path, action: str, check) -> None:
+    """Built-in actions run on the server after the commit."""
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="c", protocol="dir", folder=str(box),
+                                                           after_download=action))
+    for i in range(2):
+        (box / f"{i}.eml").write_bytes(_msg(i))
+    assert tmh.incoming.fetch(["c"])[0].ok
+    assert check(box)
+    assert len(tmh.incoming.items()) == 2
+
+
+def test_move_action(tmh: Mailhost, box: Path) -> None:
+    """`move` takes its target folder from --move-to."""
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="c", protocol="dir", folder=str(box),
+                                                           after_download="move", after_download_argument="Done"))
+    (box / "a.eml").write_bytes(_msg(1))
+    assert tmh.incoming.fetch(["c"])[0].ok
+    assert (box / "Done" / "a.eml").exists()
+
+
+def test_register_after_download_actions(tmh: Mailhost, box: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A plugin's own after-download action is offered for its protocols and run after storing."""
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_EVENTS", str(events))
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="c", protocol="dir", folder=str(box),
+                                                           after_download="test-flag", after_download_argument="urgent"))
+    (box / "a.eml").write_bytes(_msg(1))
+    assert tmh.incoming.fetch(["c"])[0].ok
+    flagged = [json.loads(line) for line in events.read_text().splitlines() if '"flagged"' in line]
+    assert flagged == [{"event": "flagged", "key": "a.eml", "argument": "urgent"}]
+
+
+def test_message_stored(tmh: Mailhost, box: Path, conn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The message_stored hook sees each message once it is committed."""
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_EVENTS", str(events))
+    (box / "a.eml").write_bytes(_msg(7))
+    tmh.incoming.fetch([conn])
+    [stored] = [json.loads(line) for line in events.read_text().splitlines()]
+    assert stored["event"] == "stored" and stored["message_id"] == "<m7@example.org>"
+    assert tmh.incoming.item(stored["item_id"]).raw == _msg(7)
+
+
+def test_decrypt_message(tmh: Mailhost, box: Path, conn: str) -> None:
+    """With certificates attached, the decryption hook runs at ingest; the original bytes stay."""
+    with tmh.session() as s:
+        s.add(Certificate(name="cert1", cert_pem=b"-", key_enc=tmh.vault.encrypt(b"key")))
+    tmh.connections.edit(Direction.INCOMING, conn, ConnectionSpec(certificates=["cert1"]))
+    raw = b"Subject: secret\r\nX-Test-Encrypted: rot13\r\n\r\nuryyb\r\n"
+    (box / "a.eml").write_bytes(raw)
+    tmh.incoming.fetch([conn])
+    item = tmh.incoming.item(tmh.incoming.items()[0].id)
+    assert item.raw == raw
+    assert item.decrypted.endswith(b"hello\r\n")
+    assert item.decryption["certificate"] == "cert1"
+
+
+def test_fetch_cli_queue_and_log(home: Path, plugin_env: dict[str, str], box: Path) -> None:
+    """`fetch`, `queue incoming` (list, show, --raw) and `log incoming` through the CLI."""
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
+    assert run_cli("incoming", "add", "desk", "--protocol", "dir", "--folder", str(box), env=env, cwd=home).returncode == 0
+    (box / "a.eml").write_bytes(_msg(1))
+    out = run_cli("fetch", "--json", env=env, cwd=home)
+    assert out.returncode == 0 and json.loads(out.stdout) == []  # nothing enabled yet
+    out = run_cli("fetch", "desk", "--json", env=env, cwd=home)
+    assert json.loads(out.stdout)[0]["stored"] == 1
+    rows = json.loads(run_cli("queue", "incoming", "--json", env=env, cwd=home).stdout)
+    assert rows[0]["subject"] == "café 1" and rows[0]["status"] == "new"
+    raw = run_cli("queue", "incoming", "show", str(rows[0]["id"]), "--raw", env=env, cwd=home, input=None)
+    assert raw.stdout.encode() == _msg(1).replace(b"\r\n", b"\n") or raw.stdout.encode() == _msg(1)
+    log = json.loads(run_cli("log", "incoming", "--messages", "--json", env=env, cwd=home).stdout)
+    assert log[0]["stored"] == 1 and log[0]["messages"][0]["result"] == "stored"
+    out = run_cli("queue", "incoming", "show", "999", env=env, cwd=home)
+    assert out.returncode == 2 and "no incoming queue item 999" in out.stderr
+    out = run_cli("fetch", "nosuch", env=env, cwd=home)
+    assert out.returncode == 2 and "no incoming connection named 'nosuch'" in out.stderr
+
+
+def test_purge_keeps_keys(tmh: Mailhost, box: Path, conn: str) -> None:
+    """Purging old processed items keeps their keys, so they are not downloaded again."""
+    (box / "a.eml").write_bytes(_msg(1))
+    tmh.incoming.fetch([conn])
+    [item] = tmh.incoming.items()
+    tmh.incoming.set_status(item.id, "processed")
+    assert tmh.incoming.purge(dt.timedelta(seconds=-1)) == (1, 1)
+    assert tmh.incoming.items() == []
+    assert tmh.incoming.fetch([conn])[0].stored == 0
+    with tmh.session() as s:
+        assert s.scalar(select(SeenMessage.key)) == "a.eml"

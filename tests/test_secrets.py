@@ -1,0 +1,82 @@
+"""Secrets: encrypted at rest, never printed, never logged, one redaction helper."""
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+from mailhost import Mailhost
+from mailhost.connections import ConnectionSpec
+from mailhost.errors import ConfigError
+from mailhost.protocols import Direction
+from mailhost.secrets import REDACTED, RedactingFilter, Vault, redact
+
+from .helpers import run_cli
+
+PASSWORD = "Tr0ub4dor&3-horse-battery"
+
+
+def test_key_file_is_private(home: Path) -> None:
+    """`init` writes the key with mode 0600."""
+    assert stat.S_IMODE(os.stat(home / "mailhost.key").st_mode) == 0o600
+
+
+def test_password_not_in_store_config_or_output(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """grep finds the password nowhere: not in the database, the config, the output, the log."""
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin", "PW": PASSWORD}
+    out = run_cli("-vv", "outgoing", "add", "o", "--protocol", "dir", "--host", "box", "--username", "u",
+                  "--password-env", "PW", "--debug", env=env, cwd=home)
+    assert out.returncode == 0, out.stderr
+    shown = run_cli("-vv", "outgoing", "show", "o", "--json", env=env, cwd=home)
+    blobs = [p.read_bytes() for p in home.iterdir() if p.is_file() and p.name != "mailhost.key"]
+    for form in (PASSWORD, base64.b64encode(PASSWORD.encode()).decode()):
+        assert all(form.encode() not in b for b in blobs)
+        assert form not in out.stdout + out.stderr + shown.stdout + shown.stderr
+
+
+def test_wrong_key_is_a_clear_error(mh: Mailhost, home: Path, testplugin, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store read with another key says which key is wrong and what to do."""
+    from mailhost.plugins import PluginHost
+
+    host = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(only=[], extra=[("testplugin", testplugin)]))
+    conn = host.connections.add(Direction.OUTGOING, ConnectionSpec(name="o", protocol="dir", host="b", username="u",
+                                                                   password=PASSWORD))
+    from cryptography.fernet import Fernet
+
+    monkeypatch.setenv("MAILHOST_SECRET_KEY", Fernet.generate_key().decode())
+    other = Mailhost.open(home / "mailhost.toml", plugins=host.plugins)
+    with pytest.raises(ConfigError, match="cannot be decrypted with this key"):
+        other.connections.settings(Direction.OUTGOING, conn)
+
+
+def test_missing_key_file(home: Path) -> None:
+    """A missing key file is named, with the fix."""
+    (home / "mailhost.key").unlink()
+    with pytest.raises(ConfigError, match="secret key file .* is missing"):
+        Vault.from_env_or_file(home / "mailhost.key")
+
+
+def test_redact_hides_secret_base64_and_sasl() -> None:
+    """redact() hides the secret, its base64 forms, SASL lines and bearer tokens."""
+    secret = "pa55-w0rd-xyz"
+    plain = base64.b64encode(b"\0user\0" + secret.encode()).decode()
+    text = redact(f"pw={secret} b64={base64.b64encode(secret.encode()).decode()} AUTH PLAIN {plain}\n"
+                  "Authorization: Bearer eyJabc.def", secret)
+    assert secret not in text and plain not in text and "eyJabc" not in text
+    assert text.count(REDACTED) >= 3
+
+
+def test_logging_filter_redacts_remembered_secrets(caplog: pytest.LogCaptureFixture) -> None:
+    """Any log record that carries a decrypted secret is redacted by the filter."""
+    vault = Vault(Vault.__init__.__globals__["Fernet"].generate_key())
+    token = vault.encrypt("another-S3cret!")
+    vault.decrypt(token)  # decrypting remembers it
+    handler = logging.StreamHandler()
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "login with %s", ("another-S3cret!",), None)
+    RedactingFilter().filter(record)
+    assert "another-S3cret!" not in record.getMessage()
+    del handler
