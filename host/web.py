@@ -1,0 +1,157 @@
+"""The web admin and its REST API: read-only views of what the seeds show as admin pages.
+
+Pages (Jinja2, autoescaped): connections, the incoming and outgoing queues, the incoming
+log, plugins. The same data as JSON under ``/api/...``, with the CLI's JSON shapes. It
+has no sign-in of its own, so it listens on 127.0.0.1 by default; put it behind a proxy
+that authenticates before exposing it. Message bodies are never rendered.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from jinja2 import Environment, PackageLoader, select_autoescape
+
+from .connections import connection_dict
+from .errors import MailhostError
+from .protocols import Direction
+
+if TYPE_CHECKING:
+    from .app import Mailhost
+
+__all__ = ["WebAdmin", "start_web"]
+
+log = logging.getLogger(__name__)
+
+_env = Environment(loader=PackageLoader("mailhost", "templates"), autoescape=select_autoescape(["html"]))
+
+
+class WebAdmin:
+    """A WSGI application over one installation."""
+
+    def __init__(self, host: Mailhost) -> None:
+        self.host = host
+        self.routes: dict[str, tuple[str, Callable[[dict[str, list[str]]], list[dict[str, Any]]], list[str]]] = {
+            "incoming": ("Incoming connections", self._incoming,
+                         ["name", "protocol", "host", "username", "folder", "enabled", "last_poll_at", "last_error"]),
+            "outgoing": ("Outgoing connections", self._outgoing,
+                         ["name", "protocol", "host", "username", "from_address", "default"]),
+            "queue/incoming": ("Incoming mail queue", self._queue_incoming,
+                               ["id", "connection", "status", "from", "subject", "size", "created_at"]),
+            "queue/outgoing": ("Outgoing mail queue", self._queue_outgoing,
+                               ["id", "connection", "status", "to", "subject", "attempts", "last_error"]),
+            "log/incoming": ("Incoming mail log", self._log_incoming,
+                             ["id", "connection", "status", "started_at", "stored", "duplicates", "bytes", "error"]),
+            "plugins": ("Plugins", self._plugins, ["name", "distribution", "version", "state", "error"]),
+        }
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO", "/").strip("/")
+        query = parse_qs(environ.get("QUERY_STRING", ""))
+        api = path.startswith("api/")
+        key = path[4:] if api else path
+        if environ.get("REQUEST_METHOD", "GET") != "GET":
+            return self._send(start_response, "405 Method Not Allowed", "text/plain", b"read-only")
+        if key == "" and not api:
+            body = _env.get_template("index.html").render(pages=self.routes)
+            return self._send(start_response, "200 OK", "text/html; charset=utf-8", body.encode())
+        if key not in self.routes:
+            return self._send(start_response, "404 Not Found", "text/plain", b"not found")
+        title, rows_for, columns = self.routes[key]
+        try:
+            rows = rows_for(query)
+        except MailhostError as exc:
+            status = "400 Bad Request" if exc.exit_code == 2 else "500 Internal Server Error"
+            return self._send(start_response, status, "application/json", json.dumps({"error": str(exc)}).encode())
+        if api:
+            return self._send(start_response, "200 OK", "application/json",
+                              json.dumps(rows, default=str, ensure_ascii=False).encode())
+        body = _env.get_template("table.html").render(title=title, columns=columns, rows=rows, pages=self.routes)
+        return self._send(start_response, "200 OK", "text/html; charset=utf-8", body.encode())
+
+    @staticmethod
+    def _send(start_response: Callable[..., Any], status: str, ctype: str, body: bytes) -> list[bytes]:
+        start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))),
+                                ("X-Content-Type-Options", "nosniff"),
+                                ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")])
+        return [body]
+
+    # -- data (the CLI's JSON shapes) -------------------------------------------------
+
+    def _incoming(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
+        return [connection_dict(Direction.INCOMING, c) for c in
+                self.host.connections.list(Direction.INCOMING, _one(q, "search"))]
+
+    def _outgoing(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
+        return [connection_dict(Direction.OUTGOING, c) for c in
+                self.host.connections.list(Direction.OUTGOING, _one(q, "search"))]
+
+    def _queue_incoming(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
+        from .cli.incoming import _item_dict
+
+        return [_item_dict(i) for i in self.host.incoming.items(_one(q, "connection"), _one(q, "status"),
+                                                                 _int(q, "limit") or 200)]
+
+    def _queue_outgoing(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
+        rows = getattr(self.host.outgoing, "rows", None)
+        return list(rows(status=_one(q, "status"), limit=_int(q, "limit") or 200)) if rows else []
+
+    def _log_incoming(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
+        return [{"id": e.id, "connection": e.connection_name, "status": e.status, "started_at": e.started_at,
+                 "finished_at": e.finished_at, "listed": e.listed, "stored": e.stored, "duplicates": e.duplicates,
+                 "acknowledged": e.acknowledged, "bytes": e.bytes, "error": e.error}
+                for e in self.host.incoming.logs(_one(q, "connection"), _int(q, "limit") or 200)]
+
+    def _plugins(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
+        return [p.as_dict() for p in self.host.plugins.plugins.values()]
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        log.debug("web: " + format, *args)
+
+
+class RunningWeb:
+    """A web admin serving in a background thread."""
+
+    def __init__(self, server: WSGIServer) -> None:
+        self.server = server
+        self.thread = threading.Thread(target=server.serve_forever, name="web", daemon=True)
+        self.thread.start()
+
+    @property
+    def address(self) -> str:
+        host, port = self.server.server_address[:2]
+        return f"{host}:{port}"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def start_web(host: Mailhost, listen: str) -> RunningWeb:
+    """Serve the web admin on ``listen`` (``HOST:PORT``) in a background thread."""
+    name, _, port = listen.rpartition(":")
+    try:
+        server = make_server(name or "127.0.0.1", int(port), WebAdmin(host), handler_class=_QuietHandler)
+    except (OSError, ValueError) as exc:
+        from .errors import ConfigError
+
+        raise ConfigError(f"cannot serve the web admin on {listen!r} ({exc}): change [web] listen in "
+                          f"{host.config.path}, or set it to \"\" to turn the web admin off") from None
+    return RunningWeb(server)
+
+
+def _one(q: dict[str, list[str]], key: str) -> str | None:
+    values = q.get(key)
+    return values[0] if values else None
+
+
+def _int(q: dict[str, list[str]], key: str) -> int | None:
+    value = _one(q, key)
+    return int(value) if value and value.isdigit() else None
