@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 BATCH_COUNT = 1000  # messages per transaction
 BATCH_BYTES = 32 * 1024 * 1024  # and at most this many bytes
-LEASE = dt.timedelta(minutes=10)  # renewed with every batch
+LEASE = dt.timedelta(minutes=2)  # renewed with every batch
 _CHUNK = 500  # keys per IN (...) query
 
 INCOMING_STATUSES = ("new", "processing", "processed", "filtered", "failed")
@@ -117,9 +117,9 @@ class Incoming:
         """One download pass over connection ``name``; failures land in the report and log."""
         report = PassReport(name)
         started = time.monotonic()
-        conn = self._claim(name)
+        conn, holder = self._claim(name)
         if conn is None:
-            report.skipped = "another worker is downloading it"
+            report.skipped = f"another worker ({holder}) is downloading it"
             return report
         with self.host.session() as s:
             log_row = IncomingLog(connection_id=conn.id, connection_name=conn.name)
@@ -352,24 +352,34 @@ class Incoming:
 
     # -- leases and scheduling --------------------------------------------------------
 
-    def _claim(self, name: str) -> IncomingConnection | None:
-        """Take the connection's lease, or ``None`` if another worker holds it."""
+    def _claim(self, name: str) -> tuple[IncomingConnection | None, str | None]:
+        """Take the connection's lease; ``(None, holder)`` if another live worker has it.
+
+        A lease ends when it expires, or at once when its holder was a process on this
+        machine that no longer runs (a crashed ``mailhost fetch`` must not block the
+        next one for the rest of its lease).
+        """
         now = utcnow()
         with self.host.session() as s:
             conn = self.host.connections.get(Direction.INCOMING, name, s)
+            free = [IncomingConnection.lease_until.is_(None), IncomingConnection.lease_until < now,
+                    IncomingConnection.lease_owner == self.worker]
+            if conn.lease_owner and _holder_is_dead(conn.lease_owner):
+                free.append(IncomingConnection.lease_owner == conn.lease_owner)
             taken = s.execute(
                 update(IncomingConnection)
-                .where(IncomingConnection.id == conn.id,
-                       or_(IncomingConnection.lease_until.is_(None), IncomingConnection.lease_until < now,
-                           IncomingConnection.lease_owner == self.worker))
+                .where(IncomingConnection.id == conn.id, or_(*free))
                 .values(lease_owner=self.worker, lease_until=now + LEASE)
                 .execution_options(synchronize_session=False)
             ).rowcount
             if not taken:
-                return None
+                return None, conn.lease_owner
             s.refresh(conn)
-            _ = conn.certificates, conn.oauth_credential
-            return conn
+            _ = conn.certificates, conn.oauth_credential  # loaded while the session is open
+            # We hold the lease: a pass still marked running died without finishing.
+            s.execute(update(IncomingLog).where(IncomingLog.connection_id == conn.id, IncomingLog.status == "running")
+                      .values(status="interrupted", finished_at=now, error="the pass was interrupted (crash or kill)"))
+            return conn, None
 
     def _renew_lease(self, s: Session, connection_id: int) -> None:
         s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id,
@@ -504,6 +514,21 @@ def _batches(refs: Sequence[MessageRef]) -> Iterator[list[MessageRef]]:
         size += ref_size
     if batch:
         yield batch
+
+
+def _holder_is_dead(owner: str) -> bool:
+    """Whether a lease holder ("host:pid:nonce") was a process on this machine that is gone."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
