@@ -13,7 +13,7 @@ import ipaddress
 import logging
 import re
 import ssl
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from email.utils import parseaddr
 from pathlib import Path
@@ -23,7 +23,13 @@ from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
 from .errors import MailError, NotFound, ValidationError
-from .protocols import ConnectionSettings, Direction, Encryption, ProtocolProvider, TestStep
+from .protocols import (
+    ConnectionSettings,
+    Direction,
+    Encryption,
+    ProtocolProvider,
+    TestStep,
+)
 from .secrets import redact
 from .store import (
     Certificate,

@@ -25,7 +25,7 @@ from typing import Any, NoReturn
 import click
 
 from ..app import Mailhost
-from ..errors import MailhostError, UsageError
+from ..errors import MailhostError
 from ..secrets import RedactingFilter, redact
 
 __all__ = ["cli", "main"]
@@ -254,4 +254,3 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
 # Register the command modules (they import the helpers above).
 from . import admin, connections, delivery, incoming, service  # noqa: E402,F401
 
-__all__ += ["UsageError"]
