@@ -146,7 +146,7 @@ class Incoming:
         if not isinstance(session, IncomingSession):
             raise MailhostError(f"protocol {conn.protocol} opened a {type(session).__name__}, not an IncomingSession")
         deferred: list[str] = []  # acknowledgements that hold only once the session closes cleanly
-        on_close = bool(getattr(session, "acknowledges_on_close", False))
+        on_close = session.acknowledges_on_close
         try:
             with self.host.session() as s:
                 state = s.get(FolderCursor, (conn.id, folder))
@@ -167,7 +167,7 @@ class Incoming:
             self._save_cursor(conn.id, folder, listing)
         finally:
             session.close()
-        if deferred and getattr(session, "closed_cleanly", True):
+        if deferred and session.closed_cleanly:
             self._mark_acknowledged(conn.id, folder, deferred)
 
     def _store_batch(

@@ -211,6 +211,13 @@ class Session:
 class IncomingSession(Session, ABC):
     """An open, signed-in link to one mailbox folder."""
 
+    #: True where acknowledgements take effect only when the session ends (POP3 applies
+    #: DELE at QUIT): the host then counts them done only once ``close()`` returned
+    #: with ``closed_cleanly`` true, and repeats them otherwise.
+    acknowledges_on_close: bool = False
+    #: Set by ``close()`` of such sessions: whether the server confirmed the end.
+    closed_cleanly: bool = True
+
     @abstractmethod
     def list_new(
         self,
