@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import and_, delete, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from .certificates import Certificate
@@ -54,7 +54,7 @@ __all__ = ["BATCH_BYTES", "BATCH_COUNT", "Incoming", "PassReport", "summarize"]
 
 log = logging.getLogger(__name__)
 
-BATCH_COUNT = 1000  # messages per transaction
+BATCH_COUNT = 2000  # messages per transaction
 BATCH_BYTES = 32 * 1024 * 1024  # and at most this many bytes
 LEASE = dt.timedelta(minutes=2)  # renewed with every batch
 _CHUNK = 500  # keys per IN (...) query
@@ -145,40 +145,49 @@ class Incoming:
         session = provider.open(settings)
         if not isinstance(session, IncomingSession):
             raise MailhostError(f"protocol {conn.protocol} opened a {type(session).__name__}, not an IncomingSession")
-        deferred: list[str] = []  # acknowledgements that hold only once the session closes cleanly
-        on_close = session.acknowledges_on_close
+        # Keys acknowledged on the server. They are recorded with the next commit (one
+        # transaction per batch, not two); for sessions whose acknowledgements hold
+        # only at a clean close (POP3), after that close. Unrecorded ones are simply
+        # acknowledged again by the next pass.
+        acked: list[str] = []
         try:
             with self.host.session() as s:
                 state = s.get(FolderCursor, (conn.id, folder))
                 cursor = dict(state.state) if state is not None else None
             listing = session.list_new(cursor, lambda keys: self._known(conn.id, folder, keys))
             report.listed = len(listing.refs)
-            self._finish_pending(session, conn, folder, action, report, deferred if on_close else None)
+            self._finish_pending(session, conn, folder, action, report, acked)
+            record = None if session.acknowledges_on_close else acked
             total, done = len(listing.refs), 0
             if progress and total:
                 progress(0, total)
             for batch in _batches(listing.refs):
-                acked = self._store_batch(session, conn, folder, log_id, batch, report)
+                stored = self._store_batch(session, conn, folder, log_id, batch, report, record)
                 done += len(batch)
-                if acked:
-                    self._acknowledge(session, conn, folder, action, acked, report, deferred if on_close else None)
+                if stored:
+                    action.apply(session, stored, conn.after_download_argument)
+                    report.acknowledged += len(stored)
+                    acked.extend(r.key for r in stored)
                 if progress:
                     progress(done, total)
-            self._save_cursor(conn.id, folder, listing)
+            self._save_cursor(conn.id, folder, listing, record)
         finally:
             session.close()
-        if deferred and session.closed_cleanly:
-            self._mark_acknowledged(conn.id, folder, deferred)
+            if acked and (not session.acknowledges_on_close or session.closed_cleanly):
+                try:
+                    self._mark_acknowledged(conn.id, folder, acked)
+                except Exception:  # the next pass acknowledges them again
+                    log.exception("%s: could not record %d acknowledgement(s)", conn.name, len(acked))
 
     def _store_batch(
         self, session: IncomingSession, conn: IncomingConnection, folder: str, log_id: int,
-        batch: Sequence[MessageRef], report: PassReport,
+        batch: Sequence[MessageRef], report: PassReport, record: list[str] | None,
     ) -> list[MessageRef]:
-        """Fetch one batch and commit it with its cursor; returns the refs to acknowledge."""
+        """Fetch one batch and commit it with its cursor (and the acknowledgements in
+        ``record``, which it empties); returns the refs to acknowledge."""
         fetched = list(session.fetch(batch))
         if not fetched:
             return []
-        now = utcnow()
         certificates = self._certificates(conn)
         with self.host.session() as s:
             keys = [ref.key for ref, _ in fetched]
@@ -196,38 +205,41 @@ class Incoming:
                 if fp in dup_prints:
                     report.duplicates += 1
                     seen.append({"connection_id": conn.id, "folder": folder, "key": ref.key, "fingerprint": fp,
-                                 "item_id": dup_prints[fp], "acknowledged": False, "seen_at": now})
-                    entries.append({"log_id": log_id, "item_id": dup_prints[fp], "at": now, "result": "duplicate",
+                                 "item_id": dup_prints[fp], "acknowledged": False})
+                    entries.append({"log_id": log_id, "item_id": dup_prints[fp], "result": "duplicate",
                                     "detail": "same content already stored", **_entry_meta(meta)})
                     continue
                 dup_prints[fp] = None  # the same content twice in one batch
                 report.stored += 1
                 report.bytes += len(raw)
-                items.append({"connection_id": conn.id, "connection_name": conn.name, "folder": folder,
-                              "status": "new", "size": len(raw), "fingerprint": fp, "raw": raw,
-                              "created_at": now, "updated_at": now, **meta,
-                              **self._decrypt(conn.name, raw, certificates)})
+                row = {"connection_id": conn.id, "connection_name": conn.name, "folder": folder,
+                       "status": "new", "size": len(raw), "fingerprint": fp, "raw": raw, **meta}
+                if certificates:
+                    row.update(self._decrypt(conn.name, raw, certificates))
+                items.append(row)
                 stored_keys.append((ref.key, meta))
-            ids = _insert_returning_ids(s, items)
-            for (key, meta), item_id in zip(stored_keys, ids):
+            ids = _insert_items(s, items)
+            for (key, meta), item_id in zip(stored_keys, ids, strict=True):
                 fp = prints[key]
                 dup_prints[fp] = item_id
                 seen.append({"connection_id": conn.id, "folder": folder, "key": key, "fingerprint": fp,
-                             "item_id": item_id, "acknowledged": False, "seen_at": now})
-                entries.append({"log_id": log_id, "item_id": item_id, "at": now, "result": "stored",
+                             "item_id": item_id, "acknowledged": False})
+                entries.append({"log_id": log_id, "item_id": item_id, "result": "stored",
                                 "detail": None, **_entry_meta(meta)})
             # Duplicates inside this batch point at the copy stored just now.
             for row in seen:
                 if row["item_id"] is None:
                     row["item_id"] = dup_prints.get(row["fingerprint"])
             if seen:
-                s.execute(insert(SeenMessage), seen)
+                s.execute(insert(SeenMessage.__table__).values(seen_at=func.now()), seen)
             if entries:
-                s.execute(insert(IncomingLogEntry), entries)
+                s.execute(insert(IncomingLogEntry.__table__).values(at=func.now()), entries)
             last_cursor = next((r.cursor for r in reversed(batch) if r.cursor is not None), None)
             if last_cursor is not None:
                 self._put_cursor(s, conn.id, folder, dict(last_cursor))
             self._renew_lease(s, conn.id)
+            if record:
+                self._record_acknowledged(s, conn.id, folder, record)
             s.execute(update(IncomingLog).where(IncomingLog.id == log_id).values(
                 listed=report.listed, stored=report.stored, duplicates=report.duplicates, bytes=report.bytes))
         # Committed: the messages are safe. Now others may look at them.
@@ -271,7 +283,7 @@ class Incoming:
 
     def _finish_pending(
         self, session: IncomingSession, conn: IncomingConnection, folder: str, action: Any,
-        report: PassReport, deferred: list[str] | None,
+        report: PassReport, acked: list[str],
     ) -> None:
         """Run the after-download action for messages stored before a crash cut it short."""
         with self.host.session() as s:
@@ -286,30 +298,20 @@ class Incoming:
             if refs:
                 action.apply(session, refs, conn.after_download_argument)
                 report.acknowledged += len(refs)
-            # Keys no longer on the server need nothing more.
-            if deferred is not None:
-                deferred.extend(chunk)
-            else:
-                self._mark_acknowledged(conn.id, folder, chunk)
+            acked.extend(chunk)  # keys no longer on the server need nothing more
 
-    def _acknowledge(
-        self, session: IncomingSession, conn: IncomingConnection, folder: str, action: Any,
-        refs: Sequence[MessageRef], report: PassReport, deferred: list[str] | None,
-    ) -> None:
-        action.apply(session, refs, conn.after_download_argument)
-        report.acknowledged += len(refs)
-        keys = [r.key for r in refs]
-        if deferred is not None:
-            deferred.extend(keys)
-        else:
-            self._mark_acknowledged(conn.id, folder, keys)
-
-    def _mark_acknowledged(self, connection_id: int, folder: str, keys: Sequence[str]) -> None:
+    def _mark_acknowledged(self, connection_id: int, folder: str, keys: list[str]) -> None:
         with self.host.session() as s:
-            for chunk in _chunks(list(keys), _CHUNK):
-                s.execute(update(SeenMessage).where(
-                    SeenMessage.connection_id == connection_id, SeenMessage.folder == folder,
-                    SeenMessage.key.in_(chunk)).values(acknowledged=True))
+            self._record_acknowledged(s, connection_id, folder, keys)
+
+    @staticmethod
+    def _record_acknowledged(s: Session, connection_id: int, folder: str, keys: list[str]) -> None:
+        """Mark ``keys`` acknowledged in the open transaction, and empty the list."""
+        for chunk in _chunks(keys, _CHUNK):
+            s.execute(update(SeenMessage).where(
+                SeenMessage.connection_id == connection_id, SeenMessage.folder == folder,
+                SeenMessage.key.in_(chunk)).values(acknowledged=True))
+        keys.clear()
 
     # -- cursors and keys -------------------------------------------------------------
 
@@ -336,11 +338,12 @@ class Incoming:
                 found.setdefault(fp, item_id)
         return found
 
-    def _save_cursor(self, connection_id: int, folder: str, listing: Listing) -> None:
-        if listing.cursor is None:
-            return
+    def _save_cursor(self, connection_id: int, folder: str, listing: Listing, record: list[str] | None) -> None:
         with self.host.session() as s:
-            self._put_cursor(s, connection_id, folder, dict(listing.cursor))
+            if listing.cursor is not None:
+                self._put_cursor(s, connection_id, folder, dict(listing.cursor))
+            if record:
+                self._record_acknowledged(s, connection_id, folder, record)
 
     @staticmethod
     def _put_cursor(s: Session, connection_id: int, folder: str, state: dict[str, Any]) -> None:
@@ -536,19 +539,30 @@ def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
         yield items[i:i + n]
 
 
-def _insert_returning_ids(s: Session, rows: list[dict[str, Any]]) -> list[int]:
-    """Insert queue items; their ids in order (one statement per row on old SQLite)."""
+def _insert_items(s: Session, rows: list[dict[str, Any]]) -> list[int]:
+    """Insert queue items in one executemany; their ids, in order.
+
+    The hot path of every download, so it avoids per-row work: times come from the
+    database clock, and on SQLite the ids are read back from ``last_insert_rowid()``:
+    SQLite gives each new row of an INTEGER PRIMARY KEY table the largest id plus one
+    and lets one writer in at a time, so the batch's ids are the consecutive run that
+    ends there. PostgreSQL returns them with ``RETURNING``.
+    """
     if not rows:
         return []
-    table = IncomingItem.__table__
-    if s.get_bind().dialect.insert_executemany_returning_sort_by_parameter_order:
-        result = s.execute(insert(table).returning(table.c.id, sort_by_parameter_order=True), rows)
-        return [r[0] for r in result]
-    return [s.execute(insert(table).returning(table.c.id), row).scalar_one() for row in rows]
+    stmt = insert(IncomingItem.__table__).values(created_at=func.now(), updated_at=func.now())
+    if s.get_bind().dialect.name == "sqlite":
+        s.execute(stmt, rows)
+        last = s.execute(text("SELECT last_insert_rowid()")).scalar_one()
+        return list(range(last - len(rows) + 1, last + 1))
+    result = s.execute(stmt.returning(IncomingItem.__table__.c.id, sort_by_parameter_order=True), rows)
+    return [r[0] for r in result]
 
 
-_HEADER = re.compile(rb"^(message-id|from|to|subject)[ \t]*:[ \t]*(.*?)[ \t]*\r?$", re.I | re.M)
+# A header line and its continuation lines; unfolded only when a value is folded.
+_HEADER = re.compile(rb"^(message-id|from|to|subject)[ \t]*:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.I | re.M)
 _FOLD = re.compile(rb"\r?\n[ \t]+")
+_NAMES = {b"message-id": "message_id", b"from": "from_addr", b"to": "to_addr", b"subject": "subject"}
 
 
 def summarize(raw: bytes) -> dict[str, str | None]:
@@ -556,13 +570,15 @@ def summarize(raw: bytes) -> dict[str, str | None]:
     end = raw.find(b"\r\n\r\n")
     if end < 0:
         end = raw.find(b"\n\n")
-    head = _FOLD.sub(b" ", raw[: end if end >= 0 else len(raw)])
+    head = raw[: end if end >= 0 else len(raw)]
     found: dict[str, str | None] = {"message_id": None, "from_addr": None, "to_addr": None, "subject": None}
-    names = {b"message-id": "message_id", b"from": "from_addr", b"to": "to_addr", b"subject": "subject"}
     for m in _HEADER.finditer(head):
-        key = names[m.group(1).lower()]
+        key = _NAMES[m.group(1).lower()]
         if found[key] is None:
-            found[key] = _decode(m.group(2))[:1000]
+            value = m.group(2)
+            if b"\n" in value:
+                value = _FOLD.sub(b" ", value)
+            found[key] = _decode(value.strip())[:1000]
     return found
 
 

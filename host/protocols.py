@@ -101,7 +101,7 @@ class ConnectionSettings:
     port: int | None = None
     encryption: Encryption = Encryption.SSL
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     folder: str | None = None
     shared_mailbox: str | None = None
     timeout: float = 30.0  # seconds
@@ -109,7 +109,7 @@ class ConnectionSettings:
     from_address: str | None = None
     size_limit: int = 0
     #: For OAuth2 connect mode: returns a fresh access token each time it is called.
-    access_token: Callable[[], str] | None = None
+    access_token: Callable[[], str] | None = field(default=None, repr=False)
     transcript: Callable[[str], None] | None = None
     #: Attributes a plugin declared beyond the common ones (kept as given).
     options: Mapping[str, Any] = field(default_factory=dict)

@@ -202,3 +202,14 @@ def test_purge_keeps_keys(tmh: Mailhost, box: Path, conn: str) -> None:
     assert tmh.incoming.fetch([conn])[0].stored == 0
     with tmh.session() as s:
         assert s.scalar(select(SeenMessage.key)) == "a.eml"
+
+
+def test_summarize_reads_folded_and_encoded_headers() -> None:
+    """Metadata comes from the header block only, unfolded and decoded."""
+    from mailhost.incoming import summarize
+
+    raw = (b"From: a@b \r\nSubject: =?utf-8?q?caf=C3=A9?=\r\n  world\r\nTo: x@y,\r\n\tz@w\r\n"
+           b"Message-ID: <1@x>\r\n\r\nFrom: not-a-header@body\r\n")
+    assert summarize(raw) == {"message_id": "<1@x>", "from_addr": "a@b", "to_addr": "x@y, z@w",
+                              "subject": "café world"}
+    assert summarize(b"no headers at all") == {"message_id": None, "from_addr": None, "to_addr": None, "subject": None}
