@@ -1,0 +1,335 @@
+"""Opening a signed-in IMAP link, one step at a time: DNS, TCP, TLS, greeting, sign-in.
+
+The steps are separate functions so that the connection test can report each one and
+every failure says which step failed. :func:`connect` runs them all.
+"""
+from __future__ import annotations
+
+import ast
+import imaplib
+import re
+import socket
+import ssl
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Any
+
+from imapclient import IMAPClient
+from imapclient.exceptions import LoginError
+from mailhost.errors import (
+    AuthenticationFailed,
+    ConnectFailure,
+    MailError,
+    PermanentFailure,
+    TemporaryFailure,
+    TLSFailure,
+)
+from mailhost.protocols import ConnectionSettings, Encryption
+from mailhost.tls import client_context, tls_error
+
+__all__ = [
+    "DEFAULT_PORTS",
+    "connect",
+    "connect_tcp",
+    "resolve",
+    "sign_in",
+    "start",
+    "translated",
+    "with_defaults",
+]
+
+DEFAULT_PORTS = {Encryption.NONE: 143, Encryption.STARTTLS: 143, Encryption.SSL: 993}
+
+Address = tuple[Any, ...]  # one getaddrinfo() entry
+
+_BYTES_REPR = re.compile(r"""b('[^'\\]*'|"[^"\\]*")""")  # imaplib's str() of bytes
+
+# Response codes (RFC 5530) that say "not now" rather than "never".
+_TEMPORARY_CODES = ("[UNAVAILABLE]", "[INUSE]", "[LIMIT]", "[SERVERBUG]")
+
+
+def with_defaults(settings: ConnectionSettings) -> ConnectionSettings:
+    """``settings`` with the default port for its encryption and the INBOX filled in."""
+    encryption = Encryption(settings.encryption)
+    return replace(
+        settings,
+        encryption=encryption,
+        port=settings.port or DEFAULT_PORTS[encryption],
+        folder=settings.folder or "INBOX",
+    )
+
+
+def failure(exc: BaseException, settings: ConnectionSettings, doing: str) -> MailError:
+    """The mailhost error for a socket, TLS or IMAP error raised while ``doing``."""
+    where = settings.describe()
+    if isinstance(exc, MailError):
+        return exc
+    if isinstance(exc, ssl.SSLError):
+        return tls_error(exc, where, settings.ca_file)
+    if isinstance(exc, TimeoutError):
+        return ConnectFailure(
+            f"{where} did not answer within {settings.timeout:g} s while trying to {doing}: "
+            "check that the server is up and the encryption setting matches the port, or raise the timeout"
+        )
+    if isinstance(exc, OSError):
+        return ConnectFailure(
+            f"the link to {where} failed while trying to {doing} ({exc.strerror or exc}): "
+            "check the network; the next pass tries again"
+        )
+    if isinstance(exc, imaplib.IMAP4.abort):
+        return ConnectFailure(
+            f"{where} dropped the link while trying to {doing} ({exc}): the next pass tries again"
+        )
+    words = server_words(exc)
+    kind = TemporaryFailure if any(code in words for code in _TEMPORARY_CODES) else PermanentFailure
+    return kind(f"{where} refused to {doing}: {words}")
+
+
+def server_words(exc: BaseException) -> str:
+    """What the server said, without imapclient's ``"login failed: "`` prefix and
+    without the ``b'...'`` of imaplib's bytes."""
+    text = str(exc)
+    head, sep, rest = text.partition(" failed: ")
+    if sep and " " not in head:
+        text = rest
+    if _BYTES_REPR.fullmatch(text):
+        text = ast.literal_eval(text).decode("utf-8", "replace")
+    return text
+
+
+@contextmanager
+def translated(settings: ConnectionSettings, doing: str) -> Iterator[None]:
+    """Turn socket, TLS and IMAP errors raised inside into mailhost errors."""
+    try:
+        yield
+    except (OSError, imaplib.IMAP4.error) as exc:  # ssl.SSLError is an OSError
+        raise failure(exc, settings, doing) from exc
+
+
+def resolve(settings: ConnectionSettings) -> list[Address]:
+    """The server's addresses (DNS)."""
+    if not settings.host:
+        raise PermanentFailure(f"connection {settings.name} has no host: set the IMAP server's host name")
+    try:
+        return socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConnectFailure(
+            f"the host name {settings.host} of {settings.name} does not resolve ({exc}): "
+            "check the host name and the DNS"
+        ) from exc
+
+
+def connect_tcp(settings: ConnectionSettings, addresses: list[Address]) -> socket.socket:
+    """A TCP connection to the first address that answers."""
+    error: OSError | None = None
+    for family, kind, proto, _, sockaddr in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(settings.timeout)
+            sock.connect(sockaddr)
+            return sock
+        except OSError as exc:
+            sock.close()
+            error = exc
+    reason = "timed out" if isinstance(error, TimeoutError) else getattr(error, "strerror", None) or error
+    raise ConnectFailure(
+        f"cannot connect to {settings.describe()} ({reason}): "
+        "check the host, the port and that no firewall blocks it"
+    )
+
+
+class _IMAP4(imaplib.IMAP4):
+    """imaplib on a socket we connected (and, for SSL, wrapped) ourselves."""
+
+    def __init__(self, sock: socket.socket, host: str) -> None:
+        self._given = sock
+        super().__init__(host, 0)
+
+    def _create_socket(self, timeout: float | None = None) -> socket.socket:
+        return self._given
+
+
+class _Client(IMAPClient):
+    """IMAPClient over :class:`_IMAP4`: DNS, TCP and TLS stay our own, separately reported steps."""
+
+    def __init__(self, sock: socket.socket, settings: ConnectionSettings, context: ssl.SSLContext) -> None:
+        self._given = sock
+        super().__init__(
+            settings.host,
+            settings.port,
+            ssl=settings.encryption is Encryption.SSL,
+            ssl_context=context,
+            timeout=settings.timeout,
+        )
+
+    def _create_IMAP4(self) -> imaplib.IMAP4:
+        return _IMAP4(self._given, self.host)
+
+
+def start(settings: ConnectionSettings, sock: socket.socket) -> IMAPClient:
+    """TLS (implicit or STARTTLS) and the greeting: a client ready to sign in.
+
+    Closes ``sock`` when it fails. Under STARTTLS a PREAUTH greeting is refused (the
+    session would be signed in before TLS could protect it), a server that does not
+    offer STARTTLS is refused, and nothing the server sent in plain text survives the
+    handshake.
+    """
+    where = settings.describe()
+    context = client_context(settings.ca_file)
+    client: IMAPClient | None = None
+    try:
+        with translated(settings, "start the IMAP session"):
+            if settings.encryption is Encryption.SSL:
+                sock = context.wrap_socket(sock, server_hostname=settings.host)
+            try:
+                client = _Client(sock, settings, context)
+            except imaplib.IMAP4.error as exc:
+                if isinstance(exc, imaplib.IMAP4.abort) and "unexpected response" not in str(exc):
+                    raise  # the link dropped: translated() says so
+                raise PermanentFailure(
+                    f"{where} does not greet like an IMAP server ({exc}): check the host and the port"
+                ) from exc
+            imap = client._imap
+            _attach_transcript(imap, settings.transcript)
+            if settings.encryption is Encryption.STARTTLS:
+                if imap.state != "NONAUTH":
+                    raise TLSFailure(
+                        f"{where} signed the session in before TLS (PREAUTH greeting), so STARTTLS "
+                        "cannot protect it: use encryption ssl, or stop the server pre-authenticating"
+                    )
+                if "STARTTLS" not in imap.capabilities:
+                    raise TLSFailure(
+                        f"{where} does not offer STARTTLS, and mailhost never falls back to plain text: "
+                        "use encryption ssl (port 993) or enable TLS on the server"
+                    )
+                try:
+                    client.starttls(context)
+                except imaplib.IMAP4.error as exc:
+                    raise TLSFailure(f"{where} refused STARTTLS ({server_words(exc)}): check the server's TLS setup") from exc
+                # STARTTLS response injection (the client side of CVE-2011-0411, as in
+                # CVE-2020-14954): imaplib reads the TLS link through a new buffer, so
+                # plain-text bytes read ahead after the OK are gone with the old one;
+                # untagged responses the server sent before the OK are dropped here.
+                imap.untagged_responses.clear()
+        return client
+    except BaseException:
+        if client is not None:
+            _shutdown(client)
+        else:
+            sock.close()
+        raise
+
+
+def _attach_transcript(imap: imaplib.IMAP4, transcript: Callable[[str], None] | None) -> None:
+    """Send imaplib's protocol lines to ``transcript``; keep them off otherwise.
+
+    imapclient sets imaplib's debug level to 5, which formats every line for its logger,
+    bulk FETCH responses included.
+    """
+    imap.debug = 0
+    if transcript is not None:
+        transcript(f"< {imap.welcome!r}")
+        imap.debug = 4  # each line sent and received, literals by size only
+        imap._mesg = lambda line, *_: transcript(line)  # type: ignore[attr-defined]
+
+
+def sign_in(settings: ConnectionSettings, client: IMAPClient) -> None:
+    """LOGIN, SASL PLAIN for a shared mailbox, or XOAUTH2/OAUTHBEARER with a token."""
+    imap = client._imap
+    if imap.state != "NONAUTH":
+        return  # PREAUTH over implicit TLS or a plain link (refused under STARTTLS)
+    caps = set(imap.capabilities)
+    if settings.access_token is None and "LOGINDISABLED" in caps:
+        raise PermanentFailure(
+            f"{settings.describe()} takes no password without TLS (LOGINDISABLED): "
+            "use encryption starttls or ssl"
+        )
+    level, imap.debug = imap.debug, 0  # keep the credentials out of the transcript
+    if level and settings.transcript:
+        settings.transcript("(signing in; the credentials are not shown)")
+    try:
+        with translated(settings, "sign in"):
+            try:
+                _authenticate(settings, client, caps)
+            except LoginError as exc:
+                raise AuthenticationFailed(_auth_message(settings, server_words(exc))) from None
+    finally:
+        imap.debug = level
+        getattr(imap, "_cmd_log", {}).clear()  # imaplib's ring of recent lines holds the LOGIN line
+
+
+def _authenticate(settings: ConnectionSettings, client: IMAPClient, caps: set[str]) -> None:
+    user = settings.username or ""
+    password = settings.password or ""
+    if settings.access_token is not None:
+        token = settings.access_token()
+        mailbox = settings.shared_mailbox or user
+        if "AUTH=OAUTHBEARER" in caps and "AUTH=XOAUTH2" not in caps:
+            authzid = mailbox.replace("=", "=3D").replace(",", "=2C")
+            client.sasl_login("OAUTHBEARER", _once(f"n,a={authzid},\1auth=Bearer {token}\1\1", b"\1"))
+        else:
+            client.sasl_login("XOAUTH2", _once(f"user={mailbox}\1auth=Bearer {token}\1\1", b""))
+    elif settings.shared_mailbox:
+        # authorization identity = the shared mailbox, authentication identity = the
+        # user (Dovecot master users, Exchange shared mailboxes)
+        client.sasl_login("PLAIN", _once(f"{settings.shared_mailbox}\0{user}\0{password}", b""))
+    elif (user + password).isascii():
+        client.login(client._imap._quote(user), password)  # imaplib quotes only the password
+    else:
+        client.sasl_login("PLAIN", _once(f"\0{user}\0{password}", b""))  # LOGIN is ASCII-only
+
+
+def _once(payload: str, then: bytes) -> Callable[[bytes], bytes]:
+    """A SASL client sending ``payload`` first and ``then`` to any further challenge
+    (an XOAUTH2/OAUTHBEARER error report), so the server ends the exchange."""
+    sent = False
+
+    def respond(challenge: bytes) -> bytes:
+        nonlocal sent
+        if sent:
+            return then
+        sent = True
+        return payload.encode()
+
+    return respond
+
+
+def _auth_message(settings: ConnectionSettings, said: str) -> str:
+    host = settings.host
+    if settings.access_token is not None:
+        fix = "check that the OAuth2 credential is authorized for this mailbox and has the IMAP scope"
+    elif settings.shared_mailbox:
+        fix = (
+            f"check the username and password, and that {settings.username} may open "
+            f"the shared mailbox {settings.shared_mailbox}"
+        )
+    else:
+        fix = "check the username and password"
+    return f"authentication failed for {settings.name} on {host}: {fix} (the server said: {said})"
+
+
+def connect(settings: ConnectionSettings) -> IMAPClient:
+    """A signed-in client for ``settings`` (whose defaults are filled in)."""
+    client = start(settings, connect_tcp(settings, resolve(settings)))
+    try:
+        sign_in(settings, client)
+    except BaseException:
+        _shutdown(client)
+        raise
+    return client
+
+
+def logout(client: IMAPClient) -> None:
+    """LOGOUT, then close the socket; never raises."""
+    try:
+        client.logout()
+    except Exception:
+        _shutdown(client)
+
+
+def _shutdown(client: IMAPClient) -> None:
+    try:
+        client.shutdown()
+    except Exception:
+        pass

@@ -1,0 +1,100 @@
+"""The after-download primitives: mark seen, delete, move; each safe to repeat."""
+from __future__ import annotations
+
+import pytest
+from tests.servers.dovecot import generate_message
+
+from mailhost_imap import PROVIDER
+
+# Dovecot advertising neither MOVE nor UIDPLUS (the commands still work; we must not use them).
+OLD_SERVER = "imap_capability = IMAP4rev1 LITERAL+ SASL-IR IDLE NAMESPACE UNSELECT CHILDREN\n"
+
+
+def listed(session):
+    return session.list_new(None, lambda keys: set()).refs
+
+
+def message_ids(dovecot, user, folder="INBOX"):
+    return sorted(dovecot.flags_by_message_id(user, folder))
+
+
+def test_mark_seen_sets_seen_and_repeats_safely(settings, dovecot, mailbox):
+    """mark_seen flags exactly the given messages, twice without harm."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(3)))
+    with PROVIDER.open(settings()) as session:
+        refs = listed(session)
+        session.mark_seen(refs[:2])
+        session.mark_seen(refs[:2])
+    assert dovecot.flags(mailbox.user) == ["S", "S", ""]
+
+
+def test_delete_expunges_only_the_given_messages(settings, dovecot, mailbox):
+    """delete removes exactly its messages (UID EXPUNGE), not others flagged deleted."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(3)))
+    dovecot.deliver(mailbox.user, generate_message(3), flags="T")  # someone else's \Deleted
+    with PROVIDER.open(settings()) as session:
+        refs = listed(session)
+        session.delete(refs[:2])
+        session.delete(refs[:2])  # after a crash: already gone, no error
+    assert dovecot.flags(mailbox.user) == ["", "T"]
+
+
+def test_move_creates_the_target_folder(settings, dovecot, mailbox):
+    """move puts the messages in a new Archive/2024 folder, and repeats safely."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(3)))
+    before = dovecot.flags_by_message_id(mailbox.user)
+    with PROVIDER.open(settings()) as session:
+        refs = listed(session)
+        session.move(refs[:2], "Archive/2024")
+        session.move(refs[:2], "Archive/2024")
+    assert "Archive/2024" in dovecot.folders(mailbox.user)
+    assert "Archive/2024" in dovecot.subscriptions(mailbox.user)
+    moved = message_ids(dovecot, mailbox.user, "Archive/2024")
+    assert len(moved) == 2 and len(message_ids(dovecot, mailbox.user)) == 1
+    assert sorted(moved + message_ids(dovecot, mailbox.user)) == sorted(before)
+
+
+def test_move_into_an_existing_localized_folder(settings, dovecot, mailbox):
+    """move reaches an existing non-ASCII subfolder."""
+    dovecot.create_folder(mailbox.user, "Posteingang/Erledigt ✓")
+    dovecot.deliver(mailbox.user, generate_message(1))
+    with PROVIDER.open(settings()) as session:
+        session.move(listed(session), "Posteingang/Erledigt ✓")
+    assert len(dovecot.maildir_messages(mailbox.user, "Posteingang/Erledigt ✓")) == 1
+    assert dovecot.maildir_messages(mailbox.user) == []
+
+
+@pytest.fixture
+def old_server(dovecot_factory, pki):
+    """A Dovecot that advertises neither MOVE nor UIDPLUS, and a user on it."""
+    server = dovecot_factory(extra_config=OLD_SERVER)
+    return server, server.new_user("old")
+
+
+def test_without_uidplus_delete_expunges_only_when_safe(settings, old_server):
+    """Without UIDPLUS, EXPUNGE waits while a message not yet stored is flagged deleted."""
+    server, (user, password) = old_server
+    server.deliver_many(user, (generate_message(i) for i in range(3)))
+    server.deliver(user, generate_message(3), flags="T")  # flagged by someone else
+    conn = settings(server, username=user, password=password)
+    with PROVIDER.open(conn) as session:
+        assert not session.client.has_capability("UIDPLUS")
+        refs = listed(session)
+        session.delete(refs[:1])
+    assert server.flags(user) == ["T", "", "", "T"]  # UID 4 is not stored yet: no EXPUNGE
+
+    with PROVIDER.open(conn) as session:
+        session.delete(refs[1:])  # now every flagged message is stored
+        session.delete(refs[1:])
+    assert server.flags(user) == []
+
+
+def test_without_move_copies_then_deletes(settings, old_server):
+    """Without MOVE, move copies into the (new) folder and deletes the originals."""
+    server, (user, password) = old_server
+    server.deliver_many(user, (generate_message(i) for i in range(2)))
+    with PROVIDER.open(settings(server, username=user, password=password)) as session:
+        assert not session.client.has_capability("MOVE")
+        session.move(listed(session), "Done/Sub")
+    assert len(server.maildir_messages(user, "Done/Sub")) == 2
+    assert server.maildir_messages(user) == []

@@ -1,0 +1,142 @@
+"""Listing and downloading against a real Dovecot."""
+from __future__ import annotations
+
+from mailhost.protocols import Encryption
+from tests.servers.dovecot import generate_message
+
+from mailhost_imap import PROVIDER
+
+
+def nothing_known(keys: object) -> set[str]:
+    return set()
+
+
+def test_fetch_is_byte_exact_and_leaves_messages_unseen(settings, dovecot, mailbox):
+    """Every message arrives exactly as stored, in the listing's order, still unseen."""
+    odd = b"From: x@example.com\r\nSubject: 8-bit\r\n\r\n\xff\xfe\xc3\xa9 {5}\r\n) no CRLF at the end"
+    messages = [generate_message(i, size=2000 + 500 * i) for i in range(5)] + [odd]
+    dovecot.deliver_many(mailbox.user, messages)
+    with PROVIDER.open(settings()) as session:
+        listing = session.list_new(None, nothing_known)
+        got = list(session.fetch(listing.refs))
+    assert [raw for _, raw in got] == dovecot.maildir_messages(mailbox.user)
+    assert [ref for ref, _ in got] == list(listing.refs)
+    assert [ref.size for ref in listing.refs] == [len(raw) for raw in dovecot.maildir_messages(mailbox.user)]
+    assert dovecot.flags(mailbox.user) == [""] * 6
+
+
+def test_fetch_keeps_the_refs_order_and_skips_vanished(settings, dovecot, mailbox):
+    """fetch yields in the order asked and leaves out messages deleted meanwhile."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(4)))
+    with PROVIDER.open(settings()) as session:
+        refs = session.list_new(None, nothing_known).refs
+        session.delete([refs[1]])
+        got = [ref.handle for ref, _ in session.fetch([refs[3], refs[1], refs[0]])]
+    assert got == [4, 1]
+
+
+def test_list_new_is_incremental_and_nothing_new_costs_no_fetch(settings, dovecot, mailbox):
+    """A second pass lists only what came since; with nothing new only SELECT runs."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(3)))
+    with PROVIDER.open(settings()) as session:
+        first = session.list_new(None, nothing_known)
+    assert [ref.handle for ref in first.refs] == [1, 2, 3]
+    assert first.cursor == {"uidvalidity": first.cursor["uidvalidity"], "last_uid": 3}
+    assert first.refs[-1].cursor == first.cursor and first.refs[0].key == f"{first.cursor['uidvalidity']}:1"
+
+    lines: list[str] = []
+    with PROVIDER.open(settings(transcript=lines.append)) as session:
+        again = session.list_new(first.cursor, nothing_known)
+    assert again.refs == [] and again.cursor == first.cursor and not again.reset
+    assert not [line for line in lines if "FETCH" in line or "SEARCH" in line]
+
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(3, 5)))
+    with PROVIDER.open(settings()) as session:
+        more = session.list_new(first.cursor, nothing_known)
+    assert [ref.handle for ref in more.refs] == [4, 5] and more.cursor["last_uid"] == 5
+
+
+def test_last_plus_one_star_never_lists_the_highest_old_message(settings, dovecot, mailbox):
+    """UID FETCH last+1:* returns the highest message even when it is old: it is dropped."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(3)))
+    with PROVIDER.open(settings()) as session:
+        cursor = session.list_new(None, nothing_known).cursor
+    dovecot.deliver(mailbox.user, generate_message(3))
+    with PROVIDER.open(settings()) as session:  # UID 4 comes and goes: UIDNEXT 5, highest UID 3
+        session.delete(session.list_new(cursor, nothing_known).refs)
+
+    lines: list[str] = []
+    with PROVIDER.open(settings(transcript=lines.append)) as session:
+        listing = session.list_new(cursor, nothing_known)
+        assert listing.refs == []
+        assert any("UID FETCH 4:*" in line for line in lines)
+        # the cursor moved up to UIDNEXT - 1, so the next poll needs no FETCH
+        assert listing.cursor["last_uid"] == 4
+        lines.clear()
+        assert session.list_new(listing.cursor, nothing_known).refs == []
+        assert not [line for line in lines if "FETCH" in line]
+
+
+def test_empty_mailbox_records_its_uidvalidity(settings, dovecot, mailbox):
+    """An empty folder still yields a cursor with its UIDVALIDITY."""
+    with PROVIDER.open(settings()) as session:
+        listing = session.list_new(None, nothing_known)
+    assert listing.refs == [] and listing.cursor["last_uid"] == 0
+    assert listing.cursor["uidvalidity"] == dovecot.uidvalidity(mailbox.user)
+
+
+def test_uidvalidity_reset_lists_everything_again(settings, dovecot, mailbox):
+    """A renumbered folder lists every message from UID 1 and says reset."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(3)))
+    with PROVIDER.open(settings()) as session:
+        cursor = session.list_new(None, nothing_known).cursor
+    dovecot.reset_uidvalidity(mailbox.user)
+    with PROVIDER.open(settings()) as session:
+        listing = session.list_new(cursor, nothing_known)
+        estimate = session.estimate(cursor, nothing_known)
+    assert listing.reset
+    assert listing.cursor["uidvalidity"] != cursor["uidvalidity"]
+    assert [ref.handle for ref in listing.refs] == [1, 2, 3]
+    assert estimate.count == 3 and estimate.confidence == "low" and "recognised by content" in estimate.note
+
+
+def test_estimate_counts_what_a_pass_would_download(settings, dovecot, mailbox):
+    """First pass: every message; later: exactly the UIDs above the cursor."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(4)))
+    with PROVIDER.open(settings()) as session:
+        assert session.estimate(None, nothing_known).count == 4
+        refs = session.list_new(None, nothing_known).refs
+        cursor = refs[1].cursor  # two stored
+        assert (session.estimate(cursor, nothing_known).count, session.estimate(cursor, nothing_known).confidence) == (2, "exact")
+        session.delete([refs[3]])
+        assert session.estimate(cursor, nothing_known).count == 1
+        assert session.estimate(refs[3].cursor, nothing_known).count == 0
+
+
+def test_resolve_finds_keys_still_on_the_server(settings, dovecot, mailbox):
+    """resolve keeps keys of the current UIDVALIDITY whose message is still there."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(3)))
+    with PROVIDER.open(settings()) as session:
+        refs = session.list_new(None, nothing_known).refs
+        session.delete([refs[0]])
+    with PROVIDER.open(settings()) as session:
+        resolved = session.resolve([ref.key for ref in refs] + ["1:2"])
+    assert resolved == list(refs[1:])
+
+
+def test_all_encryptions_download_the_same(settings, dovecot, mailbox):
+    """none, STARTTLS and SSL all list and fetch the mailbox."""
+    dovecot.deliver(mailbox.user, generate_message(1))
+    for encryption in Encryption:
+        with PROVIDER.open(settings(encryption=encryption)) as session:
+            (_, raw), = session.fetch(session.list_new(None, nothing_known).refs)
+        assert raw == dovecot.maildir_messages(mailbox.user)[0]
+
+
+def test_many_refs_are_split_into_short_commands(settings, dovecot, mailbox):
+    """Scattered UIDs are fetched with compact sets no longer than the server takes."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i, size=300) for i in range(3000)))
+    with PROVIDER.open(settings()) as session:
+        refs = session.list_new(None, nothing_known).refs[::2]  # 1,3,5,...: no ranges
+        got = list(session.fetch(refs))
+    assert [ref for ref, _ in got] == list(refs)

@@ -1,0 +1,86 @@
+"""TLS: always verified, STARTTLS never downgraded, nothing from before the handshake kept."""
+from __future__ import annotations
+
+import re
+
+import pytest
+from mailhost.errors import TLSFailure
+from mailhost.protocols import Encryption
+
+from mailhost_imap import PROVIDER
+
+
+@pytest.mark.parametrize("encryption", [Encryption.SSL, Encryption.STARTTLS])
+def test_untrusted_certificate_is_refused(settings, dovecot_factory, encryption):
+    """A certificate from an unknown CA fails with the reason and the fix."""
+    server = dovecot_factory(untrusted=True)
+    conn = settings(server, encryption=encryption, username="alice", password="alice-pw")
+    with pytest.raises(TLSFailure, match=r"is not trusted \(unable to get local issuer certificate\): the CA file") as failed:
+        PROVIDER.open(conn)
+    assert "helpdesk on 127.0.0.1" in str(failed.value)
+    with pytest.raises(TLSFailure, match="give its certificate with --ca-file"):
+        PROVIDER.open(settings(server, encryption=encryption, ca_file=None))
+
+
+def test_starttls_required_but_not_offered(settings, dovecot_factory):
+    """A server without STARTTLS is refused before any credential is sent."""
+    server = dovecot_factory(starttls=False)
+    lines: list[str] = []
+    conn = settings(server, encryption=Encryption.STARTTLS, username="alice", password="alice-pw",
+                    transcript=lines.append)
+    with pytest.raises(TLSFailure, match="does not offer STARTTLS, and mailhost never falls back"):
+        PROVIDER.open(conn)
+    assert not re.search(r"> b'\w+ (LOGIN|AUTHENTICATE)", "\n".join(lines))
+
+
+def test_preauth_greeting_refused_under_starttls(fake_imap):
+    """A PREAUTH greeting (signed in before TLS) is refused when TLS is required."""
+    from mailhost.protocols import ConnectionSettings
+
+    def script(peer):
+        peer.send(b"* PREAUTH IMAP4rev1 you are signed in already\r\n")
+        peer.serve({b"CAPABILITY": b"* CAPABILITY IMAP4rev1 STARTTLS\r\n"})
+
+    conn = ConnectionSettings(name="helpdesk", protocol="imap", host="127.0.0.1", port=fake_imap(script),
+                              encryption=Encryption.STARTTLS, username="u", password="p", timeout=5)
+    with pytest.raises(TLSFailure, match=r"PREAUTH greeting\), so STARTTLS cannot protect it"):
+        PROVIDER.open(conn)
+
+
+def test_starttls_response_injection_is_discarded(fake_imap, pki):
+    """Responses sent in plain text around the STARTTLS OK never reach the TLS session."""
+    from mailhost.protocols import ConnectionSettings
+
+    received: list[bytes] = []
+
+    def script(peer):
+        peer.send(b"* OK fake IMAP ready\r\n")
+        tag, _ = peer.command()  # CAPABILITY
+        peer.send(b"* CAPABILITY IMAP4rev1 STARTTLS\r\n" + tag + b" OK done\r\n")
+        tag, rest = peer.command()
+        assert rest == b"STARTTLS"
+        following = tag[:4] + str(int(tag[4:]) + 1).encode()  # imaplib's next tag
+        peer.send(  # one write: it all lands in the client's read buffer at once
+            b'* LIST () "/" Injected\r\n'
+            b"* CAPABILITY IMAP4rev1 INJECTED-BEFORE\r\n"
+            + tag + b" OK begin TLS\r\n"
+            b"* CAPABILITY IMAP4rev1 INJECTED-AFTER\r\n"
+            + following + b" OK [CAPABILITY IMAP4rev1 INJECTED-AFTER] done\r\n"
+        )
+        peer.starttls()
+        peer.serve({
+            b"CAPABILITY": b"* CAPABILITY IMAP4rev1 AUTH=PLAIN IDLE\r\n",
+            b"LIST": b'* LIST () "/" INBOX\r\n',
+        })
+        received.extend(peer.received)
+
+    conn = ConnectionSettings(name="helpdesk", protocol="imap", host="127.0.0.1", port=fake_imap(script),
+                              encryption=Encryption.STARTTLS, username="u", password="p",
+                              ca_file=pki.ca_file, timeout=5)
+    with PROVIDER.open(conn) as session:
+        caps = session.client.capabilities()
+        folders = [name for _, _, name in session.client.list_folders()]
+    assert b"IDLE" in caps and not [cap for cap in caps if b"INJECTED" in cap]
+    assert folders == ["INBOX"]
+    commands = [line.split(b" ")[1].strip() for line in received]
+    assert commands[:4] == [b"CAPABILITY", b"STARTTLS", b"CAPABILITY", b"LOGIN"]

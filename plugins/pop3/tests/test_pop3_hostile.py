@@ -1,0 +1,183 @@
+"""The POP3 session against a tiny scripted server: drops, missing UIDL, XOAUTH2."""
+from __future__ import annotations
+
+import base64
+import socket
+import socketserver
+import ssl
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pytest
+
+from mailhost.errors import AuthenticationFailed, ConnectFailure, PermanentFailure
+from mailhost.protocols import ConnectionSettings, Encryption
+from mailhost_pop3 import open_session
+from tests.servers.certs import Pki
+
+MESSAGES = [b"Subject: one\r\n\r\n.dot\r\nbody\r\n", b"Subject: two\r\n\r\n" + b"x" * 5000 + b"\r\n"]
+TOKEN = "ya29.secret-token"
+
+
+@dataclass
+class Script:
+    """How the fake server behaves."""
+
+    capa: list[str] = field(default_factory=lambda: ["USER", "UIDL", "SASL XOAUTH2"])
+    drop_on_retr: int | None = None  # message number whose RETR is cut in the middle
+    stall_on_retr: int | None = None  # message number whose RETR stops in the middle
+    release: threading.Event = field(default_factory=threading.Event)  # ends a stall
+    auth_lines: list[bytes] = field(default_factory=list)  # what the client sent after AUTH
+    tls: ssl.SSLContext | None = None  # offer STLS with this server context
+    inject: bytes = b""  # sent in plain text right after STLS's +OK, before the handshake
+
+
+def _stuffed(raw: bytes) -> bytes:
+    return (b"\r\n" + raw).replace(b"\r\n.", b"\r\n..")[2:]
+
+
+class _Handler(socketserver.StreamRequestHandler):
+    def handle(self) -> None:
+        script: Script = self.server.script  # type: ignore[attr-defined]
+        send = self.wfile.write
+        send(b"+OK fake POP3 ready\r\n")
+        capa = script.capa + (["STLS"] if script.tls else [])
+        while line := self.rfile.readline():
+            cmd, _, arg = line.strip().decode().partition(" ")
+            cmd = cmd.upper()
+            if cmd == "CAPA":
+                send(b"+OK\r\n" + b"".join(c.encode() + b"\r\n" for c in capa) + b".\r\n")
+            elif cmd == "STLS" and script.tls:
+                send(b"+OK Begin TLS\r\n" + script.inject)
+                self.request = script.tls.wrap_socket(self.request, server_side=True)
+                self.rfile, self.wfile = self.request.makefile("rb"), self.request.makefile("wb", 0)
+                send, capa = self.wfile.write, script.capa
+            elif cmd in ("USER", "PASS", "NOOP"):
+                send(b"+OK\r\n")
+            elif cmd == "AUTH":
+                send(b"+ \r\n")
+                script.auth_lines.append(self.rfile.readline().strip())
+                creds = base64.b64decode(script.auth_lines[-1])
+                if creds == f"user=shared@example.com\x01auth=Bearer {TOKEN}\x01\x01".encode():
+                    send(b"+OK signed in\r\n")
+                else:  # XOAUTH2 says why in a challenge, then -ERR after the empty reply
+                    send(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
+                    script.auth_lines.append(self.rfile.readline().strip())
+                    send(b"-ERR [AUTH] invalid token\r\n")
+            elif cmd == "UIDL" and "UIDL" in script.capa:
+                send(b"+OK\r\n" + b"".join(b"%d uid-%d\r\n" % (i, i) for i in range(1, len(MESSAGES) + 1)) + b".\r\n")
+            elif cmd == "LIST":
+                send(b"+OK\r\n" + b"".join(b"%d %d\r\n" % (i, len(m)) for i, m in enumerate(MESSAGES, 1)) + b".\r\n")
+            elif cmd == "RETR":
+                n = int(arg)
+                body = b"+OK\r\n" + _stuffed(MESSAGES[n - 1]) + b".\r\n"
+                if n in (script.drop_on_retr, script.stall_on_retr):
+                    send(body[: len(body) // 2])
+                    if n == script.stall_on_retr:
+                        script.release.wait()  # then the rest of the reply, late
+                        send(body[len(body) // 2 :])
+                        continue
+                    self.request.shutdown(socket.SHUT_RDWR)
+                    return
+                send(body)
+            elif cmd == "QUIT":
+                send(b"+OK bye\r\n")
+                return
+            else:
+                send(b"-ERR unknown command\r\n")
+
+
+@pytest.fixture
+def fake() -> Iterator[tuple[Script, int]]:
+    """A scripted POP3 server on 127.0.0.1: its script and its port."""
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    server.script = Script()  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.script, server.server_address[1]  # type: ignore[attr-defined]
+    server.script.release.set()  # type: ignore[attr-defined]
+    server.shutdown()
+    server.server_close()
+
+
+def settings(port: int, **kw: Any) -> ConnectionSettings:
+    """Plain-text settings for the fake server."""
+    given: dict[str, Any] = {"host": "127.0.0.1", "encryption": Encryption.NONE, "username": "u", "password": "p",
+                             "timeout": 10, **kw}
+    return ConnectionSettings(name="hostile", protocol="pop3", port=port, **given)
+
+
+def test_drop_mid_retr_is_connect_failure(fake: tuple[Script, int]) -> None:
+    """A server that drops the link inside RETR raises ConnectFailure after the whole messages."""
+    script, port = fake
+    script.drop_on_retr = 2
+    got = []
+    session = open_session(settings(port))
+    with pytest.raises(ConnectFailure, match="hostile on 127.0.0.1.*broke .the server closed the connection.*try again later"):
+        for ref, raw in session.fetch(session.list_new(None, lambda keys: set()).refs):
+            got.append(raw)
+    session.close()
+    assert got == MESSAGES[:1]
+    assert not session.closed_cleanly
+
+
+def test_timeout_mid_retr_leaves_no_stale_reply(fake: tuple[Script, int]) -> None:
+    """After a timeout inside RETR, QUIT is not answered by the rest of the old reply."""
+    script, port = fake
+    script.stall_on_retr = 2
+    session = open_session(settings(port, timeout=0.3))
+    with pytest.raises(ConnectFailure, match="hostile on 127.0.0.1.*did not answer within 0.3 s"):
+        list(session.fetch(session.list_new(None, lambda keys: set()).refs))
+    script.release.set()
+    session.close()
+    assert not session.closed_cleanly
+
+
+def test_lockstep_without_pipelining(fake: tuple[Script, int]) -> None:
+    """A server without PIPELINING gets one RETR at a time, dot-unstuffed."""
+    _, port = fake
+    with open_session(settings(port)) as session:
+        assert [raw for _, raw in session.fetch(session.list_new(None, lambda keys: set()).refs)] == MESSAGES
+    assert session.closed_cleanly
+
+
+def test_server_without_uidl_is_refused(fake: tuple[Script, int]) -> None:
+    """Without UIDL messages cannot be recognised: listing fails with a clear reason."""
+    script, port = fake
+    script.capa = ["USER"]
+    with open_session(settings(port)) as session:
+        with pytest.raises(PermanentFailure, match="does not support UIDL.*use IMAP"):
+            session.list_new(None, lambda keys: set())
+
+
+def test_xoauth2_signs_in_as_shared_mailbox(fake: tuple[Script, int]) -> None:
+    """OAuth2 uses AUTH XOAUTH2 with the shared mailbox as user and a fresh token."""
+    script, port = fake
+    with open_session(settings(port, password=None, shared_mailbox="shared@example.com",
+                               access_token=lambda: TOKEN)) as session:
+        assert len(session.list_new(None, lambda keys: set()).refs) == 2
+
+
+def test_xoauth2_refusal_hides_the_token(fake: tuple[Script, int]) -> None:
+    """A refused token is AuthenticationFailed with the fix; the token appears nowhere."""
+    script, port = fake
+    with pytest.raises(AuthenticationFailed, match="hostile on 127.0.0.1: authorize the OAuth2") as failure:
+        open_session(settings(port, password=None, access_token=lambda: TOKEN))
+    assert script.auth_lines[-1] == b""  # the error challenge was answered
+    assert TOKEN not in str(failure.value) and TOKEN not in repr(failure.value)
+
+
+def test_stls_discards_what_came_before_the_handshake(fake: tuple[Script, int], pki: Pki) -> None:
+    """Replies injected in plain text after STLS's +OK are never taken for the server's."""
+    script, port = fake
+    script.tls = pki.server_context()
+    script.inject = b"+OK\r\nPIPELINING\r\n.\r\n+OK injected\r\n"
+    with open_session(settings(port, host="localhost", encryption=Encryption.STARTTLS,
+                               ca_file=pki.ca_file)) as session:
+        assert isinstance(session.client.sock, ssl.SSLSocket)
+        assert "PIPELINING" not in session.client.capabilities
+        assert [raw for _, raw in session.fetch(session.list_new(None, lambda keys: set()).refs)] == MESSAGES
+    assert session.closed_cleanly
