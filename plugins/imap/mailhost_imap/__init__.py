@@ -41,7 +41,7 @@ PROVIDER = ProtocolProvider(
         }
     ),
     required=frozenset({"host", "username", "password"}),
-    after_download=("mark-seen", "delete", "move"),
+    after_download=("mark-seen", "delete", "move", "keep"),
     default_folder="INBOX",
     test=test,
 )
