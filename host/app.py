@@ -137,6 +137,13 @@ class Mailhost:
         return Connections(self)
 
     @cached_property
+    def certificates(self) -> Any:
+        """Certificates for decrypting incoming mail (:class:`mailhost.certs.Certificates`)."""
+        from .certs import Certificates
+
+        return Certificates(self)
+
+    @cached_property
     def incoming(self) -> Any:
         """The incoming pipeline and queue (:class:`mailhost.incoming.Incoming`)."""
         from .incoming import Incoming

@@ -267,7 +267,8 @@ class Incoming:
             return {"decrypted": None, "decryption": {"error": f"decryption plugin failed: {exc}"}}
         if result is None:
             return {"decrypted": None, "decryption": None}
-        return {"decrypted": result.raw, "decryption": {
+        # The plaintext is kept encrypted at rest, as S/MIME meant it to be.
+        return {"decrypted": self.host.vault.encrypt(result.raw) if result.raw is not None else None, "decryption": {
             "certificate": result.certificate, "signed": result.signed, "error": result.error}}
 
     def _announce(self, connection: str, item_id: int, message_id: str | None,
@@ -449,13 +450,16 @@ class Incoming:
             return list(s.scalars(q))
 
     def item(self, item_id: int) -> IncomingItem:
-        """One queue item with its raw bytes."""
+        """One queue item with its raw bytes and, if it was encrypted, its decrypted form
+        (stored encrypted at rest; decrypted here, in a detached copy that is never saved)."""
         with self.host.session() as s:
             item = s.get(IncomingItem, item_id)
             if item is None:
                 raise NotFound(f"no incoming queue item {item_id}: see `mailhost queue incoming`")
             _ = item.raw, item.decrypted
-            return item
+            s.expunge(item)
+        item.decrypted = self.host.vault.decrypt_bytes(item.decrypted)
+        return item
 
     def set_status(self, item_id: int, status: str, error: str | None = None) -> None:
         """Move a queue item on (for handlers: processing, processed, filtered, failed)."""

@@ -2,7 +2,10 @@
 
 Rules, in order:
 
-1. The host's own :mod:`mailhost.builtin` is registered first, like any plugin.
+1. The host's own plugins are registered first, like any plugin: :mod:`mailhost.builtin`
+   (the after-download actions; always on) and :mod:`mailhost.smime` (S/MIME
+   decryption; ``[plugins] disabled = ["smime"]`` turns it off, to let another plugin
+   decrypt).
 2. Entry points in the group ``mailhost`` are listed without importing them. A plugin
    is loaded if it is allowed by ``$MAILHOST_LOAD_PLUGINS`` (an allowlist), by
    ``[plugins] enabled`` (empty means all) and not named in ``[plugins] disabled``.
@@ -18,6 +21,7 @@ Rules, in order:
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.metadata
 import logging
 import os
@@ -28,7 +32,7 @@ from typing import Any, Literal
 import pluggy
 from stevedore import NamedExtensionManager
 
-from . import builtin, hookspecs
+from . import hookspecs
 from .errors import PluginError, ValidationError
 from .protocols import AfterDownloadAction, Direction, HostOverride, ProtocolProvider
 
@@ -38,6 +42,8 @@ log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "mailhost"
 BUILTIN = "builtin"
+#: The host's own plugins, by name: the module, and whether the config may disable it.
+BUILTINS: dict[str, tuple[str, bool]] = {BUILTIN: ("mailhost.builtin", False), "smime": ("mailhost.smime", True)}
 
 State = Literal["enabled", "disabled", "failed"]
 
@@ -107,7 +113,13 @@ class PluginHost:
         self._only = set(only) if only is not None else None
         self._enabled, self._disabled = set(enabled), set(disabled)
 
-        self._register(BUILTIN, builtin, PluginInfo(BUILTIN, builtin.__name__, "mailhost", _own_version()))
+        for name, (module, optional) in BUILTINS.items():
+            info = PluginInfo(name, module, "mailhost", _own_version())
+            if optional and name in self._disabled:
+                info.state = "disabled"  # and never imported
+                self.plugins[name] = info
+            else:
+                self._register(name, importlib.import_module(module), info)
         self._load_entry_points()
         for name, obj in extra:
             self._register(name, obj, PluginInfo(name, getattr(obj, "__name__", repr(obj))))
@@ -117,8 +129,8 @@ class PluginHost:
 
     def allowed(self, name: str) -> bool:
         """Whether the plugin ``name`` may be loaded under the config and environment."""
-        if name == BUILTIN:
-            return True
+        if name in BUILTINS:
+            return name == BUILTIN or name not in self._disabled
         if self._only is not None and name not in self._only:
             return False
         if self._enabled and name not in self._enabled:
@@ -290,11 +302,11 @@ class PluginHost:
 
 
 def installed_plugin_names() -> list[str]:
-    """The names of the installed plugins, without importing any of them."""
+    """The names of the installed plugins (the host's own included), without importing any."""
     manager: NamedExtensionManager[Any] = NamedExtensionManager(
         ENTRY_POINT_GROUP, names=[], on_missing_entrypoints_callback=None
     )
-    return sorted({ep.name for ep in manager.list_entry_points()})
+    return sorted({ep.name for ep in manager.list_entry_points()} | set(BUILTINS))
 
 
 @functools.lru_cache(maxsize=8)

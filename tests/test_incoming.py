@@ -168,6 +168,9 @@ def test_decrypt_message(tmh: Mailhost, box: Path, conn: str) -> None:
     assert item.raw == raw
     assert item.decrypted.endswith(b"hello\r\n")
     assert item.decryption["certificate"] == "cert1"
+    db = Path(tmh.config.database_url.removeprefix("sqlite:///"))
+    tmh.close()
+    assert b"hello\r\n" not in b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))  # encrypted at rest
 
 
 def test_fetch_cli_queue_and_log(home: Path, plugin_env: dict[str, str], box: Path) -> None:

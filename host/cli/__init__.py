@@ -6,7 +6,8 @@ status 2 for bad input and 1 for a failure while running; secrets never come fro
 command line itself.
 
 The commands live by subject: :mod:`.admin` (init, plugins, host overrides),
-:mod:`.connections` (incoming and outgoing connections), :mod:`.incoming` (fetch, the
+:mod:`.connections` (incoming and outgoing connections), :mod:`.certs` (certificates),
+:mod:`.incoming` (fetch, the
 incoming queue and log), :mod:`.delivery` (send, deliver, the outgoing queue),
 :mod:`.service` (serve).
 """
@@ -252,5 +253,5 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
 
 
 # Register the command modules (they import the helpers above).
-from . import admin, connections, delivery, incoming, service  # noqa: E402,F401
+from . import admin, certs, connections, delivery, incoming, service  # noqa: E402,F401
 
