@@ -181,3 +181,19 @@ def test_host_overrides_listing(cli) -> None:
     rows = json.loads(cli("host-overrides", "--provider", "test", "--json").stdout)
     assert rows[0]["name"] == "local" and rows[0]["protocol"] == "dir"
     assert json.loads(cli("host-overrides", "--provider", "nobody", "--json").stdout) == []
+
+
+def test_certificates_attached_and_detached(cli) -> None:
+    """--certificate attaches (replacing the list); --no-certificates detaches them all."""
+    from mailhost import Mailhost
+    from mailhost.store import Certificate
+
+    host = Mailhost.open(cli.home / "mailhost.toml")
+    with host.session() as s:
+        s.add_all([Certificate(name=n, cert_pem=b"-", key_enc=b"-") for n in ("c1", "c2")])
+    host.close()
+    assert cli("incoming", "add", "d", "--protocol", "dir", "--folder", "x", "--certificate", "c1",
+               "--certificate", "c2").returncode == 0
+    assert json.loads(cli("incoming", "show", "d", "--json").stdout)["certificates"] == ["c1", "c2"]
+    assert cli("incoming", "edit", "d", "--no-certificates").returncode == 0
+    assert json.loads(cli("incoming", "show", "d", "--json").stdout)["certificates"] == []

@@ -53,7 +53,8 @@ def _incoming_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--move-to", metavar="FOLDER", help="The target folder of --after-download move."),
         click.option("--shared-mailbox", metavar="ALIAS", help="Open this shared mailbox with the user's credentials."),
         click.option("--certificate", "certificates", multiple=True, metavar="NAME",
-                     help="Decrypt S/MIME mail with this certificate (repeatable)."),
+                     help="Decrypt S/MIME mail with this certificate (repeatable; replaces the list)."),
+        click.option("--no-certificates", is_flag=True, help="Detach every certificate."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -77,11 +78,15 @@ def _outgoing_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _spec(name: str | None, opts: dict[str, Any]) -> ConnectionSpec:
     password = read_secret(opts.pop("password_env"), opts.pop("password_file"), opts.pop("password_stdin"))
-    certificates = opts.pop("certificates", None)
+    certificates: list[str] | None = list(opts.pop("certificates", ()) or ()) or None
+    if opts.pop("no_certificates", False):
+        if certificates:
+            fail("give --certificate or --no-certificates, not both")
+        certificates = []  # given, and empty: detach them all
     move_to = opts.pop("move_to", None)
     spec = ConnectionSpec(name=name, password=password, **{k: v for k, v in opts.items()})
-    if certificates:
-        spec.certificates = list(certificates)
+    if certificates is not None:
+        spec.certificates = certificates
     if move_to is not None:
         spec.after_download_argument = move_to
     if spec.encryption:
