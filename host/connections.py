@@ -246,6 +246,7 @@ class Connections:
         with self.host.session() as s:
             existing = None
             given = spec.given()
+            explicit = set(given)  # the attributes the admin gave; stored ones may not apply
             if name is not None:
                 existing = s.scalar(select(_model(direction)).where(_model(direction).name == name))
             if existing is not None:
@@ -257,7 +258,8 @@ class Connections:
                     field="protocol",
                 )
             given.setdefault("name", name or "(unsaved)")
-            values, _ = self._validate(direction, s, given, existing)
+            values, _ = self._validate(direction, s, given, existing,
+                                       explicit=explicit if existing is not None else None)
             conn = _model(direction)(**values)  # transient: never added, never saved
         provider = self.provider(direction, conn)
         settings = self.settings(direction, conn)

@@ -21,5 +21,5 @@ def test_register_protocols_registers_the_provider():
     assert registered == [PROVIDER]
     assert PROVIDER.direction is Direction.INCOMING and PROVIDER.connect_modes == {"password", "oauth2"}
     assert PROVIDER.default_ports == {Encryption.NONE: 143, Encryption.STARTTLS: 143, Encryption.SSL: 993}
-    assert PROVIDER.after_download == ("mark-seen", "delete", "move") and PROVIDER.default_folder == "INBOX"
+    assert PROVIDER.after_download == ("mark-seen", "delete", "move", "keep") and PROVIDER.default_folder == "INBOX"
     assert "folder" in PROVIDER.attributes and PROVIDER.required == {"host", "username", "password"}

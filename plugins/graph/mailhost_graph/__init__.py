@@ -1,0 +1,69 @@
+"""Microsoft Graph for mailhost: incoming and outgoing mail over the Graph API, on httpx.
+
+The plugin registers the protocol ``graph`` in both directions. :mod:`.incoming` lists
+new mail with the delta query and downloads raw MIME; :mod:`.outgoing` sends MIME with
+``sendMail``; :mod:`.client` is the well-behaved HTTP side (TLS, tokens, throttling,
+batching); :mod:`.folders` finds folders by name; :mod:`.diagnose` is the connection test.
+The Graph endpoint per Microsoft cloud comes from the host overrides the OAuth2 provider
+plugin registers (``mailhost host-overrides --protocol graph``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from mailhost import hookimpl
+from mailhost.protocols import Direction, ProtocolProvider
+
+from .client import DEFAULT_HOST, GraphClient
+from .diagnose import test_incoming, test_outgoing
+from .incoming import GraphIncomingSession, open_incoming
+from .outgoing import GraphOutgoingSession, open_outgoing
+
+__all__ = [
+    "DEFAULT_HOST",
+    "INCOMING",
+    "OUTGOING",
+    "GraphClient",
+    "GraphIncomingSession",
+    "GraphOutgoingSession",
+    "register_protocols",
+]
+
+__version__ = "0.1.0"
+
+INCOMING = ProtocolProvider(
+    name="graph",
+    direction=Direction.INCOMING,
+    title="Microsoft Graph",
+    open=open_incoming,
+    connect_modes=frozenset({"oauth2"}),
+    attributes=frozenset({
+        "host", "port", "username", "shared_mailbox", "folder", "oauth_credential", "host_override",
+        "ca_file", "certificates",
+    }),
+    required=frozenset({"username"}),
+    after_download=("mark-seen", "delete", "move", "keep"),
+    default_folder="Inbox",
+    test=test_incoming,
+)
+
+OUTGOING = ProtocolProvider(
+    name="graph",
+    direction=Direction.OUTGOING,
+    title="Microsoft Graph",
+    open=open_outgoing,
+    connect_modes=frozenset({"oauth2"}),
+    attributes=frozenset({
+        "host", "port", "username", "from_address", "oauth_credential", "host_override", "ca_file",
+        "size_limit", "debug",
+    }),
+    required=frozenset({"username"}),
+    test=test_outgoing,
+)
+
+
+@hookimpl
+def register_protocols(register: Callable[[ProtocolProvider], None]) -> None:
+    """Register ``graph`` for incoming and for outgoing mail."""
+    register(INCOMING)
+    register(OUTGOING)

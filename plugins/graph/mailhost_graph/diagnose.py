@@ -1,0 +1,128 @@
+"""``mailhost incoming test`` / ``outgoing test`` for Graph: each step ok, or the failure and the fix.
+
+Incoming: token, mailbox, folder, permissions (read the MIME, write the read flag,
+send). Outgoing: token, mailbox, permission to send. Nothing is changed: the write
+probe sets a message's read flag to the value it already has.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import quote
+
+from mailhost.errors import MailError
+from mailhost.protocols import ConnectionSettings, TestStep
+
+from .client import PREFER_IMMUTABLE, GraphClient, token_claims
+from .folders import Folders
+from .outgoing import sending_mailbox
+
+__all__ = ["test_incoming", "test_outgoing"]
+
+
+def test_incoming(settings: ConnectionSettings) -> Iterator[TestStep]:
+    """Token, mailbox, folder, permissions; stops at the first failure."""
+    mailbox = settings.shared_mailbox or settings.username or ""
+    folder_path = settings.folder or "Inbox"
+    step = "token"
+    client = None
+    try:
+        client = GraphClient(settings)
+        claims = token_claims(client.token())
+        yield TestStep(step, True, _describe_token(claims))
+
+        step = "mailbox"
+        prefix = f"/users/{quote(mailbox, safe='@')}"
+        client.call("GET", f"{prefix}/mailFolders/inbox", doing=f"open mailbox {mailbox}", params={"$select": "id"})
+        shared = f" (shared mailbox, signed in as {settings.username})" if settings.shared_mailbox else ""
+        yield TestStep(step, True, f"mailbox {mailbox}{shared} answers on {client.where}")
+
+        step = "folder"
+        folder = Folders(client, mailbox).get(folder_path)
+        yield TestStep(step, True, f"folder {folder_path} found: {folder.total} messages, {folder.unread} unread")
+
+        step = "permissions"
+        notes = [f"read: {_probe_read_write(client, prefix, folder.id, folder_path)}",
+                 f"send: {_send_right(claims, bool(settings.shared_mailbox))}"]
+        yield TestStep(step, True, "; ".join(notes))
+    except MailError as exc:
+        yield TestStep(step, False, str(exc))
+    finally:
+        if client is not None:
+            client.close()
+
+
+def test_outgoing(settings: ConnectionSettings) -> Iterator[TestStep]:
+    """Token, mailbox, permission to send; stops at the first failure."""
+    mailbox = sending_mailbox(settings)
+    step = "token"
+    client = None
+    try:
+        client = GraphClient(settings)
+        claims = token_claims(client.token())
+        yield TestStep(step, True, _describe_token(claims))
+
+        step = "mailbox"
+        doing = f"open mailbox {mailbox}"
+        response = client.request("GET", f"/users/{quote(mailbox, safe='@')}/mailFolders/sentitems",
+                                  params={"$select": "id"}, doing=doing)
+        if response.status_code == 403:
+            yield TestStep(step, True, f"mailbox {mailbox} exists on {client.where}; this token may not read it, "
+                                       "which sending does not need")
+        else:
+            client.check(response, doing)
+            yield TestStep(step, True, f"mailbox {mailbox} answers on {client.where}")
+
+        step = "permissions"
+        right = _send_right(claims, mailbox.lower() != (settings.username or "").lower())
+        ok = not right.startswith("no")
+        yield TestStep(step, ok, f"send: {right}" + ("" if ok else ": grant the app Mail.Send "
+                                                      "(Mail.Send.Shared and Send As for a shared mailbox)"))
+    except MailError as exc:
+        yield TestStep(step, False, str(exc))
+    finally:
+        if client is not None:
+            client.close()
+
+
+def _probe_read_write(client: GraphClient, prefix: str, folder_id: str, folder_path: str) -> str:
+    """Read one message's MIME, then set its read flag to what it is: both rights, no change."""
+    page = client.call("GET", f"{prefix}/mailFolders/{quote(folder_id, safe='')}/messages",
+                       doing=f"list folder {folder_path}", params={"$top": "1", "$select": "id,isRead"})
+    first = (page or {}).get("value") or []
+    if not first:
+        return "not checked, the folder is empty; write flags: not checked"
+    message = first[0]
+    target = f"{prefix}/messages/{quote(str(message['id']), safe='=-_')}"
+    client.check(client.request("GET", f"{target}/$value", doing="read a message's MIME content"),
+                 "read a message's MIME content")
+    client.call("PATCH", target, doing="set a message's read flag", json_body={"isRead": bool(message.get("isRead"))},
+                headers={"Content-Type": "application/json", "Prefer": PREFER_IMMUTABLE})
+    return "yes; write flags: yes"
+
+
+def _send_right(claims: dict[str, Any], shared: bool) -> str:
+    """From the token's scopes or roles, when it shows them."""
+    scopes = set(str(claims.get("scp") or "").split()) | set(claims.get("roles") or [])
+    if not scopes:
+        return "unknown (the token does not show its permissions): send a test email"
+    wanted = {"Mail.Send.Shared"} if shared and claims.get("scp") else {"Mail.Send"}
+    if scopes & wanted:
+        return "yes" + (" (the mailbox's Send As right is checked when sending)" if shared else "")
+    return f"no ({' or '.join(sorted(wanted))} missing)"
+
+
+def _describe_token(claims: dict[str, Any]) -> str:
+    if not claims:
+        return "acquired an access token"
+    if claims.get("scp"):
+        who = claims.get("upn") or claims.get("preferred_username") or "a user"
+        kind = f"delegated for {who}, scopes {claims['scp']}"
+    else:
+        kind = f"app-only, roles {' '.join(claims.get('roles') or []) or 'none'}"
+    expires = claims.get("exp")
+    until = ""
+    if isinstance(expires, (int, float)):
+        until = f", valid until {dt.datetime.fromtimestamp(expires, dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}"
+    return f"acquired an access token ({kind}{until})"

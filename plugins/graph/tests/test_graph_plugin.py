@@ -1,0 +1,104 @@
+"""The plugin in the host: what it registers, the connection rules, the endpoint, the tests."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from graph_helpers import ALICE, Settings, message
+from mailhost import Mailhost, hookimpl
+from mailhost.connections import ConnectionSpec
+from mailhost.errors import ValidationError
+from mailhost.plugins import PluginHost
+from mailhost.protocols import Direction, HostOverride
+from mailhost_graph import INCOMING, OUTGOING
+from mailhost_graph.client import GraphClient
+from mailhost_graph.diagnose import test_incoming as incoming_test
+from mailhost_graph.diagnose import test_outgoing as outgoing_test
+
+from tests.servers.graph import GraphServer, add_oauth_credential, wire_access_token
+
+
+class Clouds:
+    """A plugin with one Graph host override, as the Microsoft OAuth2 provider registers them."""
+
+    @hookimpl
+    def register_host_overrides(self, register):  # type: ignore[no-untyped-def]
+        register(HostOverride(provider="microsoft", protocol="graph", name="gcc-high", host="graph.microsoft.us",
+                              title="Microsoft 365 GCC High", authority="https://login.microsoftonline.us"))
+
+
+@pytest.fixture
+def host(home: Path) -> Mailhost:
+    mh = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(only=["graph"], extra=[("clouds", Clouds())]))
+    add_oauth_credential(mh, "ms")
+    wire_access_token(mh, lambda: "token")
+    yield mh
+    mh.close()
+
+
+def test_registers_graph_in_both_directions(host: Mailhost) -> None:
+    """One plugin, the protocol ``graph`` incoming and outgoing, OAuth2 only."""
+    incoming = host.plugins.protocol(Direction.INCOMING, "graph")
+    outgoing = host.plugins.protocol(Direction.OUTGOING, "graph")
+    assert (incoming.open, incoming.plugin) == (INCOMING.open, "graph")
+    assert (outgoing.open, outgoing.plugin) == (OUTGOING.open, "graph")
+    assert INCOMING.connect_modes == OUTGOING.connect_modes == frozenset({"oauth2"})
+    assert INCOMING.after_download == ("mark-seen", "delete", "move", "keep")
+
+
+def test_connection_rules(host: Mailhost) -> None:
+    """OAuth2 only, no encryption, a username; Inbox and mark-seen by default, graph.microsoft.com."""
+    with pytest.raises(ValidationError, match="does not support password sign-in"):
+        host.connections.add(Direction.INCOMING, ConnectionSpec(name="a", protocol="graph", username=ALICE,
+                                                                password="x"))
+    with pytest.raises(ValidationError, match="encryption does not apply to graph"):
+        host.connections.add(Direction.INCOMING, ConnectionSpec(name="a", protocol="graph", username=ALICE,
+                                                                oauth_credential="ms", encryption="ssl"))
+    with pytest.raises(ValidationError, match="needs the mailbox's username"):
+        host.connections.add(Direction.INCOMING, ConnectionSpec(name="a", protocol="graph", oauth_credential="ms"))
+    conn = host.connections.add(Direction.INCOMING, ConnectionSpec(name="a", protocol="graph", username=ALICE,
+                                                                   oauth_credential="ms"))
+    assert (conn.folder, conn.after_download, conn.host) == ("Inbox", "mark-seen", None)
+    client = GraphClient(host.connections.settings(Direction.INCOMING, conn))
+    assert client.base == "https://graph.microsoft.com/v1.0"
+    client.close()
+
+
+def test_host_override_picks_the_cloud(host: Mailhost) -> None:
+    """--host-override gcc-high: the Graph endpoint of that cloud, in both directions."""
+    for direction in Direction:
+        conn = host.connections.add(direction, ConnectionSpec(name="c", protocol="graph", username=ALICE,
+                                                              oauth_credential="ms", host_override="gcc-high"))
+        client = GraphClient(host.connections.settings(direction, conn))
+        assert client.base == "https://graph.microsoft.us/v1.0"
+        client.close()
+
+
+def test_incoming_test_on_an_empty_folder(graph: GraphServer, settings: Settings) -> None:
+    """Each step reported; with nothing in the folder the write probe says it could not check."""
+    steps = list(incoming_test(settings()))
+    assert [(s.name, s.ok) for s in steps] == [("token", True), ("mailbox", True), ("folder", True),
+                                               ("permissions", True)]
+    assert "delegated for alice@contoso.com" in steps[0].detail
+    assert "not checked, the folder is empty" in steps[-1].detail
+
+
+def test_incoming_test_reports_missing_write_permission(graph: GraphServer, settings: Settings) -> None:
+    """Mail.Read only: reading works, setting the read flag is denied, and the step says so."""
+    graph.deliver(ALICE, message(1))
+    steps = list(incoming_test(settings(scopes=("Mail.Read",))))
+    assert (steps[-1].name, steps[-1].ok) == ("permissions", False)
+    assert "403 ErrorAccessDenied" in steps[-1].detail and "Mail.ReadWrite" in steps[-1].detail
+
+
+def test_outgoing_test(graph: GraphServer, settings: Settings) -> None:
+    """Send-only tokens pass (the mailbox need not be readable); no Mail.Send fails."""
+    steps = list(outgoing_test(settings(scopes=("Mail.Send",))))
+    assert [(s.name, s.ok) for s in steps] == [("token", True), ("mailbox", True), ("permissions", True)]
+    assert "may not read it" in steps[1].detail
+    refused = list(outgoing_test(settings(scopes=("Mail.Read",))))
+    assert (refused[-1].name, refused[-1].ok) == ("permissions", False)
+    assert "Mail.Send" in refused[-1].detail
+    unknown = list(outgoing_test(settings(host="127.0.0.1", port=graph.port, access_token=lambda: "opaque")))
+    assert (unknown[0].name, unknown[0].ok) == ("token", True)
+    assert not unknown[1].ok and "refused the access token" in unknown[1].detail

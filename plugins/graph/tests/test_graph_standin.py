@@ -1,0 +1,143 @@
+"""The Graph stand-in speaks the documented wire format (raw HTTP, no plugin code)."""
+from __future__ import annotations
+
+import base64
+import ssl
+import threading
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from graph_helpers import ALICE, message
+
+from tests.servers.graph import GraphServer
+
+
+@pytest.fixture
+def http(graph: GraphServer) -> Iterator[httpx.Client]:
+    """A client for alice's mailbox with a delegated token, verified TLS."""
+    token = graph.issue_token(ALICE)
+    with httpx.Client(base_url=graph.base_url, verify=ssl.create_default_context(cafile=graph.ca_file),
+                      headers={"Authorization": f"Bearer {token}"}) as client:
+        yield client
+
+
+def test_delta_round_shapes(graph: GraphServer, http: httpx.Client) -> None:
+    """nextLink pages with $skiptoken, then a deltaLink with $deltatoken; removals as @removed."""
+    ids = graph.deliver_many(ALICE, [message(i) for i in range(5)])
+    url = "/users/alice@contoso.com/mailFolders/inbox/messages/delta?$select=subject,isRead"
+    pages, seen = [], []
+    while True:
+        r = http.get(url, headers={"Prefer": 'odata.maxpagesize=2, IdType="ImmutableId"'})
+        assert r.status_code == 200 and r.headers["Preference-Applied"] == "odata.maxpagesize=2"
+        page = r.json()
+        assert page["@odata.context"].endswith("$metadata#Collection(message)")
+        assert not ("@odata.nextLink" in page and "@odata.deltaLink" in page)
+        pages.append(page)
+        seen += [v["id"] for v in page["value"]]
+        assert all(set(v) == {"@odata.type", "@odata.etag", "id", "subject", "isRead"} for v in page["value"])
+        if "@odata.nextLink" not in page:
+            break
+        assert "$skiptoken=" in page["@odata.nextLink"]
+        url = page["@odata.nextLink"]
+    assert seen == ids and len(pages) == 3 and "$deltatoken=" in pages[-1]["@odata.deltaLink"]
+    graph.purge_message(ALICE, ids[0])
+    http.patch(f"/users/alice@contoso.com/messages/{ids[1]}", json={"isRead": True},
+               headers={"Prefer": 'IdType="ImmutableId"'})
+    changes = http.get(pages[-1]["@odata.deltaLink"], headers={"Prefer": 'IdType="ImmutableId"'}).json()["value"]
+    assert {"id": ids[0], "@removed": {"reason": "deleted"}, "@odata.type": "#microsoft.graph.message"} in changes
+    assert [c["isRead"] for c in changes if c["id"] == ids[1]] == [True]
+
+
+def test_stale_delta_token_is_410_with_location(graph: GraphServer, http: httpx.Client) -> None:
+    """An expired delta token: 410 Gone, SyncStateNotFound, and where to start again."""
+    r = http.get("/users/alice@contoso.com/mailFolders/inbox/messages/delta")
+    graph.expire_delta_tokens()
+    gone = http.get(r.json()["@odata.deltaLink"])
+    assert gone.status_code == 410 and gone.json()["error"]["code"] == "SyncStateNotFound"
+    assert gone.headers["Location"].endswith("$deltatoken=")
+    assert http.get(gone.headers["Location"]).status_code == 200  # an empty token starts a new round
+
+
+def test_batch_rules(graph: GraphServer, http: httpx.Client) -> None:
+    """At most 20 requests, unique ids; dependsOn fails with 424 after a failure; binary bodies in base64."""
+    [mid] = graph.deliver_many(ALICE, [message(1)])
+    too_many = [{"id": str(i), "method": "GET", "url": "/me/mailFolders/inbox"} for i in range(21)]
+    assert http.post("/$batch", json={"requests": too_many}).status_code == 400
+    twice = [{"id": "1", "method": "GET", "url": "/me/mailFolders/inbox"}] * 2
+    assert http.post("/$batch", json={"requests": twice}).status_code == 400
+    answer = http.post("/$batch", json={"requests": [
+        {"id": "a", "method": "GET", "url": f"/me/messages/{mid}/$value"},
+        {"id": "b", "method": "GET", "url": "/me/messages/AAMkmissing"},
+        {"id": "c", "dependsOn": ["b"], "method": "PATCH", "url": f"/me/messages/{mid}",
+         "body": {"isRead": True}, "headers": {"Content-Type": "application/json"}},
+        {"id": "d", "method": "PATCH", "url": f"/me/messages/{mid}", "body": {"isRead": True}},
+    ]})
+    assert answer.status_code == 200
+    by_id = {r["id"]: r for r in answer.json()["responses"]}
+    assert base64.b64decode(by_id["a"]["body"]) == message(1)
+    assert (by_id["b"]["status"], by_id["b"]["body"]["error"]["code"]) == (404, "ErrorItemNotFound")
+    assert by_id["c"]["status"] == 424 and by_id["d"]["status"] == 400  # a body needs a Content-Type
+
+
+def test_auth_and_throttling_answers(graph: GraphServer, http: httpx.Client) -> None:
+    """401 with WWW-Authenticate; 429 with Retry-After and Graph's error body."""
+    anonymous = httpx.get(graph.base_url + "/me/mailFolders/inbox", verify=ssl.create_default_context(cafile=graph.ca_file))
+    assert anonymous.status_code == 401 and anonymous.headers["WWW-Authenticate"].startswith("Bearer ")
+    assert anonymous.json()["error"]["code"] == "InvalidAuthenticationToken"
+    expired = graph.issue_token(ALICE, expires_in=-5)
+    r = http.get("/me/mailFolders/inbox", headers={"Authorization": f"Bearer {expired}"})
+    assert (r.status_code, r.json()["error"]["message"]) == (401, "Lifetime validation failed, the token is expired.")
+    graph.throttle(burst=1, retry_after=2)
+    r = http.get("/me/mailFolders/inbox")
+    assert (r.status_code, r.headers["Retry-After"], r.json()["error"]["code"]) == (429, "2", "TooManyRequests")
+
+
+def test_mailbox_concurrency_limit(pki: object) -> None:
+    """A fifth request at once to one mailbox is throttled: ApplicationThrottled."""
+    with GraphServer(pki, service_time=0.3) as graph:  # type: ignore[arg-type]
+        graph.add_user(ALICE)
+        token = graph.issue_token(ALICE)
+        statuses: list[int] = []
+        together = threading.Barrier(6)
+
+        def get() -> None:
+            headers = {"Authorization": f"Bearer {token}"}
+            with httpx.Client(verify=ssl.create_default_context(cafile=graph.ca_file), headers=headers) as c:
+                c.post(graph.base_url + "/$batch", json={"requests": []})  # connected: no handshake in the race
+                together.wait()
+                r = c.get(graph.base_url + "/users/alice@contoso.com/mailFolders/inbox")
+                statuses.append(r.status_code)
+                if r.status_code == 429:
+                    assert r.json()["error"]["message"] == "Application is over its MailboxConcurrency limit."
+
+        threads = [threading.Thread(target=get) for _ in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert sorted(statuses) == [200] * 4 + [429] * 2
+
+
+def test_send_mail_mime_answers(graph: GraphServer, http: httpx.Client) -> None:
+    """202 for base64 MIME; 400 ErrorMimeContentInvalidBase64String for anything else."""
+    raw = b"From: alice@contoso.com\r\nTo: carol@example.org\r\nSubject: hi\r\n\r\nhi\r\n"
+    ok = http.post("/me/sendMail", content=base64.b64encode(raw), headers={"Content-Type": "text/plain"})
+    assert (ok.status_code, ok.content) == (202, b"")
+    bad = http.post("/me/sendMail", content=raw, headers={"Content-Type": "text/plain"})
+    assert bad.status_code == 400
+    assert bad.json()["error"] == {**bad.json()["error"], "code": "ErrorMimeContentInvalidBase64String",
+                                   "message": "Invalid base64 string for MIME content."}
+    assert [s.raw for s in graph.sent] == [raw]
+
+
+def test_folders_by_name_and_create(graph: GraphServer, http: httpx.Client) -> None:
+    """$filter on displayName; creating an existing name is 409 ErrorFolderExists."""
+    created = http.post("/me/mailFolders", json={"displayName": "Tickets"})
+    assert created.status_code == 201 and created.json()["totalItemCount"] == 0
+    again = http.post("/me/mailFolders", json={"displayName": "Tickets"})
+    assert (again.status_code, again.json()["error"]["code"]) == (409, "ErrorFolderExists")
+    found = http.get("/me/mailFolders", params={"$filter": "displayName eq 'tickets'"}).json()["value"]
+    assert [f["id"] for f in found] == [created.json()["id"]]
+    child = http.post(f"/me/mailFolders/{created.json()['id']}/childFolders", json={"displayName": "Level 1"})
+    assert child.json()["parentFolderId"] == created.json()["id"]
