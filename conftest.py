@@ -1,2 +1,2 @@
 """Fixtures shared by the host's tests and every plugin's tests."""
-pytest_plugins = ["tests.servers.fixtures", "tests.helpers"]
+pytest_plugins = ["tests.servers.fixtures", "tests.servers.idp_fixtures", "tests.helpers"]

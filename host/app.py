@@ -144,6 +144,13 @@ class Mailhost:
         return Certificates(self)
 
     @cached_property
+    def oauth(self) -> Any:
+        """OAuth2 credentials and their tokens (:class:`mailhost.oauth.OAuth2`)."""
+        from .oauth import OAuth2
+
+        return OAuth2(self)
+
+    @cached_property
     def incoming(self) -> Any:
         """The incoming pipeline and queue (:class:`mailhost.incoming.Incoming`)."""
         from .incoming import Incoming

@@ -284,13 +284,10 @@ class Connections:
         provider = self.provider(direction, conn)
         encryption = Encryption(conn.encryption)
         port = conn.port or provider.default_ports.get(encryption)
+        access_token = None
         if conn.oauth_credential_id is not None:
-            from .errors import ConfigError
-
-            raise ConfigError(
-                f"connection {conn.name} signs in with OAuth2, which this installation cannot do yet: "
-                "install a mailhost version with OAuth2 support"
-            )
+            # A token source, asked at sign-in: the stored token, renewed when due.
+            access_token = self.host.oauth.access_token_for(conn.oauth_credential_id, conn.username)
         debug = bool(getattr(conn, "debug", False))
         return ConnectionSettings(
             name=conn.name,
@@ -306,6 +303,7 @@ class Connections:
             ca_file=conn.ca_file,
             from_address=getattr(conn, "from_address", None),
             size_limit=getattr(conn, "size_limit", 0) or 0,
+            access_token=access_token,
             transcript=_transcript(conn.name) if debug else None,
             options=dict(conn.options or {}),
         )

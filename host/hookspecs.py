@@ -27,6 +27,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from .certificates import Certificate, Decryption
+    from .oauth_providers import OAuthProvider
     from .protocols import AfterDownloadAction, HostOverride, ProtocolProvider
 
 PROJECT = "mailhost"
@@ -61,6 +62,20 @@ def register_host_overrides(register: Callable[[HostOverride], None]) -> None:
     Call ``register(override)`` for each :class:`~mailhost.protocols.HostOverride`
     (the seeds' "Override default host setting" dropdown: Microsoft 365 global, US
     Government, China, ...). A connection picks one with ``--host-override NAME``.
+    """
+
+
+@hookspec
+def register_oauth_providers(register: Callable[[OAuthProvider], None]) -> None:
+    """Register OAuth2 providers: identity platforms credentials can sign in with.
+
+    Call ``register(provider)`` for each :class:`~mailhost.oauth_providers.OAuthProvider`:
+    its name (``mailhost oauth add --provider NAME``), the flows it offers, and
+    ``authorize(config, interaction, username)`` / ``refresh(config, tokens)``, which
+    return a :class:`~mailhost.oauth_providers.TokenSet` or raise
+    :class:`~mailhost.oauth_providers.OAuthError`. The host stores the tokens encrypted
+    and decides when to renew them. Built in: ``microsoft``, ``google``, ``oidc``. Two
+    plugins registering one name are settled like protocols.
     """
 
 

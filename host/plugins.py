@@ -3,9 +3,10 @@
 Rules, in order:
 
 1. The host's own plugins are registered first, like any plugin: :mod:`mailhost.builtin`
-   (the after-download actions; always on) and :mod:`mailhost.smime` (S/MIME
+   (the after-download actions; always on), :mod:`mailhost.smime` (S/MIME
    decryption; ``[plugins] disabled = ["smime"]`` turns it off, to let another plugin
-   decrypt).
+   decrypt) and :mod:`mailhost.oauth_providers` (the ``microsoft``, ``google`` and
+   ``oidc`` OAuth2 providers and Microsoft 365's host overrides; ``oauth``).
 2. Entry points in the group ``mailhost`` are listed without importing them. A plugin
    is loaded if it is allowed by ``$MAILHOST_LOAD_PLUGINS`` (an allowlist), by
    ``[plugins] enabled`` (empty means all) and not named in ``[plugins] disabled``.
@@ -16,7 +17,8 @@ Rules, in order:
    turns that into a :class:`~mailhost.errors.PluginError`.
 4. Two plugins registering the same protocol (direction and name): the one named in
    ``[plugins.protocols]`` wins, else the plugin whose name sorts first; the loser is
-   told in ``mailhost plugins list``. Actions and host overrides follow the same rule.
+   told in ``mailhost plugins list``. Actions, host overrides and OAuth2 providers
+   follow the same rule.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from stevedore import NamedExtensionManager
 
 from . import hookspecs
 from .errors import PluginError, ValidationError
+from .oauth_providers import OAuthProvider
 from .protocols import AfterDownloadAction, Direction, HostOverride, ProtocolProvider
 
 __all__ = ["ENTRY_POINT_GROUP", "PluginHost", "PluginInfo", "installed_plugin_names", "plugin_host"]
@@ -43,7 +46,11 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = "mailhost"
 BUILTIN = "builtin"
 #: The host's own plugins, by name: the module, and whether the config may disable it.
-BUILTINS: dict[str, tuple[str, bool]] = {BUILTIN: ("mailhost.builtin", False), "smime": ("mailhost.smime", True)}
+BUILTINS: dict[str, tuple[str, bool]] = {
+    BUILTIN: ("mailhost.builtin", False),
+    "smime": ("mailhost.smime", True),
+    "oauth": ("mailhost.oauth_providers", True),
+}
 
 State = Literal["enabled", "disabled", "failed"]
 
@@ -62,6 +69,7 @@ class PluginInfo:
     protocols: list[str] = field(default_factory=list)
     after_download_actions: list[str] = field(default_factory=list)
     host_overrides: list[str] = field(default_factory=list)
+    oauth_providers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
@@ -77,6 +85,7 @@ class PluginInfo:
             "protocols": self.protocols,
             "after_download_actions": self.after_download_actions,
             "host_overrides": self.host_overrides,
+            "oauth_providers": self.oauth_providers,
             "notes": self.notes,
         }
 
@@ -106,6 +115,7 @@ class PluginHost:
         self.protocols: dict[tuple[Direction, str], ProtocolProvider] = {}
         self.actions: dict[str, AfterDownloadAction] = {}
         self.host_overrides: list[HostOverride] = []
+        self.oauth_providers: dict[str, OAuthProvider] = {}
         self._choices = protocol_choices or {}
         if only is None:
             env = os.environ.get("MAILHOST_LOAD_PLUGINS")
@@ -187,6 +197,7 @@ class PluginHost:
     def _fail(self, info: PluginInfo, why: str, exc: BaseException) -> None:
         info.state, info.error = "failed", why
         info.hooks = info.protocols = info.after_download_actions = info.host_overrides = []
+        info.oauth_providers = []
         if self.pm.is_registered(self.pm.get_plugin(info.name)):
             self.pm.unregister(name=info.name)
         message = f"plugin {info.name} ({info.module}) {why}"
@@ -200,6 +211,7 @@ class PluginHost:
         protocols = self._gather("register_protocols")
         actions = self._gather("register_after_download_actions")
         overrides = self._gather("register_host_overrides")
+        oauth_providers = self._gather("register_oauth_providers")
         for plugin, items in protocols.items():
             for p in items:
                 if not isinstance(p, ProtocolProvider):
@@ -221,6 +233,10 @@ class PluginHost:
             lambda info, label: info.host_overrides.append(label),
         )
         self.host_overrides = sorted(chosen_overrides.values(), key=lambda o: (o.provider, o.protocol, o.name))
+        self._settle(
+            oauth_providers, OAuthProvider, lambda p: p.name, lambda p: f"oauth/{p.name}", self.oauth_providers,
+            lambda info, label: info.oauth_providers.append(label),
+        )
 
     def _gather(self, hook: str) -> dict[str, list[Any]]:
         """Call one registration hook plugin by plugin, so that each registration is

@@ -66,7 +66,7 @@ def test_register_host_overrides(tmh) -> None:
     from mailhost.connections import ConnectionSpec
     from mailhost.protocols import Direction
 
-    [override] = tmh.plugins.host_overrides
+    [override] = [o for o in tmh.plugins.host_overrides if o.provider == "test"]
     assert (override.provider, override.protocol, override.name, override.host) == ("test", "dir", "local", "localhost")
     conn = tmh.connections.add(Direction.OUTGOING, ConnectionSpec(name="o", protocol="dir", host_override="local"))
     assert conn.host == "localhost"

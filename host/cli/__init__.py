@@ -9,7 +9,7 @@ The commands live by subject: :mod:`.admin` (init, plugins, host overrides),
 :mod:`.connections` (incoming and outgoing connections), :mod:`.certs` (certificates),
 :mod:`.incoming` (fetch, the
 incoming queue and log), :mod:`.delivery` (send, deliver, the outgoing queue),
-:mod:`.service` (serve).
+:mod:`.service` (serve), :mod:`.oauth` (OAuth2 credentials).
 """
 from __future__ import annotations
 
@@ -253,5 +253,5 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
 
 
 # Register the command modules (they import the helpers above).
-from . import admin, certs, connections, delivery, incoming, service  # noqa: E402,F401
+from . import admin, certs, connections, delivery, incoming, oauth, service  # noqa: E402,F401
 

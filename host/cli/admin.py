@@ -38,8 +38,8 @@ def plugins_list(ctx: Context, as_json: bool, limit: int | None) -> None:
         if row["state"] == "failed":
             row["provides"] = row["error"]
         else:
-            row["provides"] = ", ".join(row["protocols"] + row["after_download_actions"] + row["host_overrides"]
-                                        or row["hooks"])
+            row["provides"] = ", ".join(row["protocols"] + row["after_download_actions"] + row["oauth_providers"]
+                                        + row["host_overrides"] or row["hooks"])
     print_rows(rows, ["name", "distribution", "version", "state", "provides"], as_json, limit)
 
 

@@ -98,7 +98,9 @@ def _dict(ctx: Context, direction: Direction, conn: Any) -> dict[str, Any]:
     from ..connections import connection_dict
 
     provider = ctx.host.plugins.protocols.get((direction, conn.protocol))
-    return connection_dict(direction, conn, provider)
+    out = connection_dict(direction, conn, provider)
+    out.update(ctx.host.oauth.connection_status(conn))  # token expiry and last renewal error
+    return out
 
 
 def _print_steps(steps: list[TestStep], as_json: bool) -> bool:

@@ -131,6 +131,29 @@ def _flag(session: IncomingSession, refs: Sequence[MessageRef], argument: str | 
         _event("flagged", key=ref.key, argument=argument)
 
 
+def _test_tokens(username: str | None, previous: Any = None) -> Any:
+    import datetime as dt
+
+    from mailhost.oauth import utcnow
+    from mailhost.oauth_providers import TokenSet
+
+    now, n = utcnow(), int(getattr(previous, "refresh_token", "rt-0").rsplit("-", 1)[1]) + 1
+    return TokenSet(access_token=f"at-{username or 'app'}-{n}", refresh_token=f"rt-{n}", obtained_at=now,
+                    expires_at=now + dt.timedelta(hours=1), identity=username)
+
+
+@hookimpl
+def register_oauth_providers(register: Callable[[Any], None]) -> None:
+    from mailhost.oauth_providers import OAuthProvider
+
+    # Tokens without a server: at-USER-N, renewed to N+1 (each refresh rotates rt-N).
+    register(OAuthProvider(
+        "test", authorize=lambda config, interaction, username: _test_tokens(username),
+        refresh=lambda config, tokens: _test_tokens(tokens.identity, tokens), title="Test provider (no server)",
+        flows=("authorization-code", "device-code", "client-credentials"),
+    ))
+
+
 @hookimpl
 def register_after_download_actions(register: Callable[[AfterDownloadAction], None]) -> None:
     register(AfterDownloadAction("test-flag", _flag, "record the message in the event file",

@@ -1,0 +1,661 @@
+"""OAuth2 credentials and their tokens: the Python API behind ``mailhost oauth``.
+
+A *credential* is a client registration at a provider (``microsoft``, ``google``,
+``oidc`` or one a plugin adds): client ID, client secret (encrypted), tenant, authority
+or endpoints, scopes, flow, CA file. *Authorizing* it for a username runs the
+provider's flow once with an admin and stores the tokens, encrypted, per username (an
+app-only credential, ``--flow client-credentials``, has one token set for all
+mailboxes). Connections then ask :meth:`OAuth2.access_token_for` for a token source:
+
+- the stored access token is used until shortly before it expires, so a poll every
+  minute costs no request to the provider;
+- a renewal runs under a lease (taken by compare-and-set on the stored ciphertext, on
+  SQLite and PostgreSQL alike), so two workers never spend the same refresh token, and
+  the others keep using the still valid token meanwhile;
+- a rotated refresh token is committed the moment it arrives;
+- the expiry, the last renewal and the last error stay visible (``oauth show``);
+- provider errors become one sentence naming the credential, the user and the fix
+  (Microsoft's AADSTS7000222, an expired client secret, included).
+
+The tokens of all usernames of a credential live in its ``tokens_enc`` column, one
+Fernet ciphertext of a JSON object keyed by username; the credential's
+``token_expires_at``, ``last_refresh_at`` and ``last_error`` summarise them for listings.
+"""
+from __future__ import annotations
+
+import builtins
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final, cast
+
+from sqlalchemy import delete, select, update
+
+from .errors import (
+    AuthenticationFailed,
+    MailError,
+    MailhostError,
+    NotFound,
+    TemporaryFailure,
+    TLSFailure,
+    ValidationError,
+)
+from .oauth_providers import FLOWS, ClientConfig, Interaction, OAuthError, OAuthProvider, TokenSet
+from .secrets import redact, remember_secret
+from .store import IncomingConnection, OAuthCredential, OutgoingConnection, utcnow
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import CursorResult
+
+    from .app import Mailhost
+
+__all__ = ["APP_ONLY", "CredentialSpec", "OAuth2", "credential_dict"]
+
+log = logging.getLogger(__name__)
+
+#: The username under which app-only (client credentials) tokens are kept.
+APP_ONLY: Final = ""
+#: Renew this long before expiry (less for tokens that live shorter: half their life).
+RENEW_BEFORE: Final = dt.timedelta(minutes=5)
+#: How long a renewal may hold its lease; a holder that dies frees it after this.
+LEASE: Final = dt.timedelta(seconds=90)
+#: Never use a token this close to its expiry: the server may see it expired.
+SKEW: Final = dt.timedelta(seconds=30)
+_SECRET_ERRORS: Final = frozenset({"invalid_client", "client_secret_expired"})
+
+
+@dataclass
+class CredentialSpec:
+    """Attributes of a credential as an admin gives them; ``None``: not given (the
+    default on add, unchanged on edit); an empty string clears an optional one."""
+
+    name: str | None = None
+    provider: str | None = None
+    client_id: str | None = None
+    client_secret: str | None = None
+    tenant: str | None = None
+    authority: str | None = None
+    authorization_endpoint: str | None = None
+    token_endpoint: str | None = None
+    scopes: Sequence[str] | None = None
+    flow: str | None = None
+    ca_file: str | None = None
+
+
+class OAuth2:
+    """OAuth2 credentials, their authorizations and their tokens."""
+
+    def __init__(self, host: Mailhost) -> None:
+        self.host = host
+        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    # -- credentials --------------------------------------------------------------------
+
+    def providers(self) -> Mapping[str, OAuthProvider]:
+        """The providers the plugins registered, by name."""
+        return self.host.plugins.oauth_providers
+
+    def provider(self, name: str) -> OAuthProvider:
+        """The provider ``name``; a ValidationError lists the choices."""
+        try:
+            return self.providers()[name]
+        except KeyError:
+            raise ValidationError(
+                f"no OAuth2 provider named {name!r} is installed and enabled; "
+                f"choose one of: {', '.join(sorted(self.providers())) or 'none'}",
+                field="provider",
+            ) from None
+
+    def list(self) -> list[OAuthCredential]:
+        """Every credential, by name."""
+        with self.host.session() as s:
+            return list(s.scalars(select(OAuthCredential).order_by(OAuthCredential.name)))
+
+    def get(self, name: str) -> OAuthCredential:
+        """The credential ``name``, or NotFound naming it."""
+        with self.host.session() as s:
+            cred = s.scalar(select(OAuthCredential).where(OAuthCredential.name == name))
+        if cred is None:
+            raise NotFound(f"no OAuth2 credential named {name!r}: see `mailhost oauth list`")
+        return cred
+
+    def add(self, spec: CredentialSpec) -> OAuthCredential:
+        """Validate and store a new credential (not yet authorized)."""
+        name = (spec.name or "").strip()
+        if not name or len(name) > 200 or any(ord(c) < 32 for c in name):
+            raise ValidationError(f"the credential name {spec.name!r} is not valid: use 1-200 printable characters",
+                                  field="name")
+        if not spec.provider:
+            raise ValidationError(
+                f"OAuth2 credential {name!r} needs a provider: give --provider, one of "
+                f"{', '.join(sorted(self.providers())) or 'none installed'}", field="provider")
+        with self.host.session() as s:
+            if s.scalar(select(OAuthCredential.id).where(OAuthCredential.name == name)) is not None:
+                raise ValidationError(
+                    f"an OAuth2 credential named {name!r} already exists: choose another name or use "
+                    "`mailhost oauth edit`", field="name")
+        config = self._validate(dataclasses.replace(spec, name=name))
+        with self.host.session() as s:
+            cred = OAuthCredential(
+                name=name, provider=config.provider, client_id=config.client_id,
+                client_secret_enc=self.host.vault.encrypt(config.client_secret),
+                tenant=config.tenant, authority=config.authority,
+                authorization_endpoint=config.authorization_endpoint, token_endpoint=config.token_endpoint,
+                scopes=list(config.scopes), flow=config.flow, ca_file=config.ca_file,
+            )
+            s.add(cred)
+            s.flush()
+            return cred
+
+    def edit(self, name: str, spec: CredentialSpec) -> tuple[OAuthCredential, bool]:
+        """Change a credential; returns it and whether its tokens were dropped.
+
+        A new client secret keeps the tokens (and clears the errors the old secret
+        caused): that is how an expired secret is replaced. Another provider, client ID,
+        tenant, authority, token endpoint or flow means another app: its tokens go.
+        """
+        current = self.get(name)
+        secret = self.host.vault.decrypt(current.client_secret_enc)
+        merged = CredentialSpec(
+            name=spec.name or current.name,
+            provider=spec.provider or current.provider,
+            client_id=spec.client_id or current.client_id,
+            client_secret=secret if spec.client_secret is None else spec.client_secret,
+            tenant=_given(spec.tenant, current.tenant),
+            authority=_given(spec.authority, current.authority),
+            authorization_endpoint=_given(spec.authorization_endpoint, current.authorization_endpoint),
+            token_endpoint=_given(spec.token_endpoint, current.token_endpoint),
+            scopes=current.scopes if spec.scopes is None else spec.scopes,
+            flow=spec.flow or current.flow,
+            ca_file=_given(spec.ca_file, current.ca_file),
+        )
+        if merged.name != current.name:
+            with self.host.session() as s:
+                if s.scalar(select(OAuthCredential.id).where(OAuthCredential.name == merged.name)) is not None:
+                    raise ValidationError(f"an OAuth2 credential named {merged.name!r} already exists: "
+                                          "choose another name", field="name")
+        config = self._validate(merged)
+        another_app = any(getattr(config, k) != getattr(current, k)
+                          for k in ("provider", "client_id", "tenant", "authority", "token_endpoint", "flow"))
+        new_secret = config.client_secret != secret
+        with self.host.session() as s:
+            cred = s.get(OAuthCredential, current.id)
+            assert cred is not None
+            cred.name, cred.provider, cred.client_id = config.name, config.provider, config.client_id
+            cred.client_secret_enc = (self.host.vault.encrypt(config.client_secret) if new_secret
+                                      else cred.client_secret_enc)
+            cred.tenant, cred.authority, cred.flow = config.tenant, config.authority, config.flow
+            cred.authorization_endpoint, cred.token_endpoint = config.authorization_endpoint, config.token_endpoint
+            cred.scopes, cred.ca_file = list(config.scopes), config.ca_file
+            if another_app:
+                cred.tokens_enc = None
+                cred.token_expires_at = cred.last_refresh_at = cred.last_error = None
+        if new_secret and not another_app:
+            def forget_secret_errors(state: dict[str, Any]) -> None:
+                for entry in state.values():
+                    if entry.get("error_kind") in _SECRET_ERRORS:
+                        entry["last_error"] = entry["error_kind"] = None
+            self._update(current.id, forget_secret_errors)
+        return self.get(config.name), another_app and bool(current.tokens_enc)
+
+    def remove(self, name: str) -> None:
+        """Delete a credential and its tokens; refused while connections use it."""
+        cred = self.get(name)
+        users = self.used_by(cred.id)
+        if users:
+            raise ValidationError(
+                f"OAuth2 credential {name!r} is used by {', '.join(users)}: change or remove "
+                f"{'that connection' if len(users) == 1 else 'those connections'} first", field="name")
+        with self.host.session() as s:
+            s.execute(delete(OAuthCredential).where(OAuthCredential.id == cred.id))
+
+    def used_by(self, credential_id: int) -> builtins.list[str]:
+        """The connections that sign in with a credential: ``incoming connection NAME``, ..."""
+        with self.host.session() as s:
+            out = [f"incoming connection {n}" for n in s.scalars(
+                select(IncomingConnection.name).where(IncomingConnection.oauth_credential_id == credential_id)
+                .order_by(IncomingConnection.name))]
+            out += [f"outgoing connection {n}" for n in s.scalars(
+                select(OutgoingConnection.name).where(OutgoingConnection.oauth_credential_id == credential_id)
+                .order_by(OutgoingConnection.name))]
+        return out
+
+    def as_dict(self, cred: OAuthCredential) -> dict[str, Any]:
+        """The JSON form of a credential: settings, authorizations and their state; no secret."""
+        return credential_dict(cred, self._state(cred), self.used_by(cred.id))
+
+    def _validate(self, spec: CredentialSpec) -> ClientConfig:
+        assert spec.name
+        label = f"OAuth2 credential {spec.name!r}"
+        provider = self.provider(str(spec.provider))
+        client_id = (spec.client_id or "").strip()
+        if not client_id:
+            raise ValidationError(f"{label} needs the client (application) ID: give --client-id", field="client_id")
+        flow = spec.flow or provider.flows[0]
+        if flow not in FLOWS:
+            raise ValidationError(f"{label}: flow {flow!r} is not valid; choose one of: {', '.join(FLOWS)}",
+                                  field="flow")
+        if flow not in provider.flows:
+            raise ValidationError(f"{label}: {provider.name} does not offer the {flow} flow; it offers "
+                                  f"{', '.join(provider.flows)}", field="flow")
+        secret = spec.client_secret or None
+        if secret is not None and (secret != secret.strip() or any(c in secret for c in "\r\n\0")):
+            raise ValidationError(f"{label}: the client secret has a line break or surrounding blanks: "
+                                  "give the secret's value alone", field="client_secret")
+        if flow == "client-credentials" and not secret:
+            raise ValidationError(f"{label}: the client credentials flow needs the client secret: give "
+                                  "--client-secret-env VAR, --client-secret-file F or --client-secret-stdin",
+                                  field="client_secret")
+        scopes = tuple(dict.fromkeys(s for scope in (spec.scopes or ()) for s in scope.split() if s))
+        ca_file = (spec.ca_file or "").strip() or None
+        if ca_file:
+            from .connections import _check_ca_file  # one check for every --ca-file
+
+            ca_file = _check_ca_file(ca_file, label)
+        config = ClientConfig(
+            name=spec.name, provider=provider.name, client_id=client_id, client_secret=secret,
+            tenant=(spec.tenant or "").strip() or None, authority=(spec.authority or "").strip() or None,
+            authorization_endpoint=(spec.authorization_endpoint or "").strip() or None,
+            token_endpoint=(spec.token_endpoint or "").strip() or None,
+            scopes=scopes, flow=flow, ca_file=ca_file,
+        )
+        if provider.configure is not None:
+            try:
+                config = provider.configure(config)
+            except ValueError as exc:
+                raise ValidationError(f"{label}: {exc}", field="provider") from None
+        return config
+
+    # -- authorization ------------------------------------------------------------------
+
+    def authorize(self, name: str, username: str | None = None,
+                  interaction: Interaction | None = None) -> dict[str, Any]:
+        """Run the credential's flow once and store the tokens; returns the authorization
+        as :meth:`as_dict` lists it (``identity`` says who signed in).
+
+        ``username`` is the mailbox login the tokens are for (a connection's username);
+        without it, who signed in. Client credentials need neither an admin nor a user.
+        """
+        cred = self.get(name)
+        config = self._config(cred)
+        provider = self.provider(cred.provider)
+        app_only = cred.flow == "client-credentials"
+        if interaction is None:
+            interaction = Interaction(show=lambda line: log.warning("%s", line))
+        try:
+            tokens = provider.authorize(config, interaction, None if app_only else username)
+        except OAuthError as exc:
+            raise _failure(cred, username, exc, authorizing=True) from None
+        _remember(tokens)
+        key = _key(cred, username or tokens.identity)
+        if not key and not app_only:
+            raise ValidationError(
+                f"OAuth2 credential {name!r}: {cred.provider} did not say who signed in: give --username USER "
+                "(the mailbox's login)", field="username")
+        now = utcnow()
+
+        def store(state: dict[str, Any]) -> None:
+            state[key] = {**_tokens_entry(tokens), "authorized_at": now.isoformat(), "last_refresh_at": None,
+                          "refreshes": 0, "last_error": None, "error_kind": None, "lease": None}
+
+        self._update(cred.id, store)
+        status = self.status(cred.id, key)
+        assert status is not None
+        return status
+
+    # -- tokens -------------------------------------------------------------------------
+
+    def access_token_for(self, credential_id: int, username: str | None) -> Callable[[], str]:
+        """A token source for a connection (``ConnectionSettings.access_token``).
+
+        The first call returns the stored access token, renewed only when due. A further
+        call of the same source means the server refused the token it gave (revoked, or
+        judged expired): it renews the token first. A plugin that retries a refused
+        sign-in once therefore gets a new token without an admin.
+        """
+        handed: list[str] = []
+        lock = threading.Lock()
+
+        def access_token() -> str:
+            with lock:
+                if handed:
+                    self.invalidate(credential_id, username, handed[-1])
+                handed[:] = [self.access_token(credential_id, username)]
+                return handed[0]
+
+        return access_token
+
+    def invalidate(self, credential_id: int, username: str | None, token: str) -> None:
+        """Mark ``token`` as refused by a server, so the next request renews it (unless
+        another worker has already replaced it)."""
+        cred = self._get(credential_id)
+        key = _key(cred, username)
+
+        def mark(state: dict[str, dict[str, Any]]) -> None:
+            entry = state.get(key)
+            if entry is not None and entry.get("access_token") == token:
+                entry["refresh_at"] = utcnow().isoformat()
+
+        self._update(credential_id, mark)
+
+    def access_token(self, credential_id: int, username: str | None) -> str:
+        """An access token for ``username`` valid for a while yet, renewed when due.
+
+        Raises a :class:`~mailhost.errors.MailError` whose message names the credential,
+        the user and the fix: AuthenticationFailed when an admin must act,
+        TemporaryFailure when the provider could not be reached.
+        """
+        cred = self._get(credential_id)
+        key = _key(cred, username)
+        entry = self._state(cred).get(key)
+        if entry is None and key != APP_ONLY:
+            raise AuthenticationFailed(
+                f"OAuth2 credential {cred.name!r} is not authorized for {username or 'this mailbox'}: run "
+                f"`mailhost oauth authorize {cred.name}" + (f" --username {username}`" if username else "`"))
+        deadline = time.monotonic() + LEASE.total_seconds() + 5  # the holder's lease ends before
+        while entry is None or _due(entry, utcnow()):
+            owner = f"{self.worker}:{uuid.uuid4().hex[:8]}"
+
+            def claim(state: dict[str, dict[str, Any]], owner: str = owner) -> tuple[str, dict[str, Any] | None]:
+                return _claim(state, key, owner, utcnow())
+
+            outcome, entry = self._update(credential_id, claim)
+            if outcome == "claimed":
+                return self._renew(cred, key, entry)
+            if outcome == "busy":  # another worker renews it: use the old token while it lasts
+                if entry is not None and _usable(entry, utcnow()):
+                    break
+                if time.monotonic() > deadline:
+                    raise TemporaryFailure(
+                        f"OAuth2 credential {cred.name!r}: another worker has been renewing the token of "
+                        f"{key or 'the app'} for too long: it will be retried")
+                time.sleep(0.05)
+        assert entry is not None
+        return _token(entry)
+
+    def _renew(self, cred: OAuthCredential, key: str, entry: Mapping[str, Any] | None) -> str:
+        """Renew ``key``'s tokens while holding its lease; commit them (or the error)."""
+        provider = self.provider(cred.provider)
+        old = TokenSet.from_dict(entry) if entry and entry.get("access_token") else None
+        if old is None and key != APP_ONLY:  # never start a sign-in from a poll
+            self._update(cred.id, lambda state: state.get(key, {}).update(lease=None))
+            raise AuthenticationFailed(f"OAuth2 credential {cred.name!r} holds no token for {key}: run "
+                                       f"`mailhost oauth authorize {cred.name} --username {key}`")
+        try:
+            if old is None:  # app-only: the first token
+                fresh = provider.authorize(self._config(cred), Interaction(show=lambda line: None), None)
+            else:
+                fresh = provider.refresh(self._config(cred), old)
+        except OAuthError as exc:
+            failure = _failure(cred, key, exc)
+            self._record_failure(cred.id, key, str(failure), exc.kind)
+            if failure.temporary and entry is not None and _usable(entry, utcnow()):
+                log.warning("%s; using the current access token until it expires", failure)
+                return _token(entry)
+            raise failure from None
+        except Exception as exc:  # a provider's bug: recorded, the lease freed, raised as is
+            self._record_failure(cred.id, key, redact(f"unexpected {type(exc).__name__}: {exc}"), type(exc).__name__)
+            raise
+        if old is not None and old.refresh_token and fresh.refresh_token is None:
+            fresh = dataclasses.replace(fresh, refresh_token=old.refresh_token)
+        _remember(fresh)
+        now = utcnow()
+
+        def store(state: dict[str, Any]) -> None:
+            slot = state.setdefault(key, {"authorized_at": now.isoformat(), "refreshes": 0})
+            slot.update(_tokens_entry(fresh, identity=slot.get("identity")))
+            slot.update(last_refresh_at=now.isoformat(), refreshes=int(slot.get("refreshes") or 0) + 1,
+                        last_error=None, error_kind=None, lease=None)
+
+        self._update(cred.id, store)  # the rotated refresh token is durable from here on
+        log.info("renewed the OAuth2 token of %s for %s", cred.name, key or "the app")
+        return fresh.access_token
+
+    def _record_failure(self, credential_id: int, key: str, message: str, kind: str) -> None:
+        """Keep a renewal's error for `oauth show` and free the lease."""
+        failed_at = utcnow().isoformat()
+
+        def record(state: dict[str, dict[str, Any]]) -> None:
+            state.setdefault(key, {}).update(lease=None, last_error=message, error_kind=kind, failed_at=failed_at)
+
+        self._update(credential_id, record)
+
+    def status(self, credential_id: int, username: str | None) -> dict[str, Any] | None:
+        """The state of one authorization: expiry, last renewal, last error; no token."""
+        cred = self._get(credential_id)
+        key = _key(cred, username)
+        entry = self._state(cred).get(key)
+        return _status(key, entry) if entry is not None else None
+
+    def connection_status(self, conn: Any) -> dict[str, Any]:
+        """What ``incoming show`` / ``outgoing show`` add for an OAuth2 connection."""
+        if conn.oauth_credential_id is None:
+            return {}
+        status = self.status(conn.oauth_credential_id, conn.username) or {}
+        return {
+            "oauth_authorized": bool(status),
+            "oauth_token_expires_at": status.get("expires_at"),
+            "oauth_last_refresh_at": status.get("last_refresh_at"),
+            "oauth_last_error": status.get("last_error") if status else
+            "not authorized: run `mailhost oauth authorize`",
+        }
+
+    # -- the stored state ---------------------------------------------------------------
+
+    def _get(self, credential_id: int) -> OAuthCredential:
+        with self.host.session() as s:
+            cred = s.get(OAuthCredential, credential_id)
+        if cred is None:
+            raise NotFound(f"the OAuth2 credential #{credential_id} no longer exists: pick another one")
+        return cred
+
+    def _config(self, cred: OAuthCredential) -> ClientConfig:
+        return ClientConfig(
+            name=cred.name, provider=cred.provider, client_id=cred.client_id,
+            client_secret=self.host.vault.decrypt(cred.client_secret_enc), tenant=cred.tenant,
+            authority=cred.authority, authorization_endpoint=cred.authorization_endpoint,
+            token_endpoint=cred.token_endpoint, scopes=tuple(cred.scopes or ()), flow=cred.flow,
+            ca_file=cred.ca_file,
+        )
+
+    def _state(self, cred: OAuthCredential) -> dict[str, dict[str, Any]]:
+        return _decode(self.host.vault.decrypt_bytes(cred.tokens_enc))
+
+    def _update(self, credential_id: int, change: Callable[[dict[str, dict[str, Any]]], Any]) -> Any:
+        """Apply ``change`` to the stored token state atomically; returns its result.
+
+        Compare-and-set on the ciphertext: read, change, write only if nobody wrote in
+        between, else again. No lock is held while a provider is asked.
+        """
+        for _ in range(200):
+            cred = self._get(credential_id)
+            state = self._state(cred)
+            result = change(state)
+            ciphertext = self.host.vault.encrypt(json.dumps(state, sort_keys=True)) if state else None
+            same = (OAuthCredential.tokens_enc.is_(None) if cred.tokens_enc is None
+                    else OAuthCredential.tokens_enc == cred.tokens_enc)
+            with self.host.session() as s:
+                written = cast("CursorResult[Any]", s.execute(
+                    update(OAuthCredential).where(OAuthCredential.id == credential_id, same)
+                    .values(tokens_enc=ciphertext, **_summary(state))
+                    .execution_options(synchronize_session=False)
+                )).rowcount
+            if written:
+                return result
+            time.sleep(0.005)
+        raise MailhostError(f"the tokens of OAuth2 credential {cred.name!r} keep changing under this worker: "
+                            "try again")
+
+
+# ---------------------------------------------------------------------------------------
+# The token state: {username: entry}, entry = tokens + bookkeeping
+# ---------------------------------------------------------------------------------------
+
+
+def _key(cred: OAuthCredential, username: str | None) -> str:
+    """Where a username's tokens are kept: app-only tokens serve every mailbox; user names
+    compare without case, as mail servers and identity providers compare them."""
+    return APP_ONLY if cred.flow == "client-credentials" else (username or "").strip().lower()
+
+
+def _decode(data: bytes | None) -> dict[str, dict[str, Any]]:
+    if not data:
+        return {}
+    state = json.loads(data)
+    for entry in state.values():
+        for key in ("access_token", "refresh_token"):
+            remember_secret(entry.get(key))
+    return state
+
+
+def _tokens_entry(tokens: TokenSet, identity: str | None = None) -> dict[str, Any]:
+    entry = tokens.to_dict()
+    entry["identity"] = tokens.identity or identity
+    return entry
+
+
+def _remember(tokens: TokenSet) -> None:
+    remember_secret(tokens.access_token)
+    remember_secret(tokens.refresh_token)
+
+
+def _time(entry: Mapping[str, Any], key: str) -> dt.datetime | None:
+    value = entry.get(key)
+    return dt.datetime.fromisoformat(value) if value else None
+
+
+def _due(entry: Mapping[str, Any], now: dt.datetime) -> bool:
+    """Whether the entry's access token should be renewed now (or has none)."""
+    expires, obtained = _time(entry, "expires_at"), _time(entry, "obtained_at")
+    if not entry.get("access_token") or expires is None:
+        return True
+    before = min(RENEW_BEFORE, (expires - obtained) / 2) if obtained else RENEW_BEFORE
+    renew_at = expires - before
+    hint = _time(entry, "refresh_at")
+    if hint is not None:
+        renew_at = min(renew_at, hint)
+    return now >= renew_at
+
+
+def _usable(entry: Mapping[str, Any], now: dt.datetime) -> bool:
+    expires = _time(entry, "expires_at")
+    return bool(entry.get("access_token")) and expires is not None and now < expires - SKEW
+
+
+def _token(entry: Mapping[str, Any]) -> str:
+    return str(entry["access_token"])
+
+
+def _claim(state: dict[str, dict[str, Any]], key: str, worker: str,
+           now: dt.datetime) -> tuple[str, dict[str, Any] | None]:
+    """Take ``key``'s renewal lease. Returns the outcome and the entry as stored:
+    "claimed", "busy" (another worker holds the lease) or "fresh" (another worker has
+    renewed the token meanwhile)."""
+    entry = state.get(key)
+    if entry is not None and entry.get("access_token") and not _due(entry, now):
+        return "fresh", dict(entry)
+    lease = (entry or {}).get("lease") or {}
+    if lease.get("until") and dt.datetime.fromisoformat(lease["until"]) > now:
+        return "busy", dict(entry) if entry is not None else None
+    entry = state.setdefault(key, {})
+    entry["lease"] = {"owner": worker, "until": (now + LEASE).isoformat()}
+    return "claimed", dict(entry)
+
+
+def _summary(state: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The credential's columns: the next expiry, the last renewal, the newest error."""
+    expiries = [t for e in state.values() if (t := _time(e, "expires_at"))]
+    refreshes = [t for e in state.values() if (t := _time(e, "last_refresh_at"))]
+    errors = sorted(((_time(e, "failed_at") or dt.datetime.min.replace(tzinfo=dt.timezone.utc), e["last_error"])
+                     for e in state.values() if e.get("last_error")), key=lambda pair: pair[0])
+    return {
+        "token_expires_at": min(expiries) if expiries else None,
+        "last_refresh_at": max(refreshes) if refreshes else None,
+        "last_error": errors[-1][1] if errors else None,
+    }
+
+
+def _status(key: str, entry: Mapping[str, Any]) -> dict[str, Any]:
+    return {
+        "username": key or None,
+        "app_only": key == APP_ONLY,
+        "identity": entry.get("identity"),
+        "authorized_at": _time(entry, "authorized_at"),
+        "expires_at": _time(entry, "expires_at"),
+        "last_refresh_at": _time(entry, "last_refresh_at"),
+        "refreshes": entry.get("refreshes") or 0,
+        "refresh_token": bool(entry.get("refresh_token")),
+        "scope": entry.get("scope") or None,
+        "last_error": entry.get("last_error"),
+    }
+
+
+def credential_dict(cred: OAuthCredential, state: Mapping[str, Mapping[str, Any]] | None = None,
+                    used_by: Sequence[str] = ()) -> dict[str, Any]:
+    """The JSON form of a credential; secrets (client secret, tokens) never appear."""
+    return {
+        "name": cred.name,
+        "provider": cred.provider,
+        "client_id": cred.client_id,
+        "client_secret_set": cred.client_secret_enc is not None,
+        "tenant": cred.tenant,
+        "authority": cred.authority,
+        "authorization_endpoint": cred.authorization_endpoint,
+        "token_endpoint": cred.token_endpoint,
+        "scopes": list(cred.scopes or ()),
+        "flow": cred.flow,
+        "ca_file": cred.ca_file,
+        "token_expires_at": cred.token_expires_at,
+        "last_refresh_at": cred.last_refresh_at,
+        "last_error": cred.last_error,
+        "authorizations": [_status(k, e) for k, e in sorted((state or {}).items()) if e.get("authorized_at")
+                           or e.get("access_token")],
+        "used_by": list(used_by),
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Errors for admins
+# ---------------------------------------------------------------------------------------
+
+
+def _failure(cred: OAuthCredential, username: str | None, exc: OAuthError, authorizing: bool = False) -> MailError:
+    """One sentence naming the credential, the user, what the provider said and the fix."""
+    who = f"OAuth2 credential {cred.name!r}" + (f" for {username}" if username else "")
+    said = " ".join(p for p in (exc.code, exc.description) if p) or exc.kind
+    authorize = f"`mailhost oauth authorize {cred.name}" + (f" --username {username}`" if username else "`")
+    new_secret = f"`mailhost oauth edit {cred.name} --client-secret-stdin`"
+    if exc.kind == "client_secret_expired":
+        return AuthenticationFailed(
+            f"{who}: the client secret has expired ({said}), so no token can be "
+            f"{'issued' if authorizing else 'renewed'}: create a new client secret for application {cred.client_id} "
+            f"and store it with {new_secret}")
+    if exc.kind == "invalid_client":
+        return AuthenticationFailed(
+            f"{who}: {cred.provider} refused the client ID or secret ({said}): check client ID {cred.client_id} "
+            f"and store the secret's value (not its ID) with {new_secret}")
+    if exc.kind in ("invalid_grant", "interaction_required", "expired_token"):
+        return AuthenticationFailed(
+            f"{who}: the authorization was revoked or has expired ({said}): authorize again with {authorize}")
+    if exc.kind == "tls":
+        return TLSFailure(f"{who}: {exc.description}: if the provider uses a private CA, give its certificate "
+                          f"with `mailhost oauth edit {cred.name} --ca-file PATH`")
+    if exc.temporary:
+        return TemporaryFailure(f"{who}: {cred.provider} could not issue a token now ({said}): it will be retried")
+    if exc.kind in ("timeout", "redirect", "invalid_state", "access_denied"):
+        return AuthenticationFailed(f"{who}: the sign-in did not complete ({said}): run {authorize} again")
+    return AuthenticationFailed(f"{who}: {cred.provider} refused to issue a token ({said}): check the credential "
+                                f"with `mailhost oauth show {cred.name}`")
+
+
+def _given(value: str | None, current: str | None) -> str | None:
+    return current if value is None else value
+

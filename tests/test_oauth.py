@@ -1,0 +1,481 @@
+"""OAuth2 credentials and tokens: providers against a real (local) identity provider,
+the token lifecycle, errors for admins, the CLI, and the Microsoft host overrides."""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import mailhost.oauth
+from mailhost import Mailhost
+from mailhost.errors import AuthenticationFailed, TemporaryFailure, TLSFailure, ValidationError
+from mailhost.oauth import CredentialSpec
+from mailhost.oauth_providers import Interaction, http_session
+
+from .helpers import run_cli
+from .servers.certs import Pki
+from .servers.idp import IdentityProvider
+
+
+ALICE = "alice@example.org"
+
+
+class Clock:
+    """Moves mailhost's clock and the identity provider's together: no sleeping."""
+
+    def __init__(self, idp: IdentityProvider) -> None:
+        self.idp = idp
+        self.offset = dt.timedelta(0)
+
+    def advance(self, seconds: float) -> None:
+        self.offset += dt.timedelta(seconds=seconds)
+        self.idp.advance(seconds)
+
+
+@pytest.fixture
+def clock(idp: IdentityProvider, monkeypatch: pytest.MonkeyPatch) -> Clock:
+    """A clock for the whole host (mailhost.oauth reads it, providers too)."""
+    clock = Clock(idp)
+    real = mailhost.oauth.utcnow
+    monkeypatch.setattr(mailhost.oauth, "utcnow", lambda: real() + clock.offset)
+    return clock
+
+
+def microsoft(mh: Mailhost, idp: IdentityProvider, name: str = "m365", secret: str | None = "s3cret",
+              **spec: Any) -> Any:
+    """A Microsoft credential against the local provider (its authority, tenant and CA)."""
+    if spec.pop("register", True):
+        idp.add_client(f"client-{name}", secret, public=spec.pop("public", False))
+    return mh.oauth.add(CredentialSpec(name=name, provider="microsoft", client_id=f"client-{name}",
+                                       client_secret=spec.pop("client_secret", secret), authority=idp.authority,
+                                       tenant=idp.tenant, ca_file=spec.pop("ca_file", idp.ca_file), **spec))
+
+
+def signed_in(browser: Callable[[str], bool], redirect_port: int = 0) -> Interaction:
+    """What `oauth authorize` gives a flow, with the test browser in the admin's place."""
+    return Interaction(show=lambda line: None, open_url=browser, redirect_port=redirect_port, timeout=30)
+
+
+def device_user(idp: IdentityProvider, username: str) -> Interaction:
+    """An admin who enters the device code as ``username`` when it is shown."""
+    def show(line: str) -> None:
+        idp.approve_device(re.search(r"code ([A-Z0-9-]+)", line).group(1), username)
+
+    return Interaction(show=show, timeout=30)
+
+
+def stored_bytes(mh: Mailhost) -> bytes:
+    """Everything the store holds, as bytes (for "no secret in clear")."""
+    path = Path(mh.engine.url.database)
+    return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
+
+
+# ---------------------------------------------------------------------------------------
+# Providers are plugins
+# ---------------------------------------------------------------------------------------
+
+
+def test_register_oauth_providers(tmh: Mailhost, clock: Clock) -> None:
+    """Providers come from the hook: the built-in ones and a plugin's, attributed to it."""
+    providers = tmh.oauth.providers()
+    assert {"microsoft", "google", "oidc", "test"} <= set(providers)
+    assert providers["microsoft"].plugin == "oauth" and providers["test"].plugin == "testplugin"
+    assert "oauth/test" in tmh.plugins.plugins["testplugin"].oauth_providers
+    cred = tmh.oauth.add(CredentialSpec(name="t", provider="test", client_id="id"))
+    tmh.oauth.authorize("t", ALICE)
+    assert tmh.oauth.access_token(cred.id, ALICE) == f"at-{ALICE}-1"
+    clock.advance(3600)
+    assert tmh.oauth.access_token(cred.id, ALICE) == f"at-{ALICE}-2"
+
+
+def test_unknown_provider_lists_the_choices(mh: Mailhost) -> None:
+    """A misspelt provider is refused with the installed ones named."""
+    with pytest.raises(ValidationError, match=r"no OAuth2 provider named 'microsfot'.*google, microsoft, oidc"):
+        mh.oauth.add(CredentialSpec(name="x", provider="microsfot", client_id="id"))
+
+
+# ---------------------------------------------------------------------------------------
+# Microsoft (msal) against the local provider: the three flows
+# ---------------------------------------------------------------------------------------
+
+
+def test_microsoft_authorization_code_with_a_loopback_redirect(mh: Mailhost, idp: IdentityProvider,
+                                                               browser: Callable[[str], bool]) -> None:
+    """msal signs the admin in through a browser and a redirect to 127.0.0.1."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    result = mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    assert result["username"] == result["identity"] == ALICE and result["refresh_token"]
+    assert [g["grant_type"] for g in idp.grants()] == ["authorization_code"]
+    token = mh.oauth.access_token(cred.id, ALICE)
+    assert idp.introspect(token)["username"] == ALICE
+    assert mh.oauth.access_token(cred.id, "Alice@Example.ORG") == token  # user names compare without case
+    assert "IMAP.AccessAsUser.All" in idp.introspect(token)["scope"]
+    assert token.encode() not in stored_bytes(mh) and b"s3cret" not in stored_bytes(mh)  # encrypted at rest
+
+
+def test_microsoft_device_code(mh: Mailhost, idp: IdentityProvider) -> None:
+    """The device flow shows a code for another device; no secret is sent (a public client)."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp, flow="device-code", public=True)
+    mh.oauth.authorize("m365", ALICE, device_user(idp, ALICE))
+    assert idp.introspect(mh.oauth.access_token(cred.id, ALICE))["username"] == ALICE
+
+
+def test_microsoft_client_credentials_for_app_only_access(mh: Mailhost, idp: IdentityProvider) -> None:
+    """App-only access needs no user: one token for every mailbox, the .default scope."""
+    cred = microsoft(mh, idp, flow="client-credentials")
+    assert cred.scopes == ["https://outlook.office365.com/.default"]
+    token = mh.oauth.access_token(cred.id, "any@example.org")
+    assert mh.oauth.access_token(cred.id, "other@example.org") == token
+    assert idp.introspect(token)["client_id"] == "client-m365"
+    with pytest.raises(ValidationError, match="needs your directory: give --tenant"):
+        mh.oauth.add(CredentialSpec(name="x", provider="microsoft", client_id="c", client_secret="s",
+                                    flow="client-credentials"))
+
+
+def test_microsoft_clouds_by_name(mh: Mailhost) -> None:
+    """--authority takes a cloud's name and brings that cloud's authority and scopes."""
+    dod = mh.oauth.add(CredentialSpec(name="dod", provider="microsoft", client_id="c", authority="dod"))
+    assert dod.authority == "https://login.microsoftonline.us"
+    assert "https://outlook-dod.office365.us/IMAP.AccessAsUser.All" in dod.scopes
+    china = mh.oauth.add(CredentialSpec(name="cn", provider="microsoft", client_id="c",
+                                        authority="https://login.partner.microsoftonline.cn/contoso.partner.onmschina.cn"))
+    assert china.authority == "https://login.partner.microsoftonline.cn"
+    assert china.tenant == "contoso.partner.onmschina.cn"
+    assert "https://partner.outlook.cn/SMTP.Send" in china.scopes
+
+
+# ---------------------------------------------------------------------------------------
+# Google and any OpenID Connect provider
+# ---------------------------------------------------------------------------------------
+
+
+def test_google_authorization_code_and_refresh(mh: Mailhost, idp: IdentityProvider, clock: Clock,
+                                               browser: Callable[[str], bool]) -> None:
+    """Google's flow (PKCE, offline access) against the local endpoints, then a renewal."""
+    idp.add_client("gclient", "gsecret")
+    idp.add_user(ALICE)
+    cred = mh.oauth.add(CredentialSpec(
+        name="g", provider="google", client_id="gclient", client_secret="gsecret", ca_file=idp.ca_file,
+        authorization_endpoint=idp.endpoint("authorize"), token_endpoint=idp.endpoint("token"),
+        scopes=["https://mail.google.com/", "openid", "email", "offline_access"]))
+    assert mh.oauth.authorize("g", None, signed_in(browser))["username"] == ALICE  # who signed in
+    first = mh.oauth.access_token(cred.id, ALICE)
+    clock.advance(3600)
+    assert mh.oauth.access_token(cred.id, ALICE) != first
+    assert [g["grant_type"] for g in idp.grants()] == ["authorization_code", "refresh_token"]
+
+
+def test_oidc_by_discovery(mh: Mailhost, idp: IdentityProvider, browser: Callable[[str], bool]) -> None:
+    """Any standards-following provider: endpoints found from the issuer."""
+    idp.add_client("oclient", "osecret")
+    idp.add_user(ALICE)
+    cred = mh.oauth.add(CredentialSpec(name="o", provider="oidc", client_id="oclient", client_secret="osecret",
+                                       authority=idp.issuer(), ca_file=idp.ca_file))
+    mh.oauth.authorize("o", ALICE, signed_in(browser))
+    assert idp.introspect(mh.oauth.access_token(cred.id, ALICE))["username"] == ALICE
+    device = mh.oauth.add(CredentialSpec(name="od", provider="oidc", client_id="oclient", authority=idp.issuer(),
+                                         ca_file=idp.ca_file, flow="device-code"))
+    idp.clients["oclient"].public = True
+    mh.oauth.authorize("od", ALICE, device_user(idp, ALICE))
+    assert idp.introspect(mh.oauth.access_token(device.id, ALICE))["active"]
+
+
+# ---------------------------------------------------------------------------------------
+# The token lifecycle
+# ---------------------------------------------------------------------------------------
+
+
+def test_token_is_renewed_shortly_before_expiry_not_per_poll(mh: Mailhost, idp: IdentityProvider, clock: Clock,
+                                                            browser: Callable[[str], bool]) -> None:
+    """Polls reuse the stored token; one renewal comes in the last minutes of its life."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    first = mh.oauth.access_token(cred.id, ALICE)
+    for _ in range(5):
+        clock.advance(600)  # five polls over 50 minutes
+        assert mh.oauth.access_token(cred.id, ALICE) == first
+    assert idp.grants("refresh_token") == []
+    clock.advance(360)  # 56 minutes in: within the last five
+    renewed = mh.oauth.access_token(cred.id, ALICE)
+    assert renewed != first and idp.is_active(renewed)
+    assert len(idp.grants("refresh_token")) == 1
+    status = mh.oauth.status(cred.id, ALICE)
+    assert status["refreshes"] == 1 and status["last_refresh_at"] and status["last_error"] is None
+    assert mh.oauth.get("m365").token_expires_at is not None
+
+
+def test_rotated_refresh_token_is_always_persisted(mh: Mailhost, idp: IdentityProvider, clock: Clock,
+                                                  browser: Callable[[str], bool]) -> None:
+    """Renewal after renewal works: each uses the refresh token the last one returned (the
+    provider refuses a replayed one and revokes the grant)."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    for _ in range(3):
+        clock.advance(3600)
+        mh.oauth.access_token(cred.id, ALICE)
+    assert [g["ok"] for g in idp.grants("refresh_token")] == [True, True, True]
+    stored = mh.oauth._state(mh.oauth.get("m365"))[ALICE]["refresh_token"]
+    assert stored in idp._refresh  # the newest one, still valid
+
+
+def test_one_renewal_for_concurrent_callers(mh_any: Mailhost, idp: IdentityProvider, clock: Clock,
+                                            browser: Callable[[str], bool]) -> None:
+    """Workers that need a renewal at once spend the refresh token once (SQLite and PostgreSQL)."""
+    mh = mh_any
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    clock.advance(3600)
+    workers = [Mailhost.open(mh.config.path, plugins=mh.plugins) for _ in range(4)]  # one OAuth2 each
+    tokens: list[str] = []
+    barrier = threading.Barrier(len(workers))
+
+    def work(host: Mailhost) -> None:
+        barrier.wait()
+        tokens.append(host.oauth.access_token(cred.id, ALICE))
+
+    threads = [threading.Thread(target=work, args=(w,)) for w in workers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for w in workers:
+        w.close()
+    assert len(tokens) == 4 and len(set(tokens)) == 1 and idp.is_active(tokens[0])
+    assert len(idp.grants("refresh_token")) == 1
+
+
+def test_a_source_asked_again_renews_the_token(mh: Mailhost, idp: IdentityProvider,
+                                              browser: Callable[[str], bool]) -> None:
+    """A connection's token source renews on its second call: the server refused the first."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    source = mh.oauth.access_token_for(cred.id, ALICE)
+    first = source()
+    assert mh.oauth.access_token_for(cred.id, ALICE)() == first  # another source, another pass: no renewal
+    second = source()  # e.g. after a 401 for a revoked token
+    assert second != first and idp.is_active(second) and len(idp.grants("refresh_token")) == 1
+    assert mh.oauth.access_token_for(cred.id, ALICE)() == second
+
+
+# ---------------------------------------------------------------------------------------
+# Errors an admin can act on
+# ---------------------------------------------------------------------------------------
+
+
+def test_wrong_secret_is_one_clear_error(mh: Mailhost, idp: IdentityProvider) -> None:
+    """The provider's AADSTS7000215 becomes a sentence naming the credential and the fix."""
+    microsoft(mh, idp, flow="client-credentials", client_secret="not-the-secret")
+    with pytest.raises(AuthenticationFailed) as info:
+        mh.oauth.authorize("m365")
+    message = str(info.value)
+    assert message.startswith("OAuth2 credential 'm365': microsoft refused the client ID or secret (AADSTS7000215")
+    assert "mailhost oauth edit m365 --client-secret-stdin" in message and "\n" not in message
+    assert "not-the-secret" not in message and "Trace ID" not in message
+
+
+def test_expired_secret_aadsts7000222(mh: Mailhost, idp: IdentityProvider, clock: Clock,
+                                      browser: Callable[[str], bool]) -> None:
+    """An expired client secret stops renewals with one clear error, kept for `oauth show`;
+    a new secret (`oauth edit`) clears it and renewals work again."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    idp.expire_secret("client-m365")
+    clock.advance(3600)
+    with pytest.raises(AuthenticationFailed, match=r"the client secret has expired \(AADSTS7000222 The provided "
+                                                  r"client secret keys for app 'client-m365' are expired\)"):
+        mh.oauth.access_token(cred.id, ALICE)
+    shown = mh.oauth.as_dict(mh.oauth.get("m365"))
+    assert "AADSTS7000222" in shown["last_error"] and "AADSTS7000222" in shown["authorizations"][0]["last_error"]
+    idp.set_secret("client-m365", "new-secret")
+    mh.oauth.edit("m365", CredentialSpec(client_secret="new-secret"))
+    assert mh.oauth.as_dict(mh.oauth.get("m365"))["last_error"] is None
+    assert idp.is_active(mh.oauth.access_token(cred.id, ALICE))  # the refresh token survived
+
+
+def test_revoked_authorization_asks_to_authorize_again(mh: Mailhost, idp: IdentityProvider, clock: Clock,
+                                                      browser: Callable[[str], bool]) -> None:
+    """A revoked grant (AADSTS50173) names `oauth authorize` with the user."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    idp.revoke_user(ALICE)
+    clock.advance(3600)
+    with pytest.raises(AuthenticationFailed, match=r"revoked or has expired \(AADSTS50173.*authorize again with "
+                                                  r"`mailhost oauth authorize m365 --username alice@example.org`"):
+        mh.oauth.access_token(cred.id, ALICE)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    assert idp.is_active(mh.oauth.access_token(cred.id, ALICE))
+
+
+def test_unreachable_provider_keeps_the_current_token(mh: Mailhost, idp: IdentityProvider, clock: Clock,
+                                                      browser: Callable[[str], bool]) -> None:
+    """A renewal that cannot reach the provider is temporary: the old token serves while valid."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    first = mh.oauth.access_token(cred.id, ALICE)
+    clock.advance(3300)  # due for renewal, still valid
+    idp.stop()
+    assert mh.oauth.access_token(cred.id, ALICE) == first
+    assert "could not issue a token now" in mh.oauth.status(cred.id, ALICE)["last_error"]
+    clock.advance(600)  # now expired
+    with pytest.raises(TemporaryFailure, match="it will be retried"):
+        mh.oauth.access_token(cred.id, ALICE)
+
+
+def test_not_authorized_names_the_command(mh: Mailhost, idp: IdentityProvider) -> None:
+    """A connection's user without tokens gets the exact `oauth authorize` to run."""
+    cred = microsoft(mh, idp)
+    with pytest.raises(AuthenticationFailed, match=r"run `mailhost oauth authorize m365 --username bob@example\.org`"):
+        mh.oauth.access_token_for(cred.id, "bob@example.org")()
+
+
+# ---------------------------------------------------------------------------------------
+# TLS: the credential's CA file, whatever REQUESTS_CA_BUNDLE says
+# ---------------------------------------------------------------------------------------
+
+
+def test_requests_ca_bundle_overrides_msal_verify(idp: IdentityProvider, pki: Pki,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pitfall itself: msal's own session loses ``verify=`` to $REQUESTS_CA_BUNDLE."""
+    import msal
+    import requests
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.untrusted_ca_file)
+    idp.add_client("app", "secret")
+    with pytest.raises(requests.exceptions.SSLError):
+        msal.ConfidentialClientApplication("app", client_credential="secret", verify=pki.ca_file,
+                                           authority=f"{idp.authority}/{idp.tenant}", instance_discovery=False)
+
+
+def test_credential_ca_file_wins_over_requests_ca_bundle(mh: Mailhost, idp: IdentityProvider, pki: Pki,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The credential's CA file is trusted even when $REQUESTS_CA_BUNDLE names another CA;
+    and the environment adds no trust of its own: without --ca-file the test CA is refused."""
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.untrusted_ca_file)
+    monkeypatch.setenv("CURL_CA_BUNDLE", pki.untrusted_ca_file)
+    cred = microsoft(mh, idp, flow="client-credentials")
+    assert idp.introspect(mh.oauth.access_token(cred.id, None))["active"]
+    assert http_session(pki.ca_file).get(f"{idp.issuer()}/.well-known/openid-configuration").status_code == 200
+
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", pki.ca_file)
+    plain = microsoft(mh, idp, name="plain", flow="client-credentials", ca_file=None)
+    with pytest.raises(TLSFailure, match=r"not trusted.*`mailhost oauth edit plain --ca-file PATH`"):
+        mh.oauth.access_token(plain.id, None)
+
+
+# ---------------------------------------------------------------------------------------
+# The command line
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def cli_env(home: Path, idp: IdentityProvider) -> Iterator[dict[str, str]]:
+    """Environment for `mailhost` subprocesses in ``home``: a client secret to read."""
+    yield {"M365_SECRET": "s3cret"}
+
+
+def test_cli_add_list_show_never_print_a_secret(home: Path, idp: IdentityProvider, cli_env: dict[str, str]) -> None:
+    """add, list --json, show --json: settings and token state, never the secret or a token."""
+    idp.add_client("client-app", "s3cret")
+    added = run_cli("oauth", "add", "app", "--provider", "microsoft", "--client-id", "client-app",
+                    "--client-secret-env", "M365_SECRET", "--authority", idp.authority, "--tenant", idp.tenant,
+                    "--flow", "client-credentials", "--ca-file", idp.ca_file, env=cli_env)
+    assert added.returncode == 0, added.stderr
+    authorized = run_cli("oauth", "authorize", "app", "--json")
+    assert authorized.returncode == 0, authorized.stderr
+    assert json.loads(authorized.stdout)["app_only"] is True
+    listed = run_cli("oauth", "list", "--json")
+    [row] = json.loads(listed.stdout)
+    assert row["name"] == "app" and row["client_secret_set"] is True and row["token_expires_at"]
+    shown = run_cli("oauth", "show", "app", "--json")
+    record = json.loads(shown.stdout)
+    assert record["authorizations"][0]["expires_at"] and record["last_error"] is None
+    tokens = list(idp._access)
+    assert tokens
+    for output in (added, authorized, listed, shown, run_cli("oauth", "show", "app"), run_cli("oauth", "list")):
+        text = output.stdout + output.stderr
+        assert "s3cret" not in text and not any(token in text for token in tokens)
+
+
+def test_cli_errors_are_one_sentence(home: Path, idp: IdentityProvider, cli_env: dict[str, str]) -> None:
+    """Bad input exits 2, a refused secret exits 1; each a single line naming the fix."""
+    missing = run_cli("oauth", "add", "x", "--provider", "nope", "--client-id", "c")
+    assert missing.returncode == 2 and "choose one of: google, microsoft, oidc" in missing.stderr
+    idp.add_client("client-bad", "right")
+    run_cli("oauth", "add", "bad", "--provider", "microsoft", "--client-id", "client-bad", "--client-secret-env",
+            "M365_SECRET", "--authority", idp.authority, "--tenant", idp.tenant, "--flow", "client-credentials",
+            "--ca-file", idp.ca_file, env=cli_env)
+    refused = run_cli("oauth", "authorize", "bad")
+    assert refused.returncode == 1 and refused.stderr.count("\n") == 1
+    assert "AADSTS7000215" in refused.stderr and "mailhost oauth edit bad --client-secret-stdin" in refused.stderr
+
+
+def test_cli_remove_refuses_while_connections_use_it(home: Path, idp: IdentityProvider) -> None:
+    """`oauth remove` names the connections that still sign in with the credential."""
+    assert run_cli("oauth", "add", "m365", "--provider", "microsoft", "--client-id", "c").returncode == 0
+    added = run_cli("incoming", "add", "helpdesk", "--protocol", "imap", "--host", "outlook.office365.com",
+                    "--username", ALICE, "--oauth-credential", "m365")
+    assert added.returncode == 0, added.stderr
+    refused = run_cli("oauth", "remove", "m365")
+    assert refused.returncode == 2 and "used by incoming connection helpdesk" in refused.stderr
+    shown = json.loads(run_cli("incoming", "show", "helpdesk", "--json").stdout)
+    assert shown["oauth_authorized"] is False and "mailhost oauth authorize" in shown["oauth_last_error"]
+    assert run_cli("incoming", "remove", "helpdesk").returncode == 0
+    assert run_cli("oauth", "remove", "m365").returncode == 0
+    assert json.loads(run_cli("oauth", "list", "--json").stdout) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Microsoft 365's predefined hosts
+# ---------------------------------------------------------------------------------------
+
+
+def test_microsoft_host_overrides(home: Path) -> None:
+    """Worldwide, GCC High, DoD and 21Vianet, with their sign-in authorities and scopes."""
+    result = run_cli("host-overrides", "--provider", "microsoft", "--json")
+    rows = {(r["protocol"], r["name"]): r for r in json.loads(result.stdout)}
+    assert {name for _, name in rows} == {"global", "gcc-high", "dod", "china"}
+    expected = {
+        ("imap", "global"): ("outlook.office365.com", "https://login.microsoftonline.com", "https://outlook.office.com/IMAP.AccessAsUser.All"),
+        ("pop3", "global"): ("outlook.office365.com", "https://login.microsoftonline.com", "https://outlook.office.com/POP.AccessAsUser.All"),
+        ("smtp", "global"): ("smtp.office365.com", "https://login.microsoftonline.com", "https://outlook.office.com/SMTP.Send"),
+        ("graph", "global"): ("graph.microsoft.com", "https://login.microsoftonline.com", "https://graph.microsoft.com/Mail.ReadWrite"),
+        ("imap", "gcc-high"): ("outlook.office365.us", "https://login.microsoftonline.us", "https://outlook.office365.us/IMAP.AccessAsUser.All"),
+        ("graph", "gcc-high"): ("graph.microsoft.us", "https://login.microsoftonline.us", "https://graph.microsoft.us/Mail.ReadWrite"),
+        ("smtp", "dod"): ("outlook-dod.office365.us", "https://login.microsoftonline.us", "https://outlook-dod.office365.us/SMTP.Send"),
+        ("graph", "dod"): ("dod-graph.microsoft.us", "https://login.microsoftonline.us", "https://dod-graph.microsoft.us/Mail.ReadWrite"),
+        ("imap", "china"): ("partner.outlook.cn", "https://login.partner.microsoftonline.cn", "https://partner.outlook.cn/IMAP.AccessAsUser.All"),
+        ("smtp", "china"): ("smtp.partner.outlook.cn", "https://login.partner.microsoftonline.cn", "https://partner.outlook.cn/SMTP.Send"),
+    }
+    for key, (host, authority, scope) in expected.items():
+        assert (rows[key]["host"], rows[key]["authority"], rows[key]["scopes"][0]) == (host, authority, scope), key
+    assert rows[("smtp", "global")]["port"] == 587
+    plugins = {p["name"]: p for p in json.loads(run_cli("plugins", "list", "--json").stdout)}
+    assert "oauth/microsoft" in plugins["oauth"]["oauth_providers"]
+
+
+def test_connection_picks_a_cloud_host(mh: Mailhost) -> None:
+    """--host-override gcc-high with a Microsoft credential connects to outlook.office365.us."""
+    from mailhost.connections import ConnectionSpec
+    from mailhost.protocols import Direction
+
+    mh.oauth.add(CredentialSpec(name="gov", provider="microsoft", client_id="c", authority="gcc-high"))
+    conn = mh.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="gov-in", protocol="imap", username=ALICE, oauth_credential="gov", host_override="gcc-high"))
+    assert conn.host == "outlook.office365.us"
+    settings = mh.connections.settings(Direction.INCOMING, conn)
+    assert settings.oauth2 and settings.password is None
