@@ -601,5 +601,7 @@ def _entry_meta(meta: dict[str, str | None]) -> dict[str, str | None]:
 
 
 def _sentence(name: str, exc: BaseException) -> str:
+    """The error as one sentence that names the connection (once)."""
     text = redact(str(exc))
-    return text if name in text else f"{name}: {text}"
+    named = re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", text)
+    return text if named else f"{name}: {text}"
