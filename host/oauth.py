@@ -57,7 +57,7 @@ if TYPE_CHECKING:
 
     from .app import Mailhost
 
-__all__ = ["APP_ONLY", "CredentialSpec", "OAuth2", "credential_dict"]
+__all__ = ["APP_ONLY", "CredentialSpec", "OAuth2", "TokenSource", "credential_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +160,9 @@ class OAuth2:
 
         A new client secret keeps the tokens (and clears the errors the old secret
         caused): that is how an expired secret is replaced. Another provider, client ID,
-        tenant, authority, token endpoint or flow means another app: its tokens go.
+        tenant, authority, token endpoint or flow means another app, and other scopes
+        tokens for something else (Microsoft Graph instead of Exchange, say): either way
+        the stored tokens go, and the next ones are issued for what the credential says now.
         """
         current = self.get(name)
         secret = self.host.vault.decrypt(current.client_secret_enc)
@@ -185,6 +187,8 @@ class OAuth2:
         config = self._validate(merged)
         another_app = any(getattr(config, k) != getattr(current, k)
                           for k in ("provider", "client_id", "tenant", "authority", "token_endpoint", "flow"))
+        other_scopes = tuple(config.scopes) != tuple(current.scopes or ())
+        drop = another_app or other_scopes  # the stored tokens are not for what the credential says now
         new_secret = config.client_secret != secret
         with self.host.session() as s:
             cred = s.get(OAuthCredential, current.id)
@@ -195,16 +199,16 @@ class OAuth2:
             cred.tenant, cred.authority, cred.flow = config.tenant, config.authority, config.flow
             cred.authorization_endpoint, cred.token_endpoint = config.authorization_endpoint, config.token_endpoint
             cred.scopes, cred.ca_file = list(config.scopes), config.ca_file
-            if another_app:
+            if drop:
                 cred.tokens_enc = None
                 cred.token_expires_at = cred.last_refresh_at = cred.last_error = None
-        if new_secret and not another_app:
+        if new_secret and not drop:
             def forget_secret_errors(state: dict[str, Any]) -> None:
                 for entry in state.values():
                     if entry.get("error_kind") in _SECRET_ERRORS:
                         entry["last_error"] = entry["error_kind"] = None
             self._update(current.id, forget_secret_errors)
-        return self.get(config.name), another_app and bool(current.tokens_enc)
+        return self.get(config.name), drop and bool(current.tokens_enc)
 
     def remove(self, name: str) -> None:
         """Delete a credential and its tokens; refused while connections use it."""
@@ -313,25 +317,19 @@ class OAuth2:
 
     # -- tokens -------------------------------------------------------------------------
 
-    def access_token_for(self, credential_id: int, username: str | None) -> Callable[[], str]:
+    def access_token_for(self, credential_id: int, username: str | None) -> TokenSource:
         """A token source for a connection (``ConnectionSettings.access_token``).
 
         The first call returns the stored access token, renewed only when due. A further
         call of the same source means the server refused the token it gave (revoked, or
         judged expired): it renews the token first. A plugin that retries a refused
         sign-in once therefore gets a new token without an admin.
+
+        The source also says which credential it draws on and what the tokens are for
+        (:class:`TokenSource`), so that a plugin can tell an admin which credential to
+        fix when a server wants tokens for another resource.
         """
-        handed: list[str] = []
-        lock = threading.Lock()
-
-        def access_token() -> str:
-            with lock:
-                if handed:
-                    self.invalidate(credential_id, username, handed[-1])
-                handed[:] = [self.access_token(credential_id, username)]
-                return handed[0]
-
-        return access_token
+        return TokenSource(self, credential_id, username)
 
     def invalidate(self, credential_id: int, username: str | None, token: str) -> None:
         """Mark ``token`` as refused by a server, so the next request renews it (unless
@@ -493,6 +491,70 @@ class OAuth2:
             time.sleep(0.005)
         raise MailhostError(f"the tokens of OAuth2 credential {cred.name!r} keep changing under this worker: "
                             "try again")
+
+
+class TokenSource:
+    """``ConnectionSettings.access_token`` for a connection that signs in with an OAuth2
+    credential: call it for an access token (see :meth:`OAuth2.access_token_for`).
+
+    Plugins may read what it stands for, to name the credential in an error and check
+    that its tokens suit their server: :attr:`credential` (the name), :attr:`provider`,
+    :attr:`flow`, :attr:`app_only`, :attr:`scopes` (what the credential asks for) and
+    :meth:`granted` (what the provider granted with the current token, when it said).
+    None of them is a secret. They are read from the store when first asked for.
+    """
+
+    def __init__(self, oauth: OAuth2, credential_id: int, username: str | None) -> None:
+        self._oauth = oauth
+        self.credential_id = credential_id
+        self.username = username
+        self._handed: list[str] = []
+        self._lock = threading.Lock()
+        self._cred: OAuthCredential | None = None
+
+    def __call__(self) -> str:
+        with self._lock:
+            if self._handed:
+                self._oauth.invalidate(self.credential_id, self.username, self._handed[-1])
+            self._handed[:] = [self._oauth.access_token(self.credential_id, self.username)]
+            return self._handed[0]
+
+    def __repr__(self) -> str:
+        return f"<TokenSource credential #{self.credential_id} for {self.username or 'the app'}>"
+
+    def _credential(self) -> OAuthCredential:
+        if self._cred is None:
+            self._cred = self._oauth._get(self.credential_id)
+        return self._cred
+
+    @property
+    def credential(self) -> str:
+        """The credential's name, as `mailhost oauth` commands take it."""
+        return self._credential().name
+
+    @property
+    def provider(self) -> str:
+        return self._credential().provider
+
+    @property
+    def flow(self) -> str:
+        return self._credential().flow
+
+    @property
+    def app_only(self) -> bool:
+        """Client credentials: the app's own permissions, for every mailbox."""
+        return self.flow == "client-credentials"
+
+    @property
+    def scopes(self) -> tuple[str, ...]:
+        """The scopes the credential asks for (its ``--scope``, or the provider's defaults)."""
+        return tuple(self._credential().scopes or ())
+
+    def granted(self) -> tuple[str, ...]:
+        """The scopes granted with the stored token, when the provider said; else ()."""
+        cred = self._oauth._get(self.credential_id)
+        entry = self._oauth._state(cred).get(_key(cred, self.username)) or {}
+        return tuple(str(entry.get("scope") or "").split())
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ delta pages, mail arriving between passes, throttling (429, 503) in the middle o
 pass, a lost delta token (410 Gone), a shared mailbox, and `fetch` killed with SIGKILL
 again and again. Every message ends up in the incoming queue exactly once, byte for byte.
 
-The OAuth2 wiring of connection settings is another issue's work; until it lands,
-:func:`tests.servers.graph.wire_access_token` hands the connections a token the
-stand-in issued, and the SIGKILL test drives the host's Python API (what ``mailhost
-fetch`` calls) in a subprocess.
+These tests isolate the pipeline from OAuth2: :func:`tests.servers.graph.wire_access_token`
+hands the connections a token the stand-in issued, and the SIGKILL test drives the
+host's Python API (what ``mailhost fetch`` calls) in a subprocess. The real admin path
+(`mailhost oauth add`, a token from the identity provider, the CLI) is covered by
+tests/test_e2e_graph_cli.py.
 """
 from __future__ import annotations
 

@@ -269,6 +269,39 @@ def test_a_source_asked_again_renews_the_token(mh: Mailhost, idp: IdentityProvid
     assert mh.oauth.access_token_for(cred.id, ALICE)() == second
 
 
+def test_a_source_says_which_credential_and_scopes(mh: Mailhost, idp: IdentityProvider,
+                                                  browser: Callable[[str], bool]) -> None:
+    """A connection's token source names its credential, flow and scopes (what a plugin
+    needs to tell an admin which credential to fix), never a token."""
+    idp.add_user(ALICE)
+    scopes = ["https://graph.microsoft.com/Mail.ReadWrite", "https://graph.microsoft.com/Mail.Send", "offline_access"]
+    cred = microsoft(mh, idp, scopes=scopes)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    source = mh.oauth.access_token_for(cred.id, ALICE)
+    assert (source.credential, source.provider, source.flow, source.app_only) == (
+        "m365", "microsoft", "authorization-code", False)
+    assert source.scopes == tuple(scopes)
+    assert source.granted() == ("https://graph.microsoft.com/Mail.ReadWrite", "https://graph.microsoft.com/Mail.Send")
+    token = source()
+    assert idp.is_active(token) and token not in repr(source)
+    app = microsoft(mh, idp, name="app", flow="client-credentials")
+    assert mh.oauth.access_token_for(app.id, ALICE).app_only is True
+
+
+def test_other_scopes_drop_the_tokens(mh: Mailhost, idp: IdentityProvider) -> None:
+    """Tokens are for the scopes they were issued for: `oauth edit --scope` drops them,
+    and an app-only credential fetches the next one for the new scopes."""
+    cred = microsoft(mh, idp, flow="client-credentials")
+    old = mh.oauth.access_token(cred.id, None)
+    _, dropped = mh.oauth.edit("m365", CredentialSpec(scopes=["https://outlook.office365.com/.default"]))
+    assert not dropped and mh.oauth.access_token(cred.id, None) == old
+    edited, dropped = mh.oauth.edit("m365", CredentialSpec(scopes=["https://graph.microsoft.com/.default"]))
+    assert dropped and edited.scopes == ["https://graph.microsoft.com/.default"]
+    assert mh.oauth.as_dict(edited)["authorizations"] == []
+    new = mh.oauth.access_token(cred.id, None)
+    assert new != old and idp.introspect(new)["scope"] == "https://graph.microsoft.com/.default"
+
+
 # ---------------------------------------------------------------------------------------
 # Errors an admin can act on
 # ---------------------------------------------------------------------------------------

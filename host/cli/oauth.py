@@ -41,7 +41,9 @@ def _credential_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--authorization-endpoint", metavar="URL", help="Override the authorization endpoint."),
         click.option("--token-endpoint", metavar="URL", help="Override the token endpoint."),
         click.option("--scope", "scopes", multiple=True, metavar="SCOPE",
-                     help="A scope to ask for (repeatable); default: the provider's mail scopes."),
+                     help="A scope to ask for (repeatable); default: the provider's mail scopes (Microsoft: "
+                          "Exchange Online's IMAP, POP and SMTP; Microsoft Graph connections need Graph's, "
+                          "e.g. https://graph.microsoft.com/.default for app-only access)."),
         click.option("--flow", type=click.Choice(FLOWS),
                      help="authorization-code (default: a browser, redirect to 127.0.0.1), device-code "
                           "(a code entered on another device) or client-credentials (app-only, no user)."),
@@ -75,6 +77,7 @@ def _row(ctx: Context, cred: Any) -> dict[str, Any]:
 @pass_ctx
 def oauth_add(ctx: Context, name: str, as_json: bool, **opts: Any) -> None:
     """Add an OAuth2 credential named NAME; then authorize it with `mailhost oauth authorize`."""
+    defaults = not opts.get("scopes")
     cred = ctx.host.oauth.add(_spec(name, opts))
     if as_json:
         print_json(ctx.host.oauth.as_dict(cred))
@@ -82,6 +85,10 @@ def oauth_add(ctx: Context, name: str, as_json: bool, **opts: Any) -> None:
         click.echo(f"added OAuth2 credential {cred.name} ({cred.provider}, {cred.flow}): authorize it with "
                    f"`mailhost oauth authorize {cred.name}"
                    + ("`" if cred.flow == "client-credentials" else " --username USER`"), err=True)
+        if defaults and cred.provider == "microsoft":
+            click.echo("note: with the default scopes its tokens are for Exchange Online's IMAP, POP and SMTP; "
+                       "Microsoft Graph connections need a credential with Graph's scopes, such as "
+                       "--scope https://graph.microsoft.com/.default", err=True)
 
 
 @oauth.command("edit")
@@ -96,9 +103,15 @@ def oauth_edit(ctx: Context, name: str, new_name: str | None, as_json: bool, **o
     if as_json:
         print_json(ctx.host.oauth.as_dict(cred))
     else:
-        click.echo(f"changed OAuth2 credential {cred.name}"
-                   + (": it names another app now, so its tokens were dropped; authorize it again" if dropped else ""),
-                   err=True)
+        if not dropped:
+            again = ""
+        elif cred.flow == "client-credentials":
+            again = (": its tokens were for another app or other scopes, so they were dropped; the next one is "
+                     "fetched when a connection needs it")
+        else:
+            again = (": its tokens were for another app or other scopes, so they were dropped; authorize it again "
+                     f"with `mailhost oauth authorize {cred.name} --username USER`")
+        click.echo(f"changed OAuth2 credential {cred.name}{again}", err=True)
 
 
 @oauth.command("list")

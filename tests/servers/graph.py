@@ -67,8 +67,10 @@ Fault injection and instruments: :meth:`GraphServer.throttle`, :meth:`~GraphServ
 :meth:`~GraphServer.purge_message`; ``latency`` and ``service_time`` for benchmarks;
 :attr:`~GraphServer.stats` (requests served by kind) and
 :attr:`~GraphServer.max_inflight`. :func:`wire_access_token` and
-:func:`add_oauth_credential` let the host's pipelines sign in with these tokens for as
-long as the host's own OAuth2 wiring has not landed.
+:func:`add_oauth_credential` let the host's pipelines sign in with these tokens, without
+an identity provider; the host's own path (a credential authorized at
+:mod:`tests.servers.idp`, its tokens checked here by :func:`introspection_verifier`) is
+what ``tests/test_e2e_graph_cli.py`` drives through the command line.
 
 Usage::
 
@@ -1262,6 +1264,7 @@ def _unb64url(text: str) -> bytes:
 def introspection_verifier(url: str, *, ca_file: str | None = None, client_id: str | None = None,
                            client_secret: str | None = None,
                            default_roles: Iterable[str] = ("Mail.ReadWrite", "Mail.Send"),
+                           clock: Callable[[], float] | None = None,
                            ) -> Callable[[str], Principal | None]:
     """``verify`` for :class:`GraphServer` that asks an RFC 7662 introspection endpoint
     (the test identity provider) whether a token is active, and for its claims.
@@ -1269,6 +1272,12 @@ def introspection_verifier(url: str, *, ca_file: str | None = None, client_id: s
     The server authenticates with HTTP Basic: ``client_id``/``client_secret``, or the
     credentials in the URL's userinfo (what
     :meth:`tests.servers.idp.IdentityProvider.add_resource_server` returns).
+
+    With ``clock`` (the provider's, :meth:`~tests.servers.idp.IdentityProvider.now`), an
+    active token is remembered until its ``exp`` by that clock, which RFC 7662 §4 allows
+    and which is what Graph does: it validates a JWT's signature and lifetime locally and
+    asks nobody again until it expires (so a revoked token works until then, unless
+    continuous access evaluation is on). Without ``clock``, every request is introspected.
     """
     import ssl
     import urllib.request
@@ -1279,8 +1288,22 @@ def introspection_verifier(url: str, *, ca_file: str | None = None, client_id: s
         url = parts._replace(netloc=f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)).geturl()
     context = ssl.create_default_context(cafile=ca_file)
     roles = tuple(default_roles)
+    valid: dict[str, tuple[Principal, float]] = {}  # token -> principal, exp
+    lock = threading.Lock()
 
     def verify(token: str) -> Principal | None:
+        if clock is not None:
+            with lock:
+                known = valid.get(token)
+            if known is not None and clock() < known[1]:
+                return known[0]
+        found = introspect(token)
+        if found is not None and clock is not None:
+            with lock:
+                valid[token] = found
+        return found[0] if found is not None else None
+
+    def introspect(token: str) -> tuple[Principal, float] | None:
         data = urlencode({"token": token, "token_type_hint": "access_token"}).encode()
         request = urllib.request.Request(url, data=data, method="POST",
                                          headers={"Content-Type": "application/x-www-form-urlencoded",
@@ -1299,7 +1322,7 @@ def introspection_verifier(url: str, *, ca_file: str | None = None, client_id: s
         scopes = str(claims.get("scope") or claims.get("scp") or "").split()
         if any(s.startswith("https://") and not s.startswith(AUDIENCE + "/") for s in scopes):
             return None  # a token for another resource (Exchange's IMAP scopes, say)
-        return Principal.from_claims(claims, roles)
+        return Principal.from_claims(claims, roles), float(claims.get("exp") or 0)
 
     return verify
 
@@ -1312,7 +1335,7 @@ def free_port() -> int:
 
 
 # ---------------------------------------------------------------------------------------
-# Until the host wires OAuth2 tokens into connection settings
+# Tokens of the stand-in in the host's connection settings (tests without an identity provider)
 # ---------------------------------------------------------------------------------------
 
 
@@ -1332,9 +1355,9 @@ def wire_access_token(host: Any, access_token: Callable[[], str]) -> None:
     """Give every connection of ``host`` that has an OAuth2 credential this
     ``access_token`` in its :class:`~mailhost.protocols.ConnectionSettings`.
 
-    A stand-in for the host's own OAuth2 wiring (it mints the token from the stored
-    credential) for as long as that has not landed; the rest of the settings are the
-    host's.
+    In place of the host's own OAuth2 wiring (a token source on the stored, authorized
+    credential), for tests whose tokens the stand-in issues itself; the rest of the
+    settings are the host's.
     """
     import dataclasses
 
@@ -1345,7 +1368,7 @@ def wire_access_token(host: Any, access_token: Callable[[], str]) -> None:
         credential = conn.oauth_credential_id
         if credential is None:
             return original(connections, direction, conn)
-        conn.oauth_credential_id = None  # the host refuses OAuth2 until its wiring lands
+        conn.oauth_credential_id = None  # no token source on the unauthorized credential row
         try:
             base = original(connections, direction, conn)
         finally:

@@ -33,12 +33,15 @@ from mailhost.errors import (
     AuthenticationFailed,
     ConnectFailure,
     MailError,
+    MailhostError,
     PermanentFailure,
     TemporaryFailure,
 )
 from mailhost.protocols import ConnectionSettings
 from mailhost.secrets import remember_secret
 from mailhost.tls import client_context, tls_error
+
+from .scopes import graph_resource, scope_problem
 
 __all__ = [
     "BATCH_LIMIT",
@@ -116,6 +119,10 @@ class GraphClient:
         with self._token_lock:
             if self._token is None or (refused is not None and refused == self._token):
                 assert self.settings.access_token is not None
+                if self._token is None:
+                    problem = scope_problem(self.settings, self.host)
+                    if problem is not None:  # Graph would refuse every token: say why, ask no one
+                        raise AuthenticationFailed(f"connection {self.settings.name}: {problem}")
                 token = self.settings.access_token()
                 if not token:
                     raise AuthenticationFailed(
@@ -223,11 +230,14 @@ class GraphClient:
         code, message = _error_code(body)
         said = f"{status} {code}: {message}".strip().rstrip(":") if code or message else str(status)
         if status == 401:
+            base = graph_resource(self.host)
+            name = _credential_name(self.settings) or "NAME"
             exc: MailError = AuthenticationFailed(
                 f"{self.where} refused the access token while {doing} ({said}): the token must be for "
-                f"Microsoft Graph (scopes https://{self.host}/Mail.ReadWrite and Mail.Send, or "
-                f"https://{self.host}/.default for app-only access) and from this cloud; authorize the OAuth2 "
-                "credential again (`mailhost oauth authorize NAME`)")
+                f"Microsoft Graph ({base}/Mail.ReadWrite and Mail.Send, or {base}/.default for app-only access) "
+                f"and from this cloud; check the OAuth2 credential with `mailhost oauth show {name}`, give it "
+                f"Graph's scopes with `mailhost oauth edit {name} --scope ...` or authorize it again with "
+                f"`mailhost oauth authorize {name}`")
         elif status == 403:
             exc = PermanentFailure(
                 f"{self.where} denied {doing} ({said}): the app needs Mail.ReadWrite and Mail.Send "
@@ -336,6 +346,15 @@ def token_claims(token: str) -> dict[str, Any]:
     except (IndexError, ValueError, binascii.Error):
         return {}
     return claims if isinstance(claims, dict) else {}
+
+
+def _credential_name(settings: ConnectionSettings) -> str | None:
+    """The OAuth2 credential's name, when the token source says it."""
+    try:
+        name = getattr(settings.access_token, "credential", None)
+    except MailhostError:  # the source could not say: the sentence does without
+        return None
+    return str(name) if name else None
 
 
 def _error_body(response: httpx.Response) -> Any:

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import quote
 
-from mailhost.errors import MailError
+from mailhost.errors import MailError, MailhostError
 from mailhost.protocols import ConnectionSettings, TestStep
 
 from .client import PREFER_IMMUTABLE, GraphClient, token_claims
@@ -30,7 +30,7 @@ def test_incoming(settings: ConnectionSettings) -> Iterator[TestStep]:
     try:
         client = GraphClient(settings)
         claims = token_claims(client.token())
-        yield TestStep(step, True, _describe_token(claims))
+        yield TestStep(step, True, _describe_token(claims, settings))
 
         step = "mailbox"
         prefix = f"/users/{quote(mailbox, safe='@')}"
@@ -44,7 +44,7 @@ def test_incoming(settings: ConnectionSettings) -> Iterator[TestStep]:
 
         step = "permissions"
         notes = [f"read: {_probe_read_write(client, prefix, folder.id, folder_path)}",
-                 f"send: {_send_right(claims, bool(settings.shared_mailbox))}"]
+                 f"send: {_send_right(claims, bool(settings.shared_mailbox), settings)}"]
         yield TestStep(step, True, "; ".join(notes))
     except MailError as exc:
         yield TestStep(step, False, str(exc))
@@ -61,7 +61,7 @@ def test_outgoing(settings: ConnectionSettings) -> Iterator[TestStep]:
     try:
         client = GraphClient(settings)
         claims = token_claims(client.token())
-        yield TestStep(step, True, _describe_token(claims))
+        yield TestStep(step, True, _describe_token(claims, settings))
 
         step = "mailbox"
         doing = f"open mailbox {mailbox}"
@@ -75,7 +75,7 @@ def test_outgoing(settings: ConnectionSettings) -> Iterator[TestStep]:
             yield TestStep(step, True, f"mailbox {mailbox} answers on {client.where}")
 
         step = "permissions"
-        right = _send_right(claims, mailbox.lower() != (settings.username or "").lower())
+        right = _send_right(claims, mailbox.lower() != (settings.username or "").lower(), settings)
         ok = not right.startswith("no")
         yield TestStep(step, ok, f"send: {right}" + ("" if ok else ": grant the app Mail.Send "
                                                       "(Mail.Send.Shared and Send As for a shared mailbox)"))
@@ -102,20 +102,51 @@ def _probe_read_write(client: GraphClient, prefix: str, folder_id: str, folder_p
     return "yes; write flags: yes"
 
 
-def _send_right(claims: dict[str, Any], shared: bool) -> str:
-    """From the token's scopes or roles, when it shows them."""
+def _send_right(claims: dict[str, Any], shared: bool, settings: ConnectionSettings) -> str:
+    """From the token's scopes or roles when it shows them (a JWT), else from the scopes
+    the provider granted with it (an opaque token)."""
+    delegated = bool(claims.get("scp"))
     scopes = set(str(claims.get("scp") or "").split()) | set(claims.get("roles") or [])
+    if not claims:
+        source = _source_info(settings)
+        if source.get("app_only"):
+            return ("unknown (app-only: the application permissions granted to the app decide, "
+                    "Mail.Send for sending): send a test email")
+        delegated = True
+        scopes = {s.rsplit("/", 1)[-1] for s in source.get("granted") or source.get("scopes") or ()}
     if not scopes:
         return "unknown (the token does not show its permissions): send a test email"
-    wanted = {"Mail.Send.Shared"} if shared and claims.get("scp") else {"Mail.Send"}
+    wanted = {"Mail.Send.Shared"} if shared and delegated else {"Mail.Send"}
     if scopes & wanted:
         return "yes" + (" (the mailbox's Send As right is checked when sending)" if shared else "")
     return f"no ({' or '.join(sorted(wanted))} missing)"
 
 
-def _describe_token(claims: dict[str, Any]) -> str:
+def _source_info(settings: ConnectionSettings) -> dict[str, Any]:
+    """What the token source (:class:`mailhost.oauth.TokenSource`) says of its credential;
+    ``{}`` for a plain callable."""
+    source = settings.access_token
+    try:
+        name = getattr(source, "credential", None)
+        if not name:
+            return {}
+        granted = getattr(source, "granted", None)
+        return {"credential": name, "app_only": bool(getattr(source, "app_only", False)),
+                "scopes": tuple(getattr(source, "scopes", ()) or ()),
+                "granted": tuple(granted() if callable(granted) else ())}
+    except MailhostError:  # a report, not a reason to fail the step
+        return {}
+
+
+def _describe_token(claims: dict[str, Any], settings: ConnectionSettings) -> str:
+    source = _source_info(settings)
+    origin = f" from OAuth2 credential {source['credential']!r}" if source else ""
     if not claims:
-        return "acquired an access token"
+        if not source:
+            return "acquired an access token"
+        scopes = " ".join(source["granted"] or source["scopes"]) or "the provider's default"
+        kind = "app-only" if source["app_only"] else f"delegated for {settings.username}"
+        return f"acquired an access token{origin} ({kind}, scopes {scopes})"
     if claims.get("scp"):
         who = claims.get("upn") or claims.get("preferred_username") or "a user"
         kind = f"delegated for {who}, scopes {claims['scp']}"
@@ -125,4 +156,4 @@ def _describe_token(claims: dict[str, Any]) -> str:
     until = ""
     if isinstance(expires, (int, float)):
         until = f", valid until {dt.datetime.fromtimestamp(expires, dt.UTC).strftime('%Y-%m-%d %H:%M UTC')}"
-    return f"acquired an access token ({kind}{until})"
+    return f"acquired an access token{origin} ({kind}{until})"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 from graph_helpers import ALICE, Settings, message
@@ -102,3 +103,84 @@ def test_outgoing_test(graph: GraphServer, settings: Settings) -> None:
     unknown = list(outgoing_test(settings(host="127.0.0.1", port=graph.port, access_token=lambda: "opaque")))
     assert (unknown[0].name, unknown[0].ok) == ("token", True)
     assert not unknown[1].ok and "refused the access token" in unknown[1].detail
+
+
+class Source:
+    """A token source that says what it stands for, as the host's (mailhost.oauth.TokenSource) does."""
+
+    def __init__(self, scopes: tuple[str, ...], flow: str = "client-credentials", token: str = "token") -> None:
+        self.credential, self.provider, self.flow, self.scopes = "m365", "microsoft", flow, scopes
+        self.app_only = flow == "client-credentials"
+        self.asked = 0
+        self.token = token
+
+    def __call__(self) -> str:
+        self.asked += 1
+        return self.token
+
+    def granted(self) -> tuple[str, ...]:
+        return self.scopes
+
+
+@pytest.mark.parametrize(("host", "scopes", "problem"), [
+    ("127.0.0.1", ("https://graph.microsoft.com/.default",), None),
+    ("127.0.0.1", ("Mail.ReadWrite", "Mail.Send", "offline_access"), None),  # Graph's to Microsoft's v2.0
+    ("127.0.0.1", ("00000003-0000-0000-c000-000000000000/.default",), None),
+    ("127.0.0.1", ("https://api.contoso.com/.default",), None),  # a private endpoint's own resource
+    ("127.0.0.1", ("https://outlook.office365.com/.default",), "Exchange Online's"),
+    (None, ("https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"), "Exchange Online's"),
+    ("graph.microsoft.us", ("https://graph.microsoft.us/.default",), None),
+    ("graph.microsoft.us", ("https://graph.microsoft.com/.default",), "another cloud"),
+    ("graph.microsoft.com", ("https://api.contoso.com/.default",), "another resource"),
+])
+def test_scope_problem(host: str | None, scopes: tuple[str, ...], problem: str | None) -> None:
+    """Graph takes tokens for Graph of its own cloud; what is surely something else is named."""
+    from mailhost.protocols import ConnectionSettings
+    from mailhost_graph.scopes import scope_problem
+
+    settings = ConnectionSettings(name="desk", protocol="graph", host=host, username=ALICE,
+                                  access_token=Source(scopes))
+    found = scope_problem(settings, host or "graph.microsoft.com")
+    if problem is None:
+        assert found is None
+    else:
+        assert found is not None and problem in found and "'m365'" in found
+    assert scope_problem(ConnectionSettings(name="d", protocol="graph", access_token=lambda: "t"), host) is None
+
+
+def test_a_credential_for_exchange_fails_before_any_request(graph: GraphServer, settings: Settings) -> None:
+    """The token step names the credential and the scopes to give it; no token is asked for
+    or sent. Delegated: the .Shared scopes for a shared mailbox, then authorize again."""
+    source = Source(("https://outlook.office.com/IMAP.AccessAsUser.All", "offline_access"), flow="authorization-code")
+    steps = list(incoming_test(settings(access_token=source, shared_mailbox="support@contoso.com")))
+    assert [(s.name, s.ok) for s in steps] == [("token", False)]
+    assert ("`mailhost oauth edit m365 --scope https://graph.microsoft.com/Mail.ReadWrite "
+            "--scope https://graph.microsoft.com/Mail.Send --scope https://graph.microsoft.com/Mail.ReadWrite.Shared "
+            "--scope https://graph.microsoft.com/Mail.Send.Shared --scope offline_access` then "
+            f"`mailhost oauth authorize m365 --username {ALICE}`") in steps[0].detail
+    assert source.asked == 0 and sum(graph.stats.values()) == 0
+
+
+def test_opaque_token_permissions_from_the_source(pki: Any) -> None:
+    """A token the plugin cannot read (not a JWT) is described by its credential: which one,
+    app-only or delegated, and the scopes granted (which say whether it may send)."""
+    from mailhost.protocols import ConnectionSettings
+
+    from tests.servers.graph import Principal
+
+    def verify(token: str) -> Principal | None:
+        return Principal(ALICE, frozenset({"Mail.ReadWrite", "Mail.Send"})) if token == "opaque" else None
+
+    with GraphServer(pki, verify=verify) as graph:
+        graph.add_user(ALICE)
+        graph.deliver(ALICE, message(1))
+        source = Source(("https://graph.microsoft.com/Mail.ReadWrite", "https://graph.microsoft.com/Mail.Send"),
+                        flow="authorization-code", token="opaque")
+        steps = list(incoming_test(ConnectionSettings(
+            name="desk", protocol="graph", host="127.0.0.1", port=graph.port, username=ALICE,
+            ca_file=graph.ca_file, timeout=10.0, access_token=source)))
+    assert all(s.ok for s in steps), steps
+    assert steps[0].detail == ("acquired an access token from OAuth2 credential 'm365' (delegated for "
+                               f"{ALICE}, scopes https://graph.microsoft.com/Mail.ReadWrite "
+                               "https://graph.microsoft.com/Mail.Send)")
+    assert "send: yes" in steps[-1].detail
