@@ -46,6 +46,19 @@ delivery_interval = 10
 # Parallel SMTP sessions when the outgoing queue is long.
 delivery_sessions = 4
 
+[outgoing]
+# Temporary failures (4xx, timeouts, dropped links) are retried after
+# retry_base_seconds, doubling up to retry_max_seconds, with jitter; a message fails
+# after max_attempts attempts or max_age_hours since it was queued (0: no age limit).
+retry_base_seconds = 60
+retry_max_seconds = 3600
+max_attempts = 20
+max_age_hours = 24
+# One more parallel session per this many due messages, up to delivery_sessions.
+messages_per_session = 100
+# Sent messages are kept for audit this many days (0: forever).
+keep_sent_days = 30
+
 [web]
 # The web admin of `mailhost serve`; set listen = "" to turn it off.
 listen = "127.0.0.1:8025"

@@ -207,10 +207,13 @@ class Connections:
                     # Another mailbox: its folder cursors mean nothing there. The seen
                     # keys and fingerprints stay, so nothing stored comes twice.
                     s.query(FolderCursor).filter_by(connection_id=conn.id).delete()
-            elif values.get("is_default"):
-                s.execute(
-                    update(OutgoingConnection).where(OutgoingConnection.id != conn.id).values(is_default=False)
-                )
+            else:
+                if moved or values.get("encryption") != current.get("encryption"):
+                    conn.server_size_limit = None  # another server: its SIZE is learned anew
+                if values.get("is_default"):
+                    s.execute(
+                        update(OutgoingConnection).where(OutgoingConnection.id != conn.id).values(is_default=False)
+                    )
             s.flush()
             return self.get(direction, conn.name, s), disabled
 

@@ -73,6 +73,8 @@ class MailError(MailhostError):
 
     #: Whether trying again later may succeed.
     temporary: bool = False
+    #: The reply per recipient, when a server refused every recipient of a message.
+    refused: dict[str, str] | None = None
 
 
 class TemporaryFailure(MailError):

@@ -1,18 +1,1490 @@
-"""The outgoing pipeline (placeholder: written with the SMTP plugin)."""
+"""The outgoing pipeline: a durable queue that sends each message once. Protocol-agnostic.
+
+A message's life::
+
+    send/enqueue ──> queued ──claim──> sending ──250──> sent
+                       ▲                  │
+                       └── 4xx, timeout ──┤  (backoff + jitter, up to a limit of
+                                          │   attempts and age, then failed)
+                                          └── 5xx ──> failed
+
+1. ``enqueue`` checks the message against the connection's size limit and the server's
+   SIZE (when a session has told it) and commits it as ``queued``.
+2. A delivery pass claims due messages in small batches with a row lease (PostgreSQL:
+   ``SELECT ... FOR UPDATE SKIP LOCKED`` inside the claiming ``UPDATE``; SQLite: one
+   atomic ``UPDATE ... WHERE status = 'queued'``, SQLite admitting one writer at a
+   time). A claimed row is ``sending``, owned by this worker until its lease ends, so
+   two workers, in one process or many, never send one message.
+3. Each worker thread keeps one session per connection open for many messages; a long
+   queue gets several sessions in parallel (``[outgoing] messages_per_session``).
+4. The outcome of each message is committed right after the server's reply, and every
+   attempt is recorded. The commit of message k overlaps the envelope (MAIL, RCPT,
+   DATA) of message k + 1, but k + 1's content waits until k is durable; the records
+   of parallel sessions share one transaction (group commit).
+
+Crash safety. A worker that dies leaves its claimed rows ``sending``; once their lease
+has expired, or at once when the owner was a process on this host that no longer runs,
+the next pass puts them back in the queue and records the interrupted attempt. One
+duplicate cannot be avoided by any SMTP client: the server accepted a message (it
+committed it and was about to say 250) and the worker died before recording that. The
+window is at most one message per open session: a session never sends the content of a
+message while the previous one's outcome is unrecorded.
+"""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import contextlib
+import dataclasses
+import datetime as dt
+import email.policy
+import inspect
+import itertools
+import logging
+import math
+import mimetypes
+import os
+import queue
+import random
+import re
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from email.header import decode_header, make_header
+from email.message import EmailMessage
+from email.parser import BytesHeaderParser
+from email.utils import formataddr, formatdate, getaddresses, make_msgid, parseaddr
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from sqlalchemy import ColumnElement, Table, and_, bindparam, delete, func, insert, or_, select, update
+
+from .errors import (
+    ConfigError,
+    ConnectFailure,
+    MailhostError,
+    NotFound,
+    PermanentFailure,
+    TemporaryFailure,
+    ValidationError,
+)
+from .protocols import ConnectionSettings, Direction, OutgoingSession, SendResult
+from .secrets import redact
+from .store import OutgoingAttempt, OutgoingConnection, OutgoingItem, utcnow
 
 if TYPE_CHECKING:
     from .app import Mailhost
 
+__all__ = [
+    "OUTGOING_STATUSES",
+    "ConnectionReport",
+    "DeliveryReport",
+    "Draft",
+    "Outgoing",
+    "Policy",
+    "TestEmail",
+    "item_dict",
+    "personalize",
+]
+
+log = logging.getLogger(__name__)
+
+OUTGOING_STATUSES = ("queued", "sending", "sent", "failed")
+
+_T = cast(Table, OutgoingItem.__table__)
+_A = cast(Table, OutgoingAttempt.__table__)
+_POLICY_7BIT = email.policy.SMTP.clone(cte_type="7bit")  # portable: no 8BITMIME needed
+_COUNT_LOCK = threading.Lock()
+
+
+# ---------------------------------------------------------------------------------------
+# Policy: retries, leases, parallelism ([outgoing] in the config file)
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Policy:
+    """How the pipeline retries and shares work; ``[outgoing]`` in the config file.
+
+    The delay before attempt ``n + 1`` is ``min(retry_max, retry_base * 2 ** (n - 1))``,
+    scaled by a random factor in [0.5, 1) so that a server's queue of failures does not
+    come back all at once, and never shorter than a delay the server asked for. A
+    message is given up (``failed``) after ``max_attempts`` attempts or ``max_age``
+    since it was queued (or queued again by an admin), whichever comes first. A zero
+    ``max_age_hours`` or ``keep_sent_days`` means no limit.
+    """
+
+    retry_base: float = 60.0
+    retry_max: float = 3600.0
+    max_attempts: int = 20
+    max_age: dt.timedelta | None = dt.timedelta(hours=24)  # None: no age limit
+    lease: dt.timedelta = dt.timedelta(minutes=10)
+    batch: int = 50  # messages per claim
+    per_session: int = 100  # a further parallel session per this many due messages
+    keep_sent: dt.timedelta | None = dt.timedelta(days=30)  # sent mail kept for audit
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any], where: object = "the config file") -> Policy:
+        """Read ``[outgoing]``; a bad value is a ConfigError naming the key."""
+        table = raw.get("outgoing", {}) or {}
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[outgoing] in {where} must be a table")
+        known = {"retry_base_seconds", "retry_max_seconds", "max_attempts", "max_age_hours", "lease_seconds",
+                 "batch", "messages_per_session", "keep_sent_days"}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ConfigError(f"[outgoing] in {where} has unknown keys {unknown}: use {sorted(known)}")
+
+        def number(key: str, default: float, low: float, integer: bool = False) -> float:
+            value = table.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low \
+                    or (integer and int(value) != value):
+                kind = "a whole number" if integer else "a number"
+                raise ConfigError(f"[outgoing] {key} in {where} must be {kind} >= {low:g}, not {value!r}")
+            return float(value)
+
+        keep = number("keep_sent_days", 30, 0)
+        age = number("max_age_hours", 24, 0)
+        return cls(
+            retry_base=number("retry_base_seconds", 60, 0),
+            retry_max=number("retry_max_seconds", 3600, 0),
+            max_attempts=int(number("max_attempts", 20, 1, True)),
+            max_age=dt.timedelta(hours=age) if age else None,
+            lease=dt.timedelta(seconds=number("lease_seconds", 600, 5)),
+            batch=int(number("batch", 50, 1, True)),
+            per_session=int(number("messages_per_session", 100, 1, True)),
+            keep_sent=dt.timedelta(days=keep) if keep else None,
+        )
+
+    def backoff(self, attempts: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt."""
+        delay = min(self.retry_max, self.retry_base * 2.0 ** min(max(0, attempts - 1), 60))
+        delay *= 0.5 + random.random() / 2
+        return max(delay, retry_after or 0.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Composing messages
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A message ready to queue: the raw bytes (CRLF) and its envelope recipients."""
+
+    raw: bytes
+    recipients: tuple[str, ...]
+    message_id: str | None
+    subject: str | None
+    from_addr: str | None  # None: the connection's From address is added at delivery
+
+
+def _check_address(value: str, what: str) -> str:
+    """The address as given (a display name is fine); one sentence when it is not one."""
+    text = value.strip()
+    name, addr = parseaddr(text)
+    if not addr or "@" not in addr or any(c in text for c in "\r\n\0") or " " in addr \
+            or addr.startswith("@") or addr.endswith("@"):
+        raise ValidationError(f"{what} {value!r} is not an email address: use name@example.org", field=what)
+    return text
+
+
+def _addr_spec(value: str) -> str:
+    return parseaddr(value)[1]
+
+
+def _header_text(value: str | None) -> str | None:
+    if value is None:
+        return None
+    text = " ".join(str(value).split())
+    if "=?" in text:
+        try:
+            return str(make_header(decode_header(text)))
+        except Exception:  # malformed encoded words: show them as they are
+            return text
+    return text
+
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+def _crlf(raw: bytes) -> bytes:
+    """CRLF line ends throughout, as SMTP's DATA wants them."""
+    if b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b""):
+        return raw
+    return _EOL.sub(b"\r\n", raw)
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes]:
+    """(header block incl. its last CRLF, the rest incl. the blank line)."""
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return (raw if raw.endswith(b"\r\n") else raw + b"\r\n"), b"\r\n"
+    return raw[: end + 2], raw[end + 2:]
+
+
+def _header_re(name: str) -> re.Pattern[bytes]:
+    return re.compile(rb"(?im)^" + re.escape(name.encode()) + rb"[ \t]*:.*\r\n(?:[ \t].*\r\n)*")
+
+
+_SUBJECT = _header_re("Subject")
+_BCC = _header_re("Bcc")
+_RESENT_BCC = _header_re("Resent-Bcc")
+
+
+def _fold(name: str, value: str) -> bytes:
+    """``Name: value`` folded, non-ASCII as RFC 2047 encoded words (policy.fold would
+    leave a short value unencoded)."""
+    header = _POLICY_7BIT.header_factory(name, value)
+    folded: str = header.fold(policy=_POLICY_7BIT)
+    return folded.encode("ascii")
+
+
+def from_header(address: str) -> bytes:
+    """A ``From:`` line for ``address`` (``Name <addr>``), non-ASCII names encoded."""
+    name, addr = parseaddr(address)
+    try:
+        text = formataddr((name, addr))
+        return f"From: {text}\r\n".encode("ascii")
+    except (UnicodeError, ValueError):
+        # An internationalized address (SMTPUTF8) travels as UTF-8.
+        return f"From: {address}\r\n".encode("utf-8")
+
+
+def personalize(raw: bytes, from_line: bytes | None, prefix: str | None) -> bytes:
+    """``raw`` with a From header added (when ``from_line``) and the subject prefixed.
+
+    Works on the bytes: the body, and every header not touched, stay exactly as queued.
+    """
+    if not from_line and not prefix:
+        return raw
+    head, rest = _split(raw)
+    top = from_line or b""
+    if prefix:
+        m = _SUBJECT.search(head)
+        if m:
+            old = _header_text(m.group(0).split(b":", 1)[1].decode("utf-8", "replace")) or ""
+            head = head[: m.start()] + _fold("Subject", f"{prefix} {old}".strip()) + head[m.end():]
+        else:
+            top += _fold("Subject", prefix)
+    return top + head + rest
+
+
+# ---------------------------------------------------------------------------------------
+# Reports
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class ConnectionReport:
+    """What one delivery pass did through one connection."""
+
+    connection: str
+    due: int = 0
+    sessions: int = 0
+    sent: int = 0
+    partial: int = 0
+    retrying: int = 0
+    failed: int = 0
+    fell_back: int = 0
+    error: str | None = None
+
+    def add(self, counter: str) -> None:
+        """Count one message; the workers of a pass share the report."""
+        with _COUNT_LOCK:
+            setattr(self, counter, getattr(self, counter) + 1)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class DeliveryReport:
+    """What one delivery pass did."""
+
+    connections: dict[str, ConnectionReport] = field(default_factory=dict)
+    recovered: int = 0
+    seconds: float = 0.0
+    error: str | None = None
+
+    @property
+    def sent(self) -> int:
+        """Messages the servers accepted in this pass (partly accepted ones included)."""
+        return sum(r.sent + r.partial for r in self.connections.values())
+
+    def as_dicts(self) -> list[dict[str, Any]]:
+        """The JSON form: one object per connection."""
+        return [{**r.as_dict(), "seconds": round(self.seconds, 3)} for r in self.connections.values()]
+
+
+@dataclass(frozen=True)
+class TestEmail:
+    """The outcome of ``outgoing test-email``: the transcript and what the server said."""
+
+    __test__ = False  # not a pytest test class
+
+    ok: bool
+    connection: str
+    to: str
+    response: str = ""
+    refused: Mapping[str, str] = field(default_factory=dict)
+    error: str | None = None
+    transcript: tuple[str, ...] = ()
+
+
+# ---------------------------------------------------------------------------------------
+# Delivery internals
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Claimed:
+    """A claimed queue row, as the claiming UPDATE returned it."""
+
+    id: int
+    connection_name: str | None
+    raw: bytes
+    recipients: list[str]
+    accepted: list[str]
+    refused: dict[str, str]
+    from_addr: str | None
+    message_id: str | None
+    attempts: int
+    created_at: dt.datetime
+    queued_at: dt.datetime | None
+    sent_at: dt.datetime | None
+    sent_via: str | None = None
+    fell_back: bool = False
+
+    def pending(self) -> list[str]:
+        """Recipients still to deliver: not accepted, not refused for good (5xx)."""
+        done = set(self.accepted)
+        return [r for r in self.recipients
+                if r not in done and not self.refused.get(r, "").startswith("5")]
+
+
+_CLAIM_COLUMNS = (_T.c.id, _T.c.connection_name, _T.c.raw, _T.c.recipients, _T.c.accepted, _T.c.refused,
+                  _T.c.from_addr, _T.c.message_id, _T.c.attempts, _T.c.created_at, _T.c.queued_at, _T.c.sent_at,
+                  _T.c.sent_via, _T.c.fell_back, _T.c.next_attempt_at)
+
+
+@dataclass
+class _Try:
+    """One attempt through one connection."""
+
+    connection: str
+    kind: str  # sent, partial, connection, temporary, permanent
+    detail: str
+    result: SendResult | None = None
+    refused: dict[str, str] = field(default_factory=dict)
+    retry_after: float | None = None
+    ms: int = 0
+
+    @property
+    def delivered(self) -> bool:
+        return self.kind in ("sent", "partial")
+
+
+@dataclass
+class _Record:
+    """What to commit for one message: the row's new state and its attempt rows."""
+
+    item_id: int
+    owner: str  # the session's lease owner
+    values: dict[str, Any]
+    attempts: list[dict[str, Any]]
+    #: (connection, message id, recipients) for the message_sent hook, once committed.
+    announce: tuple[str, str | None, tuple[str, ...]] | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+    def wait(self) -> None:
+        """Block until committed; raise if the commit failed."""
+        self.done.wait()
+        if self.error is not None:
+            raise self.error
+
+
+class _GateFailed(Exception):
+    """The previous message's outcome could not be committed: stop sending."""
+
+
+def _gate(prev: _Record | None) -> Callable[[], None]:
+    """What a session calls before a message's content goes out: wait for the
+    previous outcome to be durable."""
+    if prev is None:
+        return lambda: None
+
+    def wait() -> None:
+        try:
+            prev.wait()
+        except BaseException as exc:
+            raise _GateFailed(f"the outcome of outgoing item {prev.item_id} could not be recorded: {exc}") from exc
+
+    return wait
+
+
+class _Recorder:
+    """One thread that commits outcomes: the sessions' results share transactions.
+
+    A worker hands over the outcome of a message and goes on with the next one's
+    envelope; that message's content waits until the outcome is committed (the gate),
+    so at most one message per session is ever accepted and unrecorded. The outcomes of
+    parallel sessions land in one transaction (group commit). The recorder also renews
+    the leases of this process's sessions while a pass runs.
+    """
+
+    _STOP = object()
+    #: How long a commit waits for the other sessions' outcomes to join it. A commit
+    #: costs an fsync (SQLite synchronous=FULL, PostgreSQL's WAL flush) of about a
+    #: millisecond; sharing it is what lets parallel sessions scale.
+    GATHER = 0.001
+
+    def __init__(self, outgoing: Outgoing, prefix: str) -> None:
+        self.out = outgoing
+        self.prefix = prefix  # the lease owners of this pass's sessions start with it
+        self.q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        #: Workers between two messages of a batch; each will hand in an outcome soon.
+        self.sending = 0
+        self._update: _Prepared | None = None
+        self._insert: _Prepared | None = None
+        self._renewed = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="outgoing-recorder", daemon=True)
+        self._thread.start()
+
+    def busy(self, delta: int) -> None:
+        """A worker starts (+1) or stops (-1) sending a batch of messages."""
+        with _COUNT_LOCK:
+            self.sending += delta
+
+    def submit(self, rec: _Record) -> None:
+        """Hand ``rec`` over for the next commit; ``rec.wait()`` waits for it."""
+        self.q.put(rec)
+
+    def stop(self) -> None:
+        """Commit what is pending and end the thread."""
+        self.q.put(self._STOP)
+        self._thread.join()
+
+    def _run(self) -> None:
+        every = max(1.0, self.out.policy.lease.total_seconds() / 3)
+        stopping = False
+        while not stopping:
+            try:
+                first = self.q.get(timeout=every)
+            except queue.Empty:
+                self._safe_renew()
+                continue
+            batch: list[_Record] = []
+            if first is self._STOP:
+                stopping = True
+            else:
+                batch.append(first)
+            deadline = time.monotonic() + self.GATHER
+            while len(batch) < 500:
+                wait = deadline - time.monotonic() if len(batch) < self.sending else 0
+                try:
+                    more = self.q.get(timeout=wait) if wait > 0 else self.q.get_nowait()
+                except queue.Empty:
+                    break
+                if more is self._STOP:
+                    stopping = True
+                else:
+                    batch.append(more)
+            if batch:
+                self._commit(batch)
+            if time.monotonic() - self._renewed > every:
+                self._safe_renew()
+
+    def _commit(self, batch: list[_Record]) -> None:
+        rows = [{"b_id": r.item_id, "b_owner": r.owner, **{f"b_{k}": v for k, v in r.values.items()}} for r in batch]
+        attempts = [a for r in batch for a in r.attempts]
+        try:
+            with self.out._writing() as conn:
+                if self._update is None:
+                    dialect = conn.dialect
+                    self._update = _Prepared(_RECORD_STMT, dialect, rows[0])
+                    self._insert = _Prepared(_ATTEMPT_STMT, dialect, {c: None for c in _ATTEMPT_COLUMNS})
+                changed = self._update.run(conn, rows)
+                if attempts:
+                    assert self._insert is not None
+                    self._insert.run(conn, attempts)
+            if changed is not None and 0 <= changed < len(rows):
+                # Another worker took these over after their lease ran out (this one
+                # stalled longer than the lease): the message may go out twice.
+                log.warning("%d outgoing message(s) were taken over by another worker after their lease "
+                            "expired; raise [outgoing] lease_seconds if sessions stall this long",
+                            len(rows) - changed)
+        except BaseException as exc:  # the workers must hear of it, whatever it is
+            for r in batch:
+                r.error = exc
+        for r in batch:
+            r.done.set()
+
+    def _safe_renew(self) -> None:
+        self._renewed = time.monotonic()
+        try:
+            with self.out._writing() as conn:
+                conn.execute(update(_T).where(_T.c.lease_owner.startswith(self.prefix, autoescape=True),
+                                              _T.c.status == "sending")
+                             .values(lease_until=self.out.clock() + self.out.policy.lease))
+        except Exception:
+            log.exception("could not renew the leases of outgoing messages under way")
+
+
+class _Prepared:
+    """A statement compiled once for one database driver and run as a plain
+    ``executemany``: the per-message records are the hot path of a pass, and this
+    skips SQLAlchemy's per-call work while keeping its SQL and type conversions."""
+
+    def __init__(self, stmt: Any, dialect: Any, sample: Mapping[str, Any]) -> None:
+        compiled = stmt.compile(dialect=dialect)
+        self.sql: str = compiled.string
+        self.order: list[str] | None = list(compiled.positiontup) if compiled.positiontup is not None else None
+        self.defaults = {k: v for k, v in compiled.construct_params(dict(sample)).items() if k not in sample}
+        self.convert: dict[str, Callable[[Any], Any]] = {}
+        for bind, name in compiled.bind_names.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                self.convert[name] = process
+
+    def run(self, conn: Any, rows: Sequence[Mapping[str, Any]]) -> int:
+        """Execute for every row; the number of rows changed, where the driver says."""
+        params: list[Any] = []
+        for row in rows:
+            values = {**self.defaults, **row}
+            for name, process in self.convert.items():
+                values[name] = process(values[name])
+            params.append(tuple(values[n] for n in self.order) if self.order is not None else values)
+        return int(conn.exec_driver_sql(self.sql, params).rowcount)
+
+
+_RECORD_COLUMNS = ("status", "attempts", "next_attempt_at", "last_error", "accepted", "refused", "sent_at",
+                   "sent_via", "fell_back", "updated_at")
+_RECORD_STMT = (
+    update(_T)
+    .where(_T.c.id == bindparam("b_id"), _T.c.lease_owner == bindparam("b_owner"), _T.c.status == "sending")
+    .values(lease_owner=None, lease_until=None, **{c: bindparam(f"b_{c}") for c in _RECORD_COLUMNS})
+)
+_ATTEMPT_COLUMNS = ("item_id", "at", "connection_name", "result", "detail", "refused", "duration_ms")
+_ATTEMPT_STMT = insert(_A).values({c: bindparam(c) for c in _ATTEMPT_COLUMNS})
+
+
+class _Lane:
+    """One connection as one worker thread uses it: a session opened lazily, reused for
+    every message, reopened after a dropped link."""
+
+    def __init__(self, out: Outgoing, group: _Group, report: ConnectionReport) -> None:
+        self.out = out
+        self.name = group.name or "(default)"
+        self.conn = group.conn
+        self.report = report
+        self.down: MailhostError | None = group.error
+        self.session: OutgoingSession | None = None
+        self.settings: ConnectionSettings | None = None
+        self.gated = False  # the session's send() takes before_data
+        address = _connection_address(self.conn) if self.conn else None
+        self.from_line = from_header(address) if address else None
+        self.sender = _addr_spec(address) if address else ""
+
+    def open(self) -> OutgoingSession:
+        if self.session is not None:
+            return self.session
+        if self.down is not None:
+            raise self.down
+        assert self.conn is not None
+        try:
+            if self.settings is None:
+                self.settings = self.out.host.connections.settings(Direction.OUTGOING, self.conn)
+            provider = self.out.host.connections.provider(Direction.OUTGOING, self.conn)
+            session = provider.open(self.settings)
+        except MailhostError as exc:
+            self.down = exc
+            self.report.error = _sentence(self.name, exc)
+            raise
+        if not isinstance(session, OutgoingSession):
+            session.close()
+            self.down = ConfigError(f"protocol {self.conn.protocol} opened a {type(session).__name__}, "
+                                    "not an OutgoingSession: report it to the plugin's authors")
+            raise self.down
+        self.session = session
+        self.gated = "before_data" in inspect.signature(session.send).parameters
+        self.report.add("sessions")
+        self.out._learn_size(self.conn, session.max_size)
+        return session
+
+    def drop(self) -> None:
+        session, self.session = self.session, None
+        if session is not None:
+            with contextlib.suppress(Exception):
+                session.close()
+
+    def close(self) -> None:
+        self.drop()
+
+
+@dataclass
+class _Group:
+    """The messages one connection delivers in a pass."""
+
+    name: str | None  # None: unnamed mail when no default connection exists
+    conn: OutgoingConnection | None
+    with_default_items: bool = False  # also the messages queued for "the default"
+    error: MailhostError | None = None
+    due: int = 0
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------
+
 
 class Outgoing:
-    """The outgoing queue and delivery passes."""
+    """The outgoing queue: compose, enqueue, deliver, retry, delete, purge."""
 
     def __init__(self, host: Mailhost) -> None:
         self.host = host
+        self.worker = _worker_id()
+        self._passes = itertools.count(1)
+        #: The pipeline's clock (tests move it forward instead of waiting).
+        self.clock: Callable[[], dt.datetime] = utcnow
+        self._lock = threading.Lock() if host.engine.dialect.name == "sqlite" else None
+        self._purged_at = 0.0
 
-    def deliver(self, sessions: int = 1) -> Any:
-        """One delivery pass over the outgoing queue."""
-        return []
+    @property
+    def policy(self) -> Policy:
+        """Retry and sharing rules from ``[outgoing]`` in the config file."""
+        cached = self.__dict__.get("_policy")
+        if cached is None:
+            cached = self.__dict__["_policy"] = Policy.from_config(self.host.config.raw, self.host.config.path)
+        return cached
+
+    @contextlib.contextmanager
+    def _writing(self) -> Iterator[Any]:
+        """A write transaction; on SQLite one writer per process at a time, so the
+        threads of a pass queue on a lock instead of SQLite's sleeping busy handler."""
+        self.host.check_schema()
+        with self._lock or contextlib.nullcontext():
+            with self.host.engine.begin() as conn:
+                yield conn
+
+    # -- composing and queueing -------------------------------------------------------
+
+    def compose(
+        self,
+        to: Sequence[str] = (),
+        cc: Sequence[str] = (),
+        bcc: Sequence[str] = (),
+        subject: str | None = None,
+        body: str | None = None,
+        body_file: str | os.PathLike[str] | None = None,
+        eml: str | os.PathLike[str] | bytes | None = None,
+        attachments: Sequence[str | os.PathLike[str]] = (),
+        from_address: str | None = None,
+        connection: str | None = None,
+    ) -> Draft:
+        """Build a MIME message (text body, attachments, Message-ID, Date), or take a
+        ready one (``eml``: a path or bytes). Nothing is queued."""
+        sources = [x for x in (body, body_file, eml) if x is not None]
+        if len(sources) != 1:
+            raise ValidationError("give the message one way: --body TEXT, --body-file FILE or --eml FILE",
+                                  field="body")
+        to_list = [_check_address(a, "recipient") for a in to]
+        cc_list = [_check_address(a, "recipient") for a in cc]
+        bcc_list = [_check_address(a, "recipient") for a in bcc]
+        sender = _check_address(from_address, "from address") if from_address else None
+        if eml is not None:
+            if subject is not None or attachments or sender:
+                raise ValidationError("--eml takes the message as it is: give its subject, sender and "
+                                      "attachments in the file, not as options", field="eml")
+            return self._take_eml(eml, to_list + cc_list + bcc_list, connection)
+        if not to_list and not cc_list and not bcc_list:
+            raise ValidationError("the message has no recipient: give --to ADDRESS", field="to")
+        if subject is None:
+            raise ValidationError("the message has no subject: give --subject TEXT", field="subject")
+        if any(c in subject for c in "\r\n\0"):
+            raise ValidationError("the subject contains a line break: give it on one line", field="subject")
+        if body_file is not None:
+            text = _read_text(body_file, "body file")
+        else:
+            text = str(body)
+        msg = EmailMessage(policy=_POLICY_7BIT)
+        if sender:
+            msg["From"] = sender
+        if to_list:
+            msg["To"] = ", ".join(to_list)
+        if cc_list:
+            msg["Cc"] = ", ".join(cc_list)
+        msg["Subject"] = subject
+        msg["Date"] = formatdate(localtime=True)
+        msg["Message-ID"] = make_msgid(domain=self._msgid_domain(sender, connection))
+        msg.set_content(text.replace("\r\n", "\n"))
+        for path in attachments:
+            p = Path(path).expanduser()
+            try:
+                data = p.read_bytes()
+            except OSError as exc:
+                raise ValidationError(f"cannot attach {path}: {exc.strerror or exc}: give an existing file",
+                                      field="attach") from None
+            ctype, encoding = mimetypes.guess_type(p.name)
+            if ctype is None or encoding is not None:
+                ctype = "application/octet-stream"  # compressed or unknown: sent as it is
+            maintype, subtype = ctype.split("/", 1)
+            msg.add_attachment(data, maintype=maintype, subtype=subtype, filename=p.name)
+        try:
+            raw = msg.as_bytes()
+        except (ValueError, TypeError, UnicodeError) as exc:
+            raise ValidationError(f"the message cannot be built: {exc}", field="body") from None
+        envelope = tuple(dict.fromkeys(_addr_spec(a) for a in to_list + cc_list + bcc_list))
+        return Draft(raw=raw, recipients=envelope, message_id=str(msg["Message-ID"]), subject=subject,
+                     from_addr=sender)
+
+    def _take_eml(self, eml: str | os.PathLike[str] | bytes, envelope: list[str], connection: str | None) -> Draft:
+        if isinstance(eml, bytes):
+            raw, label = eml, "the message"
+        else:
+            label = str(eml)
+            try:
+                raw = Path(eml).expanduser().read_bytes()
+            except OSError as exc:
+                raise ValidationError(f"cannot read the message {eml}: {exc.strerror or exc}", field="eml") from None
+        raw = _crlf(raw)
+        head, rest = _split(raw)
+        first = head.split(b"\r\n", 1)[0]
+        if b":" not in first or first[:1] in (b" ", b"\t"):
+            raise ValidationError(f"{label} is not an email message: it must start with headers (an .eml file)",
+                                  field="eml")
+        headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(head + b"\r\n")
+        if not envelope:
+            found = getaddresses([str(v) for k in ("To", "Cc", "Bcc") for v in headers.get_all(k, [])])
+            envelope = [_check_address(a, "recipient") for _, a in found if a]
+        if not envelope:
+            raise ValidationError(f"{label} has no To, Cc or Bcc: give --to ADDRESS", field="to")
+        sender = headers.get("From")
+        if sender is not None:
+            sender = _check_address(_header_text(str(sender)) or "", "from address")
+        # Bcc recipients get the message; nobody gets to read who they were.
+        head = _RESENT_BCC.sub(b"", _BCC.sub(b"", head))
+        add = b""
+        message_id = headers.get("Message-ID")
+        if not message_id:
+            message_id = make_msgid(domain=self._msgid_domain(sender, connection))
+            add += f"Message-ID: {message_id}\r\n".encode("ascii")
+        if not headers.get("Date"):
+            add += f"Date: {formatdate(localtime=True)}\r\n".encode("ascii")
+        envelope_t = tuple(dict.fromkeys(_addr_spec(a) for a in envelope))
+        return Draft(raw=add + head + rest, recipients=envelope_t, message_id=str(message_id).strip(),
+                     subject=_header_text(headers.get("Subject")), from_addr=sender)
+
+    def _msgid_domain(self, sender: str | None, connection: str | None) -> str:
+        address = _addr_spec(sender) if sender else ""
+        if not address:
+            with contextlib.suppress(MailhostError):
+                with self.host.session() as s:
+                    conn = (self.host.connections.get(Direction.OUTGOING, connection, s) if connection
+                            else self.host.connections.default_outgoing(s))
+                    address = _addr_spec(conn.from_address or conn.username or "") if conn else ""
+        domain = address.rpartition("@")[2]
+        return domain if domain and domain.isascii() else socket.gethostname() or "mailhost.invalid"
+
+    def enqueue(self, draft: Draft, connection: str | None = None) -> OutgoingItem:
+        """Queue ``draft`` for ``connection`` (None: the default one at delivery time).
+
+        Refused with a ValidationError, and nothing written, when the message is larger
+        than the connection's size limit or its server's SIZE, or has no sender.
+        """
+        if not draft.recipients:
+            raise ValidationError("the message has no recipient: give --to ADDRESS", field="to")
+        now = self.clock()
+        with self.host.session() as s:
+            if connection:
+                conn = self.host.connections.get(Direction.OUTGOING, connection, s)
+            else:
+                conn = self.host.connections.default_outgoing(s)
+                if conn is None:
+                    raise ValidationError(
+                        "there is no default outgoing connection: give --connection NAME, or choose one "
+                        "with `mailhost outgoing set-default NAME`", field="connection")
+            self._check_fits(draft, conn)
+            item = OutgoingItem(
+                connection_id=conn.id if connection else None,
+                connection_name=conn.name if connection else None,
+                status="queued",
+                message_id=draft.message_id,
+                subject=draft.subject,
+                from_addr=draft.from_addr,
+                to_addr=", ".join(draft.recipients),
+                recipients=list(draft.recipients),
+                accepted=[],
+                size=len(draft.raw),
+                raw=draft.raw,
+                attempts=0,
+                next_attempt_at=now,
+                queued_at=now,
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(item)
+            s.flush()
+            return item
+
+    def send(self, to: Sequence[str] = (), *, connection: str | None = None, **compose: Any) -> OutgoingItem:
+        """Compose and enqueue in one call (what ``mailhost send`` does)."""
+        return self.enqueue(self.compose(to, connection=connection, **compose), connection)
+
+    @staticmethod
+    def _check_fits(draft: Draft, conn: OutgoingConnection) -> None:
+        address = _connection_address(conn)
+        if draft.from_addr is None and not address:
+            raise ValidationError(
+                f"the message has no From and outgoing connection {conn.name} has no from address: give --from "
+                f"ADDRESS, or set one with `mailhost outgoing edit {conn.name} --from ADDRESS`", field="from_address")
+        final = personalize(draft.raw, from_header(address) if draft.from_addr is None and address else None,
+                            conn.prefix)
+        size = len(final)
+        if conn.size_limit and size > conn.size_limit:
+            raise ValidationError(
+                f"the message is {size} bytes, more than the size limit of {conn.size_limit} bytes of outgoing "
+                f"connection {conn.name}: send fewer or smaller attachments, or raise the limit with "
+                f"`mailhost outgoing edit {conn.name} --size-limit BYTES`", field="size_limit")
+        server = conn.server_size_limit
+        if server and size > server:
+            raise ValidationError(
+                f"the message is {size} bytes, more than the {server} bytes that the server of outgoing connection "
+                f"{conn.name} ({conn.host}) accepts (its SIZE): send fewer or smaller attachments", field="size_limit")
+
+    # -- delivery ---------------------------------------------------------------------
+
+    def deliver(self, sessions: int = 1, *, connection: str | None = None) -> DeliveryReport:
+        """One delivery pass: every message due now, ``sessions`` sessions at most.
+
+        Failures of single messages are recorded on them, not raised; the report says
+        per connection what happened.
+        """
+        if sessions < 1:
+            raise ValidationError(f"sessions must be at least 1, not {sessions}", field="sessions")
+        started = time.monotonic()
+        report = DeliveryReport()
+        self._maybe_purge()
+        report.recovered = self.recover()
+        now = self.clock()
+        groups = self._plan(now, connection)
+        if not groups:
+            report.seconds = time.monotonic() - started
+            return report
+        default = next((g for g in groups.values() if g.with_default_items), None)
+        if default is None:
+            default = self._default_group()
+        for g in groups.values():
+            report.connections[g.name or "(default)"] = ConnectionReport(g.name or "(default)", due=g.due)
+        tasks: list[_Group] = []
+        shares = {name: min(sessions, max(1, math.ceil(g.due / self.policy.per_session))) for name, g in groups.items()}
+        # Round-robin, so that every connection gets a session before any gets a second.
+        for round_ in range(sessions):
+            tasks.extend(g for name, g in groups.items() if shares[name] > round_)
+        prefix = f"{self.worker}/{next(self._passes)}."
+        recorder = _Recorder(self, prefix)
+        hooks = bool(self.host.plugins.hook.message_sent.get_hookimpls())
+        try:
+            with ThreadPoolExecutor(max_workers=min(sessions, len(tasks)), thread_name_prefix="deliver") as pool:
+                futures = [pool.submit(self._work, g, default, now, report, recorder, hooks, f"{prefix}{n}")
+                           for n, g in enumerate(tasks)]
+                for f in futures:
+                    try:
+                        f.result()
+                    except Exception as exc:
+                        log.error("a delivery worker stopped: %s", redact(str(exc)))
+                        report.error = report.error or f"a delivery worker stopped: {redact(str(exc))}"
+        finally:
+            recorder.stop()
+        report.seconds = time.monotonic() - started
+        return report
+
+    def _plan(self, now: dt.datetime, only: str | None) -> dict[str | None, _Group]:
+        """The connections with due messages, and how many each has."""
+        with self.host.session() as s:
+            if only:
+                self.host.connections.get(Direction.OUTGOING, only, s)  # NotFound before any work
+            counts: dict[str | None, int] = dict(s.execute(
+                select(_T.c.connection_name, func.count()).where(_T.c.status == "queued", _T.c.next_attempt_at <= now)
+                .group_by(_T.c.connection_name)).all())
+            if not counts:
+                return {}
+            conns = {c.name: c for c in s.scalars(select(OutgoingConnection))}
+            default = next((c for c in conns.values() if c.is_default), None)
+        groups: dict[str | None, _Group] = {}
+        for name, n in counts.items():
+            if name is None:
+                if default is None:
+                    groups[None] = _Group(None, None, error=ConfigError(
+                        "there is no default outgoing connection for mail queued without one: choose one with "
+                        "`mailhost outgoing set-default NAME`"), due=n)
+                    continue
+                name = default.name
+            group = groups.get(name)
+            if group is None:
+                conn = conns.get(name)
+                group = groups[name] = _Group(name, conn, error=None if conn else ConfigError(
+                    f"outgoing connection {name} no longer exists: add it again, or delete or re-send its messages "
+                    "(`mailhost queue outgoing`)"))
+            group.due += n
+            if default is not None and name == default.name:
+                group.with_default_items = True
+        if only:
+            groups = {k: g for k, g in groups.items() if k == only}
+        return groups
+
+    def _default_group(self) -> _Group | None:
+        with self.host.session() as s:
+            conn = self.host.connections.default_outgoing(s)
+        return _Group(conn.name, conn, with_default_items=True) if conn else None
+
+    def _claim(self, group: _Group, now: dt.datetime, limit: int, owner: str) -> list[_Claimed]:
+        """Take up to ``limit`` due messages of ``group``: ``sending``, leased to us."""
+        which: ColumnElement[bool]
+        if group.name is None:
+            which = _T.c.connection_name.is_(None)
+        elif group.with_default_items:
+            which = or_(_T.c.connection_name == group.name, _T.c.connection_name.is_(None))
+        else:
+            which = _T.c.connection_name == group.name
+        due = and_(_T.c.status == "queued", _T.c.next_attempt_at <= now, which)
+        pick = select(_T.c.id).where(due).order_by(_T.c.next_attempt_at, _T.c.id).limit(limit)
+        if self.host.engine.dialect.name == "postgresql":
+            pick = pick.with_for_update(skip_locked=True)
+        stmt = (update(_T).where(_T.c.id.in_(pick.scalar_subquery()), _T.c.status == "queued")
+                .values(status="sending", lease_owner=owner, lease_until=self.clock() + self.policy.lease,
+                        updated_at=self.clock())
+                .returning(*_CLAIM_COLUMNS))
+        with self._writing() as conn:
+            rows = conn.execute(stmt).all()
+        items = [_Claimed(id=r.id, connection_name=r.connection_name, raw=r.raw, recipients=list(r.recipients or []),
+                          accepted=list(r.accepted or []), refused=dict(r.refused or {}), from_addr=r.from_addr,
+                          message_id=r.message_id, attempts=r.attempts, created_at=r.created_at,
+                          queued_at=r.queued_at, sent_at=r.sent_at, sent_via=r.sent_via,
+                          fell_back=bool(r.fell_back)) for r in rows]
+        # Sent in the order claimed; recovery relies on it to tell which one was on the wire.
+        order = {r.id: (r.next_attempt_at, r.id) for r in rows}
+        items.sort(key=lambda i: order[i.id])
+        return items
+
+    def _release(self, ids: Sequence[int], owner: str) -> None:
+        """Give claimed, unattempted messages back to the queue."""
+        if not ids:
+            return
+        with self._writing() as conn:
+            conn.execute(update(_T).where(_T.c.id.in_(list(ids)), _T.c.lease_owner == owner,
+                                          _T.c.status == "sending")
+                         .values(status="queued", lease_owner=None, lease_until=None))
+
+    def _work(self, group: _Group, default: _Group | None, now: dt.datetime, report: DeliveryReport,
+              recorder: _Recorder, hooks: bool, owner: str) -> None:
+        """One worker: claim batches of ``group`` as ``owner`` and send them, in the
+        order claimed, through one session.
+
+        The outcome of message k is committed while message k + 1's envelope goes out;
+        k + 1's content waits at the gate until k is durable (see ``_Record.wait``), so
+        no more than one message per session is ever accepted and not yet recorded.
+        """
+        rep = report.connections[group.name or "(default)"]
+        lane = _Lane(self, group, rep)
+        fallback: _Lane | None = None
+        prev: _Record | None = None
+        try:
+            while True:
+                batch = self._claim(group, now, self.policy.batch, owner)
+                if not batch:
+                    return
+                recorder.busy(+1)
+                try:
+                    for i, item in enumerate(batch):
+                        try:
+                            if fallback is None and default is not None and self._may_fall_back(lane, default):
+                                fallback = _Lane(self, default, report.connections.setdefault(
+                                    default.name or "(default)", ConnectionReport(default.name or "(default)")))
+                            rec = self._deliver_one(item, lane, fallback, rep, _gate(prev), owner)
+                            if prev is not None:
+                                self._settle(prev, hooks)
+                            recorder.submit(rec)
+                            prev = rec
+                        except BaseException:
+                            with contextlib.suppress(Exception):
+                                self._release([x.id for x in batch[i:]] if prev is None or prev.item_id != item.id
+                                              else [x.id for x in batch[i + 1:]], owner)
+                            raise
+                finally:
+                    recorder.busy(-1)
+        finally:
+            try:
+                if prev is not None:
+                    self._settle(prev, hooks)
+            finally:
+                lane.close()
+                if fallback is not None:
+                    fallback.close()
+
+    def _settle(self, rec: _Record, hooks: bool) -> None:
+        """Wait until ``rec`` is committed, then tell the plugins what was sent."""
+        rec.wait()
+        if hooks and rec.announce is not None:
+            connection, message_id, recipients = rec.announce
+            rec.announce = None
+            try:
+                self.host.plugins.hook.message_sent(connection=connection, item_id=rec.item_id,
+                                                    message_id=message_id, recipients=list(recipients))
+            except Exception:
+                log.exception("a message_sent hook failed for outgoing item %s", rec.item_id)
+
+    @staticmethod
+    def _may_fall_back(lane: _Lane, default: _Group) -> bool:
+        return bool(lane.conn is not None and lane.conn.fallback_to_default and default.conn is not None
+                    and default.name != lane.conn.name)
+
+    def _deliver_one(self, item: _Claimed, lane: _Lane, fallback: _Lane | None, rep: ConnectionReport,
+                     gate: Callable[[], None], owner: str) -> _Record:
+        """Attempt ``item`` (and its fallback) and return what to record."""
+        tries = [self._try(item, lane, gate)]
+        # Fall back on what the default connection may get through: a connection that
+        # cannot be reached or signed in to, a timeout, a 4xx; never on a 5xx refusal.
+        if fallback is not None and tries[0].kind in ("connection", "temporary"):
+            tries.append(self._try(item, fallback, gate))
+        last = tries[-1]
+        now = self.clock()
+        fell_back = len(tries) > 1
+        attempts = item.attempts + 1
+        accepted = list(item.accepted)
+        refused = dict(item.refused)
+        for t in tries:
+            refused.update(t.refused)
+        newly: list[str] = []
+        if last.delivered:
+            newly = [r for r in item.pending() if r not in last.refused and r not in accepted]
+            accepted.extend(newly)
+            for r in newly:
+                refused.pop(r, None)
+        done = set(accepted)
+        left = [r for r in item.recipients if r not in done and not refused.get(r, "").startswith("5")]
+        age = now - (item.queued_at or item.created_at)
+        max_age = self.policy.max_age
+        give_up = attempts >= self.policy.max_attempts or (max_age is not None and age >= max_age)
+        values: dict[str, Any] = {
+            "attempts": attempts, "accepted": accepted, "refused": refused or None, "updated_at": now,
+            # Which connection delivered it, and whether that was the fallback.
+            "sent_via": last.connection if last.delivered else item.sent_via,
+            "fell_back": fell_back if last.delivered else item.fell_back,
+            "sent_at": now if last.delivered else item.sent_at,
+            "next_attempt_at": None, "last_error": None,
+        }
+        if last.delivered and not left:
+            values["status"] = "sent"
+            if refused:
+                values["last_error"] = "refused: " + "; ".join(f"{r}: {w}" for r, w in refused.items())
+            rep.add("partial" if refused else "sent")
+        elif left and last.kind != "permanent" and not give_up:
+            values["status"] = "queued"
+            values["next_attempt_at"] = now + dt.timedelta(seconds=self.policy.backoff(attempts, last.retry_after))
+            values["last_error"] = last.detail
+            rep.add("partial" if last.delivered else "retrying")
+        else:
+            values["status"] = "sent" if accepted else "failed"
+            why = last.detail
+            if give_up and last.kind != "permanent" and left:
+                why = (f"gave up after {attempts} attempt(s) over {_duration(age)} "
+                       f"(limits: [outgoing] max_attempts, max_age_hours): {last.detail}")
+            values["last_error"] = why
+            rep.add("partial" if accepted else "failed")
+        if fell_back:
+            rep.add("fell_back")
+        rows = [{"item_id": item.id, "at": now, "connection_name": t.connection, "result": _RESULT[t.kind],
+                 "detail": t.detail[:4000], "refused": t.refused or None, "duration_ms": t.ms} for t in tries]
+        announce = (last.connection, item.message_id, tuple(newly)) if newly else None
+        return _Record(item.id, owner, values, rows, announce=announce)
+
+    def _try(self, item: _Claimed, lane: _Lane, gate: Callable[[], None]) -> _Try:
+        """One attempt of ``item`` through ``lane``; never raises for mail errors."""
+        name = lane.name
+        if lane.down is not None:
+            return _Try(name, "connection", _sentence(name, lane.down))
+        conn = lane.conn
+        assert conn is not None
+        raw = personalize(item.raw, lane.from_line if item.from_addr is None else None, conn.prefix)
+        if conn.size_limit and len(raw) > conn.size_limit:
+            return _Try(name, "permanent", f"the message is {len(raw)} bytes, more than the size limit of "
+                        f"{conn.size_limit} bytes of outgoing connection {name}")
+        sender = lane.sender or _addr_spec(item.from_addr or "")
+        if not sender:
+            return _Try(name, "connection", f"outgoing connection {name} has no from address for a message without "
+                        f"From: set one with `mailhost outgoing edit {name} --from ADDRESS`")
+        started = time.perf_counter()
+        try:
+            session = lane.open()
+        except MailhostError as exc:
+            return _Try(name, "connection", _sentence(name, exc), ms=_ms(started),
+                        retry_after=getattr(exc, "retry_after", None))
+        except Exception as exc:  # a plugin bug must not stop the pass
+            log.exception("opening outgoing connection %s failed", name)
+            lane.down = ConfigError(f"{name}: unexpected {type(exc).__name__}: {redact(str(exc))}")
+            return _Try(name, "connection", str(lane.down), ms=_ms(started))
+        try:
+            if lane.gated:
+                result = session.send(raw, sender, item.pending(), before_data=gate)  # type: ignore[call-arg]
+            else:
+                gate()
+                result = session.send(raw, sender, item.pending())
+        except _GateFailed:
+            lane.drop()
+            raise
+        except ConnectFailure as exc:
+            lane.drop()
+            return _Try(name, "temporary", _sentence(name, exc), ms=_ms(started), retry_after=exc.retry_after)
+        except TemporaryFailure as exc:
+            return _Try(name, "temporary", _sentence(name, exc), refused=dict(getattr(exc, "refused", {}) or {}),
+                        ms=_ms(started), retry_after=exc.retry_after)
+        except PermanentFailure as exc:
+            return _Try(name, "permanent", _sentence(name, exc), refused=dict(getattr(exc, "refused", {}) or {}),
+                        ms=_ms(started))
+        except MailhostError as exc:
+            lane.drop()
+            return _Try(name, "temporary", _sentence(name, exc), ms=_ms(started))
+        except Exception as exc:
+            log.exception("sending through outgoing connection %s failed", name)
+            lane.drop()
+            return _Try(name, "temporary", f"{name}: unexpected {type(exc).__name__}: {redact(str(exc))}",
+                        ms=_ms(started))
+        refused = {str(k): str(v) for k, v in (result.refused or {}).items()}
+        kind = "partial" if refused else "sent"
+        return _Try(name, kind, redact(result.response or "accepted"), result=result, refused=refused, ms=_ms(started))
+
+    def _learn_size(self, conn: OutgoingConnection, size: int | None) -> None:
+        """Remember the server's SIZE so that ``enqueue`` can refuse what it would."""
+        if size == conn.server_size_limit:
+            return
+        conn.server_size_limit = size
+        try:
+            with self._writing() as c:
+                table = cast(Table, OutgoingConnection.__table__)
+                c.execute(update(table).where(table.c.id == conn.id).values(server_size_limit=size))
+        except Exception:
+            log.exception("could not record the SIZE of outgoing connection %s", conn.name)
+
+    # -- crash recovery ---------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Requeue messages left ``sending`` by a session that is gone: its lease expired,
+        or its process ran on this host and no longer does. Returns how many.
+
+        A session sends its claimed messages one at a time, in the order claimed, and
+        records each before the next one's content goes out; so of the rows a dead
+        session left, only the first can have reached the server. That one gets an
+        ``interrupted`` attempt (it may arrive twice); the others go back untouched.
+        """
+        now = self.clock()
+        with self.host.session() as s:
+            rows = s.execute(select(_T.c.id, _T.c.lease_owner, _T.c.lease_until, _T.c.next_attempt_at)
+                             .where(_T.c.status == "sending")).all()
+        held: dict[str | None, list[Any]] = {}
+        for row in rows:
+            held.setdefault(row.lease_owner, []).append(row)
+        total = 0
+        for owner, group in held.items():
+            # This process's own sessions are alive and renew their leases; what a
+            # crashed one of them left is taken back once its lease has run out.
+            gone = owner is not None and _owner_gone(owner)
+            stale = [r for r in group if gone or r.lease_until is None or r.lease_until < now]
+            if not stale:
+                continue
+            stale.sort(key=lambda r: (r.next_attempt_at or now, r.id))
+            how = "its process is gone" if gone else "its lease expired"
+            why = (f"the delivery by {owner} was interrupted ({how}) while this message was being sent; if the "
+                   "server had already accepted it, it arrives twice")
+            in_doubt, untouched = stale[0].id, [r.id for r in stale[1:]]
+            with self._writing() as conn:
+                doubt = conn.execute(
+                    update(_T).where(_T.c.id == in_doubt, _T.c.status == "sending",
+                                     _T.c.lease_owner.is_(None) if owner is None else _T.c.lease_owner == owner)
+                    .values(status="queued", attempts=_T.c.attempts + 1, next_attempt_at=now, last_error=why,
+                            lease_owner=None, lease_until=None, updated_at=now)).rowcount
+                if doubt:
+                    conn.execute(insert(_A), [{"item_id": in_doubt, "at": now, "connection_name": None,
+                                               "result": "interrupted", "detail": why, "refused": None,
+                                               "duration_ms": None}])
+                back = 0
+                if untouched:
+                    back = conn.execute(
+                        update(_T).where(_T.c.id.in_(untouched), _T.c.status == "sending",
+                                         _T.c.lease_owner.is_(None) if owner is None else _T.c.lease_owner == owner)
+                        .values(status="queued", lease_owner=None, lease_until=None, updated_at=now)).rowcount
+            if doubt or back:
+                log.warning("requeued %d outgoing message(s) that %s held (%s); item %s was being sent and may "
+                            "arrive twice", (doubt or 0) + (back or 0), owner, how, in_doubt)
+            total += (doubt or 0) + (back or 0)
+        return total
+
+    # -- test email -------------------------------------------------------------------
+
+    def test_email(self, name: str, to: str) -> TestEmail:
+        """Send one test message through ``name`` at once (not queued) and return the
+        session transcript, every line redacted."""
+        to = _check_address(to, "recipient")
+        with self.host.session() as s:
+            conn = self.host.connections.get(Direction.OUTGOING, name, s)
+        lines: list[str] = []
+        base = self.host.connections.settings(Direction.OUTGOING, conn)
+        logged = base.transcript
+
+        def transcript(line: str) -> None:
+            clean = redact(line)
+            lines.append(clean)
+            if logged is not None:
+                logged(clean)
+
+        settings = dataclasses.replace(base, transcript=transcript)
+        address = _connection_address(conn)
+        sender = _addr_spec(address or "")
+        if not sender:
+            raise ValidationError(f"outgoing connection {name} has no from address: set one with "
+                                  f"`mailhost outgoing edit {name} --from ADDRESS`", field="from_address")
+        draft = self.compose([to], subject=f"mailhost test message through {name}", body=(
+            f"This is a test message sent by mailhost through the outgoing connection {name} "
+            f"({conn.protocol}, {conn.host or '-'}).\nSent at {formatdate(localtime=True)}.\n"), connection=name)
+        raw = personalize(draft.raw, from_header(address or sender), conn.prefix)
+        provider = self.host.connections.provider(Direction.OUTGOING, conn)
+        try:
+            session = provider.open(settings)
+        except MailhostError as exc:
+            return TestEmail(False, name, to, error=_sentence(name, exc), transcript=tuple(lines))
+        try:
+            if isinstance(session, OutgoingSession):
+                self._learn_size(conn, session.max_size)
+                result = session.send(raw, sender, [_addr_spec(to)])
+            else:
+                raise ConfigError(f"protocol {conn.protocol} did not open an outgoing session")
+        except MailhostError as exc:
+            return TestEmail(False, name, to, error=_sentence(name, exc), transcript=tuple(lines),
+                             refused=dict(getattr(exc, "refused", {}) or {}))
+        finally:
+            session.close()
+        return TestEmail(True, name, to, response=redact(result.response), refused=dict(result.refused),
+                         transcript=tuple(lines))
+
+    # -- the queue --------------------------------------------------------------------
+
+    def items(self, status: str | None = None, connection: str | None = None,
+              limit: int | None = None) -> list[OutgoingItem]:
+        """Queue items, newest first (raw bytes not loaded)."""
+        from sqlalchemy.orm import defer
+
+        if status is not None and status not in OUTGOING_STATUSES:
+            raise ValidationError(f"status {status!r} is not valid: choose one of {', '.join(OUTGOING_STATUSES)}",
+                                  field="status")
+        with self.host.session() as s:
+            q = select(OutgoingItem).options(defer(OutgoingItem.raw)).order_by(OutgoingItem.id.desc())
+            if status:
+                q = q.where(OutgoingItem.status == status)
+            if connection:
+                q = q.where(OutgoingItem.connection_name == connection)
+            if limit:
+                q = q.limit(limit)
+            return list(s.scalars(q))
+
+    def item(self, item_id: int) -> OutgoingItem:
+        """One queue item with its raw bytes and attempts."""
+        with self.host.session() as s:
+            item = s.get(OutgoingItem, item_id)
+            if item is None:
+                raise NotFound(f"no outgoing queue item {item_id}: see `mailhost queue outgoing`")
+            _ = item.raw, item.attempts_log
+            return item
+
+    def retry(self, item_id: int) -> OutgoingItem:
+        """Queue a message again now, with a fresh budget of attempts.
+
+        A failed message is tried for every recipient that has not accepted it; a
+        message that is being delivered, or was delivered to everyone, is refused.
+        """
+        now = self.clock()
+        with self._writing() as conn:
+            row = conn.execute(select(_T.c.status, _T.c.lease_owner, _T.c.lease_until, _T.c.recipients,
+                                      _T.c.accepted).where(_T.c.id == item_id)).first()
+            if row is None:
+                raise NotFound(f"no outgoing queue item {item_id}: see `mailhost queue outgoing`")
+            left = [r for r in row.recipients or [] if r not in set(row.accepted or [])]
+            if row.status == "sent" and not left:
+                raise ValidationError(f"outgoing item {item_id} was delivered to every recipient: to send it "
+                                      f"again, queue it anew (`mailhost queue outgoing show {item_id} --raw` gives "
+                                      "the message)", field="id")
+            # The lease is checked in the UPDATE itself: a worker may claim the row
+            # between the SELECT above and here.
+            changed = conn.execute(update(_T).where(_T.c.id == item_id, _not_leased(now)).values(
+                status="queued", attempts=0, next_attempt_at=now, queued_at=now, refused=None,
+                lease_owner=None, lease_until=None, updated_at=now)).rowcount
+            if not changed:
+                raise ValidationError(f"outgoing item {item_id} is being delivered now: wait for that attempt "
+                                      "to finish", field="id")
+        return self.item(item_id)
+
+    def delete(self, item_id: int) -> None:
+        """Remove a message and its attempts from the queue (not while it is being sent)."""
+        now = self.clock()
+        with self._writing() as conn:
+            row = conn.execute(select(_T.c.status, _T.c.lease_owner, _T.c.lease_until)
+                               .where(_T.c.id == item_id)).first()
+            if row is None:
+                raise NotFound(f"no outgoing queue item {item_id}: see `mailhost queue outgoing`")
+            if not conn.execute(delete(_T).where(_T.c.id == item_id, _not_leased(now))).rowcount:
+                raise ValidationError(f"outgoing item {item_id} is being delivered now (by {row.lease_owner}): "
+                                      "delete it once that attempt is over", field="id")
+            conn.execute(delete(_A).where(_A.c.item_id == item_id))
+
+    def purge(self, older_than: dt.timedelta, statuses: Sequence[str] = ("sent",)) -> int:
+        """Delete messages in ``statuses`` last changed before ``older_than`` ago; how many."""
+        bad = set(statuses) - {"sent", "failed"}
+        if bad:
+            raise ValidationError(f"only sent and failed messages can be purged, not {sorted(bad)}", field="status")
+        cutoff = self.clock() - older_than
+        # created_at first: it is indexed, and a message last changed before the cutoff
+        # was created before it too.
+        old = and_(_T.c.created_at < cutoff, _T.c.updated_at < cutoff, _T.c.status.in_(list(statuses)))
+        with self._writing() as conn:
+            conn.execute(delete(_A).where(_A.c.item_id.in_(select(_T.c.id).where(old).scalar_subquery())))
+            return int(conn.execute(delete(_T).where(old)).rowcount or 0)
+
+    def _maybe_purge(self) -> None:
+        keep = self.policy.keep_sent
+        if keep is None or time.monotonic() - self._purged_at < 3600 and self._purged_at:
+            return
+        self._purged_at = time.monotonic()
+        try:
+            n = self.purge(keep)
+            if n:
+                log.info("purged %d sent message(s) older than %s", n, keep)
+        except Exception:
+            log.exception("purging sent outgoing messages failed")
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+_RESULT = {"sent": "sent", "partial": "partial", "connection": "temporary", "temporary": "temporary",
+           "permanent": "permanent"}
+
+
+def item_dict(item: OutgoingItem, with_attempts: bool = False) -> dict[str, Any]:
+    """The JSON form of a queue item (never the raw bytes)."""
+    accepted = list(item.accepted or [])
+    refused = dict(item.refused or {})
+    out: dict[str, Any] = {
+        "id": item.id,
+        "connection": item.connection_name,
+        "status": item.status,
+        "message_id": item.message_id,
+        "subject": item.subject,
+        "from": item.from_addr,
+        "to": item.to_addr,
+        "size": item.size,
+        "attempts": item.attempts,
+        "next_attempt_at": item.next_attempt_at if item.status == "queued" else None,
+        "last_error": item.last_error,
+        "created_at": item.created_at,
+        "updated_at": item.updated_at,
+        "sent_at": item.sent_at,
+        "sent_via": item.sent_via,
+        "fell_back": item.fell_back,
+        "recipients": [{"address": r, "status": _recipient_status(item.status, r, accepted, refused),
+                        "reply": refused.get(r)} for r in item.recipients or []],
+    }
+    if with_attempts:
+        out["attempts_log"] = [
+            {"at": a.at, "connection": a.connection_name, "result": a.result, "detail": a.detail,
+             "refused": a.refused, "duration_ms": a.duration_ms}
+            for a in item.attempts_log
+        ]
+    return out
+
+
+def _not_leased(now: dt.datetime) -> Any:
+    """Rows no live worker holds: not ``sending``, or their lease has run out."""
+    return or_(_T.c.status != "sending", _T.c.lease_until.is_(None), _T.c.lease_until < now)
+
+
+def _recipient_status(status: str, address: str, accepted: Sequence[str], refused: Mapping[str, str]) -> str:
+    """accepted, pending (will be tried again) or refused (for good, or given up)."""
+    if address in accepted:
+        return "accepted"
+    if status in ("queued", "sending") and not refused.get(address, "").startswith("5"):
+        return "pending"
+    return "refused"
+
+
+def _connection_address(conn: OutgoingConnection) -> str | None:
+    """The connection's From: its from address, else its username when that is one."""
+    if conn.from_address and _addr_spec(conn.from_address):
+        return conn.from_address
+    if conn.username and "@" in conn.username:
+        return conn.username
+    return None
+
+
+def _read_text(path: str | os.PathLike[str], what: str) -> str:
+    try:
+        return Path(path).expanduser().read_bytes().decode("utf-8")
+    except OSError as exc:
+        raise ValidationError(f"cannot read the {what} {path}: {exc.strerror or exc}", field="body") from None
+    except UnicodeDecodeError:
+        raise ValidationError(f"the {what} {path} is not UTF-8 text: convert it, or attach it with --attach",
+                              field="body") from None
+
+
+def _sentence(name: str, exc: BaseException) -> str:
+    text = redact(str(exc))
+    return text if name in text else f"{name}: {text}"
+
+
+def _ms(started: float) -> int:
+    return int((time.perf_counter() - started) * 1000)
+
+
+def _duration(delta: dt.timedelta) -> str:
+    seconds = int(delta.total_seconds())
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        return "-"
+
+
+def _worker_id() -> str:
+    """host:pid-namespace:pid:random — enough to tell, on this host, that a worker died."""
+    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_gone(owner: str) -> bool:
+    """Whether ``owner`` was a process on this host (same PID namespace) that is gone.
+
+    Only a certain "gone" counts: another host, another namespace, or a PID that runs
+    (perhaps reused) all wait for the lease to expire instead.
+    """
+    parts = owner.split("/", 1)[0].rsplit(":", 3)
+    if len(parts) != 4:
+        return False
+    hostname, namespace, pid, _ = parts
+    if hostname != socket.gethostname() or namespace == "-" or namespace != _pid_namespace():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False

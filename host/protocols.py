@@ -271,8 +271,20 @@ class OutgoingSession(Session, ABC):
     """An open, signed-in link to a server that delivers mail."""
 
     @abstractmethod
-    def send(self, raw: bytes, sender: str, recipients: Sequence[str]) -> SendResult:
-        """Deliver one raw message to ``recipients`` (the envelope, not the headers)."""
+    def send(self, raw: bytes, sender: str, recipients: Sequence[str],
+             before_data: Callable[[], None] | None = None) -> SendResult:
+        """Deliver one raw message to ``recipients`` (the envelope, not the headers).
+
+        ``before_data``, when given, is called once, after the server agreed to take
+        the content and before the content goes out; the host waits there until the
+        previous message's outcome is committed. If it raises, the session makes sure
+        the server discards the message (SMTP: drop the link before the final dot) and
+        lets the exception through. A session whose ``send`` does not take it is
+        given one message at a time instead.
+
+        When every recipient is refused, raise TemporaryFailure (any 4xx among the
+        replies) or PermanentFailure, with ``refused`` set to the reply per recipient.
+        """
 
     @property
     def max_size(self) -> int | None:

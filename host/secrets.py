@@ -38,7 +38,8 @@ _pattern: re.Pattern[str] | None = None
 
 # Lines that carry credentials whatever their value: SASL exchanges and bearer tokens.
 _AUTH_LINE = re.compile(
-    r"(?i)(\bAUTH(?:ENTICATE)?\s+(?:PLAIN|LOGIN|XOAUTH2|OAUTHBEARER|CRAM-MD5)\b)\s+\S+"
+    r"(?i)(\bAUTH(?:ENTICATE)?\s+(?:PLAIN|LOGIN|XOAUTH2|OAUTHBEARER|CRAM-MD5)\b)\s+"
+    r"(?!(?:PLAIN|LOGIN|XOAUTH2|OAUTHBEARER|CRAM-MD5|GSSAPI|NTLM)\b)\S+"  # not an EHLO list
     r"|(\bBearer\s+)[A-Za-z0-9._~+/=-]+"
     r"|(\bauth=Bearer\s+)[^\x01\s]+"
 )

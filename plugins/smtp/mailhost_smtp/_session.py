@@ -1,0 +1,557 @@
+"""The SMTP session: connect, secure, sign in once, then send many messages.
+
+Built on :class:`smtplib.SMTP`, with three things the stdlib does not do by itself:
+certificates are always verified (the context comes from :mod:`mailhost.tls`),
+STARTTLS is never optional once chosen, and every line of the dialogue can be written
+to a transcript with secrets masked at the source and then redacted by the host.
+"""
+from __future__ import annotations
+
+import base64
+import functools
+import re
+import smtplib
+import socket
+import ssl
+import time
+from collections.abc import Callable, Iterator, Sequence
+from email.utils import parseaddr
+from typing import NoReturn
+
+from mailhost import (
+    AuthenticationFailed,
+    ConnectFailure,
+    ConnectionSettings,
+    Encryption,
+    MailError,
+    OutgoingSession,
+    PermanentFailure,
+    SendResult,
+    TemporaryFailure,
+    TestStep,
+    TLSFailure,
+)
+from mailhost.secrets import REDACTED, redact
+from mailhost.tls import client_context, describe_peer, tls_error
+
+__all__ = ["DEFAULT_PORTS", "SmtpSession", "open_session", "test_connection"]
+
+DEFAULT_PORTS: dict[Encryption, int] = {Encryption.NONE: 25, Encryption.SSL: 465, Encryption.STARTTLS: 587}
+
+Report = Callable[[str, str], None]  # (step name, detail) for each step that succeeded
+_DOT_LINE = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)
+
+
+@functools.lru_cache(maxsize=1)
+def _local_hostname() -> str:
+    """The name we greet with; looked up once (``getfqdn`` may ask DNS)."""
+    name = socket.getfqdn()
+    return name if name and "." in name else "localhost.localdomain"
+
+
+def _text(reply: bytes | str) -> str:
+    if isinstance(reply, bytes):
+        reply = reply.decode("utf-8", "replace")
+    return " ".join(reply.split())
+
+
+class _Client(smtplib.SMTP):
+    """``smtplib.SMTP`` that writes a masked transcript and is opened step by step."""
+
+    def __init__(self, settings: ConnectionSettings) -> None:
+        self._settings = settings
+        self._transcript = settings.transcript
+        self._mask_next = False
+        super().__init__(local_hostname=_local_hostname(), timeout=settings.timeout)
+
+    # -- transcript ---------------------------------------------------------------
+
+    def note(self, line: str) -> None:
+        """Write one line to the transcript (redacted by the host's one helper)."""
+        if self._transcript is not None:
+            self._transcript(redact(line, self._settings.password))
+
+    def putcmd(self, cmd: str, args: str = "") -> None:
+        if self._transcript is not None:
+            if self._mask_next:
+                shown = REDACTED
+            elif cmd.upper() == "AUTH":
+                mechanism, _, payload = args.partition(" ")
+                shown = f"AUTH {mechanism}" + (f" {REDACTED}" if payload else "")
+            else:
+                shown = f"{cmd} {args}" if args else cmd
+            self.note(f"C: {shown}")
+        self._mask_next = False
+        super().putcmd(cmd, args)
+
+    def secret_cmd(self, payload: str) -> tuple[int, bytes]:
+        """Send a SASL continuation line, masked in the transcript."""
+        self._mask_next = True
+        return self.docmd(payload)
+
+    def send(self, s: str | bytes) -> None:  # type: ignore[override]  # smtplib says Buffer, means these
+        # putcmd sends text; only DATA sends the message itself, as bytes: the
+        # transcript says how big it is and never what it says.
+        if isinstance(s, bytes) and self._transcript is not None:
+            self.note(f"C: [message, {len(s)} bytes, ending with <CRLF>.<CRLF>]")
+        super().send(s)
+
+    def getreply(self) -> tuple[int, bytes]:
+        code, message = super().getreply()
+        if self._transcript is not None:
+            lines = message.decode("utf-8", "replace").split("\n") or [""]
+            for i, line in enumerate(lines):
+                sep = "-" if i < len(lines) - 1 else " "
+                self.note(f"S: {code}{sep}{line}")
+        return code, message
+
+    # -- opening, one step at a time ----------------------------------------------
+
+    def open_tcp(self, host: str, port: int) -> None:
+        self._host = host
+        self.sock = socket.create_connection((host, port), self.timeout)
+        self.file = None
+        self.note(f"* connected to {host}:{port}")
+
+    def wrap_tls(self, context: ssl.SSLContext) -> ssl.SSLSocket:
+        assert self.sock is not None
+        self.sock = context.wrap_socket(self.sock, server_hostname=self._host)
+        self.file = None
+        return self.sock
+
+    def read_greeting(self) -> str:
+        code, message = self.getreply()
+        if code != 220:
+            raise smtplib.SMTPConnectError(code, message)
+        return f"{code} {_text(message)}"
+
+    def start_tls(self, context: ssl.SSLContext) -> ssl.SSLSocket:
+        """STARTTLS: the reply must be 220, and nothing read before the handshake is kept."""
+        code, message = self.docmd("STARTTLS")
+        if code != 220:
+            raise smtplib.SMTPResponseException(code, message)
+        # Anything the server sent after its 220 (an injection, CVE-2011-0411) sits
+        # in the plain-text file buffer: smtplib's own starttls() drops that buffer,
+        # and so do we by never reading from it again.
+        self.file = None
+        sock = self.wrap_tls(context)
+        # RFC 3207: forget everything learned before the handshake.
+        self.helo_resp = self.ehlo_resp = None
+        self.esmtp_features = {}
+        self.does_esmtp = False
+        return sock
+
+    def data_gated(self, msg: bytes, gate: Callable[[], None] | None) -> tuple[int, bytes]:
+        """``smtplib.SMTP.data`` with a gate between the 354 and the message."""
+        if gate is None:
+            return self.data(msg)
+        self.putcmd("data")
+        code, reply = self.getreply()
+        if code != 354:
+            raise smtplib.SMTPDataError(code, reply)
+        try:
+            gate()
+        except BaseException:
+            self.close()  # no final dot: the server throws the message away
+            raise
+        q = _DOT_LINE.sub(b"..", msg)
+        if q[-2:] != b"\r\n":
+            q += b"\r\n"
+        self.send(q + b".\r\n")
+        return self.getreply()
+
+    def hello(self) -> None:
+        code, message = self.ehlo()
+        if code != 250:
+            code, message = self.helo()
+            if code != 250:
+                raise smtplib.SMTPHeloError(code, message)
+
+
+class SmtpSession(OutgoingSession):
+    """An open, secured, signed-in SMTP session; many messages go through one."""
+
+    def __init__(self, settings: ConnectionSettings, client: _Client) -> None:
+        self.settings = settings
+        self._client: _Client | None = client
+        self.sent = 0
+
+    @property
+    def max_size(self) -> int | None:
+        """The server's SIZE (0 or absent: no limit announced)."""
+        size = self._client.esmtp_features.get("size", "") if self._client else ""
+        try:
+            value = int(size.split()[0]) if size.strip() else 0
+        except ValueError:
+            return None
+        return value or None
+
+    @property
+    def extensions(self) -> dict[str, str]:
+        """The EHLO extensions the server announced (after TLS)."""
+        return dict(self._client.esmtp_features) if self._client else {}
+
+    def send(self, raw: bytes, sender: str, recipients: Sequence[str],
+             before_data: Callable[[], None] | None = None) -> SendResult:
+        """One SMTP transaction: MAIL, RCPT for each recipient, DATA.
+
+        ``before_data``, when given, is called after the server said 354 and before the
+        message goes out: the host waits there until the previous message's outcome is
+        committed, so the envelope of this one overlaps that commit while the server
+        can still not have accepted two unrecorded messages. If it raises, the
+        connection is dropped without the final dot, so the server discards the message.
+        """
+        where = _where(self.settings)
+        if not recipients:
+            raise PermanentFailure(f"{where}: the message has no recipients")
+        limit = self.max_size
+        if limit and len(raw) > limit:
+            raise PermanentFailure(
+                f"{where}: the message is {len(raw)} bytes, more than the {limit} bytes the server "
+                "accepts (its SIZE): send it smaller or through another connection"
+            )
+        client = self._live()
+        try:
+            code, reply = self._mail(client, raw, sender, [sender, *recipients])
+            client = self._live()
+            if code != 250:
+                _rset(client)
+                _fail(where, "refused the sender", code, reply, sender)
+            refused: dict[str, str] = {}
+            for rcpt in recipients:
+                code, reply = client.rcpt(rcpt)
+                if code == 421:
+                    _fail(where, "closed the session", code, reply)
+                if code not in (250, 251):
+                    refused[rcpt] = f"{code} {_text(reply)}"
+            if len(refused) == len(recipients):
+                _rset(client)
+                temporary = any(r.startswith("4") for r in refused.values())
+                detail = "; ".join(f"{r}: {why}" for r, why in refused.items())
+                cls = TemporaryFailure if temporary else PermanentFailure
+                exc = cls(f"{where} refused every recipient ({detail})")
+                setattr(exc, "refused", refused)  # noqa: B010  # per recipient, for the queue's record
+                raise exc
+            code, reply = client.data_gated(raw, before_data)
+            if code != 250:
+                _fail(where, "did not take the message", code, reply)
+        except smtplib.SMTPResponseException as exc:  # DATA refused before the content
+            if exc.smtp_code == 421 or exc.smtp_code < 0:
+                self._drop()
+            elif self._client is not None:
+                _rset(self._client)  # end the transaction, keep the session
+            _fail(where, "did not take the message", exc.smtp_code, exc.smtp_error)
+        except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            self._drop()
+            if _timed_out(exc):
+                raise ConnectFailure(f"{where}: no answer in time (within {self.settings.timeout:g} s) while "
+                                     "sending; the message will be retried") from None
+            raise ConnectFailure(
+                f"{where}: the connection broke while sending ({_reason(exc)}); the message will be retried"
+            ) from None
+        except MailError as exc:
+            if isinstance(exc, ConnectFailure):
+                self._drop()
+            raise
+        except BaseException:
+            if self._client is not None and self._client.sock is None:
+                self._client = None  # closed at the gate: the next message reopens
+            raise
+        self.sent += 1
+        return SendResult(f"{code} {_text(reply)}", refused)
+
+    def _mail(self, client: _Client, raw: bytes, sender: str, addresses: Sequence[str]) -> tuple[int, bytes]:
+        """MAIL FROM; a reused session the server has meanwhile closed is reopened once
+        (nothing of this message has reached the server yet, so that is safe)."""
+        for attempt in (1, 2):
+            options = _mail_options(client, raw, addresses, self.settings)
+            try:
+                code, reply = client.mail(sender, options)
+            except (smtplib.SMTPServerDisconnected, OSError):
+                if attempt == 2 or self.sent == 0:
+                    raise
+                code, reply = 421, b"connection closed"
+            if code == 421 and attempt == 1 and self.sent > 0:
+                self._drop()
+                client = self._client = _open(self.settings)
+                continue
+            return code, reply
+        raise AssertionError("unreachable")
+
+    def _live(self) -> _Client:
+        if self._client is None:
+            self._client = _open(self.settings)
+        return self._client
+
+    def _drop(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            client.close()
+
+    def close(self) -> None:
+        """QUIT and close; never raises."""
+        client, self._client = self._client, None
+        if client is None:
+            return
+        try:
+            client.quit()
+        except (smtplib.SMTPException, OSError):
+            client.close()
+
+
+# ---------------------------------------------------------------------------------------
+# Opening and testing
+# ---------------------------------------------------------------------------------------
+
+
+def open_session(settings: ConnectionSettings) -> SmtpSession:
+    """Connect, secure and sign in: the provider's ``open``."""
+    return SmtpSession(settings, _open(settings))
+
+
+def _where(settings: ConnectionSettings) -> str:
+    return f"{settings.name} ({settings.host}:{settings.port or DEFAULT_PORTS.get(settings.encryption, 25)})"
+
+
+def _open(settings: ConnectionSettings, report: Report | None = None, stage: list[str] | None = None) -> _Client:
+    """The opening dialogue. ``report`` hears each step that succeeded; ``stage[0]``
+    names the step under way, so a test can say which one failed."""
+    host = settings.host
+    if not host:
+        raise PermanentFailure(f"{settings.name}: no host is set: give --host")
+    port = settings.port or DEFAULT_PORTS.get(settings.encryption, 25)
+    where = _where(settings)
+    stage = stage if stage is not None else [""]
+    say: Report = report or (lambda _name, _detail: None)
+    context = client_context(settings.ca_file) if settings.encryption is not Encryption.NONE else None
+    client = _Client(settings)
+    try:
+        stage[0] = "connect"
+        started = time.monotonic()
+        client.open_tcp(host, port)
+        say("connect", f"connected to {host}:{port} in {(time.monotonic() - started) * 1000:.0f} ms")
+        if settings.encryption is Encryption.SSL:
+            assert context is not None
+            stage[0] = "tls"
+            peer = describe_peer(client.wrap_tls(context))
+            client.note(f"* TLS: {peer.describe()}")
+            say("tls", peer.describe())
+        stage[0] = "ehlo"
+        greeting = client.read_greeting()
+        client.hello()
+        if settings.encryption is Encryption.STARTTLS:
+            assert context is not None
+            stage[0] = "tls"
+            if not client.has_extn("starttls"):
+                raise TLSFailure(
+                    f"{where} does not offer STARTTLS, and this connection requires it: "
+                    "check the port (587 usually offers it), use --encryption ssl for port 465, "
+                    "or ask the server's admin to enable STARTTLS"
+                )
+            peer = describe_peer(client.start_tls(context))
+            client.note(f"* TLS: {peer.describe()}")
+            say("tls", f"STARTTLS, {peer.describe()}")
+            stage[0] = "ehlo"
+            client.hello()
+        say("ehlo", f"{greeting}; extensions: {_extensions(client)}")
+        stage[0] = "auth"
+        say("auth", _sign_in(client, settings, where))
+        return client
+    except MailError:
+        client.close()
+        raise
+    except BaseException as exc:
+        client.close()
+        raise _translate(exc, stage[0], settings, where) from None
+
+
+def _sign_in(client: _Client, settings: ConnectionSettings, where: str) -> str:
+    """AUTH with the access token (XOAUTH2) or the password (PLAIN, else LOGIN)."""
+    user = settings.username or ""
+    if settings.access_token is not None:
+        token = settings.access_token()
+        blob = f"user={user}\x01auth=Bearer {token}\x01\x01"
+        redact("", token)  # remembered: never printed, whatever the server echoes
+        code, reply = client.docmd("AUTH", "XOAUTH2 " + _b64(blob))
+        if code == 334:  # the server's error details; an empty line ends the exchange
+            code, reply = client.docmd("")
+        _check_auth(code, reply, where, user, "XOAUTH2", oauth=True)
+        return f"signed in as {user} with XOAUTH2"
+    if not user:
+        return "skipped: no username (the server must accept mail from this host without signing in)"
+    if settings.password is None:
+        raise AuthenticationFailed(
+            f"{where}: username {user} has no password: give --password-env, --password-file or --password-stdin"
+        )
+    if not client.has_extn("auth"):
+        hint = (" before TLS: use --encryption starttls or ssl" if settings.encryption is Encryption.NONE
+                else ": remove the username if it takes mail without signing in")
+        raise AuthenticationFailed(f"{where} does not offer AUTH{hint}")
+    mechanisms = client.esmtp_features.get("auth", "").upper().split()
+    if "PLAIN" in mechanisms:
+        mechanism = "PLAIN"
+        code, reply = client.docmd("AUTH", "PLAIN " + _b64(f"\0{user}\0{settings.password}"))
+    elif "LOGIN" in mechanisms:
+        mechanism = "LOGIN"
+        code, reply = client.docmd("AUTH", "LOGIN")
+        if code == 334:
+            code, reply = client.docmd(_b64(user))
+        if code == 334:
+            code, reply = client.secret_cmd(_b64(settings.password))
+    else:
+        raise AuthenticationFailed(
+            f"{where} offers AUTH {' '.join(mechanisms) or '(none)'} but neither PLAIN nor LOGIN: "
+            "ask its admin to enable one of them, or sign in with OAuth2"
+        )
+    _check_auth(code, reply, where, user, mechanism)
+    return f"signed in as {user} with {mechanism}"
+
+
+def _check_auth(code: int, reply: bytes, where: str, user: str, mechanism: str, oauth: bool = False) -> None:
+    if code == 235:
+        return
+    words = f"{code} {_text(reply)}"
+    if 400 <= code < 500:
+        raise TemporaryFailure(f"{where} could not sign in {user} for now ({words}): it will be retried")
+    fix = ("authorize the OAuth2 credential again with `mailhost oauth authorize`" if oauth
+           else "check the username and password (an app password may be needed)")
+    raise AuthenticationFailed(f"{where} refused to sign in {user} with {mechanism} ({words}): {fix}")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _extensions(client: _Client) -> str:
+    parts = [f"{k.upper()} {v}".strip() for k, v in client.esmtp_features.items()]
+    return ", ".join(parts) or "none (HELO only)"
+
+
+def _mail_options(client: _Client, raw: bytes, addresses: Sequence[str], settings: ConnectionSettings) -> list[str]:
+    """SIZE, BODY=8BITMIME and SMTPUTF8, as the message and the server need and allow."""
+    options: list[str] = []
+    if raw and client.has_extn("size"):
+        options.append(f"SIZE={len(raw)}")
+    if not raw.isascii() and client.has_extn("8bitmime"):
+        options.append("BODY=8BITMIME")
+    wide = [a for a in addresses if not a.isascii()]
+    if wide:
+        if not client.has_extn("smtputf8"):
+            raise PermanentFailure(
+                f"{_where(settings)} does not support SMTPUTF8, which the address {wide[0]} needs: "
+                "use an ASCII address or another connection"
+            )
+        options.append("SMTPUTF8")
+    return options
+
+
+def _rset(client: _Client) -> None:
+    try:
+        client.rset()
+    except (smtplib.SMTPException, OSError):
+        pass
+
+
+def _fail(where: str, what: str, code: int, reply: bytes | str, subject: str | None = None) -> NoReturn:
+    """Raise the failure a reply code means: 421 ends the session, 4xx is temporary."""
+    words = f"{code} {_text(reply)}"
+    about = f" {subject}" if subject else ""
+    if code == 421 or code < 0:
+        raise ConnectFailure(f"{where} {what}{about} and closed the session ({words}): it will be retried")
+    if 400 <= code < 500:
+        raise TemporaryFailure(f"{where} {what}{about} for now ({words}): it will be retried")
+    raise PermanentFailure(f"{where} {what}{about} ({words})")
+
+
+def _timed_out(exc: BaseException) -> bool:
+    """A timeout, also when smtplib wrapped it in SMTPServerDisconnected."""
+    return any(isinstance(e, (socket.timeout, TimeoutError)) for e in (exc, exc.__cause__, exc.__context__))
+
+
+def _reason(exc: BaseException) -> str:
+    if _timed_out(exc):
+        return "no answer in time"
+    return str(exc) or type(exc).__name__
+
+
+def _translate(exc: BaseException, stage: str, settings: ConnectionSettings, where: str) -> MailError:
+    """A MailError that says what failed, where, and the fix."""
+    port = settings.port or DEFAULT_PORTS.get(settings.encryption, 25)
+    if isinstance(exc, (ssl.SSLError, ssl.CertificateError)) and stage in ("tls", "connect"):
+        return tls_error(exc, where, settings.ca_file)
+    if isinstance(exc, socket.gaierror):
+        return ConnectFailure(f"{where}: the host name {settings.host} does not resolve ({exc.strerror}): check --host")
+    if isinstance(exc, ConnectionRefusedError):
+        return ConnectFailure(
+            f"{where}: connection refused: check the host and the port ({port}), and that the server is running"
+        )
+    if _timed_out(exc):
+        return ConnectFailure(
+            f"{where}: no answer within {settings.timeout:g} s during {stage}: check the host, the port and "
+            "the firewall, or raise --timeout"
+        )
+    if isinstance(exc, smtplib.SMTPServerDisconnected):
+        hint = (": the port may expect TLS from the first byte (--encryption ssl)"
+                if stage == "ehlo" and settings.encryption is not Encryption.SSL else "")
+        return ConnectFailure(f"{where}: the server closed the connection during {stage}{hint}")
+    if isinstance(exc, smtplib.SMTPResponseException):
+        words = f"{exc.smtp_code} {_text(exc.smtp_error)}"
+        if stage == "tls":
+            if 400 <= exc.smtp_code < 500:
+                return TemporaryFailure(f"{where} cannot start TLS for now ({words}): it will be retried")
+            return TLSFailure(f"{where} refused STARTTLS ({words}): check the encryption setting")
+        if exc.smtp_code == 421 or 400 <= exc.smtp_code < 500:
+            return TemporaryFailure(f"{where} is not taking mail now ({words}, during {stage}): it will be retried")
+        return PermanentFailure(f"{where} refused the session during {stage} ({words})")
+    if isinstance(exc, OSError):
+        return ConnectFailure(f"{where}: {stage} failed ({_reason(exc)}): check the host and the port")
+    if isinstance(exc, UnicodeError):
+        return PermanentFailure(f"{where}: a command could not be encoded ({exc}): use ASCII addresses")
+    raise exc
+
+
+def test_connection(settings: ConnectionSettings) -> Iterator[TestStep]:
+    """Connect, TLS, EHLO, AUTH, then MAIL FROM / RCPT TO and RSET: one step each."""
+    steps: list[TestStep] = []
+    stage = [""]
+    try:
+        client = _open(settings, lambda name, detail: steps.append(TestStep(name, True, detail)), stage)
+    except MailError as exc:
+        steps.append(TestStep(stage[0] or "connect", False, redact(str(exc), settings.password)))
+        yield from steps
+        return
+    yield from steps
+    try:
+        yield from _dry_run(client, settings)
+    finally:
+        try:
+            client.quit()
+        except (smtplib.SMTPException, OSError):
+            client.close()
+
+
+test_connection.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test, whoever imports it
+
+
+def _dry_run(client: _Client, settings: ConnectionSettings) -> Iterator[TestStep]:
+    where = _where(settings)
+    sender = parseaddr(settings.from_address or "")[1]
+    if not sender and "@" in (settings.username or ""):
+        sender = settings.username or ""
+    if not sender:
+        yield TestStep("mail from", True, "skipped: the connection has no from address (give --from ADDRESS)")
+        return
+    try:
+        code, reply = client.mail(sender, _mail_options(client, b"", [sender], settings))
+        if code != 250:
+            yield TestStep("mail from", False, f"{where} refused MAIL FROM:<{sender}> ({code} {_text(reply)})")
+            return
+        yield TestStep("mail from", True, f"MAIL FROM:<{sender}>: {code} {_text(reply)}")
+        code, reply = client.rcpt(sender)
+        ok = code in (250, 251)
+        yield TestStep("rcpt to", ok, f"RCPT TO:<{sender}>: {code} {_text(reply)}"
+                       + ("" if ok else f" ({where} would not take mail for it)"))
+        code, reply = client.rset()
+        yield TestStep("rset", code == 250, f"RSET: {code} {_text(reply)} (nothing was sent)")
+    except (smtplib.SMTPException, OSError) as exc:
+        yield TestStep("mail from", False, str(_translate(exc, "mail from", settings, where)))

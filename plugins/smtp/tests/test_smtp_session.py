@@ -1,0 +1,326 @@
+"""The SMTP plugin against a real SMTP server (aiosmtpd): TLS, AUTH, replies, transcript."""
+from __future__ import annotations
+
+import base64
+import socket
+import ssl
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from mailhost import (
+    AuthenticationFailed,
+    ConnectFailure,
+    ConnectionSettings,
+    Encryption,
+    PermanentFailure,
+    TemporaryFailure,
+    TLSFailure,
+)
+from mailhost.secrets import forget_secrets
+from mailhost_smtp import PROVIDER, open_session, test_connection
+
+from tests.servers.certs import Pki
+from tests.servers.smtpd import SmtpServer
+
+PASSWORD = "pässwörd-Ⅻ-s3cret"
+USER = "bob@example.org"
+RAW = b"From: a@example.org\r\nTo: b@example.org\r\nSubject: hi\r\n\r\nhello\r\n.leading dot\r\n"
+MODES = {"plain": Encryption.NONE, "tls": Encryption.SSL, "starttls": Encryption.STARTTLS}
+
+
+@pytest.fixture(autouse=True)
+def _forget() -> Iterator[None]:
+    yield
+    forget_secrets()
+
+
+def settings(server: SmtpServer, encryption: Encryption, **kw: Any) -> ConnectionSettings:
+    values: dict[str, Any] = {"name": "test-smtp", "protocol": "smtp", "host": "127.0.0.1", "port": server.port,
+                              "encryption": encryption, "timeout": 10.0, "ca_file": server.ca_file}
+    values.update(kw)
+    return ConnectionSettings(**values)
+
+
+def secret_forms() -> list[str]:
+    """The password and the base64 forms it travels in."""
+    raw = PASSWORD.encode()
+    return [PASSWORD, base64.b64encode(raw).decode(), base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()]
+
+
+def test_provider_declares_smtp() -> None:
+    """The provider says what the seeds say: ports 25/465/587, password and OAuth2."""
+    assert PROVIDER.name == "smtp"
+    assert PROVIDER.default_ports == {Encryption.NONE: 25, Encryption.SSL: 465, Encryption.STARTTLS: 587}
+    assert PROVIDER.connect_modes == {"password", "oauth2"}
+    assert {"from_address", "prefix", "size_limit", "debug", "ca_file"} <= PROVIDER.attributes
+    assert PROVIDER.required == {"host"}
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls", "starttls"])
+def test_sends_many_messages_on_one_session(smtp_server: Callable[..., SmtpServer], mode: str) -> None:
+    """Each encryption signs in once and sends several messages through one session."""
+    server = smtp_server(mode, users={USER: PASSWORD}, auth_require_tls=mode != "plain")
+    with open_session(settings(server, MODES[mode], username=USER, password=PASSWORD)) as session:
+        for n in range(3):
+            result = session.send(RAW, "a@example.org", [f"r{n}@example.org"])
+            assert result.response.startswith("250") and not result.refused
+    got = server.messages
+    assert [m.rcpt_tos for m in got] == [["r0@example.org"], ["r1@example.org"], ["r2@example.org"]]
+    assert {m.session_id for m in got} == {1} and server.sessions_opened == 1
+    assert all(m.auth_login == USER for m in got)
+    assert all(m.tls == (mode != "plain") for m in got)
+    assert got[0].data == RAW  # dot-stuffing undone by the server: the bytes arrive unchanged
+
+
+def test_untrusted_certificate_is_refused(smtp_server: Callable[..., SmtpServer], pki: Pki) -> None:
+    """A certificate from an unknown CA fails, with the fix in the message; nothing is sent."""
+    server = smtp_server("tls", untrusted=True, users={USER: PASSWORD})
+    with pytest.raises(TLSFailure) as err:
+        open_session(settings(server, Encryption.SSL, ca_file=pki.ca_file, username=USER, password=PASSWORD))
+    assert "not trusted" in str(err.value) and "test-smtp" in str(err.value)
+    assert server.auth_attempts == [] and server.messages == []
+
+
+def test_starttls_required_but_not_offered(smtp_server: Callable[..., SmtpServer]) -> None:
+    """STARTTLS chosen and not offered: refused before any credential or mail goes out."""
+    server = smtp_server("plain", users={USER: PASSWORD}, auth_require_tls=False)
+    with pytest.raises(TLSFailure) as err:
+        open_session(settings(server, Encryption.STARTTLS, username=USER, password=PASSWORD))
+    assert "does not offer STARTTLS" in str(err.value)
+    assert server.auth_attempts == [] and server.messages == []
+
+
+def test_starttls_discards_what_the_server_sent_before_the_handshake(pki: Pki) -> None:
+    """Lines injected after STARTTLS's 220 (CVE-2011-0411) are never read as replies."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    seen: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        f = conn.makefile("rb")
+        conn.sendall(b"220 fake ESMTP\r\n")
+        seen.append(f.readline())  # EHLO
+        conn.sendall(b"250-fake\r\n250 STARTTLS\r\n")
+        seen.append(f.readline())  # STARTTLS
+        # The injection: rides in the same segment as the 220.
+        conn.sendall(b"220 go ahead\r\n250-fake\r\n250 AUTH PLAIN INJECTED\r\n")
+        ctx = pki.server_context()
+        tls = ctx.wrap_socket(conn, server_side=True)
+        tf = tls.makefile("rb")
+        seen.append(tf.readline())  # EHLO again, over TLS
+        tls.sendall(b"250-fake\r\n250 SIZE 1000\r\n")
+        seen.append(tf.readline())  # QUIT
+        tls.sendall(b"221 bye\r\n")
+        tls.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    s = ConnectionSettings(name="inject", protocol="smtp", host="127.0.0.1", port=port,
+                           encryption=Encryption.STARTTLS, ca_file=pki.ca_file, timeout=10)
+    session = open_session(s)
+    assert session.extensions == {"size": "1000"}
+    assert session.max_size == 1000
+    session.close()
+    thread.join(10)
+    listener.close()
+    assert seen[2].lower().startswith(b"ehlo")
+
+
+def test_xoauth2_with_an_access_token(pki: Pki) -> None:
+    """With an access token the session signs in with XOAUTH2; the token never shows
+    in the transcript, neither does its base64."""
+    token = "ya29.a0-very-secret-token"
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    got: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        conn.settimeout(10)
+        f = conn.makefile("rb")
+        conn.sendall(b"220 fake ESMTP\r\n")
+        f.readline()
+        conn.sendall(b"250-fake\r\n250 AUTH XOAUTH2\r\n")
+        got.append(f.readline())  # AUTH XOAUTH2 <blob>
+        conn.sendall(b"235 2.7.0 accepted\r\n")
+        f.readline()  # QUIT
+        conn.sendall(b"221 bye\r\n")
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    lines: list[str] = []
+    s = ConnectionSettings(name="o365", protocol="smtp", host="127.0.0.1", port=port, encryption=Encryption.NONE,
+                           username="user@example.org", access_token=lambda: token, transcript=lines.append)
+    open_session(s).close()
+    thread.join(10)
+    listener.close()
+    verb, mechanism, blob = got[0].split()
+    assert (verb, mechanism) == (b"AUTH", b"XOAUTH2")
+    assert base64.b64decode(blob) == f"user=user@example.org\x01auth=Bearer {token}\x01\x01".encode()
+    joined = "\n".join(lines)
+    assert "C: AUTH XOAUTH2 ********" in joined
+    assert token not in joined and blob.decode() not in joined
+
+
+def test_a_silent_server_times_out(smtp_server: Callable[..., SmtpServer]) -> None:
+    """No answer within the timeout: a ConnectFailure (temporary) and a dropped session."""
+    server = smtp_server("plain", slow_data_seconds=1.0)
+    with open_session(settings(server, Encryption.NONE, timeout=0.2)) as session:
+        with pytest.raises(ConnectFailure, match="no answer in time"):
+            session.send(RAW, "a@example.org", ["b@example.org"])
+
+
+def test_wrong_password_is_an_authentication_failure(smtp_server: Callable[..., SmtpServer]) -> None:
+    """A refused sign-in names the connection and the fix, and never the password."""
+    server = smtp_server("starttls", users={USER: "other"})
+    with pytest.raises(AuthenticationFailed) as err:
+        open_session(settings(server, Encryption.STARTTLS, username=USER, password=PASSWORD))
+    text = str(err.value)
+    assert "test-smtp" in text and "username and password" in text
+    assert not any(form in text for form in secret_forms())
+
+
+def test_login_mechanism_when_plain_is_not_offered(smtp_server: Callable[..., SmtpServer],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """AUTH LOGIN, when the server offers it and not PLAIN (as some Exchange servers do)."""
+    from mailhost_smtp import _session
+
+    server = smtp_server("starttls", users={USER: PASSWORD})
+    real_hello = _session._Client.hello
+
+    def login_only(self: Any) -> None:
+        real_hello(self)
+        if "auth" in self.esmtp_features:
+            self.esmtp_features["auth"] = "LOGIN"
+
+    monkeypatch.setattr(_session._Client, "hello", login_only)
+    lines: list[str] = []
+    s = settings(server, Encryption.STARTTLS, username=USER, password=PASSWORD, transcript=lines.append)
+    with open_session(s) as session:
+        session.send(RAW, "a@example.org", ["b@example.org"])
+    assert server.messages[0].auth_login == USER
+    assert "C: AUTH LOGIN" in lines and "C: ********" in lines
+    joined = "\n".join(lines)
+    assert not any(form in joined for form in secret_forms())
+
+
+def test_refusals_per_recipient(smtp_server: Callable[..., SmtpServer]) -> None:
+    """Some recipients refused: delivered to the others, refusals reported with the
+    server's words; everyone refused: temporary if any 4xx, else permanent."""
+    server = smtp_server("plain")
+    with open_session(settings(server, Encryption.NONE)) as session:
+        result = session.send(RAW, "a@example.org", ["ok@example.org", "reject@example.org"])
+        assert result.refused == {"reject@example.org": "550 5.1.1 no such user"}
+        with pytest.raises(TemporaryFailure) as temp:
+            session.send(RAW, "a@example.org", ["tempfail@example.org", "reject2@example.org"])
+        assert temp.value.refused == {"tempfail@example.org": "451 4.3.0 try again later",  # type: ignore[attr-defined]
+                                      "reject2@example.org": "550 5.1.1 no such user"}
+        with pytest.raises(PermanentFailure) as perm:
+            session.send(RAW, "a@example.org", ["reject@example.org"])
+        assert "550 5.1.1 no such user" in str(perm.value)
+        server.fail_next_data(1, 451)
+        with pytest.raises(TemporaryFailure):
+            session.send(RAW, "a@example.org", ["ok@example.org"])
+        server.fail_next_data(1, 554, "message refused (test)")
+        with pytest.raises(PermanentFailure) as data5:
+            session.send(RAW, "a@example.org", ["ok@example.org"])
+        assert "554" in str(data5.value) and "message refused (test)" in str(data5.value)
+        # The session is still usable after every one of those.
+        assert session.send(RAW, "a@example.org", ["ok@example.org"]).response.startswith("250")
+    assert [m.rcpt_tos for m in server.messages] == [["ok@example.org"], ["ok@example.org"]]
+
+
+def test_server_size_is_honoured(smtp_server: Callable[..., SmtpServer]) -> None:
+    """The server's SIZE is known after EHLO, and a larger message is refused before DATA."""
+    server = smtp_server("plain", size_limit=500)
+    with open_session(settings(server, Encryption.NONE)) as session:
+        assert session.max_size == 500
+        with pytest.raises(PermanentFailure) as err:
+            session.send(RAW + b"x" * 600, "a@example.org", ["b@example.org"])
+        assert "500 bytes" in str(err.value)
+    assert server.messages == []
+
+
+def test_connection_refused_is_temporary() -> None:
+    """Nothing listening: a ConnectFailure (temporary) that names the connection and port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    s = ConnectionSettings(name="nobody", protocol="smtp", host="127.0.0.1", port=port, encryption=Encryption.NONE)
+    with pytest.raises(ConnectFailure) as err:
+        open_session(s)
+    assert "nobody" in str(err.value) and str(port) in str(err.value)
+
+
+def test_transcript_is_redacted(smtp_server: Callable[..., SmtpServer]) -> None:
+    """Debug transcript: the whole dialogue, and never the password or its base64 forms."""
+    server = smtp_server("starttls", users={USER: PASSWORD})
+    lines: list[str] = []
+    with open_session(settings(server, Encryption.STARTTLS, username=USER, password=PASSWORD,
+                               transcript=lines.append)) as session:
+        session.send(RAW, "a@example.org", ["b@example.org"])
+    joined = "\n".join(lines)
+    assert "C: STARTTLS" in joined and "* TLS: TLSv1" in joined
+    assert "C: AUTH PLAIN ********" in joined
+    assert "C: [message," in joined and "hello" not in joined  # the content is not logged
+    assert not any(form in joined for form in secret_forms())
+
+
+def test_gate_holds_the_content(smtp_server: Callable[..., SmtpServer]) -> None:
+    """``before_data`` runs after 354; if it raises, the server never gets the message
+    and the next send opens a new session."""
+    server = smtp_server("plain")
+    calls: list[int] = []
+
+    def refuse() -> None:
+        calls.append(len(server.messages))
+        raise RuntimeError("the previous outcome was not recorded")
+
+    with open_session(settings(server, Encryption.NONE)) as session:
+        session.send(RAW, "a@example.org", ["one@example.org"], before_data=lambda: calls.append(1))
+        with pytest.raises(RuntimeError):
+            session.send(RAW, "a@example.org", ["two@example.org"], before_data=refuse)
+        session.send(RAW, "a@example.org", ["three@example.org"])
+    assert calls == [1, 1]
+    assert [m.rcpt_tos for m in server.messages] == [["one@example.org"], ["three@example.org"]]
+    assert server.sessions_opened == 2
+
+
+def test_connection_test_reports_each_step(smtp_server: Callable[..., SmtpServer]) -> None:
+    """connect, tls, ehlo, auth, mail from, rcpt to, rset: all ok, and nothing is sent."""
+    server = smtp_server("starttls", users={USER: PASSWORD}, size_limit=123456)
+    steps = list(test_connection(settings(server, Encryption.STARTTLS, username=USER, password=PASSWORD,
+                                          from_address="App <app@example.org>")))
+    assert [s.name for s in steps] == ["connect", "tls", "ehlo", "auth", "mail from", "rcpt to", "rset"]
+    assert all(s.ok for s in steps), steps
+    assert "valid until" in steps[1].detail and "SIZE 123456" in steps[2].detail
+    assert server.messages == []
+
+
+def test_connection_test_stops_at_the_failing_step(smtp_server: Callable[..., SmtpServer]) -> None:
+    """A wrong password: the auth step fails with the reason, the earlier ones pass."""
+    server = smtp_server("tls", users={USER: "other"})
+    steps = list(test_connection(settings(server, Encryption.SSL, username=USER, password=PASSWORD)))
+    assert [(s.name, s.ok) for s in steps] == [("connect", True), ("tls", True), ("ehlo", True), ("auth", False)]
+    assert not any(form in steps[-1].detail for form in secret_forms())
+
+
+def test_implicit_tls_to_a_plain_port_fails_clearly(smtp_server: Callable[..., SmtpServer]) -> None:
+    """SSL/TLS chosen for a port that speaks plain SMTP: a TLS failure naming the fix."""
+    server = smtp_server("plain")
+    with pytest.raises(TLSFailure) as err:
+        open_session(settings(server, Encryption.SSL, ca_file=None))
+    assert "encryption" in str(err.value)
+
+
+def test_client_context_has_no_way_out() -> None:
+    """The plugin's TLS is the host's: verification on, hostname checked."""
+    from mailhost.tls import client_context
+
+    ctx = client_context()
+    assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname

@@ -1,0 +1,579 @@
+"""The outgoing pipeline against real SMTP servers (aiosmtpd): queue, deliver, retry,
+fall back, record. Time never passes in these tests: the pipeline's clock is moved."""
+from __future__ import annotations
+
+import datetime as dt
+import email
+import email.policy
+import json
+import socket
+import subprocess
+import sys
+import threading
+from collections import Counter
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mailhost import Direction, Mailhost, NotFound, ValidationError
+from mailhost.connections import ConnectionSpec
+from mailhost.outgoing import Outgoing, Policy, item_dict, personalize
+from mailhost.plugins import PluginHost
+from mailhost.store import OutgoingItem, utcnow
+
+from tests.servers.certs import Pki
+from tests.servers.smtpd import ReceivedMessage, SmtpServer
+
+BODY = "Hello,\nthis is a test.\n"
+
+
+# ---------------------------------------------------------------------------------------
+# helpers
+# ---------------------------------------------------------------------------------------
+
+
+def add(mh: Mailhost, name: str, server: SmtpServer | None, *, encryption: str = "none", port: int | None = None,
+        **kw: Any) -> None:
+    """Add an outgoing SMTP connection to ``server`` (or to ``port`` on 127.0.0.1)."""
+    spec = ConnectionSpec(name=name, protocol="smtp", host="127.0.0.1", port=port or (server.port if server else None),
+                          encryption=encryption, **kw)
+    if server is not None and encryption != "none" and spec.ca_file is None:
+        spec.ca_file = server.ca_file
+    mh.connections.add(Direction.OUTGOING, spec)
+
+
+def closed_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def later(mh: Mailhost, **delta: float) -> None:
+    """Move the pipeline's clock forward (instead of waiting)."""
+    mh.outgoing.clock = lambda: utcnow() + dt.timedelta(**delta)
+
+
+def policy(mh: Mailhost, **kw: Any) -> None:
+    """Replace the ``[outgoing]`` policy of ``mh``."""
+    mh.outgoing.__dict__["_policy"] = Policy(**kw)
+
+
+def item(mh: Mailhost, item_id: int) -> dict[str, Any]:
+    """A queue item as JSON, with its attempts."""
+    return item_dict(mh.outgoing.item(item_id), with_attempts=True)
+
+
+def parsed(m: ReceivedMessage) -> email.message.EmailMessage:
+    return email.message_from_bytes(m.data, policy=email.policy.default)  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------
+# delivery
+# ---------------------------------------------------------------------------------------
+
+
+def test_delivers_with_prefix_and_from(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """The connection's prefix goes in front of each subject; its From is used unless the
+    message has its own; the envelope sender is the connection's address."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="Helpdesk <help@example.org>", prefix="[HELP]", default=True)
+    a = mh.outgoing.send(["bob@example.org"], subject="Grüße aus Köln", body=BODY)
+    b = mh.outgoing.send(["carol@example.org"], subject="own sender", body=BODY,
+                         from_address="Alice <alice@example.org>")
+    report = mh.outgoing.deliver()
+    assert report.connections["main"].sent == 2
+    got = {m.rcpt_tos[0]: m for m in server.messages}
+    first, second = parsed(got["bob@example.org"]), parsed(got["carol@example.org"])
+    assert first["Subject"] == "[HELP] Grüße aus Köln" and first["From"] == "Helpdesk <help@example.org>"
+    assert second["Subject"] == "[HELP] own sender" and second["From"] == "Alice <alice@example.org>"
+    assert {m.mail_from for m in server.messages} == {"help@example.org"}
+    for queued in (a, b):
+        record = item(mh, queued.id)
+        assert record["status"] == "sent" and record["sent_via"] == "main" and record["attempts"] == 1
+        assert [x["result"] for x in record["attempts_log"]] == ["sent"]
+        assert record["attempts_log"][0]["detail"].startswith("250")
+    assert first["Message-ID"] == mh.outgoing.item(a.id).message_id  # stable from queue to wire
+
+
+def test_one_session_carries_many_messages(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A pass reuses one SMTP session for every message of a connection."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    for n in range(30):
+        mh.outgoing.send([f"r{n}@example.org"], subject=f"n{n}", body=BODY)
+    report = mh.outgoing.deliver(sessions=1)
+    assert report.connections["main"].sent == 30 and report.connections["main"].sessions == 1
+    assert len(server.messages) == 30 and server.sessions_opened == 1
+
+
+def test_long_queue_gets_parallel_sessions(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """More sessions when the queue is long (one per 20 due messages here, at most 4);
+    still every message exactly once."""
+    server = smtp_server("plain", slow_data_seconds=0.02)  # so that every worker finds work
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    policy(mh, per_session=20, batch=5)
+    ids = [mh.outgoing.send([f"r{n}@example.org"], subject=f"n{n}", body=BODY).id for n in range(100)]
+    report = mh.outgoing.deliver(sessions=4)
+    assert report.connections["main"].sessions == 4 and server.sessions_opened == 4
+    counts = Counter(parsed(m)["Message-ID"] for m in server.messages)
+    assert len(counts) == 100 and set(counts.values()) == {1}
+    assert {mh.outgoing.item(i).status for i in ids} == {"sent"}
+    mh.outgoing.send(["one@example.org"], subject="alone", body=BODY)
+    assert mh.outgoing.deliver(sessions=4).connections["main"].sessions == 1  # a short queue: one
+
+
+def test_temporary_failure_is_retried_then_delivered(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A 4xx: queued again with attempts, next_attempt_at and last_error; not before
+    it is due; delivered on a later pass."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    queued = mh.outgoing.send(["bob@example.org"], subject="retry me", body=BODY)
+    server.fail_next_data(1, 451)
+    report = mh.outgoing.deliver()
+    assert report.connections["main"].retrying == 1
+    record = item(mh, queued.id)
+    assert record["status"] == "queued" and record["attempts"] == 1
+    assert "451" in record["last_error"] and record["next_attempt_at"] > utcnow()
+    assert mh.outgoing.deliver().connections == {}  # not due yet
+    later(mh, hours=2)
+    assert mh.outgoing.deliver().connections["main"].sent == 1
+    record = item(mh, queued.id)
+    assert record["status"] == "sent" and record["attempts"] == 2 and record["last_error"] is None
+    assert [a["result"] for a in record["attempts_log"]] == ["temporary", "sent"]
+    assert len(server.messages) == 1
+
+
+def test_backoff_is_exponential_with_jitter_and_capped() -> None:
+    """Delays double from the base, stay within [half, full], stop at the cap, and
+    respect a delay the server asked for."""
+    p = Policy(retry_base=60, retry_max=3600)
+    for n in range(1, 12):
+        full = min(3600, 60 * 2 ** (n - 1))
+        for _ in range(20):
+            assert full / 2 <= p.backoff(n) <= full
+    assert p.backoff(1, retry_after=900) == 900
+
+
+def test_policy_from_config() -> None:
+    """[outgoing] in the config file; a wrong value names the key."""
+    p = Policy.from_config({"outgoing": {"max_attempts": 3, "retry_base_seconds": 5, "keep_sent_days": 0}})
+    assert p.max_attempts == 3 and p.retry_base == 5 and p.keep_sent is None
+    from mailhost import ConfigError
+
+    with pytest.raises(ConfigError, match="max_attempts"):
+        Policy.from_config({"outgoing": {"max_attempts": 0}})
+    with pytest.raises(ConfigError, match="unknown keys"):
+        Policy.from_config({"outgoing": {"retries": 3}})
+
+
+def test_gives_up_after_the_attempt_limit(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """After max_attempts temporary failures the message is failed, and says why."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    policy(mh, max_attempts=2)
+    queued = mh.outgoing.send(["tempfail@example.org"], subject="never", body=BODY)
+    mh.outgoing.deliver()
+    later(mh, hours=3)
+    mh.outgoing.deliver()
+    record = item(mh, queued.id)
+    assert record["status"] == "failed" and record["attempts"] == 2
+    assert record["last_error"].startswith("gave up after 2 attempt(s)") and "451" in record["last_error"]
+
+
+def test_gives_up_after_the_age_limit(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A message older than max_age fails at its next temporary failure."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    policy(mh, max_age=dt.timedelta(hours=1))
+    queued = mh.outgoing.send(["tempfail@example.org"], subject="old", body=BODY)
+    later(mh, hours=2)
+    mh.outgoing.deliver()
+    record = item(mh, queued.id)
+    assert record["status"] == "failed" and "gave up after 1 attempt(s) over" in record["last_error"]
+
+
+def test_permanent_failure_fails_at_once(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A 5xx: failed after one attempt, with the server's words."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    queued = mh.outgoing.send(["bob@example.org"], subject="spam?", body=BODY)
+    server.fail_next_data(1, 554, "message looks like spam (test)")
+    assert mh.outgoing.deliver().connections["main"].failed == 1
+    record = item(mh, queued.id)
+    assert record["status"] == "failed" and record["attempts"] == 1
+    assert "554" in record["last_error"] and "message looks like spam (test)" in record["last_error"]
+    later(mh, days=1)
+    assert mh.outgoing.deliver().connections == {}
+    assert server.messages == []
+
+
+def test_partial_acceptance_is_recorded_per_recipient(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """Accepted, refused for good (5xx) and refused for now (4xx) recipients are kept
+    apart; only the 4xx ones are tried again, and nobody gets the message twice."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    policy(mh, max_attempts=2)
+    queued = mh.outgoing.send(["ok@example.org", "reject@example.org", "tempfail@example.org"],
+                              subject="partial", body=BODY)
+    assert mh.outgoing.deliver().connections["main"].partial == 1
+    record = item(mh, queued.id)
+    assert record["status"] == "queued"
+    assert {r["address"]: r["status"] for r in record["recipients"]} == {
+        "ok@example.org": "accepted", "reject@example.org": "refused", "tempfail@example.org": "pending"}
+    later(mh, hours=3)
+    mh.outgoing.deliver()
+    record = item(mh, queued.id)
+    assert record["status"] == "sent" and record["attempts"] == 2  # delivered to some: sent, with refusals
+    assert {r["address"]: (r["status"], r["reply"]) for r in record["recipients"]} == {
+        "ok@example.org": ("accepted", None),
+        "reject@example.org": ("refused", "550 5.1.1 no such user"),
+        "tempfail@example.org": ("refused", "451 4.3.0 try again later"),
+    }
+    assert [m.rcpt_tos for m in server.messages] == [["ok@example.org"]]
+    assert [a["result"] for a in record["attempts_log"]] == ["partial", "temporary"]
+    assert record["attempts_log"][1]["refused"] == {"tempfail@example.org": "451 4.3.0 try again later"}
+
+
+def test_falls_back_to_the_default_connection(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A connection that cannot be reached hands its mail to the default one, and the
+    record says so; the default's From is used, as its server signs for it."""
+    default = smtp_server("plain")
+    add(mh, "main", default, from_address="main@example.org", default=True)
+    add(mh, "branch", None, port=closed_port(), from_address="branch@example.org", fallback_to_default=True)
+    queued = mh.outgoing.send(["bob@example.org"], subject="via branch", body=BODY, connection="branch")
+    report = mh.outgoing.deliver()
+    assert report.connections["branch"].fell_back == 1 and report.connections["branch"].sent == 1
+    assert "connection refused" in (report.connections["branch"].error or "")
+    record = item(mh, queued.id)
+    assert record["status"] == "sent" and record["sent_via"] == "main" and record["fell_back"] is True
+    assert [(a["connection"], a["result"]) for a in record["attempts_log"]] == [("branch", "temporary"),
+                                                                               ("main", "sent")]
+    assert "connection refused" in record["attempts_log"][0]["detail"]
+    assert [m.mail_from for m in default.messages] == ["main@example.org"]
+
+
+def test_falls_back_on_4xx_but_not_on_5xx(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A temporary refusal falls back; a permanent one fails the message where it is."""
+    default, own = smtp_server("plain"), smtp_server("plain")
+    add(mh, "main", default, from_address="main@example.org", default=True)
+    add(mh, "branch", own, from_address="branch@example.org", fallback_to_default=True)
+    temp = mh.outgoing.send(["bob@example.org"], subject="4xx", body=BODY, connection="branch")
+    own.fail_next_data(1, 451)
+    mh.outgoing.deliver()
+    assert item(mh, temp.id)["sent_via"] == "main" and len(default.messages) == 1
+    perm = mh.outgoing.send(["bob@example.org"], subject="5xx", body=BODY, connection="branch")
+    own.fail_next_data(1, 550)
+    mh.outgoing.deliver()
+    record = item(mh, perm.id)
+    assert record["status"] == "failed" and record["fell_back"] is False and len(default.messages) == 1
+
+
+def test_falls_back_when_sign_in_fails_or_the_server_is_silent(mh: Mailhost,
+                                                                smtp_server: Callable[..., SmtpServer]) -> None:
+    """Refused credentials and a timeout are delivery problems of the connection too."""
+    default = smtp_server("plain")
+    locked = smtp_server("starttls", users={"user@example.org": "right"})
+    silent = smtp_server("plain", slow_data_seconds=1.0)
+    add(mh, "main", default, from_address="main@example.org", default=True)
+    add(mh, "locked", locked, encryption="starttls", username="user@example.org", password="wrong",
+        fallback_to_default=True)
+    add(mh, "silent", silent, from_address="s@example.org", timeout=200, fallback_to_default=True)
+    a = mh.outgoing.send(["bob@example.org"], subject="auth", body=BODY, connection="locked")
+    b = mh.outgoing.send(["bob@example.org"], subject="timeout", body=BODY, connection="silent")
+    mh.outgoing.deliver(sessions=2)
+    for queued, why in ((a, "refused to sign in"), (b, "no answer in time")):
+        record = item(mh, queued.id)
+        assert record["status"] == "sent" and record["sent_via"] == "main" and record["fell_back"] is True
+        assert why in record["attempts_log"][0]["detail"]
+    assert len(default.messages) == 2
+
+
+def test_timeout_is_retried(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A server that does not answer in time: the message waits for a retry."""
+    silent = smtp_server("plain", slow_data_seconds=1.0)
+    add(mh, "main", silent, from_address="a@example.org", timeout=200, default=True)
+    queued = mh.outgoing.send(["bob@example.org"], subject="slow", body=BODY)
+    mh.outgoing.deliver()
+    record = item(mh, queued.id)
+    assert record["status"] == "queued" and "no answer in time" in record["last_error"]
+
+
+def test_no_fallback_unless_asked(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """Without fall back to default, an unreachable connection's mail waits for a retry."""
+    default = smtp_server("plain")
+    add(mh, "main", default, from_address="main@example.org", default=True)
+    add(mh, "branch", None, port=closed_port(), from_address="branch@example.org")
+    queued = mh.outgoing.send(["bob@example.org"], subject="x", body=BODY, connection="branch")
+    mh.outgoing.deliver()
+    record = item(mh, queued.id)
+    assert record["status"] == "queued" and "connection refused" in record["last_error"]
+    assert default.messages == []
+
+
+def test_size_limit_refuses_before_queueing(mh: Mailhost, smtp_server: Callable[..., SmtpServer],
+                                            tmp_path: Path) -> None:
+    """Larger than the connection's size limit: a ValidationError naming it; nothing queued."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", size_limit=2000, default=True)
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\x00" * 3000)
+    with pytest.raises(ValidationError, match="size limit of 2000 bytes of outgoing connection main"):
+        mh.outgoing.send(["bob@example.org"], subject="big", body=BODY, attachments=[big])
+    assert mh.outgoing.items() == []
+
+
+def test_server_size_is_learned_and_enforced(mh: Mailhost, smtp_server: Callable[..., SmtpServer],
+                                             tmp_path: Path) -> None:
+    """After a session told the server's SIZE, a larger message is refused at once."""
+    server = smtp_server("plain", size_limit=3000)
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    mh.outgoing.send(["bob@example.org"], subject="small", body=BODY)
+    mh.outgoing.deliver()
+    assert mh.connections.get(Direction.OUTGOING, "main").server_size_limit == 3000
+    big = tmp_path / "big.bin"
+    big.write_bytes(b"\x01" * 4000)
+    with pytest.raises(ValidationError, match="accepts \\(its SIZE\\)"):
+        mh.outgoing.send(["bob@example.org"], subject="big", body=BODY, attachments=[big])
+
+
+def test_untrusted_certificate_is_refused(mh: Mailhost, smtp_server: Callable[..., SmtpServer], pki: Pki) -> None:
+    """A server whose certificate no trusted CA signed gets nothing; the error says why."""
+    server = smtp_server("tls", untrusted=True)
+    add(mh, "main", server, encryption="ssl", ca_file=pki.ca_file, from_address="a@example.org", default=True)
+    queued = mh.outgoing.send(["bob@example.org"], subject="x", body=BODY)
+    report = mh.outgoing.deliver()
+    assert "not trusted" in (report.connections["main"].error or "")
+    record = item(mh, queued.id)
+    assert record["status"] == "queued" and "not trusted" in record["last_error"]
+    assert server.messages == []
+
+
+def test_starttls_required_but_not_offered(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """STARTTLS chosen, the server does not offer it: nothing goes out in plain text."""
+    server = smtp_server("plain")
+    add(mh, "main", server, encryption="starttls", from_address="a@example.org", default=True)
+    queued = mh.outgoing.send(["bob@example.org"], subject="x", body=BODY)
+    mh.outgoing.deliver()
+    assert "does not offer STARTTLS" in item(mh, queued.id)["last_error"]
+    assert server.messages == []
+
+
+def test_message_sent(home: Path, smtp_server: Callable[..., SmtpServer], tmp_path: Path,
+                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """message_sent is called once per accepted message, with the accepted recipients."""
+    from tests.testplugin import mailhost_testplugin
+
+    events = tmp_path / "events.jsonl"
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_EVENTS", str(events))
+    mh = Mailhost.open(home / "mailhost.toml",
+                       plugins=PluginHost(only=["smtp"], extra=[("testplugin", mailhost_testplugin)]))
+    try:
+        server = smtp_server("plain")
+        add(mh, "main", server, from_address="a@example.org", default=True)
+        queued = mh.outgoing.send(["ok@example.org", "reject@example.org"], subject="hooked", body=BODY)
+        mh.outgoing.deliver()
+    finally:
+        mh.close()
+    sent = [json.loads(line) for line in events.read_text().splitlines()]
+    assert sent == [{"event": "sent", "connection": "main", "item_id": queued.id,
+                     "message_id": queued.message_id, "recipients": ["ok@example.org"]}]
+
+
+# ---------------------------------------------------------------------------------------
+# claiming, leases, recovery
+# ---------------------------------------------------------------------------------------
+
+
+def test_concurrent_passes_never_send_a_message_twice(mh_any: Mailhost,
+                                                       smtp_server: Callable[..., SmtpServer]) -> None:
+    """Two installations on one store deliver at the same time: each message goes once
+    (PostgreSQL: FOR UPDATE SKIP LOCKED; SQLite: the atomic claiming UPDATE)."""
+    server = smtp_server("plain")
+    add(mh_any, "main", server, from_address="a@example.org", default=True)
+    ids = [mh_any.outgoing.send([f"r{n}@example.org"], subject=f"n{n}", body=BODY).id for n in range(120)]
+    hosts = [Mailhost.open(mh_any.config.path) for _ in range(2)]
+    for h in hosts:
+        h.outgoing.__dict__["_policy"] = Policy(batch=5, per_session=10)
+    barrier = threading.Barrier(2)
+
+    def run(h: Mailhost) -> None:
+        barrier.wait()
+        h.outgoing.deliver(sessions=3)
+
+    threads = [threading.Thread(target=run, args=(h,)) for h in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for h in hosts:
+        h.close()
+    counts = Counter(parsed(m)["Message-ID"] for m in server.messages)
+    assert len(counts) == 120 and set(counts.values()) == {1}
+    assert {mh_any.outgoing.item(i).status for i in ids} == {"sent"}
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _stick(mh: Mailhost, item_id: int, owner: str, until: dt.datetime) -> None:
+    with mh.session() as s:
+        row = s.get(OutgoingItem, item_id)
+        assert row is not None
+        row.status, row.lease_owner, row.lease_until = "sending", owner, until
+
+
+def test_recover_requeues_what_a_dead_worker_left(mh_any: Mailhost) -> None:
+    """Rows left ``sending`` by a session whose process (on this host) is gone are
+    requeued at once; only the first, the one that was on the wire, counts as an
+    interrupted attempt. A session that may live waits for its lease; an expired
+    lease is requeued."""
+    from mailhost.outgoing import _worker_id
+
+    draft = mh_any.outgoing.compose(["bob@example.org"], subject="x", body=BODY, from_address="a@example.org")
+    fix = ConnectionSpec(name="main", protocol="smtp", host="127.0.0.1", encryption="none", default=True)
+    mh_any.connections.add(Direction.OUTGOING, fix)
+    on_wire, claimed, alive, expired = (mh_any.outgoing.enqueue(draft).id for _ in range(4))
+    me = _worker_id().rsplit(":", 2)[0]  # host:namespace of this process
+    soon = utcnow() + dt.timedelta(minutes=5)
+    dead_session = f"{me}:{_dead_pid()}:deadbeef/0"
+    _stick(mh_any, on_wire, dead_session, soon)
+    _stick(mh_any, claimed, dead_session, soon)
+    _stick(mh_any, alive, _worker_id() + "/0", soon)  # this process: alive
+    _stick(mh_any, expired, "elsewhere:1:2:cafe/3", utcnow() - dt.timedelta(seconds=1))
+    assert mh_any.outgoing.recover() == 3
+    states = {i: item(mh_any, i) for i in (on_wire, claimed, alive, expired)}
+    assert states[alive]["status"] == "sending"
+    for i in (on_wire, expired):
+        assert states[i]["status"] == "queued" and states[i]["attempts"] == 1
+        assert states[i]["attempts_log"][0]["result"] == "interrupted"
+        assert "arrives twice" in states[i]["last_error"]
+    assert states[claimed]["status"] == "queued" and states[claimed]["attempts"] == 0
+    assert states[claimed]["attempts_log"] == []
+
+
+def test_retry_delete_and_purge(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """retry gives a failed message a fresh start; delete removes one; purge drops old
+    sent mail; a sent or unknown message is refused with a clear error."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    failed = mh.outgoing.send(["bob@example.org"], subject="again", body=BODY)
+    server.fail_next_data(1, 550)
+    mh.outgoing.deliver()
+    assert mh.outgoing.item(failed.id).status == "failed"
+    retried = mh.outgoing.retry(failed.id)
+    assert retried.status == "queued" and retried.attempts == 0
+    mh.outgoing.deliver()
+    record = item(mh, failed.id)
+    assert record["status"] == "sent" and [a["result"] for a in record["attempts_log"]] == ["permanent", "sent"]
+    with pytest.raises(ValidationError, match="delivered to every recipient"):
+        mh.outgoing.retry(failed.id)
+    other = mh.outgoing.send(["bob@example.org"], subject="drop me", body=BODY)
+    mh.outgoing.delete(other.id)
+    with pytest.raises(NotFound):
+        mh.outgoing.delete(other.id)
+    assert mh.outgoing.purge(dt.timedelta(days=1)) == 0
+    later(mh, days=2)
+    assert mh.outgoing.purge(dt.timedelta(days=1)) == 1
+    assert mh.outgoing.items() == []
+
+
+# ---------------------------------------------------------------------------------------
+# composing
+# ---------------------------------------------------------------------------------------
+
+
+def test_compose_builds_a_mime_message(mh: Mailhost, tmp_path: Path) -> None:
+    """Text body, attachments with guessed types, Message-ID, Date; envelope = to+cc+bcc."""
+    (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4 fake")
+    (tmp_path / "notes.txt").write_text("plain notes\n")
+    (tmp_path / "blob.weird").write_bytes(b"\x00\x01")
+    draft = mh.outgoing.compose(["Bob <bob@example.org>"], cc=["carol@example.org"], bcc=["dave@example.org"],
+                                subject="Report", body="See attached.\n", from_address="a@example.org",
+                                attachments=[tmp_path / "report.pdf", tmp_path / "notes.txt", tmp_path / "blob.weird"])
+    assert draft.recipients == ("bob@example.org", "carol@example.org", "dave@example.org")
+    msg = email.message_from_bytes(draft.raw, policy=email.policy.default)
+    assert msg["To"] == "Bob <bob@example.org>" and msg["Cc"] == "carol@example.org" and msg["Bcc"] is None
+    assert msg["Message-ID"] == draft.message_id and msg["Message-ID"].endswith("@example.org>")
+    assert msg["Date"] and b"\r\n" in draft.raw and b"\n" not in draft.raw.replace(b"\r\n", b"")
+    parts = {p.get_filename(): p.get_content_type() for p in msg.iter_attachments()}
+    assert parts == {"report.pdf": "application/pdf", "notes.txt": "text/plain",
+                     "blob.weird": "application/octet-stream"}
+    assert msg.get_body(("plain",)).get_content().replace("\r\n", "\n") == "See attached.\n"
+
+
+def test_eml_is_taken_as_it_is(mh: Mailhost, tmp_path: Path) -> None:
+    """A ready message: its recipients from To/Cc/Bcc, Bcc removed, line ends fixed,
+    a Message-ID and Date added only when missing."""
+    eml = tmp_path / "ready.eml"
+    eml.write_bytes(b"From: Alice <alice@example.org>\nTo: bob@example.org\nBcc: secret@example.org\n"
+                    b"Subject: ready\n\nbody line\n")
+    draft = mh.outgoing.compose(eml=eml)
+    assert draft.recipients == ("bob@example.org", "secret@example.org")
+    assert draft.from_addr == "Alice <alice@example.org>" and draft.subject == "ready"
+    assert b"Bcc" not in draft.raw and b"secret" not in draft.raw
+    assert draft.raw.startswith(b"Message-ID: <") and b"\r\nDate: " in draft.raw
+    assert draft.raw.endswith(b"\r\n\r\nbody line\r\n")
+    with pytest.raises(ValidationError, match="not an email message"):
+        bad = tmp_path / "bad.eml"
+        bad.write_bytes(b"just text\n")
+        mh.outgoing.compose(eml=bad)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"to": ["not-an-address"], "subject": "x", "body": "y"}, "is not an email address"),
+    ({"to": ["a@example.org"], "subject": "x", "body": "y", "eml": b"To: b@example.org\r\n\r\nz"}, "one way"),
+    ({"to": ["a@example.org"], "body": "y"}, "no subject"),
+    ({"to": [], "subject": "x", "body": "y"}, "no recipient"),
+    ({"to": ["a@example.org"], "subject": "x\r\nBcc: evil@example.org", "body": "y"}, "line break"),
+    ({"to": ["a@example.org"], "subject": "x", "body": "y", "attachments": ["/nonexistent/file"]}, "cannot attach"),
+])
+def test_compose_refuses_bad_input(mh: Mailhost, kwargs: dict[str, Any], match: str) -> None:
+    """Bad input is one ValidationError sentence."""
+    with pytest.raises(ValidationError, match=match):
+        mh.outgoing.compose(**kwargs)
+
+
+def test_personalize_only_touches_from_and_subject() -> None:
+    """From is added on top; the subject is prefixed (encoded when needed); the rest of
+    the bytes are unchanged."""
+    raw = b"To: b@example.org\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n  folded\r\nX-Keep: 1\r\n\r\nbody\r\n"
+    out = personalize(raw, b"From: a@example.org\r\n", "[P]")
+    msg = email.message_from_bytes(out, policy=email.policy.default)
+    assert msg["Subject"] == "[P] Grüße folded" and msg["From"] == "a@example.org" and msg["X-Keep"] == "1"
+    assert out.endswith(b"X-Keep: 1\r\n\r\nbody\r\n")
+    assert personalize(raw, None, None) is raw
+
+
+def test_enqueue_needs_a_connection(mh: Mailhost) -> None:
+    """Without --connection and without a default connection: a clear error, nothing queued."""
+    with pytest.raises(ValidationError, match="no default outgoing connection"):
+        mh.outgoing.send(["bob@example.org"], subject="x", body=BODY)
+    with pytest.raises(NotFound):
+        mh.outgoing.send(["bob@example.org"], subject="x", body=BODY, connection="nope")
+    assert mh.outgoing.items() == []
+
+
+def test_outgoing_is_the_host_pipeline(mh: Mailhost) -> None:
+    """The host's outgoing attribute is this pipeline."""
+    assert isinstance(mh.outgoing, Outgoing)
+
+
+@pytest.fixture
+def _no_leftover_threads() -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith(("deliver", "outgoing"))]
+
+
+@pytest.mark.usefixtures("_no_leftover_threads")
+def test_a_pass_leaves_no_threads(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """The pass's worker and recorder threads end with it (the service calls it forever)."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    mh.outgoing.send(["bob@example.org"], subject="x", body=BODY)
+    mh.outgoing.deliver(sessions=4)

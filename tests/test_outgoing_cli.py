@@ -1,0 +1,155 @@
+"""``mailhost send``, ``deliver``, ``queue outgoing``, ``outgoing test``/``test-email``,
+run as an admin runs them (subprocesses), against a real SMTP server."""
+from __future__ import annotations
+
+import base64
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mailhost import Direction, Mailhost
+from mailhost.connections import ConnectionSpec
+
+from tests.helpers import run_cli
+from tests.servers.smtpd import SmtpServer
+
+USER = "app@example.org"
+PASSWORD = "Tr0ub4dor&3-ünïcode"
+
+
+def add(mh: Mailhost, name: str, server: SmtpServer, **kw: object) -> None:
+    mh.connections.add(Direction.OUTGOING, ConnectionSpec(name=name, protocol="smtp", host="127.0.0.1",
+                                                          port=server.port, encryption="none", **kw))  # type: ignore[arg-type]
+
+
+def test_send_deliver_and_the_queue(mh: Mailhost, smtp_server: Callable[..., SmtpServer], tmp_path: Path) -> None:
+    """send prints the id; deliver sends; the queue lists, shows and refuses to retry a
+    sent message; delete removes one."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", prefix="[T]", default=True)
+    (tmp_path / "body.txt").write_text("from a file\n")
+    first = run_cli("send", "--to", "bob@example.org", "--subject", "one", "--body", "hi")
+    assert first.returncode == 0, first.stderr
+    item_id = int(first.stdout.strip())
+    second = run_cli("send", "--to", "carol@example.org", "--cc", "dave@example.org", "--subject", "two",
+                     "--body-file", str(tmp_path / "body.txt"), "--json")
+    assert second.returncode == 0, second.stderr
+    queued = json.loads(second.stdout)
+    assert queued["status"] == "queued" and queued["to"] == "carol@example.org, dave@example.org"
+
+    done = run_cli("deliver", "--json")
+    assert done.returncode == 0, done.stderr
+    (row,) = json.loads(done.stdout)
+    assert row["connection"] == "main" and row["sent"] == 2 and row["sessions"] == 1
+    assert [m.rcpt_tos for m in server.messages] == [["bob@example.org"], ["carol@example.org", "dave@example.org"]]
+
+    listing = json.loads(run_cli("queue", "outgoing", "--json").stdout)
+    assert [r["id"] for r in listing] == [queued["id"], item_id] and {r["status"] for r in listing} == {"sent"}
+    assert len(json.loads(run_cli("queue", "outgoing", "--json", "--limit", "1").stdout)) == 1
+    assert json.loads(run_cli("queue", "outgoing", "--status", "failed", "--json").stdout) == []
+
+    shown = json.loads(run_cli("queue", "outgoing", "show", str(item_id), "--json").stdout)
+    assert shown["sent_via"] == "main" and [a["result"] for a in shown["attempts_log"]] == ["sent"]
+    raw = run_cli("queue", "outgoing", "show", str(item_id), "--raw")
+    assert "Subject: one" in raw.stdout  # as queued: the prefix is added on the way out
+    text = run_cli("queue", "outgoing", "show", str(item_id))
+    assert "bob@example.org: accepted" in text.stdout and "attempts:" in text.stdout
+
+    again = run_cli("queue", "outgoing", "retry", str(item_id))
+    assert again.returncode == 2 and "delivered to every recipient" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    gone = run_cli("queue", "outgoing", "delete", str(item_id))
+    assert gone.returncode == 0
+    missing = run_cli("queue", "outgoing", "show", str(item_id))
+    assert missing.returncode == 2 and f"no outgoing queue item {item_id}" in missing.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--to", "bob", "--subject", "x", "--body", "y"], "is not an email address"),
+    (["--to", "bob@example.org", "--subject", "x", "--body", "y", "--eml", "/etc/hostname"], "one way"),
+    (["--to", "bob@example.org", "--body", "y"], "no subject"),
+    (["--to", "bob@example.org", "--subject", "x", "--body", "y", "--attach", "/nonexistent/f.pdf"], "cannot attach"),
+    (["--to", "bob@example.org", "--subject", "x", "--body", "y", "--connection", "nope"], "no outgoing connection"),
+    (["--to", "bob@example.org", "--subject", "x", "--body-file", "/nonexistent/body.txt"], "cannot read"),
+])
+def test_send_refuses_bad_input(mh: Mailhost, smtp_server: Callable[..., SmtpServer], args: list[str],
+                                words: str) -> None:
+    """Bad input: one sentence on stderr, exit status 2, nothing queued."""
+    add(mh, "main", smtp_server("plain"), from_address="a@example.org", default=True)
+    done = run_cli("send", *args)
+    assert done.returncode == 2, done.stderr
+    assert words in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    assert done.stdout == "" and mh.outgoing.items() == []
+
+
+def test_send_too_large_is_refused(mh: Mailhost, smtp_server: Callable[..., SmtpServer], tmp_path: Path) -> None:
+    """Larger than the connection's size limit: exit 2 naming the limit and the fix; nothing queued."""
+    add(mh, "main", smtp_server("plain"), from_address="a@example.org", size_limit=1000, default=True)
+    (tmp_path / "photo.jpg").write_bytes(b"\xff\xd8" + b"\x00" * 2000)
+    done = run_cli("send", "--to", "bob@example.org", "--subject", "photo", "--body", "see",
+                   "--attach", str(tmp_path / "photo.jpg"))
+    assert done.returncode == 2
+    assert "size limit of 1000 bytes of outgoing connection main" in done.stderr and "--size-limit" in done.stderr
+    assert mh.outgoing.items() == []
+
+
+def test_send_without_a_default_connection(mh: Mailhost) -> None:
+    """No --connection and no default: exit 2 saying how to choose one."""
+    done = run_cli("send", "--to", "bob@example.org", "--subject", "x", "--body", "y")
+    assert done.returncode == 2 and "set-default" in done.stderr
+
+
+def test_deliver_with_nothing_due(mh: Mailhost) -> None:
+    """An empty queue: nothing to do, exit 0, an empty JSON list."""
+    done = run_cli("deliver", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout) == []
+
+
+def _secret_forms() -> list[bytes]:
+    raw = PASSWORD.encode()
+    forms = [raw, base64.b64encode(raw), base64.b64encode(b"\0" + USER.encode() + b"\0" + raw)]
+    # The password's base64 inside SASL PLAIN at each alignment.
+    for pad in (b"\0", b"\0\0"):
+        forms.append(base64.b64encode(pad + raw)[4:-4])
+    return forms
+
+
+def test_secrets_never_leak(home: Path, mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """Debug on, AUTH PLAIN over STARTTLS: the connection test, the test email's
+    transcript, the delivery log and the store hold neither the password nor its base64."""
+    server = smtp_server("starttls", users={USER: PASSWORD})
+    env = {"SMTP_PW": PASSWORD}
+    added = run_cli("outgoing", "add", "main", "--protocol", "smtp", "--host", "127.0.0.1", "--port", str(server.port),
+                    "--encryption", "starttls", "--ca-file", str(server.ca_file), "--username", USER,
+                    "--password-env", "SMTP_PW", "--from", f"App <{USER}>", "--debug", "--default", env=env)
+    assert added.returncode == 0, added.stderr
+    outputs = []
+    tested = run_cli("outgoing", "test", "main")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+    assert [line.split()[1] for line in tested.stdout.splitlines()] == ["connect", "tls", "ehlo", "auth", "mail",
+                                                                        "rcpt", "rset"]
+    outputs.append(tested.stdout + tested.stderr)
+    mail = run_cli("outgoing", "test-email", "main", "--to", "bob@example.org")
+    assert mail.returncode == 0, mail.stderr
+    assert "C: AUTH PLAIN ********" in mail.stdout and "S: 235" in mail.stdout and "S: 250" in mail.stdout
+    outputs.append(mail.stdout + mail.stderr)
+    run_cli("send", "--to", "carol@example.org", "--subject", "logged", "--body", "x")
+    delivered = run_cli("-vv", "deliver")
+    assert delivered.returncode == 0, delivered.stderr
+    assert "mailhost.transcript.main" in delivered.stderr and "AUTH PLAIN ********" in delivered.stderr
+    outputs.append(delivered.stdout + delivered.stderr)
+    assert len(server.messages) == 2 and all(m.auth_login == USER for m in server.messages)
+    store = b"".join(p.read_bytes() for p in home.iterdir() if p.name.startswith("mailhost.db"))
+    for form in _secret_forms():
+        for text in outputs:
+            assert form.decode() not in text
+        assert form not in store
+
+
+def test_test_email_failure_exits_1(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A refused test message: the transcript, then one sentence and exit status 1."""
+    add(mh, "main", smtp_server("plain"), from_address="a@example.org")
+    done = run_cli("outgoing", "test-email", "main", "--to", "reject@example.org")
+    assert done.returncode == 1
+    assert "S: 550" in done.stdout and "was not delivered" in done.stderr

@@ -1,0 +1,139 @@
+"""Many `mailhost deliver` processes, and one killed mid-pass: nothing lost, nothing
+sent twice, except what a server accepted in the instant before a kill."""
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from mailhost import Direction, Mailhost
+from mailhost.connections import ConnectionSpec
+
+from tests.servers.smtpd import SmtpServer, read_spool
+
+BODY = "Hello,\nthis is a test.\n"
+
+
+def _deliver_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mailhost", "deliver", *args]
+
+
+def _message_ids(raws: list[bytes]) -> Counter[str]:
+    return Counter(str(email.message_from_bytes(r, policy=email.policy.default)["Message-ID"]) for r in raws)
+
+
+def _tune(mh: Mailhost, **values: int) -> None:
+    """Set values of the [outgoing] table in the config file that the subprocesses read."""
+    import tomlkit
+
+    doc = tomlkit.parse(mh.config.path.read_text(encoding="utf-8"))
+    doc.setdefault("outgoing", tomlkit.table()).update(values)
+    mh.config.path.write_text(tomlkit.dumps(doc), encoding="utf-8")
+
+
+def test_two_deliver_processes_never_send_a_message_twice(mh_any: Mailhost,
+                                                          smtp_server: Callable[..., SmtpServer]) -> None:
+    """Two `mailhost deliver` processes on one store (SQLite, then PostgreSQL), started
+    together: every message reaches the server exactly once."""
+    server = smtp_server("plain")
+    mh_any.connections.add(Direction.OUTGOING, ConnectionSpec(
+        name="main", protocol="smtp", host="127.0.0.1", port=server.port, encryption="none",
+        from_address="a@example.org", default=True))
+    _tune(mh_any, batch=5, messages_per_session=20)
+    ids = [mh_any.outgoing.send([f"r{n}@example.org"], subject=f"n{n}", body=BODY).id for n in range(200)]
+    procs = [subprocess.Popen(_deliver_cmd("--sessions", "3"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    counts = _message_ids([m.data for m in server.messages])
+    assert len(counts) == 200 and set(counts.values()) == {1}
+    assert {mh_any.outgoing.item(i).status for i in ids} == {"sent"}
+    assert all(out.strip() for out, _ in outs)  # both took part (or said they found nothing left)
+
+
+@pytest.fixture
+def committing_server(smtp_server: Callable[..., SmtpServer], monkeypatch: pytest.MonkeyPatch) -> SmtpServer:
+    """A server that commits every message whose content it received, even when the
+    client is gone before the 250 (aiosmtpd itself drops it when the link closes). The
+    worst case for duplicates: what a crash can cost is then fully visible."""
+    import asyncio
+
+    from tests.servers import smtpd
+
+    original = smtpd._Handler.handle_DATA
+    inflight = [0]
+
+    async def committing(self: Any, server: Any, session: Any, envelope: Any) -> str:
+        inflight[0] += 1
+        try:
+            return await asyncio.shield(original(self, server, session, envelope))
+        finally:
+            inflight[0] -= 1
+
+    monkeypatch.setattr(smtpd._Handler, "handle_DATA", committing)
+    server = smtp_server("plain", slow_data_seconds=0.15)
+    server.inflight = inflight  # type: ignore[attr-defined]
+    return server
+
+
+@pytest.mark.parametrize("kind", ["aiosmtpd", "committing"])
+def test_sigkill_during_a_delivery_pass(mh: Mailhost, kind: str, request: pytest.FixtureRequest) -> None:
+    """SIGKILL `mailhost deliver` while the server is taking messages (slowly: it waits
+    before its 250). The next pass requeues what the dead process held, at once (its
+    PID is gone). Nothing is lost; a message reaches the server twice only if the
+    server had accepted it in the instant before the kill: at most one per session.
+
+    ``aiosmtpd``: the test server as a process; it drops a message whose client went
+    away before the 250. ``committing``: a server that keeps it (see the fixture)."""
+    sessions = 2
+    if kind == "aiosmtpd":
+        proc = request.getfixturevalue("smtp_process")("plain", args=["--slow-data-seconds", "0.15"])
+        port, count = proc.port, proc.count
+    else:
+        server = request.getfixturevalue("committing_server")
+        port, count = server.port, lambda: len(server.messages)
+    mh.connections.add(Direction.OUTGOING, ConnectionSpec(
+        name="main", protocol="smtp", host="127.0.0.1", port=port, encryption="none",
+        from_address="a@example.org", default=True))
+    _tune(mh, batch=4, messages_per_session=10)
+    queued = {mh.outgoing.send([f"r{n}@example.org"], subject=f"n{n}", body=BODY).message_id for n in range(30)}
+    victim = subprocess.Popen(_deliver_cmd("--sessions", str(sessions)), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while count() < 6 and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert victim.poll() is None, "the pass ended before it could be killed"
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    at_kill = count()
+
+    rerun = subprocess.run(_deliver_cmd("--sessions", str(sessions)), capture_output=True, text=True, timeout=120)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "requeued" in rerun.stderr
+    if kind == "aiosmtpd":
+        proc.terminate()  # the spool is final once it has stopped
+        raws = [entry.data for entry in read_spool(proc.spool_dir or "")]
+    else:
+        while server.inflight[0]:  # the server finishes what it was taking
+            time.sleep(0.01)
+        raws = [m.data for m in server.messages]
+    counts = _message_ids(raws)
+    lost = queued - set(counts)
+    twice = {mid: n for mid, n in counts.items() if n > 1}
+    print(f"\n[{kind}] SIGKILL after {at_kill} of {len(queued)} messages: lost {len(lost)}, "
+          f"sent twice {len(twice)} (at most {sessions}, one per session)")
+    assert not lost
+    assert len(twice) <= sessions and set(twice.values()) <= {2}
+    # Every duplicate is a message the rerun knew to be in doubt, and only those were.
+    interrupted = {i.message_id for i in mh.outgoing.items()
+                   if any(a.result == "interrupted" for a in mh.outgoing.item(i.id).attempts_log)}
+    assert set(twice) <= interrupted and len(interrupted) <= sessions
+    assert {i.status for i in mh.outgoing.items()} == {"sent"}
