@@ -216,3 +216,17 @@ def test_summarize_reads_folded_and_encoded_headers() -> None:
     assert summarize(raw) == {"message_id": "<1@x>", "from_addr": "a@b", "to_addr": "x@y, z@w",
                               "subject": "café world"}
     assert summarize(b"no headers at all") == {"message_id": None, "from_addr": None, "to_addr": None, "subject": None}
+
+
+def test_purge_cli(home: Path, plugin_env: dict[str, str], box: Path) -> None:
+    """`queue incoming purge --older-than` removes old items in the named statuses only."""
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
+    assert run_cli("incoming", "add", "d", "--protocol", "dir", "--folder", str(box), env=env, cwd=home).returncode == 0
+    (box / "a.eml").write_bytes(_msg(1))
+    run_cli("fetch", "d", env=env, cwd=home)
+    out = run_cli("queue", "incoming", "purge", "--older-than", "0", env=env, cwd=home)
+    assert out.returncode == 0 and "purged 0 incoming item(s)" in out.stderr  # still "new"
+    out = run_cli("queue", "incoming", "purge", "--older-than", "0", "--status", "new", env=env, cwd=home)
+    assert "purged 1 incoming item(s)" in out.stderr
+    out = run_cli("queue", "incoming", "purge", "--older-than", "-1", env=env, cwd=home)
+    assert out.returncode == 2 and "Traceback" not in out.stderr

@@ -1,6 +1,7 @@
 """``mailhost fetch``, ``mailhost queue incoming``, ``mailhost log incoming``."""
 from __future__ import annotations
 
+import datetime as dt
 import sys
 from typing import Any
 
@@ -136,3 +137,15 @@ def log_incoming(ctx: Context, connection: str | None, messages: bool, as_json: 
         rows.append(row)
     print_rows(rows, ["id", "connection", "status", "started_at", "seconds", "stored", "duplicates", "bytes", "error"],
                as_json, limit, empty="the incoming log is empty")
+
+
+@queue_incoming.command("purge")
+@click.option("--older-than", "days", type=click.FloatRange(min=0), required=True, metavar="DAYS",
+              help="Items downloaded more than DAYS days ago (and log passes as old).")
+@click.option("--status", "statuses", multiple=True, type=click.Choice(["processed", "filtered", "failed", "new"]),
+              help="processed and filtered by default; name others to purge them too.")
+@pass_ctx
+def queue_incoming_purge(ctx: Context, days: float, statuses: tuple[str, ...]) -> None:
+    """Delete old queue items and log passes; their keys stay, so nothing is downloaded again."""
+    items, passes = ctx.host.incoming.purge(dt.timedelta(days=days), statuses or ("processed", "filtered"))
+    click.echo(f"purged {items} incoming item(s) and {passes} log pass(es)", err=True)
