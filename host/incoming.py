@@ -20,11 +20,8 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
-import os
 import re
-import socket
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
@@ -35,6 +32,7 @@ from sqlalchemy.orm import Session
 
 from .certificates import Certificate
 from .errors import MailhostError, NotFound
+from .leases import holder_is_gone, worker_id
 from .protocols import Direction, Estimate, IncomingSession, Listing, MessageRef
 from .secrets import redact
 from .store import (
@@ -95,7 +93,7 @@ class Incoming:
 
     def __init__(self, host: Mailhost) -> None:
         self.host = host
-        self.worker = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.worker = worker_id()
 
     # -- download passes --------------------------------------------------------------
 
@@ -368,7 +366,7 @@ class Incoming:
             conn = self.host.connections.get(Direction.INCOMING, name, s)
             free = [IncomingConnection.lease_until.is_(None), IncomingConnection.lease_until < now,
                     IncomingConnection.lease_owner == self.worker]
-            if conn.lease_owner and _holder_is_dead(conn.lease_owner):
+            if conn.lease_owner and holder_is_gone(conn.lease_owner):
                 free.append(IncomingConnection.lease_owner == conn.lease_owner)
             taken = s.execute(
                 update(IncomingConnection)
@@ -521,21 +519,6 @@ def _batches(refs: Sequence[MessageRef]) -> Iterator[list[MessageRef]]:
         size += ref_size
     if batch:
         yield batch
-
-
-def _holder_is_dead(owner: str) -> bool:
-    """Whether a lease holder ("host:pid:nonce") was a process on this machine that is gone."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
 
 
 def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:

@@ -48,7 +48,6 @@ import re
 import socket
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -59,7 +58,18 @@ from email.utils import formataddr, formatdate, getaddresses, make_msgid, parsea
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from sqlalchemy import ColumnElement, Table, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    and_,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 
 from .errors import (
     ConfigError,
@@ -70,6 +80,7 @@ from .errors import (
     TemporaryFailure,
     ValidationError,
 )
+from .leases import holder_is_gone, worker_id
 from .protocols import ConnectionSettings, Direction, OutgoingSession, SendResult
 from .secrets import redact
 from .store import OutgoingAttempt, OutgoingConnection, OutgoingItem, utcnow
@@ -647,7 +658,7 @@ class Outgoing:
 
     def __init__(self, host: Mailhost) -> None:
         self.host = host
-        self.worker = _worker_id()
+        self.worker = worker_id()
         self._passes = itertools.count(1)
         #: The pipeline's clock (tests move it forward instead of waiting).
         self.clock: Callable[[], dt.datetime] = utcnow
@@ -1192,7 +1203,7 @@ class Outgoing:
         for owner, group in held.items():
             # This process's own sessions are alive and renew their leases; what a
             # crashed one of them left is taken back once its lease has run out.
-            gone = owner is not None and _owner_gone(owner)
+            gone = owner is not None and holder_is_gone(owner)
             stale = [r for r in group if gone or r.lease_until is None or r.lease_until < now]
             if not stale:
                 continue
@@ -1455,36 +1466,3 @@ def _duration(delta: dt.timedelta) -> str:
     if seconds < 7200:
         return f"{seconds // 60} min"
     return f"{seconds / 3600:.1f} h"
-
-
-def _pid_namespace() -> str:
-    try:
-        return os.readlink("/proc/self/ns/pid").strip("pid:[]")
-    except OSError:
-        return "-"
-
-
-def _worker_id() -> str:
-    """host:pid-namespace:pid:random — enough to tell, on this host, that a worker died."""
-    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-
-
-def _owner_gone(owner: str) -> bool:
-    """Whether ``owner`` was a process on this host (same PID namespace) that is gone.
-
-    Only a certain "gone" counts: another host, another namespace, or a PID that runs
-    (perhaps reused) all wait for the lease to expire instead.
-    """
-    parts = owner.split("/", 1)[0].rsplit(":", 3)
-    if len(parts) != 4:
-        return False
-    hostname, namespace, pid, _ = parts
-    if hostname != socket.gethostname() or namespace == "-" or namespace != _pid_namespace():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError, OverflowError):
-        return False
-    return False

@@ -19,12 +19,10 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
-    Boolean,
     Column,
     DateTime,
     ForeignKey,
     Index,
-    Integer,
     LargeBinary,
     MetaData,
     String,
