@@ -35,6 +35,7 @@ test: install-test
 	$(PY) -m pytest -q
 
 bench: install-test
+	$(PY) -m pip install --quiet -e ".[bench]"
 	$(PY) bench/run $(BENCH_ARGS)
 
 clean:

@@ -1,0 +1,115 @@
+"""The raw stdlib clients that set the limits, each run as its own process by bench/run.
+
+    python bench/clients.py imap-fetch --port P --user U --password W [--tls --ca-file CA]
+    python bench/clients.py imap-poll  --port P --user U --password W
+    python bench/clients.py pop3-fetch --port P --user U --password W [--tls --ca-file CA]
+    python bench/clients.py smtp-send  --port P --messages N --size BYTES
+
+Each prints one JSON line: ``seconds`` is the time of the protocol work alone, measured
+in-process (no interpreter start-up, no connect or login unless the poll needs them),
+with the counts it checked. bench/run times the whole process around it and reads its
+peak memory, so a row can show both the in-process limit and what a process costs.
+
+Only the standard library is imported here: the limit must not pay for anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import imaplib
+import json
+import poplib
+import smtplib
+import ssl
+import sys
+import time
+
+
+def _context(ca_file: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=ca_file)
+
+
+def imap_fetch(ns: argparse.Namespace) -> dict[str, object]:
+    """One ``UID FETCH 1:* (BODY.PEEK[])`` on a selected INBOX: the IMAP limit."""
+    if ns.tls:
+        client = imaplib.IMAP4_SSL(ns.host, ns.port, ssl_context=_context(ns.ca_file))
+    else:
+        client = imaplib.IMAP4(ns.host, ns.port)
+    client.login(ns.user, ns.password)
+    client.select("INBOX", readonly=True)
+    started = time.perf_counter()
+    status, data = client.uid("FETCH", "1:*", "(BODY.PEEK[])")
+    seconds = time.perf_counter() - started
+    client.logout()
+    bodies = [item[1] for item in data if isinstance(item, tuple)]
+    if status != "OK":
+        raise SystemExit(f"UID FETCH failed: {status} {data[:1]}")
+    return {"seconds": seconds, "messages": len(bodies), "bytes": sum(len(b) for b in bodies)}
+
+
+def imap_poll(ns: argparse.Namespace) -> dict[str, object]:
+    """The least a poll can do: connect, log in, SELECT (UIDNEXT says whether anything is new), log out."""
+    started = time.perf_counter()
+    client = imaplib.IMAP4(ns.host, ns.port)
+    client.login(ns.user, ns.password)
+    client.select("INBOX", readonly=True)
+    uidnext = client.response("UIDNEXT")[1]
+    client.logout()
+    return {"seconds": time.perf_counter() - started, "messages": 0, "bytes": 0,
+            "uidnext": uidnext[0].decode() if uidnext and uidnext[0] else None}
+
+
+def pop3_fetch(ns: argparse.Namespace) -> dict[str, object]:
+    """``RETR 1`` .. ``RETR n`` on one signed-in session: the POP3 limit."""
+    if ns.tls:
+        client = poplib.POP3_SSL(ns.host, ns.port, context=_context(ns.ca_file))
+    else:
+        client = poplib.POP3(ns.host, ns.port)
+    client.user(ns.user)
+    client.pass_(ns.password)
+    count = client.stat()[0]
+    started = time.perf_counter()
+    total = 0
+    for i in range(1, count + 1):
+        _, _, octets = client.retr(i)
+        total += octets
+    seconds = time.perf_counter() - started
+    client.quit()
+    return {"seconds": seconds, "messages": count, "bytes": total}
+
+
+def smtp_send(ns: argparse.Namespace) -> dict[str, object]:
+    """``sendmail`` in a loop on ONE connection: the reference of one Python SMTP client."""
+    body = ("Hello,\r\n\r\nthis is a benchmark message.\r\n" + "lorem ipsum dolor sit amet " * 2 + "\r\n") * 200
+    head = ("From: Bench <bench@example.org>\r\nTo: sink@example.org\r\nSubject: benchmark\r\n"
+            "MIME-Version: 1.0\r\nContent-Type: text/plain; charset=us-ascii\r\n\r\n")
+    raw = (head + body)[: ns.size].encode() + b"\r\n"
+    started = time.perf_counter()
+    client = smtplib.SMTP(ns.host, ns.port, local_hostname="bench.local")
+    client.ehlo()
+    for _ in range(ns.messages):
+        client.sendmail("bench@example.org", ["sink@example.org"], raw)
+    client.quit()
+    return {"seconds": time.perf_counter() - started, "messages": ns.messages, "bytes": ns.messages * len(raw)}
+
+
+ACTIONS = {"imap-fetch": imap_fetch, "imap-poll": imap_poll, "pop3-fetch": pop3_fetch, "smtp-send": smtp_send}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("action", choices=sorted(ACTIONS))
+    parser.add_argument("--host", default="localhost")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--user", default="")
+    parser.add_argument("--password", default="")
+    parser.add_argument("--tls", action="store_true", help="implicit TLS, verified against --ca-file")
+    parser.add_argument("--ca-file")
+    parser.add_argument("--messages", type=int, default=0)
+    parser.add_argument("--size", type=int, default=3000)
+    ns = parser.parse_args()
+    print(json.dumps(ACTIONS[ns.action](ns)))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
