@@ -71,9 +71,14 @@ class PluginInfo:
     host_overrides: list[str] = field(default_factory=list)
     oauth_providers: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: The entry point, to find the distribution and version when they are asked for
+    #: (finding them scans every installed distribution: too slow for every start-up).
+    entry_point: importlib.metadata.EntryPoint | None = field(default=None, repr=False)
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form."""
+        if self.distribution is None and self.entry_point is not None:
+            self.distribution, self.version = _distribution_of(self.entry_point)
         return {
             "name": self.name,
             "distribution": self.distribution,
@@ -167,7 +172,7 @@ class PluginHost:
                 log.warning("plugin %s is installed twice; using %s", ep.name, self.plugins[ep.name].module)
                 continue
             info = PluginInfo(ep.name, ep.value.split(":")[0])
-            info.distribution, info.version = _distribution_of(ep)
+            info.entry_point = ep
             if not self.allowed(ep.name):
                 info.state = "disabled"
                 self.plugins[ep.name] = info
