@@ -432,18 +432,18 @@ def test_recover_requeues_what_a_dead_worker_left(mh_any: Mailhost) -> None:
     requeued at once; only the first, the one that was on the wire, counts as an
     interrupted attempt. A session that may live waits for its lease; an expired
     lease is requeued."""
-    from mailhost.outgoing import _worker_id
+    from mailhost.leases import worker_id
 
     draft = mh_any.outgoing.compose(["bob@example.org"], subject="x", body=BODY, from_address="a@example.org")
     fix = ConnectionSpec(name="main", protocol="smtp", host="127.0.0.1", encryption="none", default=True)
     mh_any.connections.add(Direction.OUTGOING, fix)
     on_wire, claimed, alive, expired = (mh_any.outgoing.enqueue(draft).id for _ in range(4))
-    me = _worker_id().rsplit(":", 2)[0]  # host:namespace of this process
+    me = worker_id().rsplit(":", 2)[0]  # host:namespace of this process
     soon = utcnow() + dt.timedelta(minutes=5)
     dead_session = f"{me}:{_dead_pid()}:deadbeef/0"
     _stick(mh_any, on_wire, dead_session, soon)
     _stick(mh_any, claimed, dead_session, soon)
-    _stick(mh_any, alive, _worker_id() + "/0", soon)  # this process: alive
+    _stick(mh_any, alive, worker_id() + "/0", soon)  # this process: alive
     _stick(mh_any, expired, "elsewhere:1:2:cafe/3", utcnow() - dt.timedelta(seconds=1))
     assert mh_any.outgoing.recover() == 3
     states = {i: item(mh_any, i) for i in (on_wire, claimed, alive, expired)}
