@@ -31,7 +31,7 @@ from sqlalchemy import and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from .certificates import Certificate
-from .errors import MailhostError, NotFound
+from .errors import MailhostError, NotFound, ValidationError
 from .leases import holder_is_gone, worker_id
 from .protocols import Direction, Estimate, IncomingSession, Listing, MessageRef
 from .secrets import redact
@@ -48,7 +48,7 @@ from .store import (
 if TYPE_CHECKING:
     from .app import Mailhost
 
-__all__ = ["BATCH_BYTES", "BATCH_COUNT", "Incoming", "PassReport", "summarize"]
+__all__ = ["BATCH_BYTES", "BATCH_COUNT", "Incoming", "PassReport", "item_dict", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -433,10 +433,7 @@ class Incoming:
         """Queue items, newest first (raw bytes not loaded)."""
         from sqlalchemy.orm import defer
 
-        if status is not None and status not in INCOMING_STATUSES:
-            from .errors import ValidationError
-
-            raise ValidationError(f"status {status!r} is not valid: choose one of {', '.join(INCOMING_STATUSES)}", "status")
+        _check_status(status)
         with self.host.session() as s:
             q = select(IncomingItem).options(defer(IncomingItem.raw), defer(IncomingItem.decrypted)).order_by(IncomingItem.id.desc())
             if connection:
@@ -461,10 +458,7 @@ class Incoming:
 
     def set_status(self, item_id: int, status: str, error: str | None = None) -> None:
         """Move a queue item on (for handlers: processing, processed, filtered, failed)."""
-        if status not in INCOMING_STATUSES:
-            from .errors import ValidationError
-
-            raise ValidationError(f"status {status!r} is not valid: choose one of {', '.join(INCOMING_STATUSES)}", "status")
+        _check_status(status)
         with self.host.session() as s:
             item = s.get(IncomingItem, item_id)
             if item is None:
@@ -500,6 +494,20 @@ class Incoming:
             passes = s.execute(delete(IncomingLog).where(
                 and_(IncomingLog.started_at < cutoff, IncomingLog.status != "running"))).rowcount
         return items, passes
+
+
+def item_dict(item: IncomingItem) -> dict[str, Any]:
+    """The JSON form of an incoming queue item, in the CLI's and the REST API's shape."""
+    return {
+        "id": item.id, "connection": item.connection_name, "folder": item.folder, "status": item.status,
+        "message_id": item.message_id, "subject": item.subject, "from": item.from_addr, "to": item.to_addr,
+        "size": item.size, "created_at": item.created_at, "updated_at": item.updated_at, "error": item.error,
+    }
+
+
+def _check_status(status: str | None) -> None:
+    if status is not None and status not in INCOMING_STATUSES:
+        raise ValidationError(f"status {status!r} is not valid: choose one of {', '.join(INCOMING_STATUSES)}", "status")
 
 
 # ---------------------------------------------------------------------------------------

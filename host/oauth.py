@@ -48,7 +48,14 @@ from .errors import (
     TLSFailure,
     ValidationError,
 )
-from .oauth_providers import FLOWS, ClientConfig, Interaction, OAuthError, OAuthProvider, TokenSet
+from .oauth_providers import (
+    FLOWS,
+    ClientConfig,
+    Interaction,
+    OAuthError,
+    OAuthProvider,
+    TokenSet,
+)
 from .secrets import redact, remember_secret
 from .store import IncomingConnection, OAuthCredential, OutgoingConnection, utcnow
 

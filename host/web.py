@@ -19,6 +19,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .connections import connection_dict
 from .errors import MailhostError
+from .incoming import item_dict
 from .protocols import Direction
 
 if TYPE_CHECKING:
@@ -92,9 +93,7 @@ class WebAdmin:
                 self.host.connections.list(Direction.OUTGOING, _one(q, "search"))]
 
     def _queue_incoming(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
-        from .cli.incoming import _item_dict
-
-        return [_item_dict(i) for i in self.host.incoming.items(_one(q, "connection"), _one(q, "status"),
+        return [item_dict(i) for i in self.host.incoming.items(_one(q, "connection"), _one(q, "status"),
                                                                  _int(q, "limit") or 200)]
 
     def _queue_outgoing(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:

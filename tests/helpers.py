@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from mailhost import Mailhost
 
 PG_ADMIN_URL = os.environ.get("MAILHOST_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
@@ -102,3 +101,21 @@ def mh_any(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("MAILHOST_CONFIG", str(config))
     yield host
     host.close()
+
+
+def message_id_of(raw: bytes) -> str:
+    """The Message-ID header of a raw message."""
+    import re
+
+    return re.search(rb"^Message-ID: (.*?)\r?$", raw, re.MULTILINE | re.IGNORECASE).group(1).decode()
+
+
+def stored_messages(home: Path) -> list[tuple[str, bytes]]:
+    """(Message-ID, raw bytes) of the incoming queue of the SQLite store in ``home``, oldest first."""
+    import sqlite3
+
+    db = sqlite3.connect(home / "mailhost.db")
+    try:
+        return [(m, bytes(r)) for m, r in db.execute("SELECT message_id, raw FROM incoming_queue ORDER BY id")]
+    finally:
+        db.close()

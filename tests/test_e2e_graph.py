@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import sqlite3
 import ssl
@@ -41,6 +40,8 @@ from tests.servers.graph import (
     wire_access_token,
 )
 from tests.servers.idp import IdentityProvider
+
+from .helpers import message_id_of as _mid
 
 ALICE = "alice@contoso.com"
 SUPPORT = "support@contoso.com"
@@ -68,9 +69,6 @@ def message(i: int, size: int = 1500) -> bytes:
         body += b"-" * 70 + b"\r\n"
     return head + body
 
-
-def _mid(raw: bytes) -> str:
-    return re.search(rb"^Message-ID: (.*?)\r?$", raw, re.MULTILINE | re.IGNORECASE).group(1).decode()
 
 
 @pytest.fixture

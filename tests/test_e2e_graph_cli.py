@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
 import sqlite3
 import ssl
@@ -41,6 +40,9 @@ from tests.helpers import run_cli
 from tests.servers.certs import Pki
 from tests.servers.graph import GraphServer, introspection_verifier
 from tests.servers.idp import IdentityProvider
+
+from .helpers import message_id_of as _mid
+from .helpers import stored_messages as stored
 
 ALICE = "alice@contoso.com"
 SUPPORT = "support@contoso.com"
@@ -65,9 +67,6 @@ def message(i: int, size: int = 1500, to: str = ALICE) -> bytes:
     return head + body
 
 
-def _mid(raw: bytes) -> str:
-    return re.search(rb"^Message-ID: (.*?)\r?$", raw, re.MULTILINE | re.IGNORECASE).group(1).decode()
-
 
 def cli(*args: str, env: dict[str, str] | None = None, ok: bool = True) -> subprocess.CompletedProcess[str]:
     """``mailhost ARGS``; with ``ok``, it must succeed."""
@@ -82,14 +81,6 @@ def cli_json(*args: str, env: dict[str, str] | None = None, ok: bool = True) -> 
     result = cli(*args, "--json", env=env, ok=ok)
     return json.loads(result.stdout)
 
-
-def stored(home: Path) -> list[tuple[str, bytes]]:
-    """(Message-ID, raw bytes) of the incoming queue, oldest first, read from the store."""
-    db = sqlite3.connect(home / "mailhost.db")
-    try:
-        return [(m, bytes(r)) for m, r in db.execute("SELECT message_id, raw FROM incoming_queue ORDER BY id")]
-    finally:
-        db.close()
 
 
 def raw_item(item_id: int) -> bytes:

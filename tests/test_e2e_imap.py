@@ -9,9 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -20,13 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import message_id_of as _mid
 from .helpers import run_cli
+from .helpers import stored_messages as _queue
 
 ENV = {"MAILHOST_LOAD_PLUGINS": "imap"}
 
-
-def _mid(raw: bytes) -> str:
-    return re.search(rb"^Message-ID: (.*?)\r?$", raw, re.M | re.I).group(1).decode()
 
 
 @pytest.fixture
@@ -39,13 +36,6 @@ def imap_conn(home: Path, dovecot, mailbox):
     assert out.returncode == 0, out.stderr
     return "desk"
 
-
-def _queue(home: Path) -> list[tuple[str, bytes]]:
-    db = sqlite3.connect(home / "mailhost.db")
-    try:
-        return [(m, bytes(r)) for m, r in db.execute("SELECT message_id, raw FROM incoming_queue ORDER BY id")]
-    finally:
-        db.close()
 
 
 def _fetch(home: Path, *args: str) -> subprocess.CompletedProcess[str]:

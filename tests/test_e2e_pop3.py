@@ -4,9 +4,7 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -15,21 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import message_id_of as _mid
 from .helpers import run_cli
+from .helpers import stored_messages as _queue
 
 ENV = {"MAILHOST_LOAD_PLUGINS": "pop3"}
 
 
-def _mid(raw: bytes) -> str:
-    return re.search(rb"^Message-ID: (.*?)\r?$", raw, re.M | re.I).group(1).decode()
-
-
-def _queue(home: Path) -> list[tuple[str, bytes]]:
-    db = sqlite3.connect(home / "mailhost.db")
-    try:
-        return [(m, bytes(r)) for m, r in db.execute("SELECT message_id, raw FROM incoming_queue ORDER BY id")]
-    finally:
-        db.close()
 
 
 @pytest.fixture

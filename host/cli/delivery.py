@@ -9,7 +9,16 @@ from typing import Any
 import click
 
 from ..outgoing import OUTGOING_STATUSES, item_dict
-from . import Context, cli, json_option, limit_option, pass_ctx, print_json, print_record, print_rows
+from . import (
+    Context,
+    cli,
+    json_option,
+    limit_option,
+    pass_ctx,
+    print_json,
+    print_record,
+    print_rows,
+)
 from .connections import outgoing
 from .incoming import queue
 

@@ -7,8 +7,17 @@ from typing import Any
 
 import click
 
-from ..incoming import INCOMING_STATUSES, PassReport
-from . import Context, cli, json_option, limit_option, pass_ctx, print_json, print_record, print_rows
+from ..incoming import INCOMING_STATUSES, PassReport, item_dict
+from . import (
+    Context,
+    cli,
+    json_option,
+    limit_option,
+    pass_ctx,
+    print_json,
+    print_record,
+    print_rows,
+)
 
 
 @cli.command()
@@ -56,13 +65,6 @@ def queue() -> None:
     """The incoming and outgoing mail queues."""
 
 
-def _item_dict(item: Any) -> dict[str, Any]:
-    return {
-        "id": item.id, "connection": item.connection_name, "folder": item.folder, "status": item.status,
-        "message_id": item.message_id, "subject": item.subject, "from": item.from_addr, "to": item.to_addr,
-        "size": item.size, "created_at": item.created_at, "updated_at": item.updated_at, "error": item.error,
-    }
-
 
 @queue.group("incoming", invoke_without_command=True)
 @click.option("--connection", metavar="NAME", help="Only this connection.")
@@ -75,7 +77,7 @@ def queue_incoming(cctx: click.Context, connection: str | None, status: str | No
     if cctx.invoked_subcommand:
         return
     ctx: Context = cctx.obj
-    rows = [_item_dict(i) for i in ctx.host.incoming.items(connection, status, limit)]
+    rows = [item_dict(i) for i in ctx.host.incoming.items(connection, status, limit)]
     print_rows(rows, ["id", "connection", "status", "from", "subject", "size", "created_at"], as_json, limit,
                empty="the incoming queue is empty" if not (connection or status) else "no queue items match")
 
@@ -99,7 +101,7 @@ def queue_incoming_show(ctx: Context, item_id: int, raw: bool, decrypted: bool, 
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
         return
-    record = _item_dict(item)
+    record = item_dict(item)
     record["fingerprint"] = item.fingerprint
     record["decryption"] = item.decryption
     print_record(record, as_json)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 from alembic import context
-
 from mailhost.store import Base
 
 config = context.config

@@ -337,6 +337,17 @@ def retry_after(headers: Mapping[str, str]) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def signed_in(settings: ConnectionSettings) -> GraphClient:
+    """A client that already holds a token, so a bad credential fails when the session opens."""
+    client = GraphClient(settings)
+    try:
+        client.token()
+    except BaseException:
+        client.close()
+        raise
+    return client
+
+
 def token_claims(token: str) -> dict[str, Any]:
     """The claims of a JWT-shaped access token, unverified (for reports only); ``{}``
     when the token is opaque. Microsoft warns that clients must not rely on them."""

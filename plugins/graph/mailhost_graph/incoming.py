@@ -26,7 +26,7 @@ from mailhost.protocols import (
     MessageRef,
 )
 
-from .client import PREFER_IMMUTABLE, GraphClient, SubResponse
+from .client import PREFER_IMMUTABLE, GraphClient, SubResponse, signed_in
 from .folders import FolderInfo, Folders
 
 __all__ = ["PAGE_SIZE", "GraphIncomingSession", "open_incoming"]
@@ -46,13 +46,7 @@ class DeltaExpired(Exception):
 
 def open_incoming(settings: ConnectionSettings) -> GraphIncomingSession:
     """The provider's ``open``: gets a token at once, so a bad credential fails early."""
-    client = GraphClient(settings)
-    try:
-        client.token()
-    except BaseException:
-        client.close()
-        raise
-    return GraphIncomingSession(settings, client)
+    return GraphIncomingSession(settings, signed_in(settings))
 
 
 class GraphIncomingSession(IncomingSession):

@@ -23,7 +23,7 @@ from urllib.parse import quote
 from mailhost.errors import PermanentFailure, TemporaryFailure
 from mailhost.protocols import ConnectionSettings, OutgoingSession, SendResult
 
-from .client import GraphClient
+from .client import GraphClient, signed_in
 
 __all__ = ["GraphOutgoingSession", "open_outgoing", "sending_mailbox", "with_envelope"]
 
@@ -33,13 +33,7 @@ _END = re.compile(rb"\r?\n\r?\n")
 
 def open_outgoing(settings: ConnectionSettings) -> GraphOutgoingSession:
     """The provider's ``open``: gets a token at once, so a bad credential fails early."""
-    client = GraphClient(settings)
-    try:
-        client.token()
-    except BaseException:
-        client.close()
-        raise
-    return GraphOutgoingSession(settings, client)
+    return GraphOutgoingSession(settings, signed_in(settings))
 
 
 def sending_mailbox(settings: ConnectionSettings) -> str:
