@@ -345,7 +345,8 @@ class Connections:
         if mode not in provider.connect_modes:
             raise ValidationError(
                 f"{label}: {provider.name} does not support {mode} sign-in; "
-                f"it supports {', '.join(sorted(provider.connect_modes))}",
+                + ("give --oauth-credential NAME (see `mailhost oauth add`)" if mode == "password"
+                   else "leave out --oauth-credential and give a password"),
                 field="oauth_credential" if mode == "oauth2" else "password",
             )
         applies = set(provider.attributes)
