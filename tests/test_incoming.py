@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ from sqlalchemy import select
 
 from mailhost import Mailhost
 from mailhost.connections import ConnectionSpec
+from mailhost.plugins import PluginHost
 from mailhost.protocols import Direction
 from mailhost.store import Certificate, SeenMessage
 
@@ -19,6 +21,19 @@ from .helpers import run_cli
 def _msg(i: int, body: str = "hello") -> bytes:
     return (f"From: sender{i}@example.org\r\nTo: desk@example.org\r\nSubject: =?utf-8?q?caf=C3=A9_{i}?=\r\n"
             f"Message-ID: <m{i}@example.org>\r\n\r\n{body} {i}\r\n").encode()
+
+
+@pytest.fixture
+def tmh(tmp_path: Path, database_url: str, testplugin: object, monkeypatch: pytest.MonkeyPatch) -> Iterator[Mailhost]:
+    """The test plugin's installation, on SQLite and on PostgreSQL: the download pass
+    writes through the DB-API directly, so both dialects must see it."""
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    config = tmp_path / "store" / "mailhost.toml"
+    Mailhost.init(config, database_url).close()
+    monkeypatch.setenv("MAILHOST_CONFIG", str(config))
+    host = Mailhost.open(config, plugins=PluginHost(only=[], extra=[("testplugin", testplugin)]))
+    yield host
+    host.close()
 
 
 @pytest.fixture
