@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from sqlalchemy import JSON, Table, and_, delete, or_, select, update
+from sqlalchemy import JSON, Table, and_, delete, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from .certificates import Certificate
@@ -50,7 +50,7 @@ from .store import (
 if TYPE_CHECKING:
     from .app import Mailhost
 
-__all__ = ["BATCH_BYTES", "BATCH_COUNT", "Incoming", "PassReport", "item_dict", "summarize"]
+__all__ = ["BATCH_BYTES", "BATCH_COUNT", "Incoming", "LogEntry", "PassReport", "item_dict", "summarize"]
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +58,12 @@ BATCH_COUNT = 2000  # messages per transaction
 BATCH_BYTES = 32 * 1024 * 1024  # and at most this many bytes
 FIRST_BATCH = 250  # messages in the first batch; the next ones double up to BATCH_COUNT
 LEASE = dt.timedelta(minutes=2)  # renewed with every batch
-_CHUNK = 500  # keys per IN (...) query
 
 # The columns the download pass writes, in the order of its value tuples.
 _ITEM_COLUMNS = ("connection_id", "connection_name", "folder", "status", "size", "fingerprint", "raw",
-                 "message_id", "subject", "from_addr", "to_addr", "decrypted", "decryption")
+                 "message_id", "subject", "from_addr", "to_addr", "decrypted", "decryption", "log_id")
 _STAMPS = ("created_at", "updated_at")
-_SEEN_COLUMNS = ("connection_id", "folder", "key", "fingerprint", "item_id", "acknowledged")
+_SEEN_COLUMNS = ("connection_id", "folder", "key", "fingerprint", "item_id")
 _ENTRY_COLUMNS = ("log_id", "item_id", "result", "detail", "message_id", "from_addr", "subject")
 _MAX_PARAMS = 32766  # bound parameters per statement: SQLite's default limit (PostgreSQL: 65,535)
 _NOT_ENCRYPTED: dict[str, Any] = {"decrypted": None, "decryption": None}
@@ -98,7 +97,20 @@ class PassReport:
 
 
 T = TypeVar("T")
-Progress = Callable[[int, int], None]  # (messages done, messages listed)
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One message a download pass saw, and what became of it."""
+
+    at: dt.datetime
+    message_id: str | None
+    from_addr: str | None
+    subject: str | None
+    result: str  # stored | duplicate
+    detail: str | None
+    item_id: int | None  # (messages done, messages listed)
 
 
 class Incoming:
@@ -156,34 +168,33 @@ class Incoming:
         session = provider.open(settings)
         if not isinstance(session, IncomingSession):
             raise MailhostError(f"protocol {conn.protocol} opened a {type(session).__name__}, not an IncomingSession")
-        # Keys acknowledged on the server. They are recorded with the next commit (one
-        # transaction per batch, not two); for sessions whose acknowledgements hold
-        # only at a clean close (POP3), after that close. Unrecorded ones are simply
-        # acknowledged again by the next pass.
-        acked: list[str] = []
+        acks = _Acks(on_close=session.acknowledges_on_close)
         try:
             with self.host.session() as s:
                 state = s.get(FolderCursor, (conn.id, folder))
-                cursor = dict(state.state) if state is not None else None
+                cursor = dict(state.state) if state is not None and state.state else None
+                acks.recorded = acks.through = (state.acknowledged_through or 0) if state is not None else 0
             listing = session.list_new(cursor, lambda keys: self._known(conn.id, folder, keys))
             report.listed = len(listing.refs)
-            self._finish_pending(session, conn, folder, action, report, acked)
-            record = None if session.acknowledges_on_close else acked
+            self._finish_pending(session, conn, folder, action, report, acks)
             with _Link(session) as link:
-                self._download(link, conn, folder, log_id, action, listing.refs, report, record, acked, progress)
-            self._save_cursor(conn.id, folder, listing, record)
+                self._download(link, conn, folder, log_id, action, listing.refs, report, acks, progress)
+            with self.host.session() as s:
+                if listing.cursor is not None:
+                    self._put_cursor(s, conn.id, folder, dict(listing.cursor))
+                self._record_acknowledged(s, conn.id, folder, acks)
         finally:
             session.close()
-            if acked and (not session.acknowledges_on_close or session.closed_cleanly):
+            if acks.through > acks.recorded and (not acks.on_close or session.closed_cleanly):
                 try:
-                    self._mark_acknowledged(conn.id, folder, acked)
+                    with self.host.session() as s:
+                        self._record_acknowledged(s, conn.id, folder, acks, closed=True)
                 except Exception:  # the next pass acknowledges them again
-                    log.exception("%s: could not record %d acknowledgement(s)", conn.name, len(acked))
+                    log.exception("%s: could not record acknowledgements", conn.name)
 
     def _download(
         self, link: _Link, conn: IncomingConnection, folder: str, log_id: int, action: Any,
-        refs: Sequence[MessageRef], report: PassReport, record: list[str] | None, acked: list[str],
-        progress: Progress | None,
+        refs: Sequence[MessageRef], report: PassReport, acks: _Acks, progress: Progress | None,
     ) -> None:
         """Fetch, commit and acknowledge batch after batch, the server and the store
         working at once: while batch N is committed, the session thread already
@@ -193,16 +204,16 @@ class Incoming:
         total, done = len(refs), 0
         if progress and total:
             progress(0, total)
-        pending_acks: list[tuple[Future[None], list[MessageRef]]] = []
+        pending: list[tuple[Future[None], int, int]] = []  # (acknowledgement, messages, seen id it reaches)
 
         def settle(wait: bool) -> None:
-            """Take in finished acknowledgements (all of them with ``wait``); raise the
-            first failure."""
-            while pending_acks and (wait or pending_acks[0][0].done()):
-                future, refs_acked = pending_acks.pop(0)
+            """Take in finished acknowledgements (all of them with ``wait``), in order;
+            raise the first failure."""
+            while pending and (wait or pending[0][0].done()):
+                future, count, through = pending.pop(0)
                 future.result()
-                report.acknowledged += len(refs_acked)
-                acked.extend(r.key for r in refs_acked)
+                report.acknowledged += count
+                acks.through = max(acks.through, through)
 
         ahead = link.submit(_download, link.session, batches[0]) if batches else None
         for i, batch in enumerate(batches):
@@ -210,30 +221,30 @@ class Incoming:
             fetched = ahead.result()
             ahead = link.submit(_download, link.session, batches[i + 1]) if i + 1 < len(batches) else None
             settle(wait=False)
-            stored = self._store_batch(conn, folder, log_id, batch, fetched, report, record)
+            stored, through = self._store_batch(conn, folder, log_id, batch, fetched, report, acks)
             done += len(batch)
             if stored:
-                pending_acks.append(
-                    (link.submit(action.apply, link.session, stored, conn.after_download_argument), stored))
+                future = link.submit(action.apply, link.session, stored, conn.after_download_argument)
+                pending.append((future, len(stored), through))
             if progress:
                 progress(done, total)
         settle(wait=True)
 
     def _store_batch(
         self, conn: IncomingConnection, folder: str, log_id: int, batch: Sequence[MessageRef],
-        fetched: list[_Fetched], report: PassReport, record: list[str] | None,
-    ) -> list[MessageRef]:
-        """Commit one fetched batch with its cursor (and the acknowledgements in
-        ``record``, which it empties); returns the refs to acknowledge."""
+        fetched: list[_Fetched], report: PassReport, acks: _Acks,
+    ) -> tuple[list[MessageRef], int]:
+        """Commit one fetched batch with its cursor (and the acknowledgements made so
+        far); returns the refs to acknowledge and the seen id that acknowledging them reaches."""
         if not fetched:
-            return []
+            return [], 0
         certificates = self._certificates(conn)
         with self.host.session() as s:
             already = self._known_in(s, conn.id, folder, [f.ref.key for f in fetched])
             dup_prints = self._fingerprints_in(s, conn.id, folder, [f.fingerprint for f in fetched])
             items: list[tuple[Any, ...]] = []
-            seen: list[list[Any]] = []  # SEEN_COLUMNS; item_id filled in once the items have ids
-            entries: list[list[Any]] = []  # ENTRY_COLUMNS
+            keys: list[tuple[str, str]] = []  # (key, fingerprint) of every message new here
+            duplicates: list[tuple[str, dict[str, str | None]]] = []  # (fingerprint, summary)
             to_ack: list[MessageRef] = []
             stored: list[_Fetched] = []
             for f in fetched:
@@ -241,39 +252,34 @@ class Incoming:
                 if ref.key in already:
                     continue  # stored by an earlier pass: it needs no second copy
                 to_ack.append(ref)
+                keys.append((ref.key, fp))
                 if fp in dup_prints:
                     report.duplicates += 1
-                    seen.append([conn.id, folder, ref.key, fp, dup_prints[fp], False])
-                    entries.append([log_id, dup_prints[fp], "duplicate", "same content already stored",
-                                    meta["message_id"], meta["from_addr"], meta["subject"]])
+                    duplicates.append((fp, meta))
                     continue
-                dup_prints[fp] = None  # the same content twice in one batch
+                dup_prints[fp] = None  # the same content twice in one batch: stored once
                 report.stored += 1
                 report.bytes += len(raw)
                 decrypted = self._decrypt(conn.name, raw, certificates) if certificates else _NOT_ENCRYPTED
                 items.append((conn.id, conn.name, folder, "new", len(raw), fp, raw, meta["message_id"],
                               meta["subject"], meta["from_addr"], meta["to_addr"],
-                              decrypted["decrypted"], decrypted["decryption"]))
+                              decrypted["decrypted"], decrypted["decryption"], log_id))
                 stored.append(f)
-            new_ids = _insert_rows(s, IncomingItem.__table__, _ITEM_COLUMNS, items, now=_STAMPS, key="fingerprint")
-            ids = [new_ids[f.fingerprint] for f in stored]
-            for f, item_id in zip(stored, ids, strict=True):
-                dup_prints[f.fingerprint] = item_id
-                seen.append([conn.id, folder, f.ref.key, f.fingerprint, item_id, False])
-                entries.append([log_id, item_id, "stored", None,
-                                f.meta["message_id"], f.meta["from_addr"], f.meta["subject"]])
-            # Duplicates inside this batch point at the copy stored just now.
-            for row in seen:
-                if row[4] is None:
-                    row[4] = dup_prints.get(row[3])
-            _insert_rows(s, SeenMessage.__table__, _SEEN_COLUMNS, [tuple(r) for r in seen], now=("seen_at",))
-            _insert_rows(s, IncomingLogEntry.__table__, _ENTRY_COLUMNS, [tuple(r) for r in entries], now=("at",))
+            dup_prints.update(
+                _insert_rows(s, IncomingItem.__table__, _ITEM_COLUMNS, items, now=_STAMPS, key="fingerprint"))
+            ids = [dup_prints[f.fingerprint] for f in stored]
+            _insert_rows(s, SeenMessage.__table__, _SEEN_COLUMNS,
+                         [(conn.id, folder, key, fp, dup_prints[fp]) for key, fp in keys], now=("seen_at",))
+            _insert_rows(s, IncomingLogEntry.__table__, _ENTRY_COLUMNS, [
+                (log_id, dup_prints[fp], "duplicate", "same content already stored",
+                 meta["message_id"], meta["from_addr"], meta["subject"]) for fp, meta in duplicates], now=("at",))
+            through = s.execute(select(func.max(SeenMessage.id)).where(
+                SeenMessage.connection_id == conn.id, SeenMessage.folder == folder)).scalar() or 0
             last_cursor = next((r.cursor for r in reversed(batch) if r.cursor is not None), None)
             if last_cursor is not None:
                 self._put_cursor(s, conn.id, folder, dict(last_cursor))
             self._renew_lease(s, conn.id)
-            if record:
-                self._record_acknowledged(s, conn.id, folder, record)
+            self._record_acknowledged(s, conn.id, folder, acks)
             s.execute(update(IncomingLog).where(IncomingLog.id == log_id).values(
                 listed=report.listed, stored=report.stored, duplicates=report.duplicates, bytes=report.bytes))
         # Committed: the messages are safe. Now others may look at them.
@@ -281,7 +287,7 @@ class Incoming:
         if ids and self.host.plugins.hook.message_stored.get_hookimpls():
             for f, item_id in zip(stored, ids):
                 self._announce(conn.name, item_id, f.meta["message_id"], f.raw)
-        return to_ack
+        return to_ack, through
 
     def _certificates(self, conn: IncomingConnection) -> list[Certificate]:
         """The connection's certificates with their keys, for the decryption hook."""
@@ -314,35 +320,38 @@ class Incoming:
 
     def _finish_pending(
         self, session: IncomingSession, conn: IncomingConnection, folder: str, action: Any,
-        report: PassReport, acked: list[str],
+        report: PassReport, acks: _Acks,
     ) -> None:
-        """Run the after-download action for messages stored before a crash cut it short."""
+        """Run the after-download action for messages stored before a crash cut it short:
+        the keys stored above the folder's acknowledgement mark."""
         with self.host.session() as s:
-            keys = list(s.scalars(select(SeenMessage.key).where(
+            pending = s.execute(select(SeenMessage.key, SeenMessage.id).where(
                 SeenMessage.connection_id == conn.id, SeenMessage.folder == folder,
-                SeenMessage.acknowledged.is_(False))))
-        if not keys:
+                SeenMessage.id > acks.through).order_by(SeenMessage.id)).all()
+        if not pending:
             return
-        log.info("%s: finishing %d acknowledgement(s) an earlier pass left", conn.name, len(keys))
-        for chunk in _chunks(keys, BATCH_COUNT):
-            refs = session.resolve(chunk)
+        log.info("%s: finishing %d acknowledgement(s) an earlier pass left", conn.name, len(pending))
+        for chunk in _chunks(pending, BATCH_COUNT):
+            refs = session.resolve([key for key, _ in chunk])
             if refs:
                 action.apply(session, refs, conn.after_download_argument)
                 report.acknowledged += len(refs)
-            acked.extend(chunk)  # keys no longer on the server need nothing more
-
-    def _mark_acknowledged(self, connection_id: int, folder: str, keys: list[str]) -> None:
-        with self.host.session() as s:
-            self._record_acknowledged(s, connection_id, folder, keys)
+            acks.through = chunk[-1][1]  # keys no longer on the server need nothing more
 
     @staticmethod
-    def _record_acknowledged(s: Session, connection_id: int, folder: str, keys: list[str]) -> None:
-        """Mark ``keys`` acknowledged in the open transaction, and empty the list."""
-        for chunk in _chunks(keys, _CHUNK):
-            s.execute(update(SeenMessage).where(
-                SeenMessage.connection_id == connection_id, SeenMessage.folder == folder,
-                SeenMessage.key.in_(chunk)).values(acknowledged=True))
-        keys.clear()
+    def _record_acknowledged(s: Session, connection_id: int, folder: str, acks: _Acks, closed: bool = False) -> None:
+        """Write the folder's acknowledgement mark in the open transaction, if it moved
+        (for sessions that acknowledge at their close, only once ``closed``)."""
+        if acks.through <= acks.recorded or (acks.on_close and not closed):
+            return
+        row = s.get(FolderCursor, (connection_id, folder))
+        if row is None:
+            s.add(FolderCursor(connection_id=connection_id, folder=folder, state={},
+                               acknowledged_through=acks.through))
+        else:
+            row.acknowledged_through = max(row.acknowledged_through or 0, acks.through)
+        s.flush()
+        acks.recorded = acks.through
 
     # -- cursors and keys -------------------------------------------------------------
 
@@ -366,13 +375,6 @@ class Incoming:
                 "AND fingerprint IN", (connection_id, folder), list(set(prints))):
             found.setdefault(fp, item_id)
         return found
-
-    def _save_cursor(self, connection_id: int, folder: str, listing: Listing, record: list[str] | None) -> None:
-        with self.host.session() as s:
-            if listing.cursor is not None:
-                self._put_cursor(s, connection_id, folder, dict(listing.cursor))
-            if record:
-                self._record_acknowledged(s, connection_id, folder, record)
 
     @staticmethod
     def _put_cursor(s: Session, connection_id: int, folder: str, state: dict[str, Any]) -> None:
@@ -505,11 +507,19 @@ class Incoming:
                 q = q.limit(limit)
             return list(s.scalars(q))
 
-    def log_entries(self, log_id: int) -> list[IncomingLogEntry]:
-        """The messages one pass saw."""
+    def log_entries(self, log_id: int) -> list[LogEntry]:
+        """The messages one pass saw: those it stored (queue items naming the pass) and
+        the other outcomes it logged (duplicates), in the order it saw them."""
         with self.host.session() as s:
-            return list(s.scalars(select(IncomingLogEntry).where(IncomingLogEntry.log_id == log_id)
-                                  .order_by(IncomingLogEntry.id)))
+            stored = s.execute(select(
+                IncomingItem.id, IncomingItem.created_at, IncomingItem.message_id, IncomingItem.from_addr,
+                IncomingItem.subject).where(IncomingItem.log_id == log_id).order_by(IncomingItem.id)).all()
+            other = s.scalars(select(IncomingLogEntry).where(IncomingLogEntry.log_id == log_id)
+                              .order_by(IncomingLogEntry.id)).all()
+        entries = [LogEntry(at, message_id, from_addr, subject, "stored", None, item_id)
+                   for item_id, at, message_id, from_addr, subject in stored]
+        entries += [LogEntry(e.at, e.message_id, e.from_addr, e.subject, e.result, e.detail, e.item_id) for e in other]
+        return sorted(entries, key=lambda e: e.at)
 
     def purge(self, older_than: dt.timedelta, statuses: Iterable[str] = ("processed", "filtered")) -> tuple[int, int]:
         """Delete queue items in ``statuses`` and log passes older than ``older_than``.
@@ -561,6 +571,22 @@ def _batches(refs: Sequence[MessageRef]) -> Iterator[list[MessageRef]]:
         yield batch
 
 
+@dataclass
+class _Acks:
+    """How far a pass acknowledged the folder's stored keys (incoming_seen ids, which
+    are acknowledged in order), and how far the store knows it.
+
+    The mark is written with the next batch's commit (one transaction per batch, not
+    two); for sessions whose acknowledgements hold only at a clean close (POP3: DELE
+    takes effect at QUIT), only after that close. A mark not written means the next
+    pass acknowledges those keys again, which is harmless.
+    """
+
+    on_close: bool
+    through: int = 0
+    recorded: int = 0
+
+
 class _Link:
     """The thread that talks to the server during a pass, one call after another.
 
@@ -606,9 +632,9 @@ def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
 
 
 def _select_in(s: Session, sql: str, params: tuple[Any, ...], values: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Rows of ``sql`` (whose ``{}`` take ``params``, and which ends in ``IN``) for
-    ``values``, in as few statements as the parameter limit allows; straight through
-    the DB-API for the reason :func:`_insert_rows` gives."""
+    """Run ``sql`` (whose ``{}`` take ``params``, and which ends in ``IN``) for
+    ``values``, in as few statements as the parameter limit allows, and return the rows
+    it selects; straight through the DB-API for the reason :func:`_insert_rows` gives."""
     if not values:
         return []
     mark = "?" if s.get_bind().dialect.paramstyle == "qmark" else "%s"
@@ -620,7 +646,8 @@ def _select_in(s: Session, sql: str, params: tuple[Any, ...], values: Sequence[A
         for start in range(0, len(values), per):
             chunk = list(values[start:start + per])
             cursor.execute(f"{head} ({', '.join([mark] * len(chunk))})", [*params, *chunk])
-            found.extend(cursor.fetchall())
+            if cursor.description is not None:  # a SELECT
+                found.extend(cursor.fetchall())
     finally:
         cursor.close()
     return found

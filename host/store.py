@@ -279,6 +279,9 @@ class IncomingItem(Base):
     decrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     decryption: Mapped[dict[str, Any] | None]
     error: Mapped[str | None] = mapped_column(Text)
+    #: The download pass that stored it: its entry in that pass's log (other outcomes,
+    #: such as duplicates, are IncomingLogEntry rows).
+    log_id: Mapped[int | None] = mapped_column(ForeignKey("incoming_log.id", ondelete="SET NULL"), index=True)
     created_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -286,15 +289,16 @@ class IncomingItem(Base):
 class SeenMessage(Base):
     """A message key already stored for a connection and folder; outlives queue purges.
 
-    ``acknowledged`` turns true once the after-download action ran; a pass first
-    finishes the acknowledgements a crash interrupted.
+    Rows are acknowledged in the order of their ids, so one number per folder says
+    which ones are: :attr:`FolderCursor.acknowledged_through`. A pass first finishes the
+    acknowledgements a crash interrupted (the rows above it).
     """
 
     __tablename__ = "incoming_seen"
     __table_args__ = (
         UniqueConstraint("connection_id", "folder", "key"),
         Index("ix_incoming_seen_fingerprint", "connection_id", "folder", "fingerprint"),
-        Index("ix_incoming_seen_unacknowledged", "connection_id", "folder", "acknowledged"),
+        Index("ix_incoming_seen_order", "connection_id", "folder", "id"),
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -303,7 +307,6 @@ class SeenMessage(Base):
     key: Mapped[str] = mapped_column(String(500))
     fingerprint: Mapped[str] = mapped_column(String(64))
     item_id: Mapped[int | None] = mapped_column(ForeignKey("incoming_queue.id", ondelete="SET NULL"))
-    acknowledged: Mapped[bool] = mapped_column(default=False)
     seen_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
 
 
@@ -316,7 +319,10 @@ class FolderCursor(Base):
         ForeignKey("incoming_connections.id", ondelete="CASCADE"), primary_key=True
     )
     folder: Mapped[str] = mapped_column(String(1000), primary_key=True, default="")
+    #: The protocol's cursor; empty for protocols without one (POP3).
     state: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    #: Every incoming_seen row of this folder up to this id is acknowledged on the server.
+    acknowledged_through: Mapped[int | None]
     updated_at: Mapped[dt.datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 

@@ -83,7 +83,23 @@ def test_same_content_under_new_key_is_not_stored_twice(tmh: Mailhost, box: Path
     (box / "a.eml").rename(box / "renamed.eml")
     [report] = tmh.incoming.fetch([conn])
     assert (report.stored, report.duplicates, report.acknowledged) == (0, 1, 1)
-    assert len(tmh.incoming.items()) == 1
+    [item] = tmh.incoming.items()
+    # Each pass's log names each message and what became of it.
+    second, first = tmh.incoming.logs(conn)
+    assert [(e.result, e.item_id, e.message_id) for e in tmh.incoming.log_entries(first.id)] == [
+        ("stored", item.id, "<m1@example.org>")]
+    assert [(e.result, e.item_id, e.subject) for e in tmh.incoming.log_entries(second.id)] == [
+        ("duplicate", item.id, "café 1")]
+
+
+def test_duplicates_within_one_batch_are_stored_once(tmh: Mailhost, box: Path, conn: str) -> None:
+    """The same bytes twice in one pass: one item, both keys recorded and acknowledged."""
+    (box / "a.eml").write_bytes(_msg(1))
+    (box / "b.eml").write_bytes(_msg(1))
+    [report] = tmh.incoming.fetch([conn])
+    assert (report.stored, report.duplicates, report.acknowledged) == (1, 1, 2)
+    [report] = tmh.incoming.fetch([conn])
+    assert (report.listed, report.stored, report.acknowledged) == (0, 0, 0)
 
 
 def test_crash_between_commit_and_acknowledgement(tmh: Mailhost, box: Path, conn: str,

@@ -1,6 +1,7 @@
 """The store: migrations from empty on SQLite and PostgreSQL, models matching them."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,35 @@ def test_init_twice_keeps_config(tmp_path: Path) -> None:
     key = (tmp_path / "mailhost.key").read_bytes()
     assert run_cli("--config", str(cfg), "init").returncode == 0
     assert (tmp_path / "mailhost.key").read_bytes() == key
+
+
+def test_0003_turns_acknowledged_flags_into_one_mark_per_folder(database_url: str) -> None:
+    """Upgrading a 0002 store: each folder is acknowledged up to just below its first
+    unacknowledged key (the next pass repeats the rest), also folders without a cursor
+    row (POP3); stored items keep their pass in the log through log_id."""
+    engine = store.make_engine(database_url)
+    try:
+        store.upgrade(engine, "0002")
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO incoming_connections (id, name, description, protocol, encryption, interval, timeout, "
+                "after_download, options, enabled, created_at, updated_at) VALUES (1, 'desk', '', 'imap', 'ssl', "
+                "1, 30000, 'mark-seen', '{}', false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            conn.execute(text("INSERT INTO folder_cursors (connection_id, folder, state, updated_at) "
+                              "VALUES (1, 'INBOX', '{\"last_uid\": 3}', CURRENT_TIMESTAMP)"))
+            for i, (folder, acked) in enumerate([("INBOX", True), ("INBOX", True), ("INBOX", False),
+                                                 ("INBOX", True), ("", True), ("", True)], start=1):
+                conn.execute(text(
+                    "INSERT INTO incoming_seen (id, connection_id, folder, key, fingerprint, acknowledged, seen_at) "
+                    "VALUES (:id, 1, :folder, :key, 'f', :acked, CURRENT_TIMESTAMP)"),
+                    {"id": i, "folder": folder, "key": f"k{i}", "acked": acked})
+        store.upgrade(engine)
+        with engine.connect() as conn:
+            marks = dict(conn.execute(text("SELECT folder, acknowledged_through FROM folder_cursors")).all())
+            state = conn.execute(text("SELECT state FROM folder_cursors WHERE folder = 'INBOX'")).scalar()
+        assert marks == {"INBOX": 2, "": 6}
+        assert (json.loads(state) if isinstance(state, str) else state) == {"last_uid": 3}
+        assert "acknowledged" not in {c["name"] for c in inspect(engine).get_columns("incoming_seen")}
+        assert "log_id" in {c["name"] for c in inspect(engine).get_columns("incoming_queue")}
+    finally:
+        engine.dispose()
