@@ -344,11 +344,18 @@ def _kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool]) -> bool
 def test_sigkill_mid_pass_then_a_clean_pass(home: Path, idp: IdentityProvider, graph: GraphServer,
                                             env: dict[str, str]) -> None:
     """`mailhost fetch` killed with SIGKILL at four points of its work: downloading the
-    first batch, acknowledging it after its commit, downloading the second, acknowledging
-    that; with 429s on the way. A clean pass then finishes: each message stored exactly
-    once, byte for byte, all marked read."""
+    first batch, acknowledging it after its commit, downloading a later one, acknowledging
+    the third; with 429s on the way. A clean pass then finishes: each message stored
+    exactly once, byte for byte, all marked read."""
+    from mailhost.incoming import _batches
+    from mailhost.protocols import MessageRef
+
     rng = random.Random(int(os.environ.get("MAILHOST_TEST_SEED", "20261122")))
-    sent = [message(i, rng.randint(1500, 6000)) for i in range(2400)]  # two batches of the pipeline (2000 + 400)
+    sent = [message(i, rng.randint(1500, 6000)) for i in range(2400)]
+    # Where the pipeline's commits fall (its batches grow: 250, 500, 1000, ...).
+    sizes = [len(b) for b in _batches([MessageRef(str(i), 0) for i in range(len(sent))])]
+    assert len(sizes) >= 4, sizes
+    ends = [sum(sizes[:i + 1]) for i in range(len(sizes))]
     graph.deliver_many(ALICE, sent)
     add_app_only_credential(idp, env)
     add_incoming(graph)
@@ -368,11 +375,12 @@ def test_sigkill_mid_pass_then_a_clean_pass(home: Path, idp: IdentityProvider, g
             return graph.stats[kind] - mark[0] >= count
         return ready
 
+    acks_of = [-(-n // 20) for n in sizes]  # $batch requests (20 acknowledgements each) per batch
     points = [
-        ("downloading batch 1", lambda: True, "value", rng.randint(200, 1800)),  # nothing committed yet
-        ("acknowledging batch 1", lambda: _count(home) >= 2000, "batch", rng.randint(3, 80)),
-        ("downloading batch 2", lambda: True, "value", rng.randint(20, 380)),
-        ("acknowledging batch 2", lambda: _count(home) >= 2400, "batch", rng.randint(1, 12)),
+        ("downloading batch 1", lambda: True, "value", rng.randint(20, sizes[0] - 10)),  # nothing committed yet
+        ("acknowledging batch 1", lambda: _count(home) >= ends[0], "batch", rng.randint(1, acks_of[0] - 1)),
+        ("downloading a later batch", lambda: _count(home) >= ends[1], "value", rng.randint(20, sizes[2] - 10)),
+        ("acknowledging batch 3", lambda: _count(home) >= ends[2], "batch", rng.randint(1, acks_of[2] - 1)),
     ]
     kills = []
     for label, first, kind, count in points:
