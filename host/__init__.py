@@ -5,7 +5,8 @@ for plugin authors (:data:`hookimpl`), and the types a protocol plugin implement
 """
 from __future__ import annotations
 
-from .app import Mailhost
+from typing import TYPE_CHECKING, Any
+
 from .certificates import Certificate, Decryption
 from .errors import (
     AuthenticationFailed,
@@ -37,6 +38,9 @@ from .protocols import (
     SendResult,
     TestStep,
 )
+
+if TYPE_CHECKING:
+    from .app import Mailhost
 
 __version__ = "0.1.0"
 
@@ -72,3 +76,13 @@ __all__ = [
     "hookimpl",
     "hookspec",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # Mailhost loads lazily (PEP 562): a plugin's ``from mailhost import hookimpl`` should
+    # not import the store and SQLAlchemy, which only the host itself needs.
+    if name == "Mailhost":
+        from .app import Mailhost
+
+        return Mailhost
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,17 +2,18 @@
 
 ``--config FILE``, else ``$MAILHOST_CONFIG``, else ``./mailhost.toml``. Relative paths in
 the file (the SQLite database, the key file) are relative to the file's folder, so a
-config works from any working directory. The file is edited with tomlkit so that an
-admin's comments survive ``mailhost plugins enable``.
+config works from any working directory. The file is read with the standard library's
+tomllib (fast: every command reads it) and edited with tomlkit so that an admin's
+comments survive ``mailhost plugins enable``.
 """
 from __future__ import annotations
 
 import os
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomlkit
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -96,8 +97,8 @@ class Config:
                 "or pass --config FILE (or set MAILHOST_CONFIG)"
             )
         try:
-            doc = tomlkit.parse(path.read_text(encoding="utf-8")).unwrap()
-        except (tomlkit.exceptions.ParseError, UnicodeDecodeError) as exc:
+            doc = tomllib.loads(path.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"the config file {path} is not valid TOML ({exc}): fix it") from exc
         return cls.from_dict(path, doc)
 
@@ -142,6 +143,8 @@ class Config:
 
     def set_plugin_state(self, name: str, enabled: bool) -> None:
         """Enable or disable a plugin by editing the config file, keeping its comments."""
+        import tomlkit  # round-trips comments and layout; only this edit needs it
+
         doc = tomlkit.parse(self.path.read_text(encoding="utf-8"))
         plugins = doc.setdefault("plugins", tomlkit.table())
         on = [n for n in plugins.get("enabled", []) if n != name]

@@ -370,24 +370,25 @@ def _with_plugin(item: Any, plugin: str) -> Any:
 
 
 def _distribution_of(ep: importlib.metadata.EntryPoint) -> tuple[str | None, str | None]:
-    dist = getattr(ep, "dist", None)
+    dist = getattr(ep, "dist", None) or _declaring_distributions().get((ep.name, ep.value))
     if dist is None:
-        top = ep.value.split(":")[0].split(".")[0]
-        names = _packages_distributions().get(top) or []
-        if not names:
-            return None, None
-        try:
-            dist = importlib.metadata.distribution(names[0])
-        except importlib.metadata.PackageNotFoundError:
-            return names[0], None
+        return None, None
     return dist.metadata["Name"], dist.version
 
 
 @functools.lru_cache(maxsize=1)
-def _packages_distributions() -> dict[str, list[str]]:
-    return dict(importlib.metadata.packages_distributions())
+def _declaring_distributions() -> dict[tuple[str, str], importlib.metadata.Distribution]:
+    """The distribution that declares each entry point of the group (stevedore's cached
+    entry points do not say). This reads each distribution's entry_points.txt, where
+    packages_distributions() would read every installed file list: ten times slower."""
+    found: dict[tuple[str, str], importlib.metadata.Distribution] = {}
+    for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        if ep.dist is not None:
+            found.setdefault((ep.name, ep.value), ep.dist)
+    return found
 
 
+@functools.lru_cache(maxsize=1)
 def _own_version() -> str | None:
     try:
         return importlib.metadata.version("mailhost")

@@ -1,11 +1,18 @@
-"""Plugin loading: discovery, allow and deny lists, failures, strict mode, conflicts."""
+"""Plugin loading: discovery, allow and deny lists, failures, strict mode, conflicts, and
+what a start-up imports."""
 from __future__ import annotations
 
+import importlib
 import json
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
+from mailhost import Mailhost
+from mailhost.connections import ConnectionSpec
 from mailhost.errors import PluginError
 from mailhost.plugins import PluginHost
 from mailhost.protocols import Direction
@@ -173,3 +180,79 @@ def test_bundled_builtin_actions_registered_through_hooks() -> None:
     host = PluginHost(only=[])
     assert {a.name for a in host.actions.values()} >= {"mark-seen", "delete", "move", "keep"}
     assert all(host.actions[n].plugin == "builtin" for n in ("mark-seen", "delete", "move", "keep"))
+
+
+# ---------------------------------------------------------------------------------------
+# Start-up: a command imports what it uses (the import time of a short `mailhost fetch`
+# is most of its run). asyncio is not listed: SQLAlchemy itself imports it.
+# ---------------------------------------------------------------------------------------
+
+#: Loaded by no pass of an IMAP connection: the other commands' subsystems, the other
+#: protocols' sessions and client libraries, the heavy halves of the built-in plugins.
+NOT_FOR_AN_IMAP_FETCH = (
+    "mailhost.cli.admin", "mailhost.cli.certs", "mailhost.cli.delivery", "mailhost.cli.oauth",
+    "mailhost.cli.service", "mailhost.outgoing", "mailhost.certs", "mailhost.oauth",
+    "mailhost.oauth_flows", "mailhost.smime_cms", "mailhost.web", "mailhost.service",
+    "mailhost_graph.client", "mailhost_pop3._session", "mailhost_smtp._session", "mailhost_imap.diagnose",
+    "cryptography.x509", "asn1crypto", "httpx", "jinja2", "requests", "msal", "http.server", "smtplib",
+    "poplib", "tomlkit", "sqlalchemy.dialects.postgresql", "alembic",
+)
+
+
+def _modules_after(code: str, cwd: Path) -> set[str]:
+    """The modules a fresh interpreter holds after running ``code``."""
+    script = f"import json, sys\n{code}\nprint(json.dumps(sorted(sys.modules)))\n"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=cwd, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return set(json.loads(out.stdout.splitlines()[-1]))
+
+
+def _among(loaded: set[str], names: tuple[str, ...]) -> list[str]:
+    return sorted(n for n in names if any(m == n or m.startswith(n + ".") for m in loaded))
+
+
+def test_fetch_imports_only_what_it_needs(home: Path) -> None:
+    """`mailhost fetch NAME` of an IMAP connection loads the fetch command, the store and
+    the IMAP session, and nothing of the other commands, protocols or certificates."""
+    with socket.socket() as sock:  # a port nobody listens on: the pass fails at connect
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    host = Mailhost.open(home / "mailhost.toml")
+    host.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="box", protocol="imap", host="127.0.0.1", port=port, encryption="none", username="u", password="p"))
+    host.close()
+    code = "from mailhost.cli import main\ntry:\n    main(['fetch', 'box'])\nexcept SystemExit:\n    pass"
+    loaded = _modules_after(code, home)
+    assert {"mailhost.cli.incoming", "mailhost.incoming", "mailhost_imap.session", "mailhost_graph"} <= loaded
+    assert _among(loaded, NOT_FOR_AN_IMAP_FETCH) == []
+
+
+def test_plugin_packages_import_light(home: Path) -> None:
+    """Importing mailhost and the protocol plugins (as every start-up does, to register
+    them) loads neither the store nor a protocol's client library."""
+    loaded = _modules_after("import mailhost, mailhost_imap, mailhost_pop3, mailhost_smtp, mailhost_graph", home)
+    assert _among(loaded, ("sqlalchemy", "imapclient", *NOT_FOR_AN_IMAP_FETCH)) == []
+
+
+def test_lazy_commands_are_all_mapped() -> None:
+    """Every command is in COMMAND_MODULES with every module that defines a part of it,
+    so that the lazy group finds it; `mailhost --help` lists them all."""
+    from mailhost import cli
+
+    for module in {m for modules in cli.COMMAND_MODULES.values() for m in modules}:
+        importlib.import_module(f"mailhost.cli.{module}")
+    assert set(cli.cli.commands) == set(cli.COMMAND_MODULES)
+
+    def defined_in(command: object) -> set[str]:
+        callback = getattr(command, "callback", None)
+        found = {callback.__module__.rsplit(".", 1)[-1]} if callback else set()
+        for sub in getattr(command, "commands", {}).values():
+            found |= defined_in(sub)
+        return found
+
+    for name, command in cli.cli.commands.items():
+        assert defined_in(command) <= set(cli.COMMAND_MODULES[name]), name
+    out = run_cli("--help")
+    assert out.returncode == 0, out.stderr
+    listed = {line.split()[0] for line in out.stdout.split("Commands:")[1].splitlines() if line.strip()}
+    assert listed == set(cli.COMMAND_MODULES)

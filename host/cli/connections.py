@@ -99,7 +99,8 @@ def _dict(ctx: Context, direction: Direction, conn: Any) -> dict[str, Any]:
 
     provider = ctx.host.plugins.protocols.get((direction, conn.protocol))
     out = connection_dict(direction, conn, provider)
-    out.update(ctx.host.oauth.connection_status(conn))  # token expiry and last renewal error
+    if conn.oauth_credential_id is not None:  # (not loading the OAuth2 code for the others)
+        out.update(ctx.host.oauth.connection_status(conn))  # token expiry and last renewal error
     return out
 
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from alembic import context
-from mailhost.store import Base
+from mailhost.store import Base, include_object
 
 config = context.config
 connection = config.attributes.get("connection")
@@ -17,6 +17,7 @@ context.configure(
     target_metadata=Base.metadata,
     render_as_batch=True,  # SQLite cannot ALTER most things; batch mode copies the table
     compare_type=True,
+    include_object=include_object,  # indexes kept in the migrations only
 )
 with context.begin_transaction():
     context.run_migrations()

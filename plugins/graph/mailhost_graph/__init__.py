@@ -9,15 +9,17 @@ plugin registers (``mailhost host-overrides --protocol graph``).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from mailhost import hookimpl
-from mailhost.protocols import Direction, ProtocolProvider
+from mailhost.protocols import ConnectionSettings, Direction, ProtocolProvider, TestStep
 
-from .client import DEFAULT_HOST, GraphClient
-from .diagnose import test_incoming, test_outgoing
-from .incoming import GraphIncomingSession, open_incoming
-from .outgoing import GraphOutgoingSession, open_outgoing
+if TYPE_CHECKING:
+    from .client import DEFAULT_HOST, GraphClient
+    from .incoming import GraphIncomingSession
+    from .outgoing import GraphOutgoingSession
 
 __all__ = [
     "DEFAULT_HOST",
@@ -30,6 +32,40 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+# The host imports this package at every start-up to register the protocol; the client
+# (httpx and what it imports) loads only when a Graph connection is opened or tested.
+def open_incoming(settings: ConnectionSettings) -> GraphIncomingSession:
+    """Open an incoming session (:func:`.incoming.open_incoming`)."""
+    from .incoming import open_incoming
+
+    return open_incoming(settings)
+
+
+def open_outgoing(settings: ConnectionSettings) -> GraphOutgoingSession:
+    """Open an outgoing session (:func:`.outgoing.open_outgoing`)."""
+    from .outgoing import open_outgoing
+
+    return open_outgoing(settings)
+
+
+def test_incoming(settings: ConnectionSettings) -> Iterator[TestStep]:
+    """The step-by-step test of an incoming connection (:func:`.diagnose.test_incoming`)."""
+    from .diagnose import test_incoming
+
+    return test_incoming(settings)
+
+
+def test_outgoing(settings: ConnectionSettings) -> Iterator[TestStep]:
+    """The step-by-step test of an outgoing connection (:func:`.diagnose.test_outgoing`)."""
+    from .diagnose import test_outgoing
+
+    return test_outgoing(settings)
+
+
+test_incoming.__test__ = test_outgoing.__test__ = False  # type: ignore[attr-defined]  # pytest: not tests
+
 
 INCOMING = ProtocolProvider(
     name="graph",
@@ -67,3 +103,18 @@ def register_protocols(register: Callable[[ProtocolProvider], None]) -> None:
     """Register ``graph`` for incoming and for outgoing mail."""
     register(INCOMING)
     register(OUTGOING)
+
+
+#: Exported names that load their module on first use.
+_LAZY = {
+    "DEFAULT_HOST": ".client",
+    "GraphClient": ".client",
+    "GraphIncomingSession": ".incoming",
+    "GraphOutgoingSession": ".outgoing",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -5,18 +5,41 @@ The plugin registers one protocol provider, ``imap``; :mod:`.session` holds the 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from mailhost import hookimpl
-from mailhost.protocols import Direction, ProtocolProvider
+from mailhost.protocols import ConnectionSettings, Direction, Encryption, ProtocolProvider, TestStep
 
-from .diagnose import test
-from .link import DEFAULT_PORTS
-from .session import ImapSession, open_session
+if TYPE_CHECKING:
+    from .session import ImapSession
 
 __all__ = ["PROVIDER", "ImapSession", "register_protocols"]
 
 __version__ = "0.1.0"
+
+#: Default ports by encryption (the session modules use these too).
+DEFAULT_PORTS = {Encryption.NONE: 143, Encryption.STARTTLS: 143, Encryption.SSL: 993}
+
+
+# The host imports this package at every start-up to register the protocol; the session,
+# the link and imapclient load only when a connection is opened or tested.
+def open_session(settings: ConnectionSettings) -> ImapSession:
+    """Open a signed-in session (:func:`.session.open_session`)."""
+    from .session import open_session
+
+    return open_session(settings)
+
+
+def test(settings: ConnectionSettings) -> Iterator[TestStep]:
+    """The step-by-step connection test (:func:`.diagnose.test`)."""
+    from .diagnose import test
+
+    return test(settings)
+
+
+test.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test, whoever imports it
+
 
 PROVIDER = ProtocolProvider(
     name="imap",
@@ -51,3 +74,11 @@ PROVIDER = ProtocolProvider(
 def register_protocols(register: Callable[[ProtocolProvider], None]) -> None:
     """Register the ``imap`` incoming protocol."""
     register(PROVIDER)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ImapSession":  # exported, loaded on first use
+        from .session import ImapSession
+
+        return ImapSession
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -28,6 +28,8 @@ from mailhost.errors import (
 from mailhost.protocols import ConnectionSettings, Encryption
 from mailhost.tls import client_context, tls_error
 
+from . import DEFAULT_PORTS  # declared beside the provider, which registers without this module
+
 __all__ = [
     "DEFAULT_PORTS",
     "connect",
@@ -39,7 +41,6 @@ __all__ = [
     "with_defaults",
 ]
 
-DEFAULT_PORTS = {Encryption.NONE: 143, Encryption.STARTTLS: 143, Encryption.SSL: 993}
 
 Address = tuple[Any, ...]  # one getaddrinfo() entry
 
@@ -153,7 +154,7 @@ class _IMAP4(imaplib.IMAP4):
 class _Client(IMAPClient):
     """IMAPClient over :class:`_IMAP4`: DNS, TCP and TLS stay our own, separately reported steps."""
 
-    def __init__(self, sock: socket.socket, settings: ConnectionSettings, context: ssl.SSLContext) -> None:
+    def __init__(self, sock: socket.socket, settings: ConnectionSettings, context: ssl.SSLContext | None) -> None:
         self._given = sock
         super().__init__(
             settings.host,
@@ -176,11 +177,13 @@ def start(settings: ConnectionSettings, sock: socket.socket) -> IMAPClient:
     handshake.
     """
     where = settings.describe()
-    context = client_context(settings.ca_file)
     client: IMAPClient | None = None
     try:
+        # A plain link needs no context: loading the trust store costs milliseconds.
+        context = None if settings.encryption is Encryption.NONE else client_context(settings.ca_file)
         with translated(settings, "start the IMAP session"):
             if settings.encryption is Encryption.SSL:
+                assert context is not None
                 sock = context.wrap_socket(sock, server_hostname=settings.host)
             try:
                 client = _Client(sock, settings, context)
@@ -204,7 +207,7 @@ def start(settings: ConnectionSettings, sock: socket.socket) -> IMAPClient:
                         "use encryption ssl (port 993) or enable TLS on the server"
                     )
                 try:
-                    client.starttls(context)
+                    client.starttls(context)  # never None here: the encryption is STARTTLS
                 except imaplib.IMAP4.error as exc:
                     raise TLSFailure(f"{where} refused STARTTLS ({server_words(exc)}): check the server's TLS setup") from exc
                 # STARTTLS response injection (the client side of CVE-2011-0411, as in

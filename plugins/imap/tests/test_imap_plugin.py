@@ -5,7 +5,7 @@ import importlib.metadata
 
 from mailhost.protocols import Direction, Encryption
 
-from mailhost_imap import PROVIDER, register_protocols
+from mailhost_imap import PROVIDER, link, register_protocols
 
 
 def test_entry_point_in_the_mailhost_group():
@@ -21,5 +21,6 @@ def test_register_protocols_registers_the_provider():
     assert registered == [PROVIDER]
     assert PROVIDER.direction is Direction.INCOMING and PROVIDER.connect_modes == {"password", "oauth2"}
     assert PROVIDER.default_ports == {Encryption.NONE: 143, Encryption.STARTTLS: 143, Encryption.SSL: 993}
+    assert PROVIDER.default_ports == link.DEFAULT_PORTS  # one declaration, beside the provider
     assert PROVIDER.after_download == ("mark-seen", "delete", "move", "keep") and PROVIDER.default_folder == "INBOX"
     assert "folder" in PROVIDER.attributes and PROVIDER.required == {"host", "username", "password"}

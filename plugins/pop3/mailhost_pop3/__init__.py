@@ -5,14 +5,39 @@ POP3 has no folders and no read flag: after download a message is kept on the se
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any
 
 from mailhost.hookspecs import hookimpl
-from mailhost.protocols import Direction, ProtocolProvider
+from mailhost.protocols import ConnectionSettings, Direction, Encryption, ProtocolProvider, TestStep
 
-from ._session import DEFAULT_PORTS, Pop3Session, open_session, test
+if TYPE_CHECKING:
+    from ._session import Pop3Session
 
 __all__ = ["DEFAULT_PORTS", "PROVIDER", "Pop3Session", "open_session", "register_protocols", "test"]
+
+#: Default ports by encryption (the session modules use these too).
+DEFAULT_PORTS: Mapping[Encryption, int] = {Encryption.NONE: 110, Encryption.STARTTLS: 110, Encryption.SSL: 995}
+
+
+# The host imports this package at every start-up to register the protocol; the session
+# and poplib load only when a connection is opened or tested.
+def open_session(settings: ConnectionSettings) -> Pop3Session:
+    """Open a signed-in session (``_session.open_session``)."""
+    from ._session import open_session
+
+    return open_session(settings)
+
+
+def test(settings: ConnectionSettings) -> Iterator[TestStep]:
+    """The step-by-step connection test (``_session.test``)."""
+    from ._session import test
+
+    return test(settings)
+
+
+test.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test, whoever imports it
+
 
 #: The ``pop3`` incoming protocol.
 PROVIDER = ProtocolProvider(
@@ -37,3 +62,11 @@ PROVIDER = ProtocolProvider(
 def register_protocols(register: Callable[[ProtocolProvider], None]) -> None:
     """Register the ``pop3`` incoming protocol."""
     register(PROVIDER)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Pop3Session":  # exported, loaded on first use
+        from ._session import Pop3Session
+
+        return Pop3Session
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

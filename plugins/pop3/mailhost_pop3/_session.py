@@ -29,12 +29,12 @@ from mailhost.protocols import (
 from mailhost.tls import client_context, describe_peer, tls_error
 
 from ._client import Client, LinkError
+from . import DEFAULT_PORTS  # declared beside the provider, which registers without this module
 
 __all__ = ["DEFAULT_PORTS", "Pop3Session", "open_session", "test"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PORTS: Mapping[Encryption, int] = {Encryption.NONE: 110, Encryption.STARTTLS: 110, Encryption.SSL: 995}
 
 # RFC 2449 / 3206 response codes that say "not now" rather than "wrong credentials".
 _TEMPORARY_CODES = (b"[IN-USE]", b"[LOGIN-DELAY]", b"[SYS/TEMP]")

@@ -56,6 +56,9 @@ def test_provider_declares_pop3() -> None:
     """The provider is incoming pop3 on 110/995, without Folder, keeping by default."""
     assert PROVIDER.name == "pop3" and PROVIDER.direction.value == "incoming"
     assert dict(PROVIDER.default_ports) == {Encryption.NONE: 110, Encryption.STARTTLS: 110, Encryption.SSL: 995}
+    from mailhost_pop3 import _session
+
+    assert PROVIDER.default_ports == _session.DEFAULT_PORTS  # one declaration, beside the provider
     assert "folder" not in PROVIDER.attributes and "shared_mailbox" in PROVIDER.attributes
     assert PROVIDER.after_download == ("keep", "delete")
     assert PROVIDER.connect_modes == {"password", "oauth2"}

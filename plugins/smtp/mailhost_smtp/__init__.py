@@ -6,13 +6,38 @@ queue, the retries, the fallback to the default connection and the records.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
-from mailhost import Direction, ProtocolProvider, hookimpl
+from mailhost import ConnectionSettings, Direction, Encryption, ProtocolProvider, TestStep, hookimpl
 
-from ._session import DEFAULT_PORTS, SmtpSession, open_session, test_connection
+if TYPE_CHECKING:
+    from ._session import SmtpSession
 
 __all__ = ["PROVIDER", "SmtpSession", "open_session", "register_protocols", "test_connection"]
+
+#: Default ports by encryption (the session modules use these too).
+DEFAULT_PORTS: dict[Encryption, int] = {Encryption.NONE: 25, Encryption.SSL: 465, Encryption.STARTTLS: 587}
+
+
+# The host imports this package at every start-up to register the protocol; the session
+# and smtplib load only when a connection is opened or tested.
+def open_session(settings: ConnectionSettings) -> SmtpSession:
+    """Open a signed-in session (``_session.open_session``)."""
+    from ._session import open_session
+
+    return open_session(settings)
+
+
+def test_connection(settings: ConnectionSettings) -> Iterator[TestStep]:
+    """The step-by-step connection test (``_session.test_connection``)."""
+    from ._session import test_connection
+
+    return test_connection(settings)
+
+
+test_connection.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test, whoever imports it
+
 
 PROVIDER = ProtocolProvider(
     name="smtp",
@@ -34,3 +59,11 @@ PROVIDER = ProtocolProvider(
 def register_protocols(register: Callable[[ProtocolProvider], None]) -> None:
     """Register the ``smtp`` outgoing protocol."""
     register(PROVIDER)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SmtpSession":  # exported, loaded on first use
+        from ._session import SmtpSession
+
+        return SmtpSession
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

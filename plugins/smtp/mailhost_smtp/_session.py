@@ -34,9 +34,10 @@ from mailhost import (
 from mailhost.secrets import REDACTED, redact
 from mailhost.tls import client_context, describe_peer, tls_error
 
+from . import DEFAULT_PORTS  # declared beside the provider, which registers without this module
+
 __all__ = ["DEFAULT_PORTS", "SmtpSession", "open_session", "test_connection"]
 
-DEFAULT_PORTS: dict[Encryption, int] = {Encryption.NONE: 25, Encryption.SSL: 465, Encryption.STARTTLS: 587}
 
 Report = Callable[[str, str], None]  # (step name, detail) for each step that succeeded
 _DOT_LINE = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)

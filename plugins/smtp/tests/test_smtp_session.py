@@ -19,7 +19,7 @@ from mailhost import (
     TLSFailure,
 )
 from mailhost.secrets import forget_secrets
-from mailhost_smtp import PROVIDER, open_session, test_connection
+from mailhost_smtp import PROVIDER, _session, open_session, test_connection
 
 from tests.servers.certs import Pki
 from tests.servers.smtpd import SmtpServer
@@ -53,6 +53,7 @@ def test_provider_declares_smtp() -> None:
     """The provider says what the seeds say: ports 25/465/587, password and OAuth2."""
     assert PROVIDER.name == "smtp"
     assert PROVIDER.default_ports == {Encryption.NONE: 25, Encryption.SSL: 465, Encryption.STARTTLS: 587}
+    assert PROVIDER.default_ports == _session.DEFAULT_PORTS  # one declaration, beside the provider
     assert PROVIDER.connect_modes == {"password", "oauth2"}
     assert {"from_address", "prefix", "size_limit", "debug", "ca_file"} <= PROVIDER.attributes
     assert PROVIDER.required == {"host"}
