@@ -130,7 +130,7 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
             note = " (disabled: test it, then `mailhost incoming enable`)" if direction is Direction.INCOMING else ""
             click.echo(f"added {word} connection {conn.name}{note}", err=True)
 
-    add.help = f"Add a {word} connection named NAME." + (" It starts disabled." if direction is Direction.INCOMING else "")
+    add.help = f"Add an {word} connection named NAME." + (" It starts disabled." if direction is Direction.INCOMING else "")
 
     @group.command("edit")
     @click.argument("name")
@@ -145,7 +145,7 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
         else:
             click.echo(f"changed {word} connection {conn.name}" + (" and disabled it: enable it again when ready" if disabled else ""), err=True)
 
-    edit.help = f"Change a {word} connection." + (" Editing an enabled one disables it." if direction is Direction.INCOMING else "")
+    edit.help = f"Change an {word} connection." + (" Editing an enabled one disables it." if direction is Direction.INCOMING else "")
 
     @group.command("list")
     @click.option("--search", metavar="TEXT", help="Match name, description, host or username.")
@@ -177,7 +177,7 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
         ctx.host.connections.remove(direction, name)
         click.echo(f"removed {word} connection {name}", err=True)
 
-    remove.help = f"Remove a {word} connection (queued and downloaded mail is kept)."
+    remove.help = f"Remove an {word} connection (queued and downloaded mail is kept)."
 
     @group.command("test")
     @click.argument("name", required=False)
@@ -190,7 +190,7 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
         if not _print_steps(steps, as_json):
             raise SystemExit(1)
 
-    test.help = (f"Test a {word} connection step by step: NAME, or the options of add before saving "
+    test.help = (f"Test an {word} connection step by step: NAME, or the options of add before saving "
                  "(options given with NAME override the stored ones for this test).")
 
 
