@@ -632,9 +632,9 @@ def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:
 
 
 def _select_in(s: Session, sql: str, params: tuple[Any, ...], values: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """Run ``sql`` (whose ``{}`` take ``params``, and which ends in ``IN``) for
-    ``values``, in as few statements as the parameter limit allows, and return the rows
-    it selects; straight through the DB-API for the reason :func:`_insert_rows` gives."""
+    """Rows of ``sql`` (a SELECT whose ``{}`` take ``params``, ending in ``IN``) for
+    ``values``, in as few statements as the parameter limit allows; straight through
+    the DB-API for the reason :func:`_insert_rows` gives."""
     if not values:
         return []
     mark = "?" if s.get_bind().dialect.paramstyle == "qmark" else "%s"
@@ -646,8 +646,7 @@ def _select_in(s: Session, sql: str, params: tuple[Any, ...], values: Sequence[A
         for start in range(0, len(values), per):
             chunk = list(values[start:start + per])
             cursor.execute(f"{head} ({', '.join([mark] * len(chunk))})", [*params, *chunk])
-            if cursor.description is not None:  # a SELECT
-                found.extend(cursor.fetchall())
+            found.extend(cursor.fetchall())
     finally:
         cursor.close()
     return found
