@@ -524,13 +524,18 @@ def _user_scopes(config: ClientConfig) -> list[str]:
     return [s for s in config.scopes if s not in _RESERVED_SCOPES]
 
 
+def _microsoft_app_only(config: ClientConfig, what: str) -> TokenSet:
+    """A token for the app itself (client credentials): no user, no refresh token;
+    authorizing and renewing are the same request."""
+    app = _msal_app(config, public=False)
+    return _microsoft_tokens(_msal_run(what, lambda: app.acquire_token_for_client(scopes=list(config.scopes))), False)
+
+
 def microsoft_authorize(config: ClientConfig, interaction: Interaction, username: str | None) -> TokenSet:
     config = _microsoft_configure(config)
     what = f"Microsoft's token service at {config.authority}"
     if config.flow == "client-credentials":
-        app = _msal_app(config, public=False)
-        result = _msal_run(what, lambda: app.acquire_token_for_client(scopes=list(config.scopes)))
-        return _microsoft_tokens(result, False)
+        return _microsoft_app_only(config, what)
     if config.flow == "device-code":
         # The device flow is a public client flow: the app registration must allow public
         # client flows, and the secret is not sent.
@@ -555,9 +560,7 @@ def microsoft_refresh(config: ClientConfig, tokens: TokenSet) -> TokenSet:
     config = _microsoft_configure(config)
     what = f"Microsoft's token service at {config.authority}"
     if config.flow == "client-credentials":
-        app = _msal_app(config, public=False)
-        result = _msal_run(what, lambda: app.acquire_token_for_client(scopes=list(config.scopes)))
-        return _microsoft_tokens(result, False)
+        return _microsoft_app_only(config, what)
     if not tokens.refresh_token:
         raise OAuthError("invalid_grant", "no refresh token was issued (the offline_access scope may be missing)")
     app = _msal_app(config, public=tokens.public)
