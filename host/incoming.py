@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from .certificates import Certificate
 from .errors import MailhostError, NotFound, ValidationError
 from .leases import holder_is_gone, worker_id
-from .protocols import Direction, Estimate, IncomingSession, Listing, MessageRef
+from .protocols import Direction, Estimate, IncomingSession, MessageRef
 from .secrets import redact
 from .store import (
     FolderCursor,

@@ -45,6 +45,7 @@ __all__ = [
     "SendResult",
     "Session",
     "TestStep",
+    "lazy",
 ]
 
 
@@ -373,3 +374,19 @@ class HostOverride:
     authority: str | None = None  # the matching sign-in authority, for OAuth2
     scopes: tuple[str, ...] = ()
     plugin: str = ""
+
+
+def lazy(target: str) -> Callable[..., Any]:
+    """``"package.module:function"`` as a callable that imports its module on the first
+    call, for a provider's ``open`` and ``test``: the host imports every plugin package at
+    start-up to register its protocols, and a session module (its protocol library, TLS,
+    HTTP client) should load only when a connection is opened or tested."""
+    import pkgutil
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return pkgutil.resolve_name(target)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = target.rpartition(":")[2]
+    call.__doc__ = f"Calls {target}, imported on first use."
+    call.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test, whatever its name
+    return call

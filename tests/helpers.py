@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 from mailhost import Mailhost
 
+from .servers.fixtures import in_ci
+
 PG_ADMIN_URL = os.environ.get("MAILHOST_TEST_PG", "postgresql+psycopg://postgres@127.0.0.1:5432/postgres")
 
 
@@ -65,7 +67,7 @@ def _pg_available() -> bool:
 def postgres_server() -> str:
     """The admin URL of the PostgreSQL server on 127.0.0.1:5432 (skipped if absent, never in CI)."""
     if not _pg_available():
-        if os.environ.get("CI") == "true":
+        if in_ci():
             pytest.fail("PostgreSQL is not reachable on 127.0.0.1:5432, and CI must test against it")
         pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432")
     return PG_ADMIN_URL

@@ -10,11 +10,11 @@ plugin registers (``mailhost host-overrides --protocol graph``).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mailhost import hookimpl
-from mailhost.protocols import ConnectionSettings, Direction, ProtocolProvider, TestStep
+from mailhost.protocols import Direction, ProtocolProvider, lazy
 
 if TYPE_CHECKING:
     from .client import DEFAULT_HOST, GraphClient
@@ -34,37 +34,11 @@ __all__ = [
 __version__ = "0.1.0"
 
 
-# The host imports this package at every start-up to register the protocol; the client
-# (httpx and what it imports) loads only when a Graph connection is opened or tested.
-def open_incoming(settings: ConnectionSettings) -> GraphIncomingSession:
-    """Open an incoming session (:func:`.incoming.open_incoming`)."""
-    from .incoming import open_incoming
-
-    return open_incoming(settings)
-
-
-def open_outgoing(settings: ConnectionSettings) -> GraphOutgoingSession:
-    """Open an outgoing session (:func:`.outgoing.open_outgoing`)."""
-    from .outgoing import open_outgoing
-
-    return open_outgoing(settings)
-
-
-def test_incoming(settings: ConnectionSettings) -> Iterator[TestStep]:
-    """The step-by-step test of an incoming connection (:func:`.diagnose.test_incoming`)."""
-    from .diagnose import test_incoming
-
-    return test_incoming(settings)
-
-
-def test_outgoing(settings: ConnectionSettings) -> Iterator[TestStep]:
-    """The step-by-step test of an outgoing connection (:func:`.diagnose.test_outgoing`)."""
-    from .diagnose import test_outgoing
-
-    return test_outgoing(settings)
-
-
-test_incoming.__test__ = test_outgoing.__test__ = False  # type: ignore[attr-defined]  # pytest: not tests
+# The client (httpx and what it imports) loads only when a Graph connection is opened or tested.
+open_incoming = lazy("mailhost_graph.incoming:open_incoming")
+open_outgoing = lazy("mailhost_graph.outgoing:open_outgoing")
+test_incoming = lazy("mailhost_graph.diagnose:test_incoming")
+test_outgoing = lazy("mailhost_graph.diagnose:test_outgoing")
 
 
 INCOMING = ProtocolProvider(

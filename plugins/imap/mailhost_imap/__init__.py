@@ -5,11 +5,11 @@ The plugin registers one protocol provider, ``imap``; :mod:`.session` holds the 
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from mailhost import hookimpl
-from mailhost.protocols import ConnectionSettings, Direction, Encryption, ProtocolProvider, TestStep
+from mailhost.protocols import Direction, Encryption, ProtocolProvider, lazy
 
 if TYPE_CHECKING:
     from .session import ImapSession
@@ -22,23 +22,9 @@ __version__ = "0.1.0"
 DEFAULT_PORTS = {Encryption.NONE: 143, Encryption.STARTTLS: 143, Encryption.SSL: 993}
 
 
-# The host imports this package at every start-up to register the protocol; the session,
-# the link and imapclient load only when a connection is opened or tested.
-def open_session(settings: ConnectionSettings) -> ImapSession:
-    """Open a signed-in session (:func:`.session.open_session`)."""
-    from .session import open_session
-
-    return open_session(settings)
-
-
-def test(settings: ConnectionSettings) -> Iterator[TestStep]:
-    """The step-by-step connection test (:func:`.diagnose.test`)."""
-    from .diagnose import test
-
-    return test(settings)
-
-
-test.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test, whoever imports it
+# The session, the link and imapclient load only when a connection is opened or tested.
+open_session = lazy("mailhost_imap.session:open_session")
+test = lazy("mailhost_imap.diagnose:test")
 
 
 PROVIDER = ProtocolProvider(

@@ -5,11 +5,11 @@ POP3 has no folders and no read flag: after download a message is kept on the se
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from mailhost.hookspecs import hookimpl
-from mailhost.protocols import ConnectionSettings, Direction, Encryption, ProtocolProvider, TestStep
+from mailhost.protocols import Direction, Encryption, ProtocolProvider, lazy
 
 if TYPE_CHECKING:
     from ._session import Pop3Session
@@ -20,23 +20,9 @@ __all__ = ["DEFAULT_PORTS", "PROVIDER", "Pop3Session", "open_session", "register
 DEFAULT_PORTS: Mapping[Encryption, int] = {Encryption.NONE: 110, Encryption.STARTTLS: 110, Encryption.SSL: 995}
 
 
-# The host imports this package at every start-up to register the protocol; the session
-# and poplib load only when a connection is opened or tested.
-def open_session(settings: ConnectionSettings) -> Pop3Session:
-    """Open a signed-in session (``_session.open_session``)."""
-    from ._session import open_session
-
-    return open_session(settings)
-
-
-def test(settings: ConnectionSettings) -> Iterator[TestStep]:
-    """The step-by-step connection test (``_session.test``)."""
-    from ._session import test
-
-    return test(settings)
-
-
-test.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test, whoever imports it
+# The session and poplib load only when a connection is opened or tested.
+open_session = lazy("mailhost_pop3._session:open_session")
+test = lazy("mailhost_pop3._session:test")
 
 
 #: The ``pop3`` incoming protocol.

@@ -6,10 +6,11 @@ queue, the retries, the fallback to the default connection and the records.
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from mailhost import ConnectionSettings, Direction, Encryption, ProtocolProvider, TestStep, hookimpl
+from mailhost import Direction, Encryption, ProtocolProvider, hookimpl
+from mailhost.protocols import lazy
 
 if TYPE_CHECKING:
     from ._session import SmtpSession
@@ -19,24 +20,9 @@ __all__ = ["PROVIDER", "SmtpSession", "open_session", "register_protocols", "tes
 #: Default ports by encryption (the session modules use these too).
 DEFAULT_PORTS: dict[Encryption, int] = {Encryption.NONE: 25, Encryption.SSL: 465, Encryption.STARTTLS: 587}
 
-
-# The host imports this package at every start-up to register the protocol; the session
-# and smtplib load only when a connection is opened or tested.
-def open_session(settings: ConnectionSettings) -> SmtpSession:
-    """Open a signed-in session (``_session.open_session``)."""
-    from ._session import open_session
-
-    return open_session(settings)
-
-
-def test_connection(settings: ConnectionSettings) -> Iterator[TestStep]:
-    """The step-by-step connection test (``_session.test_connection``)."""
-    from ._session import test_connection
-
-    return test_connection(settings)
-
-
-test_connection.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test, whoever imports it
+# The session and smtplib load only when a connection is opened or tested.
+open_session = lazy("mailhost_smtp._session:open_session")
+test_connection = lazy("mailhost_smtp._session:test_connection")
 
 
 PROVIDER = ProtocolProvider(
