@@ -38,6 +38,8 @@ __all__ = ["cli", "main"]
 class Context:
     """What every command gets: the config path and a lazily opened installation."""
 
+    opened: list[Mailhost] = []  # every installation a command opened, for :func:`_leave`
+
     def __init__(self, config: str | None) -> None:
         self.config = config
         self._host: Mailhost | None = None
@@ -47,6 +49,7 @@ class Context:
         """The installation named by ``--config`` (opened on first use)."""
         if self._host is None:
             self._host = Mailhost.open(self.config)
+            Context.opened.append(self._host)
         return self._host
 
 
@@ -256,7 +259,11 @@ def read_secret(env: str | None, file: str | None, stdin: bool, what: str = "pas
 
 
 def main(argv: Iterable[str] | None = None) -> NoReturn:
-    """Run the CLI; errors become one sentence on stderr and an exit status."""
+    """Run the CLI; errors become one sentence on stderr and an exit status.
+
+    Run as the ``mailhost`` program (no ``argv``), the process ends at once when the
+    command is done: see :func:`_leave`.
+    """
     code = 0
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="mailhost", standalone_mode=False)
@@ -288,4 +295,29 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
             err=True,
         )
         code = 1
+    if argv is None:
+        _leave(code)
     sys.exit(code)
+
+
+def _leave(code: int) -> NoReturn:
+    """End the program without the interpreter's teardown.
+
+    Everything a command did is committed (durably: SQLite in WAL mode with
+    ``synchronous=FULL``) before it returns, so tearing down the interpreter only
+    costs time: after a download of 20,000 messages, freeing every object and the
+    checkpoint SQLite runs when its last connection closes took 0.1-0.2 s of a 2 s
+    ``mailhost fetch``. The SQLite write-ahead log stays; the next writer checkpoints it
+    (or, if no process has the store open, the next one to open it reads it back in).
+    Network stores are closed properly, so that their servers see a clean goodbye.
+    """
+    logging.shutdown()
+    for host in Context.opened:
+        if not host.config.database_url.startswith("sqlite"):
+            host.close()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)
