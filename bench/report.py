@@ -47,6 +47,12 @@ def peak_mb(row: dict[str, Any]) -> float | None:
     return max(values) * 1024 / MB if values else None
 
 
+def cpu_s(row: dict[str, Any]) -> float | None:
+    """Median CPU seconds (user + system) of the tool's whole process, where recorded."""
+    values = [s["cpu"] for s in row["samples"] if s.get("cpu") is not None]
+    return statistics.median(values) if values else None
+
+
 def expand(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Two derived rows: the limit's own process timed whole, and mailhost's pass
     without its start-up (the seconds its --json report gives), each after its source."""
@@ -61,7 +67,7 @@ def expand(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if row["kind"] == "mailhost" and row["samples"] and all(s.get("inner") for s in row["samples"]):
             out.append({**row, "label": f"{row['label']}: the pass alone, without start-up",
                         "kind": "variant", "note": "the seconds in its --json report",
-                        "samples": [{**s, "seconds": s["inner"]} for s in row["samples"]]})
+                        "samples": [{**s, "seconds": s["inner"], "cpu": None} for s in row["samples"]]})
     return out
 
 
@@ -155,16 +161,17 @@ def throughput_table(name: str, scenario: dict[str, Any]) -> list[str]:
     ref = mailhost_ref(name, rows)
     lr, mr = (rate(limit) if limit else None), (rate(ref) if ref else None)
     limit_name = "smtplib" if name == "smtp" else "limit"
-    lines = [f"| tool | msg/s | MB/s | ÷ {limit_name} | ÷ mailhost | seconds: median (min–max) | peak memory MB |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"| tool | msg/s | MB/s | ÷ {limit_name} | ÷ mailhost | seconds: median (min–max) | "
+             "CPU s (whole process) | peak memory MB |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         if row["error"] and not row["samples"]:
-            lines.append(f"| {row['label']} | failed: {row['error'][:200]} | | | | | |")
+            lines.append(f"| {row['label']} | failed: {row['error'][:200]} | | | | | | |")
             continue
         r = rate(row)
         label = f"**{row['label']}**" if row["kind"] in ("mailhost", "variant") else row["label"]
         lines.append(f"| {label} | {fmt(r)} | {fmt((byte_rate(row) or 0) / MB, 1)} | {ratio(r, lr)} | "
-                     f"{ratio(r, mr)} | {seconds_cell(row)} | {fmt(peak_mb(row))} |")
+                     f"{ratio(r, mr)} | {seconds_cell(row)} | {fmt(cpu_s(row), 2)} | {fmt(peak_mb(row))} |")
     lines.append("")
     notes = [f"- {row['label']}: {row['note']}" for row in scenario["rows"] if row.get("note")]
     return lines + notes
