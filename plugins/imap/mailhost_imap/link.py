@@ -266,13 +266,12 @@ def _authenticate(settings: ConnectionSettings, client: IMAPClient, caps: set[st
     user = settings.username or ""
     password = settings.password or ""
     if settings.access_token is not None:
-        token = settings.access_token()
-        mailbox = settings.shared_mailbox or user
-        if "AUTH=OAUTHBEARER" in caps and "AUTH=XOAUTH2" not in caps:
-            authzid = mailbox.replace("=", "=3D").replace(",", "=2C")
-            client.sasl_login("OAUTHBEARER", _once(f"n,a={authzid},\1auth=Bearer {token}\1\1", b"\1"))
-        else:
-            client.sasl_login("XOAUTH2", _once(f"user={mailbox}\1auth=Bearer {token}\1\1", b""))
+        try:
+            _bearer(settings, client, caps)
+        except LoginError:
+            # Refused: revoked, or expired early by the server's clock. Asked again,
+            # the token source renews the token (or says why it cannot); one retry.
+            _bearer(settings, client, caps)
     elif settings.shared_mailbox:
         # authorization identity = the shared mailbox, authentication identity = the
         # user (Dovecot master users, Exchange shared mailboxes)
@@ -281,6 +280,18 @@ def _authenticate(settings: ConnectionSettings, client: IMAPClient, caps: set[st
         client.login(client._imap._quote(user), password)  # imaplib quotes only the password
     else:
         client.sasl_login("PLAIN", _once(f"\0{user}\0{password}", b""))  # LOGIN is ASCII-only
+
+
+def _bearer(settings: ConnectionSettings, client: IMAPClient, caps: set[str]) -> None:
+    """AUTHENTICATE with a token: XOAUTH2, or OAUTHBEARER where only that is offered."""
+    assert settings.access_token is not None
+    token = settings.access_token()
+    mailbox = settings.shared_mailbox or settings.username or ""
+    if "AUTH=OAUTHBEARER" in caps and "AUTH=XOAUTH2" not in caps:
+        authzid = mailbox.replace("=", "=3D").replace(",", "=2C")
+        client.sasl_login("OAUTHBEARER", _once(f"n,a={authzid},\1auth=Bearer {token}\1\1", b"\1"))
+    else:
+        client.sasl_login("XOAUTH2", _once(f"user={mailbox}\1auth=Bearer {token}\1\1", b""))
 
 
 def _once(payload: str, then: bytes) -> Callable[[bytes], bytes]:

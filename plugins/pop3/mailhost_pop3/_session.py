@@ -302,7 +302,14 @@ def _sign_in(settings: ConnectionSettings, client: Client) -> str:
     try:
         if settings.access_token is not None:
             mechanism = "OAUTHBEARER" if "OAUTHBEARER" in sasl and "XOAUTH2" not in sasl else "XOAUTH2"
-            client.auth(mechanism, _oauth_response(mechanism, shared or user, settings))
+            try:
+                client.auth(mechanism, _oauth_response(mechanism, shared or user, settings))
+            except poplib.error_proto as exc:
+                if _is_temporary(exc):
+                    raise
+                # Refused: revoked, or expired early by the server's clock. Asked again,
+                # the token source renews the token (or says why it cannot); one retry.
+                client.auth(mechanism, _oauth_response(mechanism, shared or user, settings))
             how = f"{mechanism} as {shared or user}"
         elif shared or "PLAIN" in sasl:
             if "PLAIN" not in sasl:
@@ -333,10 +340,15 @@ def _oauth_response(mechanism: str, user: str, settings: ConnectionSettings) -> 
     return f"n,a={escaped},\x01host={settings.host}\x01port={_port(settings)}\x01auth=Bearer {token}\x01\x01".encode()
 
 
+def _is_temporary(exc: poplib.error_proto) -> bool:
+    """A refusal for now (RFC 3206 [IN-USE], [SYS/TEMP]), not of the credentials."""
+    reply = exc.args[0] if exc.args and isinstance(exc.args[0], bytes) else b""
+    return any(code in reply.upper() for code in _TEMPORARY_CODES)
+
+
 def _auth_error(settings: ConnectionSettings, exc: poplib.error_proto) -> MailError:
     words, host = _words(exc), settings.host
-    reply = exc.args[0] if exc.args and isinstance(exc.args[0], bytes) else b""
-    if any(code in reply.upper() for code in _TEMPORARY_CODES):
+    if _is_temporary(exc):
         return TemporaryFailure(
             f"the POP3 server {host} did not let {settings.name} sign in now ({words}): try again later; "
             "another client may have the mailbox open"

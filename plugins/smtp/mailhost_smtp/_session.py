@@ -370,12 +370,11 @@ def _sign_in(client: _Client, settings: ConnectionSettings, where: str) -> str:
     """AUTH with the access token (XOAUTH2) or the password (PLAIN, else LOGIN)."""
     user = settings.username or ""
     if settings.access_token is not None:
-        token = settings.access_token()
-        blob = f"user={user}\x01auth=Bearer {token}\x01\x01"
-        redact("", token)  # remembered: never printed, whatever the server echoes
-        code, reply = client.docmd("AUTH", "XOAUTH2 " + _b64(blob))
-        if code == 334:  # the server's error details; an empty line ends the exchange
-            code, reply = client.docmd("")
+        code, reply = _xoauth2(client, settings, user)
+        if code >= 500:
+            # Refused: revoked, or expired early by the server's clock. Asked again,
+            # the token source renews the token (or says why it cannot); one retry.
+            code, reply = _xoauth2(client, settings, user)
         _check_auth(code, reply, where, user, "XOAUTH2", oauth=True)
         return f"signed in as {user} with XOAUTH2"
     if not user:
@@ -406,6 +405,17 @@ def _sign_in(client: _Client, settings: ConnectionSettings, where: str) -> str:
         )
     _check_auth(code, reply, where, user, mechanism)
     return f"signed in as {user} with {mechanism}"
+
+
+def _xoauth2(client: _Client, settings: ConnectionSettings, user: str) -> tuple[int, bytes]:
+    """AUTH XOAUTH2 with a token from the connection's token source; the final reply."""
+    assert settings.access_token is not None
+    token = settings.access_token()
+    redact("", token)  # remembered: never printed, whatever the server echoes
+    code, reply = client.docmd("AUTH", "XOAUTH2 " + _b64(f"user={user}\x01auth=Bearer {token}\x01\x01"))
+    if code == 334:  # the server's error details; an empty line ends the exchange
+        code, reply = client.docmd("")
+    return code, reply
 
 
 def _check_auth(code: int, reply: bytes, where: str, user: str, mechanism: str, oauth: bool = False) -> None:
