@@ -23,11 +23,6 @@ from .servers.dovecot import Dovecot, generate_message
 from .servers.idp import IdentityProvider
 from .servers.idp_fixtures import OAuthSmtpServer
 
-
-pytest.importorskip("mailhost_imap")
-pytest.importorskip("mailhost_pop3")
-pytest.importorskip("mailhost_smtp")
-
 ALICE, BOB, SHARED = "alice@example.org", "bob@example.org", "shared@example.org"
 
 
