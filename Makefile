@@ -11,9 +11,12 @@ $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-# mailhost and the bundled protocol plugins, editable.
+# mailhost and the bundled protocol plugins, editable. pip byte-compiles what it copies,
+# never editable sources: compile them here, or every start recompiles them wherever
+# PYTHONDONTWRITEBYTECODE is set (containers, CI images).
 install: $(VENV)/bin/python
 	$(PY) -m pip install --quiet -e . $(addprefix -e ,$(PLUGINS))
+	$(PY) -m compileall -q host $(PLUGINS) >/dev/null
 
 # Run the host: the embedded SQLite store, the bundled plugins, the web admin.
 serve: install
