@@ -675,9 +675,9 @@ def _insert_rows(s: Session, table: Table, columns: Sequence[str], rows: list[tu
     sqlite = dialect.name == "sqlite"
     mark = "?" if dialect.paramstyle == "qmark" else "%s"
     json_at = {i for i, c in enumerate(columns) if isinstance(table.c[c].type, JSON)}
-    if json_at:
+    if json_at:  # only rows that carry a JSON value are rebuilt (most carry none)
         rows = [tuple(json.dumps(v) if i in json_at and v is not None else v for i, v in enumerate(row))
-                for row in rows]
+                if any(row[i] is not None for i in json_at) else row for row in rows]
     marks = [mark + ("::json" if i in json_at and not sqlite else "") for i in range(len(columns))]
     one = f"({', '.join([*marks, *['CURRENT_TIMESTAMP'] * len(now)])})"
     head = f"INSERT INTO {table.name} ({', '.join([*columns, *now])}) VALUES "
