@@ -1,6 +1,6 @@
 """The raw stdlib clients that set the limits, each run as its own process by bench/run.
 
-    python bench/clients.py imap-fetch --port P --user U --password W [--tls --ca-file CA]
+    python bench/clients.py imap-fetch --port P --user U --password W [--tls --ca-file CA] [--mark-seen]
     python bench/clients.py imap-poll  --port P --user U --password W
     python bench/clients.py pop3-fetch --port P --user U --password W [--tls --ca-file CA]
     python bench/clients.py smtp-send  --port P --messages N --size BYTES
@@ -29,15 +29,21 @@ def _context(ca_file: str) -> ssl.SSLContext:
 
 
 def imap_fetch(ns: argparse.Namespace) -> dict[str, object]:
-    """One ``UID FETCH 1:* (BODY.PEEK[])`` on a selected INBOX: the IMAP limit."""
+    """One ``UID FETCH 1:* (BODY.PEEK[])`` on a selected INBOX: the IMAP limit.
+
+    ``--mark-seen``: then ``UID STORE 1:* +FLAGS.SILENT (\\Seen)``, timed with it: the
+    least a download that marks what it took as seen (mailhost's default) costs the server.
+    """
     if ns.tls:
         client = imaplib.IMAP4_SSL(ns.host, ns.port, ssl_context=_context(ns.ca_file))
     else:
         client = imaplib.IMAP4(ns.host, ns.port)
     client.login(ns.user, ns.password)
-    client.select("INBOX", readonly=True)
+    client.select("INBOX", readonly=not ns.mark_seen)
     started = time.perf_counter()
     status, data = client.uid("FETCH", "1:*", "(BODY.PEEK[])")
+    if ns.mark_seen and status == "OK":
+        status, _ = client.uid("STORE", "1:*", "+FLAGS.SILENT", r"(\Seen)")
     seconds = time.perf_counter() - started
     client.logout()
     bodies = [item[1] for item in data if isinstance(item, tuple)]
@@ -104,6 +110,7 @@ def main() -> None:
     parser.add_argument("--password", default="")
     parser.add_argument("--tls", action="store_true", help="implicit TLS, verified against --ca-file")
     parser.add_argument("--ca-file")
+    parser.add_argument("--mark-seen", action="store_true", help="imap-fetch: then flag everything \\Seen")
     parser.add_argument("--messages", type=int, default=0)
     parser.add_argument("--size", type=int, default=3000)
     ns = parser.parse_args()
