@@ -266,7 +266,7 @@ def _proc_stat(pid: int) -> tuple[int, int] | None:
     return int(rest[1]), int(rest[19])
 
 
-def _descendants(pid: int) -> list[tuple[int, int]]:
+def descendants(pid: int) -> list[tuple[int, int]]:
     """(pid, starttime) of all live descendants of ``pid``."""
     children: dict[int, list[tuple[int, int]]] = {}
     try:
@@ -847,7 +847,7 @@ service pop3-login {{
         unique instance name (``dovecot-<instance>/...``)."""
         found: dict[int, int] = {}
         if self._proc is not None and self._proc.poll() is None:
-            found.update(_descendants(self._proc.pid))
+            found.update(descendants(self._proc.pid))
         tag = f"dovecot-{self._instance}/".encode()
         for e in os.listdir("/proc"):
             if not e.isdigit() or int(e) in found:

@@ -21,8 +21,6 @@ import argparse
 import base64
 import sys
 import tempfile
-import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -32,6 +30,7 @@ from mailhost.protocols import ConnectionSettings
 from mailhost_graph import incoming
 from mailhost_graph.incoming import open_incoming
 
+from bench.timing import best_of
 from tests.servers.certs import make_pki
 from tests.servers.graph import GraphServer
 
@@ -42,15 +41,6 @@ def message(i: int, size: int) -> bytes:
     head = f"From: s{i}@example.org\r\nTo: {USER}\r\nSubject: bench {i}\r\nMessage-ID: <b{i}@x>\r\n\r\n".encode()
     return head + b"x" * max(0, size - len(head) - 2) + b"\r\n"
 
-
-def best_of(runs: int, variants: dict[str, Callable[[], None]]) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(runs):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(found) for name, found in times.items()}
 
 
 def main() -> None:

@@ -30,20 +30,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repository r
 
 from imapclient.response_parser import parse_fetch_response
 from mailhost.protocols import ConnectionSettings, Encryption
+
+from bench.timing import best_of
 from tests.servers.dovecot import Dovecot, generate_message
 
 from mailhost_imap import PROVIDER
-
-
-def best_of(runs: int, variants: dict[str, Callable[[], None]]) -> dict[str, float]:
-    """The best time of each variant, run in turns so that load on the machine hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(runs):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: min(found) for name, found in times.items()}
 
 
 def main() -> None:
