@@ -42,7 +42,6 @@ def message(i: int, size: int) -> bytes:
     return head + b"x" * max(0, size - len(head) - 2) + b"\r\n"
 
 
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=400)
