@@ -164,9 +164,11 @@ class Mailhost:
 
         return Outgoing(self)
 
-    def close(self) -> None:
-        """Release the store's connections."""
-        if "engine" in self.__dict__:
+    def close(self, *, exiting: bool = False) -> None:
+        """Release the store's connections. ``exiting``: the process ends right after
+        without the interpreter's teardown; an embedded SQLite store is then left open, as
+        every commit is already durable and closing it would only run its checkpoint."""
+        if "engine" in self.__dict__ and not (exiting and self.engine.dialect.name == "sqlite"):
             self.engine.dispose()
 
 

@@ -50,11 +50,10 @@ class Context:
         return self._host
 
     def close(self) -> None:
-        """Release the store when the command is done. A SQLite store stays open when the
-        program is about to leave at once (:func:`_leave`): closing it would run the
-        checkpoint that leaving skips."""
-        if self._host is not None and not (_leaving and self._host.config.database_url.startswith("sqlite")):
-            self._host.close()
+        """Release the store when the command is done (the program leaves at once after
+        it: see :func:`_leave`)."""
+        if self._host is not None:
+            self._host.close(exiting=_leaving)
 
 
 pass_ctx = click.make_pass_decorator(Context)
