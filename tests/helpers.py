@@ -9,10 +9,13 @@
 from __future__ import annotations
 
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -121,3 +124,48 @@ def stored_messages(home: Path) -> list[tuple[str, bytes]]:
         return [(m, bytes(r)) for m, r in db.execute("SELECT message_id, raw FROM incoming_queue ORDER BY id")]
     finally:
         db.close()
+
+
+def stored_count(home: Path) -> int:
+    """How many messages the incoming queue of the SQLite store in ``home`` holds."""
+    import sqlite3
+
+    db = sqlite3.connect(home / "mailhost.db", timeout=30)
+    try:
+        return db.execute("SELECT count(*) FROM incoming_queue").fetchone()[0]
+    finally:
+        db.close()
+
+
+def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], then: float = 0.0) -> bool:
+    """SIGKILL ``proc`` once ``ready()`` (and ``then`` seconds more); False if it ended
+    first (nothing to kill)."""
+    deadline = time.monotonic() + 120  # a safety net, not an assertion on speed
+    while proc.poll() is None and not ready() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    if then:
+        time.sleep(then)
+    if proc.poll() is not None:
+        return False
+    proc.send_signal(signal.SIGKILL)
+    return True
+
+
+def kill_mid_pass(proc: subprocess.Popen[bytes], home: Path, rng: random.Random) -> bool:
+    """SIGKILL a `mailhost fetch` at a random point of its pass; False if it ended first.
+
+    At a random instant, but no later than just after the pass's first or second commit:
+    by the clock alone a faster machine (or a faster mailhost) finishes whole passes
+    between kills and the test proves nothing. So kills land before the first commit,
+    in an acknowledgement, or in the next download; a pass's batches start small and
+    double, so each killed pass leaves most of the mailbox for the next."""
+    at = time.monotonic() + rng.uniform(0.05, 0.8)
+    commits, counts = rng.choice((1, 1, 2)), [stored_count(home)]
+
+    def ready() -> bool:
+        n = stored_count(home)
+        if n > counts[-1]:
+            counts.append(n)
+        return time.monotonic() >= at or len(counts) > commits
+
+    return kill_when(proc, ready, then=rng.uniform(0.0, 0.01))

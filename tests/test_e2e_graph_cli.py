@@ -21,13 +21,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
-import sqlite3
 import ssl
 import stat
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -41,7 +38,9 @@ from tests.servers.certs import Pki
 from tests.servers.graph import GraphServer, introspection_verifier
 from tests.servers.idp import IdentityProvider
 
+from .helpers import kill_when
 from .helpers import message_id_of as _mid
+from .helpers import stored_count
 from .helpers import stored_messages as stored
 
 ALICE = "alice@contoso.com"
@@ -321,25 +320,6 @@ def test_credential_without_graph_scopes_is_one_sentence_naming_the_fix(
 # ---------------------------------------------------------------------------------------
 
 
-def _count(home: Path) -> int:
-    db = sqlite3.connect(home / "mailhost.db", timeout=30)
-    try:
-        return db.execute("SELECT count(*) FROM incoming_queue").fetchone()[0]
-    finally:
-        db.close()
-
-
-def _kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool]) -> bool:
-    """SIGKILL ``proc`` once ``ready()``; False if it ended first (nothing to kill)."""
-    deadline = time.monotonic() + 120  # a safety net, not an assertion on speed
-    while proc.poll() is None and not ready() and time.monotonic() < deadline:
-        time.sleep(0.005)
-    if proc.poll() is not None:
-        return False
-    proc.send_signal(signal.SIGKILL)
-    return True
-
-
 @pytest.mark.slow
 def test_sigkill_mid_pass_then_a_clean_pass(home: Path, idp: IdentityProvider, graph: GraphServer,
                                             env: dict[str, str]) -> None:
@@ -378,18 +358,18 @@ def test_sigkill_mid_pass_then_a_clean_pass(home: Path, idp: IdentityProvider, g
     acks_of = [-(-n // 20) for n in sizes]  # $batch requests (20 acknowledgements each) per batch
     points = [
         ("downloading batch 1", lambda: True, "value", rng.randint(20, sizes[0] - 10)),  # nothing committed yet
-        ("acknowledging batch 1", lambda: _count(home) >= ends[0], "batch", rng.randint(1, acks_of[0] - 1)),
-        ("downloading a later batch", lambda: _count(home) >= ends[1], "value", rng.randint(20, sizes[2] - 10)),
-        ("acknowledging batch 3", lambda: _count(home) >= ends[2], "batch", rng.randint(1, acks_of[2] - 1)),
+        ("acknowledging batch 1", lambda: stored_count(home) >= ends[0], "batch", rng.randint(1, acks_of[0] - 1)),
+        ("downloading a later batch", lambda: stored_count(home) >= ends[1], "value", rng.randint(20, sizes[2] - 10)),
+        ("acknowledging batch 3", lambda: stored_count(home) >= ends[2], "batch", rng.randint(1, acks_of[2] - 1)),
     ]
     kills = []
     for label, first, kind, count in points:
         proc = subprocess.Popen([sys.executable, "-m", "mailhost", "fetch", "--json"], cwd=home,
                                 env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            if _kill_when(proc, after(first, kind, count)):
+            if kill_when(proc, after(first, kind, count)):
                 proc.wait()
-                kills.append((label, _count(home)))
+                kills.append((label, stored_count(home)))
         finally:
             proc.kill()
             proc.wait()

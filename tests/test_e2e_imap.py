@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import kill_mid_pass
 from .helpers import message_id_of as _mid
 from .helpers import run_cli
 from .helpers import stored_messages as _queue
@@ -105,10 +105,7 @@ def test_sigkill_at_random_points_stores_each_message_once(home: Path, dovecot, 
     for _ in range(12):
         proc = subprocess.Popen([sys.executable, "-m", "mailhost", "fetch", "desk"], cwd=home,
                                 env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.2, 1.2))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
+        kills += kill_mid_pass(proc, home, rng)
         proc.wait()
     final = _fetch(home)
     assert final.returncode == 0, final.stderr

@@ -4,15 +4,14 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from .helpers import kill_mid_pass
 from .helpers import message_id_of as _mid
 from .helpers import run_cli
 from .helpers import stored_messages as _queue
@@ -80,10 +79,7 @@ def test_pop3_sigkill_mid_download_exactly_once(home: Path, dovecot, mailbox, po
     for _ in range(10):
         proc = subprocess.Popen([sys.executable, "-m", "mailhost", "fetch", "desk"], cwd=home,
                                 env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.2, 1.0))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
+        kills += kill_mid_pass(proc, home, rng)
         proc.wait()
     _fetch(home)
     assert kills >= 3
