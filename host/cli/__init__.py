@@ -16,6 +16,7 @@ imported only when that command runs (see :data:`COMMAND_MODULES`), so that
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import importlib
 import json
 import logging
@@ -47,6 +48,12 @@ class Context:
         """The installation named by ``--config`` (opened on first use)."""
         if self._host is None:
             self._host = Mailhost.open(self.config)
+            if _leaving:
+                # What is alive now (modules, the store's tables and mappers) lives as long
+                # as the program: out of the cyclic collector's sight, its collections
+                # during a pass need not walk ~70,000 objects again (0.02-0.03 s of a
+                # 1.5 s fetch). Not in-process (tests, embedding): frozen garbage stays.
+                gc.freeze()
         return self._host
 
     def close(self) -> None:
