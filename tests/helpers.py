@@ -17,6 +17,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mailhost import Mailhost
@@ -137,7 +138,7 @@ def stored_count(home: Path) -> int:
         db.close()
 
 
-def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], then: float = 0.0) -> bool:
+def kill_when(proc: subprocess.Popen[Any], ready: Callable[[], bool], then: float = 0.0) -> bool:
     """SIGKILL ``proc`` once ``ready()`` (and ``then`` seconds more); False if it ended
     first (nothing to kill)."""
     deadline = time.monotonic() + 120  # a safety net, not an assertion on speed
@@ -151,15 +152,17 @@ def kill_when(proc: subprocess.Popen[bytes], ready: Callable[[], bool], then: fl
     return True
 
 
-def kill_mid_pass(proc: subprocess.Popen[bytes], home: Path, rng: random.Random) -> bool:
+def kill_mid_pass(proc: subprocess.Popen[Any], home: Path, rng: random.Random,
+                  within: tuple[float, float] = (0.05, 0.8)) -> bool:
     """SIGKILL a `mailhost fetch` at a random point of its pass; False if it ended first.
 
-    At a random instant, but no later than just after the pass's first or second commit:
+    At a random instant ``within`` seconds of the start (a program whose start-up is
+    slower wants a later window), but no later than just after the pass's first or second commit:
     by the clock alone a faster machine (or a faster mailhost) finishes whole passes
     between kills and the test proves nothing. So kills land before the first commit,
     in an acknowledgement, or in the next download; a pass's batches start small and
     double, so each killed pass leaves most of the mailbox for the next."""
-    at = time.monotonic() + rng.uniform(0.05, 0.8)
+    at = time.monotonic() + rng.uniform(*within)
     commits, counts = rng.choice((1, 1, 2)), [stored_count(home)]
 
     def ready() -> bool:

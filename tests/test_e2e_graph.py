@@ -16,12 +16,10 @@ from __future__ import annotations
 import json
 import os
 import random
-import signal
 import sqlite3
 import ssl
 import subprocess
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +39,7 @@ from tests.servers.graph import (
 )
 from tests.servers.idp import IdentityProvider
 
+from .helpers import kill_mid_pass
 from .helpers import message_id_of as _mid
 
 ALICE = "alice@contoso.com"
@@ -320,10 +319,7 @@ def test_sigkill_mid_pass_stores_each_message_once(home: Path, host: Mailhost, g
     kills = 0
     for _ in range(8):
         proc = _fetch_process(home, token, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.6, 1.6))
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
+        kills += kill_mid_pass(proc, home, rng, within=(0.6, 1.6))
         proc.wait()
         if len(_stored(home)) == len(sent):
             break
