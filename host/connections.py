@@ -33,7 +33,6 @@ from .protocols import (
 from .secrets import redact
 from .store import (
     Certificate,
-    FolderCursor,
     IncomingConnection,
     OAuthCredential,
     OutgoingConnection,
@@ -204,9 +203,7 @@ class Connections:
                 if was_enabled:
                     conn.enabled, disabled = False, True
                 if moved:
-                    # Another mailbox: its folder cursors mean nothing there. The seen
-                    # keys and fingerprints stay, so nothing stored comes twice.
-                    s.query(FolderCursor).filter_by(connection_id=conn.id).delete()
+                    self.host.incoming.forget_mailbox(s, conn.id)
             else:
                 if moved or values.get("encryption") != current.get("encryption"):
                     conn.server_size_limit = None  # another server: its SIZE is learned anew

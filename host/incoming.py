@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from sqlalchemy import JSON, Table, and_, delete, func, or_, select, update
+from sqlalchemy import JSON, String, Table, and_, cast, delete, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
 from .certificates import Certificate
@@ -67,6 +67,9 @@ _SEEN_COLUMNS = ("connection_id", "folder", "key", "fingerprint", "item_id")
 _ENTRY_COLUMNS = ("log_id", "item_id", "result", "detail", "message_id", "from_addr", "subject")
 _MAX_PARAMS = 32766  # bound parameters per statement: SQLite's default limit (PostgreSQL: 65,535)
 _NOT_ENCRYPTED: dict[str, Any] = {"decrypted": None, "decryption": None}
+#: The key of a seen message of a mailbox the connection no longer reads, before its id:
+#: the space keeps it from ever equalling a protocol's key (UIDs, UIDLs, Graph ids).
+RETIRED = "retired "
 
 INCOMING_STATUSES = ("new", "processing", "processed", "filtered", "failed")
 
@@ -354,6 +357,28 @@ class Incoming:
         acks.recorded = acks.through
 
     # -- cursors and keys -------------------------------------------------------------
+
+    @staticmethod
+    def forget_mailbox(s: Session, connection_id: int) -> None:
+        """The connection now reads another mailbox (another server, user, ...): what
+        its keys and cursors said holds nothing there, in the open transaction.
+
+        Two mailboxes can share every key (Dovecot's UIDVALIDITY is the second the
+        folder was made, and its UIDLs derive from it), so the keys are retired: none
+        matches a message of the new mailbox, which would otherwise be skipped as
+        stored, and no acknowledgement an earlier pass left pending is replayed on it
+        (a delete would remove mail never downloaded). The fingerprints stay: what was
+        stored before (the same mailbox under another host name) is recognised by its
+        content and not stored twice.
+        """
+        marks = s.execute(select(SeenMessage.folder, func.max(SeenMessage.id))
+                          .where(SeenMessage.connection_id == connection_id).group_by(SeenMessage.folder)).all()
+        s.execute(update(SeenMessage).where(
+            SeenMessage.connection_id == connection_id, SeenMessage.key.not_like(f"{RETIRED}%"),
+        ).values(key=literal(RETIRED) + cast(SeenMessage.id, String)))
+        s.execute(delete(FolderCursor).where(FolderCursor.connection_id == connection_id))
+        s.add_all(FolderCursor(connection_id=connection_id, folder=folder, state={}, acknowledged_through=top)
+                  for folder, top in marks)
 
     def _known(self, connection_id: int, folder: str, keys: Sequence[str]) -> set[str]:
         with self.host.session() as s:

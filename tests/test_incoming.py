@@ -123,6 +123,34 @@ def test_crash_between_commit_and_acknowledgement(tmh: Mailhost, box: Path, conn
     assert len(tmh.incoming.items()) == 3
 
 
+def test_another_mailbox_is_downloaded_whole_and_acknowledged_only_after(
+        tmh: Mailhost, box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pointed at another mailbox whose keys collide with the stored ones (Dovecot gives
+    mailboxes made in the same second one UIDVALIDITY), a connection stores every
+    message there before acting on it: no old key skips a new message, and no
+    acknowledgement left pending from the old mailbox deletes mail never downloaded.
+    What was stored before is still recognised by its content."""
+    from tests.testplugin.mailhost_testplugin import DirIncoming
+
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="c", protocol="dir", folder=str(box),
+                                                           username="alice", after_download="delete"))
+    for i in range(3):
+        (box / f"{i}.eml").write_bytes(_msg(i))
+    with monkeypatch.context() as m:  # stored, then the acknowledgements never ran
+        m.setattr(DirIncoming, "delete", lambda self, refs: (_ for _ in ()).throw(RuntimeError("killed")))
+        assert tmh.incoming.fetch(["c"])[0].stored == 3
+    for i in range(3):  # the other mailbox: the same keys, other messages, and one stored before
+        (box / f"{i}.eml").write_bytes(_msg(10 + i))
+    (box / "3.eml").write_bytes(_msg(0))
+    tmh.connections.edit(Direction.INCOMING, "c", ConnectionSpec(username="bob"))
+    [report] = tmh.incoming.fetch(["c"])
+    assert report.ok and (report.listed, report.stored, report.duplicates, report.acknowledged) == (4, 3, 1, 4)
+    assert sorted(_stored(tmh)) == sorted([*(_msg(i) for i in range(3)), *(_msg(10 + i) for i in range(3))])
+    assert not any(box.glob("*.eml"))  # each deleted once stored
+    [report] = tmh.incoming.fetch(["c"])
+    assert report.ok and (report.listed, report.stored, report.acknowledged) == (0, 0, 0)
+
+
 def test_failure_mid_pass_loses_nothing(tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A link dropped mid-batch stores nothing of that batch; the next pass gets everything once."""
     import mailhost.incoming as incoming
