@@ -10,15 +10,17 @@ from functools import cached_property
 from typing import Any
 
 from imapclient import DELETED, SEEN, IMAPClient
-from mailhost.errors import PermanentFailure
+from mailhost.errors import PermanentFailure, TemporaryFailure
 from mailhost.protocols import ConnectionSettings, Estimate, IncomingSession, Listing, MessageRef
 
 from .link import connect, logout, translated, with_defaults
 
 __all__ = ["ImapSession", "open_session"]
 
-_UID = re.compile(rb"[( ]UID (\d+)")
-_SIZE = re.compile(rb"[( ]RFC822\.SIZE (\d+)")
+_UID = re.compile(rb"[( ]UID (\d+)", re.I)
+_SIZE = re.compile(rb"[( ]RFC822\.SIZE (\d+)", re.I)
+_QUOTED_BODY = re.compile(rb'[( ]BODY\[\] "((?:[^"\\]|\\.)*)"', re.I)
+_UNQUOTE = re.compile(rb"\\(.)")
 _MAX_SET = 4000  # bytes of UID set per command: far below servers' line limits (Dovecot: 64 KiB)
 
 
@@ -136,10 +138,26 @@ class ImapSession(IncomingSession):
                 for uid, _, body in self._uid_fetch(uid_set, b"(BODY.PEEK[])"):
                     if body is not None and uid in wanted:
                         bodies[uid] = body
+            missing = wanted - bodies.keys()
+            if missing:  # gone (expunged by another client), or the server sent no content
+                self._check_gone(missing)
         for ref in refs:
             body = bodies.pop(ref.handle, None)
             if body is not None:
                 yield ref, body
+
+    def _check_gone(self, uids: set[int]) -> None:
+        """Raise unless every one of ``uids`` has left the folder: the host moves the
+        cursor past what :meth:`fetch` does not return, so a message the server still
+        lists but sent without content (``BODY[] NIL``) must fail the batch, not vanish."""
+        still = sorted(uid for uid_set in _uid_sets(uids) for uid in self.client.search(["UID", uid_set]))
+        if still:
+            shown = ", ".join(map(str, still[:10])) + (", ..." if len(still) > 10 else "")
+            raise TemporaryFailure(
+                f"{self.settings.describe()} sent no content for {len(still)} message(s) it still has in "
+                f"folder {self.settings.folder} (UID {shown}): the next pass tries again; if this persists, "
+                "look at those messages on the server"
+            )
 
     # -- after download: all idempotent, so a crash may repeat them ---------------
 
@@ -313,16 +331,24 @@ class ImapSession(IncomingSession):
                 text, body = line, None
                 while line.endswith(b"}\r\n"):  # a literal follows
                     start = line.rfind(b"{")
-                    size = int(line[start + 1 : -3])
+                    digits = line[start + 1 : -3]
+                    if start < 0 or not digits.isdigit():
+                        break  # a line that merely ends in "}"
+                    size = int(digits)
                     data = read(size)
                     if len(data) != size:
                         raise imap.abort("the server closed the link in the middle of a message")
-                    if line[start - 7 : start] == b"BODY[] ":
+                    # "BODY[] {n}", in any case, or a literal8 "BODY[] ~{n}" (RFC 3516)
+                    if line[start - 7 : start] == b"BODY[] " or line[:start].rstrip(b"~").upper().endswith(b"BODY[] "):
                         body = data
                     line = readline()
                     text += line
+                if body is None and b'[] "' in text:  # a quoted string (a tiny message)
+                    quoted = _QUOTED_BODY.search(text)
+                    if quoted:
+                        body = _UNQUOTE.sub(rb"\1", quoted[1])
                 uid = _UID.search(text)
-                if uid and b" FETCH (" in text[:40]:
+                if uid and b" FETCH (" in text[:40].upper():
                     got.append((int(uid[1]), text, body))
                 elif text.startswith(b"* BYE"):
                     raise imap.abort(text.decode("utf-8", "replace").strip())

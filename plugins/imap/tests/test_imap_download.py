@@ -140,3 +140,56 @@ def test_many_refs_are_split_into_short_commands(settings, dovecot, mailbox):
         refs = session.list_new(None, nothing_known).refs[::2]  # 1,3,5,...: no ranges
         got = list(session.fetch(refs))
     assert [ref for ref, _ in got] == list(refs)
+
+
+def test_every_legal_body_form_is_read_and_none_is_skipped_while_still_there(fake_imap):
+    """A server may answer in lower case, with a literal8 (RFC 3516), with a quoted
+    string, or with NIL. The first three are read; a message the server still lists but
+    sent no content for fails the batch (the host would move its cursor past it), while
+    one that is gone is left out."""
+    import pytest
+    from mailhost.errors import TemporaryFailure
+    from mailhost.protocols import ConnectionSettings, MessageRef
+
+    raw = b"Subject: hi\r\n\r\nbody {3}\r\n"
+    answers = {
+        1: b"* 1 fetch (uid 1 body[] {%d}\r\n%s)\r\n" % (len(raw), raw),
+        2: b"* 2 FETCH (UID 2 BODY[] ~{%d}\r\n%s)\r\n" % (len(raw), raw),
+        3: b'* 3 FETCH (UID 3 BODY[] "tiny \\"quoted\\" \\\\ message")\r\n',
+        4: b"* 4 FETCH (FLAGS (\\Seen) UID 4)\r\n* 4 FETCH (BODY[] {%d}\r\n%s UID 4)\r\n" % (len(raw), raw),
+        5: b"* 5 FETCH (UID 5 BODY[] NIL)\r\n",
+    }
+    listed = {1, 2, 3, 4, 5}  # UID 6 is gone: no answer, and UID SEARCH does not find it
+
+    def uids(uid_set: bytes) -> list[int]:
+        return [uid for part in uid_set.split(b",") for first, _, last in [part.partition(b":")]
+                for uid in range(int(first), int(last or first) + 1)]
+
+    def script(peer):
+        peer.send(b"* OK fake IMAP ready\r\n")
+        while True:
+            tag, rest = peer.command()
+            words = rest.split()
+            if not tag or words[0].upper() == b"LOGOUT":
+                peer.send(b"* BYE bye\r\n" + tag + b" OK done\r\n")
+                return
+            verb, out = words[0].upper(), b""
+            if verb == b"CAPABILITY":
+                out = b"* CAPABILITY IMAP4rev1 UIDPLUS\r\n"
+            elif verb == b"SELECT":
+                out = b"* 5 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 7] ok\r\n"
+            elif words[:2] == [b"UID", b"FETCH"]:
+                out = b"".join(answers.get(uid, b"") for uid in uids(words[2]))
+            elif words[:2] == [b"UID", b"SEARCH"]:
+                found = sorted(listed & set(uids(words[-1])))
+                out = b"* SEARCH " + b" ".join(b"%d" % uid for uid in found) + b"\r\n"
+            peer.send(out + tag + b" OK done\r\n")
+
+    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1", port=fake_imap(script),
+                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
+    refs = {uid: MessageRef(f"7:{uid}", handle=uid) for uid in range(1, 7)}
+    with PROVIDER.open(conn) as session:
+        got = {ref.handle: body for ref, body in session.fetch([refs[uid] for uid in (1, 2, 3, 4, 6)])}
+        assert got == {1: raw, 2: raw, 3: b'tiny "quoted" \\ message', 4: raw}
+        with pytest.raises(TemporaryFailure, match=r"sent no content for 1 message\(s\) .* \(UID 5\): the next pass"):
+            list(session.fetch([refs[4], refs[5], refs[6]]))
