@@ -33,7 +33,7 @@ from sqlalchemy import JSON, String, Table, and_, cast, delete, func, literal, o
 from sqlalchemy.orm import Session
 
 from .certificates import Certificate
-from .errors import MailhostError, NotFound, ValidationError
+from .errors import MailError, MailhostError, NotFound, PermanentFailure, TemporaryFailure, ValidationError
 from .leases import holder_is_gone, worker_id
 from .protocols import Direction, Estimate, IncomingSession, MessageRef
 from .secrets import redact
@@ -194,6 +194,12 @@ class Incoming:
                         self._record_acknowledged(s, conn.id, folder, acks, closed=True)
                 except Exception:  # the next pass acknowledges them again
                     log.exception("%s: could not record acknowledgements", conn.name)
+        if acks.refused is not None:  # everything is stored; say what was not acknowledged
+            raise (TemporaryFailure if acks.refused.temporary else PermanentFailure)(
+                f"{acks.refused}: the messages are stored, and the next pass tries the after-download action "
+                f"{conn.after_download} again; if the server keeps refusing it, allow it there or choose "
+                f"another action (mailhost incoming edit {conn.name} --after-download ...)"
+            ) from acks.refused
 
     def _download(
         self, link: _Link, conn: IncomingConnection, folder: str, log_id: int, action: Any,
@@ -210,13 +216,19 @@ class Incoming:
         pending: list[tuple[Future[None], int, int]] = []  # (acknowledgement, messages, seen id it reaches)
 
         def settle(wait: bool) -> None:
-            """Take in finished acknowledgements (all of them with ``wait``), in order;
-            raise the first failure."""
+            """Take in finished acknowledgements (all of them with ``wait``), in order.
+            A refusal stops the acknowledgements, not the downloads: the mark stays below
+            the refused batch, and the next pass acknowledges from there."""
             while pending and (wait or pending[0][0].done()):
                 future, count, through = pending.pop(0)
-                future.result()
+                try:
+                    future.result()
+                except MailError as exc:
+                    acks.refuse(exc)
+                    continue
                 report.acknowledged += count
-                acks.through = max(acks.through, through)
+                if acks.refused is None:
+                    acks.through = max(acks.through, through)
 
         ahead = link.submit(_download, link.session, batches[0]) if batches else None
         for i, batch in enumerate(batches):
@@ -226,7 +238,7 @@ class Incoming:
             settle(wait=False)
             stored, through = self._store_batch(conn, folder, log_id, batch, fetched, report, acks)
             done += len(batch)
-            if stored:
+            if stored and acks.refused is None:
                 future = link.submit(action.apply, link.session, stored, conn.after_download_argument)
                 pending.append((future, len(stored), through))
             if progress:
@@ -335,10 +347,14 @@ class Incoming:
             return
         log.info("%s: finishing %d acknowledgement(s) an earlier pass left", conn.name, len(pending))
         for chunk in _chunks(pending, BATCH_COUNT):
-            refs = session.resolve([key for key, _ in chunk])
-            if refs:
-                action.apply(session, refs, conn.after_download_argument)
-                report.acknowledged += len(refs)
+            try:
+                refs = session.resolve([key for key, _ in chunk])
+                if refs:
+                    action.apply(session, refs, conn.after_download_argument)
+            except MailError as exc:  # what is new is still downloaded, see _download
+                acks.refuse(exc)
+                return
+            report.acknowledged += len(refs)
             acks.through = chunk[-1][1]  # keys no longer on the server need nothing more
 
     @staticmethod
@@ -610,6 +626,12 @@ class _Acks:
     on_close: bool
     through: int = 0
     recorded: int = 0
+    #: The server's first refusal of an acknowledgement in this pass: no more are tried.
+    refused: MailError | None = None
+
+    def refuse(self, exc: MailError) -> None:
+        if self.refused is None:
+            self.refused = exc
 
 
 class _Link:

@@ -151,6 +151,37 @@ def test_another_mailbox_is_downloaded_whole_and_acknowledged_only_after(
     assert report.ok and (report.listed, report.stored, report.acknowledged) == (0, 0, 0)
 
 
+def test_refused_acknowledgements_do_not_stop_downloads(tmh: Mailhost, box: Path, conn: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that refuses the after-download action (a read-only mailbox, a quota)
+    still gets its new mail stored, pass after pass; the pass says what was refused and
+    the fix, and once the server allows it every stored message is acknowledged."""
+    from mailhost.errors import PermanentFailure
+    from tests.testplugin.mailhost_testplugin import DirIncoming
+
+    def refuse(self, refs):
+        raise PermanentFailure("desk on box refused to mark messages seen: [NOPERM] read-only")
+
+    import mailhost.incoming as incoming
+
+    monkeypatch.setattr(incoming, "BATCH_COUNT", 2)  # refused in the first batch, stored to the last
+    for i in range(5):
+        (box / f"{i}.eml").write_bytes(_msg(i))
+    with monkeypatch.context() as m:
+        m.setattr(DirIncoming, "mark_seen", refuse)
+        [report] = tmh.incoming.fetch([conn])
+        assert not report.ok and (report.stored, report.acknowledged) == (5, 0)
+        assert "[NOPERM] read-only: the messages are stored" in (report.error or "")
+        assert "choose another action (mailhost incoming edit desk --after-download" in (report.error or "")
+        (box / "5.eml").write_bytes(_msg(5))
+        [report] = tmh.incoming.fetch([conn])  # the old acknowledgements are refused again: new mail comes in
+        assert not report.ok and (report.listed, report.stored) == (1, 1)
+    assert not any(box.glob(".*.seen"))
+    [report] = tmh.incoming.fetch([conn])
+    assert report.ok and (report.stored, report.acknowledged) == (0, 6)
+    assert len(list(box.glob(".*.seen"))) == 6 and len(tmh.incoming.items()) == 6
+
+
 def test_failure_mid_pass_loses_nothing(tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A link dropped mid-batch stores nothing of that batch; the next pass gets everything once."""
     import mailhost.incoming as incoming
