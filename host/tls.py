@@ -19,12 +19,19 @@ __all__ = ["PeerCertificate", "client_context", "describe_peer", "tls_error"]
 def client_context(ca_file: str | None = None) -> ssl.SSLContext:
     """A client context that verifies the server's certificate and host name.
 
-    Trusts the system store, plus ``ca_file`` (PEM) when the connection has one.
-    TLS 1.2 is the floor.
+    Trusts the system store, plus ``ca_file`` (PEM) when the connection has one: a
+    TLSFailure names it when it cannot be read. TLS 1.2 is the floor.
     """
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if ca_file:
-        ctx.load_verify_locations(cafile=ca_file)
+        try:
+            ctx.load_verify_locations(cafile=ca_file)
+        except (OSError, ValueError) as exc:  # checked when saved, but moved or changed since
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise TLSFailure(
+                f"the CA file {ca_file} cannot be used ({reason}): put the PEM file of the "
+                "server's CA back there, or give another with --ca-file"
+            ) from None
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     return ctx
 

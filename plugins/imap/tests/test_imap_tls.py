@@ -22,6 +22,22 @@ def test_untrusted_certificate_is_refused(settings, dovecot_factory, encryption)
         PROVIDER.open(settings(server, encryption=encryption, ca_file=None))
 
 
+@pytest.mark.parametrize("encryption", [Encryption.SSL, Encryption.STARTTLS])
+def test_ca_file_gone_since_it_was_saved(settings, tmp_path, encryption):
+    """A CA file moved or spoiled after the connection was saved fails the TLS step,
+    naming the file and the fix (it was an unexpected FileNotFoundError)."""
+    from mailhost_imap.diagnose import test as report
+
+    bad = tmp_path / "ca.pem"
+    bad.write_text("not a certificate\n")
+    for path, reason in ((tmp_path / "gone.pem", "No such file or directory"), (bad, "no certificate")):
+        conn = settings(encryption=encryption, ca_file=str(path))
+        with pytest.raises(TLSFailure, match=rf"the CA file {path} cannot be used \(.*{reason}.*: put the PEM file"):
+            PROVIDER.open(conn)
+        steps = list(report(conn))
+        assert steps[-1].name == "TLS" and not steps[-1].ok and str(path) in steps[-1].detail
+
+
 def test_starttls_required_but_not_offered(settings, dovecot_factory):
     """A server without STARTTLS is refused before any credential is sent."""
     server = dovecot_factory(starttls=False)
