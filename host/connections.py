@@ -492,11 +492,12 @@ class Connections:
         folder = _text(given.get("folder"), "folder")
         if "folder" in provider.required and not folder:
             raise ValidationError(f"{label} needs a folder: give --folder FOLDER", field="folder")
+        canonical = provider.canonical_folder or (lambda name: name)
         if "folder" in provider.attributes:
             folder = folder or provider.default_folder or "INBOX"
             if any(ord(c) < 32 for c in folder) or len(folder) > 1000:
                 raise ValidationError(f"{label}: folder {folder!r} is not a valid folder name", field="folder")
-            values["folder"] = folder
+            values["folder"] = folder = canonical(folder)
         else:
             values["folder"] = None
         interval = given.get("interval")
@@ -522,6 +523,11 @@ class Connections:
         if action.takes_argument and not argument:
             raise ValidationError(
                 f"{label}: after-download action {action.name!r} needs a folder: give --move-to FOLDER",
+                field="after_download_argument",
+            )
+        if action.name == "move" and argument and values["folder"] and canonical(argument) == values["folder"]:
+            raise ValidationError(  # each pass would list the moved messages again, and move them again
+                f"{label}: --move-to {argument} is the folder it downloads from: choose another folder",
                 field="after_download_argument",
             )
         values["after_download_argument"] = argument if action.takes_argument else None

@@ -317,6 +317,9 @@ class ProtocolProvider:
     required: frozenset[str] = frozenset()
     after_download: tuple[str, ...] = ()
     default_folder: str | None = None
+    #: The one spelling of a folder name among those that name the same folder (IMAP:
+    #: INBOX in any case), so that cursors and stored keys follow the folder, not the typing.
+    canonical_folder: Callable[[str], str] | None = None
     test: Callable[[ConnectionSettings], Iterable[TestStep]] | None = None
     #: The plugin that registered it; filled in by the host.
     plugin: str = ""

@@ -78,6 +78,19 @@ def test_delete_after_download(home: Path, dovecot, mailbox, imap_conn: str) -> 
     assert len(_queue(home)) == 30
 
 
+def test_inbox_in_any_case_is_the_same_folder(home: Path, dovecot, mailbox, imap_conn: str) -> None:
+    """INBOX is case-insensitive (RFC 3501): retyped as "inbox" it keeps its cursor and
+    stored keys, so nothing is downloaded twice; moving into it is refused."""
+    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(i) for i in range(4)])
+    assert json.loads(_fetch(home).stdout)[0]["stored"] == 4
+    assert run_cli("incoming", "edit", "desk", "--folder", "inbox", env=ENV, cwd=home).returncode == 0
+    assert json.loads(run_cli("incoming", "show", "desk", "--json", env=ENV, cwd=home).stdout)["folder"] == "INBOX"
+    again = json.loads(_fetch(home).stdout)[0]
+    assert (again["listed"], again["stored"]) == (0, 0) and len(_queue(home)) == 4
+    out = run_cli("incoming", "edit", "desk", "--after-download", "move", "--move-to", "Inbox", env=ENV, cwd=home)
+    assert out.returncode == 2 and "--move-to Inbox is the folder it downloads from: choose another" in out.stderr
+
+
 def test_server_restart_mid_pass(home: Path, dovecot, mailbox, imap_conn: str) -> None:
     """Dovecot restarting during a pass fails the pass cleanly; the next one completes it."""
     sent = [dovecot.generate_message(i) for i in range(4000)]

@@ -52,6 +52,7 @@ PROVIDER = ProtocolProvider(
     required=frozenset({"host", "username", "password"}),
     after_download=("mark-seen", "delete", "move", "keep"),
     default_folder="INBOX",
+    canonical_folder=lambda name: "INBOX" if name.upper() == "INBOX" else name,  # RFC 3501 5.1
     test=test,
 )
 

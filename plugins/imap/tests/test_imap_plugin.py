@@ -24,3 +24,9 @@ def test_register_protocols_registers_the_provider():
     assert PROVIDER.default_ports == link.DEFAULT_PORTS  # one declaration, beside the provider
     assert PROVIDER.after_download == ("mark-seen", "delete", "move", "keep") and PROVIDER.default_folder == "INBOX"
     assert "folder" in PROVIDER.attributes and PROVIDER.required == {"host", "username", "password"}
+
+
+def test_inbox_is_case_insensitive_and_other_folders_are_not():
+    """RFC 3501 5.1: INBOX in any case is the INBOX; other names keep their case."""
+    assert [PROVIDER.canonical_folder(name) for name in ("inbox", "Inbox", "INBOX", "Inbox/Sub", "Sales")] == [
+        "INBOX", "INBOX", "INBOX", "Inbox/Sub", "Sales"]
