@@ -428,7 +428,7 @@ class Connections:
             values["port"] = port
 
         # Credentials.
-        username = _text(given.get("username"), "username")
+        username = _on_the_wire(_text(given.get("username"), "username"), "username", label)
         values["username"] = username or None
         password = given.get("password")
         if password is not None and not isinstance(password, str):
@@ -531,7 +531,7 @@ class Connections:
                 field="after_download_argument",
             )
         values["after_download_argument"] = argument if action.takes_argument else None
-        shared = _text(given.get("shared_mailbox"), "shared_mailbox")
+        shared = _on_the_wire(_text(given.get("shared_mailbox"), "shared_mailbox"), "shared mailbox", label)
         values["shared_mailbox"] = shared or None
         names = list(dict.fromkeys(given.get("certificates") or []))
         certs = list(s.scalars(select(Certificate).where(Certificate.name.in_(names)))) if names else []
@@ -677,6 +677,15 @@ def _text(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise ValidationError(f"{key.replace('_', ' ')} must be text, not {value!r}", field=key)
     return value.strip()
+
+
+def _on_the_wire(value: str, what: str, label: str) -> str:
+    """``value``, refused if it holds a control character: it goes into a protocol
+    command line, where a line break would end the command and start another."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValidationError(f"{label}: the {what} contains a line break or control character: remove it",
+                              field=what.replace(" ", "_"))
+    return value
 
 
 def _check_host(host: str, label: str) -> str:

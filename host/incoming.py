@@ -113,7 +113,7 @@ class LogEntry:
     subject: str | None
     result: str  # stored | duplicate
     detail: str | None
-    item_id: int | None  # (messages done, messages listed)
+    item_id: int | None  # the queue item: the one stored, or the one a duplicate matched
 
 
 class Incoming:

@@ -80,6 +80,10 @@ def test_add_list_show_incoming(cli) -> None:
         (["--protocol", "dir", "--folder", "x", "--username", "u", "--password-env", "NOPE_UNSET"],
          "environment variable NOPE_UNSET is not set"),
         (["--protocol", "dir", "--folder", "x", "--port", "abc"], "'abc' is not a valid integer"),
+        (["--protocol", "dir", "--folder", "x", "--username", "u\r\nA1 DELETE INBOX"],
+         "the username contains a line break or control character: remove it"),
+        (["--protocol", "dir", "--folder", "x", "--shared-mailbox", "te\nam"],
+         "the shared mailbox contains a line break"),
     ],
 )
 def test_incoming_validation(cli, args: list[str], expect: str) -> None:

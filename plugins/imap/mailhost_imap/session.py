@@ -244,8 +244,8 @@ class ImapSession(IncomingSession):
         return delimiter.decode() if isinstance(delimiter, bytes) else delimiter
 
     def _exists(self, name: str) -> bool:
-        with translated(self.settings, "list the folders"):
-            return bool(self.client.list_folders("", name))
+        with translated(self.settings, "list the folders"):  # LIST takes a pattern: % and * match others
+            return any(found == name for _, _, found in self.client.list_folders("", name))
 
     def _select(self) -> dict[bytes, Any]:
         """SELECT the folder (read-write, for the acknowledgements)."""
