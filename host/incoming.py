@@ -25,6 +25,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -215,6 +216,14 @@ class Incoming:
             progress(0, total)
         pending: list[tuple[Future[None], int, int]] = []  # (acknowledgement, messages, seen id it reaches)
 
+        def result(future: Future[T]) -> T:
+            """The future's result; the lease is renewed while the server takes its time
+            (a batch of big messages on a slow link outlasts a lease)."""
+            while not futures_wait([future], timeout=LEASE.total_seconds() / 4).done:
+                with self.host.session() as s:
+                    self._renew_lease(s, conn.id)
+            return future.result()
+
         def settle(wait: bool) -> None:
             """Take in finished acknowledgements (all of them with ``wait``), in order.
             A refusal stops the acknowledgements, not the downloads: the mark stays below
@@ -222,7 +231,7 @@ class Incoming:
             while pending and (wait or pending[0][0].done()):
                 future, count, through = pending.pop(0)
                 try:
-                    future.result()
+                    result(future)
                 except MailError as exc:
                     acks.refuse(exc)
                     continue
@@ -233,7 +242,7 @@ class Incoming:
         ahead = link.submit(_download, link.session, batches[0]) if batches else None
         for i, batch in enumerate(batches):
             assert ahead is not None
-            fetched = ahead.result()
+            fetched = result(ahead)
             ahead = link.submit(_download, link.session, batches[i + 1]) if i + 1 < len(batches) else None
             settle(wait=False)
             stored, through = self._store_batch(conn, folder, log_id, batch, fetched, report, acks)
@@ -468,7 +477,10 @@ class Incoming:
                 finished_at=now, status="ok" if report.ok else "failed", listed=report.listed,
                 stored=report.stored, duplicates=report.duplicates, acknowledged=report.acknowledged,
                 bytes=report.bytes, error=report.error))
-            s.execute(update(IncomingConnection).where(IncomingConnection.id == conn.id).values(
+            # Only while the lease is ours: if it ran out and another worker took over, that
+            # worker's pass is the one that says how the connection stands.
+            s.execute(update(IncomingConnection).where(
+                IncomingConnection.id == conn.id, IncomingConnection.lease_owner == self.worker).values(
                 last_poll_at=now, last_error=report.error,
                 next_poll_at=now + dt.timedelta(minutes=conn.interval or 1),
                 lease_owner=None, lease_until=None).execution_options(synchronize_session=False))

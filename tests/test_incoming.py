@@ -182,6 +182,39 @@ def test_refused_acknowledgements_do_not_stop_downloads(tmh: Mailhost, box: Path
     assert len(list(box.glob(".*.seen"))) == 6 and len(tmh.incoming.items()) == 6
 
 
+def test_lease_is_renewed_while_a_batch_takes_long(tmh: Mailhost, box: Path, conn: str,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch that outlasts the lease (big messages, a slow link) keeps the mailbox
+    from a second worker: the lease is renewed while the pass waits for the server."""
+    import threading
+    import time
+
+    import mailhost.incoming as incoming
+    from mailhost.incoming import Incoming
+    from tests.testplugin.mailhost_testplugin import DirIncoming
+
+    monkeypatch.setattr(incoming, "LEASE", dt.timedelta(seconds=1))
+    fetch, started = DirIncoming.fetch, threading.Event()
+
+    def slow(self, refs):
+        started.set()
+        time.sleep(2.5)  # more than twice the lease
+        yield from fetch(self, refs)
+
+    monkeypatch.setattr(DirIncoming, "fetch", slow)
+    (box / "0.eml").write_bytes(_msg(0))
+    reports: list[object] = []
+    worker = threading.Thread(target=lambda: reports.extend(tmh.incoming.fetch([conn])))
+    worker.start()
+    assert started.wait(30)
+    time.sleep(1.8)  # the first lease has run out by now; only a renewal keeps the mailbox taken
+    other = Incoming(tmh).fetch_one(conn)
+    worker.join(30)
+    assert other.skipped and "another worker" in other.skipped
+    [report] = reports
+    assert report.ok and report.stored == 1  # type: ignore[attr-defined]
+
+
 def test_failure_mid_pass_loses_nothing(tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A link dropped mid-batch stores nothing of that batch; the next pass gets everything once."""
     import mailhost.incoming as incoming
