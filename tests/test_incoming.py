@@ -303,6 +303,10 @@ def test_fetch_cli_queue_and_log(home: Path, plugin_env: dict[str, str], box: Pa
     (box / "a.eml").write_bytes(_msg(1))
     out = run_cli("fetch", "--json", env=env, cwd=home)
     assert out.returncode == 0 and json.loads(out.stdout) == []  # nothing enabled yet
+    out = run_cli("fetch", "desk", "nosuch", env=env, cwd=home)  # a typo among the names: nothing happens
+    assert out.returncode == 2 and "no incoming connection named 'nosuch'" in out.stderr
+    assert json.loads(run_cli("queue", "incoming", "--json", env=env, cwd=home).stdout) == []
+    assert not any(box.glob(".*.seen"))
     out = run_cli("fetch", "desk", "--json", env=env, cwd=home)
     assert json.loads(out.stdout)[0]["stored"] == 1
     rows = json.loads(run_cli("queue", "incoming", "--json", env=env, cwd=home).stdout)

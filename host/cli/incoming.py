@@ -29,20 +29,20 @@ def fetch(ctx: Context, names: tuple[str, ...], as_json: bool) -> None:
     show_progress = not as_json and sys.stderr.isatty()
     bar: Any = None
 
-    def progress(done: int, total: int) -> None:
+    def progress(done: int, total: int) -> None:  # a bar per pass: each starts at 0
         nonlocal bar
+        if bar is not None and done == 0:
+            bar.__exit__(None, None, None)
+            bar = None
         if bar is None:
             bar = click.progressbar(length=total, label="downloading", file=sys.stderr, show_pos=True)
             bar.__enter__()
         bar.update(done - bar.pos)
 
-    reports: list[PassReport] = []
-    for name in names or [None]:  # type: ignore[list-item]
-        batch = ctx.host.incoming.fetch([name] if name else None, progress if show_progress else None)
-        if bar is not None:
-            bar.__exit__(None, None, None)
-            bar = None
-        reports.extend(batch)
+    # One call: it checks every name before any download, so a typo changes nothing.
+    reports: list[PassReport] = ctx.host.incoming.fetch(list(names) or None, progress if show_progress else None)
+    if bar is not None:
+        bar.__exit__(None, None, None)
     if as_json:
         print_json([r.as_dict() for r in reports])
     else:
