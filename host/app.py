@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
+from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -86,7 +87,16 @@ class Mailhost:
     @cached_property
     def vault(self) -> Vault:
         """Encrypts and decrypts secrets at rest."""
-        return Vault.from_env_or_file(self.config.key_file)
+        return Vault.from_env_or_file(self.config.key_file, self._a_stored_secret)
+
+    def _a_stored_secret(self) -> bytes | None:
+        """Any secret the store holds, for :class:`Vault` to check its key against."""
+        with self.session() as s:
+            for column in store.SECRET_COLUMNS:
+                found = s.scalar(select(column).where(column.is_not(None)).limit(1))
+                if found is not None:
+                    return bytes(found)
+        return None
 
     @cached_property
     def _sessionmaker(self) -> Any:

@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from cryptography.fernet import Fernet, InvalidToken
@@ -116,7 +117,10 @@ def create_key_file(path: Path) -> None:
 class Vault:
     """Encrypts and decrypts secrets with the installation's key."""
 
-    def __init__(self, key: bytes) -> None:
+    def __init__(self, key: bytes, stored: Callable[[], bytes | None] | None = None) -> None:
+        #: A secret already in the store, if any: checked against the key before the first
+        #: new secret is written, so that a wrong key never leaves a store of two keys.
+        self._stored = stored
         try:
             self._fernet = Fernet(key)
         except (ValueError, TypeError) as exc:
@@ -126,13 +130,13 @@ class Vault:
             ) from exc
 
     @classmethod
-    def from_env_or_file(cls, key_file: Path) -> Vault:
+    def from_env_or_file(cls, key_file: Path, stored: Callable[[], bytes | None] | None = None) -> Vault:
         """The key from ``$MAILHOST_SECRET_KEY``, else from ``key_file``."""
         env = os.environ.get(_KEY_ENV)
         if env:
-            return cls(env.strip().encode())
+            return cls(env.strip().encode(), stored)
         try:
-            return cls(key_file.read_bytes().strip())
+            return cls(key_file.read_bytes().strip(), stored)
         except FileNotFoundError:
             raise ConfigError(
                 f"the secret key file {key_file} is missing: restore it, set {_KEY_ENV}, "
@@ -143,6 +147,9 @@ class Vault:
         """The ciphertext of ``secret`` (``None`` stays ``None``)."""
         if secret is None:
             return None
+        if self._stored is not None:
+            sample, self._stored = self._stored(), None
+            self.decrypt_bytes(sample)  # a wrong key stops here, before anything is written
         data = secret.encode("utf-8") if isinstance(secret, str) else secret
         return self._fernet.encrypt(data)
 

@@ -55,6 +55,7 @@ __all__ = [
     "OutgoingAttempt",
     "OutgoingConnection",
     "OutgoingItem",
+    "SECRET_COLUMNS",
     "SeenMessage",
     "make_engine",
     "upgrade",
@@ -444,6 +445,16 @@ class OutgoingAttempt(Base):
 # ---------------------------------------------------------------------------------------
 # Engine and migrations
 # ---------------------------------------------------------------------------------------
+
+
+#: Every column that holds a secret (Fernet ciphertext under the installation's key).
+SECRET_COLUMNS = (
+    IncomingConnection.password_enc,
+    OutgoingConnection.password_enc,
+    OAuthCredential.client_secret_enc,
+    OAuthCredential.tokens_enc,
+    Certificate.key_enc,
+)
 
 
 def make_engine(url: str) -> Engine:

@@ -53,6 +53,23 @@ def test_wrong_key_is_a_clear_error(mh: Mailhost, home: Path, testplugin, monkey
         other.connections.settings(Direction.OUTGOING, conn)
 
 
+def test_wrong_key_writes_no_secret(home: Path, plugin_env: dict[str, str]) -> None:
+    """A new secret under another key than the store's is refused before it is written:
+    the store never holds secrets of two keys (exit 2, nothing changed)."""
+    from cryptography.fernet import Fernet
+
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin", "PW": PASSWORD}
+    add = ("outgoing", "add", "o", "--protocol", "dir", "--host", "box", "--username", "u", "--password-env", "PW")
+    assert run_cli(*add, env=env, cwd=home).returncode == 0
+    wrong = {**env, "MAILHOST_SECRET_KEY": Fernet.generate_key().decode()}
+    before = run_cli("outgoing", "list", "--json", env=env, cwd=home).stdout
+    for args in (("outgoing", "add", "o2", *add[3:]), ("outgoing", "edit", "o", "--password-env", "PW")):
+        out = run_cli(*args, env=wrong, cwd=home)
+        assert out.returncode == 2 and "cannot be decrypted with this key" in out.stderr, out.stderr
+    assert run_cli("outgoing", "list", "--json", env=env, cwd=home).stdout == before
+    assert run_cli("outgoing", "test", "o", env=env, cwd=home).returncode != 2  # the right key still reads it
+
+
 def test_missing_key_file(home: Path) -> None:
     """A missing key file is named, with the fix."""
     (home / "mailhost.key").unlink()
