@@ -546,7 +546,7 @@ class Connections:
     def _validate_outgoing(
         self, provider: ProtocolProvider, label: str, given: Mapping[str, Any], values: dict[str, Any]
     ) -> None:
-        address = _text(given.get("from_address"), "from_address")
+        address = _on_the_wire(_text(given.get("from_address"), "from_address"), "from address", label)
         if address:
             _, parsed = parseaddr(address)
             if not parsed or "@" not in parsed or " " in parsed:
@@ -557,7 +557,7 @@ class Connections:
         elif "from_address" in provider.required:
             raise ValidationError(f"{label} needs a from address: give --from ADDRESS", field="from_address")
         values["from_address"] = address or None
-        values["prefix"] = _text(given.get("prefix"), "prefix") or None
+        values["prefix"] = _on_the_wire(_text(given.get("prefix"), "prefix"), "prefix", label) or None
         size = given.get("size_limit")
         if size is not None and (not isinstance(size, int) or size < 0):
             raise ValidationError(f"{label}: size limit {size!r} is not valid: use bytes >= 0 (0 = unlimited)", field="size_limit")
@@ -681,10 +681,10 @@ def _text(value: Any, key: str) -> str:
 
 def _on_the_wire(value: str, what: str, label: str) -> str:
     """``value``, refused if it holds a control character: it goes into a protocol
-    command line, where a line break would end the command and start another."""
+    command line or a header, where a line break would end it and start another."""
     if any(ord(c) < 32 or ord(c) == 127 for c in value):
         raise ValidationError(f"{label}: the {what} contains a line break or control character: remove it",
-                              field=what.replace(" ", "_"))
+                              field=what.replace(" ", "_").lower())
     return value
 
 

@@ -173,17 +173,30 @@ class OAuth2:
         """
         current = self.get(name)
         secret = self.host.vault.decrypt(current.client_secret_enc)
+        if spec.provider and spec.provider != current.provider:
+            users = self.used_by(current.id)
+            if users:  # their host overrides and sign-in belong to the old provider
+                raise ValidationError(
+                    f"OAuth2 credential {name!r} is used by {', '.join(users)}: it cannot change provider "
+                    "while in use; add a new credential for the other provider instead", field="provider")
+            # Another provider: the old one's tenant, endpoints, scopes and flow mean nothing there.
+            current_of = dict.fromkeys(("tenant", "authority", "authorization_endpoint", "token_endpoint", "flow"))
+            scopes: Any = spec.scopes
+        else:
+            current_of = {k: getattr(current, k) for k in
+                          ("tenant", "authority", "authorization_endpoint", "token_endpoint", "flow")}
+            scopes = current.scopes if spec.scopes is None else spec.scopes
         merged = CredentialSpec(
             name=spec.name or current.name,
             provider=spec.provider or current.provider,
             client_id=spec.client_id or current.client_id,
             client_secret=secret if spec.client_secret is None else spec.client_secret,
-            tenant=_given(spec.tenant, current.tenant),
-            authority=_given(spec.authority, current.authority),
-            authorization_endpoint=_given(spec.authorization_endpoint, current.authorization_endpoint),
-            token_endpoint=_given(spec.token_endpoint, current.token_endpoint),
-            scopes=current.scopes if spec.scopes is None else spec.scopes,
-            flow=spec.flow or current.flow,
+            tenant=_given(spec.tenant, current_of["tenant"]),
+            authority=_given(spec.authority, current_of["authority"]),
+            authorization_endpoint=_given(spec.authorization_endpoint, current_of["authorization_endpoint"]),
+            token_endpoint=_given(spec.token_endpoint, current_of["token_endpoint"]),
+            scopes=scopes,
+            flow=spec.flow or current_of["flow"],
             ca_file=_given(spec.ca_file, current.ca_file),
         )
         if merged.name != current.name:
@@ -247,7 +260,11 @@ class OAuth2:
         assert spec.name
         label = f"OAuth2 credential {spec.name!r}"
         provider = self.provider(str(spec.provider))
-        client_id = (spec.client_id or "").strip()
+        from .connections import _check_ca_file, _on_the_wire  # one check for each, everywhere
+
+        client_id = _on_the_wire((spec.client_id or "").strip(), "client ID", label)
+        for what, value in (("tenant", spec.tenant), ("authority", spec.authority)):
+            _on_the_wire((value or "").strip(), what, label)
         if not client_id:
             raise ValidationError(f"{label} needs the client (application) ID: give --client-id", field="client_id")
         flow = spec.flow or provider.flows[0]
@@ -268,8 +285,6 @@ class OAuth2:
         scopes = tuple(dict.fromkeys(s for scope in (spec.scopes or ()) for s in scope.split() if s))
         ca_file = (spec.ca_file or "").strip() or None
         if ca_file:
-            from .connections import _check_ca_file  # one check for every --ca-file
-
             ca_file = _check_ca_file(ca_file, label)
         config = ClientConfig(
             name=spec.name, provider=provider.name, client_id=client_id, client_secret=secret,

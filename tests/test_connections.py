@@ -123,6 +123,16 @@ def test_host_checked(cli, host: str, expect: str) -> None:
     _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", host, expect=expect, table="outgoing_connections")
 
 
+@pytest.mark.parametrize("option, value, expect", [
+    ("--prefix", "[x]\r\nBcc: evil@example.org", "the prefix contains a line break"),
+    ("--from", "App\r\nX-Injected: 1 <app@example.org>", "the from address contains a line break"),
+])
+def test_no_header_injection(cli, option: str, value: str, expect: str) -> None:
+    """A prefix or from address becomes a header: a line break in it would add headers."""
+    _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", option, value, expect=expect,
+         table="outgoing_connections")
+
+
 def test_edit_enabled_incoming_disables_it(cli) -> None:
     """Editing an enabled incoming connection disables it."""
     assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0

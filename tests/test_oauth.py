@@ -467,9 +467,27 @@ def test_cli_remove_refuses_while_connections_use_it(home: Path, idp: IdentityPr
     assert refused.returncode == 2 and "used by incoming connection helpdesk" in refused.stderr
     shown = json.loads(run_cli("incoming", "show", "helpdesk", "--json").stdout)
     assert shown["oauth_authorized"] is False and "mailhost oauth authorize" in shown["oauth_last_error"]
+    switched = run_cli("oauth", "edit", "m365", "--provider", "google")
+    assert switched.returncode == 2 and "used by incoming connection helpdesk: it cannot change provider" in switched.stderr
     assert run_cli("incoming", "remove", "helpdesk").returncode == 0
     assert run_cli("oauth", "remove", "m365").returncode == 0
     assert json.loads(run_cli("oauth", "list", "--json").stdout) == []
+
+
+def test_cli_another_provider_keeps_nothing_of_the_old_one(home: Path) -> None:
+    """Switched to another provider and back, a credential holds only what its provider
+    says: no endpoint of the other one (where its secret would go), no tenant, no scopes.
+    A client ID with a line break is refused."""
+    assert run_cli("oauth", "add", "app", "--provider", "microsoft", "--tenant", "contoso.onmicrosoft.com",
+                   "--client-id", "c").returncode == 0
+    assert run_cli("oauth", "edit", "app", "--provider", "google").returncode == 0
+    google = json.loads(run_cli("oauth", "show", "app", "--json").stdout)
+    assert google["tenant"] is None and not any("outlook" in s or "microsoft" in s for s in google["scopes"])
+    assert run_cli("oauth", "edit", "app", "--provider", "microsoft").returncode == 0
+    back = json.loads(run_cli("oauth", "show", "app", "--json").stdout)
+    assert "google" not in json.dumps(back)
+    bad = run_cli("oauth", "edit", "app", "--client-id", "c\r\nx")
+    assert bad.returncode == 2 and "the client ID contains a line break" in bad.stderr
 
 
 # ---------------------------------------------------------------------------------------
