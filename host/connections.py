@@ -383,6 +383,10 @@ class Connections:
                 )
         values["oauth_credential_id"] = credential.id if credential else None
         values["host_override"] = None
+        if override_name and host:  # the override would win at the next edit: say it now
+            raise ValidationError(
+                f"{label}: give either --host or --host-override {override_name}, not both "
+                "(--host-override '' drops the override)", field="host")
         if override_name:
             matches = [o for o in plugins.host_overrides
                        if o.protocol == provider.name and o.name == override_name
@@ -395,7 +399,7 @@ class Connections:
                     field="host_override",
                 )
             values["host_override"] = override_name
-            host = host or matches[0].host
+            host = matches[0].host
         if host:
             values["host"] = _check_host(host, label)
         else:

@@ -530,3 +530,11 @@ def test_connection_picks_a_cloud_host(mh: Mailhost) -> None:
     assert conn.host == "outlook.office365.us"
     settings = mh.connections.settings(Direction.INCOMING, conn)
     assert settings.oauth2 and settings.password is None
+    with pytest.raises(ValidationError, match="give either --host or --host-override gcc-high, not both"):
+        mh.connections.add(Direction.INCOMING, ConnectionSpec(
+            name="gov-2", protocol="imap", username=ALICE, oauth_credential="gov", host_override="gcc-high",
+            host="imap.example.org"))
+    with pytest.raises(ValidationError, match="not both"):  # an edit of the host alone would be lost later
+        mh.connections.edit(Direction.INCOMING, "gov-in", ConnectionSpec(host="imap.example.org"))
+    mh.connections.edit(Direction.INCOMING, "gov-in", ConnectionSpec(host="imap.example.org", host_override=""))
+    assert mh.connections.get(Direction.INCOMING, "gov-in").host == "imap.example.org"
