@@ -17,6 +17,7 @@ import logging
 import os
 from collections.abc import Iterator
 from functools import cached_property
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -55,17 +56,28 @@ class Mailhost:
         """Create a starter config, a secret key (unless ``$MAILHOST_SECRET_KEY`` is set)
         and the store; an existing config is left alone and its store upgraded."""
         cfg_path = config_path(path)
+        created: list[Path] = []  # removed again if init fails: a failed init leaves nothing
         if not cfg_path.exists():
             write_starter_config(cfg_path, database_url)
+            created.append(cfg_path)
         elif database_url:
             raise ConfigError(
                 f"{cfg_path} already exists: edit its [store] url instead of passing --database"
             )
-        host = cls.open(cfg_path)
-        if not os.environ.get("MAILHOST_SECRET_KEY") and not host.config.key_file.exists():
-            create_key_file(host.config.key_file)
-        host.vault  # noqa: B018  (fails early on an unusable key)
-        host.migrate()
+        try:
+            host = cls.open(cfg_path)
+            database = host.config.sqlite_file
+            if database is not None and not database.exists():
+                created += [database, *(database.with_name(database.name + end) for end in ("-wal", "-shm"))]
+            if not os.environ.get("MAILHOST_SECRET_KEY") and not host.config.key_file.exists():
+                create_key_file(host.config.key_file)
+                created.append(host.config.key_file)
+            host.vault  # noqa: B018  (fails early on an unusable key)
+            host.migrate()
+        except BaseException:
+            for made in created:
+                made.unlink(missing_ok=True)
+            raise
         return host
 
     # -- parts ------------------------------------------------------------------------
@@ -116,7 +128,7 @@ class Mailhost:
         except OperationalError as exc:
             raise ConfigError(
                 f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
-                f"{exc.orig}; check [store] url in {self.config.path}"
+                f"{' '.join(str(exc.orig).split())}; check [store] url in {self.config.path}"
             ) from None
         self._schema_ok = True
 
@@ -124,12 +136,16 @@ class Mailhost:
         """Refuse to work on a store that is missing or older than this code."""
         if getattr(self, "_schema_ok", False):
             return
+        database = self.config.sqlite_file
+        if database is not None and not database.exists():  # connecting would create it, empty
+            raise ConfigError(f"the store {database} does not exist: run `mailhost init` to create it, "
+                              f"or check [store] url in {self.config.path}")
         try:
             current = store.current_revision(self.engine)
         except OperationalError as exc:
             raise ConfigError(
                 f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
-                f"{exc.orig}; check [store] url in {self.config.path}"
+                f"{' '.join(str(exc.orig).split())}; check [store] url in {self.config.path}"
             ) from None
         head = store.head_revision()
         if current != head:

@@ -87,6 +87,12 @@ class Config:
     web_listen: str = "127.0.0.1:8025"
     raw: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def sqlite_file(self) -> Path | None:
+        """The store's file, for an SQLite store."""
+        parsed = make_url(self.database_url)
+        return Path(parsed.database) if parsed.get_backend_name() == "sqlite" and parsed.database else None
+
     @classmethod
     def load(cls, explicit: str | os.PathLike[str] | None = None) -> Config:
         """Read and check the config file; a missing or broken one is a ConfigError."""
@@ -176,10 +182,17 @@ def resolve_database_url(url: str, base: Path, path: Path | None = None) -> str:
         raise ConfigError(
             f"the database URL {url!r} uses {backend!r}: mailhost supports sqlite and postgresql"
         )
-    if backend == "sqlite" and parsed.database and parsed.database != ":memory:":
+    if backend == "sqlite":
+        if not parsed.database or parsed.database == ":memory:" or parsed.database.startswith("file::memory:"):
+            raise ConfigError(f"the database URL {url!r} is an in-memory SQLite store, which keeps nothing: "
+                              "give a file, like sqlite:///mailhost.db")
         db = Path(parsed.database).expanduser()
         if not db.is_absolute():
             db = base / db
+        if db.is_dir() or not db.parent.is_dir():
+            raise ConfigError(f"the database URL {url!r} names {db}, "
+                              + ("a folder" if db.is_dir() else f"in a folder that does not exist ({db.parent})")
+                              + ": give the path of a file, like sqlite:///mailhost.db")
         url = parsed.set(database=str(db)).render_as_string(hide_password=False)
     return url
 

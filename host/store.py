@@ -43,6 +43,8 @@ from sqlalchemy.orm import (
     sessionmaker,
 )
 
+from .errors import ConfigError
+
 __all__ = [
     "Base",
     "Certificate",
@@ -475,7 +477,11 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    try:
+        return create_engine(url, pool_pre_ping=True)
+    except ModuleNotFoundError as exc:  # the driver is an extra
+        raise ConfigError(f"the PostgreSQL driver ({exc.name}) is not installed: "
+                          "pip install 'mailhost[postgresql]'") from None
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:

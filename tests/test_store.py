@@ -88,6 +88,34 @@ def test_init_with_bad_database_url(tmp_path: Path) -> None:
     assert not (tmp_path / "m.toml").exists()
 
 
+@pytest.mark.parametrize("url, expect", [
+    ("sqlite:///nowhere/at/all.db", "in a folder that does not exist"),
+    ("sqlite:////tmp", "a folder: give the path of a file"),
+    ("sqlite:///", "in-memory SQLite store, which keeps nothing"),
+    ("sqlite:///:memory:", "in-memory SQLite store"),
+    ("postgresql+psycopg://nobody@127.0.0.1:1/x", "cannot open the store"),
+])
+def test_a_failed_init_leaves_nothing(tmp_path: Path, url: str, expect: str) -> None:
+    """Whatever stops `init` (a store it cannot make or reach, a key it cannot use), it
+    leaves no config, key or database behind, so the corrected command just works."""
+    out = run_cli("--config", str(tmp_path / "mailhost.toml"), "init", "--database", url, cwd=tmp_path)
+    assert out.returncode == 2 and expect in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert list(tmp_path.iterdir()) == []
+    out = run_cli("--config", str(tmp_path / "mailhost.toml"), "init", env={"MAILHOST_SECRET_KEY": "garbage"})
+    assert out.returncode == 2 and "not a valid Fernet key" in out.stderr and list(tmp_path.iterdir()) == []
+    assert run_cli("--config", str(tmp_path / "mailhost.toml"), "init").returncode == 0
+
+
+def test_a_missing_store_file_is_not_created(tmp_path: Path) -> None:
+    """A command on a config whose SQLite file is gone says so, and creates no empty store."""
+    cfg = tmp_path / "mailhost.toml"
+    assert run_cli("--config", str(cfg), "init").returncode == 0
+    cfg.write_text(cfg.read_text().replace("sqlite:///mailhost.db", "sqlite:///missing.db"))
+    out = run_cli("--config", str(cfg), "incoming", "list")
+    assert out.returncode == 2 and "missing.db does not exist: run `mailhost init`" in out.stderr
+    assert not (tmp_path / "missing.db").exists()
+
+
 def test_init_twice_keeps_config(tmp_path: Path) -> None:
     """A second `init` keeps the config and key, and only upgrades the store."""
     cfg = tmp_path / "mailhost.toml"
