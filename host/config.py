@@ -102,16 +102,29 @@ class Config:
                 f"no config file at {path}: run `mailhost init` there first, "
                 "or pass --config FILE (or set MAILHOST_CONFIG)"
             )
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder: give the config file, like {path / 'mailhost.toml'}")
         try:
             doc = tomllib.loads(path.read_text(encoding="utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"the config file {path} is not valid TOML ({exc}): fix it") from exc
+        except OSError as exc:
+            raise ConfigError(f"the config file {path} cannot be read ({exc.strerror or exc}): "
+                              "check its permissions") from None
         return cls.from_dict(path, doc)
 
     @classmethod
     def from_dict(cls, path: Path, doc: dict[str, Any]) -> Config:
         """Build a Config from parsed TOML, checking each value."""
         base = path.parent
+        unknown = sorted(set(doc) - set(SECTIONS))
+        if unknown:  # a typo would otherwise leave the setting at its default, unseen
+            raise ConfigError(f"{path} has unknown sections {unknown}: use {list(SECTIONS)}")
+        for section, keys in SECTIONS.items():
+            table = doc.get(section)
+            wrong = sorted(set(table) - keys) if isinstance(table, dict) and keys else []
+            if wrong:
+                raise ConfigError(f"[{section}] in {path} has unknown keys {wrong}: use {sorted(keys)}")
         store = _table(doc, "store", path)
         url = os.environ.get("MAILHOST_DATABASE_URL") or store.get("url") or "sqlite:///mailhost.db"
         url = resolve_database_url(str(url), base, path)
@@ -165,6 +178,18 @@ class Config:
         plugins["disabled"] = off
         _atomic_write(self.path, tomlkit.dumps(doc))
         self.plugins_enabled, self.plugins_disabled = on, off
+
+
+#: The config file's sections and their keys (``[outgoing]`` is checked by its reader,
+#: mailhost.outgoing.Policy).
+SECTIONS: dict[str, frozenset[str]] = {
+    "store": frozenset({"url"}),
+    "secrets": frozenset({"key_file"}),
+    "plugins": frozenset({"enabled", "disabled", "protocols"}),
+    "service": frozenset({"delivery_interval", "delivery_sessions"}),
+    "outgoing": frozenset(),
+    "web": frozenset({"listen"}),
+}
 
 
 def resolve_database_url(url: str, base: Path, path: Path | None = None) -> str:

@@ -181,6 +181,14 @@ class PluginHost:
                 self._fail(info, f"import failed: {_describe(failures[ep.name])}", failures[ep.name])
             else:
                 self._register(ep.name, loaded[ep.name], info)
+        for names, where in ((self._only, "$MAILHOST_LOAD_PLUGINS"), (self._enabled, "[plugins] enabled")):
+            unknown = sorted(set(names or ()) - set(self.plugins) - set(BUILTINS))
+            if unknown:  # a typo that would silently load nothing by that name
+                message = (f"{where} names {', '.join(unknown)}, which no installed plugin is called; "
+                           f"installed: {', '.join(sorted(self.plugins)) or 'none'}")
+                if self.strict:
+                    raise PluginError(message)
+                log.warning("%s", message)
 
     def _register(self, name: str, plugin: object, info: PluginInfo) -> None:
         self.plugins[name] = info

@@ -190,6 +190,27 @@ def test_missing_config_is_clear(tmp_path: Path) -> None:
     assert "mailhost init" in out.stderr
 
 
+def test_config_typos_and_huge_numbers_are_bad_input(cli) -> None:
+    """An unknown section or key in the config file, a folder for --config, and numbers
+    beyond any sensible range are each one sentence with exit 2, never a traceback."""
+    config = cli.home / "mailhost.toml"
+    good = config.read_text()
+    for typo, expect in (("[stor]\nurl = 'x'\n", "unknown sections ['stor']"),
+                         ("[plugins]\ndisable = ['pop3']\n", "[plugins] in"),
+                         ("", "unknown keys ['delivery_intervall']")):
+        config.write_text(good.replace("delivery_interval =", "delivery_intervall =") if not typo
+                          else good.replace("[plugins]\n", "[plugins]\ndisable = ['pop3']\n") if "disable" in typo
+                          else good + typo)
+        out = cli("incoming", "list")
+        assert out.returncode == 2 and expect in out.stderr and "Traceback" not in out.stderr, out.stderr
+    config.write_text(good)
+    for args, expect in ((("--config", str(cli.home), "incoming", "list"), "is a folder: give the config file"),
+                         (("queue", "incoming", "--limit", "99999999999999999999"), "is not in the range"),
+                         (("queue", "outgoing", "purge", "--older-than", "999999999"), "is not in the range")):
+        out = cli(*args)
+        assert out.returncode == 2 and expect in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 def test_host_overrides_listing(cli) -> None:
     """`host-overrides` lists what the plugins register, filtered by provider."""
     rows = json.loads(cli("host-overrides", "--provider", "test", "--json").stdout)

@@ -76,6 +76,16 @@ def test_allowlist_environment_variable(home: Path, plugin_env: dict[str, str], 
     assert plugins["testplugin"]["state"] == "disabled"
 
 
+def test_allowlist_typo_is_named(home: Path, plugin_env: dict[str, str]) -> None:
+    """A name in MAILHOST_LOAD_PLUGINS that no plugin has is said, not silently dropped;
+    strict mode makes it an error."""
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugn"}
+    out = run_cli("plugins", "list", env=env, cwd=home)
+    assert out.returncode == 0 and "$MAILHOST_LOAD_PLUGINS names testplugn, which no installed plugin" in out.stderr
+    out = run_cli("plugins", "list", env={**env, "MAILHOST_STRICT_PLUGINS": "1"}, cwd=home)
+    assert out.returncode != 0 and "names testplugn" in out.stderr
+
+
 def test_config_allowlist(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
     """[plugins] enabled = [...] in the config file is an allowlist."""
     config = home / "mailhost.toml"

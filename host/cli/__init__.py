@@ -146,7 +146,7 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def limit_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--limit N``: print at most N rows."""
     return click.option(
-        "--limit", type=click.IntRange(min=1), default=None, metavar="N", help="Print at most N rows."
+        "--limit", type=click.IntRange(1, 2**31), default=None, metavar="N", help="Print at most N rows."
     )(f)
 
 

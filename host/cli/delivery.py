@@ -150,7 +150,7 @@ def queue_outgoing_delete(ctx: Context, item_id: int) -> None:
 
 
 @queue_outgoing.command("purge")
-@click.option("--older-than", "days", type=click.FloatRange(min=0), required=True, metavar="DAYS",
+@click.option("--older-than", "days", type=click.FloatRange(0, 36500), required=True, metavar="DAYS",
               help="Messages last changed more than DAYS days ago.")
 @click.option("--status", "statuses", multiple=True, type=click.Choice(["sent", "failed"]),
               help="sent (default) and/or failed.")

@@ -142,7 +142,7 @@ def log_incoming(ctx: Context, connection: str | None, messages: bool, as_json: 
 
 
 @queue_incoming.command("purge")
-@click.option("--older-than", "days", type=click.FloatRange(min=0), required=True, metavar="DAYS",
+@click.option("--older-than", "days", type=click.FloatRange(0, 36500), required=True, metavar="DAYS",
               help="Items downloaded more than DAYS days ago (and log passes as old).")
 @click.option("--status", "statuses", multiple=True, type=click.Choice(["processed", "filtered", "failed", "new"]),
               help="processed and filtered by default; name others to purge them too.")
