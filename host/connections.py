@@ -487,6 +487,7 @@ class Connections:
             self._validate_incoming(s, provider, label, given, values, extra)
         else:
             self._validate_outgoing(provider, label, given, values)
+        check_lengths(_model(direction), values, label)
         return values, extra
 
     def _validate_incoming(
@@ -681,6 +682,17 @@ def _text(value: Any, key: str) -> str:
     if not isinstance(value, str):
         raise ValidationError(f"{key.replace('_', ' ')} must be text, not {value!r}", field=key)
     return value.strip()
+
+
+def check_lengths(model: type[Any], values: Mapping[str, Any], label: str) -> None:
+    """Refuse a text longer than its column holds (PostgreSQL would fail the write,
+    SQLite would keep it whole): one sentence naming the attribute and the limit."""
+    for key, value in values.items():
+        column = model.__table__.c.get(key)
+        limit = getattr(column.type, "length", None) if column is not None else None
+        if isinstance(value, str) and limit and len(value) > limit:
+            raise ValidationError(f"{label}: the {key.replace('_', ' ')} is {len(value)} characters long: "
+                                  f"use at most {limit}", field=key)
 
 
 def _on_the_wire(value: str, what: str, label: str) -> str:

@@ -260,7 +260,7 @@ class OAuth2:
         assert spec.name
         label = f"OAuth2 credential {spec.name!r}"
         provider = self.provider(str(spec.provider))
-        from .connections import _check_ca_file, _on_the_wire  # one check for each, everywhere
+        from .connections import _check_ca_file, _on_the_wire, check_lengths  # one check for each, everywhere
 
         client_id = _on_the_wire((spec.client_id or "").strip(), "client ID", label)
         for what, value in (("tenant", spec.tenant), ("authority", spec.authority)):
@@ -298,6 +298,8 @@ class OAuth2:
                 config = provider.configure(config)
             except ValueError as exc:
                 raise ValidationError(f"{label}: {exc}", field="provider") from None
+        check_lengths(OAuthCredential, {k: getattr(config, k) for k in (
+            "client_id", "tenant", "authority", "authorization_endpoint", "token_endpoint", "ca_file")}, label)
         return config
 
     # -- authorization ------------------------------------------------------------------

@@ -82,6 +82,7 @@ def test_add_list_show_incoming(cli) -> None:
         (["--protocol", "dir", "--folder", "x", "--port", "abc"], "'abc' is not a valid integer"),
         (["--protocol", "dir", "--folder", "x", "--username", "u\r\nA1 DELETE INBOX"],
          "the username contains a line break or control character: remove it"),
+        (["--protocol", "dir", "--folder", "x", "--username", "u" * 501], "the username is 501 characters long: use at most 500"),
         (["--protocol", "dir", "--folder", "x", "--shared-mailbox", "te\nam"],
          "the shared mailbox contains a line break"),
     ],
