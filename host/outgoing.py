@@ -243,6 +243,9 @@ def _header_re(name: str) -> re.Pattern[bytes]:
 _SUBJECT = _header_re("Subject")
 _BCC = _header_re("Bcc")
 _RESENT_BCC = _header_re("Resent-Bcc")
+_FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")  # a header line: a field name (RFC 5322 3.6.8), then ":"
+#: Fields every email message has at least one of; a file with none is something else.
+_MESSAGE_FIELDS = {"from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version", "sender"}
 
 
 def _fold(name: str, value: str) -> bytes:
@@ -764,11 +767,12 @@ class Outgoing:
                 raise ValidationError(f"cannot read the message {eml}: {exc.strerror or exc}", field="eml") from None
         raw = _crlf(raw)
         head, rest = _split(raw)
-        first = head.split(b"\r\n", 1)[0]
-        if b":" not in first or first[:1] in (b" ", b"\t"):
-            raise ValidationError(f"{label} is not an email message: it must start with headers (an .eml file)",
-                                  field="eml")
+        lines = head[:-2].split(b"\r\n")
         headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(head + b"\r\n")
+        if (lines[0][:1] in (b" ", b"\t") or not all(_FIELD.match(line) or line[:1] in (b" ", b"\t") for line in lines)
+                or not _MESSAGE_FIELDS & {name.lower() for name in headers.keys()}):
+            raise ValidationError(f"{label} is not an email message: it must start with headers such as From, "
+                                  "To and Subject (an .eml file)", field="eml")
         if not envelope:
             found = getaddresses([str(v) for k in ("To", "Cc", "Bcc") for v in headers.get_all(k, [])])
             envelope = [_check_address(a, "recipient") for _, a in found if a]

@@ -518,10 +518,12 @@ def test_eml_is_taken_as_it_is(mh: Mailhost, tmp_path: Path) -> None:
     assert b"Bcc" not in draft.raw and b"secret" not in draft.raw
     assert draft.raw.startswith(b"Message-ID: <") and b"\r\nDate: " in draft.raw
     assert draft.raw.endswith(b"\r\n\r\nbody line\r\n")
-    with pytest.raises(ValidationError, match="not an email message"):
-        bad = tmp_path / "bad.eml"
-        bad.write_bytes(b"just text\n")
-        mh.outgoing.compose(eml=bad)
+    bad = tmp_path / "bad.eml"
+    for content in (b"just text\n", b"root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1::/:/bin/sh\n",
+                    b"key: value\n\xff\x00 binary\x01: junk\n", b" folded: first\nTo: b@example.org\n"):
+        bad.write_bytes(content)  # text, /etc/passwd, a binary file, a header block starting mid-field
+        with pytest.raises(ValidationError, match="not an email message: it must start with headers such as From"):
+            mh.outgoing.compose(eml=bad, to=["a@example.org"])
 
 
 @pytest.mark.parametrize("kwargs, match", [
