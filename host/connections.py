@@ -34,8 +34,12 @@ from .secrets import redact
 from .store import (
     Certificate,
     IncomingConnection,
+    IncomingItem,
+    IncomingLog,
     OAuthCredential,
+    OutgoingAttempt,
     OutgoingConnection,
+    OutgoingItem,
 )
 
 if TYPE_CHECKING:
@@ -53,6 +57,11 @@ MAX_INTERVAL_MIN = 7 * 24 * 60
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?)*\.?$")
 # Changing one of these points the connection at another mailbox: its cursors go.
+#: The columns that name a connection: its queue, log and attempts, renamed with it.
+_NAMED_AFTER = {
+    Direction.INCOMING: (IncomingItem.connection_name, IncomingLog.connection_name),
+    Direction.OUTGOING: (OutgoingItem.connection_name, OutgoingAttempt.connection_name),
+}
 _MAILBOX_IDENTITY = ("protocol", "host", "port", "username", "shared_mailbox", "host_override")
 
 
@@ -195,6 +204,10 @@ class Connections:
             values, extra = self._validate(direction, s, merged, conn, explicit=set(given))
             was_enabled = bool(getattr(conn, "enabled", False))
             moved = any(values.get(k) != getattr(conn, k, None) for k in _MAILBOX_IDENTITY)
+            if values["name"] != conn.name:  # its mail and history follow it (queued mail is routed by name)
+                for column in _NAMED_AFTER[direction]:
+                    s.execute(update(column.class_).where(column == conn.name).values({column.key: values["name"]})
+                              .execution_options(synchronize_session=False))
             for key, value in values.items():
                 setattr(conn, key, value)
             disabled = False

@@ -215,6 +215,15 @@ def test_lease_is_renewed_while_a_batch_takes_long(tmh: Mailhost, box: Path, con
     assert report.ok and report.stored == 1  # type: ignore[attr-defined]
 
 
+def test_renamed_connection_keeps_its_queue_and_log(tmh: Mailhost, box: Path, conn: str) -> None:
+    """Renamed, a connection's stored mail and passes are listed under its new name."""
+    (box / "a.eml").write_bytes(_msg(1))
+    tmh.incoming.fetch([conn])
+    tmh.connections.edit(Direction.INCOMING, conn, ConnectionSpec(name="support"))
+    assert [i.connection_name for i in tmh.incoming.items(connection="support")] == ["support"]
+    assert len(tmh.incoming.logs("support")) == 1 and tmh.incoming.items(connection=conn) == []
+
+
 def test_failure_mid_pass_loses_nothing(tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A link dropped mid-batch stores nothing of that batch; the next pass gets everything once."""
     import mailhost.incoming as incoming

@@ -97,6 +97,20 @@ def test_delivers_with_prefix_and_from(mh: Mailhost, smtp_server: Callable[..., 
     assert first["Message-ID"] == mh.outgoing.item(a.id).message_id  # stable from queue to wire
 
 
+def test_renamed_connection_keeps_its_queue(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """Queued mail is routed by connection name: renamed, the connection still sends it,
+    and its history is listed under the new name."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="help@example.org")
+    sent = mh.outgoing.send(["bob@example.org"], connection="main", subject="before", body=BODY)
+    assert mh.outgoing.deliver().connections["main"].sent == 1
+    queued = mh.outgoing.send(["carol@example.org"], connection="main", subject="queued", body=BODY)
+    mh.connections.edit(Direction.OUTGOING, "main", ConnectionSpec(name="desk"))
+    assert mh.outgoing.deliver().connections["desk"].sent == 1
+    assert {i.id for i in mh.outgoing.items(connection="desk")} == {sent.id, queued.id}
+    assert item(mh, queued.id)["sent_via"] == "desk" and len(server.messages) == 2
+
+
 def test_one_session_carries_many_messages(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
     """A pass reuses one SMTP session for every message of a connection."""
     server = smtp_server("plain")
