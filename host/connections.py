@@ -168,7 +168,7 @@ class Connections:
             model = _model(direction)
             if s.scalar(select(model.id).where(model.name == spec.name.strip())) is not None:
                 raise ValidationError(
-                    f"a {direction.value} connection named {spec.name!r} already exists: "
+                    f"an {direction.value} connection named {spec.name!r} already exists: "
                     f"choose another name or use `mailhost {direction.value} edit`",
                     field="name",
                 )
@@ -194,7 +194,7 @@ class Connections:
                 model = _model(direction)
                 if s.scalar(select(model.id).where(model.name == given["name"])) is not None:
                     raise ValidationError(
-                        f"a {direction.value} connection named {given['name']!r} already exists: choose another name",
+                        f"an {direction.value} connection named {given['name']!r} already exists: choose another name",
                         field="name",
                     )
             if "protocol" in given and given["protocol"] != conn.protocol:

@@ -140,7 +140,7 @@ def setup_logging(verbose: int) -> None:
 
 def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--json``: print one JSON document and nothing else."""
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON (a list of objects).")(f)
+    return click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text (a list, for a listing).")(f)
 
 
 def limit_option(f: Callable[..., Any]) -> Callable[..., Any]:

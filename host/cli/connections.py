@@ -177,7 +177,9 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
         ctx.host.connections.remove(direction, name)
         click.echo(f"removed {word} connection {name}", err=True)
 
-    remove.help = f"Remove an {word} connection (queued and downloaded mail is kept)."
+    remove.help = f"Remove an {word} connection " + (
+        "(the mail it downloaded stays in the queue)." if direction is Direction.INCOMING else
+        "(mail still queued for it is retried, and fails unless a connection of that name is added again).")
 
     @group.command("test")
     @click.argument("name", required=False)
