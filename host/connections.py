@@ -732,9 +732,16 @@ def _check_host(host: str, label: str) -> str:
         return host.strip("[]")
     except ValueError:
         pass
-    if not _HOSTNAME.match(host):
-        raise ValidationError(f"{label}: host {host!r} is not a valid host name", field="host")
-    return host.lower().rstrip(".")
+    name = host
+    if not host.isascii():  # an internationalized name: kept as DNS knows it (IDNA)
+        try:
+            name = host.encode("idna").decode("ascii")
+        except UnicodeError:
+            name = ""
+    if not _HOSTNAME.match(name):
+        raise ValidationError(f"{label}: host {host!r} is not a valid host name: give a name like "
+                              "imap.example.org, or an IP address", field="host")
+    return name.lower().rstrip(".")
 
 
 def _check_ca_file(path: str, label: str) -> str:

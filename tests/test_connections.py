@@ -134,6 +134,12 @@ def test_no_header_injection(cli, option: str, value: str, expect: str) -> None:
          table="outgoing_connections")
 
 
+def test_internationalized_host_is_kept_as_dns_knows_it(cli) -> None:
+    """An IDN host name is accepted and stored in its IDNA (punycode) form."""
+    assert cli("outgoing", "add", "o1", "--protocol", "dir", "--host", "ímap.exämple.org").returncode == 0
+    assert json.loads(cli("outgoing", "show", "o1", "--json").stdout)["host"] == "xn--map-qma.xn--exmple-cua.org"
+
+
 def test_edit_enabled_incoming_disables_it(cli) -> None:
     """Editing an enabled incoming connection disables it."""
     assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0

@@ -517,6 +517,8 @@ def test_microsoft_host_overrides(home: Path) -> None:
     assert rows[("smtp", "global")]["port"] == 587
     plugins = {p["name"]: p for p in json.loads(run_cli("plugins", "list", "--json").stdout)}
     assert "oauth/microsoft" in plugins["oauth"]["oauth_providers"]
+    typo = run_cli("host-overrides", "--provider", "microsfot")
+    assert typo.returncode == 2 and "no host overrides for provider 'microsfot': choose one of microsoft" in typo.stderr
 
 
 def test_connection_picks_a_cloud_host(mh: Mailhost) -> None:

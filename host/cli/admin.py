@@ -79,13 +79,18 @@ def plugins_disable(ctx: Context, name: str) -> None:
 @pass_ctx
 def host_overrides(ctx: Context, provider: str | None, protocol: str | None, as_json: bool, limit: int | None) -> None:
     """Predefined hosts per provider and protocol, from the plugins."""
+    overrides = ctx.host.plugins.host_overrides
+    for what, value in (("provider", provider), ("protocol", protocol)):
+        known = sorted({getattr(o, what) for o in overrides})
+        if value is not None and value not in known:  # a typo, not "none match"
+            fail(f"no host overrides for {what} {value!r}: choose one of {', '.join(known) or 'none installed'}")
     rows = [
         {
             "provider": o.provider, "protocol": o.protocol, "name": o.name, "title": o.title,
             "host": o.host, "port": o.port, "authority": o.authority, "scopes": list(o.scopes),
             "plugin": o.plugin,
         }
-        for o in ctx.host.plugins.host_overrides
+        for o in overrides
         if (provider is None or o.provider == provider) and (protocol is None or o.protocol == protocol)
     ]
     print_rows(rows, ["provider", "protocol", "name", "host", "title"], as_json, limit,
