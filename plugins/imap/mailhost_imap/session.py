@@ -348,7 +348,7 @@ class ImapSession(IncomingSession):
                     if quoted:
                         body = _UNQUOTE.sub(rb"\1", quoted[1])
                 uid = _UID.search(text)
-                if uid and b" FETCH (" in text[:40].upper():
+                if uid and (b" FETCH (" in text[:40] or b" FETCH (" in text[:40].upper()):  # any case
                     got.append((int(uid[1]), text, body))
                 elif text.startswith(b"* BYE"):
                     raise imap.abort(text.decode("utf-8", "replace").strip())
