@@ -497,7 +497,7 @@ class Connections:
         values["options"] = dict(given.get("options") or {})
         extra: dict[str, Any] = {}
         if direction is Direction.INCOMING:
-            self._validate_incoming(s, provider, label, given, values, extra)
+            self._validate_incoming(s, provider, label, given, values, extra, explicit)
         else:
             self._validate_outgoing(provider, label, given, values)
         check_lengths(_model(direction), values, label)
@@ -505,7 +505,7 @@ class Connections:
 
     def _validate_incoming(
         self, s: Session, provider: ProtocolProvider, label: str, given: Mapping[str, Any],
-        values: dict[str, Any], extra: dict[str, Any],
+        values: dict[str, Any], extra: dict[str, Any], explicit: set[str],
     ) -> None:
         folder = _text(given.get("folder"), "folder")
         if "folder" in provider.required and not folder:
@@ -548,6 +548,9 @@ class Connections:
                 f"{label}: --move-to {argument} is the folder it downloads from: choose another folder",
                 field="after_download_argument",
             )
+        if argument and not action.takes_argument and "after_download_argument" in explicit:
+            raise ValidationError(f"{label}: --move-to applies to the move action only: add --after-download move, "
+                                  "or leave --move-to out", field="after_download_argument")
         values["after_download_argument"] = argument if action.takes_argument else None
         shared = _on_the_wire(_text(given.get("shared_mailbox"), "shared_mailbox"), "shared mailbox", label)
         values["shared_mailbox"] = shared or None
