@@ -223,7 +223,9 @@ def test_host_overrides_listing(cli) -> None:
     """`host-overrides` lists what the plugins register, filtered by provider."""
     rows = json.loads(cli("host-overrides", "--provider", "test", "--json").stdout)
     assert rows[0]["name"] == "local" and rows[0]["protocol"] == "dir"
-    assert json.loads(cli("host-overrides", "--provider", "nobody", "--json").stdout) == []
+    typo = cli("host-overrides", "--provider", "nobody", "--json")  # no such provider: a typo, said so
+    assert typo.returncode == 2 and typo.stdout == "" and "provider 'nobody': choose one of" in typo.stderr
+    assert json.loads(cli("host-overrides", "--provider", "test", "--protocol", "dir", "--json").stdout) == rows
 
 
 def test_certificates_attached_and_detached(cli) -> None:
