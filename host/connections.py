@@ -201,7 +201,13 @@ class Connections:
                 # Another protocol: attributes of the old one must not leak into it.
                 current = {k: v for k, v in current.items() if k in ("name", "description", "interval", "timeout")}
             merged = {**current, **given}
-            values, extra = self._validate(direction, s, merged, conn, explicit=set(given))
+            try:
+                values, extra = self._validate(direction, s, merged, conn, explicit=set(given))
+            except ValidationError as exc:
+                if merged["protocol"] == conn.protocol:
+                    raise
+                raise ValidationError(f"{exc} (another protocol keeps none of the old one's server settings)",
+                                      field=exc.field) from None
             was_enabled = bool(getattr(conn, "enabled", False))
             moved = any(values.get(k) != getattr(conn, k, None) for k in _MAILBOX_IDENTITY)
             if values["name"] != conn.name:  # its mail and history follow it (queued mail is routed by name)

@@ -172,6 +172,9 @@ class OAuth2:
         the stored tokens go, and the next ones are issued for what the credential says now.
         """
         current = self.get(name)
+        if spec.name is not None and not spec.name.strip():
+            raise ValidationError(f"OAuth2 credential {name!r}: the new name is empty: give a name, "
+                                  "or leave --name out", field="name")
         secret = self.host.vault.decrypt(current.client_secret_enc)
         if spec.provider and spec.provider != current.provider:
             users = self.used_by(current.id)

@@ -141,6 +141,16 @@ def test_internationalized_host_is_kept_as_dns_knows_it(cli) -> None:
     assert json.loads(cli("outgoing", "show", "o1", "--json").stdout)["host"] == "xn--map-qma.xn--exmple-cua.org"
 
 
+def test_protocol_change_says_the_old_settings_are_gone(cli) -> None:
+    """Another protocol starts afresh; when that leaves a required setting out, the
+    error says why it is missing."""
+    env = {"MAILHOST_LOAD_PLUGINS": "imap,pop3", "PW": "pw"}
+    assert cli("incoming", "add", "c1", "--protocol", "imap", "--host", "mail.example.org", "--username", "u",
+               "--password-env", "PW", env=env).returncode == 0
+    _bad(cli, "incoming", "edit", "c1", "--protocol", "pop3", env=env,
+         expect="needs a host: give --host (the mail server's name) (another protocol keeps none of the old one's")
+
+
 def test_edit_enabled_incoming_disables_it(cli) -> None:
     """Editing an enabled incoming connection disables it."""
     assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0

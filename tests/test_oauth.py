@@ -488,6 +488,8 @@ def test_cli_another_provider_keeps_nothing_of_the_old_one(home: Path) -> None:
     assert "google" not in json.dumps(back)
     bad = run_cli("oauth", "edit", "app", "--client-id", "c\r\nx")
     assert bad.returncode == 2 and "the client ID contains a line break" in bad.stderr
+    empty = run_cli("oauth", "edit", "app", "--name", "")
+    assert empty.returncode == 2 and "the new name is empty" in empty.stderr
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,9 +26,9 @@ from . import (
 _ENCRYPTIONS = click.Choice(["none", "ssl", "starttls"], case_sensitive=False)
 
 
-def _common_options(f: Callable[..., Any]) -> Callable[..., Any]:
+def _common_options(f: Callable[..., Any], protocols: str) -> Callable[..., Any]:
     options = [
-        click.option("--protocol", metavar="NAME", help="imap, pop3, smtp, graph, ... (see `mailhost plugins list`)."),
+        click.option("--protocol", metavar="NAME", help=f"{protocols}, ... (see `mailhost plugins list`)."),
         click.option("--description", metavar="TEXT"),
         click.option("--host", metavar="HOST", help="The server's host name."),
         click.option("--port", type=int, metavar="PORT", help="0 or absent: the protocol's default for the encryption."),
@@ -58,7 +58,7 @@ def _incoming_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         f = option(f)
-    return _common_options(f)
+    return _common_options(f, "imap, pop3, graph")
 
 
 def _outgoing_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,7 +73,7 @@ def _outgoing_options(f: Callable[..., Any]) -> Callable[..., Any]:
     ]
     for option in reversed(options):
         f = option(f)
-    return _common_options(f)
+    return _common_options(f, "smtp, graph")
 
 
 def _spec(name: str | None, opts: dict[str, Any]) -> ConnectionSpec:
