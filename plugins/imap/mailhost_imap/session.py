@@ -150,7 +150,7 @@ class ImapSession(IncomingSession):
         """Raise unless every one of ``uids`` has left the folder: the host moves the
         cursor past what :meth:`fetch` does not return, so a message the server still
         lists but sent without content (``BODY[] NIL``) must fail the batch, not vanish."""
-        still = sorted(uid for uid_set in _uid_sets(uids) for uid in self.client.search(["UID", uid_set]))
+        still = [ref.handle for uid_set in _uid_sets(uids) for ref in self._refs(uid_set)]
         if still:
             shown = ", ".join(map(str, still[:10])) + (", ..." if len(still) > 10 else "")
             raise TemporaryFailure(
