@@ -402,6 +402,8 @@ class Connections:
                 )
         values["oauth_credential_id"] = credential.id if credential else None
         values["host_override"] = None
+        if override_name and host and "host" not in explicit:
+            host = ""  # a stored host yields to a predefined host chosen now
         if override_name and host:  # the override would win at the next edit: say it now
             raise ValidationError(
                 f"{label}: give either --host or --host-override {override_name}, not both "

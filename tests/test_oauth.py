@@ -542,3 +542,5 @@ def test_connection_picks_a_cloud_host(mh: Mailhost) -> None:
         mh.connections.edit(Direction.INCOMING, "gov-in", ConnectionSpec(host="imap.example.org"))
     mh.connections.edit(Direction.INCOMING, "gov-in", ConnectionSpec(host="imap.example.org", host_override=""))
     assert mh.connections.get(Direction.INCOMING, "gov-in").host == "imap.example.org"
+    mh.connections.edit(Direction.INCOMING, "gov-in", ConnectionSpec(host_override="gcc-high"))  # and back
+    assert mh.connections.get(Direction.INCOMING, "gov-in").host == "outlook.office365.us"
