@@ -13,7 +13,8 @@ One pass over one connection:
 A crash at any instant therefore at most repeats an acknowledgement: a message is
 never lost (nothing is acknowledged before it is committed) and never stored twice
 (its key is committed with it; a renumbered folder is caught by the content
-fingerprint, SHA-256 of the raw bytes).
+fingerprint, SHA-256 of the raw bytes, which the connection recognises in whatever
+folder it stored it from).
 """
 from __future__ import annotations
 
@@ -265,7 +266,7 @@ class Incoming:
         certificates = self._certificates(conn)
         with self.host.session() as s:
             already = self._known_in(s, conn.id, folder, [f.ref.key for f in fetched])
-            dup_prints = self._fingerprints_in(s, conn.id, folder, [f.fingerprint for f in fetched])
+            dup_prints = self._fingerprints_in(s, conn.id, [f.fingerprint for f in fetched])
             items: list[tuple[Any, ...]] = []
             keys: list[tuple[str, str]] = []  # (key, fingerprint) of every message new here
             duplicates: list[tuple[str, dict[str, str | None]]] = []  # (fingerprint, summary)
@@ -417,12 +418,15 @@ class Incoming:
             (connection_id, folder), keys)}
 
     @staticmethod
-    def _fingerprints_in(s: Session, connection_id: int, folder: str, prints: Sequence[str]) -> dict[str, int | None]:
-        """The queue item of each of ``prints`` already stored for the folder."""
+    def _fingerprints_in(s: Session, connection_id: int, prints: Sequence[str]) -> dict[str, int | None]:
+        """The queue item of each of ``prints`` the connection already stored, from any
+        folder: the same folder under another spelling (Graph's ``inbox`` and ``Inbox``)
+        or a folder holding copies of stored mail (the move action's target) brings
+        nothing twice."""
         found: dict[str, int | None] = {}
         for fp, item_id in _select_in(
-                s, "SELECT fingerprint, item_id FROM incoming_seen WHERE connection_id = {} AND folder = {} "
-                "AND fingerprint IN", (connection_id, folder), list(set(prints))):
+                s, "SELECT fingerprint, item_id FROM incoming_seen WHERE connection_id = {} AND fingerprint IN",
+                (connection_id,), list(set(prints))):
             found.setdefault(fp, item_id)
         return found
 

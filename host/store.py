@@ -306,7 +306,7 @@ class SeenMessage(Base):
     __tablename__ = "incoming_seen"
     __table_args__ = (
         UniqueConstraint("connection_id", "folder", "key"),
-        Index("ix_incoming_seen_fingerprint", "connection_id", "folder", "fingerprint"),
+        Index("ix_incoming_seen_fingerprint", "connection_id", "fingerprint"),  # content, in any folder
         Index("ix_incoming_seen_order", "connection_id", "folder", "id"),
     )
 

@@ -91,6 +91,25 @@ def test_inbox_in_any_case_is_the_same_folder(home: Path, dovecot, mailbox, imap
     assert out.returncode == 2 and "--move-to Inbox is the folder it downloads from: choose another" in out.stderr
 
 
+def test_a_folder_holding_copies_of_stored_mail_brings_nothing_twice(
+        home: Path, dovecot, mailbox, imap_conn: str) -> None:
+    """Pointed at the folder its move action filled, the connection recognises every
+    message by its content: logged as duplicates and acknowledged, stored once. New
+    mail there still comes."""
+    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(i) for i in range(10)])
+    assert run_cli("incoming", "edit", "desk", "--after-download", "move", "--move-to", "Done",
+                   env=ENV, cwd=home).returncode == 0
+    assert json.loads(_fetch(home).stdout)[0]["stored"] == 10
+    assert len(dovecot.maildir_messages(mailbox.user, "Done")) == 10
+    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(100 + i) for i in range(2)], folder="Done")
+    out = run_cli("incoming", "edit", "desk", "--folder", "Done", "--after-download", "mark-seen", env=ENV, cwd=home)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(_fetch(home).stdout)[0]
+    assert (report["listed"], report["stored"], report["duplicates"], report["acknowledged"]) == (12, 2, 10, 12)
+    ids = Counter(m for m, _ in _queue(home))
+    assert len(ids) == 12 and max(ids.values()) == 1
+
+
 def test_server_restart_mid_pass(home: Path, dovecot, mailbox, imap_conn: str) -> None:
     """Dovecot restarting during a pass fails the pass cleanly; the next one completes it."""
     sent = [dovecot.generate_message(i) for i in range(4000)]
