@@ -210,6 +210,7 @@ class Connections:
                                       field=exc.field) from None
             was_enabled = bool(getattr(conn, "enabled", False))
             moved = any(values.get(k) != getattr(conn, k, None) for k in _MAILBOX_IDENTITY)
+            old_folder = getattr(conn, "folder", None)
             if values["name"] != conn.name:  # its mail and history follow it (queued mail is routed by name)
                 for column in _NAMED_AFTER[direction]:
                     s.execute(update(column.class_).where(column == conn.name).values({column.key: values["name"]})
@@ -223,6 +224,11 @@ class Connections:
                     conn.enabled, disabled = False, True
                 if moved:
                     self.host.incoming.forget_mailbox(s, conn.id)
+                elif old_folder and values["folder"] != old_folder:
+                    canonical = self.provider(direction, conn).canonical_folder
+                    if canonical is not None and canonical(old_folder) == values["folder"]:
+                        # the same folder in the protocol's one spelling: its keys and cursor follow
+                        self.host.incoming.respell_folder(s, conn.id, old_folder, values["folder"])
             else:
                 if moved or values.get("encryption") != current.get("encryption"):
                     conn.server_size_limit = None  # another server: its SIZE is learned anew

@@ -406,6 +406,18 @@ class Incoming:
         s.add_all(FolderCursor(connection_id=connection_id, folder=folder, state={}, acknowledged_through=top)
                   for folder, top in marks)
 
+    @staticmethod
+    def respell_folder(s: Session, connection_id: int, old: str, new: str) -> None:
+        """``old`` is now spelled ``new`` (the protocol's one spelling of that folder):
+        its stored keys and cursor move to the new spelling, in the open transaction,
+        unless the new spelling already has its own."""
+        if s.get(FolderCursor, (connection_id, new)) is not None or s.scalar(select(SeenMessage.id).where(
+                SeenMessage.connection_id == connection_id, SeenMessage.folder == new).limit(1)) is not None:
+            return
+        for model in (SeenMessage, FolderCursor):
+            s.execute(update(model).where(model.connection_id == connection_id, model.folder == old)
+                      .values(folder=new).execution_options(synchronize_session=False))
+
     def _known(self, connection_id: int, folder: str, keys: Sequence[str]) -> set[str]:
         with self.host.session() as s:
             return self._known_in(s, connection_id, folder, keys)

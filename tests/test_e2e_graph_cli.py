@@ -256,6 +256,22 @@ def test_stale_delta_token_resyncs_without_duplicates(home: Path, idp: IdentityP
     assert (log["status"], log["stored"], log["error"]) == ("ok", 1, None), log
 
 
+def test_a_retyped_folder_is_the_same_folder(home: Path, idp: IdentityProvider, graph: GraphServer,
+                                            env: dict[str, str]) -> None:
+    """Exchange ignores case in folder names: "inbox" retyped keeps Inbox's delta token
+    and stored keys, so nothing is listed again, let alone stored twice."""
+    graph.deliver_many(ALICE, [message(i) for i in range(20)])
+    add_app_only_credential(idp, env)
+    add_incoming(graph, "g", "--after-download", "keep")
+    assert fetch()["stored"] == 20
+    cli("incoming", "edit", "g", "--folder", " inbox/")
+    assert cli_json("incoming", "show", "g")["folder"] == "Inbox"
+    graph.deliver(ALICE, message(99))
+    report = fetch()
+    assert (report["listed"], report["stored"], report["duplicates"]) == (1, 1, 0), report
+    assert stored_count(home) == 21
+
+
 def test_refused_token_is_renewed_without_an_admin(home: Path, idp: IdentityProvider, graph: GraphServer,
                                                    env: dict[str, str]) -> None:
     """The provider no longer honours the stored token (its clock moved past the expiry;

@@ -110,6 +110,25 @@ def test_a_folder_holding_copies_of_stored_mail_brings_nothing_twice(
     assert len(ids) == 12 and max(ids.values()) == 1
 
 
+def test_a_folder_stored_in_an_older_spelling_keeps_its_keys(home: Path, dovecot, mailbox, imap_conn: str) -> None:
+    """A store from before INBOX had one spelling holds "inbox": the next edit writes
+    INBOX and the folder's keys and cursor follow it, so nothing is downloaded again."""
+    import sqlite3
+
+    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(i) for i in range(4)])
+    assert json.loads(_fetch(home).stdout)[0]["stored"] == 4
+    db = sqlite3.connect(home / "mailhost.db")
+    with db:
+        for table in ("incoming_connections", "incoming_seen", "folder_cursors"):
+            db.execute(f"UPDATE {table} SET folder = 'inbox' WHERE folder = 'INBOX'")
+    db.close()
+    assert run_cli("incoming", "edit", "desk", "--interval", "7", env=ENV, cwd=home).returncode == 0
+    assert json.loads(run_cli("incoming", "show", "desk", "--json", env=ENV, cwd=home).stdout)["folder"] == "INBOX"
+    dovecot.deliver(mailbox.user, dovecot.generate_message(50))
+    again = json.loads(_fetch(home).stdout)[0]
+    assert (again["listed"], again["stored"], again["duplicates"]) == (1, 1, 0)
+
+
 def test_server_restart_mid_pass(home: Path, dovecot, mailbox, imap_conn: str) -> None:
     """Dovecot restarting during a pass fails the pass cleanly; the next one completes it."""
     sent = [dovecot.generate_message(i) for i in range(4000)]

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from mailhost import hookimpl
 from mailhost.protocols import Direction, ProtocolProvider, lazy
 
+from .folders import canonical_folder
+
 if TYPE_CHECKING:
     from .client import DEFAULT_HOST, GraphClient
     from .incoming import GraphIncomingSession
@@ -54,6 +56,7 @@ INCOMING = ProtocolProvider(
     required=frozenset({"username"}),
     after_download=("mark-seen", "delete", "move", "keep"),
     default_folder="Inbox",
+    canonical_folder=canonical_folder,  # Exchange folder names ignore case
     test=test_incoming,
 )
 

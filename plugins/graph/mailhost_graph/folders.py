@@ -1,15 +1,20 @@
 """Mail folders by the name an admin writes: a well-known name, a display name, or a
-path ``Parent/Child``; created on demand for the move action."""
+path ``Parent/Child``; created on demand for the move action.
+
+Light to import (the plugin's registration uses :func:`canonical_folder`): the HTTP
+client is only a type here."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
 from mailhost.errors import PermanentFailure
 
-from .client import GraphClient
+if TYPE_CHECKING:
+    from .client import GraphClient
 
-__all__ = ["WELL_KNOWN", "FolderInfo", "Folders"]
+__all__ = ["WELL_KNOWN", "FolderInfo", "Folders", "canonical_folder"]
 
 #: Well-known folder names (Microsoft: mailFolder resource type); they work in every
 #: mailbox language, so they win over display names for the first part of a path.
@@ -19,6 +24,20 @@ WELL_KNOWN = frozenset({
     "scheduled", "searchfolders", "sentitems", "serverfailures", "syncissues",
 })
 _SELECT = "id,displayName,parentFolderId,totalItemCount,unreadItemCount"
+
+
+def canonical_folder(path: str) -> str:
+    """The one spelling of the names :class:`Folders` finds the same folder by: parts
+    trimmed, and a well-known first part in any case as ``Inbox`` (the default folder)
+    or its lower-case name (``Drafts`` -> ``drafts``). Display names keep the admin's
+    case: which spelling the mailbox has is known only to the server."""
+    parts = [p.strip() for p in path.strip().strip("/").split("/") if p.strip()]
+    if not parts:
+        return path  # not a folder name: the pass says so (see _parts)
+    first = parts[0].lower()
+    if first in WELL_KNOWN:
+        parts[0] = "Inbox" if first == "inbox" else first
+    return "/".join(parts)
 
 
 @dataclass(frozen=True)

@@ -65,6 +65,15 @@ def test_connection_rules(host: Mailhost) -> None:
     client.close()
 
 
+def test_one_spelling_per_folder() -> None:
+    """Exchange ignores case in folder names: a well-known first part in any case has
+    one spelling (Inbox, the default, or the lower-case well-known name), the parts are
+    trimmed, and display names keep the admin's case."""
+    names = ["inbox", "INBOX/Support", "/Inbox/ Support /", "Drafts", "deletedItems/Old", "Projects/2026"]
+    assert [INCOMING.canonical_folder(n) for n in names] == [
+        "Inbox", "Inbox/Support", "Inbox/Support", "drafts", "deleteditems/Old", "Projects/2026"]
+
+
 def test_host_override_picks_the_cloud(host: Mailhost) -> None:
     """--host-override gcc-high: the Graph endpoint of that cloud, in both directions."""
     for direction in Direction:
