@@ -272,6 +272,23 @@ def test_a_retyped_folder_is_the_same_folder(home: Path, idp: IdentityProvider, 
     assert stored_count(home) == 21
 
 
+def test_a_404_for_a_listed_message_loses_nothing(home: Path, idp: IdentityProvider, graph: GraphServer,
+                                                  env: dict[str, str]) -> None:
+    """One 404 while downloading a message the folder still holds: the pass ends not ok
+    with a sentence naming it, the delta link stays where it was, and the next pass
+    stores every message once."""
+    graph.deliver_many(ALICE, [message(i) for i in range(5)])
+    add_app_only_credential(idp, env)
+    add_incoming(graph, "g")
+    graph.fail("value", 404, "ErrorItemNotFound", "The specified object was not found in the store.")
+    [failed] = cli_json("fetch", "g", ok=False)
+    assert not failed["ok"] and "answered 404 for 1 message(s) still in folder Inbox" in failed["error"], failed
+    assert fetch()["stored"] == 5 - failed["stored"]
+    ids = Counter(m for m, _ in stored(home))
+    assert len(ids) == 5 and max(ids.values()) == 1
+    assert all(m.is_read for m in graph.messages(ALICE))
+
+
 def test_refused_token_is_renewed_without_an_admin(home: Path, idp: IdentityProvider, graph: GraphServer,
                                                    env: dict[str, str]) -> None:
     """The provider no longer honours the stored token (its clock moved past the expiry;

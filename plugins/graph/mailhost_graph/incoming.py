@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
-from mailhost.errors import PermanentFailure
+from mailhost.errors import PermanentFailure, TemporaryFailure
 from mailhost.protocols import (
     ConnectionSettings,
     Estimate,
@@ -122,13 +122,31 @@ class GraphIncomingSession(IncomingSession):
     # -- download ---------------------------------------------------------------------
 
     def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes]]:
-        """``GET .../messages/{id}/$value``, four at a time, the bytes as they come;
-        yields in the order of ``refs``, skipping messages gone meanwhile."""
+        """``GET .../messages/{id}/$value``, four at a time; yields in the order of
+        ``refs``, skipping messages that left the folder meanwhile.
+
+        The host moves the cursor past what this does not return, so a 404 for a message
+        the folder still holds (Exchange answers 404 now and then, as replicas catch up)
+        fails the batch instead of losing the message.
+        """
         targets = [f"{self.prefix}/messages/{_quote_id(ref.handle)}/$value" for ref in refs]
         doing = f"download messages from folder {self.folder_path}"
+        got: list[tuple[MessageRef, bytes]] = []
+        missing: list[str] = []
         for ref, response in zip(refs, self.client.get_many(targets, doing)):
             if response.status_code == 200:
-                yield ref, response.content
+                got.append((ref, response.content))
+            else:
+                missing.append(str(ref.handle))
+        if missing:
+            still = [ref.key for ref in self.resolve(missing)]
+            if still:
+                shown = ", ".join(still[:3]) + (", ..." if len(still) > 3 else "")
+                raise TemporaryFailure(
+                    f"{self.client.where} answered 404 for {len(still)} message(s) still in folder "
+                    f"{self.folder_path} of {self.mailbox} ({shown}): the next pass tries again; if this persists, "
+                    "look at those messages in the mailbox")
+        yield from got
 
     # -- after download: idempotent, so a crash may repeat them -----------------------
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 from graph_helpers import ALICE, BOB, SUPPORT, Settings, message
-from mailhost.errors import AuthenticationFailed, PermanentFailure, TLSFailure
+from mailhost.errors import AuthenticationFailed, PermanentFailure, TemporaryFailure, TLSFailure
 from mailhost.protocols import ConnectionSettings
 from mailhost_graph.incoming import GraphIncomingSession, open_incoming
 
@@ -53,6 +53,21 @@ def test_fetch_is_byte_exact_and_skips_vanished(graph: GraphServer, settings: Se
     assert [raw for _, raw in got] == raws[:3] + raws[4:]
     assert [ref.size for ref, _ in got] == [len(r) for r in raws[:3] + raws[4:]]
     assert max(graph.max_inflight.values()) <= 4  # Outlook's MailboxConcurrency
+
+
+def test_a_404_for_a_message_still_there_fails_the_batch(graph: GraphServer, settings: Settings) -> None:
+    """Exchange may answer 404 for a message its folder still holds (a replica behind):
+    the batch fails with a sentence naming it, so the host keeps the cursor before it,
+    and the next try gets every message."""
+    raws = [message(i) for i in range(5)]
+    graph.deliver_many(ALICE, raws)
+    with session(settings()) as s:
+        refs = s.list_new(None, nothing_known).refs
+        graph.fail("value", 404, "ErrorItemNotFound", "The specified object was not found in the store.")
+        with pytest.raises(TemporaryFailure, match=r"answered 404 for 1 message\(s\) still in folder Inbox of "
+                                                   r"alice@contoso.com .*the next pass tries again"):
+            list(s.fetch(refs))
+        assert [raw for _, raw in s.fetch(refs)] == raws
 
 
 def test_mark_seen_delete_and_move(graph: GraphServer, settings: Settings) -> None:
@@ -108,6 +123,15 @@ def test_throttling_is_honoured(graph: GraphServer, settings: Settings) -> None:
         s.mark_seen(refs)
     assert len(got) == 80 and all(m.is_read for m in graph.messages(ALICE))
     assert graph.stats["throttled"] >= 30
+
+
+def test_a_retry_after_that_is_no_number_nor_date_backs_off(graph: GraphServer, settings: Settings) -> None:
+    """``Retry-After: soon`` is read as no Retry-After at all: the client backs off and
+    tries again, as for any throttled request."""
+    graph.deliver(ALICE, message(1))
+    graph.fail("delta", 429, "TooManyRequests", "slow down", headers={"Retry-After": "soon"})
+    with session(settings()) as s:
+        assert len(s.list_new(None, nothing_known).refs) == 1
 
 
 def test_expired_token_is_fetched_again(graph: GraphServer, settings: Settings) -> None:
