@@ -287,7 +287,13 @@ class Connections:
                                        explicit=explicit if existing is not None else None)
             conn = _model(direction)(**values)  # transient: never added, never saved
         provider = self.provider(direction, conn)
-        settings = self.settings(direction, conn)
+        settings = self.settings(direction, conn)  # remembers the secret, for redact()
+        for step in self._steps(provider, settings):
+            # A server may quote what it was sent ("wrong password ... for user").
+            yield dataclasses.replace(step, detail=redact(step.detail))
+
+    @staticmethod
+    def _steps(provider: ProtocolProvider, settings: ConnectionSettings) -> Iterator[TestStep]:
         if provider.test is not None:
             yield from provider.test(settings)
             return

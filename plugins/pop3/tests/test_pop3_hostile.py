@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 
+from mailhost import Mailhost
+from mailhost.connections import ConnectionSpec
 from mailhost.errors import AuthenticationFailed, ConnectFailure, PermanentFailure
-from mailhost.protocols import ConnectionSettings, Encryption
+from mailhost.protocols import ConnectionSettings, Direction, Encryption
 from mailhost_pop3 import open_session
 from tests.servers.certs import Pki
 
@@ -32,6 +34,7 @@ class Script:
     auth_lines: list[bytes] = field(default_factory=list)  # what the client sent after AUTH
     tls: ssl.SSLContext | None = None  # offer STLS with this server context
     inject: bytes = b""  # sent in plain text right after STLS's +OK, before the handshake
+    echo_pass: bool = False  # refuse PASS, quoting the password back
 
 
 def _stuffed(raw: bytes) -> bytes:
@@ -54,6 +57,8 @@ class _Handler(socketserver.StreamRequestHandler):
                 self.request = script.tls.wrap_socket(self.request, server_side=True)
                 self.rfile, self.wfile = self.request.makefile("rb"), self.request.makefile("wb", 0)
                 send, capa = self.wfile.write, script.capa
+            elif cmd == "PASS" and script.echo_pass:
+                send(b"-ERR [AUTH] wrong password " + arg.encode() + b" for user\r\n")
             elif cmd in ("USER", "PASS", "NOOP"):
                 send(b"+OK\r\n")
             elif cmd == "AUTH":
@@ -181,3 +186,19 @@ def test_stls_discards_what_came_before_the_handshake(fake: tuple[Script, int], 
         assert "PIPELINING" not in session.client.capabilities
         assert [raw for _, raw in session.fetch(session.list_new(None, lambda keys: set()).refs)] == MESSAGES
     assert session.closed_cleanly
+
+
+def test_a_server_quoting_the_password_does_not_show_it(fake: tuple[Script, int], mh: Mailhost) -> None:
+    """The connection test prints what the server said when it refused; a server that
+    quotes the password there has it hidden, before saving and after."""
+    script, port = fake
+    script.echo_pass = True
+    secret = "S3cr3t-Pa55"
+    spec = ConnectionSpec(name="p", protocol="pop3", host="127.0.0.1", port=port, encryption="none",
+                          username="u", password=secret)
+    unsaved = list(mh.connections.test(Direction.INCOMING, None, spec))
+    mh.connections.add(Direction.INCOMING, spec)
+    saved = list(mh.connections.test(Direction.INCOMING, "p", ConnectionSpec()))
+    for steps in (unsaved, saved):
+        assert not steps[-1].ok and "wrong password ******** for user" in steps[-1].detail
+        assert not [step for step in steps if secret in step.detail]
