@@ -190,12 +190,21 @@ class Incoming:
                 self._record_acknowledged(s, conn.id, folder, acks)
         finally:
             session.close()
+            unconfirmed = acks.on_close and not session.closed_cleanly and report.acknowledged
+            if unconfirmed:  # the server applies them at a clean close only (POP3's DELE at QUIT)
+                report.acknowledged = 0
             if acks.through > acks.recorded and (not acks.on_close or session.closed_cleanly):
                 try:
                     with self.host.session() as s:
                         self._record_acknowledged(s, conn.id, folder, acks, closed=True)
                 except Exception:  # the next pass acknowledges them again
                     log.exception("%s: could not record acknowledgements", conn.name)
+        if unconfirmed and conn.after_download != "keep":  # keep had nothing to apply
+            raise TemporaryFailure(
+                f"{conn.name}: the server did not confirm the end of the session, so the after-download action "
+                f"{conn.after_download} did not take effect on {unconfirmed} message(s): they are stored, and the "
+                "next pass applies it again"
+            )
         if acks.refused is not None:  # everything is stored; say what was not acknowledged
             raise (TemporaryFailure if acks.refused.temporary else PermanentFailure)(
                 f"{acks.refused}: the messages are stored, and the next pass tries the after-download action "

@@ -35,6 +35,8 @@ class Script:
     tls: ssl.SSLContext | None = None  # offer STLS with this server context
     inject: bytes = b""  # sent in plain text right after STLS's +OK, before the handshake
     echo_pass: bool = False  # refuse PASS, quoting the password back
+    refuse_quit: bool = False  # -ERR to QUIT: the DELEs of the session are not applied
+    deleted: list[int] = field(default_factory=list)  # messages DELE removed at a confirmed QUIT
 
 
 def _stuffed(raw: bytes) -> bytes:
@@ -47,6 +49,7 @@ class _Handler(socketserver.StreamRequestHandler):
         send = self.wfile.write
         send(b"+OK fake POP3 ready\r\n")
         capa = script.capa + (["STLS"] if script.tls else [])
+        marked: list[int] = []
         while line := self.rfile.readline():
             cmd, _, arg = line.strip().decode().partition(" ")
             cmd = cmd.upper()
@@ -87,7 +90,14 @@ class _Handler(socketserver.StreamRequestHandler):
                     self.request.shutdown(socket.SHUT_RDWR)
                     return
                 send(body)
+            elif cmd == "DELE":
+                marked.append(int(arg))
+                send(b"+OK marked\r\n")
             elif cmd == "QUIT":
+                if script.refuse_quit:
+                    send(b"-ERR some deleted messages not removed\r\n")
+                    return
+                script.deleted.extend(marked)
                 send(b"+OK bye\r\n")
                 return
             else:
@@ -202,3 +212,19 @@ def test_a_server_quoting_the_password_does_not_show_it(fake: tuple[Script, int]
     for steps in (unsaved, saved):
         assert not steps[-1].ok and "wrong password ******** for user" in steps[-1].detail
         assert not [step for step in steps if secret in step.detail]
+
+
+def test_a_refused_quit_is_no_acknowledgement(fake: tuple[Script, int], mh: Mailhost) -> None:
+    """-ERR to QUIT means the server applied none of the session's DELEs: the pass stores
+    the mail but ends not ok, counting nothing acknowledged, and the next pass deletes."""
+    script, port = fake
+    script.refuse_quit = True
+    mh.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="p", protocol="pop3", host="127.0.0.1", port=port, encryption="none", username="u", password="p",
+        after_download="delete"))
+    first = mh.incoming.fetch_one("p")
+    assert (first.ok, first.stored, first.acknowledged, script.deleted) == (False, 2, 0, [])
+    assert "did not confirm the end of the session" in (first.error or "") and "next pass" in (first.error or "")
+    script.refuse_quit = False
+    second = mh.incoming.fetch_one("p")
+    assert (second.ok, second.stored, second.acknowledged, sorted(script.deleted)) == (True, 0, 2, [1, 2])
