@@ -252,7 +252,12 @@ class Incoming:
         ahead = link.submit(_download, link.session, batches[0]) if batches else None
         for i, batch in enumerate(batches):
             assert ahead is not None
-            fetched = result(ahead)
+            try:
+                fetched = result(ahead)
+            except _Broken as broken:  # store what came whole (up to the last of it), then fail
+                upto = batch.index(broken.fetched[-1].ref) + 1
+                self._store_batch(conn, folder, log_id, batch[:upto], broken.fetched, report, acks)
+                raise broken.error from None
             ahead = link.submit(_download, link.session, batches[i + 1]) if i + 1 < len(batches) else None
             settle(wait=False)
             stored, through = self._store_batch(conn, folder, log_id, batch, fetched, report, acks)
@@ -704,10 +709,27 @@ class _Fetched(NamedTuple):
     meta: dict[str, str | None]  # summarize()
 
 
+class _Broken(Exception):
+    """A batch whose download failed after some of its messages had arrived whole."""
+
+    def __init__(self, fetched: list[_Fetched], error: MailError) -> None:
+        super().__init__(str(error))
+        self.fetched, self.error = fetched, error
+
+
 def _download(session: IncomingSession, refs: Sequence[MessageRef]) -> list[_Fetched]:
     """Fetch a batch, fingerprint and summarize it (on the link's thread, so this
-    Python work overlaps with the previous batch's commit)."""
-    return [_Fetched(ref, raw, hashlib.sha256(raw).hexdigest(), summarize(raw)) for ref, raw in session.fetch(refs)]
+    Python work overlaps with the previous batch's commit). A failure after whole
+    messages arrived raises :class:`_Broken` with them, so that they are stored."""
+    fetched: list[_Fetched] = []
+    try:
+        for ref, raw in session.fetch(refs):
+            fetched.append(_Fetched(ref, raw, hashlib.sha256(raw).hexdigest(), summarize(raw)))
+    except MailError as exc:
+        if fetched:
+            raise _Broken(fetched, exc) from exc
+        raise
+    return fetched
 
 
 def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:

@@ -108,16 +108,29 @@ class Pop3Session(IncomingSession):
         return Listing([MessageRef(key, sizes.get(n), n) for key, n in new])
 
     def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes]]:
-        """RETR each message, pipelined when the server allows; a vanished one is skipped."""
-        with _errors(self.settings):
-            numbers = self._keys()  # a ref's handle may come from another session
-            wanted = [(ref, numbers[ref.key]) for ref in refs if ref.key in numbers]
-            replies = self.client.pipeline([f"RETR {n}" for _, n in wanted], long=True)
-            for (ref, number), raw in zip(wanted, replies):
-                if raw is None:  # gone meanwhile, or the server cannot read it now: next pass
-                    log.info("%s: RETR %d (UIDL %s) refused; skipped", _where(self.settings), number, ref.key)
-                    continue
-                yield ref, raw
+        """RETR each message, pipelined when the server allows; a vanished one is skipped.
+        A broken link names the message it broke in, so that a message that breaks every
+        pass (a server that cannot send it) can be found and dealt with."""
+        wanted: list[tuple[MessageRef, int]] = []
+        done = 0
+        try:
+            with _errors(self.settings):
+                numbers = self._keys()  # a ref's handle may come from another session
+                wanted = [(ref, numbers[ref.key]) for ref in refs if ref.key in numbers]
+                replies = self.client.pipeline([f"RETR {n}" for _, n in wanted], long=True)
+                for (ref, number), raw in zip(wanted, replies):
+                    done += 1
+                    if raw is None:  # gone meanwhile, or the server cannot read it now: next pass
+                        log.info("%s: RETR %d (UIDL %s) refused; skipped", _where(self.settings), number, ref.key)
+                        continue
+                    yield ref, raw
+        except ConnectFailure as exc:
+            if not 0 <= done < len(wanted):
+                raise
+            ref, number = wanted[done]
+            size = f", {ref.size:,} bytes" if ref.size is not None else ""
+            raise ConnectFailure(f"{exc}; it broke in message {number} (UIDL {ref.key}{size}): if every pass "
+                                 "breaks there, look at that message on the server") from exc
 
     def resolve(self, keys: Sequence[str]) -> list[MessageRef]:
         """Refs for the keys still on the server."""

@@ -228,3 +228,19 @@ def test_a_refused_quit_is_no_acknowledgement(fake: tuple[Script, int], mh: Mail
     script.refuse_quit = False
     second = mh.incoming.fetch_one("p")
     assert (second.ok, second.stored, second.acknowledged, sorted(script.deleted)) == (True, 0, 2, [1, 2])
+
+
+def test_a_link_that_breaks_mid_batch_keeps_the_whole_messages(fake: tuple[Script, int], mh: Mailhost) -> None:
+    """The link breaks inside message 2: message 1, which came whole, is stored; the pass
+    ends not ok naming message 2, and the next pass brings just that one."""
+    script, port = fake
+    script.drop_on_retr = 2
+    mh.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="p", protocol="pop3", host="127.0.0.1", port=port, encryption="none", username="u", password="p"))
+    first = mh.incoming.fetch_one("p")
+    assert (first.ok, first.stored) == (False, 1)
+    assert f"it broke in message 2 (UIDL uid-2, {len(MESSAGES[1]):,} bytes)" in (first.error or "")
+    script.drop_on_retr = None
+    second = mh.incoming.fetch_one("p")
+    assert (second.ok, second.listed, second.stored) == (True, 1, 1)
+    assert [mh.incoming.item(item.id).raw for item in reversed(mh.incoming.items())] == MESSAGES
