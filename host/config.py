@@ -37,7 +37,8 @@ url = "{url}"
 key_file = "mailhost.key"
 
 [plugins]
-# Plugins are entry points in the group "mailhost". Empty "enabled" means all installed.
+# Plugins are entry points in the group "mailhost". Empty "enabled" means all installed;
+# ["builtin"] means none but mailhost's own.
 enabled = []
 disabled = []
 
@@ -173,6 +174,12 @@ class Config:
             if on:
                 on.append(name)
         else:
+            if plugins.get("enabled") and not on:
+                from .plugins import BUILTIN  # the host's own plugin: always loaded, so naming it allows nothing more
+
+                # An empty list means "every installed plugin": disabling the last allowed
+                # plugin must leave the others off, as they were, not turn them all on.
+                on = [BUILTIN]
             off.append(name)
         plugins["enabled"] = on
         plugins["disabled"] = off

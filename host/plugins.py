@@ -9,7 +9,8 @@ Rules, in order:
    ``oidc`` OAuth2 providers and Microsoft 365's host overrides; ``oauth``).
 2. Entry points in the group ``mailhost`` are listed without importing them. A plugin
    is loaded if it is allowed by ``$MAILHOST_LOAD_PLUGINS`` (an allowlist), by
-   ``[plugins] enabled`` (empty means all) and not named in ``[plugins] disabled``.
+   ``[plugins] enabled`` (empty means all; ``["builtin"]`` none but the host's own) and
+   not named in ``[plugins] disabled``.
    A plugin that is not loaded is never imported.
 3. A plugin that fails to import, whose hook implementations do not match the specs
    (an unknown hook name, a wrong argument), or whose ``register_*`` hook raises, is

@@ -266,3 +266,22 @@ def test_lazy_commands_are_all_mapped() -> None:
     assert out.returncode == 0, out.stderr
     listed = {line.split()[0] for line in out.stdout.split("Commands:")[1].splitlines() if line.strip()}
     assert listed == set(cli.COMMAND_MODULES)
+
+
+def test_disabling_the_last_allowed_plugin_loads_no_other(home: Path, plugin_env: dict[str, str],
+                                                          tmp_path: Path) -> None:
+    """`plugins disable X` with X alone in [plugins] enabled leaves every other plugin off:
+    the allowlist never becomes the empty list, which means "all"."""
+    config = home / "mailhost.toml"
+    config.write_text(config.read_text().replace("enabled = []", 'enabled = ["testplugin"]'))
+    site = make_dist(tmp_path / "other", "mailhost-other", {"other": "mailhost_other"}, {"mailhost_other": ""})
+    env = {**plugin_env, "PYTHONPATH": f"{site}:{plugin_env['PYTHONPATH']}"}
+    out = run_cli("plugins", "disable", "testplugin", env=env, cwd=home)
+    assert out.returncode == 0, out.stderr
+    assert "no installed plugin is loaded until you enable one" in out.stderr
+    plugins = _plugins(home, env)
+    assert plugins["testplugin"]["state"] == "disabled"
+    assert plugins["other"]["state"] == "disabled"
+    assert run_cli("plugins", "enable", "other", env=env, cwd=home).returncode == 0
+    plugins = _plugins(home, env)
+    assert plugins["other"]["state"] == "enabled" and plugins["testplugin"]["state"] == "disabled"

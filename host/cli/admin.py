@@ -53,6 +53,9 @@ def _set_plugin(ctx: Context, name: str, enabled: bool) -> None:
     config.set_plugin_state(name, enabled)
     state = "enabled" if enabled else "disabled"
     click.echo(f"plugin {name} {state} in {config.path}; it takes effect when mailhost next starts", err=True)
+    if config.plugins_enabled == [BUILTIN]:
+        click.echo(f"[plugins] enabled now names only {BUILTIN}: no installed plugin is loaded until you enable one",
+                   err=True)
 
 
 @plugins.command("enable")
