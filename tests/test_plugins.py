@@ -285,3 +285,15 @@ def test_disabling_the_last_allowed_plugin_loads_no_other(home: Path, plugin_env
     assert run_cli("plugins", "enable", "other", env=env, cwd=home).returncode == 0
     plugins = _plugins(home, env)
     assert plugins["other"]["state"] == "enabled" and plugins["testplugin"]["state"] == "disabled"
+
+
+def test_enabling_the_builtin_plugin_is_a_no_op(home: Path, plugin_env: dict[str, str]) -> None:
+    """`plugins enable builtin` succeeds without touching the config (it is always on);
+    disabling it is refused with the fix."""
+    before = (home / "mailhost.toml").read_text()
+    out = run_cli("plugins", "enable", "builtin", env=plugin_env, cwd=home)
+    assert out.returncode == 0, out.stderr
+    assert "always enabled" in out.stderr
+    out = run_cli("plugins", "disable", "builtin", env=plugin_env, cwd=home)
+    assert out.returncode == 2 and "cannot be disabled" in out.stderr
+    assert (home / "mailhost.toml").read_text() == before

@@ -46,7 +46,11 @@ def plugins_list(ctx: Context, as_json: bool, limit: int | None) -> None:
 def _set_plugin(ctx: Context, name: str, enabled: bool) -> None:
     config = Config.load(ctx.config)
     if name == BUILTIN:
-        fail("the builtin plugin is part of mailhost and cannot be disabled")
+        if enabled:  # already what was asked: not an error
+            click.echo(f"plugin {BUILTIN} is part of mailhost and always enabled; nothing to change", err=True)
+            return
+        fail(f"the {BUILTIN} plugin is part of mailhost and cannot be disabled: disable the plugins you do not want "
+             "by name (`mailhost plugins list` shows them)")
     installed = installed_plugin_names()  # without importing any: a disabled one stays unimported
     if name not in installed:
         fail(f"no plugin named {name!r} is installed: installed plugins are {', '.join(installed) or 'none'}")
