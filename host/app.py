@@ -29,7 +29,7 @@ from . import store
 from .config import Config, config_path, write_starter_config
 from .errors import ConfigError
 from .plugins import PluginHost, plugin_host
-from .secrets import RedactingFilter, Vault, create_key_file
+from .secrets import RedactingFilter, Vault, create_key_file, create_private_file
 
 __all__ = ["Mailhost"]
 
@@ -69,6 +69,10 @@ class Mailhost:
             database = host.config.sqlite_file
             if database is not None and not database.exists():
                 created += [database, *(database.with_name(database.name + end) for end in ("-wal", "-shm"))]
+                # The store holds every downloaded message: owner only, like the key. An
+                # empty file is an empty SQLite database, and SQLite gives its -wal and
+                # -shm files the database's mode.
+                create_private_file(database)
             if not os.environ.get("MAILHOST_SECRET_KEY") and not host.config.key_file.exists():
                 create_key_file(host.config.key_file)
                 created.append(host.config.key_file)

@@ -8,7 +8,9 @@ comments survive ``mailhost plugins enable``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,9 +242,33 @@ def write_starter_config(path: Path, database_url: str | None) -> None:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace ``path`` with ``text`` in one step, keeping what the admin set on it.
+
+    A symlink stays a link: its target is rewritten. The new file gets the old one's
+    mode, and its owner when we run as root (its group too, when we may), since the
+    file can hold a database password; a new file is 0600 for the same reason.
+    """
+    import tempfile  # only edits need it, and every command reads this module
+
+    target = Path(os.path.realpath(path))
+    try:
+        old: os.stat_result | None = os.stat(target)
+    except FileNotFoundError:
+        old = None
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fd, stat.S_IMODE(old.st_mode) if old else 0o600)
+            if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
+                with contextlib.suppress(PermissionError):  # only root may give a file away
+                    os.fchown(fd, old.st_uid if os.geteuid() == 0 else -1, old.st_gid)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def _table(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:

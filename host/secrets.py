@@ -25,6 +25,7 @@ __all__ = [
     "RedactingFilter",
     "Vault",
     "create_key_file",
+    "create_private_file",
     "forget_secrets",
     "redact",
     "remember_secret",
@@ -106,12 +107,18 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-def create_key_file(path: Path) -> None:
-    """Write a new random key to ``path`` with mode 0600; never overwrites one."""
+def create_private_file(path: Path, data: bytes = b"") -> None:
+    """Create ``path`` holding ``data``, readable by its owner only (0600); never
+    overwrites one. For what holds secrets or mail: the key, the config, the store."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as fh:
-        fh.write(Fernet.generate_key() + b"\n")
+        fh.write(data)
+
+
+def create_key_file(path: Path) -> None:
+    """Write a new random key to ``path`` with mode 0600; never overwrites one."""
+    create_private_file(path, Fernet.generate_key() + b"\n")
 
 
 class Vault:

@@ -25,6 +25,40 @@ def test_key_file_is_private(home: Path) -> None:
     assert stat.S_IMODE(os.stat(home / "mailhost.key").st_mode) == 0o600
 
 
+def test_init_makes_config_and_store_private(tmp_path: Path) -> None:
+    """`init` creates the config (it may hold a database password) and the SQLite store
+    (all downloaded mail) with mode 0600, like the key, whatever the umask."""
+    old = os.umask(0o022)
+    try:
+        Mailhost.init(tmp_path / "mailhost.toml").close()
+    finally:
+        os.umask(old)
+    made = [p for p in tmp_path.iterdir() if p.name.startswith("mailhost.")]
+    assert {"mailhost.toml", "mailhost.key", "mailhost.db"} <= {p.name for p in made}
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in made} == {p.name: 0o600 for p in made}
+
+
+def test_plugin_edits_keep_the_config_file_mode_owner_and_symlink(home: Path, plugin_env: dict[str, str]) -> None:
+    """`plugins disable`/`enable` rewrite a symlinked config's target, not the link, and
+    keep its mode (and, as root, its owner)."""
+    real = home / "etc" / "mailhost.toml"
+    real.parent.mkdir()
+    (home / "mailhost.toml").rename(real)
+    (home / "mailhost.toml").symlink_to(real)
+    real.chmod(0o640)
+    if os.geteuid() == 0:
+        os.chown(real, 4321, 4321)
+    for verb in ("disable", "enable"):
+        out = run_cli("plugins", verb, "testplugin", env=plugin_env, cwd=home)
+        assert out.returncode == 0, out.stderr
+        assert (home / "mailhost.toml").is_symlink()
+        st = real.stat()
+        assert stat.S_IMODE(st.st_mode) == 0o640
+        if os.geteuid() == 0:
+            assert (st.st_uid, st.st_gid) == (4321, 4321)
+    assert 'disabled = []' in real.read_text() and list(real.parent.iterdir()) == [real]
+
+
 def test_password_not_in_store_config_or_output(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
     """grep finds the password nowhere: not in the database, the config, the output, the log."""
     env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin", "PW": PASSWORD}
