@@ -9,6 +9,7 @@ comments survive ``mailhost plugins enable``.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import stat
 import tomllib
@@ -21,7 +22,7 @@ from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
 
-__all__ = ["Config", "DEFAULT_CONFIG_NAME", "config_path", "write_starter_config"]
+__all__ = ["Config", "DEFAULT_CONFIG_NAME", "config_path", "listen_address", "write_starter_config"]
 
 DEFAULT_CONFIG_NAME = "mailhost.toml"
 
@@ -64,7 +65,8 @@ messages_per_session = 100
 keep_sent_days = 30
 
 [web]
-# The web admin of `mailhost serve`; set listen = "" to turn it off.
+# The web admin of `mailhost serve`: HOST:PORT (IPv6 in brackets, like "[::1]:8025");
+# set listen = "" to turn it off.
 listen = "127.0.0.1:8025"
 """
 
@@ -159,7 +161,7 @@ class Config:
             protocol_choices={str(k): str(v) for k, v in choices.items()},
             delivery_interval=interval,
             delivery_sessions=sessions,
-            web_listen=str(web.get("listen", "127.0.0.1:8025")),
+            web_listen=_checked_listen(web.get("listen", "127.0.0.1:8025"), path),
             raw=doc,
         )
 
@@ -269,6 +271,44 @@ def _atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def listen_address(listen: str) -> tuple[str, int]:
+    """``(host, port)`` of a ``HOST:PORT`` listen address (IPv6 in brackets: ``[::1]:8025``;
+    no host means 127.0.0.1); a ValueError says what is wrong."""
+    if listen.startswith("["):
+        name, sep, port = listen[1:].partition("]:")
+        if not sep:
+            raise ValueError("an IPv6 address needs its port after the bracket, like [::1]:8025")
+        try:
+            if ipaddress.ip_address(name).version != 6:
+                raise ValueError
+        except ValueError:
+            raise ValueError(f"{name!r} in brackets is not an IPv6 address") from None
+    else:
+        name, sep, port = listen.rpartition(":")
+        if not sep:
+            raise ValueError("it has no port")
+        if ":" in name:
+            raise ValueError("an IPv6 address goes in brackets, like [::1]:8025")
+    if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(f"the port {port!r} is not a number from 1 to 65535")
+    return name or "127.0.0.1", int(port)
+
+
+def _checked_listen(value: Any, path: Path) -> str:
+    """[web] listen, checked: "" (no web admin) or HOST:PORT."""
+    if value == "":
+        return ""
+    try:
+        if not isinstance(value, str):
+            raise ValueError("it is not a string")
+        listen_address(value)
+    except ValueError as exc:
+        raise ConfigError(f"[web] listen = {value!r} in {path} is not valid ({exc}): use HOST:PORT with a port "
+                          "from 1 to 65535, like \"127.0.0.1:8025\" or \"[::1]:8025\", or \"\" to turn the web "
+                          "admin off") from None
+    return value
 
 
 def _table(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
@@ -17,8 +18,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
+from .config import listen_address
 from .connections import connection_dict
-from .errors import MailhostError
+from .errors import ConfigError, MailhostError
 from .incoming import item_dict
 from .protocols import Direction
 
@@ -115,6 +117,10 @@ class _QuietHandler(WSGIRequestHandler):
         log.debug("web: " + format, *args)
 
 
+class _Server6(WSGIServer):
+    address_family = socket.AF_INET6
+
+
 class RunningWeb:
     """A web admin serving in a background thread."""
 
@@ -126,7 +132,7 @@ class RunningWeb:
     @property
     def address(self) -> str:
         host, port = self.server.server_address[:2]
-        return f"{host}:{port}"
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
     def stop(self) -> None:
         self.server.shutdown()
@@ -134,13 +140,13 @@ class RunningWeb:
 
 
 def start_web(host: Mailhost, listen: str) -> RunningWeb:
-    """Serve the web admin on ``listen`` (``HOST:PORT``) in a background thread."""
-    name, _, port = listen.rpartition(":")
+    """Serve the web admin on ``listen`` (``HOST:PORT``, IPv6 as ``[::1]:PORT``) in a
+    background thread."""
     try:
-        server = make_server(name or "127.0.0.1", int(port), WebAdmin(host), handler_class=_QuietHandler)
+        name, port = listen_address(listen)
+        server = make_server(name, port, WebAdmin(host), server_class=_Server6 if ":" in name else WSGIServer,
+                             handler_class=_QuietHandler)
     except (OSError, ValueError) as exc:
-        from .errors import ConfigError
-
         raise ConfigError(f"cannot serve the web admin on {listen!r} ({exc}): change [web] listen in "
                           f"{host.config.path}, or set it to \"\" to turn the web admin off") from None
     return RunningWeb(server)

@@ -4,11 +4,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
+
+import pytest
 
 from mailhost import Mailhost
 from mailhost.connections import ConnectionSpec
@@ -16,6 +19,18 @@ from mailhost.protocols import Direction
 from mailhost.service import Service
 
 from .helpers import run_cli
+
+
+def _free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on at ``host`` just now."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _set_listen(home: Path, listen: str) -> None:
+    config = home / "mailhost.toml"
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:8025"', f'listen = "{listen}"'))
 
 
 def test_serve_once_polls_due_connections_and_survives_failures(tmh: Mailhost, tmp_path: Path) -> None:
@@ -36,13 +51,8 @@ def test_serve_once_polls_due_connections_and_survives_failures(tmh: Mailhost, t
 
 def test_serve_stops_cleanly_on_sigterm_and_serves_web(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
     """SIGTERM stops `mailhost serve` with status 0; the web admin answers meanwhile."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    config = home / "mailhost.toml"
-    config.write_text(config.read_text().replace('listen = "127.0.0.1:8025"', f'listen = "127.0.0.1:{port}"'))
+    port = _free_port()
+    _set_listen(home, f"127.0.0.1:{port}")
     box = tmp_path / "box"
     box.mkdir()
     env = {**os.environ, **plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
@@ -73,3 +83,33 @@ def test_serve_stops_cleanly_on_sigterm_and_serves_web(home: Path, plugin_env: d
             proc.kill()
     assert proc.returncode == 0, err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("listen, expect", [
+    (":99999", "the port '99999' is not a number from 1 to 65535"),
+    ("0.0.0.0:-1", "the port '-1' is not"),
+    ("::1:18030", "an IPv6 address goes in brackets"),
+    ("127.0.0.1", "it has no port"),
+    ("[127.0.0.1]:18030", "is not an IPv6 address"),
+])
+def test_bad_web_listen_is_bad_input(home: Path, listen: str, expect: str) -> None:
+    """A [web] listen that is not HOST:PORT with a port 1-65535 is refused when the config
+    loads: one sentence naming the key and the fix, exit 2, not a program bug."""
+    _set_listen(home, listen)
+    out = run_cli("serve", cwd=home)
+    assert out.returncode == 2, out.stderr
+    assert "[web] listen" in out.stderr and expect in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_web_admin_serves_on_ipv6(tmh: Mailhost) -> None:
+    """[web] listen = "[::1]:PORT" serves the web admin over IPv6."""
+    from mailhost.web import start_web
+
+    port = _free_port("::1")
+    web = start_web(tmh, f"[::1]:{port}")
+    try:
+        assert web.address == f"[::1]:{port}"
+        with urllib.request.urlopen(f"http://{web.address}/api/plugins", timeout=30) as r:
+            assert "testplugin" in {p["name"] for p in json.load(r)}
+    finally:
+        web.stop()
