@@ -14,7 +14,8 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+from socketserver import ThreadingMixIn
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -27,7 +28,7 @@ from .protocols import Direction
 if TYPE_CHECKING:
     from .app import Mailhost
 
-__all__ = ["WebAdmin", "start_web"]
+__all__ = ["REQUEST_TIMEOUT", "WebAdmin", "start_web"]
 
 log = logging.getLogger(__name__)
 
@@ -112,12 +113,37 @@ class WebAdmin:
         return [p.as_dict() for p in self.host.plugins.plugins.values()]
 
 
+#: Seconds a client may take to send its request or read the answer; then its
+#: connection is closed and its thread ends.
+REQUEST_TIMEOUT = 30.0
+
+
 class _QuietHandler(WSGIRequestHandler):
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # type: ignore[attr-defined]  # socket timeout, set by setup()
+        super().setup()
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
         log.debug("web: " + format, *args)
 
 
-class _Server6(WSGIServer):
+class _Server(ThreadingMixIn, WSGIServer):
+    """A thread per request, so that one slow or idle client cannot hold up the others;
+    daemon threads, so that a client never keeps the service from stopping."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type[WSGIRequestHandler],
+                 request_timeout: float = REQUEST_TIMEOUT) -> None:
+        self.request_timeout = request_timeout
+        super().__init__(address, handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A client that times out or hangs up is no error of ours: no traceback on stderr.
+        log.debug("web: request from %s ended early", client_address[0], exc_info=True)
+
+
+class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
@@ -139,13 +165,13 @@ class RunningWeb:
         self.server.server_close()
 
 
-def start_web(host: Mailhost, listen: str) -> RunningWeb:
+def start_web(host: Mailhost, listen: str, request_timeout: float = REQUEST_TIMEOUT) -> RunningWeb:
     """Serve the web admin on ``listen`` (``HOST:PORT``, IPv6 as ``[::1]:PORT``) in a
-    background thread."""
+    background thread, each request in a thread of its own."""
     try:
         name, port = listen_address(listen)
-        server = make_server(name, port, WebAdmin(host), server_class=_Server6 if ":" in name else WSGIServer,
-                             handler_class=_QuietHandler)
+        server = (_Server6 if ":" in name else _Server)((name, port), _QuietHandler, request_timeout)
+        server.set_app(WebAdmin(host))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot serve the web admin on {listen!r} ({exc}): change [web] listen in "
                           f"{host.config.path}, or set it to \"\" to turn the web admin off") from None

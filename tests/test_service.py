@@ -113,3 +113,20 @@ def test_web_admin_serves_on_ipv6(tmh: Mailhost) -> None:
             assert "testplugin" in {p["name"] for p in json.load(r)}
     finally:
         web.stop()
+
+
+def test_an_idle_client_does_not_block_the_web_admin(tmh: Mailhost) -> None:
+    """A client that sends half a request and waits does not hold up the others; its
+    connection is closed after the request timeout."""
+    from mailhost.web import start_web
+
+    web = start_web(tmh, f"127.0.0.1:{_free_port()}", request_timeout=1.0)
+    try:
+        with socket.create_connection(("127.0.0.1", web.server.server_address[1])) as idle:
+            idle.sendall(b"GET / HTTP/1.1\r\n")
+            with urllib.request.urlopen(f"http://{web.address}/api/plugins", timeout=30) as r:
+                assert r.status == 200
+            idle.settimeout(60)  # a safety net: the server closes it after its 1 s
+            assert idle.recv(1024) == b""
+    finally:
+        web.stop()
