@@ -68,6 +68,9 @@ keep_sent_days = 30
 # The web admin of `mailhost serve`: HOST:PORT (IPv6 in brackets, like "[::1]:8025");
 # set listen = "" to turn it off.
 listen = "127.0.0.1:8025"
+# It answers only requests addressed to localhost, 127.0.0.1, [::1], the listen address
+# or a name listed here (a guard against DNS rebinding): the names of a proxy in front.
+allowed_hosts = []
 """
 
 
@@ -90,6 +93,7 @@ class Config:
     delivery_interval: float = 10.0
     delivery_sessions: int = 4
     web_listen: str = "127.0.0.1:8025"
+    web_allowed_hosts: list[str] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -136,8 +140,8 @@ class Config:
         secrets = _table(doc, "secrets", path)
         key_file = Path(str(secrets.get("key_file", "mailhost.key"))).expanduser()
         plugins = _table(doc, "plugins", path)
-        enabled = _names(plugins.get("enabled", []), "plugins.enabled", path)
-        disabled = _names(plugins.get("disabled", []), "plugins.disabled", path)
+        enabled = _strings(plugins.get("enabled", []), "plugins.enabled", path, '["imap"]', "plugin names")
+        disabled = _strings(plugins.get("disabled", []), "plugins.disabled", path, '["imap"]', "plugin names")
         choices = plugins.get("protocols", {})
         if not isinstance(choices, dict):
             raise ConfigError(f"[plugins.protocols] in {path} must be a table of protocol = plugin")
@@ -162,6 +166,8 @@ class Config:
             delivery_interval=interval,
             delivery_sessions=sessions,
             web_listen=_checked_listen(web.get("listen", "127.0.0.1:8025"), path),
+            web_allowed_hosts=_strings(web.get("allowed_hosts", []), "[web] allowed_hosts", path,
+                                       '["mailhost.example.org"]'),
             raw=doc,
         )
 
@@ -199,7 +205,7 @@ SECTIONS: dict[str, frozenset[str]] = {
     "plugins": frozenset({"enabled", "disabled", "protocols"}),
     "service": frozenset({"delivery_interval", "delivery_sessions"}),
     "outgoing": frozenset(),
-    "web": frozenset({"listen"}),
+    "web": frozenset({"listen", "allowed_hosts"}),
 }
 
 
@@ -318,7 +324,7 @@ def _table(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:
     return value
 
 
-def _names(value: Any, key: str, path: Path) -> list[str]:
+def _strings(value: Any, key: str, path: Path, example: str, what: str = "names") -> list[str]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(f"{key} in {path} must be a list of plugin names, like [\"imap\"]")
+        raise ConfigError(f"{key} in {path} must be a list of {what}, like {example}")
     return list(value)

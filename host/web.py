@@ -3,7 +3,10 @@
 Pages (Jinja2, autoescaped): connections, the incoming and outgoing queues, the incoming
 log, plugins. The same data as JSON under ``/api/...``, with the CLI's JSON shapes. It
 has no sign-in of its own, so it listens on 127.0.0.1 by default; put it behind a proxy
-that authenticates before exposing it. Message bodies are never rendered.
+that authenticates before exposing it. Listening on 127.0.0.1 protects nothing against a
+web page whose name rebinds to 127.0.0.1, so a request addressed to any other name than
+this machine's own and ``[web] allowed_hosts`` is refused (421). Message bodies are
+never rendered.
 """
 from __future__ import annotations
 
@@ -38,8 +41,15 @@ _env = Environment(loader=PackageLoader("mailhost", "templates"), autoescape=sel
 class WebAdmin:
     """A WSGI application over one installation."""
 
-    def __init__(self, host: Mailhost) -> None:
+    def __init__(self, host: Mailhost, listen: str | None = None) -> None:
         self.host = host
+        # A page on any website can reach 127.0.0.1 by rebinding its own name to it, and
+        # read the answers as same-origin: only requests addressed to this machine's
+        # own names (and the ones the admin lists, e.g. a proxy's) are answered.
+        listen = host.config.web_listen if listen is None else listen
+        self.host_names = {"localhost", "127.0.0.1", "::1", *map(_host_name, host.config.web_allowed_hosts)}
+        if listen:
+            self.host_names.add(listen_address(listen)[0].lower())
         self.routes: dict[str, tuple[str, Callable[[dict[str, list[str]]], list[dict[str, Any]]], list[str]]] = {
             "incoming": ("Incoming connections", self._incoming,
                          ["name", "protocol", "host", "username", "folder", "enabled", "last_poll_at", "last_error"]),
@@ -55,6 +65,13 @@ class WebAdmin:
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        requested = environ.get("HTTP_HOST")  # absent only from non-browser HTTP/1.0 clients
+        if requested is not None and _host_name(requested) not in self.host_names:
+            log.info("web: refused a request addressed to %r (not in [web] allowed_hosts)", requested)
+            return self._send(start_response, "421 Misdirected Request", "text/plain",
+                              f"this web admin does not answer to the name {_host_name(requested)!r}: use "
+                              "localhost or 127.0.0.1, or add the name to [web] allowed_hosts in the config "
+                              "file".encode())
         path = environ.get("PATH_INFO", "/").strip("/")
         query = parse_qs(environ.get("QUERY_STRING", ""))
         api = path.startswith("api/")
@@ -171,11 +188,20 @@ def start_web(host: Mailhost, listen: str, request_timeout: float = REQUEST_TIME
     try:
         name, port = listen_address(listen)
         server = (_Server6 if ":" in name else _Server)((name, port), _QuietHandler, request_timeout)
-        server.set_app(WebAdmin(host))
+        server.set_app(WebAdmin(host, listen))
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot serve the web admin on {listen!r} ({exc}): change [web] listen in "
                           f"{host.config.path}, or set it to \"\" to turn the web admin off") from None
     return RunningWeb(server)
+
+
+def _host_name(header: str) -> str:
+    """The name in a Host header, without its port or brackets, lower case."""
+    if header.startswith("["):
+        name = header[1:].partition("]")[0]
+    else:
+        name = header.partition(":")[0]
+    return name.rstrip(".").lower()
 
 
 def _one(q: dict[str, list[str]], key: str) -> str | None:

@@ -130,3 +130,47 @@ def test_an_idle_client_does_not_block_the_web_admin(tmh: Mailhost) -> None:
             assert idle.recv(1024) == b""
     finally:
         web.stop()
+
+
+def _get(address: str, path: str, host_header: str) -> tuple[int, bytes]:
+    """GET ``path`` from the server at ``address`` with the Host header ``host_header``."""
+    import http.client
+
+    name, _, port = address.rpartition(":")
+    conn = http.client.HTTPConnection(name.strip("[]"), int(port), timeout=30)
+    try:
+        conn.request("GET", path, headers={"Host": host_header})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_web_admin_answers_only_its_own_host_names(tmh: Mailhost, tmh_factory) -> None:
+    """A request addressed to another name (a DNS-rebinding page) gets 421 and no data;
+    localhost, 127.0.0.1, [::1], the listen address and [web] allowed_hosts are answered."""
+    from mailhost.web import start_web
+
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder="/x", username="u1"))
+    port = _free_port()
+    web = start_web(tmh, f"127.0.0.1:{port}")
+    try:
+        status, body = _get(web.address, "/api/incoming", f"attacker.example:{port}")
+        assert status == 421 and b"u1" not in body and b"[web] allowed_hosts" in body
+        assert _get(web.address, "/", "attacker.example")[0] == 421
+        for ok in (f"localhost:{port}", "LOCALHOST", f"127.0.0.1:{port}", f"[::1]:{port}"):
+            status, body = _get(web.address, "/api/incoming", ok)
+            assert status == 200 and json.loads(body)[0]["username"] == "u1", ok
+    finally:
+        web.stop()
+    config = tmh.config.path
+    config.write_text(config.read_text().replace("allowed_hosts = []", 'allowed_hosts = ["Mail.Example.org"]'))
+    web = start_web(tmh_factory(tmh), f"127.0.0.1:{port}")
+    try:
+        assert _get(web.address, "/api/incoming", "mail.example.org")[0] == 200
+        assert _get(web.address, "/api/incoming", "attacker.example")[0] == 421
+    finally:
+        web.stop()
+    config.write_text(config.read_text().replace('allowed_hosts = ["Mail.Example.org"]', 'allowed_hosts = "x"'))
+    out = run_cli("incoming", "list", cwd=config.parent)
+    assert out.returncode == 2 and "[web] allowed_hosts in" in out.stderr and "must be a list" in out.stderr
