@@ -53,6 +53,7 @@ __all__ = [
     "IncomingItem",
     "IncomingLog",
     "IncomingLogEntry",
+    "MAX_ROWS",
     "OAuthCredential",
     "OutgoingAttempt",
     "OutgoingConnection",
@@ -63,6 +64,10 @@ __all__ = [
     "upgrade",
     "utcnow",
 ]
+
+#: The most rows a listing may ask for (the CLI's ``--limit``, the REST API's ``?limit``):
+#: more than any store holds, and a LIMIT every database takes.
+MAX_ROWS = 2**31
 
 NAMING = {
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",

@@ -24,9 +24,11 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .config import listen_address
 from .connections import connection_dict
-from .errors import ConfigError, MailhostError
+from .errors import ConfigError, MailhostError, ValidationError
 from .incoming import item_dict
 from .protocols import Direction
+from .secrets import redact
+from .store import MAX_ROWS
 
 if TYPE_CHECKING:
     from .app import Mailhost
@@ -72,6 +74,20 @@ class WebAdmin:
                               f"this web admin does not answer to the name {_host_name(requested)!r}: use "
                               "localhost or 127.0.0.1, or add the name to [web] allowed_hosts in the config "
                               "file".encode())
+        try:
+            return self._answer(environ, start_response)
+        except MailhostError as exc:  # bad input (400) or a failure it explains (500), in one sentence
+            status = "400 Bad Request" if exc.exit_code == 2 else "500 Internal Server Error"
+            return self._send(start_response, status, "application/json",
+                              json.dumps({"error": redact(str(exc))}).encode())
+        except Exception as exc:  # a bug: said in the log, redacted; the client learns no internals
+            log.error("web: %s failed: unexpected error %s: %s (run with -vv for the traceback)",
+                      environ.get("PATH_INFO", "/"), type(exc).__name__, redact(str(exc)))
+            log.debug("web: the traceback of that error", exc_info=True)
+            return self._send(start_response, "500 Internal Server Error", "application/json",
+                              json.dumps({"error": "unexpected error; the service's log says more"}).encode())
+
+    def _answer(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> list[bytes]:
         path = environ.get("PATH_INFO", "/").strip("/")
         query = parse_qs(environ.get("QUERY_STRING", ""))
         api = path.startswith("api/")
@@ -84,11 +100,7 @@ class WebAdmin:
         if key not in self.routes:
             return self._send(start_response, "404 Not Found", "text/plain", b"not found")
         title, rows_for, columns = self.routes[key]
-        try:
-            rows = rows_for(query)
-        except MailhostError as exc:
-            status = "400 Bad Request" if exc.exit_code == 2 else "500 Internal Server Error"
-            return self._send(start_response, status, "application/json", json.dumps({"error": str(exc)}).encode())
+        rows = rows_for(query)
         if api:
             return self._send(start_response, "200 OK", "application/json",
                               json.dumps(rows, default=str, ensure_ascii=False).encode())
@@ -114,17 +126,17 @@ class WebAdmin:
 
     def _queue_incoming(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
         return [item_dict(i) for i in self.host.incoming.items(_one(q, "connection"), _one(q, "status"),
-                                                                 _int(q, "limit") or 200)]
+                                                                 _limit(q))]
 
     def _queue_outgoing(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
         rows = getattr(self.host.outgoing, "rows", None)
-        return list(rows(status=_one(q, "status"), limit=_int(q, "limit") or 200)) if rows else []
+        return list(rows(status=_one(q, "status"), limit=_limit(q))) if rows else []
 
     def _log_incoming(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
         return [{"id": e.id, "connection": e.connection_name, "status": e.status, "started_at": e.started_at,
                  "finished_at": e.finished_at, "listed": e.listed, "stored": e.stored, "duplicates": e.duplicates,
                  "acknowledged": e.acknowledged, "bytes": e.bytes, "error": e.error}
-                for e in self.host.incoming.logs(_one(q, "connection"), _int(q, "limit") or 200)]
+                for e in self.host.incoming.logs(_one(q, "connection"), _limit(q))]
 
     def _plugins(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
         return [p.as_dict() for p in self.host.plugins.plugins.values()]
@@ -209,6 +221,12 @@ def _one(q: dict[str, list[str]], key: str) -> str | None:
     return values[0] if values else None
 
 
-def _int(q: dict[str, list[str]], key: str) -> int | None:
-    value = _one(q, key)
-    return int(value) if value and value.isdigit() else None
+def _limit(q: dict[str, list[str]]) -> int:
+    """``?limit=N``: at most N rows (1 to MAX_ROWS, like the CLI's ``--limit``); 200 if absent."""
+    value = _one(q, "limit")
+    if value is None:
+        return 200
+    if not (value.isascii() and value.isdigit() and 1 <= int(value) <= MAX_ROWS):  # '²'.isdigit() is True
+        raise ValidationError(f"limit={value!r} is not valid: give a whole number from 1 to {MAX_ROWS}",
+                              field="limit")
+    return int(value)

@@ -174,3 +174,38 @@ def test_web_admin_answers_only_its_own_host_names(tmh: Mailhost, tmh_factory) -
     config.write_text(config.read_text().replace('allowed_hosts = ["Mail.Example.org"]', 'allowed_hosts = "x"'))
     out = run_cli("incoming", "list", cwd=config.parent)
     assert out.returncode == 2 and "[web] allowed_hosts in" in out.stderr and "must be a list" in out.stderr
+
+
+def test_web_bad_query_is_400_and_a_failure_is_a_short_500(tmh: Mailhost, caplog: pytest.LogCaptureFixture,
+                                                           capfd: pytest.CaptureFixture[str]) -> None:
+    """A limit that is not ASCII digits from 1 to 2^31 is 400 with one sentence; an
+    unexpected error is 500 with a short body, logged once with secrets redacted, and no
+    traceback on stderr."""
+    import logging
+    import sqlite3
+
+    from mailhost.secrets import forget_secrets, remember_secret
+    from mailhost.web import start_web
+
+    web = start_web(tmh, f"127.0.0.1:{_free_port()}")
+    try:
+        for query in ("queue/incoming?limit=%C2%B2", "log/incoming?limit=99999999999999999999999",
+                      "queue/incoming?limit=0", "log/incoming?limit=abc"):
+            status, body = _get(web.address, f"/api/{query}", "localhost")
+            assert status == 400 and "give a whole number from 1 to 2147483648" in json.loads(body)["error"], query
+        assert _get(web.address, "/api/log/incoming?limit=2147483648", "localhost")[0] == 200
+        db = sqlite3.connect(tmh.config.sqlite_file)
+        db.execute("DROP TABLE incoming_log_entries")
+        db.execute("DROP TABLE incoming_log")  # a store broken behind the service's back
+        db.close()
+        remember_secret("hunter2-secret")
+        with caplog.at_level(logging.INFO, logger="mailhost"):
+            status, body = _get(web.address, "/api/log/incoming?connection=hunter2-secret", "localhost")
+    finally:
+        web.stop()
+        forget_secrets()
+    assert status == 500 and len(body) < 100 and b"incoming_log" not in body
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "OperationalError" in errors[0] and "no such table" in errors[0]
+    assert "hunter2-secret" not in errors[0]
+    assert "Traceback" not in capfd.readouterr().err

@@ -32,6 +32,7 @@ import click
 from ..app import Mailhost
 from ..errors import MailhostError
 from ..secrets import RedactingFilter, redact
+from ..store import MAX_ROWS
 
 __all__ = ["cli", "main"]
 
@@ -146,7 +147,7 @@ def json_option(f: Callable[..., Any]) -> Callable[..., Any]:
 def limit_option(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--limit N``: print at most N rows."""
     return click.option(
-        "--limit", type=click.IntRange(1, 2**31), default=None, metavar="N", help="Print at most N rows."
+        "--limit", type=click.IntRange(1, MAX_ROWS), default=None, metavar="N", help="Print at most N rows."
     )(f)
 
 
