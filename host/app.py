@@ -15,10 +15,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
@@ -31,7 +32,7 @@ from .errors import ConfigError
 from .plugins import PluginHost, plugin_host
 from .secrets import RedactingFilter, Vault, create_key_file, create_private_file
 
-__all__ = ["Mailhost"]
+__all__ = ["Mailhost", "exit_now"]
 
 log = logging.getLogger(__name__)
 
@@ -208,3 +209,19 @@ def install_redaction() -> None:
     for handler in root.handlers:
         if not any(isinstance(f, RedactingFilter) for f in handler.filters):
             handler.addFilter(RedactingFilter())
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the process at once with ``code``, after flushing the logs and the output.
+
+    No interpreter teardown: no atexit handlers and no joining of threads. That is safe
+    wherever mailhost is, because every pipeline commits before it acknowledges and
+    leases end with the process (see :mod:`mailhost.leases`).
+    """
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more to say
+            pass
+    os._exit(code)

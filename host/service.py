@@ -19,6 +19,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from .app import exit_now
+
 if TYPE_CHECKING:
     from .app import Mailhost
 
@@ -45,7 +47,10 @@ class Service:
             self._signals += 1
             if self._signals > 1:
                 log.warning("second %s: exiting now", signal.Signals(signum).name)
-                raise SystemExit(128 + signum)
+                # Not SystemExit: the interpreter would join the download threads first,
+                # finishing (and throwing away) their passes. Stopping mid-pass is safe:
+                # every pipeline stores before it acknowledges.
+                exit_now(128 + signum)
             log.warning("%s: finishing the passes under way, then stopping", signal.Signals(signum).name)
             self.stop.set()
 

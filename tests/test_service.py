@@ -209,3 +209,45 @@ def test_web_bad_query_is_400_and_a_failure_is_a_short_500(tmh: Mailhost, caplog
     assert len(errors) == 1 and "OperationalError" in errors[0] and "no such table" in errors[0]
     assert "hunter2-secret" not in errors[0]
     assert "Traceback" not in capfd.readouterr().err
+
+
+def _wait_for(ready, what: str) -> None:
+    """Wait until ``ready()``; the deadline is a safety net, not an assertion on speed."""
+    deadline = time.monotonic() + 120
+    while not ready():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.05)
+
+
+def test_second_sigterm_exits_at_once(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """A second SIGTERM ends `serve` at once (status 128+15) even while a pass hangs on
+    its server; the first one waits for the passes under way."""
+    import threading
+
+    _set_listen(home, "")
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "a.eml").write_bytes(b"Subject: a\r\n\r\na\r\n")
+    events = Path(plugin_env["MAILHOST_TESTPLUGIN_EVENTS"])
+    env = {**os.environ, **plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin", "MAILHOST_TESTPLUGIN_HANG_AT": "a.eml"}
+    assert run_cli("incoming", "add", "desk", "--protocol", "dir", "--folder", str(box), env=env, cwd=home).returncode == 0
+    assert run_cli("incoming", "enable", "desk", "--yes", env=env, cwd=home).returncode == 0
+    proc = subprocess.Popen([sys.executable, "-m", "mailhost", "serve"], cwd=home, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)
+    reader.start()
+    try:
+        _wait_for(lambda: events.exists() and '"hanging"' in events.read_text(), "the pass reached a.eml")
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(lambda: any("finishing the passes under way" in line for line in err), "the first SIGTERM")
+        assert proc.poll() is None  # the hanging pass holds it, as the first signal should
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 128 + signal.SIGTERM
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=30)
+    assert any("second SIGTERM: exiting now" in line for line in err), err
+    assert not any("Traceback" in line for line in err), err

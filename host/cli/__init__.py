@@ -29,7 +29,7 @@ from typing import Any, NoReturn
 
 import click
 
-from ..app import Mailhost
+from ..app import Mailhost, exit_now
 from ..errors import MailhostError
 from ..secrets import RedactingFilter, redact
 from ..store import MAX_ROWS
@@ -329,10 +329,4 @@ def _leave(code: int) -> NoReturn:
     Network stores were closed with the command (:meth:`Context.close`), so that their
     servers saw a clean goodbye.
     """
-    logging.shutdown()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a closed pipe: nothing more to say
-            pass
-    os._exit(code)
+    exit_now(code)

@@ -3,12 +3,15 @@
 Its ``dir`` protocol treats a local directory as a mailbox: incoming, every file in
 the connection's folder is a message (key: the file name); outgoing, each message is
 written as a file. The events it receives are appended, one JSON line each, to the
-file named by ``$MAILHOST_TESTPLUGIN_EVENTS`` when that is set.
+file named by ``$MAILHOST_TESTPLUGIN_EVENTS`` when that is set. The fetch of the message
+named by ``$MAILHOST_TESTPLUGIN_FAIL_AT`` fails; of the one named by
+``$MAILHOST_TESTPLUGIN_HANG_AT``, never returns.
 """
 from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,9 @@ class DirIncoming(IncomingSession):
         for ref in refs:
             if os.environ.get("MAILHOST_TESTPLUGIN_FAIL_AT") == ref.key:
                 raise TemporaryFailure(f"connection dropped while fetching {ref.key}")
+            if os.environ.get("MAILHOST_TESTPLUGIN_HANG_AT") == ref.key:  # a server that stops answering
+                _event("hanging", key=ref.key)
+                threading.Event().wait()
             if ref.handle.exists():
                 yield ref, ref.handle.read_bytes()
 
