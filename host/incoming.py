@@ -516,16 +516,19 @@ class Incoming:
                 lease_owner=None, lease_until=None).execution_options(synchronize_session=False))
 
     def due(self) -> list[str]:
-        """Enabled connections whose interval has passed, soonest first."""
+        """Enabled connections whose interval has passed and whose lease is free (as
+        :meth:`_claim` sees it: expired, or held by a process that is gone), soonest first."""
         now = utcnow()
+        free = or_(IncomingConnection.lease_until.is_(None), IncomingConnection.lease_until < now)
         with self.host.session() as s:
-            return list(s.scalars(
-                select(IncomingConnection.name).where(
+            rows = s.execute(
+                select(IncomingConnection.name, free, IncomingConnection.lease_owner).where(
                     IncomingConnection.enabled.is_(True),
                     or_(IncomingConnection.next_poll_at.is_(None), IncomingConnection.next_poll_at <= now),
-                    or_(IncomingConnection.lease_until.is_(None), IncomingConnection.lease_until < now),
                 ).order_by(IncomingConnection.next_poll_at)
-            ))
+            ).all()
+        # A serve restarted after a kill must not wait out the dead process's lease.
+        return [name for name, is_free, owner in rows if is_free or (owner and holder_is_gone(owner))]
 
     # -- estimate ---------------------------------------------------------------------
 

@@ -219,9 +219,11 @@ def _wait_for(ready, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_second_sigterm_exits_at_once(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+def test_second_sigterm_exits_at_once_and_a_restart_takes_over(home: Path, plugin_env: dict[str, str],
+                                                                tmp_path: Path) -> None:
     """A second SIGTERM ends `serve` at once (status 128+15) even while a pass hangs on
-    its server; the first one waits for the passes under way."""
+    its server; the first one waits for the passes under way. A `serve` started right
+    after polls that connection at once, not when the dead process's lease runs out."""
     import threading
 
     _set_listen(home, "")
@@ -251,3 +253,24 @@ def test_second_sigterm_exits_at_once(home: Path, plugin_env: dict[str, str], tm
     reader.join(timeout=30)
     assert any("second SIGTERM: exiting now" in line for line in err), err
     assert not any("Traceback" in line for line in err), err
+    del env["MAILHOST_TESTPLUGIN_HANG_AT"]
+    out = run_cli("serve", "--once", env=env, cwd=home)
+    assert out.returncode == 0, out.stderr
+    assert [r["subject"] for r in json.loads(run_cli("queue", "incoming", "--json", env=env, cwd=home).stdout)] == ["a"]
+    passes = json.loads(run_cli("log", "incoming", "--json", env=env, cwd=home).stdout)
+    assert [p["status"] for p in passes] == ["ok", "interrupted"]
+
+
+def test_due_skips_a_connection_leased_by_a_live_worker(tmh: Mailhost, tmp_path: Path) -> None:
+    """A lease whose holder runs (this process) keeps its connection out of due()."""
+    from mailhost.incoming import LEASE
+    from mailhost.leases import worker_id
+    from mailhost.store import IncomingConnection, utcnow
+
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(tmp_path)))
+    tmh.connections.set_enabled("desk", True)
+    assert tmh.incoming.due() == ["desk"]
+    with tmh.session() as s:
+        conn = s.query(IncomingConnection).filter_by(name="desk").one()
+        conn.lease_owner, conn.lease_until = worker_id(), utcnow() + LEASE
+    assert tmh.incoming.due() == []
