@@ -13,7 +13,8 @@ Rules, in order:
    not named in ``[plugins] disabled``.
    A plugin that is not loaded is never imported.
 3. A plugin that fails to import, whose hook implementations do not match the specs
-   (an unknown hook name, a wrong argument), or whose ``register_*`` hook raises, is
+   (an unknown hook name, a wrong argument), or whose ``register_*`` hook raises (any
+   exception, SystemExit included; only KeyboardInterrupt goes through), is
    marked *failed* with its error and the host runs on; ``$MAILHOST_STRICT_PLUGINS=1``
    turns that into a :class:`~mailhost.errors.PluginError`.
 4. Two plugins registering the same protocol (direction and name): the one named in
@@ -154,34 +155,27 @@ class PluginHost:
         return name not in self._disabled
 
     def _load_entry_points(self) -> None:
-        failures: dict[str, BaseException] = {}
-
-        def on_failure(_mgr: Any, ep: importlib.metadata.EntryPoint, err: BaseException) -> None:
-            failures[ep.name] = err
-
-        # One scan of the entry points; NamedExtensionManager imports only the names
-        # it is given, so a disabled plugin is never imported.
-        manager: NamedExtensionManager[Any] = NamedExtensionManager(
-            ENTRY_POINT_GROUP,
-            names=_AllowedNames(self.allowed),
-            on_load_failure_callback=on_failure,
-            on_missing_entrypoints_callback=None,
-        )
-        loaded = {ext.name: ext.plugin for ext in manager.extensions}
-        for ep in sorted(manager.list_entry_points(), key=lambda e: e.name):
+        # One scan of the entry points (stevedore's cache), then each allowed one is
+        # imported here: stevedore's loader catches only Exception, so a plugin raising
+        # SystemExit at import ended the host. A disabled plugin is never imported.
+        for ep in sorted(_entry_points(), key=lambda e: e.name):
             if ep.name in self.plugins:
                 log.warning("plugin %s is installed twice; using %s", ep.name, self.plugins[ep.name].module)
                 continue
             info = PluginInfo(ep.name, ep.value.split(":")[0])
             info.entry_point = ep
+            self.plugins[ep.name] = info
             if not self.allowed(ep.name):
                 info.state = "disabled"
-                self.plugins[ep.name] = info
-            elif ep.name in failures:
-                self.plugins[ep.name] = info
-                self._fail(info, f"import failed: {_describe(failures[ep.name])}", failures[ep.name])
-            else:
-                self._register(ep.name, loaded[ep.name], info)
+                continue
+            try:
+                plugin = ep.load()
+            except KeyboardInterrupt:  # the admin's, not the plugin's
+                raise
+            except BaseException as exc:  # SystemExit too: a plugin never stops the host
+                self._fail(info, f"import failed: {_describe(exc)}", exc)
+                continue
+            self._register(ep.name, plugin, info)
         for names, where in ((self._only, "$MAILHOST_LOAD_PLUGINS"), (self._enabled, "[plugins] enabled")):
             unknown = sorted(set(names or ()) - set(self.plugins) - set(BUILTINS))
             if unknown:  # a typo that would silently load nothing by that name
@@ -260,7 +254,9 @@ class PluginHost:
             items: list[Any] = []
             try:
                 impl.function(*[items.append for _ in impl.argnames])
-            except Exception as exc:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # SystemExit too, as at import
                 self._fail(self.plugins[impl.plugin_name], f"raised in {hook}: {_describe(exc)}", exc)
                 continue
             gathered[impl.plugin_name] = items
@@ -333,10 +329,15 @@ class PluginHost:
 
 def installed_plugin_names() -> list[str]:
     """The names of the installed plugins (the host's own included), without importing any."""
+    return sorted({ep.name for ep in _entry_points()} | set(BUILTINS))
+
+
+def _entry_points() -> list[importlib.metadata.EntryPoint]:
+    """The entry points of the group, from stevedore's cache, none of them imported."""
     manager: NamedExtensionManager[Any] = NamedExtensionManager(
         ENTRY_POINT_GROUP, names=[], on_missing_entrypoints_callback=None
     )
-    return sorted({ep.name for ep in manager.list_entry_points()} | set(BUILTINS))
+    return list(manager.list_entry_points())
 
 
 @functools.lru_cache(maxsize=8)
@@ -355,19 +356,6 @@ def plugin_host(
         tuple(sorted(enabled)), tuple(sorted(disabled)), tuple(sorted((protocol_choices or {}).items())),
         os.environ.get("MAILHOST_LOAD_PLUGINS"), _env_flag("MAILHOST_STRICT_PLUGINS"),
     )
-
-
-class _AllowedNames:
-    """A ``names`` container for stevedore that asks the host's rules."""
-
-    def __init__(self, allowed: Callable[[str], bool]) -> None:
-        self._allowed = allowed
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and self._allowed(name)
-
-    def __iter__(self) -> Any:  # stevedore only iterates to report missing names
-        return iter(())
 
 
 def _with_plugin(item: Any, plugin: str) -> Any:

@@ -49,6 +49,22 @@ def test_plugin_that_raises_on_import_is_reported_not_fatal(home: Path, plugin_e
     assert plugins["testplugin"]["state"] == "enabled"
 
 
+def test_plugin_that_exits_on_import_or_register_is_reported_not_fatal(
+        home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """A plugin raising SystemExit at import, or in a register hook, is listed as failed
+    with its message; the host and the other plugins run on."""
+    site = make_dist(tmp_path / "quitter", "mailhost-quitter", {"quitter": "mailhost_quitter", "late": "mailhost_late"},
+                     {"mailhost_quitter": "raise SystemExit('plugin gave up')\n",
+                      "mailhost_late": "from mailhost import hookimpl\n@hookimpl\n"
+                                       "def register_protocols(register):\n    raise SystemExit(3)\n"})
+    env = {**plugin_env, "PYTHONPATH": f"{site}:{plugin_env['PYTHONPATH']}"}
+    plugins = _plugins(home, env)
+    assert plugins["quitter"]["state"] == "failed"
+    assert plugins["quitter"]["error"] == "import failed: SystemExit: plugin gave up"
+    assert plugins["late"]["state"] == "failed" and "SystemExit: 3" in plugins["late"]["error"]
+    assert plugins["testplugin"]["state"] == "enabled"
+
+
 def test_disabled_plugin_is_never_imported(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
     """A plugin disabled in the config file is listed as disabled and never imported."""
     marker = tmp_path / "imported"
