@@ -26,6 +26,7 @@ from .config import listen_address
 from .connections import connection_dict
 from .errors import ConfigError, MailhostError, ValidationError
 from .incoming import item_dict
+from .outgoing import item_dict as outgoing_item_dict
 from .protocols import Direction
 from .secrets import redact
 from .store import MAX_ROWS
@@ -129,8 +130,8 @@ class WebAdmin:
                                                                  _limit(q))]
 
     def _queue_outgoing(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
-        rows = getattr(self.host.outgoing, "rows", None)
-        return list(rows(status=_one(q, "status"), limit=_limit(q))) if rows else []
+        return [outgoing_item_dict(i) for i in self.host.outgoing.items(_one(q, "status"), _one(q, "connection"),
+                                                                         _limit(q))]
 
     def _log_incoming(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
         return [{"id": e.id, "connection": e.connection_name, "status": e.status, "started_at": e.started_at,

@@ -274,3 +274,22 @@ def test_due_skips_a_connection_leased_by_a_live_worker(tmh: Mailhost, tmp_path:
         conn = s.query(IncomingConnection).filter_by(name="desk").one()
         conn.lease_owner, conn.lease_until = worker_id(), utcnow() + LEASE
     assert tmh.incoming.due() == []
+
+
+def test_web_shows_the_outgoing_queue(tmh: Mailhost) -> None:
+    """/api/queue/outgoing lists the outgoing queue in the CLI's JSON shape, filtered by status."""
+    from mailhost.web import start_web
+
+    tmh.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="dir", host="outbox",
+                                                           from_address="a@example.org", default=True))
+    tmh.outgoing.send(["bob@example.org"], subject="queued one", body="hi")
+    web = start_web(tmh, f"127.0.0.1:{_free_port()}")
+    try:
+        status, body = _get(web.address, "/api/queue/outgoing", "localhost")
+        assert status == 200
+        rows = json.loads(body)
+        assert [(r["subject"], r["status"], r["to"]) for r in rows] == [("queued one", "queued", "bob@example.org")]
+        assert json.loads(_get(web.address, "/api/queue/outgoing?status=sent", "localhost")[1]) == []
+        assert _get(web.address, "/queue/outgoing", "localhost")[0] == 200
+    finally:
+        web.stop()
