@@ -9,7 +9,8 @@
      │    └── NotFound              a named thing does not exist
      ├── PluginError                a plugin failed to load or broke its contract
      └── MailError                  talking to a mail server failed: exit status 1
-          ├── TemporaryFailure      try again later (timeouts, dropped links, 4xx, 429)
+          ├── TemporaryFailure      try again later (timeouts, dropped links, 4xx, 429);
+          │                         ``in_doubt``: the message went out and may have arrived
           │    └── ConnectFailure   DNS, TCP or the server closed the link
           └── PermanentFailure      retrying will not help (5xx, refused message)
                ├── AuthenticationFailed
@@ -82,9 +83,14 @@ class TemporaryFailure(MailError):
 
     temporary = True
 
-    def __init__(self, message: str, retry_after: float | None = None) -> None:
+    def __init__(self, message: str, retry_after: float | None = None, in_doubt: bool = False) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        #: The whole message reached the server and its answer never came (a timeout or
+        #: a dropped link after the content): it may have been delivered. The outgoing
+        #: queue records such an attempt as ``interrupted`` and never hands the message
+        #: to another connection at once, which would send it twice.
+        self.in_doubt = in_doubt
 
 
 class ConnectFailure(TemporaryFailure):

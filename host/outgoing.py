@@ -28,7 +28,11 @@ the next pass puts them back in the queue and records the interrupted attempt. O
 duplicate cannot be avoided by any SMTP client: the server accepted a message (it
 committed it and was about to say 250) and the worker died before recording that. The
 window is at most one message per open session: a session never sends the content of a
-message while the previous one's outcome is unrecorded.
+message while the previous one's outcome is unrecorded. The same doubt arises when the
+server's answer to a sent message never comes (an SMTP session waits 10 minutes for it, as
+RFC 5321 asks, then gives up, or the link drops): that attempt is recorded as
+``interrupted`` too, and the message waits for a retry through its own connection
+rather than going to the default one at once.
 """
 from __future__ import annotations
 
@@ -390,7 +394,7 @@ class _Try:
     """One attempt through one connection."""
 
     connection: str
-    kind: str  # sent, partial, connection, temporary, permanent
+    kind: str  # sent, partial, connection, temporary, permanent, interrupted (sent, not confirmed)
     detail: str
     result: SendResult | None = None
     refused: dict[str, str] = field(default_factory=dict)
@@ -1063,7 +1067,8 @@ class Outgoing:
         """Attempt ``item`` (and its fallback) and return what to record."""
         tries = [self._try(item, lane, gate)]
         # Fall back on what the default connection may get through: a connection that
-        # cannot be reached or signed in to, a timeout, a 4xx; never on a 5xx refusal.
+        # cannot be reached or signed in to, a timeout, a 4xx; never on a 5xx refusal, nor
+        # on an interrupted attempt (the server may hold the message: it waits for a retry).
         if fallback is not None and tries[0].kind in ("connection", "temporary"):
             tries.append(self._try(item, fallback, gate))
         last = tries[-1]
@@ -1152,12 +1157,12 @@ class Outgoing:
         except _GateFailed:
             lane.drop()
             raise
-        except ConnectFailure as exc:
-            lane.drop()
-            return _Try(name, "temporary", _sentence(name, exc), ms=_ms(started), retry_after=exc.retry_after)
         except TemporaryFailure as exc:
-            return _Try(name, "temporary", _sentence(name, exc), refused=dict(getattr(exc, "refused", {}) or {}),
-                        ms=_ms(started), retry_after=exc.retry_after)
+            if isinstance(exc, ConnectFailure):
+                lane.drop()
+            # In doubt (the server may hold it): recorded as interrupted, like a crash mid-send.
+            return _Try(name, "interrupted" if exc.in_doubt else "temporary", _sentence(name, exc),
+                        refused=dict(getattr(exc, "refused", {}) or {}), ms=_ms(started), retry_after=exc.retry_after)
         except PermanentFailure as exc:
             return _Try(name, "permanent", _sentence(name, exc), refused=dict(getattr(exc, "refused", {}) or {}),
                         ms=_ms(started))
@@ -1385,7 +1390,7 @@ class Outgoing:
 # ---------------------------------------------------------------------------------------
 
 _RESULT = {"sent": "sent", "partial": "partial", "connection": "temporary", "temporary": "temporary",
-           "permanent": "permanent"}
+           "permanent": "permanent", "interrupted": "interrupted"}
 
 
 def item_dict(item: OutgoingItem, with_attempts: bool = False) -> dict[str, Any]:

@@ -285,6 +285,9 @@ class OutgoingSession(Session, ABC):
 
         When every recipient is refused, raise TemporaryFailure (any 4xx among the
         replies) or PermanentFailure, with ``refused`` set to the reply per recipient.
+        When the whole message went out and the server's answer did not come (a timeout,
+        a dropped link), raise TemporaryFailure with ``in_doubt=True``: it may have been
+        delivered.
         """
 
     @property

@@ -50,6 +50,15 @@ def closed_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port on 127.0.0.1 that takes connections and never says a word."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(8)
+        yield int(s.getsockname()[1])
+
+
 def later(mh: Mailhost, **delta: float) -> None:
     """Move the pipeline's clock forward (instead of waiting)."""
     mh.outgoing.clock = lambda: utcnow() + dt.timedelta(**delta)
@@ -284,34 +293,74 @@ def test_falls_back_on_4xx_but_not_on_5xx(mh: Mailhost, smtp_server: Callable[..
     assert record["status"] == "failed" and record["fell_back"] is False and len(default.messages) == 1
 
 
-def test_falls_back_when_sign_in_fails_or_the_server_is_silent(mh: Mailhost,
-                                                                smtp_server: Callable[..., SmtpServer]) -> None:
-    """Refused credentials and a timeout are delivery problems of the connection too."""
+def test_falls_back_when_sign_in_fails_or_the_server_is_silent(mh: Mailhost, smtp_server: Callable[..., SmtpServer],
+                                                                silent_port: int) -> None:
+    """Refused credentials and a timeout before the message went out are delivery
+    problems of the connection too."""
     default = smtp_server("plain")
     locked = smtp_server("starttls", users={"user@example.org": "right"})
-    silent = smtp_server("plain", slow_data_seconds=1.0)
     add(mh, "main", default, from_address="main@example.org", default=True)
     add(mh, "locked", locked, encryption="starttls", username="user@example.org", password="wrong",
         fallback_to_default=True)
-    add(mh, "silent", silent, from_address="s@example.org", timeout=200, fallback_to_default=True)
+    add(mh, "silent", None, port=silent_port, from_address="s@example.org", timeout=200, fallback_to_default=True)
     a = mh.outgoing.send(["bob@example.org"], subject="auth", body=BODY, connection="locked")
     b = mh.outgoing.send(["bob@example.org"], subject="timeout", body=BODY, connection="silent")
     mh.outgoing.deliver(sessions=2)
-    for queued, why in ((a, "refused to sign in"), (b, "no answer in time")):
+    for queued, why in ((a, "refused to sign in"), (b, "no answer within 0.2 s")):
         record = item(mh, queued.id)
         assert record["status"] == "sent" and record["sent_via"] == "main" and record["fell_back"] is True
         assert why in record["attempts_log"][0]["detail"]
     assert len(default.messages) == 2
 
 
-def test_timeout_is_retried(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+def test_timeout_is_retried(mh: Mailhost, silent_port: int) -> None:
     """A server that does not answer in time: the message waits for a retry."""
-    silent = smtp_server("plain", slow_data_seconds=1.0)
-    add(mh, "main", silent, from_address="a@example.org", timeout=200, default=True)
+    add(mh, "main", None, port=silent_port, from_address="a@example.org", timeout=200, default=True)
     queued = mh.outgoing.send(["bob@example.org"], subject="slow", body=BODY)
     mh.outgoing.deliver()
     record = item(mh, queued.id)
-    assert record["status"] == "queued" and "no answer in time" in record["last_error"]
+    assert record["status"] == "queued" and "no answer within 0.2 s" in record["last_error"]
+    assert [a["result"] for a in record["attempts_log"]] == ["temporary"]
+
+
+def test_a_slow_final_reply_is_waited_for(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """The reply to the final dot may come long after the connection's timeout (RFC 5321
+    asks for 10 minutes): the message is sent once, not retried or handed to the default."""
+    default, slow = smtp_server("plain"), smtp_server("plain", slow_data_seconds=1.0)
+    add(mh, "main", default, from_address="main@example.org", default=True)
+    add(mh, "slow", slow, from_address="s@example.org", timeout=200, fallback_to_default=True)
+    queued = mh.outgoing.send(["bob@example.org"], subject="slow", body=BODY, connection="slow")
+    mh.outgoing.deliver()
+    record = item(mh, queued.id)
+    assert record["status"] == "sent" and record["sent_via"] == "slow" and record["fell_back"] is False
+    assert len(slow.messages) == 1 and default.messages == []
+
+
+def test_an_unconfirmed_message_is_in_doubt_and_waits(mh: Mailhost, smtp_server: Callable[..., SmtpServer],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server kept the message and dropped the link (or never answered the final
+    dot): the attempt is interrupted, the message may have arrived, so it is neither
+    handed to the default connection at once nor lost; it waits for a retry."""
+    import mailhost_smtp._session
+
+    default, own = smtp_server("plain"), smtp_server("plain")
+    add(mh, "main", default, from_address="main@example.org", default=True)
+    add(mh, "branch", own, from_address="branch@example.org", timeout=200, fallback_to_default=True)
+    dropped = mh.outgoing.send(["bob@example.org"], subject="dropped", body=BODY, connection="branch")
+    own.drop_next_data(1)
+    mh.outgoing.deliver()
+    # No reply within the wait (lowered here from RFC 5321's 10 minutes).
+    monkeypatch.setattr(mailhost_smtp._session, "FINAL_REPLY_TIMEOUT", 0.2)
+    own.slow_data_seconds = 1.0
+    silent = mh.outgoing.send(["bob@example.org"], subject="silent", body=BODY, connection="branch")
+    mh.outgoing.deliver()
+    for queued, why in ((dropped, "connection broke"), (silent, "no reply within 0.2 s")):
+        record = item(mh, queued.id)
+        assert record["status"] == "queued" and record["fell_back"] is False, record
+        assert [(a["connection"], a["result"]) for a in record["attempts_log"]] == [("branch", "interrupted")]
+        assert why in record["last_error"] and "may have been delivered" in record["last_error"]
+        assert record["next_attempt_at"] > record["attempts_log"][0]["at"]  # backoff, not at once
+    assert default.messages == [] and own.messages[0].data.count(b"Subject: dropped") == 1  # kept, unconfirmed
 
 
 def test_no_fallback_unless_asked(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:

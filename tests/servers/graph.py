@@ -46,7 +46,8 @@ endpoints, following Microsoft's documentation (Microsoft Learn, /graph/...):
   per app and mailbox (``429 ApplicationThrottled``, "Application is over its
   MailboxConcurrency limit."). :meth:`GraphServer.throttle` injects 429 or 503 on every
   Nth request or as a burst. Retry-After is sent in (possibly fractional) seconds so that
-  tests stay fast.
+  tests stay fast. :meth:`GraphServer.drop` serves the next requests of a kind and closes
+  the connection instead of answering (the client cannot know they were served).
 * errors (``/graph/errors``): ``{"error": {"code": ..., "message": ...}}``; a missing,
   malformed or expired token is ``401 InvalidAuthenticationToken`` with
   ``WWW-Authenticate: Bearer``; missing rights are ``403 ErrorAccessDenied`` (sending as
@@ -289,6 +290,7 @@ class _Response:
     body: bytes = b""
     content_type: str = "application/json"
     headers: dict[str, str] = field(default_factory=dict)
+    drop: bool = False  # close the connection instead of sending it
 
     @classmethod
     def json(cls, status: int, obj: Any, headers: Mapping[str, str] | None = None) -> _Response:
@@ -346,6 +348,7 @@ class GraphServer:
         self.stats: collections.Counter[str] = collections.Counter()
         self._throttle: dict[str, Any] = {}
         self._failures: dict[str, list[Any]] = {}
+        self._drops: collections.Counter[str] = collections.Counter()
         self._requests = 0
         self._inflight: collections.Counter[str] = collections.Counter()
         self._inflight_lock = threading.Lock()
@@ -574,6 +577,11 @@ class GraphServer:
         with self._lock:
             self._failures[kind] = [count, GraphError(status, code, message, headers)]
 
+    def drop(self, kind: str, count: int = 1) -> None:
+        """Serve the next ``count`` requests of ``kind`` but close the connection instead of answering."""
+        with self._lock:
+            self._drops[kind] += count
+
     def expire_delta_tokens(self) -> None:
         """Every delta and skip token issued so far becomes invalid: 410 Gone."""
         with self._lock:
@@ -606,6 +614,9 @@ class GraphServer:
                 with self._lock:
                     self.stats[kind] += 1
                     response = self._route(req, segments)
+                    if self._drops[kind] > 0 and not in_batch:
+                        self._drops[kind] -= 1
+                        response.drop = True
                 if self.service_time and not in_batch:
                     time.sleep(self.service_time)
                 return response
@@ -1181,6 +1192,9 @@ class _Handler(BaseHTTPRequestHandler):
         req = _Request(self.command, split.path, dict(parse_qsl(split.query, keep_blank_values=True)),
                        {k.lower(): v for k, v in self.headers.items()}, body)
         resp = owner.handle(req)
+        if resp.drop:
+            self.close_connection = True
+            return
         self.send_response(resp.status)
         if resp.status == 401:
             self.send_header("WWW-Authenticate", 'Bearer realm="", authorization_uri="https://login.microsoftonline.com'

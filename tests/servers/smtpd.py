@@ -17,6 +17,9 @@ Behaviour useful for client tests:
 * :meth:`SmtpServer.fail_next_data` -- the next *n* DATA commands fail (451 by
   default) and are NOT recorded;
 * ``size_limit`` -- advertised as ``SIZE N`` and enforced (552);
+* :meth:`SmtpServer.drop_next_data` -- the next *n* messages are recorded (the
+  server keeps them) and the link is closed without a reply to the final dot:
+  the client cannot know they were accepted;
 * ``slow_data_seconds`` -- sleep before answering the final DATA dot. The
   message is recorded (and spooled) *after* the sleep, right before the 250,
   like a real server committing it -- a client killed during the sleep does
@@ -169,6 +172,7 @@ class _Handler:
         if delay > 0:
             await asyncio.sleep(delay)
         proto = server if isinstance(server, _SMTP) else None
+        drop = owner._take_data_drop()
         msg = owner._record(
             mail_from=envelope.mail_from or "",
             rcpt_tos=list(envelope.rcpt_tos),
@@ -179,6 +183,8 @@ class _Handler:
             peer=tuple(session.peer) if session.peer else None,  # type: ignore[arg-type]
             mail_options=list(envelope.mail_options or []),
         )
+        if drop:
+            server.transport.abort()  # kept, and never confirmed
         return f"250 2.0.0 OK queued as {msg.seq}"
 
 
@@ -286,6 +292,7 @@ class SmtpServer:
         self._sessions = 0
         self._auth_attempts: list[tuple[str, bool]] = []
         self._data_failures: list[str] = []
+        self._data_drops = 0
         self._seq = itertools.count(1)
         self._controller: _Controller | None = None
         self._port: int | None = None
@@ -386,6 +393,18 @@ class SmtpServer:
         with self._lock:
             self._data_failures.extend([reply] * n)
 
+    def drop_next_data(self, n: int = 1) -> None:
+        """Keep the next ``n`` messages but close the link instead of answering their final dot."""
+        with self._lock:
+            self._data_drops += n
+
+    def _take_data_drop(self) -> bool:
+        with self._lock:
+            if self._data_drops:
+                self._data_drops -= 1
+                return True
+            return False
+
     def _take_data_failure(self) -> str | None:
         with self._lock:
             return self._data_failures.pop(0) if self._data_failures else None
@@ -431,6 +450,7 @@ class SmtpServer:
             self._sessions = 0
             self._auth_attempts.clear()
             self._data_failures.clear()
+            self._data_drops = 0
 
     def wait_for_messages(self, n: int, timeout: float = 10.0) -> list[ReceivedMessage]:
         """Block until at least ``n`` messages were accepted; raise TimeoutError."""

@@ -186,8 +186,10 @@ class GraphClient:
                 if retry and attempt < 2:
                     attempt += 1
                     continue
+                doubt = _unanswered(exc)
                 raise TemporaryFailure(f"{self.where} did not answer in {self.settings.timeout:g} s while "
-                                       f"{doing} ({type(exc).__name__})") from None
+                                       f"{doing} ({type(exc).__name__}){_MAY_HAVE if doubt else ''}",
+                                       in_doubt=doubt) from None
             except httpx.TransportError as exc:
                 ssl_error = _ssl_cause(exc)
                 if ssl_error is not None:
@@ -195,6 +197,9 @@ class GraphClient:
                 if retry and attempt < 2 and not isinstance(exc, httpx.ConnectError):
                     attempt += 1
                     continue
+                if _unanswered(exc):
+                    raise ConnectFailure(f"{self.where} dropped the connection while {doing}, before it answered "
+                                         f"({exc or type(exc).__name__}){_MAY_HAVE}", in_doubt=True) from None
                 raise ConnectFailure(f"cannot reach {self.where} while {doing}: {exc or type(exc).__name__}: "
                                      "check the host and the network") from None
             self._say(f"> {method} {_shown(url, params)}")
@@ -391,6 +396,15 @@ def _shown(url: str, params: Mapping[str, str] | None) -> str:
     if params:
         shown += ("&" if path.query else "?") + "&".join(f"{k}={v}" for k, v in params.items())
     return shown
+
+
+_MAY_HAVE = ": the request went out whole, so the server may have acted on it"
+
+
+def _unanswered(exc: httpx.TransportError) -> bool:
+    """Whether the request went out whole and the answer did not come (read timeout, a
+    link dropped while waiting): the server may have acted on it (sendMail: sent it)."""
+    return isinstance(exc, (httpx.ReadTimeout, httpx.ReadError, httpx.RemoteProtocolError))
 
 
 def _ssl_cause(exc: BaseException) -> ssl.SSLError | None:

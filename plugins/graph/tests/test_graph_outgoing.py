@@ -90,3 +90,18 @@ def test_too_large_is_permanent(graph: GraphServer, settings: Settings) -> None:
     with open_outgoing(settings()) as s, pytest.raises(PermanentFailure, match="413 RequestEntityTooLarge"):
         s.send(RAW, ALICE, ["carol@example.org", "dave@example.org"])
     assert graph.sent == []
+
+
+def test_send_without_an_answer_is_in_doubt(graph: GraphServer, settings: Settings) -> None:
+    """Graph took the message and the link dropped before its 202: the failure is
+    temporary and in doubt (it may have been sent), so the queue neither falls back at
+    once nor forgets it; a refused connection is not in doubt."""
+    graph.drop("sendmail")
+    with open_outgoing(settings()) as s, pytest.raises(TemporaryFailure, match="may have acted on it") as caught:
+        s.send(RAW, ALICE, ["carol@example.org", "dave@example.org"])
+    assert caught.value.in_doubt is True and len(graph.sent) == 1
+    with open_outgoing(settings()) as s:
+        graph.stop()
+        with pytest.raises(TemporaryFailure) as refused:
+            s.send(RAW, ALICE, ["carol@example.org", "dave@example.org"])
+    assert refused.value.in_doubt is False

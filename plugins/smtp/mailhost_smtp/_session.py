@@ -40,6 +40,10 @@ __all__ = ["DEFAULT_PORTS", "SmtpSession", "open_session", "test_connection"]
 
 
 Report = Callable[[str, str], None]  # (step name, detail) for each step that succeeded
+#: Seconds to wait for the reply to the message's final dot, at least (the connection's
+#: timeout when longer). RFC 5321 4.5.3.2.6 asks for 10 minutes: the server may be
+#: committing the message, and giving up sooner invites a duplicate.
+FINAL_REPLY_TIMEOUT = 600.0
 _DOT_LINE = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)
 
 
@@ -63,6 +67,7 @@ class _Client(smtplib.SMTP):
         self._settings = settings
         self._transcript = settings.transcript
         self._mask_next = False
+        self.content_sent = False  # the current message's final dot went out
         super().__init__(local_hostname=_local_hostname(), timeout=settings.timeout)
 
     # -- transcript ---------------------------------------------------------------
@@ -143,23 +148,31 @@ class _Client(smtplib.SMTP):
         return sock
 
     def data_gated(self, msg: bytes, gate: Callable[[], None] | None) -> tuple[int, bytes]:
-        """``smtplib.SMTP.data`` with a gate between the 354 and the message."""
-        if gate is None:
-            return self.data(msg)
+        """``smtplib.SMTP.data`` with a gate between the 354 and the message, and the
+        long wait for the final reply. ``content_sent`` says whether the final dot went out."""
+        self.content_sent = False
         self.putcmd("data")
         code, reply = self.getreply()
         if code != 354:
             raise smtplib.SMTPDataError(code, reply)
-        try:
-            gate()
-        except BaseException:
-            self.close()  # no final dot: the server throws the message away
-            raise
+        if gate is not None:
+            try:
+                gate()
+            except BaseException:
+                self.close()  # no final dot: the server throws the message away
+                raise
         q = _DOT_LINE.sub(b"..", msg)
         if q[-2:] != b"\r\n":
             q += b"\r\n"
         self.send(q + b".\r\n")
-        return self.getreply()
+        self.content_sent = True
+        assert self.sock is not None
+        self.sock.settimeout(max(FINAL_REPLY_TIMEOUT, self.timeout))
+        try:
+            return self.getreply()
+        finally:
+            if self.sock is not None:
+                self.sock.settimeout(self.timeout)
 
     def hello(self) -> None:
         code, message = self.ehlo()
@@ -243,7 +256,14 @@ class SmtpSession(OutgoingSession):
                 _rset(self._client)  # end the transaction, keep the session
             _fail(where, "did not take the message", exc.smtp_code, exc.smtp_error)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
+            in_doubt = self._client is not None and self._client.content_sent
             self._drop()
+            if in_doubt:
+                wait = max(FINAL_REPLY_TIMEOUT, self.settings.timeout)
+                what = f"no reply within {wait:g} s" if _timed_out(exc) else f"the connection broke: {_reason(exc)}"
+                raise ConnectFailure(
+                    f"{where}: the whole message was sent but the server did not confirm it ({what}); it may have "
+                    "been delivered, so it is tried again later and may arrive twice", in_doubt=True) from None
             if _timed_out(exc):
                 raise ConnectFailure(f"{where}: no answer in time (within {self.settings.timeout:g} s) while "
                                      "sending; the message will be retried") from None

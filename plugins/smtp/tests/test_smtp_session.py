@@ -168,12 +168,34 @@ def test_xoauth2_with_an_access_token(pki: Pki) -> None:
     assert token not in joined and blob.decode() not in joined
 
 
-def test_a_silent_server_times_out(smtp_server: Callable[..., SmtpServer]) -> None:
-    """No answer within the timeout: a ConnectFailure (temporary) and a dropped session."""
+def test_the_final_reply_is_waited_for_then_in_doubt(smtp_server: Callable[..., SmtpServer],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reply to the final dot is waited for beyond the timeout (RFC 5321: 10 minutes);
+    none in that time, or a dropped link, is a ConnectFailure in doubt: the message went out."""
     server = smtp_server("plain", slow_data_seconds=1.0)
     with open_session(settings(server, Encryption.NONE, timeout=0.2)) as session:
-        with pytest.raises(ConnectFailure, match="no answer in time"):
+        assert session.send(RAW, "a@example.org", ["b@example.org"]).response.startswith("250")
+        monkeypatch.setattr(_session, "FINAL_REPLY_TIMEOUT", 0.2)
+        with pytest.raises(ConnectFailure, match="no reply within 0.2 s.*may have been delivered") as silent:
             session.send(RAW, "a@example.org", ["b@example.org"])
+        server.slow_data_seconds = 0.0
+        server.drop_next_data(1)
+        with pytest.raises(ConnectFailure, match="connection broke.*may have been delivered") as dropped:
+            session.send(RAW, "a@example.org", ["b@example.org"])
+    assert silent.value.in_doubt and dropped.value.in_doubt
+
+
+def test_a_silent_server_times_out() -> None:
+    """No answer within the timeout before any message went out: a ConnectFailure
+    (temporary, not in doubt)."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(1)
+        quiet = ConnectionSettings(name="test-smtp", protocol="smtp", host="127.0.0.1",
+                                   port=silent.getsockname()[1], encryption=Encryption.NONE, timeout=0.2)
+        with pytest.raises(ConnectFailure, match="no answer within 0.2 s") as caught:
+            open_session(quiet)
+    assert caught.value.in_doubt is False
 
 
 def test_wrong_password_is_an_authentication_failure(smtp_server: Callable[..., SmtpServer]) -> None:
