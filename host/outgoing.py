@@ -1071,14 +1071,15 @@ class Outgoing:
         # on an interrupted attempt (the server may hold the message: it waits for a retry).
         if fallback is not None and tries[0].kind in ("connection", "temporary"):
             tries.append(self._try(item, fallback, gate))
-        last = tries[-1]
+        # A fallback decides only when it delivered: its refusals (a size limit, a 5xx)
+        # rule out that route for this attempt, not the message, nor any recipient; the
+        # message's fate follows its own connection.
+        last = tries[-1] if tries[-1].delivered else tries[0]
         now = self.clock()
-        fell_back = len(tries) > 1
+        fell_back = len(tries) > 1 and last is tries[-1]
         attempts = item.attempts + 1
         accepted = list(item.accepted)
-        refused = dict(item.refused)
-        for t in tries:
-            refused.update(t.refused)
+        refused = {**item.refused, **tries[0].refused}
         newly: list[str] = []
         if last.delivered:
             newly = [r for r in item.pending() if r not in last.refused and r not in accepted]

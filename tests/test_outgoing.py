@@ -293,6 +293,31 @@ def test_falls_back_on_4xx_but_not_on_5xx(mh: Mailhost, smtp_server: Callable[..
     assert record["status"] == "failed" and record["fell_back"] is False and len(default.messages) == 1
 
 
+def test_a_fallback_refusal_leaves_the_message_to_its_own_connection(
+        mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """The default connection refuses the fallback for good (its size limit): the
+    message still waits for its own connection, no recipient is marked refused, and it
+    is sent once that connection is back."""
+    default = smtp_server("plain")
+    port = closed_port()
+    add(mh, "main", default, from_address="main@example.org", default=True, size_limit=400)
+    add(mh, "branch", None, port=port, from_address="branch@example.org", fallback_to_default=True)
+    queued = mh.outgoing.send(["bob@example.org"], subject="big", body="x" * 300, connection="branch")
+    report = mh.outgoing.deliver()
+    assert report.connections["branch"].retrying == 1 and report.connections["branch"].fell_back == 0
+    record = item(mh, queued.id)
+    assert [(a["connection"], a["result"]) for a in record["attempts_log"]] == [("branch", "temporary"),
+                                                                               ("main", "permanent")]
+    assert record["status"] == "queued" and "connection refused" in record["last_error"]
+    assert record["recipients"] == [{"address": "bob@example.org", "status": "pending", "reply": None}]
+    back = smtp_server("plain", port=port)
+    later(mh, hours=2)
+    mh.outgoing.deliver()
+    record = item(mh, queued.id)
+    assert record["status"] == "sent" and record["sent_via"] == "branch" and record["fell_back"] is False
+    assert len(back.messages) == 1 and default.messages == []
+
+
 def test_falls_back_when_sign_in_fails_or_the_server_is_silent(mh: Mailhost, smtp_server: Callable[..., SmtpServer],
                                                                 silent_port: int) -> None:
     """Refused credentials and a timeout before the message went out are delivery
