@@ -15,7 +15,8 @@ import re
 import ssl
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from email.utils import parseaddr
+from email.headerregistry import Address
+from email.utils import getaddresses, parseaddr
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,7 @@ from .store import (
 if TYPE_CHECKING:
     from .app import Mailhost
 
-__all__ = ["ConnectionSpec", "Connections", "connection_dict"]
+__all__ = ["ConnectionSpec", "Connections", "check_address", "connection_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -589,12 +590,7 @@ class Connections:
     ) -> None:
         address = _on_the_wire(_text(given.get("from_address"), "from_address"), "from address", label)
         if address:
-            _, parsed = parseaddr(address)
-            if not parsed or "@" not in parsed or " " in parsed:
-                raise ValidationError(
-                    f"{label}: from address {address!r} is not an email address: use name@example.org",
-                    field="from_address",
-                )
+            address = check_address(address, "--from", label, field="from_address")
         elif "from_address" in provider.required:
             raise ValidationError(f"{label} needs a from address: give --from ADDRESS", field="from_address")
         values["from_address"] = address or None
@@ -729,6 +725,28 @@ def check_lengths(model: type[Any], values: Mapping[str, Any], label: str) -> No
         if isinstance(value, str) and limit and len(value) > limit:
             raise ValidationError(f"{label}: the {key.replace('_', ' ')} is {len(value)} characters long: "
                                   f"use at most {limit}", field=key)
+
+
+def check_address(value: str, what: str, label: str | None = None, field: str | None = None) -> str:
+    """The one address ``value`` holds, written ``Name <addr>`` from what was parsed, so
+    that a header says what the envelope does. One sentence naming ``what`` (the option)
+    when it holds none, or several (``a, b``, ``a <b>``, ``a; b``, a group)."""
+    where = f"{label}: " if label else ""
+    field = field or what.lstrip("-").lower()
+    text = value.strip()
+    found = [(name, addr) for name, addr in getaddresses([text]) if addr]
+    if len(found) > 1:
+        raise ValidationError(f"{where}{what} {value!r} holds {len(found)} addresses: give one address per {what}",
+                              field=field)
+    name, addr = found[0] if found else ("", "")
+    local, _, domain = addr.rpartition("@")
+    written = str(Address(display_name=name, username=local, domain=domain)) if local and domain else ""
+    # Written back and read again, it must be the address the envelope gets.
+    if (not written or addr != parseaddr(text)[1] or parseaddr(written) != (name, addr) or " " in addr
+            or any(ord(c) < 32 or ord(c) == 127 for c in text)):
+        raise ValidationError(f"{where}{what} {value!r} is not an email address: use name@example.org",
+                              field=field)
+    return written
 
 
 def _on_the_wire(value: str, what: str, label: str) -> str:

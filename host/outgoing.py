@@ -75,6 +75,7 @@ from sqlalchemy import (
     update,
 )
 
+from .connections import check_address
 from .errors import (
     ConfigError,
     ConnectFailure,
@@ -194,16 +195,6 @@ class Draft:
     message_id: str | None
     subject: str | None
     from_addr: str | None  # None: the connection's From address is added at delivery
-
-
-def _check_address(value: str, what: str) -> str:
-    """The address as given (a display name is fine); one sentence when it is not one."""
-    text = value.strip()
-    name, addr = parseaddr(text)
-    if not addr or "@" not in addr or any(c in text for c in "\r\n\0") or " " in addr \
-            or addr.startswith("@") or addr.endswith("@"):
-        raise ValidationError(f"{what} {value!r} is not an email address: use name@example.org", field=what)
-    return text
 
 
 def _addr_spec(value: str) -> str:
@@ -710,10 +701,10 @@ class Outgoing:
         if len(sources) != 1:
             raise ValidationError("give the message one way: --body TEXT, --body-file FILE or --eml FILE",
                                   field="body")
-        to_list = [_check_address(a, "recipient") for a in to]
-        cc_list = [_check_address(a, "recipient") for a in cc]
-        bcc_list = [_check_address(a, "recipient") for a in bcc]
-        sender = _check_address(from_address, "from address") if from_address else None
+        to_list = [check_address(a, "--to") for a in to]
+        cc_list = [check_address(a, "--cc") for a in cc]
+        bcc_list = [check_address(a, "--bcc") for a in bcc]
+        sender = check_address(from_address, "--from") if from_address else None
         if eml is not None:
             if subject is not None or attachments or sender:
                 raise ValidationError("--eml takes the message as it is: give its subject, sender and "
@@ -779,12 +770,12 @@ class Outgoing:
                                   "To and Subject (an .eml file)", field="eml")
         if not envelope:
             found = getaddresses([str(v) for k in ("To", "Cc", "Bcc") for v in headers.get_all(k, [])])
-            envelope = [_check_address(a, "recipient") for _, a in found if a]
+            envelope = [check_address(a, "recipient") for _, a in found if a]
         if not envelope:
             raise ValidationError(f"{label} has no To, Cc or Bcc: give --to ADDRESS", field="to")
         sender = headers.get("From")
         if sender is not None:
-            sender = _check_address(_header_text(str(sender)) or "", "from address")
+            sender = check_address(_header_text(str(sender)) or "", "From", field="from")
         # Bcc recipients get the message; nobody gets to read who they were.
         head = _RESENT_BCC.sub(b"", _BCC.sub(b"", head))
         add = b""
@@ -1249,7 +1240,7 @@ class Outgoing:
     def test_email(self, name: str, to: str) -> TestEmail:
         """Send one test message through ``name`` at once (not queued) and return the
         session transcript, every line redacted."""
-        to = _check_address(to, "recipient")
+        to = check_address(to, "--to")
         with self.host.session() as s:
             conn = self.host.connections.get(Direction.OUTGOING, name, s)
         lines: list[str] = []

@@ -65,6 +65,28 @@ def test_send_deliver_and_the_queue(mh: Mailhost, smtp_server: Callable[..., Smt
     assert missing.returncode == 2 and f"no outgoing queue item {item_id}" in missing.stderr
 
 
+def test_one_address_per_option(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """An option holding several addresses (a list, a name that is an address, a group)
+    would send to the first and name them all in the header: refused, exit 2, nothing
+    queued or stored."""
+    add(mh, "main", smtp_server("plain"), from_address="a@example.org", default=True)
+    mail = ["--subject", "x", "--body", "y"]
+    for args, option in ((["send", "--to", "a@y.org, c@y.org", *mail], "--to"),
+                         (["send", "--to", "a@y.org <c@y.org>", *mail], "--to"),
+                         (["send", "--to", "b@y.org", "--cc", "a@y.org;c@y.org", *mail], "--cc"),
+                         (["send", "--to", "G: a@y.org, c@y.org;", *mail], "--to"),
+                         (["outgoing", "test-email", "main", "--to", "a@y.org, c@y.org"], "--to"),
+                         (["outgoing", "add", "two", "--protocol", "smtp", "--host", "h.example.org",
+                           "--from", "a@b.c, d@e.f"], "--from"),
+                         (["outgoing", "edit", "main", "--from", "a@b.c <d@e.f>"], "--from")):
+        done = run_cli(*args)
+        assert done.returncode == 2, (args, done.stderr)
+        assert f"holds 2 addresses: give one address per {option}" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    assert mh.outgoing.items() == []
+    assert [(c.name, c.from_address) for c in mh.connections.list(Direction.OUTGOING)] == [("main", "a@example.org")]
+
+
 @pytest.mark.parametrize("args, words", [
     (["--to", "bob", "--subject", "x", "--body", "y"], "is not an email address"),
     (["--to", "bob@example.org", "--subject", "x", "--body", "y", "--eml", "/etc/hostname"], "one way"),
