@@ -54,6 +54,7 @@ INCOMING_TIMEOUT_MAX_MS = 30000  # the seeds: 1-30000 ms, 0 or blank for 30000
 OUTGOING_TIMEOUT_MAX_MS = 600000
 DEFAULT_TIMEOUT_MS = 30000
 DEFAULT_INTERVAL_MIN = 1
+MAX_SIZE_LIMIT = 2**31 - 1  # bytes: the largest an integer column holds (PostgreSQL's integer)
 MAX_INTERVAL_MIN = 7 * 24 * 60
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?)*\.?$")
@@ -596,8 +597,9 @@ class Connections:
         values["from_address"] = address or None
         values["prefix"] = _on_the_wire(_text(given.get("prefix"), "prefix"), "prefix", label) or None
         size = given.get("size_limit")
-        if size is not None and (not isinstance(size, int) or size < 0):
-            raise ValidationError(f"{label}: size limit {size!r} is not valid: use bytes >= 0 (0 = unlimited)", field="size_limit")
+        if size is not None and (not isinstance(size, int) or not 0 <= size <= MAX_SIZE_LIMIT):
+            raise ValidationError(f"{label}: size limit {size!r} is not valid: use 0-{MAX_SIZE_LIMIT} bytes "
+                                  "(0 = unlimited)", field="size_limit")
         values["size_limit"] = size or 0
         values["debug"] = bool(given.get("debug"))
         values["fallback_to_default"] = bool(given.get("fallback_to_default"))

@@ -75,7 +75,7 @@ from sqlalchemy import (
     update,
 )
 
-from .connections import check_address
+from .connections import check_address, check_lengths
 from .errors import (
     ConfigError,
     ConnectFailure,
@@ -195,6 +195,7 @@ class Draft:
     message_id: str | None
     subject: str | None
     from_addr: str | None  # None: the connection's From address is added at delivery
+    source: str = "the message"  # what errors call it: the .eml file it came from
 
 
 def _addr_spec(value: str) -> str:
@@ -787,7 +788,7 @@ class Outgoing:
             add += f"Date: {formatdate(localtime=True)}\r\n".encode("ascii")
         envelope_t = tuple(dict.fromkeys(_addr_spec(a) for a in envelope))
         return Draft(raw=add + head + rest, recipients=envelope_t, message_id=str(message_id).strip(),
-                     subject=_header_text(headers.get("Subject")), from_addr=sender)
+                     subject=_header_text(headers.get("Subject")), from_addr=sender, source=label)
 
     def _msgid_domain(self, sender: str | None, connection: str | None) -> str:
         address = _addr_spec(sender) if sender else ""
@@ -819,6 +820,9 @@ class Outgoing:
                         "there is no default outgoing connection: give --connection NAME, or choose one "
                         "with `mailhost outgoing set-default NAME`", field="connection")
             self._check_fits(draft, conn)
+            to_addr = ", ".join(draft.recipients)
+            check_lengths(OutgoingItem, {"message_id": draft.message_id, "subject": draft.subject,
+                                         "from_addr": draft.from_addr, "to_addr": to_addr}, draft.source)
             item = OutgoingItem(
                 connection_id=conn.id if connection else None,
                 connection_name=conn.name if connection else None,
@@ -826,7 +830,7 @@ class Outgoing:
                 message_id=draft.message_id,
                 subject=draft.subject,
                 from_addr=draft.from_addr,
-                to_addr=", ".join(draft.recipients),
+                to_addr=to_addr,
                 recipients=list(draft.recipients),
                 accepted=[],
                 size=len(draft.raw),

@@ -175,3 +175,31 @@ def test_test_email_failure_exits_1(mh: Mailhost, smtp_server: Callable[..., Smt
     done = run_cli("outgoing", "test-email", "main", "--to", "reject@example.org")
     assert done.returncode == 1
     assert "S: 550" in done.stdout and "was not delivered" in done.stderr
+
+
+def test_values_beyond_their_columns_are_refused(mh_any: Mailhost, tmp_path: Path) -> None:
+    """A size limit larger than its column holds, or an .eml whose Message-ID is longer
+    than its column: one sentence and exit 2 on either store, nothing written; a long
+    subject fits its column and is queued."""
+    big = ["--protocol", "smtp", "--host", "h.example.org", "--from", "a@example.org"]
+    for value in ("3000000000", "9223372036854775808", "-1"):
+        done = run_cli("outgoing", "add", "big", *big, "--size-limit", value)
+        assert done.returncode == 2, done.stderr
+        assert f"size limit {value} is not valid: use 0-2147483647 bytes" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert run_cli("outgoing", "add", "main", *big, "--size-limit", "2147483647", "--default").returncode == 0
+    edit = run_cli("outgoing", "edit", "main", "--size-limit", "3000000000")
+    assert edit.returncode == 2 and "size limit 3000000000 is not valid" in edit.stderr
+    assert [c.size_limit for c in mh_any.connections.list(Direction.OUTGOING)] == [2147483647]
+
+    eml = tmp_path / "long.eml"
+    eml.write_bytes(b"From: a@example.org\r\nTo: b@example.org\r\nSubject: long\r\nMessage-ID: <"
+                    + b"x" * 1200 + b"@example.org>\r\n\r\nbody\r\n")
+    done = run_cli("send", "--eml", str(eml))
+    assert done.returncode == 2, done.stderr
+    assert f"{eml}: the message id is 1214 characters long: use at most 1000" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and mh_any.outgoing.items() == []
+    subject = "s" * 5000
+    done = run_cli("send", "--to", "b@example.org", "--subject", subject, "--body", "y", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["subject"] == subject
