@@ -484,8 +484,11 @@ class Connections:
             values["password_enc"] = self.host.vault.encrypt(password)
         elif password == "" or mode == "oauth2":
             values["password_enc"] = None
-        elif existing is not None:
+        elif existing is not None and values["username"]:
+            # Kept; clearing the username (--username '') clears its password with it.
             values["password_enc"] = existing.password_enc
+        else:
+            values["password_enc"] = None
         if mode == "password":
             for key in ("username", "password"):
                 have = values["username"] if key == "username" else values.get("password_enc")

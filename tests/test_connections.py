@@ -251,3 +251,30 @@ def test_certificates_attached_and_detached(cli) -> None:
     assert json.loads(cli("incoming", "show", "d", "--json").stdout)["certificates"] == ["c1", "c2"]
     assert cli("incoming", "edit", "d", "--no-certificates").returncode == 0
     assert json.loads(cli("incoming", "show", "d", "--json").stdout)["certificates"] == []
+
+
+def test_an_empty_secret_is_refused_and_username_clears_the_password(cli, tmp_path: Path) -> None:
+    """An empty --password-env, --password-file or --password-stdin (and client secret)
+    is exit 2 naming the source: it never wipes the stored password, nor adds a username
+    without one. `--username ''` is how a connection stops signing in: its password goes too."""
+    added = cli("outgoing", "add", "s1", "--protocol", "dir", "--host", "h", "--username", "u",
+                "--password-env", "PW", env={"PW": "s3cret"})
+    assert added.returncode == 0, added.stderr
+    (tmp_path / "empty").write_text("\n")
+    empty = str(tmp_path / "empty")
+    for extra, kw, words in ((["--password-env", "EMPTY"], {"env": {"EMPTY": ""}}, "environment variable EMPTY is empty"),
+                             (["--password-file", empty], {}, f"password file {empty} is empty"),
+                             (["--password-stdin"], {"input": "\n"}, "read from standard input is empty")):
+        _bad(cli, "outgoing", "edit", "s1", *extra, expect=words, table="outgoing_connections", **kw)
+        _bad(cli, "outgoing", "add", "s2", "--protocol", "dir", "--host", "h", "--username", "u", *extra,
+             expect=words, table="outgoing_connections", **kw)
+        _bad(cli, "incoming", "add", "i1", "--protocol", "dir", "--folder", str(cli.mailbox), "--username", "u",
+             *extra, expect=words, **kw)
+    _bad(cli, "oauth", "add", "o1", "--provider", "microsoft", "--client-id", "c", "--client-secret-env", "EMPTY",
+         expect="environment variable EMPTY is empty: set it to the client secret", table="oauth_credentials",
+         env={"EMPTY": ""})
+    assert json.loads(cli("outgoing", "show", "s1", "--json").stdout)["password_set"] is True
+    cleared = cli("outgoing", "edit", "s1", "--username", "")
+    assert cleared.returncode == 0, cleared.stderr
+    shown = json.loads(cli("outgoing", "show", "s1", "--json").stdout)
+    assert shown["username"] is None and shown["password_set"] is False

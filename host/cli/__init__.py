@@ -240,28 +240,42 @@ def secret_options(prefix: str = "password", what: str = "password") -> Callable
 
 
 def read_secret(env: str | None, file: str | None, stdin: bool, what: str = "password") -> str | None:
-    """The secret from exactly one of the three sources, or ``None`` if none is given."""
+    """The secret from exactly one of the three sources, or ``None`` if none is given.
+
+    An empty secret is refused: it is a variable, file or line that was meant to hold
+    one (the store would take "" as "no password" and drop the one it has).
+    """
     given = [x for x in (env, file, stdin or None) if x]
     if len(given) > 1:
         fail(f"give the {what} one way only: --*-env, --*-file or --*-stdin")
+    keep = f"or leave the option out to give no {what}"
     if env:
         value = os.environ.get(env)
         if value is None:
             fail(f"environment variable {env} is not set: export it with the {what}, or use another source")
+        if not value:
+            fail(f"environment variable {env} is empty: set it to the {what}, {keep}")
         return value
     if file:
         try:
-            return Path(file).expanduser().read_text(encoding="utf-8").rstrip("\r\n")
+            value = Path(file).expanduser().read_text(encoding="utf-8").rstrip("\r\n")
         except OSError as exc:
             fail(f"cannot read the {what} from {file}: {exc.strerror}")
         except UnicodeDecodeError:
             fail(f"the {what} file {file} is not UTF-8 text")
+        if not value:
+            fail(f"the {what} file {file} is empty: write the {what} into it, {keep}")
+        return value
     if stdin:
         if sys.stdin.isatty():
             import getpass
 
-            return getpass.getpass(f"{what.capitalize()}: ")
-        return sys.stdin.readline().rstrip("\r\n")
+            value = getpass.getpass(f"{what.capitalize()}: ")
+        else:
+            value = sys.stdin.readline().rstrip("\r\n")
+        if not value:
+            fail(f"the {what} read from standard input is empty: give it on the first line, {keep}")
+        return value
     return None
 
 
