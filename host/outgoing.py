@@ -252,15 +252,21 @@ def _fold(name: str, value: str) -> bytes:
     return folded.encode("ascii")
 
 
-def from_header(address: str) -> bytes:
-    """A ``From:`` line for ``address`` (``Name <addr>``), non-ASCII names encoded."""
-    name, addr = parseaddr(address)
-    try:
-        text = formataddr((name, addr))
-        return f"From: {text}\r\n".encode("ascii")
-    except (UnicodeError, ValueError):
-        # An internationalized address (SMTPUTF8) travels as UTF-8.
-        return f"From: {address}\r\n".encode("utf-8")
+def address_header(name: str, addresses: Sequence[str]) -> bytes:
+    """A ``From:``, ``To:`` or ``Cc:`` line for ``addresses`` (each ``Name <addr>``), one
+    address per folded line. Display names are RFC 2047 encoded; an internationalized
+    address (SMTPUTF8) travels as UTF-8 (RFC 6532), as an encoded word is no address."""
+    parts = []
+    for address in addresses:
+        display, addr = parseaddr(address)
+        if addr.isascii():
+            parts.append(formataddr((display, addr)))
+        elif display:  # formataddr refuses the address: it writes the name, the address is put back
+            shown = formataddr((display, "x@x"))
+            parts.append(f"{shown[: shown.rindex('<')]}<{addr}>")
+        else:
+            parts.append(addr)
+    return (f"{name}: " + ",\r\n ".join(parts) + "\r\n").encode("utf-8")
 
 
 def personalize(raw: bytes, from_line: bytes | None, prefix: str | None) -> bytes:
@@ -597,7 +603,7 @@ class _Lane:
         self.settings: ConnectionSettings | None = None
         self.gated = False  # the session's send() takes before_data
         address = _connection_address(self.conn) if self.conn else None
-        self.from_line = from_header(address) if address else None
+        self.from_line = address_header("From", [address]) if address else None
         self.sender = _addr_spec(address) if address else ""
 
     def open(self) -> OutgoingSession:
@@ -722,12 +728,6 @@ class Outgoing:
         else:
             text = str(body)
         msg = EmailMessage(policy=_POLICY_7BIT)
-        if sender:
-            msg["From"] = sender
-        if to_list:
-            msg["To"] = ", ".join(to_list)
-        if cc_list:
-            msg["Cc"] = ", ".join(cc_list)
         msg["Subject"] = subject
         msg["Date"] = formatdate(localtime=True)
         msg["Message-ID"] = make_msgid(domain=self._msgid_domain(sender, connection))
@@ -748,6 +748,9 @@ class Outgoing:
             raw = msg.as_bytes()
         except (ValueError, TypeError, UnicodeError) as exc:
             raise ValidationError(f"the message cannot be built: {exc}", field="body") from None
+        # Addresses are written by hand: the 7-bit policy would encode an SMTPUTF8 one.
+        raw = b"".join(address_header(name, values) for name, values in
+                       (("From", [sender] if sender else []), ("To", to_list), ("Cc", cc_list)) if values) + raw
         envelope = tuple(dict.fromkeys(_addr_spec(a) for a in to_list + cc_list + bcc_list))
         return Draft(raw=raw, recipients=envelope, message_id=str(msg["Message-ID"]), subject=subject,
                      from_addr=sender)
@@ -856,8 +859,8 @@ class Outgoing:
             raise ValidationError(
                 f"the message has no From and outgoing connection {conn.name} has no from address: give --from "
                 f"ADDRESS, or set one with `mailhost outgoing edit {conn.name} --from ADDRESS`", field="from_address")
-        final = personalize(draft.raw, from_header(address) if draft.from_addr is None and address else None,
-                            conn.prefix)
+        from_line = address_header("From", [address]) if draft.from_addr is None and address else None
+        final = personalize(draft.raw, from_line, conn.prefix)
         size = len(final)
         if conn.size_limit and size > conn.size_limit:
             raise ValidationError(
@@ -1266,7 +1269,7 @@ class Outgoing:
         draft = self.compose([to], subject=f"mailhost test message through {name}", body=(
             f"This is a test message sent by mailhost through the outgoing connection {name} "
             f"({conn.protocol}, {conn.host or '-'}).\nSent at {formatdate(localtime=True)}.\n"), connection=name)
-        raw = personalize(draft.raw, from_header(address or sender), conn.prefix)
+        raw = personalize(draft.raw, address_header("From", [address or sender]), conn.prefix)
         provider = self.host.connections.provider(Direction.OUTGOING, conn)
         try:
             session = provider.open(settings)

@@ -575,6 +575,26 @@ def test_retry_delete_and_purge(mh: Mailhost, smtp_server: Callable[..., SmtpSer
 # ---------------------------------------------------------------------------------------
 
 
+def test_internationalized_addresses_are_utf8_in_the_headers(mh: Mailhost,
+                                                             smtp_server: Callable[..., SmtpServer]) -> None:
+    """A non-ASCII address goes into To, Cc and From as UTF-8 (SMTPUTF8), never as an
+    encoded word, which is no address; a non-ASCII display name is still encoded."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="main@example.org", default=True)
+    mh.outgoing.send(["bób@y.org", "Zoë <zoe@y.org>"], cc=["Çé <çé@y.org>"], from_address="Jörg <jörg@example.org>",
+                     subject="Grüße", body=BODY)
+    mh.outgoing.deliver()
+    [m] = server.messages
+    assert m.rcpt_tos == ["bób@y.org", "zoe@y.org", "çé@y.org"] and "SMTPUTF8" in m.mail_options
+    head = m.data.split(b"\r\n\r\n")[0]
+    assert b"b\xc3\xb3b@y.org" in head and b"<\xc3\xa7\xc3\xa9@y.org>" in head and b"@y.org?=" not in head
+    msg = email.message_from_string(head.decode("utf-8") + "\r\n\r\n", policy=email.policy.default)
+    assert [a.addr_spec for a in msg["To"].addresses] == ["bób@y.org", "zoe@y.org"]
+    assert [(a.display_name, a.addr_spec) for a in msg["Cc"].addresses] == [("Çé", "çé@y.org")]
+    assert [(a.display_name, a.addr_spec) for a in msg["From"].addresses] == [("Jörg", "jörg@example.org")]
+    assert b"=?utf-8?q?Zo=C3=AB?= <zoe@y.org>" in head  # display names stay RFC 2047 encoded
+
+
 def test_compose_builds_a_mime_message(mh: Mailhost, tmp_path: Path) -> None:
     """Text body, attachments with guessed types, Message-ID, Date; envelope = to+cc+bcc."""
     (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4 fake")
