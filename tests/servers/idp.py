@@ -24,8 +24,9 @@ memory. It follows:
 Behaviour tests drive from Python: :meth:`add_client` (``secret_expired=True`` to
 simulate AADSTS7000222), :meth:`add_user` (with mailboxes the user may open as a
 delegate), :meth:`revoke_user` (an admin's "revoke sessions"), :meth:`advance` (move
-the provider's clock: no sleeping), :meth:`approve_device`, and counters of what was
-asked (:meth:`grants`, :attr:`introspections`).
+the provider's clock: no sleeping), :meth:`approve_device`, :meth:`answer_next` (a
+provider that misbehaves: garbage, a redirect, odd values), and records of what was
+asked (:meth:`grants`, :attr:`introspections`, :attr:`posts`: every POST body as received).
 
 Refresh tokens rotate by default: each refresh issues a new one and a replayed old one
 is refused (as strict providers do). ``GET ...authorize`` signs in without a page: as
@@ -118,6 +119,9 @@ class IdentityProvider:
         self.default_user: str | None = None
         self.requests: list[dict[str, Any]] = []
         self.introspections: list[dict[str, Any]] = []
+        #: Every POST as received (path, form, HTTP Basic user and password): what reached this host.
+        self.posts: list[dict[str, Any]] = []
+        self._canned: dict[str, list[tuple[int, bytes, dict[str, str]]]] = {}
         self._offset = 0.0
         self._lock = threading.RLock()
         self._access: dict[str, tuple[_Grant, float]] = {}  # token -> grant, expiry
@@ -253,6 +257,23 @@ class IdentityProvider:
                     state["user"] = (username or self.default_user or "").lower()
                     return
         raise KeyError(f"no device flow with user code {user_code}")
+
+    def answer_next(self, route: str, status: int, body: Any = b"", headers: dict[str, str] | None = None,
+                    times: int = 1) -> None:
+        """Make the next ``times`` requests to ``route`` (``token``, ``devicecode``,
+        ``authorize`` or ``openid-configuration``) get this answer instead: a provider that
+        misbehaves (garbage, a redirect, odd values). ``body``: bytes as is, else JSON."""
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        content_type = "text/html" if isinstance(body, bytes) else "application/json"
+        with self._lock:
+            self._canned.setdefault(route, []).extend(
+                [(status, data, {"Content-Type": content_type, **(headers or {})})] * times)
+
+    def _take_canned(self, route: str) -> tuple[int, bytes, dict[str, str]] | None:
+        name = route.rsplit("/", 1)[-1]
+        with self._lock:
+            queue = self._canned.get(name)
+            return queue.pop(0) if queue else None
 
     # -- what tests inspect ---------------------------------------------------------------
 
@@ -527,6 +548,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         parts = urllib.parse.urlsplit(self.path)
         tenant, route = _route(parts.path)
         query = dict(urllib.parse.parse_qsl(parts.query))
+        if self._canned(route):
+            return
         try:
             if route in ("v2.0/.well-known/openid-configuration", ".well-known/openid-configuration"):
                 self._json(200, self.idp._discovery(tenant))
@@ -562,6 +585,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode("utf-8")))
         basic = _basic(self.headers.get("Authorization"))
         query = dict(urllib.parse.parse_qsl(parts.query))
+        with self.idp._lock:
+            self.idp.posts.append({"path": parts.path, "form": form, "basic": basic})
+        if self._canned(route):
+            return
         try:
             if route == "oauth2/v2.0/token":
                 self._json(200, self.idp._token(tenant, form, basic))
@@ -576,6 +603,19 @@ class _Handler(http.server.BaseHTTPRequestHandler):
                 self._json(404, {"error": "not_found", "error_description": f"no endpoint {parts.path}"})
         except _OAuthError as exc:
             self._error(exc)
+
+    def _canned(self, route: str) -> bool:
+        """Send the answer a test set with :meth:`IdentityProvider.answer_next`, if any."""
+        canned = self.idp._take_canned(route)
+        if canned is None:
+            return False
+        status, data, headers = canned
+        self.send_response(status)
+        for name, value in {**headers, "Content-Length": str(len(data))}.items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(data)
+        return True
 
     def _error(self, exc: _OAuthError) -> None:
         now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
