@@ -62,7 +62,7 @@ def http_session(ca_file: str | None = None, timeout: float = 30.0) -> requests.
     ``$CURL_CA_BUNDLE``) on every request when the environment sets it, so msal's
     ``verify=`` would silently lose the credential's CA file. This session verifies with
     :func:`mailhost.tls.client_context` on every request instead, refuses plain
-    ``http://`` and gives every request a timeout.
+    ``http://``, follows no redirect and gives every request a timeout.
     """
     import requests
     from requests.adapters import BaseAdapter, HTTPAdapter
@@ -91,10 +91,19 @@ def http_session(ca_file: str | None = None, timeout: float = 30.0) -> requests.
         def close(self) -> None:
             pass
 
+    def refuse_redirect(response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        # requests would POST the body again to the new place (307/308), refresh token and
+        # client secret included: an endpoint answers itself or not at all.
+        if response.is_redirect:
+            raise OAuthError("invalid_response", f"{response.url} answered with a redirect (HTTP "
+                             f"{response.status_code}) to {response.headers.get('Location')}, which is not "
+                             "followed so that no secret goes elsewhere: give the endpoint itself")
+
     session_timeout = timeout
     session = requests.Session()
     session.mount("https://", VerifyingAdapter())
     session.mount("http://", RefusingAdapter())
+    session.hooks["response"].append(refuse_redirect)
     return session
 
 

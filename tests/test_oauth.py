@@ -410,6 +410,28 @@ def test_credential_ca_file_wins_over_requests_ca_bundle(mh: Mailhost, idp: Iden
         mh.oauth.access_token(plain.id, None)
 
 
+def test_a_redirect_from_the_token_endpoint_is_not_followed(mh: Mailhost, idp: IdentityProvider, pki: Pki,
+                                                            clock: Clock, browser: Callable[[str], bool]) -> None:
+    """A token endpoint that answers 307 elsewhere gets one clear error: the refresh token
+    and the client secret are not posted again to the other host (msal and the standard flows)."""
+    idp.add_user(ALICE)
+    idp.add_client("oclient", "osecret")
+    m365 = microsoft(mh, idp)
+    oidc = mh.oauth.add(CredentialSpec(name="o", provider="oidc", client_id="oclient", client_secret="osecret",
+                                       authority=idp.issuer(), ca_file=idp.ca_file))
+    for name in ("m365", "o"):
+        mh.oauth.authorize(name, ALICE, signed_in(browser))
+    clock.advance(3600)
+    with IdentityProvider(pki) as elsewhere:
+        for cred in (m365, oidc):
+            idp.answer_next("token", 307, headers={"Location": elsewhere.endpoint("token")})
+            with pytest.raises(AuthenticationFailed, match=r"answered with a redirect \(HTTP 307\) to "
+                                                            r"https://127\.0\.0\.1:\d+/.*which is not followed"):
+                mh.oauth.access_token(cred.id, ALICE)
+        assert elsewhere.posts == []
+    assert idp.is_active(mh.oauth.access_token(m365.id, ALICE))  # the refresh token is still good
+
+
 # ---------------------------------------------------------------------------------------
 # The command line
 # ---------------------------------------------------------------------------------------
