@@ -189,9 +189,12 @@ class LoopbackRedirect:
     def __init__(self, port: int = 0) -> None:
         self._params: dict[str, str] | None = None
         self._done = threading.Event()
+        self._lock = threading.Lock()
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
+            timeout = 10  # a connection that sends nothing (a browser's spare one) ends
+
             def do_GET(self) -> None:  # noqa: N802 - http.server's naming
                 self._answer(dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query)))
 
@@ -212,15 +215,19 @@ class LoopbackRedirect:
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
-                if owner._params is None:
-                    owner._params = params
-                    owner._done.set()
+                with owner._lock:  # the first answer counts, whichever thread brings it
+                    if owner._params is None:
+                        owner._params = params
+                        owner._done.set()
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
                 pass  # the request holds the authorization code: never log it
 
         try:
-            self._server = http.server.HTTPServer(("127.0.0.1", port), Handler)
+            # One thread per connection: an idle connection to the port must not keep the
+            # browser's redirect waiting, nor shutdown() from ending the listener.
+            self._server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+            self._server.daemon_threads = True
         except OSError as exc:
             raise OAuthError("redirect", f"cannot listen on 127.0.0.1:{port} for the redirect "
                                          f"({exc.strerror}): give another --redirect-port") from None

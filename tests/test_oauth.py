@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
+import socket
 import threading
+import urllib.parse
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,28 @@ def test_microsoft_authorization_code_with_a_loopback_redirect(mh: Mailhost, idp
     assert mh.oauth.access_token(cred.id, "Alice@Example.ORG") == token  # user names compare without case
     assert "IMAP.AccessAsUser.All" in idp.introspect(token)["scope"]
     assert token.encode() not in stored_bytes(mh) and b"s3cret" not in stored_bytes(mh)  # encrypted at rest
+
+
+def test_an_idle_connection_does_not_block_the_redirect(mh: Mailhost, idp: IdentityProvider,
+                                                         browser: Callable[[str], bool]) -> None:
+    """A connection to the loopback listener that sends nothing (a browser's spare one, or
+    another program) does not keep the browser's redirect from arriving."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    delivered: list[bool] = []
+
+    def open_with_an_idle_connection(url: str) -> bool:
+        query = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+        with socket.create_connection(("127.0.0.1", urllib.parse.urlsplit(query["redirect_uri"]).port)):
+            try:
+                delivered.append(browser(url))
+            except OSError:  # the listener never answered the browser
+                delivered.append(False)
+        return True
+
+    mh.oauth.authorize("m365", ALICE, Interaction(show=lambda line: None, open_url=open_with_an_idle_connection,
+                                                  timeout=30))
+    assert delivered == [True] and idp.is_active(mh.oauth.access_token(cred.id, ALICE))
 
 
 def test_microsoft_device_code(mh: Mailhost, idp: IdentityProvider) -> None:
