@@ -57,6 +57,8 @@ __all__ = [
 
 #: The flows a credential may use, as ``--flow`` names them.
 FLOWS: Final = ("authorization-code", "device-code", "client-credentials")
+#: The longest token lifetime taken from a provider, in seconds (a year).
+_LONGEST: Final = 366 * 24 * 3600
 
 
 # ---------------------------------------------------------------------------------------
@@ -112,17 +114,20 @@ class TokenSet:
             raise OAuthError("invalid_response", "the token response holds no access_token")
         try:
             lifetime = int(body.get("expires_in", 3600))
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             lifetime = 3600
         refresh_in = body.get("refresh_in")
-        refresh_at = now + dt.timedelta(seconds=int(refresh_in)) if isinstance(refresh_in, int) else None
+        refresh_at = (now + dt.timedelta(seconds=min(max(refresh_in, 0), _LONGEST)) if isinstance(refresh_in, int)
+                      and not isinstance(refresh_in, bool) else None)
         if identity is None and isinstance(body.get("id_token"), str):
             identity = _identity(_jwt_claims(body["id_token"]))
+        refresh_token = body.get("refresh_token")
         return cls(
             access_token=token,
-            expires_at=now + dt.timedelta(seconds=max(lifetime, 0)),
+            # A lifetime beyond any date (garbage) is renewed within a year instead.
+            expires_at=now + dt.timedelta(seconds=min(max(lifetime, 0), _LONGEST)),
             obtained_at=now,
-            refresh_token=body.get("refresh_token") or None,
+            refresh_token=refresh_token if isinstance(refresh_token, str) and refresh_token else None,
             scope=str(body.get("scope") or ""),
             identity=identity,
             refresh_at=refresh_at,
@@ -228,9 +233,10 @@ def _jwt_claims(token: str) -> dict[str, Any]:
     """The claims of a JWT, unverified: only for display (who signed in)."""
     try:
         payload = token.split(".")[1]
-        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
     except (IndexError, ValueError):
         return {}
+    return claims if isinstance(claims, dict) else {}
 
 
 def _identity(claims: Mapping[str, Any]) -> str | None:

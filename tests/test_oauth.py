@@ -393,6 +393,24 @@ def test_unreachable_provider_keeps_the_current_token(mh: Mailhost, idp: Identit
         mh.oauth.access_token(cred.id, ALICE)
 
 
+def test_odd_values_in_a_token_response_are_not_a_crash(mh: Mailhost, idp: IdentityProvider,
+                                                       browser: Callable[[str], bool]) -> None:
+    """A lifetime beyond any date, a refresh token that is not a string, an ID token whose
+    claims are not an object: the token is stored and used, nothing raises."""
+    app = microsoft(mh, idp, flow="client-credentials")
+    idp.answer_next("token", 200, {"token_type": "Bearer", "access_token": "at-odd", "expires_in": 10**12,
+                                   "refresh_in": 10**15, "refresh_token": 42})
+    assert mh.oauth.authorize("m365")["expires_at"] <= mailhost.oauth.utcnow() + dt.timedelta(days=366)
+    assert mh.oauth.access_token(app.id, None) == "at-odd"
+    idp.add_client("oclient", "osecret")
+    idp.add_user(ALICE)
+    oidc = mh.oauth.add(CredentialSpec(name="o", provider="oidc", client_id="oclient", client_secret="osecret",
+                                       authority=idp.issuer(), ca_file=idp.ca_file))
+    idp.answer_next("token", 200, {"token_type": "Bearer", "access_token": "at-odd-2", "id_token": "e30.WzFd.e30"})
+    assert mh.oauth.authorize("o", ALICE, signed_in(browser))["identity"] is None
+    assert mh.oauth.access_token(oidc.id, ALICE) == "at-odd-2"
+
+
 def test_not_authorized_names_the_command(mh: Mailhost, idp: IdentityProvider) -> None:
     """A connection's user without tokens gets the exact `oauth authorize` to run."""
     cred = microsoft(mh, idp)
