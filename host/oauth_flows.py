@@ -13,6 +13,7 @@ import dataclasses
 import datetime as dt
 import hashlib
 import http.server
+import json
 import secrets
 import threading
 import time
@@ -95,7 +96,7 @@ def http_session(ca_file: str | None = None, timeout: float = 30.0) -> requests.
         # requests would POST the body again to the new place (307/308), refresh token and
         # client secret included: an endpoint answers itself or not at all.
         if response.is_redirect:
-            raise OAuthError("invalid_response", f"{response.url} answered with a redirect (HTTP "
+            raise OAuthError("redirected", f"{response.url} answered with a redirect (HTTP "
                              f"{response.status_code}) to {response.headers.get('Location')}, which is not "
                              "followed so that no secret goes elsewhere: give the endpoint itself")
 
@@ -494,6 +495,8 @@ def _msal_run(what: str, call: Callable[[], Any]) -> Any:
         raise OAuthError("tls", _tls_reason(exc, what)) from None
     except requests.exceptions.RequestException as exc:
         raise OAuthError("unavailable", f"cannot reach {what} ({_root_cause(exc)})") from None
+    except json.JSONDecodeError:  # msal: an answer that is not JSON (an error page, a proxy's)
+        raise OAuthError("invalid_response", f"{what} answered without JSON") from None
     except ValueError as exc:  # msal: a discovery document it cannot use, an argument it refuses
         raise OAuthError("discovery", _first_sentence(str(exc))) from None
     if isinstance(result, dict) and "error" in result:

@@ -161,6 +161,8 @@ class OAuthError(Exception):
     - ``invalid_grant``: the refresh token or code was revoked or expired: authorize again;
     - ``interaction_required``: consent or MFA is needed: authorize again;
     - ``unavailable``: the provider did not answer, or answered 5xx/429: try again later;
+    - ``invalid_response``: it answered something that is not a token response (an error
+      page, a proxy's login page): try again later too;
     - ``tls``: its certificate is not trusted;
     - anything else: refused for another reason (``invalid_scope``, ``access_denied``, ...).
 
@@ -168,7 +170,8 @@ class OAuthError(Exception):
     ``description`` its words, first sentence only.
     """
 
-    TEMPORARY: Final = frozenset({"unavailable", "temporarily_unavailable", "server_error", "slow_down"})
+    TEMPORARY: Final = frozenset({"unavailable", "invalid_response", "temporarily_unavailable", "server_error",
+                                  "slow_down"})
 
     def __init__(self, kind: str, description: str = "", code: str | None = None) -> None:
         self.kind = kind

@@ -411,6 +411,28 @@ def test_odd_values_in_a_token_response_are_not_a_crash(mh: Mailhost, idp: Ident
     assert mh.oauth.access_token(oidc.id, ALICE) == "at-odd-2"
 
 
+def test_a_page_instead_of_a_token_response_keeps_the_current_token(mh: Mailhost, idp: IdentityProvider,
+                                                                    clock: Clock,
+                                                                    browser: Callable[[str], bool]) -> None:
+    """A renewal answered with an HTML page (a proxy's, an error page) is temporary, as an
+    unreachable provider is: the old token serves while valid (msal and the standard flows)."""
+    idp.add_user(ALICE)
+    idp.add_client("oclient", "osecret")
+    m365 = microsoft(mh, idp)
+    oidc = mh.oauth.add(CredentialSpec(name="o", provider="oidc", client_id="oclient", client_secret="osecret",
+                                       authority=idp.issuer(), ca_file=idp.ca_file))
+    for name in ("m365", "o"):
+        mh.oauth.authorize(name, ALICE, signed_in(browser))
+    first = {cred.id: mh.oauth.access_token(cred.id, ALICE) for cred in (m365, oidc)}
+    clock.advance(3300)  # due for renewal, still valid
+    for cred in (m365, oidc):
+        idp.answer_next("token", 200, b"<html><body>Sign in to the proxy</body></html>")
+        assert mh.oauth.access_token(cred.id, ALICE) == first[cred.id]
+        assert "without JSON" in mh.oauth.status(cred.id, ALICE)["last_error"]
+    renewed = mh.oauth.access_token(m365.id, ALICE)  # the provider is back: the refresh token still works
+    assert renewed != first[m365.id] and idp.is_active(renewed)
+
+
 def test_not_authorized_names_the_command(mh: Mailhost, idp: IdentityProvider) -> None:
     """A connection's user without tokens gets the exact `oauth authorize` to run."""
     cred = microsoft(mh, idp)
