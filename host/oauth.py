@@ -719,7 +719,9 @@ def credential_dict(cred: OAuthCredential, state: Mapping[str, Mapping[str, Any]
 def _failure(cred: OAuthCredential, username: str | None, exc: OAuthError, authorizing: bool = False) -> MailError:
     """One sentence naming the credential, the user, what the provider said and the fix."""
     who = f"OAuth2 credential {cred.name!r}" + (f" for {username}" if username else "")
-    said = " ".join(p for p in (exc.code, exc.description) if p) or exc.kind
+    # A provider may echo what it was sent (the refresh token, the client secret): the
+    # sentence is shown, logged and kept in clear for `oauth show`.
+    said = redact(" ".join(p for p in (exc.code, exc.description) if p) or exc.kind)
     authorize = f"`mailhost oauth authorize {cred.name}" + (f" --username {username}`" if username else "`")
     new_secret = f"`mailhost oauth edit {cred.name} --client-secret-stdin`"
     if exc.kind == "client_secret_expired":

@@ -433,6 +433,26 @@ def test_a_page_instead_of_a_token_response_keeps_the_current_token(mh: Mailhost
     assert renewed != first[m365.id] and idp.is_active(renewed)
 
 
+def test_a_provider_echoing_a_secret_in_its_error_does_not_reveal_it(mh: Mailhost, idp: IdentityProvider,
+                                                                     clock: Clock,
+                                                                     browser: Callable[[str], bool]) -> None:
+    """Provider words that repeat the refresh token or the client secret are redacted in
+    the error and in what is kept in clear for `oauth show`."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    refresh_token = mh.oauth._state(mh.oauth.get("m365"))[ALICE]["refresh_token"]
+    clock.advance(3600)
+    idp.answer_next("token", 400, {"error": "invalid_grant", "error_description":
+                                   f"refresh token {refresh_token} is not valid with secret s3cret"})
+    with pytest.raises(AuthenticationFailed, match=r"refresh token \*+ is not valid with secret \*+") as info:
+        mh.oauth.access_token(cred.id, ALICE)
+    for text in (str(info.value), mh.oauth.get("m365").last_error, json.dumps(mh.oauth.as_dict(mh.oauth.get("m365")),
+                                                                                default=str)):
+        assert refresh_token not in text and "s3cret" not in text
+    assert refresh_token.encode() not in stored_bytes(mh) and b"s3cret" not in stored_bytes(mh)
+
+
 def test_not_authorized_names_the_command(mh: Mailhost, idp: IdentityProvider) -> None:
     """A connection's user without tokens gets the exact `oauth authorize` to run."""
     cred = microsoft(mh, idp)
