@@ -432,6 +432,11 @@ def _oidc_endpoints(config: ClientConfig, http: requests.Session) -> _Endpoints:
         if response.status_code != 200:
             raise OAuthError("discovery", f"{url} answered HTTP {response.status_code}: check --authority")
         found = _json(response, f"OpenID Connect discovery at {url}")
+        # §4.3: a document naming another issuer must not be used (its token endpoint would
+        # get the client secret and the refresh token).
+        if str(found.get("issuer") or "").rstrip("/") != config.authority.rstrip("/"):
+            raise OAuthError("discovery", f"{url} is the configuration of issuer {found.get('issuer')!r}, not of "
+                                          f"{config.authority}: check --authority")
     token = config.token_endpoint or found.get("token_endpoint")
     if not token:
         raise OAuthError("discovery", f"no token endpoint for {config.authority}: give --token-endpoint")

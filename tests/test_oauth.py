@@ -212,6 +212,23 @@ def test_oidc_by_discovery(mh: Mailhost, idp: IdentityProvider, browser: Callabl
     assert idp.introspect(mh.oauth.access_token(device.id, ALICE))["active"]
 
 
+def test_oidc_discovery_of_another_issuer_is_refused(mh: Mailhost, idp: IdentityProvider, pki: Pki) -> None:
+    """A discovery document whose issuer is not the --authority (OpenID Connect Discovery
+    §4.3) is not used: the client secret never reaches the token endpoint it names."""
+    idp.add_client("oclient", "osecret")
+    mh.oauth.add(CredentialSpec(name="o", provider="oidc", client_id="oclient", client_secret="osecret",
+                                authority=idp.issuer(), ca_file=idp.ca_file, flow="client-credentials"))
+    with IdentityProvider(pki) as other:
+        other.add_client("oclient", "osecret")
+        document = {**idp._discovery(idp.tenant), "issuer": other.issuer(), "token_endpoint": other.endpoint("token")}
+        idp.answer_next("openid-configuration", 200, document)
+        with pytest.raises(AuthenticationFailed, match=r"is the configuration of issuer 'https://127\.0\.0\.1:\d+/"
+                                                        r"mailhost-test/v2\.0', not of .*: check --authority"):
+            mh.oauth.authorize("o")
+        assert other.posts == []
+    assert mh.oauth.authorize("o")["app_only"]
+
+
 # ---------------------------------------------------------------------------------------
 # The token lifecycle
 # ---------------------------------------------------------------------------------------
