@@ -259,12 +259,32 @@ GOOGLE_TOKEN: Final = "https://oauth2.googleapis.com/token"
 GOOGLE_SCOPES: Final = ("https://mail.google.com/", "openid", "email")
 
 
+def _is_https_url(url: str) -> bool:
+    """Whether ``url`` is https:// with a host and a valid port."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port out of range
+    except ValueError:
+        return False
+    return parts.scheme == "https" and bool(parts.hostname)
+
+
+def _check_urls(config: ClientConfig) -> None:
+    """Refuse an authority or endpoint that is not an https:// URL one can connect to."""
+    for label, url in (("--authority", config.authority), ("--token-endpoint", config.token_endpoint),
+                       ("--authorization-endpoint", config.authorization_endpoint)):
+        if url and not _is_https_url(url):
+            raise ValueError(f"{label} {url} is not an https:// URL with a host and a valid port: OAuth2 "
+                             "endpoints must use TLS")
+
+
 def _google_configure(config: ClientConfig) -> ClientConfig:
     if config.flow != "authorization-code":
         raise ValueError(
             "Google signs mailboxes in with --flow authorization-code only (Gmail's scope is not "
             "offered to the device flow, and service accounts use another grant)"
         )
+    _check_urls(config)
     return dataclasses.replace(
         config,
         authorization_endpoint=config.authorization_endpoint or GOOGLE_AUTHORIZATION,
@@ -282,10 +302,7 @@ def _oidc_configure(config: ClientConfig) -> ClientConfig:
             "an OpenID Connect credential needs --authority URL (the issuer, for discovery) "
             "or --token-endpoint URL (and --authorization-endpoint URL for the authorization code flow)"
         )
-    for label, url in (("--authority", config.authority), ("--token-endpoint", config.token_endpoint),
-                       ("--authorization-endpoint", config.authorization_endpoint)):
-        if url and urllib.parse.urlsplit(url).scheme != "https":
-            raise ValueError(f"{label} {url} is not an https:// URL: OAuth2 endpoints must use TLS")
+    _check_urls(config)
     scopes = config.scopes
     if not scopes and config.flow != "client-credentials":
         scopes = ("openid", "email", "offline_access")
@@ -376,10 +393,10 @@ def _microsoft_configure(config: ClientConfig) -> ClientConfig:
     if cloud is not None:  # --authority gcc-high: a cloud by its host override name
         authority = cloud.authority
     authority = authority or _CLOUDS[0].authority
-    parts = urllib.parse.urlsplit(authority)
-    if parts.scheme != "https" or not parts.hostname:
+    if not _is_https_url(authority):
         names = ", ".join(c.name for c in _CLOUDS)
         raise ValueError(f"--authority {authority} is not an https:// URL nor a Microsoft cloud ({names})")
+    parts = urllib.parse.urlsplit(authority)
     tenant = config.tenant
     path = parts.path.strip("/")
     if path:  # https://login.microsoftonline.com/contoso.onmicrosoft.com

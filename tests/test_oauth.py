@@ -615,6 +615,20 @@ def test_cli_another_provider_keeps_nothing_of_the_old_one(home: Path) -> None:
     assert empty.returncode == 2 and "the new name is empty" in empty.stderr
 
 
+def test_cli_an_endpoint_that_is_not_a_usable_https_url_is_refused(home: Path) -> None:
+    """Plain http, no host, a port out of range: exit 2 naming the option, nothing stored
+    (for Google's endpoints too)."""
+    for provider, option, url in (("google", "--token-endpoint", "http://tokens.example.org/token"),
+                                  ("oidc", "--authority", "https://"),
+                                  ("oidc", "--token-endpoint", "https://idp.example.org:99999/token"),
+                                  ("microsoft", "--authority", "https://login.microsoftonline.com:99999"),
+                                  ("microsoft", "--authority", "https://[::1")):
+        refused = run_cli("oauth", "add", "x", "--provider", provider, "--client-id", "c", option, url)
+        assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+        assert f"{option} {url} is not an https:// URL" in refused.stderr and "Traceback" not in refused.stderr
+    assert json.loads(run_cli("oauth", "list", "--json").stdout) == []
+
+
 # ---------------------------------------------------------------------------------------
 # Microsoft 365's predefined hosts
 # ---------------------------------------------------------------------------------------
