@@ -59,6 +59,22 @@ def microsoft(mh: Mailhost, idp: IdentityProvider, name: str = "m365", secret: s
                                        tenant=idp.tenant, ca_file=spec.pop("ca_file", idp.ca_file), **spec))
 
 
+def oidc(mh: Mailhost, idp: IdentityProvider, name: str = "o", **spec: Any) -> Any:
+    """An OpenID Connect credential found by discovery at the local provider."""
+    idp.add_client(f"client-{name}", "osecret")
+    return mh.oauth.add(CredentialSpec(name=name, provider="oidc", client_id=f"client-{name}", client_secret="osecret",
+                                       authority=idp.issuer(), ca_file=idp.ca_file, **spec))
+
+
+def authorized_both_ways(mh: Mailhost, idp: IdentityProvider, browser: Callable[[str], bool]) -> tuple[Any, Any]:
+    """A Microsoft (msal) and an OpenID Connect (standard flows) credential, authorized for ALICE."""
+    idp.add_user(ALICE)
+    both = microsoft(mh, idp), oidc(mh, idp)
+    for cred in both:
+        mh.oauth.authorize(cred.name, ALICE, signed_in(browser))
+    return both
+
+
 def signed_in(browser: Callable[[str], bool], redirect_port: int = 0) -> Interaction:
     """What `oauth authorize` gives a flow, with the test browser in the admin's place."""
     return Interaction(show=lambda line: None, open_url=browser, redirect_port=redirect_port, timeout=30)
@@ -215,11 +231,9 @@ def test_oidc_by_discovery(mh: Mailhost, idp: IdentityProvider, browser: Callabl
 def test_oidc_discovery_of_another_issuer_is_refused(mh: Mailhost, idp: IdentityProvider, pki: Pki) -> None:
     """A discovery document whose issuer is not the --authority (OpenID Connect Discovery
     §4.3) is not used: the client secret never reaches the token endpoint it names."""
-    idp.add_client("oclient", "osecret")
-    mh.oauth.add(CredentialSpec(name="o", provider="oidc", client_id="oclient", client_secret="osecret",
-                                authority=idp.issuer(), ca_file=idp.ca_file, flow="client-credentials"))
+    oidc(mh, idp, flow="client-credentials")
     with IdentityProvider(pki) as other:
-        other.add_client("oclient", "osecret")
+        other.add_client("client-o", "osecret")
         document = {**idp._discovery(idp.tenant), "issuer": other.issuer(), "token_endpoint": other.endpoint("token")}
         idp.answer_next("openid-configuration", 200, document)
         with pytest.raises(AuthenticationFailed, match=r"is the configuration of issuer 'https://127\.0\.0\.1:\d+/"
@@ -419,13 +433,11 @@ def test_odd_values_in_a_token_response_are_not_a_crash(mh: Mailhost, idp: Ident
                                    "refresh_in": 10**15, "refresh_token": 42})
     assert mh.oauth.authorize("m365")["expires_at"] <= mailhost.oauth.utcnow() + dt.timedelta(days=366)
     assert mh.oauth.access_token(app.id, None) == "at-odd"
-    idp.add_client("oclient", "osecret")
     idp.add_user(ALICE)
-    oidc = mh.oauth.add(CredentialSpec(name="o", provider="oidc", client_id="oclient", client_secret="osecret",
-                                       authority=idp.issuer(), ca_file=idp.ca_file))
+    cred = oidc(mh, idp)
     idp.answer_next("token", 200, {"token_type": "Bearer", "access_token": "at-odd-2", "id_token": "e30.WzFd.e30"})
     assert mh.oauth.authorize("o", ALICE, signed_in(browser))["identity"] is None
-    assert mh.oauth.access_token(oidc.id, ALICE) == "at-odd-2"
+    assert mh.oauth.access_token(cred.id, ALICE) == "at-odd-2"
 
 
 def test_a_page_instead_of_a_token_response_keeps_the_current_token(mh: Mailhost, idp: IdentityProvider,
@@ -433,16 +445,10 @@ def test_a_page_instead_of_a_token_response_keeps_the_current_token(mh: Mailhost
                                                                     browser: Callable[[str], bool]) -> None:
     """A renewal answered with an HTML page (a proxy's, an error page) is temporary, as an
     unreachable provider is: the old token serves while valid (msal and the standard flows)."""
-    idp.add_user(ALICE)
-    idp.add_client("oclient", "osecret")
-    m365 = microsoft(mh, idp)
-    oidc = mh.oauth.add(CredentialSpec(name="o", provider="oidc", client_id="oclient", client_secret="osecret",
-                                       authority=idp.issuer(), ca_file=idp.ca_file))
-    for name in ("m365", "o"):
-        mh.oauth.authorize(name, ALICE, signed_in(browser))
-    first = {cred.id: mh.oauth.access_token(cred.id, ALICE) for cred in (m365, oidc)}
+    m365, o = authorized_both_ways(mh, idp, browser)
+    first = {cred.id: mh.oauth.access_token(cred.id, ALICE) for cred in (m365, o)}
     clock.advance(3300)  # due for renewal, still valid
-    for cred in (m365, oidc):
+    for cred in (m365, o):
         idp.answer_next("token", 200, b"<html><body>Sign in to the proxy</body></html>")
         assert mh.oauth.access_token(cred.id, ALICE) == first[cred.id]
         assert "without JSON" in mh.oauth.status(cred.id, ALICE)["last_error"]
@@ -515,16 +521,10 @@ def test_a_redirect_from_the_token_endpoint_is_not_followed(mh: Mailhost, idp: I
                                                             clock: Clock, browser: Callable[[str], bool]) -> None:
     """A token endpoint that answers 307 elsewhere gets one clear error: the refresh token
     and the client secret are not posted again to the other host (msal and the standard flows)."""
-    idp.add_user(ALICE)
-    idp.add_client("oclient", "osecret")
-    m365 = microsoft(mh, idp)
-    oidc = mh.oauth.add(CredentialSpec(name="o", provider="oidc", client_id="oclient", client_secret="osecret",
-                                       authority=idp.issuer(), ca_file=idp.ca_file))
-    for name in ("m365", "o"):
-        mh.oauth.authorize(name, ALICE, signed_in(browser))
+    m365, o = authorized_both_ways(mh, idp, browser)
     clock.advance(3600)
     with IdentityProvider(pki) as elsewhere:
-        for cred in (m365, oidc):
+        for cred in (m365, o):
             idp.answer_next("token", 307, headers={"Location": elsewhere.endpoint("token")})
             with pytest.raises(AuthenticationFailed, match=r"answered with a redirect \(HTTP 307\) to "
                                                             r"https://127\.0\.0\.1:\d+/.*which is not followed"):
