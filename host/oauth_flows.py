@@ -423,6 +423,16 @@ def google_refresh(config: ClientConfig, tokens: TokenSet) -> TokenSet:
 # -- oidc -----------------------------------------------------------------------------
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port of ``url`` (https's 443 spelled out or not)."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port or (443 if parts.scheme.lower() == "https" else None)
+    except ValueError:  # a port that is no number: it matches nothing
+        port = -1
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
 def _oidc_endpoints(config: ClientConfig, http: requests.Session) -> _Endpoints:
     """Endpoints given, else found by OpenID Connect Discovery 1.0 §4 from the issuer."""
     found: dict[str, Any] = {}
@@ -432,9 +442,10 @@ def _oidc_endpoints(config: ClientConfig, http: requests.Session) -> _Endpoints:
         if response.status_code != 200:
             raise OAuthError("discovery", f"{url} answered HTTP {response.status_code}: check --authority")
         found = _json(response, f"OpenID Connect discovery at {url}")
-        # §4.3: a document naming another issuer must not be used (its token endpoint would
-        # get the client secret and the refresh token).
-        if str(found.get("issuer") or "").rstrip("/") != config.authority.rstrip("/"):
+        # §4.3: a document of another server must not be used (its token endpoint would get
+        # the client secret and the refresh token). The server, not the path: Microsoft's
+        # issuer names the tenant's id where the authority may name "common" or a domain.
+        if _origin(str(found.get("issuer") or "")) != _origin(config.authority):
             raise OAuthError("discovery", f"{url} is the configuration of issuer {found.get('issuer')!r}, not of "
                                           f"{config.authority}: check --authority")
     token = config.token_endpoint or found.get("token_endpoint")

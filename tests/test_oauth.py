@@ -229,8 +229,10 @@ def test_oidc_by_discovery(mh: Mailhost, idp: IdentityProvider, browser: Callabl
 
 
 def test_oidc_discovery_of_another_issuer_is_refused(mh: Mailhost, idp: IdentityProvider, pki: Pki) -> None:
-    """A discovery document whose issuer is not the --authority (OpenID Connect Discovery
-    §4.3) is not used: the client secret never reaches the token endpoint it names."""
+    """A discovery document whose issuer is another server than the --authority (OpenID
+    Connect Discovery §4.3) is not used: the client secret never reaches the token
+    endpoint it names. The same server under another path (Microsoft names the tenant's
+    id where the authority names a domain) is the same issuer."""
     oidc(mh, idp, flow="client-credentials")
     with IdentityProvider(pki) as other:
         other.add_client("client-o", "osecret")
@@ -240,6 +242,8 @@ def test_oidc_discovery_of_another_issuer_is_refused(mh: Mailhost, idp: Identity
                                                         r"mailhost-test/v2\.0', not of .*: check --authority"):
             mh.oauth.authorize("o")
         assert other.posts == []
+    tenant_id = {**idp._discovery(idp.tenant), "issuer": idp.issuer().replace(idp.tenant, "9188040d-6c67-4c5b")}
+    idp.answer_next("openid-configuration", 200, tenant_id)
     assert mh.oauth.authorize("o")["app_only"]
 
 
