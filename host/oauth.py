@@ -210,7 +210,7 @@ class OAuth2:
         config = self._validate(merged)
         another_app = any(getattr(config, k) != getattr(current, k)
                           for k in ("provider", "client_id", "tenant", "authority", "token_endpoint", "flow"))
-        other_scopes = tuple(config.scopes) != tuple(current.scopes or ())
+        other_scopes = set(config.scopes) != set(current.scopes or ())  # the order asks for nothing else
         drop = another_app or other_scopes  # the stored tokens are not for what the credential says now
         new_secret = config.client_secret != secret
         with self.host.session() as s:

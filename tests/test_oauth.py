@@ -361,6 +361,19 @@ def test_other_scopes_drop_the_tokens(mh: Mailhost, idp: IdentityProvider) -> No
     assert new != old and idp.introspect(new)["scope"] == "https://graph.microsoft.com/.default"
 
 
+def test_the_same_scopes_in_another_order_keep_the_tokens(mh: Mailhost, idp: IdentityProvider,
+                                                          browser: Callable[[str], bool]) -> None:
+    """Retyping the scopes in another order asks for nothing else: the tokens stay."""
+    idp.add_user(ALICE)
+    scopes = ["https://outlook.office365.com/IMAP.AccessAsUser.All", "https://outlook.office365.com/SMTP.Send"]
+    cred = microsoft(mh, idp, scopes=scopes)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    old = mh.oauth.access_token(cred.id, ALICE)
+    edited, dropped = mh.oauth.edit("m365", CredentialSpec(scopes=list(reversed(scopes))))
+    assert not dropped and edited.scopes == list(reversed(scopes))
+    assert mh.oauth.access_token(cred.id, ALICE) == old
+
+
 # ---------------------------------------------------------------------------------------
 # Errors an admin can act on
 # ---------------------------------------------------------------------------------------
