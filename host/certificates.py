@@ -33,7 +33,7 @@ class Decryption:
     """What a decryption plugin made of a message.
 
     ``raw`` is the decrypted message, or ``None`` when it could not be decrypted; then
-    ``error`` says why (no matching certificate, expired, corrupt).
+    ``error`` says why (no matching certificate, corrupt, unsupported).
     """
 
     raw: bytes | None

@@ -190,7 +190,6 @@ def decrypt(info: cms.ContentInfo, certificates: Sequence[Certificate]) -> tuple
     candidates = _candidates(certificates)
     now = dt.datetime.now(dt.timezone.utc)
     matched = [(c, ri, key) for rid, ri, key in recipients for c in candidates if c.matches(rid)]
-    current = [m for m in matched if m[0].not_after >= now]
     if not matched:
         wanted = "; ".join(_describe_rid(rid) for rid, _, _ in recipients) or "no recipients at all"
         have = ", ".join(c.label for c in candidates) or "none"
@@ -198,14 +197,12 @@ def decrypt(info: cms.ContentInfo, certificates: Sequence[Certificate]) -> tuple
             f"no attached certificate matches a recipient of this message (it is encrypted for {wanted}; "
             f"attached: {have}): add the recipient's certificate with `mailhost certs add` and attach it to the connection"
         )
-    if not current:
-        c = matched[0][0]
-        raise Failed(
-            f"certificate {c.label} matches this message but expired on {c.not_after:%Y-%m-%d}: "
-            "the sender must encrypt for its replacement"
-        )
+    # Expiry ends a certificate's use for encrypting new mail, not its key's use for
+    # opening mail already encrypted for it (sent before it expired, downloaded after):
+    # mail clients decrypt with expired certificates too. Current ones are tried first.
+    matched.sort(key=lambda m: m[0].not_after < now)
     error = ""
-    for candidate, recipient, encrypted_key in current:
+    for candidate, recipient, encrypted_key in matched:
         try:
             return candidate.certificate.name, _open(info, candidate, recipient, encrypted_key)
         except Failed as exc:

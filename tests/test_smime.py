@@ -358,12 +358,15 @@ def test_unknown_recipient_is_flagged_with_the_reason(people: dict[str, Person],
     assert "'alice'" in result.error and "'bob'" in result.error and "mailhost certs add" in result.error
 
 
-def test_expired_certificate_is_flagged(tmp_path: Path, people: dict[str, Person]) -> None:
-    """A message for a certificate that has expired is kept undecrypted, saying so."""
+def test_expired_certificate_still_decrypts(tmp_path: Path, people: dict[str, Person]) -> None:
+    """Mail encrypted for a certificate that has expired since (the old one, kept attached
+    beside its replacement) is decrypted with it: decryption happens once, at ingest, so
+    refusing would leave it unreadable for good."""
     old = expired_pkcs12(tmp_path, "old")
-    result = decrypt(smime_encrypt(old), [people["alice"].certificate, old.certificate])
-    assert result.raw is None
-    assert "certificate 'old' matches this message but expired on" in result.error
+    message = smime_encrypt(old)
+    result = decrypt(message, [people["alice"].certificate, old.certificate])
+    assert result.error is None and result.certificate == "old"
+    assert result.raw is not None and result.raw.endswith(openssl_decrypt(message, old))
 
 
 @pytest.mark.parametrize("damage", ["base64", "truncated", "garbage", "ciphertext", "tag"])
