@@ -223,7 +223,11 @@ def test_config_typos_and_huge_numbers_are_bad_input(cli) -> None:
     config.write_text(good)
     for args, expect in ((("--config", str(cli.home), "incoming", "list"), "is a folder: give the config file"),
                          (("queue", "incoming", "--limit", "99999999999999999999"), "is not in the range"),
-                         (("queue", "outgoing", "purge", "--older-than", "999999999"), "is not in the range")):
+                         (("queue", "outgoing", "purge", "--older-than", "999999999"), "is not in the range"),
+                         (("queue", "incoming", "purge", "--older-than", "nan"), "'nan' is not a number of days"),
+                         (("queue", "outgoing", "purge", "--older-than", "NaN"), "'NaN' is not a number of days"),
+                         (("queue", "incoming", "show", "99999999999999999999", "--raw"), "is not in the range"),
+                         (("queue", "outgoing", "retry", "99999999999999999999"), "is not in the range")):
         out = cli(*args)
         assert out.returncode == 2 and expect in out.stderr and "Traceback" not in out.stderr, out.stderr
 

@@ -20,6 +20,7 @@ import gc
 import importlib
 import json
 import logging
+import math
 import os
 import sys
 import traceback
@@ -149,6 +150,23 @@ def limit_option(f: Callable[..., Any]) -> Callable[..., Any]:
     return click.option(
         "--limit", type=click.IntRange(1, MAX_ROWS), default=None, metavar="N", help="Print at most N rows."
     )(f)
+
+
+# A queue item's id: one beyond the store's 64-bit integers is a typo, not a lookup.
+ITEM_ID = click.IntRange(1, 2**63 - 1)
+
+
+class _Days(click.FloatRange):
+    """A number of days from 0 to 100 years; "nan" parses as a float but is none."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        days = super().convert(value, param, ctx)
+        if math.isnan(days):
+            self.fail(f"{value!r} is not a number of days: give one from 0 to 36500", param, ctx)
+        return days
+
+
+DAYS = _Days(0, 36500)
 
 
 def _jsonable(value: Any) -> Any:

@@ -10,6 +10,8 @@ import click
 
 from ..outgoing import OUTGOING_STATUSES, item_dict
 from . import (
+    DAYS,
+    ITEM_ID,
     Context,
     cli,
     json_option,
@@ -103,7 +105,7 @@ def queue_outgoing(cctx: click.Context, status: str | None, connection: str | No
 
 
 @queue_outgoing.command("show")
-@click.argument("item_id", type=int, metavar="ID")
+@click.argument("item_id", type=ITEM_ID, metavar="ID")
 @click.option("--raw", is_flag=True, help="Write the message exactly as queued to stdout.")
 @json_option
 @pass_ctx
@@ -132,7 +134,7 @@ def queue_outgoing_show(ctx: Context, item_id: int, raw: bool, as_json: bool) ->
 
 
 @queue_outgoing.command("retry")
-@click.argument("item_id", type=int, metavar="ID")
+@click.argument("item_id", type=ITEM_ID, metavar="ID")
 @pass_ctx
 def queue_outgoing_retry(ctx: Context, item_id: int) -> None:
     """Queue a message again now, with a fresh budget of attempts."""
@@ -141,7 +143,7 @@ def queue_outgoing_retry(ctx: Context, item_id: int) -> None:
 
 
 @queue_outgoing.command("delete")
-@click.argument("item_id", type=int, metavar="ID")
+@click.argument("item_id", type=ITEM_ID, metavar="ID")
 @pass_ctx
 def queue_outgoing_delete(ctx: Context, item_id: int) -> None:
     """Remove a message (and its attempts) from the queue."""
@@ -150,7 +152,7 @@ def queue_outgoing_delete(ctx: Context, item_id: int) -> None:
 
 
 @queue_outgoing.command("purge")
-@click.option("--older-than", "days", type=click.FloatRange(0, 36500), required=True, metavar="DAYS",
+@click.option("--older-than", "days", type=DAYS, required=True, metavar="DAYS",
               help="Messages last changed more than DAYS days ago.")
 @click.option("--status", "statuses", multiple=True, type=click.Choice(["sent", "failed"]),
               help="sent (default) and/or failed.")

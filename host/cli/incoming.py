@@ -9,6 +9,8 @@ import click
 
 from ..incoming import INCOMING_STATUSES, PassReport, item_dict
 from . import (
+    DAYS,
+    ITEM_ID,
     Context,
     cli,
     json_option,
@@ -83,7 +85,7 @@ def queue_incoming(cctx: click.Context, connection: str | None, status: str | No
 
 
 @queue_incoming.command("show")
-@click.argument("item_id", type=int, metavar="ID")
+@click.argument("item_id", type=ITEM_ID, metavar="ID")
 @click.option("--raw", is_flag=True, help="Write the message exactly as downloaded to stdout.")
 @click.option("--decrypted", is_flag=True, help="With --raw: the decrypted form instead.")
 @json_option
@@ -142,7 +144,7 @@ def log_incoming(ctx: Context, connection: str | None, messages: bool, as_json: 
 
 
 @queue_incoming.command("purge")
-@click.option("--older-than", "days", type=click.FloatRange(0, 36500), required=True, metavar="DAYS",
+@click.option("--older-than", "days", type=DAYS, required=True, metavar="DAYS",
               help="Items downloaded more than DAYS days ago (and log passes as old).")
 @click.option("--status", "statuses", multiple=True, type=click.Choice(["processed", "filtered", "failed", "new"]),
               help="processed and filtered by default; name others to purge them too.")
