@@ -69,6 +69,22 @@ def test_uidvalidity_reset_resyncs_without_duplicates(home: Path, dovecot, mailb
     assert report["listed"] == 0
 
 
+def test_enable_after_pointing_at_another_server_says_why_it_refetches(
+        home: Path, dovecot, mailbox, imap_conn: str) -> None:
+    """Another host name for the same mailbox: enable estimates every message again and
+    says the mailbox changed (not that the server renumbered the folder); the pass then
+    stores nothing twice."""
+    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(i) for i in range(4)])
+    assert json.loads(_fetch(home).stdout)[0]["stored"] == 4
+    assert run_cli("incoming", "edit", "desk", "--host", "127.0.0.1", env=ENV, cwd=home).returncode == 0
+    out = run_cli("incoming", "enable", "desk", "--yes", env=ENV, cwd=home)
+    assert out.returncode == 0, out.stderr
+    assert "about 4 message(s) (confidence: low); at most 4: the connection now reads another mailbox" in out.stderr
+    assert "renumbered" not in out.stderr
+    report = json.loads(_fetch(home).stdout)[0]
+    assert (report["stored"], report["duplicates"]) == (0, 4)
+
+
 def test_delete_after_download(home: Path, dovecot, mailbox, imap_conn: str) -> None:
     """With --after-download delete the folder is empty after the pass, and all is stored."""
     assert run_cli("incoming", "edit", "desk", "--after-download", "delete", env=ENV, cwd=home).returncode == 0

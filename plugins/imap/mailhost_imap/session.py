@@ -86,11 +86,14 @@ class ImapSession(IncomingSession):
         if cursor is None:
             return Estimate(messages, "exact")
         if cursor.get("uidvalidity") != validity:
+            # An empty cursor is the host's "another mailbox now" (server or user changed):
+            # the folder was not renumbered, and saying so would send the admin astray.
+            why = ("the connection now reads another mailbox (its server or user changed)" if not cursor else
+                   f"the server renumbered folder {self.settings.folder} (UIDVALIDITY changed)")
             return Estimate(
                 messages,
                 "low",
-                f"at most {messages}: the server renumbered folder {self.settings.folder} "
-                "(UIDVALIDITY changed), so every message is downloaded again and the ones "
+                f"at most {messages}: {why}, so every message is downloaded again and the ones "
                 "already stored are recognised by content and skipped",
             )
         last = int(cursor.get("last_uid", 0))
