@@ -474,3 +474,20 @@ def test_decrypt_message_at_ingest(smh: Mailhost, home: Path, tmp_path: Path, pe
     assert record["decryption"]["error"].startswith("no attached certificate matches")
     refused = run_cli("queue", "incoming", "show", str(items["for carol"].id), "--raw", "--decrypted", cwd=home)
     assert refused.returncode == 2 and "no attached certificate matches" in refused.stderr
+
+
+def test_encrypted_mail_on_a_connection_without_certificates(
+        smh: Mailhost, home: Path, tmp_path: Path, people: dict[str, Person]) -> None:
+    """Stored as downloaded, undecrypted; asking for its decrypted form does not claim
+    it was not encrypted, but names the missing certificate."""
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "1.eml").write_bytes(smime_encrypt(people["bob"], subject="no certs"))
+    smh.connections.add(Direction.INCOMING, ConnectionSpec(name="bare", protocol="dir", folder=str(box)))
+    [report] = smh.incoming.fetch(["bare"])
+    assert report.ok and report.stored == 1
+    [item] = smh.incoming.items()
+    refused = run_cli("queue", "incoming", "show", str(item.id), "--raw", "--decrypted", cwd=home)
+    assert refused.returncode == 2 and refused.stdout == ""
+    assert "it was not encrypted" not in refused.stderr
+    assert "its connection had no certificate attached then" in refused.stderr

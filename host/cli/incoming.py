@@ -98,7 +98,11 @@ def queue_incoming_show(ctx: Context, item_id: int, raw: bool, decrypted: bool, 
     if raw:
         data = item.decrypted if decrypted else item.raw
         if decrypted and data is None:
-            reason = (item.decryption or {}).get("error") or "it was not encrypted"
+            # No decryption record: nothing claimed it at download, which is also what
+            # encrypted mail on a connection without certificates looks like.
+            reason = (item.decryption or {}).get("error") or (
+                "nothing decrypted it at download: it is not encrypted, or its connection had no "
+                "certificate attached then (attaching one later does not decrypt stored mail)")
             raise click.UsageError(f"item {item_id} has no decrypted form: {reason}")
         sys.stdout.buffer.write(data)
         sys.stdout.flush()
