@@ -79,7 +79,8 @@ def test_enable_after_pointing_at_another_server_says_why_it_refetches(
     assert run_cli("incoming", "edit", "desk", "--host", "127.0.0.1", env=ENV, cwd=home).returncode == 0
     out = run_cli("incoming", "enable", "desk", "--yes", env=ENV, cwd=home)
     assert out.returncode == 0, out.stderr
-    assert "about 4 message(s) (confidence: low); at most 4: the connection now reads another mailbox" in out.stderr
+    assert ("the next download of desk would fetch about 4 message(s) (confidence: low); "
+            "at most 4: the connection now reads another mailbox") in out.stderr
     assert "renumbered" not in out.stderr
     report = json.loads(_fetch(home).stdout)[0]
     assert (report["stored"], report["duplicates"]) == (0, 4)

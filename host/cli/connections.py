@@ -222,7 +222,7 @@ def incoming_enable(ctx: Context, name: str, yes: bool) -> None:
         return
     try:
         estimate = ctx.host.incoming.estimate(name)
-        what = (f"the first download of {name} would fetch about {estimate.count} message(s) "
+        what = (f"the next download of {name} would fetch about {estimate.count} message(s) "
                 f"(confidence: {estimate.confidence})")
         if estimate.note:
             what += f"; {estimate.note}"
