@@ -367,3 +367,12 @@ def test_purge_cli(home: Path, plugin_env: dict[str, str], box: Path) -> None:
     assert "purged 1 incoming item(s)" in out.stderr
     out = run_cli("queue", "incoming", "purge", "--older-than", "-1", env=env, cwd=home)
     assert out.returncode == 2 and "Traceback" not in out.stderr
+
+
+def test_item_id_beyond_the_store_is_bad_input_on_each_store(mh_any: Mailhost) -> None:
+    """Ids are INTEGER columns (32-bit on PostgreSQL): a larger one is refused as one
+    sentence with exit 2 before it reaches the database, on SQLite and PostgreSQL alike."""
+    for args in (("queue", "incoming", "show", str(2**31)), ("queue", "outgoing", "delete", str(2**31))):
+        out = run_cli(*args)
+        assert out.returncode == 2, out.stderr
+        assert "is not in the range" in out.stderr and "unexpected error" not in out.stderr

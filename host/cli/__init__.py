@@ -152,8 +152,9 @@ def limit_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-# A queue item's id: one beyond the store's 64-bit integers is a typo, not a lookup.
-ITEM_ID = click.IntRange(1, 2**63 - 1)
+# A queue item's id: ids are INTEGER columns (32-bit on PostgreSQL), so one beyond them
+# is a typo to refuse here, not a lookup that the database fails on.
+ITEM_ID = click.IntRange(1, 2**31 - 1)
 
 
 class _Days(click.FloatRange):
