@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 from sqlalchemy import JSON, String, Table, and_, cast, delete, func, literal, or_, select, update
 from sqlalchemy.orm import Session
 
-from .certificates import Certificate
+from .certificates import Certificate, Decryption
 from .errors import MailError, MailhostError, NotFound, PermanentFailure, TemporaryFailure, ValidationError
 from .leases import holder_is_gone, worker_id
 from .protocols import Direction, Estimate, IncomingSession, MessageRef
@@ -342,14 +342,20 @@ class Incoming:
             return {"decrypted": None, "decryption": None}
         try:
             result = self.host.plugins.hook.decrypt_message(raw=raw, certificates=certificates)
+            if result is None:
+                return {"decrypted": None, "decryption": None}
+            # Checked here: a value the store cannot take would fail the whole batch, every
+            # pass, and block the mailbox instead of flagging this one message.
+            if not (isinstance(result, Decryption) and isinstance(result.raw, (bytes, type(None)))
+                    and all(isinstance(v, (str, type(None))) for v in (result.certificate, result.error))):
+                raise TypeError(f"it returned a {type(result).__name__} that is not a Decryption of bytes")
+            # The plaintext is kept encrypted at rest, as S/MIME meant it to be.
+            decrypted = self.host.vault.encrypt(result.raw) if result.raw is not None else None
         except Exception as exc:  # stored and flagged, never dropped
             log.exception("decryption of a message of %s failed", connection)
             return {"decrypted": None, "decryption": {"error": f"decryption plugin failed: {exc}"}}
-        if result is None:
-            return {"decrypted": None, "decryption": None}
-        # The plaintext is kept encrypted at rest, as S/MIME meant it to be.
-        return {"decrypted": self.host.vault.encrypt(result.raw) if result.raw is not None else None, "decryption": {
-            "certificate": result.certificate, "signed": result.signed, "error": result.error}}
+        return {"decrypted": decrypted, "decryption": {
+            "certificate": result.certificate, "signed": bool(result.signed), "error": result.error}}
 
     def _announce(self, connection: str, item_id: int, message_id: str | None, raw: bytes) -> None:
         try:

@@ -11,6 +11,7 @@ from sqlalchemy import select
 
 from mailhost import Mailhost
 from mailhost.connections import ConnectionSpec
+from mailhost.hookspecs import hookimpl
 from mailhost.plugins import PluginHost
 from mailhost.protocols import Direction
 from mailhost.store import Certificate, SeenMessage
@@ -376,3 +377,33 @@ def test_item_id_beyond_the_store_is_bad_input_on_each_store(mh_any: Mailhost) -
         out = run_cli(*args)
         assert out.returncode == 2, out.stderr
         assert "is not in the range" in out.stderr and "unexpected error" not in out.stderr
+
+
+class _WrongDecryption:
+    """A third-party decryption plugin with a bug: it returns a dict, not a Decryption."""
+
+    @hookimpl
+    def decrypt_message(self, raw: bytes, certificates: object) -> object:
+        return {"raw": b"plain"} if b"X-Wrong:" in raw else None
+
+
+def test_a_decryption_plugin_returning_garbage_does_not_block_the_mailbox(
+        home: Path, testplugin: object, box: Path) -> None:
+    """What a decryption plugin returns that is not a Decryption is that plugin failing:
+    the message is stored as downloaded and flagged, and the pass goes on (before, the
+    whole batch failed, every pass, so nothing more of that mailbox was ever stored)."""
+    host = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(
+        only=[], extra=[("testplugin", testplugin), ("wrong", _WrongDecryption())]))
+    try:
+        with host.session() as s:
+            s.add(Certificate(name="cert1", cert_pem=b"-", key_enc=host.vault.encrypt(b"key")))
+        host.connections.add(Direction.INCOMING, ConnectionSpec(
+            name="desk", protocol="dir", folder=str(box), certificates=["cert1"]))
+        (box / "a.eml").write_bytes(b"Subject: odd\r\nX-Wrong: 1\r\n\r\nbody\r\n")
+        (box / "b.eml").write_bytes(_msg(2))
+        [report] = host.incoming.fetch(["desk"])
+        assert report.ok and report.stored == 2, report.error
+        odd = next(host.incoming.item(i.id) for i in host.incoming.items() if i.subject == "odd")
+        assert odd.decrypted is None and odd.decryption["error"].startswith("decryption plugin failed")
+    finally:
+        host.close()
