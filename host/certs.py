@@ -110,9 +110,9 @@ class Certificates:
         with self.host.session() as s:
             query = select(Certificate).options(selectinload(Certificate.connections)).order_by(Certificate.name)
             if search:
-                like = f"%{search.lower()}%"
-                query = query.where(or_(func.lower(Certificate.name).like(like),
-                                        func.lower(func.coalesce(Certificate.alias, "")).like(like)))
+                text = search.lower()  # autoescape: a % or _ in it is that character, not a wildcard
+                query = query.where(or_(func.lower(Certificate.name).contains(text, autoescape=True),
+                                        func.lower(func.coalesce(Certificate.alias, "")).contains(text, autoescape=True)))
             return list(s.scalars(query))
 
     def get(self, name: str) -> Certificate:

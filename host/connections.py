@@ -128,11 +128,11 @@ class Connections:
         with self.host.session() as s:
             query = select(model).options(*_eager(model)).order_by(model.name)
             if search:
-                like = f"%{search.lower()}%"
                 from sqlalchemy import func
 
+                # autoescape: a % or _ in the search is that character, not a wildcard
                 query = query.where(
-                    or_(*(func.lower(func.coalesce(col, "")).like(like)
+                    or_(*(func.lower(func.coalesce(col, "")).contains(search.lower(), autoescape=True)
                           for col in (model.name, model.description, model.host, model.username)))
                 )
             return list(s.scalars(query))

@@ -83,6 +83,7 @@ def test_add_list_remove_on_each_store(mh_any: Mailhost, people: dict[str, Perso
     certs = Certificates(mh_any)
     certs.add("Alice", people["alice"].p12, password=PASSWORD, alias="Desk")
     assert [c.name for c in certs.list("aLi")] == [c.name for c in certs.list("desk")] == ["Alice"]
+    assert certs.list("%") == certs.list("_") == certs.list("a_ice") == []  # literal, not LIKE wildcards
     with mh_any.session() as s:
         assert mh_any.vault.decrypt_bytes(s.scalar(select(Certificate.key_enc))) == people["alice"].key_pem
     assert certs.remove("Alice") == [] and certs.list() == []

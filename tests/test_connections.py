@@ -60,6 +60,8 @@ def test_add_list_show_incoming(cli) -> None:
     assert [c["name"] for c in listed] == ["helpdesk"]
     assert json.loads(cli("incoming", "list", "--search", "SUPPORT", "--json").stdout)[0]["name"] == "helpdesk"
     assert json.loads(cli("incoming", "list", "--search", "nomatch", "--json").stdout) == []
+    for literal in ("%", "_", "help_esk"):  # a search is text, not a LIKE pattern
+        assert json.loads(cli("incoming", "list", "--search", literal, "--json").stdout) == []
 
 
 @pytest.mark.parametrize(
