@@ -15,6 +15,7 @@ expired one is replaced by adding the new one, attaching it, and removing the ol
 from __future__ import annotations
 
 import builtins
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -169,6 +170,9 @@ def _field(value: str | None, field: str, required: bool = False) -> str:
         raise ValidationError(f"the certificate {field} is empty: give a {field}", field)
     if len(text) > 200:
         raise ValidationError(f"the certificate {field} is longer than 200 characters: shorten it", field)
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):  # listings print it: no terminal escapes
+        raise ValidationError(f"the certificate {field} {value!r} holds a control character: use printable "
+                              "characters", field)
     return text
 
 
@@ -250,6 +254,11 @@ def _load_one_password(data: bytes, password: str | None, source: str) -> tuple[
                                   "export it again with AES (OpenSSL 3's default)", "file") from None
     if password is None:
         raise ValidationError(f"{source} is protected by a password: {_FIX_PASSWORD}", "password")
+    for attempt in (None, b""):  # the password was given to a file that has none
+        with contextlib.suppress(ValueError, UnsupportedAlgorithm):
+            pkcs12.load_key_and_certificates(data, attempt)
+            raise ValidationError(f"{source} has no password: leave out --password-env, --password-file and "
+                                  "--password-stdin", "password")
     raise ValidationError(
         f"the password for {source} is wrong: give the right one (and --key-password-* if its private key "
         "has a password of its own)", "password")

@@ -237,6 +237,22 @@ def test_cli_file_that_is_not_pkcs12_is_refused(home: Path, tmp_path: Path, peop
     assert json.loads(run_cli("certs", "list", "--json", cwd=home).stdout) == []
 
 
+def test_cli_a_password_for_a_file_without_one_and_a_control_character_are_named(
+        home: Path, tmp_path: Path) -> None:
+    """A password given for a PKCS#12 file that has none is not called wrong: the
+    sentence says to leave it out. A name with a control character (listings print it)
+    is refused. Exit 2, nothing stored."""
+    from tests.servers.certs import make_pkcs12
+
+    plain, _, _ = make_pkcs12(tmp_path, "nopw", None)
+    out = run_cli("certs", "add", "nopw", "--file", plain, "--password-stdin", input="anything\n", cwd=home)
+    assert out.returncode == 2 and f"{plain} has no password: leave out --password-env" in _one_sentence(out.stderr)
+    out = run_cli("certs", "add", "n\x1b[2Jx", "--file", plain, cwd=home)
+    assert out.returncode == 2 and "holds a control character: use printable characters" in _one_sentence(out.stderr)
+    assert json.loads(run_cli("certs", "list", "--json", cwd=home).stdout) == []
+    assert run_cli("certs", "add", "nopw", "--file", plain, cwd=home).returncode == 0
+
+
 def test_cli_both_passwords_from_stdin(home: Path, tmp_path: Path, people: dict[str, Person]) -> None:
     """--password-stdin and --key-password-stdin read one line each, in that order."""
     p12 = _twopass(tmp_path, people["alice"], "file-pw", "key-pw")
