@@ -191,6 +191,9 @@ class LoopbackRedirect:
         self._params: dict[str, str] | None = None
         self._done = threading.Event()
         self._lock = threading.Lock()
+        #: The ``state`` of the request under way (:meth:`expect`): answers without it are
+        #: not this sign-in's, and do not end it.
+        self.state: str | None = None
         owner = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -206,6 +209,16 @@ class LoopbackRedirect:
             def _answer(self, params: dict[str, str]) -> None:
                 if not params:
                     self.send_error(404)
+                    return
+                if owner.state is not None and params.get("state") != owner.state:
+                    # Any local program can reach the port: its "?error=..." must not end
+                    # the sign-in the admin is completing in the browser.
+                    body = b"mailhost: this is not the answer to the sign-in it is waiting for; ignored"
+                    self.send_response(400)
+                    self.send_header("Content-Type", "text/plain; charset=utf-8")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
                     return
                 ok = "code" in params
                 body = (b"<html><body><p>mailhost: the authorization is complete; "
@@ -243,6 +256,10 @@ class LoopbackRedirect:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def expect(self, state: str) -> None:
+        """Take only answers that carry ``state`` (the one in the authorization request)."""
+        self.state = state
 
     def wait(self, timeout: float) -> dict[str, str]:
         """The query of the redirect; OAuthError if none came within ``timeout`` s."""
@@ -297,6 +314,7 @@ class _StandardClient:
         challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
         state = secrets.token_urlsafe(16)
         with LoopbackRedirect(interaction.redirect_port) as redirect:
+            redirect.expect(state)
             query = {
                 "response_type": "code",
                 "client_id": self.config.client_id,
@@ -586,6 +604,7 @@ def microsoft_authorize(config: ClientConfig, interaction: Interaction, username
         # form_post keeps the code out of the browser's history (RFC 9700 §4.3.1).
         flow = _msal_run(what, lambda: app.initiate_auth_code_flow(
             _user_scopes(config), redirect_uri=redirect.uri, login_hint=username, response_mode="form_post"))
+        redirect.expect(str(flow["state"]))
         _show_url(interaction, flow["auth_uri"])
         params = redirect.wait(interaction.timeout)
     return _microsoft_tokens(_msal_run(what, lambda: app.acquire_token_by_auth_code_flow(flow, params)), public)

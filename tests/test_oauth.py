@@ -7,7 +7,9 @@ import json
 import re
 import socket
 import threading
+import urllib.error
 import urllib.parse
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -158,6 +160,27 @@ def test_an_idle_connection_does_not_block_the_redirect(mh: Mailhost, idp: Ident
     mh.oauth.authorize("m365", ALICE, Interaction(show=lambda line: None, open_url=open_with_an_idle_connection,
                                                   timeout=30))
     assert delivered == [True] and idp.is_active(mh.oauth.access_token(cred.id, ALICE))
+
+
+@pytest.mark.parametrize("provider", ["microsoft", "oidc"])
+def test_a_stray_answer_to_the_listener_does_not_end_the_sign_in(mh: Mailhost, idp: IdentityProvider,
+                                                                  browser: Callable[[str], bool], provider: str) -> None:
+    """Any local program can reach the loopback listener; an answer without the request's
+    state (``?error=access_denied``) gets 400 and the admin's sign-in completes."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp) if provider == "microsoft" else oidc(mh, idp)
+    strays: list[int] = []
+
+    def open_after_a_stray(url: str) -> bool:
+        redirect_uri = dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))["redirect_uri"]
+        try:
+            urllib.request.urlopen(redirect_uri + "?error=access_denied", timeout=10)
+        except urllib.error.HTTPError as exc:
+            strays.append(exc.code)
+        return browser(url)
+
+    mh.oauth.authorize(cred.name, ALICE, Interaction(show=lambda line: None, open_url=open_after_a_stray, timeout=30))
+    assert strays == [400] and idp.is_active(mh.oauth.access_token(cred.id, ALICE))
 
 
 def test_microsoft_device_code(mh: Mailhost, idp: IdentityProvider) -> None:
