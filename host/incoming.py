@@ -18,15 +18,16 @@ folder it stored it from).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import re
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -59,7 +60,7 @@ log = logging.getLogger(__name__)
 BATCH_COUNT = 2000  # messages per transaction
 BATCH_BYTES = 32 * 1024 * 1024  # and at most this many bytes
 FIRST_BATCH = 250  # messages in the first batch; the next ones double up to BATCH_COUNT
-LEASE = dt.timedelta(minutes=2)  # renewed with every batch
+LEASE = dt.timedelta(minutes=2)  # renewed every quarter of it while a pass runs
 
 # The columns the download pass writes, in the order of its value tuples.
 _ITEM_COLUMNS = ("connection_id", "connection_name", "folder", "status", "size", "fingerprint", "raw",
@@ -155,7 +156,8 @@ class Incoming:
             s.flush()
             log_id = log_row.id
         try:
-            self._run(conn, log_id, report, progress)
+            with self._lease_kept(conn.id):
+                self._run(conn, log_id, report, progress)
         except MailhostError as exc:
             report.ok, report.error = False, _sentence(conn.name, exc)
         except Exception as exc:  # a plugin bug must not stop the other connections
@@ -226,14 +228,6 @@ class Incoming:
             progress(0, total)
         pending: list[tuple[Future[None], int, int]] = []  # (acknowledgement, messages, seen id it reaches)
 
-        def result(future: Future[T]) -> T:
-            """The future's result; the lease is renewed while the server takes its time
-            (a batch of big messages on a slow link outlasts a lease)."""
-            while not futures_wait([future], timeout=LEASE.total_seconds() / 4).done:
-                with self.host.session() as s:
-                    self._renew_lease(s, conn.id)
-            return future.result()
-
         def settle(wait: bool) -> None:
             """Take in finished acknowledgements (all of them with ``wait``), in order.
             A refusal stops the acknowledgements, not the downloads: the mark stays below
@@ -241,7 +235,7 @@ class Incoming:
             while pending and (wait or pending[0][0].done()):
                 future, count, through = pending.pop(0)
                 try:
-                    result(future)
+                    future.result()
                 except MailError as exc:
                     acks.refuse(exc)
                     continue
@@ -253,7 +247,7 @@ class Incoming:
         for i, batch in enumerate(batches):
             assert ahead is not None
             try:
-                fetched = result(ahead)
+                fetched = ahead.result()
             except _Broken as broken:  # store what came whole (up to the last of it), then fail
                 upto = batch.index(broken.fetched[-1].ref) + 1
                 self._store_batch(conn, folder, log_id, batch[:upto], broken.fetched, report, acks)
@@ -500,6 +494,29 @@ class Incoming:
             s.execute(update(IncomingLog).where(IncomingLog.connection_id == conn.id, IncomingLog.status == "running")
                       .values(status="interrupted", finished_at=now, error="the pass was interrupted (crash or kill)"))
             return conn, None
+
+    @contextlib.contextmanager
+    def _lease_kept(self, connection_id: int) -> Iterator[None]:
+        """Renew the connection's lease every quarter lease while the block runs: a
+        listing, a batch of big messages on a slow link or a throttled server can each
+        outlast a lease, and a second worker would then take the mailbox too."""
+        stop = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(LEASE.total_seconds() / 4):
+                try:
+                    with self.host.session() as s:
+                        self._renew_lease(s, connection_id)
+                except Exception:  # a store that is briefly away: the next round tries again
+                    log.warning("could not renew the lease of connection %s", connection_id, exc_info=True)
+
+        keeper = threading.Thread(target=renew, name="mailhost-lease", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            keeper.join()
 
     def _renew_lease(self, s: Session, connection_id: int) -> None:
         s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id,

@@ -216,6 +216,39 @@ def test_lease_is_renewed_while_a_batch_takes_long(tmh: Mailhost, box: Path, con
     assert report.ok and report.stored == 1  # type: ignore[attr-defined]
 
 
+def test_lease_is_renewed_while_the_listing_takes_long(tmh: Mailhost, box: Path, conn: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A listing that outlasts the lease (a first sync of a huge folder on a throttled
+    server) keeps the mailbox from a second worker too."""
+    import threading
+    import time
+
+    import mailhost.incoming as incoming
+    from mailhost.incoming import Incoming
+    from tests.testplugin.mailhost_testplugin import DirIncoming
+
+    monkeypatch.setattr(incoming, "LEASE", dt.timedelta(seconds=1))
+    list_new, started = DirIncoming.list_new, threading.Event()
+
+    def slow(self, cursor, known):
+        started.set()
+        time.sleep(2.5)  # more than twice the lease
+        return list_new(self, cursor, known)
+
+    monkeypatch.setattr(DirIncoming, "list_new", slow)
+    (box / "0.eml").write_bytes(_msg(0))
+    reports: list[object] = []
+    worker = threading.Thread(target=lambda: reports.extend(tmh.incoming.fetch([conn])))
+    worker.start()
+    assert started.wait(30)
+    time.sleep(1.8)  # the first lease has run out by now; only a renewal keeps the mailbox taken
+    other = Incoming(tmh).fetch_one(conn)
+    worker.join(30)
+    assert other.skipped and "another worker" in other.skipped
+    [report] = reports
+    assert report.ok and report.stored == 1  # type: ignore[attr-defined]
+
+
 def test_renamed_connection_keeps_its_queue_and_log(tmh: Mailhost, box: Path, conn: str) -> None:
     """Renamed, a connection's stored mail and passes are listed under its new name."""
     (box / "a.eml").write_bytes(_msg(1))
