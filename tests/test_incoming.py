@@ -183,10 +183,12 @@ def test_refused_acknowledgements_do_not_stop_downloads(tmh: Mailhost, box: Path
     assert len(list(box.glob(".*.seen"))) == 6 and len(tmh.incoming.items()) == 6
 
 
-def test_lease_is_renewed_while_a_batch_takes_long(tmh: Mailhost, box: Path, conn: str,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    """A batch that outlasts the lease (big messages, a slow link) keeps the mailbox
-    from a second worker: the lease is renewed while the pass waits for the server."""
+@pytest.mark.parametrize("slow_step", ["list_new", "fetch"])
+def test_lease_is_kept_while_a_step_takes_long(tmh: Mailhost, box: Path, conn: str,
+                                               monkeypatch: pytest.MonkeyPatch, slow_step: str) -> None:
+    """A listing or a batch that outlasts the lease (a first sync of a huge folder on a
+    throttled server, big messages on a slow link) keeps the mailbox from a second
+    worker: the lease is renewed all through the pass."""
     import threading
     import time
 
@@ -195,47 +197,14 @@ def test_lease_is_renewed_while_a_batch_takes_long(tmh: Mailhost, box: Path, con
     from tests.testplugin.mailhost_testplugin import DirIncoming
 
     monkeypatch.setattr(incoming, "LEASE", dt.timedelta(seconds=1))
-    fetch, started = DirIncoming.fetch, threading.Event()
+    step, started = getattr(DirIncoming, slow_step), threading.Event()
 
-    def slow(self, refs):
+    def slow(self, *args):
         started.set()
         time.sleep(2.5)  # more than twice the lease
-        yield from fetch(self, refs)
+        return step(self, *args)
 
-    monkeypatch.setattr(DirIncoming, "fetch", slow)
-    (box / "0.eml").write_bytes(_msg(0))
-    reports: list[object] = []
-    worker = threading.Thread(target=lambda: reports.extend(tmh.incoming.fetch([conn])))
-    worker.start()
-    assert started.wait(30)
-    time.sleep(1.8)  # the first lease has run out by now; only a renewal keeps the mailbox taken
-    other = Incoming(tmh).fetch_one(conn)
-    worker.join(30)
-    assert other.skipped and "another worker" in other.skipped
-    [report] = reports
-    assert report.ok and report.stored == 1  # type: ignore[attr-defined]
-
-
-def test_lease_is_renewed_while_the_listing_takes_long(tmh: Mailhost, box: Path, conn: str,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    """A listing that outlasts the lease (a first sync of a huge folder on a throttled
-    server) keeps the mailbox from a second worker too."""
-    import threading
-    import time
-
-    import mailhost.incoming as incoming
-    from mailhost.incoming import Incoming
-    from tests.testplugin.mailhost_testplugin import DirIncoming
-
-    monkeypatch.setattr(incoming, "LEASE", dt.timedelta(seconds=1))
-    list_new, started = DirIncoming.list_new, threading.Event()
-
-    def slow(self, cursor, known):
-        started.set()
-        time.sleep(2.5)  # more than twice the lease
-        return list_new(self, cursor, known)
-
-    monkeypatch.setattr(DirIncoming, "list_new", slow)
+    monkeypatch.setattr(DirIncoming, slow_step, slow)
     (box / "0.eml").write_bytes(_msg(0))
     reports: list[object] = []
     worker = threading.Thread(target=lambda: reports.extend(tmh.incoming.fetch([conn])))
