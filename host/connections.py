@@ -33,6 +33,7 @@ from .protocols import (
 )
 from .secrets import redact
 from .store import (
+    MAX_INT,
     Certificate,
     IncomingConnection,
     IncomingItem,
@@ -54,7 +55,7 @@ INCOMING_TIMEOUT_MAX_MS = 30000  # the seeds: 1-30000 ms, 0 or blank for 30000
 OUTGOING_TIMEOUT_MAX_MS = 600000
 DEFAULT_TIMEOUT_MS = 30000
 DEFAULT_INTERVAL_MIN = 1
-MAX_SIZE_LIMIT = 2**31 - 1  # bytes: the largest an integer column holds (PostgreSQL's integer)
+MAX_SIZE_LIMIT = MAX_INT  # bytes: the column is an INTEGER
 MAX_INTERVAL_MIN = 7 * 24 * 60
 
 _HOSTNAME = re.compile(r"^(?=.{1,253}$)[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?(?:\.[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,62}[A-Za-z0-9_])?)*\.?$")

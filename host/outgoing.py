@@ -88,7 +88,7 @@ from .errors import (
 from .leases import holder_is_gone, worker_id
 from .protocols import ConnectionSettings, Direction, OutgoingSession, SendResult
 from .secrets import redact
-from .store import OutgoingAttempt, OutgoingConnection, OutgoingItem, utcnow
+from .store import MAX_INT, OutgoingAttempt, OutgoingConnection, OutgoingItem, utcnow
 
 if TYPE_CHECKING:
     from .app import Mailhost
@@ -1179,6 +1179,8 @@ class Outgoing:
 
     def _learn_size(self, conn: OutgoingConnection, size: int | None) -> None:
         """Remember the server's SIZE so that ``enqueue`` can refuse what it would."""
+        if size is not None:  # a SIZE beyond the column is no limit for any message we hold
+            size = min(size, MAX_INT)
         if size == conn.server_size_limit:
             return
         conn.server_size_limit = size

@@ -53,6 +53,7 @@ __all__ = [
     "IncomingItem",
     "IncomingLog",
     "IncomingLogEntry",
+    "MAX_INT",
     "MAX_ROWS",
     "OAuthCredential",
     "OutgoingAttempt",
@@ -65,6 +66,9 @@ __all__ = [
     "utcnow",
 ]
 
+#: The largest value an INTEGER column holds on every store (PostgreSQL's is 32-bit):
+#: the bound of ids and of numbers such as a size limit, checked before they are stored.
+MAX_INT = 2**31 - 1
 #: The most rows a listing may ask for (the CLI's ``--limit``, the REST API's ``?limit``):
 #: more than any store holds, and a LIMIT every database takes.
 MAX_ROWS = 2**31

@@ -426,6 +426,18 @@ def test_server_size_is_learned_and_enforced(mh: Mailhost, smtp_server: Callable
         mh.outgoing.send(["bob@example.org"], subject="big", body=BODY, attachments=[big])
 
 
+def test_a_server_size_beyond_the_column_is_recorded_as_the_largest(
+        mh_any: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A server announcing SIZE 5 GB (more than an INTEGER column holds on PostgreSQL)
+    is recorded as the largest size the store holds, on every store."""
+    server = smtp_server("plain", size_limit=5_000_000_000)
+    add(mh_any, "main", server, from_address="a@example.org", default=True)
+    mh_any.outgoing.send(["bob@example.org"], subject="small", body=BODY)
+    mh_any.outgoing.deliver()
+    assert len(server.messages) == 1
+    assert mh_any.connections.get(Direction.OUTGOING, "main").server_size_limit == 2**31 - 1
+
+
 def test_untrusted_certificate_is_refused(mh: Mailhost, smtp_server: Callable[..., SmtpServer], pki: Pki) -> None:
     """A server whose certificate no trusted CA signed gets nothing; the error says why."""
     server = smtp_server("tls", untrusted=True)

@@ -33,7 +33,7 @@ import click
 from ..app import Mailhost, exit_now
 from ..errors import MailhostError
 from ..secrets import RedactingFilter, redact
-from ..store import MAX_ROWS
+from ..store import MAX_INT, MAX_ROWS
 
 __all__ = ["cli", "main"]
 
@@ -152,9 +152,9 @@ def limit_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
-# A queue item's id: ids are INTEGER columns (32-bit on PostgreSQL), so one beyond them
-# is a typo to refuse here, not a lookup that the database fails on.
-ITEM_ID = click.IntRange(1, 2**31 - 1)
+# A queue item's id: ids are INTEGER columns, so one beyond them is a typo to refuse
+# here, not a lookup that the database fails on.
+ITEM_ID = click.IntRange(1, MAX_INT)
 
 
 class _Days(click.FloatRange):
