@@ -31,7 +31,7 @@ def canonical_folder(path: str) -> str:
     trimmed, and a well-known first part in any case as ``Inbox`` (the default folder)
     or its lower-case name (``Drafts`` -> ``drafts``). Display names keep the admin's
     case: which spelling the mailbox has is known only to the server."""
-    parts = [p.strip() for p in path.strip().strip("/").split("/") if p.strip()]
+    parts = _split(path)
     if not parts:
         return path  # not a folder name: the pass says so (see _parts)
     first = parts[0].lower()
@@ -150,8 +150,13 @@ class Folders:
         return ", ".join(names) or "none"
 
 
+def _split(path: str) -> list[str]:
+    """The names of a path ``Parent/Child``, trimmed; empty ones (``//``) left out."""
+    return [p.strip() for p in path.strip().strip("/").split("/") if p.strip()]
+
+
 def _parts(path: str) -> list[str]:
-    parts = [p.strip() for p in path.strip().strip("/").split("/") if p.strip()]
+    parts = _split(path)
     if not parts:
         raise PermanentFailure(f"folder {path!r} is not a folder name: give a name like Inbox or Inbox/Support")
     return parts
