@@ -311,7 +311,6 @@ class Incoming:
             last_cursor = next((r.cursor for r in reversed(batch) if r.cursor is not None), None)
             if last_cursor is not None:
                 self._put_cursor(s, conn.id, folder, dict(last_cursor))
-            self._renew_lease(s, conn.id)
             self._record_acknowledged(s, conn.id, folder, acks)
             s.execute(update(IncomingLog).where(IncomingLog.id == log_id).values(
                 listed=report.listed, stored=report.stored, duplicates=report.duplicates, bytes=report.bytes))
