@@ -26,7 +26,7 @@ read from `--*-env VAR`, `--*-file FILE` or `--*-stdin`, never from the command 
 
 Beyond the contract every mailhost keeps (the names in the design's CLI contract),
 this version adds: `send --bcc/--from`, `deliver --sessions/--connection`,
-`queue outgoing --connection`, `queue outgoing show|purge`, `queue incoming purge`,
+`queue outgoing --connection`, `queue outgoing show|purge`, `queue incoming purge|release`,
 `log incoming --messages`, `oauth edit`, `certs remove --detach`,
 `incoming edit --no-certificates`, `serve --once/--download-workers`.
 """

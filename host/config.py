@@ -9,6 +9,7 @@ comments survive ``mailhost plugins enable``.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import ipaddress
 import os
 import stat
@@ -50,6 +51,13 @@ disabled = []
 delivery_interval = 10
 # Parallel SMTP sessions when the outgoing queue is long.
 delivery_sessions = 4
+
+[incoming]
+# A queue item a handler marked "processing" and did not move on within this many
+# minutes (its handler died, presumably) is put back to "new" by `mailhost serve`, so
+# another handler takes it; a handler that needs longer sets "processing" again to
+# renew it. 0: never (release them with `mailhost queue incoming release`).
+processing_timeout_minutes = 60
 
 [outgoing]
 # Temporary failures (4xx, timeouts, dropped links) are retried after
@@ -94,6 +102,9 @@ class Config:
     delivery_sessions: int = 4
     web_listen: str = "127.0.0.1:8025"
     web_allowed_hosts: list[str] = field(default_factory=list)
+    #: How long an incoming item may stay ``processing`` before ``serve`` puts it back to
+    #: ``new``; None: never.
+    processing_timeout: dt.timedelta | None = dt.timedelta(minutes=60)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -146,6 +157,11 @@ class Config:
         if not isinstance(choices, dict):
             raise ConfigError(f"[plugins.protocols] in {path} must be a table of protocol = plugin")
         service = _table(doc, "service", path)
+        incoming = _table(doc, "incoming", path)
+        timeout = incoming.get("processing_timeout_minutes", 60)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 52_560_000:
+            raise ConfigError(f"[incoming] processing_timeout_minutes in {path} must be a number of minutes "
+                              f"from 0 (never) to 52560000, not {timeout!r}")
         web = _table(doc, "web", path)
         try:
             interval = float(service.get("delivery_interval", 10))
@@ -168,6 +184,7 @@ class Config:
             web_listen=_checked_listen(web.get("listen", "127.0.0.1:8025"), path),
             web_allowed_hosts=_strings(web.get("allowed_hosts", []), "[web] allowed_hosts", path,
                                        '["mailhost.example.org"]'),
+            processing_timeout=dt.timedelta(minutes=timeout) if timeout else None,
             raw=doc,
         )
 
@@ -204,6 +221,7 @@ SECTIONS: dict[str, frozenset[str]] = {
     "secrets": frozenset({"key_file"}),
     "plugins": frozenset({"enabled", "disabled", "protocols"}),
     "service": frozenset({"delivery_interval", "delivery_sessions"}),
+    "incoming": frozenset({"processing_timeout_minutes"}),
     "outgoing": frozenset(),
     "web": frozenset({"listen", "allowed_hosts"}),
 }

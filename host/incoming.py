@@ -597,13 +597,36 @@ class Incoming:
         return item
 
     def set_status(self, item_id: int, status: str, error: str | None = None) -> None:
-        """Move a queue item on (for handlers: processing, processed, filtered, failed)."""
+        """Move a queue item on (for handlers: processing, processed, filtered, failed).
+
+        Setting ``processing`` again renews it: an item whose status is older than
+        ``[incoming] processing_timeout_minutes`` is released back to ``new`` (see
+        :meth:`release`).
+        """
         _check_status(status)
         with self.host.session() as s:
             item = s.get(IncomingItem, item_id)
             if item is None:
                 raise NotFound(f"no incoming queue item {item_id}")
-            item.status, item.error = status, error
+            # Stamped even when nothing else changes: that is how a handler renews its claim.
+            item.status, item.error, item.updated_at = status, error, utcnow()
+
+    def release(self, processing_for: dt.timedelta) -> int:
+        """Put items whose status has been ``processing`` for longer than
+        ``processing_for`` back to ``new``, noting why; returns how many.
+
+        A handler that takes an item and dies leaves it ``processing``, where nothing
+        else would take it: like a message whose visibility timeout ran out, it goes
+        back for another handler (which may then repeat what the dead one did).
+        """
+        minutes = round(processing_for.total_seconds() / 60, 2)
+        now = utcnow()
+        with self.host.session() as s:
+            return s.execute(update(IncomingItem).where(
+                IncomingItem.status == "processing", IncomingItem.updated_at <= now - processing_for,
+            ).values(status="new", updated_at=now, error=(
+                f"released back to new after more than {minutes:g} minute(s) in processing: its handler "
+                "presumably died")).execution_options(synchronize_session=False)).rowcount
 
     def logs(self, connection: str | None = None, limit: int | None = None) -> list[IncomingLog]:
         """Download passes, newest first."""
@@ -633,12 +656,20 @@ class Incoming:
         """Delete queue items in ``statuses`` and log passes older than ``older_than``.
 
         The keys of purged messages stay recorded, so they are not downloaded again.
+        Items being processed are never purged (release them first, see :meth:`release`).
         Returns (items deleted, passes deleted).
         """
+        statuses = list(statuses)
+        for status in statuses:
+            _check_status(status)
+        if "processing" in statuses:
+            raise ValidationError(
+                "items in status processing are not purged, since a handler may be working on them: put those "
+                "whose handler died back to new with `mailhost queue incoming release`, then purge them", "status")
         cutoff = utcnow() - older_than
         with self.host.session() as s:
             items = s.execute(delete(IncomingItem).where(
-                IncomingItem.created_at < cutoff, IncomingItem.status.in_(list(statuses)))).rowcount
+                IncomingItem.created_at < cutoff, IncomingItem.status.in_(statuses))).rowcount
             passes = s.execute(delete(IncomingLog).where(
                 and_(IncomingLog.started_at < cutoff, IncomingLog.status != "running"))).rowcount
         return items, passes

@@ -1,8 +1,10 @@
 """``mailhost serve``: scheduled downloads, delivery passes and the web admin.
 
 Each enabled incoming connection is polled when its interval has passed; delivery runs
-every ``[service] delivery_interval`` seconds. One connection's failure never stops the
-others (it is logged, on the connection and in the incoming log). SIGTERM or SIGINT
+every ``[service] delivery_interval`` seconds; once a minute, incoming items left
+``processing`` longer than ``[incoming] processing_timeout_minutes`` (their handler
+died) go back to ``new``. One connection's failure never stops the others (it is
+logged, on the connection and in the incoming log). SIGTERM or SIGINT
 stops the service after the passes under way; a second one exits at once, which is
 safe because every pipeline stores before it acknowledges.
 
@@ -27,6 +29,8 @@ if TYPE_CHECKING:
 __all__ = ["Service"]
 
 log = logging.getLogger(__name__)
+
+RELEASE_EVERY = 60.0  # seconds between looks for items whose handler died: a timeout is minutes
 
 
 class Service:
@@ -60,7 +64,7 @@ class Service:
     def run(self, once: bool = False) -> None:
         """Serve until stopped (or one round, with ``once``)."""
         interval = self.host.config.delivery_interval
-        next_delivery = 0.0
+        next_delivery = next_release = 0.0
         log.info("mailhost serve started; store %s", self.host.engine.url.render_as_string(hide_password=True))
         try:
             while not self.stop.is_set():
@@ -68,6 +72,9 @@ class Service:
                 if time.monotonic() >= next_delivery:
                     self._deliver()
                     next_delivery = time.monotonic() + interval
+                if time.monotonic() >= next_release:
+                    self._release()
+                    next_release = time.monotonic() + RELEASE_EVERY
                 if once:
                     break
                 self.stop.wait(self.tick)
@@ -96,6 +103,18 @@ class Service:
             log.warning("%s", report.error)
         elif report.stored:
             log.info("%s: %d new message(s)", name, report.stored)
+
+    def _release(self) -> None:
+        timeout = self.host.config.processing_timeout
+        if timeout is None:
+            return
+        try:
+            released = self.host.incoming.release(timeout)
+        except Exception:
+            log.exception("cannot release the incoming items whose handler died")
+            return
+        if released:
+            log.warning("%d incoming item(s) were processing for more than %s: they are new again", released, timeout)
 
     def _deliver(self) -> None:
         try:

@@ -347,6 +347,70 @@ def test_purge_keeps_keys(tmh: Mailhost, box: Path, conn: str) -> None:
         assert s.scalar(select(SeenMessage.key)) == "a.eml"
 
 
+def _backdate(tmh: Mailhost, item_id: int, minutes: float) -> None:
+    """Make a queue item's status look set ``minutes`` ago (as a handler that died then left it)."""
+    from mailhost.store import IncomingItem, utcnow
+    from sqlalchemy import update
+
+    with tmh.session() as s:
+        s.execute(update(IncomingItem).where(IncomingItem.id == item_id)
+                  .values(updated_at=utcnow() - dt.timedelta(minutes=minutes)))
+
+
+def test_release_puts_stale_processing_items_back_to_new(tmh: Mailhost, box: Path, conn: str) -> None:
+    """An item a handler took (``processing``) and never finished is released back to
+    ``new`` once its status is older than the timeout, with a note saying why; one a
+    live handler renewed (set ``processing`` again) stays; purge never takes either."""
+    for i in range(3):
+        (box / f"{i}.eml").write_bytes(_msg(i))
+    tmh.incoming.fetch([conn])
+    dead, alive, done = (i.id for i in reversed(tmh.incoming.items()))
+    for item_id in (dead, alive):
+        tmh.incoming.set_status(item_id, "processing")
+    tmh.incoming.set_status(done, "processed")
+    _backdate(tmh, dead, 90)
+    _backdate(tmh, alive, 90)
+    tmh.incoming.set_status(alive, "processing")  # the live handler renews its claim
+    assert tmh.incoming.purge(dt.timedelta(seconds=-1), ("processed", "filtered", "failed", "new")) == (1, 1)
+    assert tmh.incoming.release(dt.timedelta(minutes=60)) == 1
+    statuses = {i.id: (i.status, i.error) for i in tmh.incoming.items()}
+    assert statuses[alive] == ("processing", None)
+    assert statuses[dead][0] == "new" and "more than 60 minute(s) in processing" in statuses[dead][1]
+    assert tmh.incoming.release(dt.timedelta(minutes=60)) == 0
+    assert tmh.incoming.release(dt.timedelta(0)) == 1  # everything still processing
+    assert {i.status for i in tmh.incoming.items()} == {"new"}
+
+
+def test_release_cli(home: Path, plugin_env: dict[str, str], box: Path) -> None:
+    """`queue incoming release` puts items processing for longer than the timeout back
+    to new; --processing-for chooses the age; bad input changes nothing."""
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
+    assert run_cli("incoming", "add", "d", "--protocol", "dir", "--folder", str(box), env=env, cwd=home).returncode == 0
+    (box / "a.eml").write_bytes(_msg(1))
+    run_cli("fetch", "d", env=env, cwd=home)
+    host = Mailhost.open(home / "mailhost.toml")
+    try:
+        [item] = host.incoming.items()
+        host.incoming.set_status(item.id, "processing")
+        out = run_cli("queue", "incoming", "release", env=env, cwd=home)
+        assert out.returncode == 0 and "released 0 incoming item(s)" in out.stderr, out.stderr
+        for bad in ("-1", "nan", "x"):
+            out = run_cli("queue", "incoming", "release", "--processing-for", bad, env=env, cwd=home)
+            assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert host.incoming.items()[0].status == "processing"
+        out = run_cli("queue", "incoming", "purge", "--older-than", "0", "--status", "processing", env=env, cwd=home)
+        assert out.returncode == 2 and "'processing' is not one of" in out.stderr, out.stderr
+        out = run_cli("queue", "incoming", "release", "--processing-for", "0", env=env, cwd=home)
+        assert out.returncode == 0 and "released 1 incoming item(s)" in out.stderr, out.stderr
+        assert host.incoming.items()[0].status == "new"
+        config = home / "mailhost.toml"
+        config.write_text(config.read_text().replace("processing_timeout_minutes = 60", "processing_timeout_minutes = 0"))
+        out = run_cli("queue", "incoming", "release", env=env, cwd=home)
+        assert out.returncode == 2 and "--processing-for" in out.stderr, out.stderr
+    finally:
+        host.close()
+
+
 def test_summarize_reads_folded_and_encoded_headers() -> None:
     """Metadata comes from the header block only, unfolded and decoded."""
     from mailhost.incoming import summarize

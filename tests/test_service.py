@@ -1,6 +1,7 @@
 """`mailhost serve`: scheduled downloads, isolation of failures, clean shutdown, web admin."""
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import signal
@@ -293,3 +294,41 @@ def test_web_shows_the_outgoing_queue(tmh: Mailhost) -> None:
         assert _get(web.address, "/queue/outgoing", "localhost")[0] == 200
     finally:
         web.stop()
+
+
+def test_serve_releases_items_whose_handler_died(home: Path, testplugin: object, tmp_path: Path) -> None:
+    """`serve` puts items left ``processing`` longer than ``[incoming]
+    processing_timeout_minutes`` back to ``new`` (a visibility timeout, as SQS has); a
+    bad value for it is one sentence naming the key."""
+    from mailhost.errors import ConfigError
+    from mailhost.plugins import PluginHost
+    from mailhost.store import IncomingItem, utcnow
+    from sqlalchemy import update
+
+    config = home / "mailhost.toml"
+    config.write_text(config.read_text().replace("processing_timeout_minutes = 60", "processing_timeout_minutes = 30"))
+    host = Mailhost.open(config, plugins=PluginHost(only=[], extra=[("testplugin", testplugin)]))
+    try:
+        box = tmp_path / "box"
+        box.mkdir()
+        for i in range(2):
+            (box / f"{i}.eml").write_bytes(f"Subject: {i}\r\n\r\nx\r\n".encode())
+        host.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
+        host.incoming.fetch(["desk"])
+        stale, fresh = (i.id for i in host.incoming.items())
+        for item_id in (stale, fresh):
+            host.incoming.set_status(item_id, "processing")
+        with host.session() as s:
+            s.execute(update(IncomingItem).where(IncomingItem.id == stale)
+                      .values(updated_at=utcnow() - dt.timedelta(minutes=31)))
+        Service(host).run(once=True)
+        assert {i.id: i.status for i in host.incoming.items()} == {stale: "new", fresh: "processing"}
+    finally:
+        host.close()
+    for value in ("-5", '"an hour"'):
+        config.write_text(config.read_text().replace("processing_timeout_minutes = 30",
+                                                     f"processing_timeout_minutes = {value}"))
+        with pytest.raises(ConfigError, match=r"\[incoming\] processing_timeout_minutes in .* must be"):
+            Mailhost.open(config)
+        config.write_text(config.read_text().replace(f"processing_timeout_minutes = {value}",
+                                                     "processing_timeout_minutes = 30"))

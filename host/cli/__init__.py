@@ -157,17 +157,22 @@ def limit_option(f: Callable[..., Any]) -> Callable[..., Any]:
 ITEM_ID = click.IntRange(1, MAX_INT)
 
 
-class _Days(click.FloatRange):
-    """A number of days from 0 to 100 years; "nan" parses as a float but is none."""
+class _Span(click.FloatRange):
+    """A number of days (or another unit) from 0 to 100 years; "nan" parses as a float but is none."""
+
+    def __init__(self, unit: str, most: float) -> None:
+        super().__init__(0, most)
+        self.unit = unit
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        days = super().convert(value, param, ctx)
-        if math.isnan(days):
-            self.fail(f"{value!r} is not a number of days: give one from 0 to 36500", param, ctx)
-        return days
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value!r} is not a number of {self.unit}: give one from 0 to {self.max:.0f}", param, ctx)
+        return number
 
 
-DAYS = _Days(0, 36500)
+DAYS = _Span("days", 36500)
+MINUTES = _Span("minutes", 36500 * 24 * 60)
 
 
 def _jsonable(value: Any) -> Any:

@@ -11,6 +11,7 @@ from ..incoming import INCOMING_STATUSES, PassReport, item_dict
 from . import (
     DAYS,
     ITEM_ID,
+    MINUTES,
     Context,
     cli,
     json_option,
@@ -151,9 +152,32 @@ def log_incoming(ctx: Context, connection: str | None, messages: bool, as_json: 
 @click.option("--older-than", "days", type=DAYS, required=True, metavar="DAYS",
               help="Items downloaded more than DAYS days ago (and log passes as old).")
 @click.option("--status", "statuses", multiple=True, type=click.Choice(["processed", "filtered", "failed", "new"]),
-              help="processed and filtered by default; name others to purge them too.")
+              help="processed and filtered by default; name others to purge them too (never processing: see "
+                   "`queue incoming release`).")
 @pass_ctx
 def queue_incoming_purge(ctx: Context, days: float, statuses: tuple[str, ...]) -> None:
     """Delete old queue items and log passes; their keys stay, so nothing is downloaded again."""
     items, passes = ctx.host.incoming.purge(dt.timedelta(days=days), statuses or ("processed", "filtered"))
     click.echo(f"purged {items} incoming item(s) and {passes} log pass(es)", err=True)
+
+
+@queue_incoming.command("release")
+@click.option("--processing-for", "minutes", type=MINUTES, metavar="MINUTES",
+              help="Items processing for more than MINUTES minutes (default: [incoming] "
+                   "processing_timeout_minutes of the config file; 0: all of them).")
+@pass_ctx
+def queue_incoming_release(ctx: Context, minutes: float | None) -> None:
+    """Put items whose handler died back to new: those left processing too long.
+
+    `mailhost serve` does it by itself after [incoming] processing_timeout_minutes (60).
+    Another handler then takes them, and may repeat what the dead one had done.
+    """
+    if minutes is None:
+        timeout = ctx.host.config.processing_timeout
+        if timeout is None:
+            raise click.UsageError("[incoming] processing_timeout_minutes is 0 in the config file, so there is no "
+                                   "default: give --processing-for MINUTES")
+        minutes = timeout.total_seconds() / 60
+    released = ctx.host.incoming.release(dt.timedelta(minutes=minutes))
+    click.echo(f"released {released} incoming item(s) processing for more than {minutes:g} minute(s): "
+               "they are new again", err=True)
