@@ -70,6 +70,7 @@ _SEEN_COLUMNS = ("connection_id", "folder", "key", "fingerprint", "item_id")
 _ENTRY_COLUMNS = ("log_id", "item_id", "result", "detail", "message_id", "from_addr", "subject")
 _MAX_PARAMS = 32766  # bound parameters per statement: SQLite's default limit (PostgreSQL: 65,535)
 _NOT_ENCRYPTED: dict[str, Any] = {"decrypted": None, "decryption": None}
+_INTERRUPTED = "the pass was interrupted (crash or kill)"
 #: The key of a seen message of a mailbox the connection no longer reads, before its id:
 #: the space keeps it from ever equalling a protocol's key (UIDs, UIDLs, Graph ids).
 RETIRED = "retired "
@@ -491,8 +492,28 @@ class Incoming:
             _ = conn.certificates, conn.oauth_credential  # loaded while the session is open
             # We hold the lease: a pass still marked running died without finishing.
             s.execute(update(IncomingLog).where(IncomingLog.connection_id == conn.id, IncomingLog.status == "running")
-                      .values(status="interrupted", finished_at=now, error="the pass was interrupted (crash or kill)"))
+                      .values(status="interrupted", finished_at=now, error=_INTERRUPTED))
             return conn, None
+
+    @staticmethod
+    def _settle_abandoned(s: Session) -> None:
+        """Mark passes that still say running but whose worker is gone interrupted, in
+        the open transaction: a pass runs only while its worker holds the connection's
+        lease, so one whose lease expired or whose holder died (or whose connection was
+        removed) will never finish. :meth:`_claim` does it for the connection it takes;
+        this finds those of connections that no pass takes again (disabled, removed)."""
+        now = utcnow()
+        running = s.execute(
+            select(IncomingLog.id, IncomingLog.connection_id, IncomingConnection.lease_owner,
+                   IncomingConnection.lease_until)
+            .outerjoin(IncomingConnection, IncomingConnection.id == IncomingLog.connection_id)
+            .where(IncomingLog.status == "running")).all()
+        gone = [log_id for log_id, connection_id, owner, until in running
+                if connection_id is None or until is None or until < now or (owner and holder_is_gone(owner))]
+        if gone:
+            s.execute(update(IncomingLog).where(IncomingLog.id.in_(gone), IncomingLog.status == "running")
+                      .values(status="interrupted", finished_at=now, error=_INTERRUPTED)
+                      .execution_options(synchronize_session=False))
 
     @contextlib.contextmanager
     def _lease_kept(self, connection_id: int) -> Iterator[None]:
@@ -629,8 +650,9 @@ class Incoming:
                 "presumably died")).execution_options(synchronize_session=False)).rowcount
 
     def logs(self, connection: str | None = None, limit: int | None = None) -> list[IncomingLog]:
-        """Download passes, newest first."""
+        """Download passes, newest first (a pass whose worker is gone says interrupted)."""
         with self.host.session() as s:
+            self._settle_abandoned(s)
             q = select(IncomingLog).order_by(IncomingLog.id.desc())
             if connection:
                 q = q.where(IncomingLog.connection_name == connection)
@@ -656,7 +678,8 @@ class Incoming:
         """Delete queue items in ``statuses`` and log passes older than ``older_than``.
 
         The keys of purged messages stay recorded, so they are not downloaded again.
-        Items being processed are never purged (release them first, see :meth:`release`).
+        Passes still running are kept, unless their worker is gone (see
+        :meth:`_settle_abandoned`). Items being processed are never purged (release them first, see :meth:`release`).
         Returns (items deleted, passes deleted).
         """
         statuses = list(statuses)
@@ -668,6 +691,7 @@ class Incoming:
                 "whose handler died back to new with `mailhost queue incoming release`, then purge them", "status")
         cutoff = utcnow() - older_than
         with self.host.session() as s:
+            self._settle_abandoned(s)  # a pass whose worker died is over, and as old as it started
             items = s.execute(delete(IncomingItem).where(
                 IncomingItem.created_at < cutoff, IncomingItem.status.in_(statuses))).rowcount
             passes = s.execute(delete(IncomingLog).where(

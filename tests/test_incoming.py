@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -409,6 +410,66 @@ def test_release_cli(home: Path, plugin_env: dict[str, str], box: Path) -> None:
         assert out.returncode == 2 and "--processing-for" in out.stderr, out.stderr
     finally:
         host.close()
+
+
+def test_a_pass_whose_process_was_killed_is_interrupted_in_the_log_and_purged(
+        home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """A pass killed mid-way on a connection that is then disabled or removed (so no
+    pass of it ever takes its lease again) is listed as interrupted, not running
+    forever, and purge removes it; a pass whose process runs stays running."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    events = Path(plugin_env["MAILHOST_TESTPLUGIN_EVENTS"])
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin", "MAILHOST_TESTPLUGIN_HANG_AT": "a.eml"}
+    for name in ("off", "gone"):
+        box = tmp_path / name
+        box.mkdir()
+        (box / "a.eml").write_bytes(_msg(1))
+        assert run_cli("incoming", "add", name, "--protocol", "dir", "--folder", str(box),
+                       env=env, cwd=home).returncode == 0
+        events.unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-m", "mailhost", "fetch", name], cwd=home,
+                                env={**os.environ, **env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120  # a safety net, not an assertion on speed
+            while not (events.exists() and '"hanging"' in events.read_text()):
+                assert proc.poll() is None and time.monotonic() < deadline, "the pass never reached a.eml"
+                time.sleep(0.05)
+            [row] = [r for r in json.loads(run_cli("log", "incoming", "--json", env=env, cwd=home).stdout)
+                     if r["connection"] == name]
+            assert row["status"] == "running"  # its process runs: it is not abandoned
+        finally:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    assert run_cli("incoming", "disable", "off", env=env, cwd=home).returncode == 0
+    assert run_cli("incoming", "remove", "gone", env=env, cwd=home).returncode == 0
+    rows = json.loads(run_cli("log", "incoming", "--json", env=env, cwd=home).stdout)
+    assert [(r["connection"], r["status"]) for r in rows] == [("gone", "interrupted"), ("off", "interrupted")]
+    assert all("interrupted" in r["error"] and r["finished_at"] for r in rows)
+    out = run_cli("queue", "incoming", "purge", "--older-than", "0", env=env, cwd=home)
+    assert out.returncode == 0 and "and 2 log pass(es)" in out.stderr, out.stderr
+
+
+def test_a_running_pass_is_abandoned_when_its_lease_expired(tmh: Mailhost, conn: str) -> None:
+    """A pass whose worker is on another machine is running while that worker's lease
+    on the connection lasts, and interrupted once it expired (the worker stopped
+    renewing it); purge, which skips running passes, then removes it."""
+    from mailhost.store import IncomingConnection, IncomingLog, utcnow
+    from sqlalchemy import update
+
+    with tmh.session() as s:
+        row = s.scalars(select(IncomingConnection).where(IncomingConnection.name == conn)).one()
+        row.lease_owner, row.lease_until = "elsewhere:4026531836:4242:0123abcd", utcnow() + dt.timedelta(minutes=1)
+        s.add(IncomingLog(connection_id=row.id, connection_name=conn))
+    assert [e.status for e in tmh.incoming.logs()] == ["running"]
+    assert tmh.incoming.purge(dt.timedelta(seconds=-1)) == (0, 0)
+    with tmh.session() as s:
+        s.execute(update(IncomingConnection).values(lease_until=utcnow() - dt.timedelta(seconds=1)))
+    assert tmh.incoming.purge(dt.timedelta(seconds=-1)) == (0, 1)
+    assert tmh.incoming.logs() == []
 
 
 def test_summarize_reads_folded_and_encoded_headers() -> None:

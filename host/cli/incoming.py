@@ -126,7 +126,10 @@ def log_group() -> None:
 @limit_option
 @pass_ctx
 def log_incoming(ctx: Context, connection: str | None, messages: bool, as_json: bool, limit: int | None) -> None:
-    """Download passes, newest first: counts, bytes, duration, errors."""
+    """Download passes, newest first: counts, bytes, duration, errors.
+
+    A pass whose process died (killed, crashed) or lost its lease says interrupted.
+    """
     rows = []
     for entry in ctx.host.incoming.logs(connection, limit):
         seconds = (entry.finished_at - entry.started_at).total_seconds() if entry.finished_at else None
