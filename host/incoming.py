@@ -19,6 +19,7 @@ folder it stored it from).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as dt
 import hashlib
 import json
@@ -576,16 +577,30 @@ class Incoming:
     # -- estimate ---------------------------------------------------------------------
 
     def estimate(self, name: str) -> Estimate:
-        """How many messages the next pass of ``name`` would download (for ``enable``)."""
+        """How many messages the next pass of ``name`` would download (for ``enable``).
+
+        The plugin counts downloads; only the store knows that some of them may be
+        copies of mail the connection stored from another folder or mailbox, which the
+        pass recognises by content and does not store again. An exact count says so.
+        """
         conn = self.host.connections.get(Direction.INCOMING, name)
         provider = self.host.connections.provider(Direction.INCOMING, conn)
         folder = conn.folder or ""
         with self.host.session() as s:
             state = s.get(FolderCursor, (conn.id, folder))
             cursor = dict(state.state) if state is not None else None
+            stored_elsewhere = s.scalar(select(SeenMessage.id).where(
+                SeenMessage.connection_id == conn.id,
+                or_(SeenMessage.folder != folder, SeenMessage.key.startswith(RETIRED, autoescape=True))).limit(1))
         with provider.open(self.host.connections.settings(Direction.INCOMING, conn)) as session:
             assert isinstance(session, IncomingSession)
-            return session.estimate(cursor, lambda keys: self._known(conn.id, folder, keys))
+            estimate = session.estimate(cursor, lambda keys: self._known(conn.id, folder, keys))
+        # Other confidences hedge already, in the plugin's own words.
+        if estimate.count and estimate.confidence == "exact" and stored_elsewhere is not None:
+            note = (f"some of them may be stored already: {conn.name} stored mail from another folder or mailbox "
+                    "before, and a message it recognises by content is logged as a duplicate, not stored again")
+            estimate = dataclasses.replace(estimate, note=f"{estimate.note}; {note}" if estimate.note else note)
+        return estimate
 
     # -- queue and log ----------------------------------------------------------------
 

@@ -161,7 +161,12 @@ class Listing:
 
 @dataclass(frozen=True)
 class Estimate:
-    """How many messages a first (or next) download pass would fetch."""
+    """How many messages a first (or next) download pass would fetch.
+
+    ``count`` is of downloads: a session cannot know which of them the connection has
+    stored before from another folder or mailbox (the host adds that to the note of an
+    exact count), and need not.
+    """
 
     count: int
     confidence: Literal["exact", "high", "low"]

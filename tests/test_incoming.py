@@ -14,7 +14,7 @@ from mailhost import Mailhost
 from mailhost.connections import ConnectionSpec
 from mailhost.hookspecs import hookimpl
 from mailhost.plugins import PluginHost
-from mailhost.protocols import Direction
+from mailhost.protocols import Direction, Estimate
 from mailhost.store import Certificate, SeenMessage
 
 from .helpers import run_cli
@@ -470,6 +470,27 @@ def test_a_running_pass_is_abandoned_when_its_lease_expired(tmh: Mailhost, conn:
         s.execute(update(IncomingConnection).values(lease_until=utcnow() - dt.timedelta(seconds=1)))
     assert tmh.incoming.purge(dt.timedelta(seconds=-1)) == (0, 1)
     assert tmh.incoming.logs() == []
+
+
+def test_estimate_says_when_what_it_counts_may_be_stored_already(tmh: Mailhost, box: Path, tmp_path: Path) -> None:
+    """A plugin's exact count is of downloads; when the connection stored mail from
+    another folder before (copies of which it recognises by content), the estimate
+    says some may be stored already; a connection that read only this folder does not."""
+    copies = tmp_path / "copies"
+    copies.mkdir()
+    for i in range(2):
+        (box / f"{i}.eml").write_bytes(_msg(i))
+        (copies / f"{i}.eml").write_bytes(_msg(i))
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="fresh", protocol="dir", folder=str(copies)))
+    assert tmh.incoming.estimate("desk") == tmh.incoming.estimate("fresh") == Estimate(2, "exact")
+    tmh.incoming.fetch(["desk"])
+    tmh.connections.edit(Direction.INCOMING, "desk", ConnectionSpec(folder=str(copies)))
+    estimate = tmh.incoming.estimate("desk")
+    assert (estimate.count, estimate.confidence) == (2, "exact")
+    assert estimate.note.startswith("some of them may be stored already: desk stored mail from another folder")
+    assert tmh.incoming.fetch(["desk"])[0].duplicates == 2
+    assert tmh.incoming.estimate("desk") == Estimate(0, "exact")
 
 
 def test_summarize_reads_folded_and_encoded_headers() -> None:
