@@ -282,3 +282,43 @@ def test_private_key_is_not_in_the_store_in_clear(home: Path, people: dict[str, 
     assert PASSWORD.encode() not in stored
     cert_body = [line for line in people["alice"].cert_pem.splitlines() if not line.startswith(b"-----")]
     assert cert_body[1] in stored  # the certificate is kept in clear; the test looks in the right place
+
+
+def test_cli_remove_detach_says_what_becomes_of_mail_for_it(home: Path, plugin_env: dict[str, str], tmp_path: Path,
+                                                            people: dict[str, Person]) -> None:
+    """`certs remove --detach` leaves the connections enabled (their other mail keeps
+    coming; nothing is lost, the original is always stored) and says what happens to
+    mail encrypted for the removed certificate from now on: stored as downloaded,
+    flagged where other certificates are attached, unflagged where none is left.
+    Then it happens as said."""
+    from .test_smime import smime_encrypt
+
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin", "P12_PASSWORD": PASSWORD}
+    for name in ("alice", "bob"):
+        assert run_cli("certs", "add", name, "--file", str(people[name].p12), "--password-env", "P12_PASSWORD",
+                       env=env, cwd=home).returncode == 0
+    for name, attach in (("desk", ["alice", "bob"]), ("sales", ["bob"])):
+        (tmp_path / name).mkdir()
+        args = [a for c in attach for a in ("--certificate", c)]
+        assert run_cli("incoming", "add", name, "--protocol", "dir", "--folder", str(tmp_path / name), *args,
+                       env=env, cwd=home).returncode == 0
+        assert run_cli("incoming", "enable", name, "--yes", env=env, cwd=home).returncode == 0
+    out = run_cli("certs", "remove", "bob", "--detach", env=env, cwd=home)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.splitlines() == [
+        "removed certificate bob, detached from desk, sales",
+        "from now on, mail encrypted only for bob is stored as downloaded, not decrypted (attaching a certificate "
+        "later does not decrypt it): desk flags it with the reason; sales has no certificate left and does not "
+        "flag it",
+    ]
+    for name in ("desk", "sales"):
+        assert json.loads(run_cli("incoming", "show", name, "--json", env=env, cwd=home).stdout)["enabled"] is True
+        (tmp_path / name / "for-bob.eml").write_bytes(smime_encrypt(people["bob"], subject=f"to {name}"))
+    assert run_cli("fetch", env=env, cwd=home).returncode == 0
+    items = json.loads(run_cli("queue", "incoming", "--json", env=env, cwd=home).stdout)
+    decryption = {i["subject"]: json.loads(run_cli("queue", "incoming", "show", str(i["id"]), "--json", env=env,
+                                                   cwd=home).stdout)["decryption"] for i in items}
+    assert decryption["to sales"] is None
+    assert decryption["to desk"]["error"].startswith("no attached certificate matches a recipient")
+    out = run_cli("certs", "remove", "alice", "--detach", env=env, cwd=home)
+    assert out.stderr.splitlines()[1].endswith(": desk has no certificate left and does not flag it"), out.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..certs import certificate_dict
+from ..protocols import Direction
 from . import (
     Context,
     cli,
@@ -69,7 +70,28 @@ def certs_list(ctx: Context, search: str | None, as_json: bool, limit: int | Non
 @click.option("--detach", is_flag=True, help="Also detach it from the connections that use it.")
 @pass_ctx
 def certs_remove(ctx: Context, name: str, detach: bool) -> None:
-    """Remove a certificate (refused while connections use it, unless --detach)."""
+    """Remove a certificate (refused while connections use it, unless --detach).
+
+    The connections it is detached from keep downloading: mail encrypted only for it
+    is stored as downloaded, not decrypted, and flagged where other certificates are
+    attached (docs/smime.md).
+    """
     detached = ctx.host.certificates.remove(name, detach=detach)
-    note = f", detached from {', '.join(detached)}" if detached else ""
-    click.echo(f"removed certificate {name}{note}", err=True)
+    if not detached:
+        click.echo(f"removed certificate {name}", err=True)
+        return
+    click.echo(f"removed certificate {name}, detached from {', '.join(detached)}", err=True)
+    # A connection without certificates does not look at encrypted mail at all, so
+    # nothing flags it there: the admin hears it now, or never.
+    left = {c.name: bool(c.certificates) for c in ctx.host.connections.list(Direction.INCOMING)}
+    flagging = [c for c in detached if left.get(c)]
+    bare = [c for c in detached if c in left and not left[c]]
+    fates = []
+    if flagging:
+        fates.append(f"{', '.join(flagging)} flag{'s' if len(flagging) == 1 else ''} it with the reason")
+    if bare:
+        fates.append(f"{', '.join(bare)} {'has' if len(bare) == 1 else 'have'} no certificate left and "
+                     f"{'does' if len(bare) == 1 else 'do'} not flag it")
+    if fates:  # none when the connections were removed meanwhile
+        click.echo(f"from now on, mail encrypted only for {name} is stored as downloaded, not decrypted (attaching "
+                   f"a certificate later does not decrypt it): {'; '.join(fates)}", err=True)
