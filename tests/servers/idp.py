@@ -25,7 +25,8 @@ Behaviour tests drive from Python: :meth:`add_client` (``secret_expired=True`` t
 simulate AADSTS7000222), :meth:`add_user` (with mailboxes the user may open as a
 delegate), :meth:`revoke_user` (an admin's "revoke sessions"), :meth:`advance` (move
 the provider's clock: no sleeping), :meth:`approve_device`, :meth:`answer_next` (a
-provider that misbehaves: garbage, a redirect, odd values), and records of what was
+provider that misbehaves: garbage, a redirect, odd values), :meth:`hold_next` (a slow
+provider: a request waits until the test releases it), and records of what was
 asked (:meth:`grants`, :attr:`introspections`, :attr:`posts`: every POST body as received).
 
 Refresh tokens rotate by default: each refresh issues a new one and a replayed old one
@@ -61,7 +62,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 from .certs import Pki
 
-__all__ = ["Client", "IdentityProvider", "User"]
+__all__ = ["Client", "Hold", "IdentityProvider", "User"]
 
 DEFAULT_TENANT = "mailhost-test"
 
@@ -83,6 +84,20 @@ class User:
     username: str
     mailboxes: set[str] = field(default_factory=set)
     oid: str = field(default_factory=lambda: str(uuid.uuid4()))
+
+
+@dataclass
+class Hold:
+    """Requests held back by :meth:`IdentityProvider.hold_next`."""
+
+    #: Set when a held request has reached the provider (the client is waiting for it).
+    arrived: threading.Event = field(default_factory=threading.Event)
+    released: threading.Event = field(default_factory=threading.Event)
+    timeout: float = 30.0
+
+    def release(self) -> None:
+        """Let the held requests be processed and answered as usual."""
+        self.released.set()
 
 
 @dataclass
@@ -122,6 +137,7 @@ class IdentityProvider:
         #: Every POST as received (path, form, HTTP Basic user and password): what reached this host.
         self.posts: list[dict[str, Any]] = []
         self._canned: dict[str, list[tuple[int, bytes, dict[str, str]]]] = {}
+        self._holds: dict[str, list[Hold]] = {}
         self._offset = 0.0
         self._lock = threading.RLock()
         self._access: dict[str, tuple[_Grant, float]] = {}  # token -> grant, expiry
@@ -268,6 +284,24 @@ class IdentityProvider:
         with self._lock:
             self._canned.setdefault(route, []).extend(
                 [(status, data, {"Content-Type": content_type, **(headers or {})})] * times)
+
+    def hold_next(self, route: str, times: int = 1, timeout: float = 30.0) -> Hold:
+        """Make the next ``times`` POSTs to ``route`` (``token``, ``devicecode``, ...) wait,
+        before anything is done with them, until :meth:`Hold.release` (at most ``timeout``
+        seconds): a slow provider. Then each is processed and answered as usual."""
+        hold = Hold(timeout=timeout)
+        with self._lock:
+            self._holds.setdefault(route, []).extend([hold] * times)
+        return hold
+
+    def _wait_if_held(self, route: str) -> None:
+        name = route.rsplit("/", 1)[-1]
+        with self._lock:
+            queue = self._holds.get(name)
+            hold = queue.pop(0) if queue else None
+        if hold is not None:  # outside the lock: the provider keeps answering others meanwhile
+            hold.arrived.set()
+            hold.released.wait(hold.timeout)
 
     def _take_canned(self, route: str) -> tuple[int, bytes, dict[str, str]] | None:
         name = route.rsplit("/", 1)[-1]
@@ -587,6 +621,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         query = dict(urllib.parse.parse_qsl(parts.query))
         with self.idp._lock:
             self.idp.posts.append({"path": parts.path, "form": form, "basic": basic})
+        self.idp._wait_if_held(route)
         if self._canned(route):
             return
         try:
