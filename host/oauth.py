@@ -381,20 +381,37 @@ class OAuth2:
         cred = self._get(credential_id)
         key = _key(cred, username)
         entry = self._state(cred).get(key)
-        if entry is None and key != APP_ONLY:
-            raise AuthenticationFailed(
-                f"OAuth2 credential {cred.name!r} is not authorized for {username or 'this mailbox'}: run "
-                f"`mailhost oauth authorize {cred.name}" + (f" --username {username}`" if username else "`"))
+        changed = False  # by an admin while this call renewed
         deadline = time.monotonic() + LEASE.total_seconds() + 5  # the holder's lease ends before
         while entry is None or _due(entry, utcnow()):
+            if entry is None and key != APP_ONLY:
+                raise AuthenticationFailed(
+                    f"OAuth2 credential {cred.name!r} is not authorized for {username or 'this mailbox'}"
+                    + (" (its tokens were dropped when the credential changed)" if changed else "")
+                    + f": run `mailhost oauth authorize {cred.name}"
+                    + (f" --username {username}`" if username else "`"))
             owner = f"{self.worker}:{uuid.uuid4().hex[:8]}"
 
-            def claim(state: dict[str, dict[str, Any]], owner: str = owner) -> tuple[str, dict[str, Any] | None]:
+            def claim(state: dict[str, dict[str, Any]], owner: str = owner,
+                      key: str = key) -> tuple[str, dict[str, Any] | None]:
+                if key != APP_ONLY and key not in state:  # dropped meanwhile: a poll never starts a sign-in
+                    return "changed", None
                 return _claim(state, key, owner, utcnow())
 
             outcome, entry = self._update(credential_id, claim)
             if outcome == "claimed":
-                return self._renew(cred, key, entry)
+                # The settings as they are now: an edit that changes them later drops the lease too.
+                now_cred = self._get(credential_id)
+                if _key(now_cred, username) != key:  # the flow changed: these tokens are kept elsewhere now
+                    self._release(credential_id, key, owner)
+                elif entry is not None and (token := self._renew(now_cred, key, entry)) is not None:
+                    return token
+                outcome = "changed"  # the grant was replaced or dropped meanwhile: what is stored now decides
+            if outcome == "changed":
+                cred = self._get(credential_id)
+                key = _key(cred, username)
+                entry, changed = self._state(cred).get(key), True
+                continue
             if outcome == "busy":  # another worker renews it: use the old token while it lasts
                 if entry is not None and _usable(entry, utcnow()):
                     break
@@ -406,14 +423,21 @@ class OAuth2:
         assert entry is not None
         return _token(entry)
 
-    def _renew(self, cred: OAuthCredential, key: str, entry: Mapping[str, Any] | None) -> str:
-        """Renew ``key``'s tokens while holding its lease; commit them (or the error)."""
+    def _renew(self, cred: OAuthCredential, key: str, entry: Mapping[str, Any]) -> str | None:
+        """Renew ``key``'s tokens while holding its lease; commit them (or the error).
+
+        Returns None, keeping nothing, when the lease was lost meanwhile: an admin
+        replaced the grant (`oauth authorize`) or dropped it (`oauth edit`), or the lease
+        ran out and another worker took it. Its holder alone may write (a fencing token).
+        """
+        owner = entry["lease"]["owner"]
         provider = self.provider(cred.provider)
-        old = TokenSet.from_dict(entry) if entry and entry.get("access_token") else None
-        if old is None and key != APP_ONLY:  # never start a sign-in from a poll
-            self._update(cred.id, lambda state: state.get(key, {}).update(lease=None))
-            raise AuthenticationFailed(f"OAuth2 credential {cred.name!r} holds no token for {key}: run "
-                                       f"`mailhost oauth authorize {cred.name} --username {key}`")
+        old = TokenSet.from_dict(entry) if entry.get("access_token") else None
+        if old is None and cred.flow != "client-credentials":  # never start a sign-in from a poll
+            self._release(cred.id, key, owner)
+            raise AuthenticationFailed(f"OAuth2 credential {cred.name!r} holds no token for {key or 'the app'}: "
+                                       f"run `mailhost oauth authorize {cred.name}"
+                                       + (f" --username {key}`" if key else "`"))
         try:
             if old is None:  # app-only: the first token
                 fresh = provider.authorize(self._config(cred), Interaction(show=lambda line: None), None)
@@ -421,37 +445,58 @@ class OAuth2:
                 fresh = provider.refresh(self._config(cred), old)
         except OAuthError as exc:
             failure = _failure(cred, key, exc)
-            self._record_failure(cred.id, key, str(failure), exc.kind)
-            if failure.temporary and entry is not None and _usable(entry, utcnow()):
+            if not self._record_failure(cred.id, key, owner, str(failure), exc.kind):
+                return None  # about a grant that is gone
+            if failure.temporary and _usable(entry, utcnow()):
                 log.warning("%s; using the current access token until it expires", failure)
                 return _token(entry)
             raise failure from None
         except Exception as exc:  # a provider's bug: recorded, the lease freed, raised as is
-            self._record_failure(cred.id, key, redact(f"unexpected {type(exc).__name__}: {exc}"), type(exc).__name__)
+            self._record_failure(cred.id, key, owner, redact(f"unexpected {type(exc).__name__}: {exc}"),
+                                 type(exc).__name__)
             raise
         if old is not None and old.refresh_token and fresh.refresh_token is None:
             fresh = dataclasses.replace(fresh, refresh_token=old.refresh_token)
         _remember(fresh)
         now = utcnow()
 
-        def store(state: dict[str, Any]) -> None:
-            slot = state.setdefault(key, {"authorized_at": now.isoformat(), "refreshes": 0})
+        def store(state: dict[str, Any]) -> bool:
+            slot = _leased(state, key, owner)
+            if slot is None:
+                return False
+            slot.setdefault("authorized_at", now.isoformat())
             slot.update(_tokens_entry(fresh, identity=slot.get("identity")))
             slot.update(last_refresh_at=now.isoformat(), refreshes=int(slot.get("refreshes") or 0) + 1,
                         last_error=None, error_kind=None, lease=None)
+            return True
 
-        self._update(cred.id, store)  # the rotated refresh token is durable from here on
+        if not self._update(cred.id, store):  # the rotated refresh token is durable from here on
+            log.info("discarded a renewed OAuth2 token of %s for %s: the authorization changed meanwhile",
+                     cred.name, key or "the app")
+            return None
         log.info("renewed the OAuth2 token of %s for %s", cred.name, key or "the app")
         return fresh.access_token
 
-    def _record_failure(self, credential_id: int, key: str, message: str, kind: str) -> None:
-        """Keep a renewal's error for `oauth show` and free the lease."""
+    def _release(self, credential_id: int, key: str, owner: str) -> None:
+        """Free ``key``'s renewal lease if ``owner`` still holds it."""
+        def release(state: dict[str, dict[str, Any]]) -> None:
+            if (mine := _leased(state, key, owner)) is not None:
+                mine["lease"] = None
+
+        self._update(credential_id, release)
+
+    def _record_failure(self, credential_id: int, key: str, owner: str, message: str, kind: str) -> bool:
+        """Keep a renewal's error for `oauth show` and free the lease; False, keeping
+        nothing, when the lease was lost meanwhile (see :meth:`_renew`)."""
         failed_at = utcnow().isoformat()
 
-        def record(state: dict[str, dict[str, Any]]) -> None:
-            state.setdefault(key, {}).update(lease=None, last_error=message, error_kind=kind, failed_at=failed_at)
+        def record(state: dict[str, dict[str, Any]]) -> bool:
+            slot = _leased(state, key, owner)
+            if slot is not None:
+                slot.update(lease=None, last_error=message, error_kind=kind, failed_at=failed_at)
+            return slot is not None
 
-        self._update(credential_id, record)
+        return bool(self._update(credential_id, record))
 
     def status(self, credential_id: int, username: str | None) -> dict[str, Any] | None:
         """The state of one authorization: expiry, last renewal, last error; no token."""
@@ -657,6 +702,13 @@ def _claim(state: dict[str, dict[str, Any]], key: str, worker: str,
     entry = state.setdefault(key, {})
     entry["lease"] = {"owner": worker, "until": (now + LEASE).isoformat()}
     return "claimed", dict(entry)
+
+
+def _leased(state: dict[str, dict[str, Any]], key: str, owner: str) -> dict[str, Any] | None:
+    """``key``'s entry if ``owner`` still holds its lease, else None: a replaced or dropped
+    grant has no lease, and an expired one may have another holder."""
+    entry = state.get(key)
+    return entry if entry is not None and (entry.get("lease") or {}).get("owner") == owner else None
 
 
 def _summary(state: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:

@@ -96,6 +96,54 @@ def stored_bytes(mh: Mailhost) -> bytes:
     return b"".join(p.read_bytes() for p in path.parent.glob(path.name + "*"))
 
 
+class Worker:
+    """Another worker: its own :class:`Mailhost` on the same store, whose call runs in a
+    thread (:meth:`start`); :meth:`result` returns what the call returned or raises what it raised."""
+
+    def __init__(self, mh: Mailhost) -> None:
+        self.host = Mailhost.open(mh.config.path, plugins=mh.plugins)
+        self._outcome: list[Any] = []
+        self._thread: threading.Thread | None = None
+
+    def start(self, call: Callable[[], str]) -> Worker:
+        def run() -> None:
+            try:
+                self._outcome.append(call())
+            except Exception as exc:  # noqa: BLE001 - handed to the test by result()
+                self._outcome.append(exc)
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+        return self
+
+    def done_within(self, seconds: float) -> bool:
+        assert self._thread is not None
+        self._thread.join(seconds)
+        return not self._thread.is_alive()
+
+    def result(self) -> str:
+        assert self.done_within(30), "the worker's call did not end"
+        if isinstance(self._outcome[0], Exception):
+            raise self._outcome[0]
+        return self._outcome[0]
+
+
+@pytest.fixture
+def workers(mh: Mailhost) -> Iterator[Callable[[], Worker]]:
+    """``workers()``: a new :class:`Worker` on ``mh``'s store, closed after the test."""
+    opened: list[Worker] = []
+
+    def make() -> Worker:
+        opened.append(Worker(mh))
+        return opened[-1]
+
+    yield make
+    for w in opened:
+        if w._thread is not None:
+            w._thread.join(30)
+        w.host.close()
+
+
 # ---------------------------------------------------------------------------------------
 # Providers are plugins
 # ---------------------------------------------------------------------------------------
@@ -335,6 +383,78 @@ def test_one_renewal_for_concurrent_callers(mh_any: Mailhost, idp: IdentityProvi
         w.close()
     assert len(tokens) == 4 and len(set(tokens)) == 1 and idp.is_active(tokens[0])
     assert len(idp.grants("refresh_token")) == 1
+
+
+@pytest.mark.parametrize("revoked", [False, True], ids=["renewed", "refused"])
+def test_a_renewal_does_not_undo_an_authorization_made_meanwhile(mh: Mailhost, idp: IdentityProvider,
+                                                                 clock: Clock, workers: Callable[[], Worker],
+                                                                 browser: Callable[[str], bool],
+                                                                 revoked: bool) -> None:
+    """A renewal that ends after `oauth authorize` replaced the grant keeps nothing of the
+    old grant, neither its tokens nor its error: the new authorization stays as it was
+    stored, and the renewal's caller gets its token."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    clock.advance(3600)
+    held = idp.hold_next("token")
+    renewal = workers()
+    renewal.start(lambda: renewal.host.oauth.access_token(cred.id, ALICE))
+    assert held.arrived.wait(10)
+    if revoked:  # why the admin signs in again: the old grant's renewal gets AADSTS50173
+        idp.revoke_user(ALICE)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))  # the admin signs in again meanwhile
+    new = mh.oauth._state(mh.oauth.get("m365"))[ALICE]
+    held.release()
+    assert renewal.result() == new["access_token"]
+    assert mh.oauth._state(mh.oauth.get("m365"))[ALICE] == new and mh.oauth.get("m365").last_error is None
+    assert [g["ok"] for g in idp.grants("refresh_token")] == [not revoked]  # the old grant's renewal, discarded
+
+
+def test_a_renewal_does_not_bring_back_tokens_an_edit_dropped(mh: Mailhost, idp: IdentityProvider, clock: Clock,
+                                                              workers: Callable[[], Worker],
+                                                              browser: Callable[[str], bool]) -> None:
+    """`oauth edit --scope` during a renewal drops the tokens for good: the renewal's
+    caller is told to sign in again, and nothing of the old grant is stored."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    clock.advance(3600)
+    held = idp.hold_next("token")
+    renewal = workers()
+    renewal.start(lambda: renewal.host.oauth.access_token(cred.id, ALICE))
+    assert held.arrived.wait(10)
+    _, dropped = mh.oauth.edit("m365", CredentialSpec(scopes=["https://graph.microsoft.com/Mail.Read"]))
+    assert dropped
+    held.release()
+    with pytest.raises(AuthenticationFailed, match=r"'m365' is not authorized for alice@example\.org \(its tokens "
+                                                  r"were dropped when the credential changed\): run `mailhost oauth "
+                                                  r"authorize m365 --username alice@example\.org`"):
+        renewal.result()
+    edited = mh.oauth.get("m365")
+    assert mh.oauth._state(edited) == {} and edited.token_expires_at is None and edited.last_error is None
+
+
+def test_an_app_only_renewal_during_an_edit_gets_a_token_for_the_new_scopes(
+        mh: Mailhost, idp: IdentityProvider, clock: Clock, workers: Callable[[], Worker]) -> None:
+    """An app-only token being renewed when `oauth edit --scope` drops it is not stored:
+    its caller, and a worker that waited for that renewal since before the edit, get a
+    token for the scopes the credential has now, and the store keeps that one."""
+    cred = microsoft(mh, idp, flow="client-credentials")
+    mh.oauth.access_token(cred.id, None)
+    clock.advance(3600)  # expired: the waiting worker cannot use it meanwhile
+    held = idp.hold_next("token")
+    renewal, waiting = workers(), workers()
+    renewal.start(lambda: renewal.host.oauth.access_token(cred.id, None))
+    assert held.arrived.wait(10)
+    waiting.start(lambda: waiting.host.oauth.access_token(cred.id, None))
+    assert not waiting.done_within(1)
+    mh.oauth.edit("m365", CredentialSpec(scopes=["https://graph.microsoft.com/.default"]))
+    assert waiting.done_within(10)  # the edit freed the lease: it renewed
+    held.release()
+    tokens = {renewal.result(), waiting.result()}
+    assert {idp.introspect(t)["scope"] for t in tokens} == {"https://graph.microsoft.com/.default"}
+    assert mh.oauth._state(mh.oauth.get("m365"))[""]["access_token"] in tokens
 
 
 def test_a_source_asked_again_renews_the_token(mh: Mailhost, idp: IdentityProvider,
