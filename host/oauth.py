@@ -359,15 +359,15 @@ class OAuth2:
         return TokenSource(self, credential_id, username)
 
     def invalidate(self, credential_id: int, username: str | None, token: str) -> None:
-        """Mark ``token`` as refused by a server, so the next request renews it (unless
-        another worker has already replaced it)."""
+        """Mark ``token`` as refused by a server, so the next request renews it and no
+        request is handed it again (unless another worker has already replaced it)."""
         cred = self._get(credential_id)
         key = _key(cred, username)
 
         def mark(state: dict[str, dict[str, Any]]) -> None:
             entry = state.get(key)
             if entry is not None and entry.get("access_token") == token:
-                entry["refresh_at"] = utcnow().isoformat()
+                entry["refresh_at"], entry["refused"] = utcnow().isoformat(), True
 
         self._update(credential_id, mark)
 
@@ -412,7 +412,7 @@ class OAuth2:
                 key = _key(cred, username)
                 entry, changed = self._state(cred).get(key), True
                 continue
-            if outcome == "busy":  # another worker renews it: use the old token while it lasts
+            if outcome == "busy":  # another worker renews it: use the old token while it lasts, unless refused
                 if entry is not None and _usable(entry, utcnow()):
                     break
                 if time.monotonic() > deadline:
@@ -467,7 +467,7 @@ class OAuth2:
             slot.setdefault("authorized_at", now.isoformat())
             slot.update(_tokens_entry(fresh, identity=slot.get("identity")))
             slot.update(last_refresh_at=now.isoformat(), refreshes=int(slot.get("refreshes") or 0) + 1,
-                        last_error=None, error_kind=None, lease=None)
+                        last_error=None, error_kind=None, lease=None, refused=None)
             return True
 
         if not self._update(cred.id, store):  # the rotated refresh token is durable from here on
@@ -680,8 +680,11 @@ def _due(entry: Mapping[str, Any], now: dt.datetime) -> bool:
 
 
 def _usable(entry: Mapping[str, Any], now: dt.datetime) -> bool:
+    """Whether the entry's access token may still be handed out while it is renewed: not
+    once a server has refused it (:meth:`OAuth2.invalidate`), however long it would last."""
     expires = _time(entry, "expires_at")
-    return bool(entry.get("access_token")) and expires is not None and now < expires - SKEW
+    return (bool(entry.get("access_token")) and not entry.get("refused") and expires is not None
+            and now < expires - SKEW)
 
 
 def _token(entry: Mapping[str, Any]) -> str:

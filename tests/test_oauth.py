@@ -471,6 +471,40 @@ def test_a_source_asked_again_renews_the_token(mh: Mailhost, idp: IdentityProvid
     assert mh.oauth.access_token_for(cred.id, ALICE)() == second
 
 
+def test_a_worker_waiting_for_a_renewal_is_not_handed_the_refused_token(
+        mh: Mailhost, idp: IdentityProvider, workers: Callable[[], Worker], browser: Callable[[str], bool]) -> None:
+    """Two workers whose servers refused the same token: one renews it, the other waits
+    for the renewed token instead of getting the refused one back."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    one, two = workers(), workers()
+    sources = [w.host.oauth.access_token_for(cred.id, ALICE) for w in (one, two)]
+    refused = {source() for source in sources}
+    held = idp.hold_next("token")
+    one.start(sources[0])  # asked again: its server refused the token
+    assert held.arrived.wait(10)
+    two.start(sources[1])  # the same, while the first renewal runs
+    assert not two.done_within(1), "the waiting worker was handed a token while the renewal ran"
+    held.release()
+    assert two.result() == one.result() and {one.result()} != refused
+    assert len(idp.grants("refresh_token")) == 1
+
+
+def test_a_refused_token_is_not_handed_out_while_the_provider_is_down(mh: Mailhost, idp: IdentityProvider,
+                                                                      browser: Callable[[str], bool]) -> None:
+    """A token the server refused is not "the current token until it expires" when the
+    renewal cannot reach the provider: the caller is told to retry later."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    source = mh.oauth.access_token_for(cred.id, ALICE)
+    source()
+    idp.stop()
+    with pytest.raises(TemporaryFailure, match="could not issue a token now"):
+        source()
+
+
 def test_a_source_says_which_credential_and_scopes(mh: Mailhost, idp: IdentityProvider,
                                                   browser: Callable[[str], bool]) -> None:
     """A connection's token source names its credential, flow and scopes (what a plugin
