@@ -189,6 +189,7 @@ class Incoming:
             with _Link(session) as link:
                 self._download(link, conn, folder, log_id, action, listing.refs, report, acks, progress)
             with self.host.session() as s:
+                self._hold(s, conn)
                 if listing.cursor is not None:
                     self._put_cursor(s, conn.id, folder, dict(listing.cursor))
                 self._record_acknowledged(s, conn.id, folder, acks)
@@ -275,6 +276,7 @@ class Incoming:
             return [], 0
         certificates = self._certificates(conn)
         with self.host.session() as s:
+            self._hold(s, conn)
             already = self._known_in(s, conn.id, folder, [f.ref.key for f in fetched])
             dup_prints = self._fingerprints_in(s, conn.id, [f.fingerprint for f in fetched])
             items: list[tuple[Any, ...]] = []
@@ -412,6 +414,7 @@ class Incoming:
         stored before (the same mailbox under another host name) is recognised by its
         content and not stored twice.
         """
+        Incoming.release(s, connection_id)  # first: a pass under way must not store after the retirement
         marks = s.execute(select(SeenMessage.folder, func.max(SeenMessage.id))
                           .where(SeenMessage.connection_id == connection_id).group_by(SeenMessage.folder)).all()
         s.execute(update(SeenMessage).where(
@@ -426,6 +429,7 @@ class Incoming:
         """``old`` is now spelled ``new`` (the protocol's one spelling of that folder):
         its stored keys and cursor move to the new spelling, in the open transaction,
         unless the new spelling already has its own."""
+        Incoming.release(s, connection_id)  # a pass under way would go on writing the old spelling
         if s.get(FolderCursor, (connection_id, new)) is not None or s.scalar(select(SeenMessage.id).where(
                 SeenMessage.connection_id == connection_id, SeenMessage.folder == new).limit(1)) is not None:
             return
@@ -539,10 +543,31 @@ class Incoming:
             stop.set()
             keeper.join()
 
-    def _renew_lease(self, s: Session, connection_id: int) -> None:
-        s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id,
-                                                   IncomingConnection.lease_owner == self.worker)
-                  .values(lease_until=utcnow() + LEASE).execution_options(synchronize_session=False))
+    def _renew_lease(self, s: Session, connection_id: int) -> int:
+        return int(s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id,
+                                                              IncomingConnection.lease_owner == self.worker)
+                             .values(lease_until=utcnow() + LEASE).execution_options(synchronize_session=False))
+                   .rowcount)
+
+    def _hold(self, s: Session, conn: IncomingConnection) -> None:
+        """Renew the lease as the first write of a pass's transaction, or stop the pass
+        if it is no longer ours: an edit pointed the connection at another mailbox (see
+        :meth:`release`), the connection was removed, or another worker took over after
+        the lease ran out. Its keys and cursors would otherwise pass for the new
+        mailbox's, whose messages would then never be downloaded. Being a write, it locks
+        the connection's row (PostgreSQL) or the store (SQLite) until the commit, so an
+        edit waits for the batch or the batch sees the edit."""
+        if not self._renew_lease(s, conn.id):
+            raise MailhostError(
+                f"{conn.name}: the connection was edited, removed or taken over by another worker during this pass, "
+                "which stops here; what it stored is kept, and the next pass reads the connection afresh")
+
+    @staticmethod
+    def release(s: Session, connection_id: int) -> None:
+        """Take the connection's lease from whoever holds it, in the open transaction: a
+        pass under way stores nothing more (see :meth:`_hold`)."""
+        s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id)
+                  .values(lease_owner=None, lease_until=None).execution_options(synchronize_session=False))
 
     def _finish(self, conn: IncomingConnection, log_id: int, report: PassReport) -> None:
         now = utcnow()

@@ -145,7 +145,9 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
         else:
             click.echo(f"changed {word} connection {conn.name}" + (" and disabled it: enable it again when ready" if disabled else ""), err=True)
 
-    edit.help = f"Change an {word} connection." + (" Editing an enabled one disables it." if direction is Direction.INCOMING else "")
+    edit.help = f"Change an {word} connection." + (
+        " Editing an enabled one disables it; pointing it at another mailbox stops a download pass of the old one"
+        " under way." if direction is Direction.INCOMING else "")
 
     @group.command("list")
     @click.option("--search", metavar="TEXT", help="Match name, description, host or username.")
