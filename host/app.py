@@ -23,12 +23,12 @@ from typing import Any, NoReturn
 
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session
 
 from . import store
 from .config import Config, config_path, write_starter_config
-from .errors import ConfigError
+from .errors import ConfigError, StoreError
 from .plugins import PluginHost, plugin_host
 from .secrets import RedactingFilter, Vault, create_key_file, create_private_file
 
@@ -121,10 +121,47 @@ class Mailhost:
 
     @contextlib.contextmanager
     def session(self) -> Iterator[Session]:
-        """A store transaction: committed on success, rolled back on error."""
+        """A store transaction: committed on success, rolled back on error; the store
+        failing (unreachable, busy, full, read-only) raises :class:`StoreError`."""
         self.check_schema()
-        with self._sessionmaker.begin() as s:
+        with self.store_errors(), self._sessionmaker.begin() as s:
             yield s
+
+    @contextlib.contextmanager
+    def store_errors(self) -> Iterator[None]:
+        """Turn the database's own failures in the block into one :class:`StoreError`
+        sentence that names the store and what to do, for admins and for the service's
+        log; errors of mailhost's own code pass through untouched."""
+        try:
+            yield
+        except DBAPIError as exc:  # SQLAlchemy's wrapper of a driver error
+            if not ((isinstance(exc, OperationalError) and _environmental(exc.orig)) or exc.connection_invalidated):
+                raise
+            raise StoreError(self._store_failure(exc.orig)) from exc
+        except self._driver_errors as exc:  # raw driver calls of the hot paths (see mailhost.incoming)
+            if not _environmental(exc):
+                raise
+            raise StoreError(self._store_failure(exc)) from exc
+
+    @cached_property
+    def _driver_errors(self) -> tuple[type[BaseException], ...]:
+        dbapi = self.engine.dialect.loaded_dbapi
+        return (dbapi.OperationalError,)
+
+    def _store_failure(self, orig: BaseException | None) -> str:
+        """One sentence for a failure of the store: what it is and the way out."""
+        url = self.engine.url.render_as_string(hide_password=True)
+        why = " ".join(str(orig).split()).rstrip(".") or type(orig).__name__
+        low = why.lower()
+        if "locked" in low:
+            return (f"the store {url} is busy: another process kept it locked for {store.BUSY_TIMEOUT} s "
+                    f"({why}); try again when it is done")
+        if "full" in low or "no space" in low or "quota" in low:
+            return f"the store {url} is full ({why}): free space on its disk, then try again"
+        if "readonly" in low or "read-only" in low:
+            return f"the store {url} is read-only ({why}): make it writable for this user, then try again"
+        return (f"the store {url} failed ({why}): check that the database runs and its disk works, "
+                f"then try again (nothing half-done was kept)")
 
     def migrate(self) -> None:
         """Bring the store's schema up to date (``mailhost init`` does this)."""
@@ -201,6 +238,14 @@ class Mailhost:
         every commit is already durable and closing it would only run its checkpoint."""
         if "engine" in self.__dict__ and not (exiting and self.engine.dialect.name == "sqlite"):
             self.engine.dispose()
+
+
+def _environmental(orig: BaseException | None) -> bool:
+    """Whether a driver's OperationalError comes from the store's surroundings (link,
+    lock, disk, permissions) rather than from the SQL: SQLite also raises it for
+    SQLITE_ERROR ("no such table", a syntax error), a broken store or a bug to report."""
+    code = getattr(orig, "sqlite_errorcode", None)
+    return code is None or code & 0xFF != 1  # the primary result code SQLITE_ERROR
 
 
 def install_redaction() -> None:

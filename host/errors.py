@@ -8,6 +8,8 @@
      │    ├── ValidationError       a connection attribute (or other value) is invalid
      │    └── NotFound              a named thing does not exist
      ├── PluginError                a plugin failed to load or broke its contract
+     ├── StoreError                 the store cannot be used just now (unreachable, busy,
+     │                              full, read-only): exit status 1, try again later
      └── MailError                  talking to a mail server failed: exit status 1
           ├── TemporaryFailure      try again later (timeouts, dropped links, 4xx, 429);
           │                         ``in_doubt``: the message went out and may have arrived
@@ -30,6 +32,7 @@ __all__ = [
     "NotFound",
     "PermanentFailure",
     "PluginError",
+    "StoreError",
     "TLSFailure",
     "TemporaryFailure",
     "UsageError",
@@ -67,6 +70,12 @@ class NotFound(UsageError):
 
 class PluginError(MailhostError):
     """A plugin failed to import, to register, or broke its contract."""
+
+
+class StoreError(MailhostError):
+    """The store failed while working: the database is unreachable, busy, full or
+    read-only. Nothing half-done was kept (the transaction rolled back); trying again
+    later may succeed."""
 
 
 class MailError(MailhostError):

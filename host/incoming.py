@@ -37,7 +37,15 @@ from sqlalchemy import JSON, String, Table, and_, cast, delete, func, literal, o
 from sqlalchemy.orm import Session
 
 from .certificates import Certificate, Decryption
-from .errors import MailError, MailhostError, NotFound, PermanentFailure, TemporaryFailure, ValidationError
+from .errors import (
+    MailError,
+    MailhostError,
+    NotFound,
+    PermanentFailure,
+    StoreError,
+    TemporaryFailure,
+    ValidationError,
+)
 from .leases import holder_is_gone, worker_id
 from .protocols import Direction, Estimate, IncomingSession, MessageRef
 from .secrets import redact
@@ -202,8 +210,9 @@ class Incoming:
                 try:
                     with self.host.session() as s:
                         self._record_acknowledged(s, conn.id, folder, acks, closed=True)
-                except Exception:  # the next pass acknowledges them again
-                    log.exception("%s: could not record acknowledgements", conn.name)
+                except Exception as exc:  # the next pass acknowledges them again
+                    log.warning("%s: could not record acknowledgements: %s", conn.name, exc,
+                                exc_info=not isinstance(exc, StoreError))
         if unconfirmed and conn.after_download != "keep":  # keep had nothing to apply
             raise TemporaryFailure(
                 f"{conn.name}: the server did not confirm the end of the session, so the after-download action "
@@ -532,8 +541,9 @@ class Incoming:
                 try:
                     with self.host.session() as s:
                         self._renew_lease(s, connection_id)
-                except Exception:  # a store that is briefly away: the next round tries again
-                    log.warning("could not renew the lease of connection %s", connection_id, exc_info=True)
+                except Exception as exc:  # a store that is briefly away: the next round tries again
+                    log.warning("could not renew the lease of connection %s: %s", connection_id, exc,
+                                exc_info=not isinstance(exc, StoreError))
 
         keeper = threading.Thread(target=renew, name="mailhost-lease", daemon=True)
         keeper.start()
@@ -586,7 +596,10 @@ class Incoming:
 
     def due(self) -> list[str]:
         """Enabled connections whose interval has passed and whose lease is free (as
-        :meth:`_claim` sees it: expired, or held by a process that is gone), soonest first."""
+        :meth:`_claim` sees it: expired, ours, or held by a process that is gone), soonest
+        first. Ours counts: a pass that lost the store before it could release its lease
+        is tried again as soon as the store answers, not when the lease runs out (the
+        caller knows which of its passes still run)."""
         now = utcnow()
         free = or_(IncomingConnection.lease_until.is_(None), IncomingConnection.lease_until < now)
         with self.host.session() as s:
@@ -597,7 +610,8 @@ class Incoming:
                 ).order_by(IncomingConnection.next_poll_at)
             ).all()
         # A serve restarted after a kill must not wait out the dead process's lease.
-        return [name for name, is_free, owner in rows if is_free or (owner and holder_is_gone(owner))]
+        return [name for name, is_free, owner in rows
+                if is_free or owner == self.worker or (owner and holder_is_gone(owner))]
 
     # -- estimate ---------------------------------------------------------------------
 

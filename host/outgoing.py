@@ -82,6 +82,7 @@ from .errors import (
     MailhostError,
     NotFound,
     PermanentFailure,
+    StoreError,
     TemporaryFailure,
     ValidationError,
 )
@@ -547,8 +548,9 @@ class _Recorder:
                 conn.execute(update(_T).where(_T.c.lease_owner.startswith(self.prefix, autoescape=True),
                                               _T.c.status == "sending")
                              .values(lease_until=self.out.clock() + self.out.policy.lease))
-        except Exception:
-            log.exception("could not renew the leases of outgoing messages under way")
+        except Exception as exc:
+            log.error("could not renew the leases of outgoing messages under way: %s", exc,
+                      exc_info=not isinstance(exc, StoreError))
 
 
 class _Prepared:
@@ -683,9 +685,8 @@ class Outgoing:
         """A write transaction; on SQLite one writer per process at a time, so the
         threads of a pass queue on a lock instead of SQLite's sleeping busy handler."""
         self.host.check_schema()
-        with self._lock or contextlib.nullcontext():
-            with self.host.engine.begin() as conn:
-                yield conn
+        with self._lock or contextlib.nullcontext(), self.host.store_errors(), self.host.engine.begin() as conn:
+            yield conn
 
     # -- composing and queueing -------------------------------------------------------
 
@@ -1188,8 +1189,9 @@ class Outgoing:
             with self._writing() as c:
                 table = cast(Table, OutgoingConnection.__table__)
                 c.execute(update(table).where(table.c.id == conn.id).values(server_size_limit=size))
-        except Exception:
-            log.exception("could not record the SIZE of outgoing connection %s", conn.name)
+        except Exception as exc:
+            log.error("could not record the SIZE of outgoing connection %s: %s", conn.name, exc,
+                      exc_info=not isinstance(exc, StoreError))
 
     # -- crash recovery ---------------------------------------------------------------
 
@@ -1382,8 +1384,8 @@ class Outgoing:
             n = self.purge(keep)
             if n:
                 log.info("purged %d sent message(s) older than %s", n, keep)
-        except Exception:
-            log.exception("purging sent outgoing messages failed")
+        except Exception as exc:
+            log.error("purging sent outgoing messages failed: %s", exc, exc_info=not isinstance(exc, StoreError))
 
 
 # ---------------------------------------------------------------------------------------

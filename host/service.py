@@ -10,6 +10,10 @@ safe because every pipeline stores before it acknowledges.
 
 Many ``serve`` processes may share one PostgreSQL store: connection leases and row
 leases on the outgoing queue keep them from doing the same work twice.
+
+While the store cannot be used (a database restart, a dropped link, a full disk) the
+service says so in one line, tries again at every tick, and says when it is back; no
+pass acknowledges or records anything that was not committed, so nothing is lost.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from .app import exit_now
+from .errors import StoreError
 
 if TYPE_CHECKING:
     from .app import Mailhost
@@ -43,6 +48,8 @@ class Service:
         self._pool = ThreadPoolExecutor(max_workers=download_workers, thread_name_prefix="download")
         self._running: dict[str, Future[object]] = {}
         self._signals = 0
+        self._store_down = False  # said once when the store fails, once when it is back
+        self._store_lock = threading.Lock()
 
     def install_signal_handlers(self) -> None:
         """Stop cleanly on SIGTERM/SIGINT; a second signal exits at once."""
@@ -86,9 +93,13 @@ class Service:
         self._running = {n: f for n, f in self._running.items() if not f.done()}
         try:
             due = self.host.incoming.due()
+        except StoreError as exc:
+            self._store_failed(exc)
+            return
         except Exception:
             log.exception("cannot read the connections that are due")
             return
+        self._store_answers()
         for name in due:
             if name not in self._running and not self.stop.is_set():
                 self._running[name] = self._pool.submit(self._download, name)
@@ -96,6 +107,9 @@ class Service:
     def _download(self, name: str) -> None:
         try:
             report = self.host.incoming.fetch_one(name)
+        except StoreError as exc:
+            self._store_failed(exc)
+            return
         except Exception:
             log.exception("download pass of %s failed", name)
             return
@@ -119,5 +133,22 @@ class Service:
     def _deliver(self) -> None:
         try:
             self.host.outgoing.deliver(sessions=self.host.config.delivery_sessions)
+        except StoreError as exc:
+            self._store_failed(exc)
         except Exception:
             log.exception("delivery pass failed")
+
+    def _store_failed(self, exc: StoreError) -> None:
+        """Say once that the store fails, not at every tick while it does."""
+        with self._store_lock:
+            first, self._store_down = not self._store_down, True
+        if first:
+            log.error("%s; mailhost serve tries again at every tick", exc)
+        else:
+            log.debug("%s", exc)
+
+    def _store_answers(self) -> None:
+        with self._store_lock:
+            was, self._store_down = self._store_down, False
+        if was:
+            log.warning("the store answers again: downloads and deliveries go on")

@@ -46,6 +46,7 @@ from sqlalchemy.orm import (
 from .errors import ConfigError
 
 __all__ = [
+    "BUSY_TIMEOUT",
     "Base",
     "Certificate",
     "FolderCursor",
@@ -468,10 +469,15 @@ SECRET_COLUMNS = (
 )
 
 
+#: Seconds a statement on SQLite waits for another process's write to end before it
+#: fails as busy.
+BUSY_TIMEOUT = 30
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, full sync, foreign keys and a busy wait."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30})
+        engine = create_engine(url, connect_args={"timeout": BUSY_TIMEOUT})
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -2,8 +2,14 @@
 busy SQLite store, connections edited while a pass runs, a full disk."""
 from __future__ import annotations
 
+import logging
 import os
+import select
+import socket
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +19,130 @@ from mailhost import Mailhost, hookimpl
 from mailhost.connections import ConnectionSpec
 from mailhost.plugins import PluginHost
 from mailhost.protocols import Direction
+from mailhost.service import Service
 
 from .helpers import message_id_of
+
+LINGER_0 = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: close with a reset
+
+
+class _Proxy:
+    """A TCP proxy on 127.0.0.1 in front of the test PostgreSQL that drops its links on
+    demand: every one at once (:meth:`cut`), new ones too while :meth:`down`, or the one
+    that carries a statement (:meth:`cut_on`), which never reaches the database."""
+
+    def __init__(self, target: tuple[str, int] = ("127.0.0.1", 5432)) -> None:
+        self.target = target
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.refusing = False
+        self.links: list[tuple[socket.socket, socket.socket]] = []
+        self.lock = threading.Lock()
+        self.trigger: tuple[bytes, int] | None = None
+        self.cuts = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def url(self, database_url: str) -> str:
+        return database_url.replace("127.0.0.1:5432", f"127.0.0.1:{self.port}")
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing:
+                _reset(client)
+                continue
+            server = socket.create_connection(self.target)
+            with self.lock:
+                self.links.append((client, server))
+            threading.Thread(target=self._pump, args=(client, server), daemon=True).start()
+
+    def _pump(self, client: socket.socket, server: socket.socket) -> None:
+        try:
+            while True:
+                ready, _, _ = select.select([client, server], [], [], 0.5)
+                for sock in ready:
+                    data = sock.recv(1 << 16)
+                    if not data:
+                        raise OSError("closed")
+                    if sock is client and self._triggered(data):
+                        raise OSError("cut")
+                    (server if sock is client else client).sendall(data)
+        except (OSError, ValueError):
+            pass
+        _reset(client)
+        _reset(server)
+
+    def _triggered(self, data: bytes) -> bool:
+        with self.lock:
+            if self.trigger is None or self.trigger[0] not in data:
+                return False
+            pattern, skip = self.trigger
+            self.trigger = (pattern, skip - 1) if skip else None
+            if skip:
+                return False
+            self.cuts += 1
+            return True
+
+    def cut_on(self, statement: bytes, skip: int = 0) -> None:
+        """Drop the link that sends ``statement`` (after ``skip`` times), instead of sending it."""
+        with self.lock:
+            self.trigger = (statement, skip)
+
+    def cut(self) -> None:
+        with self.lock:
+            links, self.links = self.links, []
+        for client, server in links:
+            _reset(client)
+            _reset(server)
+
+    def down(self) -> None:
+        self.refusing = True
+        self.cut()
+
+    def up(self) -> None:
+        self.refusing = False
+
+    def close(self) -> None:
+        self.listener.close()
+        self.cut()
+
+
+def _reset(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+        sock.close()
+    except OSError:
+        pass
+
+
+@pytest.fixture
+def proxy() -> Iterator[_Proxy]:
+    p = _Proxy()
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def proxied(tmp_path: Path, postgres_url: str, proxy: _Proxy, testplugin: object,
+            monkeypatch: pytest.MonkeyPatch) -> Iterator[Mailhost]:
+    """An installation on PostgreSQL reached through :class:`_Proxy`, with the test plugin."""
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    config = tmp_path / "inst" / "mailhost.toml"
+    Mailhost.init(config, proxy.url(postgres_url)).close()
+    host = Mailhost.open(config, plugins=PluginHost(only=[], extra=[("testplugin", testplugin)]))
+    yield host
+    host.close()
+
+
+def _wait_for(ready: Any, what: str) -> None:
+    """Wait until ``ready()``; the deadline is a safety net, not an assertion on speed."""
+    deadline = time.monotonic() + 60
+    while not ready():
+        assert time.monotonic() < deadline, f"never: {what}"
+        time.sleep(0.02)
 
 
 @pytest.fixture
@@ -88,3 +216,65 @@ def test_editing_the_mailbox_mid_pass_loses_nothing_of_the_new_one(store_home: P
         host.close()
     missing = {message_id_of(raw) for raw in fresh} - stored
     assert not missing, f"{len(missing)} message(s) of the new mailbox were never stored"
+
+
+def test_serve_says_once_that_the_store_is_away_and_goes_on(proxied: Mailhost, proxy: _Proxy, tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """PostgreSQL unreachable for many ticks: `serve` logs one line (no traceback), one
+    more when it is back, keeps running, and then downloads as before."""
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "a.eml").write_bytes(b"Subject: a\r\n\r\na\r\n")
+    proxied.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
+    proxied.connections.set_enabled("desk", True)
+    service = Service(proxied, tick=0.02)
+    runner = threading.Thread(target=service.run)
+    caplog.set_level(logging.INFO, logger="mailhost")
+    runner.start()
+    try:
+        _wait_for(lambda: len(proxied.incoming.items()) == 1, "a.eml stored")
+        proxy.down()
+        time.sleep(1.0)  # dozens of ticks
+        assert runner.is_alive()
+        proxy.up()
+        (box / "b.eml").write_bytes(b"Subject: b\r\n\r\nb\r\n")
+        proxied.connections.set_enabled("desk", True)  # due at once
+        _wait_for(lambda: len(proxied.incoming.items()) == 2, "b.eml stored")
+    finally:
+        service.stop.set()
+        runner.join(timeout=60)
+    assert sorted(i.subject for i in proxied.incoming.items()) == ["a", "b"]
+    trouble = [r for r in caplog.records if r.levelno >= logging.WARNING and r.name == "mailhost.service"]
+    assert len(trouble) == 2, [r.getMessage() for r in trouble]
+    assert "the store postgresql+psycopg://postgres@127.0.0.1" in trouble[0].getMessage()
+    assert "answers again" in trouble[1].getMessage()
+    assert not any(r.exc_info for r in caplog.records), "no tracebacks for a store that is away"
+
+
+@pytest.mark.parametrize("command", [
+    ["queue", "incoming", "purge", "--older-than", "0"],  # a store session
+    ["queue", "outgoing", "purge", "--older-than", "0"],  # the outgoing pipeline's writer
+])
+def test_a_store_kept_busy_is_one_sentence_from_the_cli(home: Path, command: list[str],
+                                                        monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """Another process holds SQLite's write lock past the busy wait: the command says
+    the store is busy in one sentence, exit status 1, not an "unexpected error"."""
+    import sqlite3
+
+    from mailhost import store
+    from mailhost.cli import main
+
+    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
+    holder = sqlite3.connect(home / "mailhost.db", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            main(command)
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1
+    assert err.startswith(f"mailhost: the store sqlite:///{home / 'mailhost.db'} is busy"), err
+    assert "try again" in err and "report" not in err and len(err.strip().splitlines()) == 1, err
