@@ -293,6 +293,7 @@ class Incoming:
             duplicates: list[tuple[str, dict[str, str | None]]] = []  # (fingerprint, summary)
             to_ack: list[MessageRef] = []
             stored: list[_Fetched] = []
+            size = 0
             for f in fetched:
                 ref, raw, fp, meta = f
                 if ref.key in already:
@@ -300,12 +301,10 @@ class Incoming:
                 to_ack.append(ref)
                 keys.append((ref.key, fp))
                 if fp in dup_prints:
-                    report.duplicates += 1
                     duplicates.append((fp, meta))
                     continue
                 dup_prints[fp] = None  # the same content twice in one batch: stored once
-                report.stored += 1
-                report.bytes += len(raw)
+                size += len(raw)
                 decrypted = self._decrypt(conn.name, raw, certificates) if certificates else _NOT_ENCRYPTED
                 items.append((conn.id, conn.name, folder, "new", len(raw), fp, raw, meta["message_id"],
                               meta["subject"], meta["from_addr"], meta["to_addr"],
@@ -326,8 +325,13 @@ class Incoming:
                 self._put_cursor(s, conn.id, folder, dict(last_cursor))
             self._record_acknowledged(s, conn.id, folder, acks)
             s.execute(update(IncomingLog).where(IncomingLog.id == log_id).values(
-                listed=report.listed, stored=report.stored, duplicates=report.duplicates, bytes=report.bytes))
-        # Committed: the messages are safe. Now others may look at them.
+                listed=report.listed, stored=report.stored + len(stored),
+                duplicates=report.duplicates + len(duplicates), bytes=report.bytes + size))
+        # Committed: the messages are safe, and the report counts them (not before: a
+        # failed commit stored nothing). Now others may look at them.
+        report.stored += len(stored)
+        report.duplicates += len(duplicates)
+        report.bytes += size
         report.item_ids.extend(ids)
         if ids and self.host.plugins.hook.message_stored.get_hookimpls():
             for f, item_id in zip(stored, ids):

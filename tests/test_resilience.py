@@ -251,6 +251,29 @@ def test_serve_says_once_that_the_store_is_away_and_goes_on(proxied: Mailhost, p
     assert not any(r.exc_info for r in caplog.records), "no tracebacks for a store that is away"
 
 
+def test_a_link_lost_mid_pass_stores_nothing_twice_and_counts_true(proxied: Mailhost, proxy: _Proxy,
+                                                                   tmp_path: Path) -> None:
+    """The store's link drops while a batch is written: the pass fails with one sentence
+    naming the store, its log counts what was committed, nothing uncommitted is
+    acknowledged, and the next pass stores the rest once."""
+    box = tmp_path / "box"
+    box.mkdir()
+    for i in range(600):  # batches of 250 and 350
+        (box / f"{i:04d}.eml").write_bytes(f"Subject: {i}\r\n\r\n{i}\r\n".encode())
+    proxied.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
+    proxy.cut_on(b"INSERT INTO incoming_queue", skip=1)  # the second batch
+    first = proxied.incoming.fetch_one("desk")
+    assert proxy.cuts == 1
+    assert first.error and "the store postgresql+psycopg://" in first.error and "desk" in first.error, first.error
+    assert first.stored == 250 and proxied.incoming.logs()[0].stored == 250
+    acknowledged = {p.name[1:-len(".seen")] for p in box.glob(".*.seen")}
+    assert acknowledged <= {f"{int(i.subject):04d}.eml" for i in proxied.incoming.items()}
+    again = proxied.incoming.fetch_one("desk")
+    assert again.error is None and again.stored == 350, again
+    subjects = [i.subject for i in proxied.incoming.items()]
+    assert sorted(subjects, key=int) == [str(i) for i in range(600)]
+
+
 @pytest.mark.parametrize("command", [
     ["queue", "incoming", "purge", "--older-than", "0"],  # a store session
     ["queue", "outgoing", "purge", "--older-than", "0"],  # the outgoing pipeline's writer
