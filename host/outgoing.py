@@ -459,6 +459,8 @@ class _Recorder:
     #: costs an fsync (SQLite synchronous=FULL, PostgreSQL's WAL flush) of about a
     #: millisecond; sharing it is what lets parallel sessions scale.
     GATHER = 0.001
+    #: How long outcomes are tried again while the store is away (at most half a lease).
+    RETRY_FOR = 60.0
 
     def __init__(self, outgoing: Outgoing, prefix: str) -> None:
         self.out = outgoing
@@ -517,18 +519,19 @@ class _Recorder:
                 self._safe_renew()
 
     def _commit(self, batch: list[_Record]) -> None:
-        rows = [{"b_id": r.item_id, "b_owner": r.owner, **{f"b_{k}": v for k, v in r.values.items()}} for r in batch]
+        rows = [self._row(r) for r in batch]
         attempts = [a for r in batch for a in r.attempts]
         try:
-            with self.out._writing() as conn:
-                if self._update is None:
-                    dialect = conn.dialect
-                    self._update = _Prepared(_RECORD_STMT, dialect, rows[0])
-                    self._insert = _Prepared(_ATTEMPT_STMT, dialect, {c: None for c in _ATTEMPT_COLUMNS})
-                changed = self._update.run(conn, rows)
-                if attempts:
-                    assert self._insert is not None
-                    self._insert.run(conn, attempts)
+            try:
+                with self.out._writing() as conn:
+                    self._prepare(rows[0])
+                    assert self._update is not None and self._insert is not None
+                    changed: int | None = self._update.run(conn, rows)
+                    if attempts:
+                        self._insert.run(conn, attempts)
+            except StoreError as exc:
+                self._commit_again(batch, exc)
+                changed = None
             if changed is not None and 0 <= changed < len(rows):
                 # Another worker took these over after their lease ran out (this one
                 # stalled longer than the lease): the message may go out twice.
@@ -540,6 +543,43 @@ class _Recorder:
                 r.error = exc
         for r in batch:
             r.done.set()
+
+    @staticmethod
+    def _row(r: _Record) -> dict[str, Any]:
+        return {"b_id": r.item_id, "b_owner": r.owner, **{f"b_{k}": v for k, v in r.values.items()}}
+
+    def _prepare(self, sample: Mapping[str, Any]) -> None:
+        if self._update is None:
+            dialect = self.out.host.engine.dialect
+            self._update = _Prepared(_RECORD_STMT, dialect, sample)
+            self._insert = _Prepared(_ATTEMPT_STMT, dialect, {c: None for c in _ATTEMPT_COLUMNS})
+
+    def _commit_again(self, batch: list[_Record], error: StoreError) -> None:
+        """Record ``batch`` once the store answers again (a dropped link, a restarted
+        database), trying for a while before giving up: an outcome never recorded sends
+        its message again when the lease ends, and the sessions wait at their gates
+        meanwhile. One message at a time, each attempt row only with its message's row:
+        the failed commit may have reached the database all the same (a link lost
+        during COMMIT), and then nothing of it is written twice."""
+        give_up = time.monotonic() + min(self.RETRY_FOR, self.out.policy.lease.total_seconds() / 2)
+        log.warning("could not record the outcome of %d outgoing message(s), trying again: %s", len(batch), error)
+        delay = 0.1
+        while True:
+            time.sleep(delay)
+            try:
+                with self.out._writing() as conn:
+                    self._prepare(self._row(batch[0]))
+                    assert self._update is not None and self._insert is not None
+                    for r in batch:
+                        if self._update.run(conn, [self._row(r)]) and r.attempts:
+                            self._insert.run(conn, r.attempts)
+            except StoreError:
+                if time.monotonic() + delay > give_up:
+                    raise
+                delay = min(delay * 2, 5.0)
+                continue
+            log.warning("recorded the outcome of %d outgoing message(s) after all", len(batch))
+            return
 
     def _safe_renew(self) -> None:
         self._renewed = time.monotonic()

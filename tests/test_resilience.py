@@ -274,6 +274,34 @@ def test_a_link_lost_mid_pass_stores_nothing_twice_and_counts_true(proxied: Mail
     assert sorted(subjects, key=int) == [str(i) for i in range(600)]
 
 
+def test_an_outcome_whose_record_loses_its_link_is_recorded_once_and_not_sent_again(
+        proxied: Mailhost, proxy: _Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The link to PostgreSQL drops while the outcome of a sent message is recorded: the
+    outcome is recorded once the store answers, so the message is not sent again when
+    its lease runs out (it was, once for each session, before)."""
+    import datetime as dt
+
+    from mailhost.store import utcnow
+
+    outbox = tmp_path / "outbox"
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_OUTBOX", str(outbox))
+    proxied.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="dir", host="box",
+                                                               from_address="a@example.org", default=True))
+    for i in range(5):
+        proxied.outgoing.send([f"r{i}@example.org"], subject=f"m{i}", body="hi")
+    proxy.cut_on(b"UPDATE outgoing_queue SET status=$1::VARCHAR, accepted=")  # the recorder's statement
+    report = proxied.outgoing.deliver()
+    assert proxy.cuts == 1
+    assert report.sent == 5, report.as_dicts()
+    later = utcnow() + dt.timedelta(hours=1)  # every lease has run out
+    monkeypatch.setattr(proxied.outgoing, "clock", lambda: later)
+    proxied.outgoing.deliver()
+    sent = sorted(p.read_bytes().split(b"Subject: ")[1].split(b"\r\n")[0] for p in (outbox / "box").iterdir())
+    assert sent == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+    items = proxied.outgoing.items()
+    assert [(i.status, i.attempts) for i in items] == [("sent", 1)] * 5
+
+
 @pytest.mark.parametrize("command", [
     ["queue", "incoming", "purge", "--older-than", "0"],  # a store session
     ["queue", "outgoing", "purge", "--older-than", "0"],  # the outgoing pipeline's writer
