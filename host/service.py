@@ -11,6 +11,11 @@ safe because every pipeline stores before it acknowledges.
 Many ``serve`` processes may share one PostgreSQL store: connection leases and row
 leases on the outgoing queue keep them from doing the same work twice.
 
+The service reads the config file once, at start: it warns when the file changes (a
+``plugins enable``, a new ``[service]`` or ``[outgoing]`` setting) that a restart
+applies it. Connections, credentials and certificates live in the store and are read
+at every pass, so changes made with the CLI apply without a restart.
+
 While the store cannot be used (a database restart, a dropped link, a full disk) the
 service says so in one line, tries again at every tick, and says when it is back; no
 pass acknowledges or records anything that was not committed, so nothing is lost.
@@ -18,6 +23,7 @@ pass acknowledges or records anything that was not committed, so nothing is lost
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -49,6 +55,7 @@ class Service:
         self._running: dict[str, Future[object]] = {}
         self._signals = 0
         self._store_down = False  # said once when the store fails, once when it is back
+        self._config_seen = self._config_stamp()
         self._store_lock = threading.Lock()
 
     def install_signal_handlers(self) -> None:
@@ -75,6 +82,7 @@ class Service:
         log.info("mailhost serve started; store %s", self.host.engine.url.render_as_string(hide_password=True))
         try:
             while not self.stop.is_set():
+                self._notice_config_change()
                 self._start_due_downloads()
                 if time.monotonic() >= next_delivery:
                     self._deliver()
@@ -88,6 +96,22 @@ class Service:
         finally:
             self._pool.shutdown(wait=True)
             log.info("mailhost serve stopped")
+
+    def _config_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.host.config.path)
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def _notice_config_change(self) -> None:
+        """Say once per change that the config file changed and what applies it: the
+        plugins, [service] and [outgoing] were read at start and stay as they were."""
+        stamp = self._config_stamp()
+        if stamp != self._config_seen:
+            self._config_seen = stamp
+            log.warning("the config file %s changed: restart mailhost serve to apply it (this one goes on with the "
+                        "plugins and settings it started with)", self.host.config.path)
 
     def _start_due_downloads(self) -> None:
         self._running = {n: f for n, f in self._running.items() if not f.done()}

@@ -332,3 +332,31 @@ def test_serve_releases_items_whose_handler_died(home: Path, testplugin: object,
             Mailhost.open(config)
         config.write_text(config.read_text().replace(f"processing_timeout_minutes = {value}",
                                                      "processing_timeout_minutes = 30"))
+
+
+def test_serve_says_when_the_config_file_changes_that_a_restart_applies_it(
+        tmh: Mailhost, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`plugins enable` (or any edit of the config file) while `serve` runs: it warns once
+    that a restart applies it, and goes on; a connection added meanwhile is polled."""
+    import logging
+    import threading
+
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "a.eml").write_bytes(b"Subject: a\r\n\r\na\r\n")
+    service = Service(tmh, tick=0.02)
+    runner = threading.Thread(target=service.run)
+    caplog.set_level(logging.INFO, logger="mailhost")
+    runner.start()
+    try:
+        time.sleep(0.1)
+        assert run_cli("plugins", "disable", "pop3").returncode == 0
+        tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
+        tmh.connections.set_enabled("desk", True)
+        _wait_for(lambda: len(tmh.incoming.items()) == 1, "a.eml stored")
+        time.sleep(0.1)
+    finally:
+        service.stop.set()
+        runner.join(timeout=60)
+    said = [r.getMessage() for r in caplog.records if "config file" in r.getMessage()]
+    assert len(said) == 1 and "restart mailhost serve" in said[0], said
