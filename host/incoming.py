@@ -557,21 +557,24 @@ class Incoming:
             stop.set()
             keeper.join()
 
-    def _renew_lease(self, s: Session, connection_id: int) -> int:
-        return int(s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id,
-                                                              IncomingConnection.lease_owner == self.worker)
-                             .values(lease_until=utcnow() + LEASE).execution_options(synchronize_session=False))
-                   .rowcount)
+    def _renew_lease(self, s: Session, connection_id: int) -> None:
+        s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id,
+                                                   IncomingConnection.lease_owner == self.worker)
+                  .values(lease_until=utcnow() + LEASE).execution_options(synchronize_session=False))
 
     def _hold(self, s: Session, conn: IncomingConnection) -> None:
-        """Renew the lease as the first write of a pass's transaction, or stop the pass
-        if it is no longer ours: an edit pointed the connection at another mailbox (see
+        """Check, as the first write of a pass's transaction, that the lease is still
+        ours, or stop the pass: an edit pointed the connection at another mailbox (see
         :meth:`release`), the connection was removed, or another worker took over after
         the lease ran out. Its keys and cursors would otherwise pass for the new
-        mailbox's, whose messages would then never be downloaded. Being a write, it locks
-        the connection's row (PostgreSQL) or the store (SQLite) until the commit, so an
-        edit waits for the batch or the batch sees the edit."""
-        if not self._renew_lease(s, conn.id):
+        mailbox's, whose messages would then never be downloaded. A write (that changes
+        nothing: the keeper renews the lease), so that it locks the connection's row
+        (PostgreSQL) or the store (SQLite) until the commit: an edit waits for the
+        batch, or the batch sees the edit."""
+        held = s.execute(update(IncomingConnection).where(IncomingConnection.id == conn.id,
+                                                          IncomingConnection.lease_owner == self.worker)
+                         .values(lease_owner=self.worker).execution_options(synchronize_session=False)).rowcount
+        if not held:
             raise MailhostError(
                 f"{conn.name}: the connection was edited, removed or taken over by another worker during this pass, "
                 "which stops here; what it stored is kept, and the next pass reads the connection afresh")
