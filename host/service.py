@@ -47,6 +47,9 @@ RELEASE_EVERY = 60.0  # seconds between looks for items whose handler died: a ti
 class Service:
     """The long-running loop of one worker process."""
 
+    STORE_REMINDER = 300.0
+    STORE_SETTLED = 5.0
+
     def __init__(self, host: Mailhost, download_workers: int = 4, tick: float = 1.0) -> None:
         self.host = host
         self.stop = threading.Event()
@@ -54,7 +57,11 @@ class Service:
         self._pool = ThreadPoolExecutor(max_workers=download_workers, thread_name_prefix="download")
         self._running: dict[str, Future[object]] = {}
         self._signals = 0
-        self._store_down = False  # said once when the store fails, once when it is back
+        # A failing store is said once (and again every STORE_REMINDER seconds while it
+        # lasts), and once more when it has not failed for STORE_SETTLED seconds: a store
+        # that reads but cannot write (full, read-only, locked) fails at every tick.
+        self._store_said: float | None = None
+        self._store_failed_at = 0.0
         self._config_seen = self._config_stamp()
         self._store_lock = threading.Lock()
 
@@ -123,7 +130,7 @@ class Service:
         except Exception:
             log.exception("cannot read the connections that are due")
             return
-        self._store_answers()
+        self._store_settled()
         for name in due:
             if name not in self._running and not self.stop.is_set():
                 self._running[name] = self._pool.submit(self._download, name)
@@ -163,16 +170,23 @@ class Service:
             log.exception("delivery pass failed")
 
     def _store_failed(self, exc: StoreError) -> None:
-        """Say once that the store fails, not at every tick while it does."""
+        """Say that the store fails once, not at every tick while it does."""
+        now = time.monotonic()
         with self._store_lock:
-            first, self._store_down = not self._store_down, True
-        if first:
+            self._store_failed_at = now
+            say = self._store_said is None or now - self._store_said >= self.STORE_REMINDER
+            if say:
+                self._store_said = now
+        if say:
             log.error("%s; mailhost serve tries again at every tick", exc)
         else:
             log.debug("%s", exc)
 
-    def _store_answers(self) -> None:
+    def _store_settled(self) -> None:
+        """After a read of the store worked: say it is back once nothing failed for a while."""
         with self._store_lock:
-            was, self._store_down = self._store_down, False
-        if was:
+            back = self._store_said is not None and time.monotonic() - self._store_failed_at >= self.STORE_SETTLED
+            if back:
+                self._store_said = None
+        if back:
             log.warning("the store answers again: downloads and deliveries go on")

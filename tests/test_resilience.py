@@ -228,6 +228,7 @@ def test_serve_says_once_that_the_store_is_away_and_goes_on(proxied: Mailhost, p
     proxied.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
     proxied.connections.set_enabled("desk", True)
     service = Service(proxied, tick=0.02)
+    service.STORE_SETTLED = 0.2
     runner = threading.Thread(target=service.run)
     caplog.set_level(logging.INFO, logger="mailhost")
     runner.start()
@@ -240,6 +241,7 @@ def test_serve_says_once_that_the_store_is_away_and_goes_on(proxied: Mailhost, p
         (box / "b.eml").write_bytes(b"Subject: b\r\n\r\nb\r\n")
         proxied.connections.set_enabled("desk", True)  # due at once
         _wait_for(lambda: len(proxied.incoming.items()) == 2, "b.eml stored")
+        _wait_for(lambda: any("answers again" in r.getMessage() for r in caplog.records), "the store said back")
     finally:
         service.stop.set()
         runner.join(timeout=60)
@@ -249,6 +251,41 @@ def test_serve_says_once_that_the_store_is_away_and_goes_on(proxied: Mailhost, p
     assert "the store postgresql+psycopg://postgres@127.0.0.1" in trouble[0].getMessage()
     assert "answers again" in trouble[1].getMessage()
     assert not any(r.exc_info for r in caplog.records), "no tracebacks for a store that is away"
+
+
+def test_serve_says_once_that_the_store_cannot_be_written_while_it_reads(
+        tmh: Mailhost, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """SQLite locked by another process past the busy wait: reads work, every pass fails
+    to take its lease. `serve` says so once, not "back" and "failing" at every tick, and
+    downloads once the lock is gone."""
+    import sqlite3
+
+    from mailhost import store
+
+    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.05)
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "a.eml").write_bytes(b"Subject: a\r\n\r\na\r\n")
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
+    tmh.connections.set_enabled("desk", True)
+    holder = sqlite3.connect(tmh.config.sqlite_file, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    service = Service(tmh, tick=0.02)
+    service.STORE_SETTLED = 0.2
+    runner = threading.Thread(target=service.run)
+    caplog.set_level(logging.INFO, logger="mailhost")
+    runner.start()
+    try:
+        time.sleep(1.0)  # a dozen ticks and more
+        holder.execute("ROLLBACK")
+        _wait_for(lambda: len(tmh.incoming.items()) == 1, "a.eml stored")
+        _wait_for(lambda: any("answers again" in r.getMessage() for r in caplog.records), "the store said back")
+    finally:
+        holder.close()
+        service.stop.set()
+        runner.join(timeout=60)
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING and r.name == "mailhost.service"]
+    assert len(said) == 2 and " is busy: " in said[0] and "answers again" in said[1], said
 
 
 def test_a_link_lost_mid_pass_stores_nothing_twice_and_counts_true(proxied: Mailhost, proxy: _Proxy,
