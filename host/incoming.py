@@ -427,7 +427,7 @@ class Incoming:
         stored before (the same mailbox under another host name) is recognised by its
         content and not stored twice.
         """
-        Incoming.release(s, connection_id)  # first: a pass under way must not store after the retirement
+        Incoming.revoke_lease(s, connection_id)  # first: a pass under way must not store after the retirement
         marks = s.execute(select(SeenMessage.folder, func.max(SeenMessage.id))
                           .where(SeenMessage.connection_id == connection_id).group_by(SeenMessage.folder)).all()
         s.execute(update(SeenMessage).where(
@@ -442,7 +442,7 @@ class Incoming:
         """``old`` is now spelled ``new`` (the protocol's one spelling of that folder):
         its stored keys and cursor move to the new spelling, in the open transaction,
         unless the new spelling already has its own."""
-        Incoming.release(s, connection_id)  # a pass under way would go on writing the old spelling
+        Incoming.revoke_lease(s, connection_id)  # a pass under way would go on writing the old spelling
         if s.get(FolderCursor, (connection_id, new)) is not None or s.scalar(select(SeenMessage.id).where(
                 SeenMessage.connection_id == connection_id, SeenMessage.folder == new).limit(1)) is not None:
             return
@@ -565,7 +565,7 @@ class Incoming:
     def _hold(self, s: Session, conn: IncomingConnection) -> None:
         """Check, as the first write of a pass's transaction, that the lease is still
         ours, or stop the pass: an edit pointed the connection at another mailbox (see
-        :meth:`release`), the connection was removed, or another worker took over after
+        :meth:`revoke_lease`), the connection was removed, or another worker took over after
         the lease ran out. Its keys and cursors would otherwise pass for the new
         mailbox's, whose messages would then never be downloaded. A write (that changes
         nothing: the keeper renews the lease), so that it locks the connection's row
@@ -580,7 +580,7 @@ class Incoming:
                 "which stops here; what it stored is kept, and the next pass reads the connection afresh")
 
     @staticmethod
-    def release(s: Session, connection_id: int) -> None:
+    def revoke_lease(s: Session, connection_id: int) -> None:
         """Take the connection's lease from whoever holds it, in the open transaction: a
         pass under way stores nothing more (see :meth:`_hold`)."""
         s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id)
