@@ -155,6 +155,9 @@ class Service:
             return
         try:
             released = self.host.incoming.release(timeout)
+        except StoreError as exc:
+            self._store_failed(exc)
+            return
         except Exception:
             log.exception("cannot release the incoming items whose handler died")
             return
