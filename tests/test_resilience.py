@@ -356,12 +356,16 @@ def test_a_store_kept_busy_is_one_sentence_from_the_cli(home: Path, command: lis
     monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
     holder = sqlite3.connect(home / "mailhost.db", isolation_level=None)
     holder.execute("BEGIN IMMEDIATE")
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         with pytest.raises(SystemExit) as exit_:
             main(command)
     finally:
         holder.execute("ROLLBACK")
         holder.close()
+        # main() logs to the stderr pytest captured for this test: later tests' logs must not go there
+        root.handlers[:], root.level = handlers, level
     err = capsys.readouterr().err
     assert exit_.value.code == 1
     assert err.startswith(f"mailhost: the store sqlite:///{home / 'mailhost.db'} is busy"), err
