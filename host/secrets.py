@@ -149,6 +149,11 @@ class Vault:
                 f"the secret key file {key_file} is missing: restore it, set {_KEY_ENV}, "
                 "or run `mailhost init` for a new installation"
             ) from None
+        except OSError as exc:  # a folder, or a file of another user
+            raise ConfigError(
+                f"the secret key file {key_file} cannot be read ({exc.strerror or exc}): check "
+                f"[secrets] key_file and the file's owner and mode, or set {_KEY_ENV}"
+            ) from None
 
     def encrypt(self, secret: str | bytes | None) -> bytes | None:
         """The ciphertext of ``secret`` (``None`` stays ``None``)."""

@@ -111,6 +111,22 @@ def test_missing_key_file(home: Path) -> None:
         Vault.from_env_or_file(home / "mailhost.key")
 
 
+def test_unreadable_key_file(home: Path, plugin_env: dict[str, str]) -> None:
+    """A key file that cannot be read (a folder, no permission) is bad configuration: exit 2,
+    one sentence naming the file and the fix, no traceback, nothing written."""
+    key = home / "mailhost.key"
+    key.unlink()
+    key.mkdir()
+    with pytest.raises(ConfigError, match="secret key file .* cannot be read"):
+        Vault.from_env_or_file(key)
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin", "PW": PASSWORD}
+    out = run_cli("outgoing", "add", "o", "--protocol", "dir", "--host", "box", "--username", "u",
+                  "--password-env", "PW", env=env, cwd=home)
+    assert out.returncode == 2, out.stderr
+    assert "cannot be read" in out.stderr and str(key) in out.stderr and "Traceback" not in out.stderr
+    assert run_cli("outgoing", "list", "--json", env=env, cwd=home).stdout.strip() == "[]"
+
+
 def test_redact_hides_secret_base64_and_sasl() -> None:
     """redact() hides the secret, its base64 forms, SASL lines and bearer tokens."""
     secret = "pa55-w0rd-xyz"
