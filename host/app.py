@@ -106,6 +106,13 @@ class Mailhost:
         """Encrypts and decrypts secrets at rest."""
         return Vault.from_env_or_file(self.config.key_file, self._a_stored_secret)
 
+    def check_key(self) -> None:
+        """Raise ConfigError when the store holds secrets and the key cannot open them
+        (missing, unreadable, invalid or another installation's). The pipelines call it
+        first: a pass would otherwise fail on every connection and count the failures."""
+        if self._a_stored_secret() is not None:
+            self.vault.check()
+
     def _a_stored_secret(self) -> bytes | None:
         """Any secret the store holds, for :class:`Vault` to check its key against."""
         with self.session() as s:

@@ -140,6 +140,7 @@ class Incoming:
 
     def fetch(self, names: Sequence[str] | None = None, progress: Progress | None = None) -> list[PassReport]:
         """One pass over each named connection, or over every enabled one."""
+        self.host.check_key()
         with self.host.session() as s:
             if names:
                 for name in names:

@@ -924,6 +924,7 @@ class Outgoing:
         """
         if sessions < 1:
             raise ValidationError(f"sessions must be at least 1, not {sessions}", field="sessions")
+        self.host.check_key()  # before any attempt: a missing key is not the message's failure
         started = time.monotonic()
         report = DeliveryReport()
         self._maybe_purge()

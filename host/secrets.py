@@ -159,11 +159,15 @@ class Vault:
         """The ciphertext of ``secret`` (``None`` stays ``None``)."""
         if secret is None:
             return None
-        if self._stored is not None:
-            sample, self._stored = self._stored(), None
-            self.decrypt_bytes(sample)  # a wrong key stops here, before anything is written
+        self.check()  # a wrong key stops here, before anything is written
         data = secret.encode("utf-8") if isinstance(secret, str) else secret
         return self._fernet.encrypt(data)
+
+    def check(self) -> None:
+        """Raise ConfigError unless this key opens the secrets already in the store."""
+        if self._stored is not None:
+            self.decrypt_bytes(self._stored())
+            self._stored = None  # checked once per process
 
     def decrypt_bytes(self, token: bytes | None) -> bytes | None:
         """The plaintext bytes of ``token`` (private keys, token sets)."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 import stat
@@ -125,6 +126,45 @@ def test_unreadable_key_file(home: Path, plugin_env: dict[str, str]) -> None:
     assert out.returncode == 2, out.stderr
     assert "cannot be read" in out.stderr and str(key) in out.stderr and "Traceback" not in out.stderr
     assert run_cli("outgoing", "list", "--json", env=env, cwd=home).stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("broken", ["missing", "folder", "invalid", "other"])
+def test_pipelines_check_the_key_first(home: Path, plugin_env: dict[str, str], tmp_path: Path, broken: str) -> None:
+    """fetch, deliver and serve with a key that cannot open the store's secrets stop at once
+    with exit 2, before any pass: no failed log entry, no delivery attempt counted."""
+    from cryptography.fernet import Fernet
+
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin", "PW": PASSWORD}
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "m1").write_bytes(b"Subject: one\r\n\r\nbody\r\n")
+    for args in (("incoming", "add", "in", "--protocol", "dir", "--folder", str(box), "--username", "u",
+                  "--password-env", "PW"),
+                 ("incoming", "enable", "in", "--yes"),
+                 ("outgoing", "add", "out", "--protocol", "dir", "--host", "box", "--username", "u",
+                  "--password-env", "PW", "--from", "a@example.org", "--default"),
+                 ("send", "--to", "b@example.org", "--subject", "s", "--body", "b")):
+        done = run_cli(*args, env=env, cwd=home)
+        assert done.returncode == 0, done.stderr
+    key = home / "mailhost.key"
+    wrong = dict(env)
+    if broken == "missing":
+        key.unlink()
+    elif broken == "folder":
+        key.unlink()
+        key.mkdir()
+    else:
+        wrong["MAILHOST_SECRET_KEY"] = "not-a-key" if broken == "invalid" else Fernet.generate_key().decode()
+    for args in (("fetch",), ("fetch", "in"), ("deliver",), ("serve", "--once")):
+        out = run_cli(*args, env=wrong, cwd=home)
+        assert out.returncode == 2, (args, out.stdout, out.stderr)
+        assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1, (args, out.stderr)
+        assert "key" in out.stderr and not out.stdout, (args, out.stderr)
+    # Listings need no key: read what the commands above left behind.
+    listing = run_cli("log", "incoming", "--json", env=wrong, cwd=home)
+    assert listing.returncode == 0 and listing.stdout.strip() == "[]", listing.stderr
+    [item] = json.loads(run_cli("queue", "outgoing", "--json", env=wrong, cwd=home).stdout)
+    assert item["attempts"] == 0 and item["status"] == "queued"
 
 
 def test_redact_hides_secret_base64_and_sasl() -> None:

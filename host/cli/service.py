@@ -18,6 +18,7 @@ def serve(ctx: Context, once: bool, download_workers: int) -> None:
     """Run the service: scheduled downloads, delivery, and the web admin."""
     host = ctx.host
     host.check_schema()
+    host.check_key()  # exit 2 here, not a failure in every pass of every connection
     logging.getLogger("mailhost").setLevel(logging.INFO)
     service = Service(host, download_workers=download_workers)
     service.install_signal_handlers()
