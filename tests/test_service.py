@@ -102,6 +102,16 @@ def test_bad_web_listen_is_bad_input(home: Path, listen: str, expect: str) -> No
     assert "[web] listen" in out.stderr and expect in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
+def test_bad_outgoing_setting_stops_serve_at_start(home: Path) -> None:
+    """A bad [outgoing] value stops serve before it starts (exit 2, one sentence), instead
+    of a traceback in every delivery pass of a service that looks healthy."""
+    config = home / "mailhost.toml"
+    config.write_text(config.read_text().replace("max_attempts = 20", "max_attempts = -1"))
+    out = run_cli("serve", "--once", cwd=home)
+    assert out.returncode == 2, out.stderr
+    assert "[outgoing] max_attempts" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
 def test_web_admin_serves_on_ipv6(tmh: Mailhost) -> None:
     """[web] listen = "[::1]:PORT" serves the web admin over IPv6."""
     from mailhost.web import start_web

@@ -18,7 +18,9 @@ def serve(ctx: Context, once: bool, download_workers: int) -> None:
     """Run the service: scheduled downloads, delivery, and the web admin."""
     host = ctx.host
     host.check_schema()
-    host.check_key()  # exit 2 here, not a failure in every pass of every connection
+    # Bad configuration stops serve here (exit 2), not in every pass of every connection.
+    host.check_key()
+    host.outgoing.policy  # noqa: B018  (reads and checks [outgoing])
     logging.getLogger("mailhost").setLevel(logging.INFO)
     service = Service(host, download_workers=download_workers)
     service.install_signal_handlers()
