@@ -151,6 +151,13 @@ class Connections:
             )
         return conn
 
+    def check_filter(self, direction: Direction, name: str, column: Any, s: Session) -> None:
+        """NotFound for a ``--connection`` filter that names no connection and no row of
+        ``column`` (queues and logs keep a removed connection's name): a typo must not
+        read as an empty queue."""
+        if s.scalar(select(column).where(column == name).limit(1)) is None:
+            self.get(direction, name, s)
+
     def as_dict(self, direction: Direction, conn: Any) -> dict[str, Any]:
         """The JSON form of a connection (no secrets)."""
         return connection_dict(direction, conn)

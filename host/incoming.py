@@ -665,7 +665,10 @@ class Incoming:
                 q = q.where(IncomingItem.status == status)
             if limit:
                 q = q.limit(limit)
-            return list(s.scalars(q))
+            found = list(s.scalars(q))
+            if connection and not found:
+                self.host.connections.check_filter(Direction.INCOMING, connection, IncomingItem.connection_name, s)
+            return found
 
     def item(self, item_id: int) -> IncomingItem:
         """One queue item with its raw bytes and, if it was encrypted, its decrypted form
@@ -720,7 +723,10 @@ class Incoming:
                 q = q.where(IncomingLog.connection_name == connection)
             if limit:
                 q = q.limit(limit)
-            return list(s.scalars(q))
+            found = list(s.scalars(q))
+            if connection and not found:
+                self.host.connections.check_filter(Direction.INCOMING, connection, IncomingLog.connection_name, s)
+            return found
 
     def log_entries(self, log_id: int) -> list[LogEntry]:
         """The messages one pass saw: those it stored (queue items naming the pass) and

@@ -1352,7 +1352,10 @@ class Outgoing:
                 q = q.where(OutgoingItem.connection_name == connection)
             if limit:
                 q = q.limit(limit)
-            return list(s.scalars(q))
+            found = list(s.scalars(q))
+            if connection and not found:
+                self.host.connections.check_filter(Direction.OUTGOING, connection, OutgoingItem.connection_name, s)
+            return found
 
     def item(self, item_id: int) -> OutgoingItem:
         """One queue item with its raw bytes and attempts."""

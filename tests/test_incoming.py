@@ -12,6 +12,7 @@ from sqlalchemy import select
 
 from mailhost import Mailhost
 from mailhost.connections import ConnectionSpec
+from mailhost.errors import NotFound
 from mailhost.hookspecs import hookimpl
 from mailhost.plugins import PluginHost
 from mailhost.protocols import Direction, Estimate
@@ -225,7 +226,9 @@ def test_renamed_connection_keeps_its_queue_and_log(tmh: Mailhost, box: Path, co
     tmh.incoming.fetch([conn])
     tmh.connections.edit(Direction.INCOMING, conn, ConnectionSpec(name="support"))
     assert [i.connection_name for i in tmh.incoming.items(connection="support")] == ["support"]
-    assert len(tmh.incoming.logs("support")) == 1 and tmh.incoming.items(connection=conn) == []
+    assert len(tmh.incoming.logs("support")) == 1
+    with pytest.raises(NotFound, match="no incoming connection named 'desk'"):  # nothing by the old name
+        tmh.incoming.items(connection=conn)
 
 
 def test_failure_mid_pass_loses_nothing(tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -333,6 +336,26 @@ def test_fetch_cli_queue_and_log(home: Path, plugin_env: dict[str, str], box: Pa
     assert out.returncode == 2 and "no incoming queue item 999" in out.stderr
     out = run_cli("fetch", "nosuch", env=env, cwd=home)
     assert out.returncode == 2 and "no incoming connection named 'nosuch'" in out.stderr
+
+
+def test_unknown_connection_filter_is_bad_input(home: Path, plugin_env: dict[str, str], box: Path) -> None:
+    """`queue incoming --connection` and `log incoming --connection` with a name that is
+    neither a connection nor in the queue (a typo) exit 2 naming it, instead of an empty
+    list that reads as "nothing was downloaded"; the mail of a removed connection is
+    still listed under its name."""
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
+    assert run_cli("incoming", "add", "desk", "--protocol", "dir", "--folder", str(box), env=env, cwd=home).returncode == 0
+    (box / "a.eml").write_bytes(_msg(1))
+    assert run_cli("fetch", "desk", env=env, cwd=home).returncode == 0
+    for args in (("queue", "incoming"), ("log", "incoming")):
+        for extra in ((), ("--json",)):
+            out = run_cli(*args, "--connection", "dsek", *extra, env=env, cwd=home)
+            assert out.returncode == 2 and out.stdout == "", (args, out.stdout, out.stderr)
+            assert "no incoming connection named 'dsek'" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert run_cli("incoming", "remove", "desk", env=env, cwd=home).returncode == 0
+    for args in (("queue", "incoming"), ("log", "incoming")):
+        out = run_cli(*args, "--connection", "desk", "--json", env=env, cwd=home)
+        assert out.returncode == 0 and len(json.loads(out.stdout)) == 1, (args, out.stderr)
 
 
 def test_purge_keeps_keys(tmh: Mailhost, box: Path, conn: str) -> None:

@@ -105,6 +105,23 @@ def test_send_refuses_bad_input(mh: Mailhost, smtp_server: Callable[..., SmtpSer
     assert done.stdout == "" and mh.outgoing.items() == []
 
 
+def test_queue_outgoing_unknown_connection_is_bad_input(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """`queue outgoing --connection` with a name that is neither a connection nor in the
+    queue exits 2 naming it; a connection with nothing queued lists nothing."""
+    add(mh, "main", smtp_server("plain"), from_address="a@example.org", default=True)
+    assert run_cli("send", "--to", "bob@example.org", "--subject", "x", "--body", "y",
+                   "--connection", "main").returncode == 0
+    for extra in ((), ("--json",)):
+        done = run_cli("queue", "outgoing", "--connection", "mian", *extra)
+        assert done.returncode == 2 and done.stdout == "", done.stderr
+        assert "no outgoing connection named 'mian'" in done.stderr and done.stderr.count("\n") == 1
+    done = run_cli("queue", "outgoing", "--connection", "main", "--json")
+    assert done.returncode == 0 and len(json.loads(done.stdout)) == 1
+    mh.connections.remove(Direction.OUTGOING, "main")
+    done = run_cli("queue", "outgoing", "--connection", "main", "--json")  # its queued mail, still listed
+    assert done.returncode == 0 and len(json.loads(done.stdout)) == 1, done.stderr
+
+
 def test_send_too_large_is_refused(mh: Mailhost, smtp_server: Callable[..., SmtpServer], tmp_path: Path) -> None:
     """Larger than the connection's size limit: exit 2 naming the limit and the fix; nothing queued."""
     add(mh, "main", smtp_server("plain"), from_address="a@example.org", size_limit=1000, default=True)
