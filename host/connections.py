@@ -572,18 +572,20 @@ class Connections:
         values["after_download"] = action.name
         argument = _text(given.get("after_download_argument"), "after_download_argument")
         if action.takes_argument and not argument:
-            raise ValidationError(
-                f"{label}: after-download action {action.name!r} needs a folder: give --move-to FOLDER",
-                field="after_download_argument",
-            )
+            need = ("a folder: give --move-to FOLDER" if action.name == "move" else
+                    f"an argument ({action.description or 'see its plugin'}): give --action-argument VALUE")
+            raise ValidationError(f"{label}: after-download action {action.name!r} needs {need}",
+                                  field="after_download_argument")
         if action.name == "move" and argument and values["folder"] and canonical(argument) == values["folder"]:
             raise ValidationError(  # each pass would list the moved messages again, and move them again
                 f"{label}: --move-to {argument} is the folder it downloads from: choose another folder",
                 field="after_download_argument",
             )
         if argument and not action.takes_argument and "after_download_argument" in explicit:
-            raise ValidationError(f"{label}: --move-to applies to the move action only: add --after-download move, "
-                                  "or leave --move-to out", field="after_download_argument")
+            takers = sorted(a.name for a in self.host.plugins.actions.values() if a.takes_argument and a.supports(provider))
+            raise ValidationError(f"{label}: --move-to (or --action-argument) applies to an action that takes an "
+                                  f"argument ({', '.join(takers) or 'none for ' + provider.name}): choose one with "
+                                  "--after-download, or leave it out", field="after_download_argument")
         values["after_download_argument"] = argument if action.takes_argument else None
         shared = _on_the_wire(_text(given.get("shared_mailbox"), "shared_mailbox"), "shared mailbox", label)
         values["shared_mailbox"] = shared or None

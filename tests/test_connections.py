@@ -76,7 +76,7 @@ def test_add_list_show_incoming(cli) -> None:
         (["--protocol", "dir", "--folder", "x", "--interval", "-1"], "interval -1 is not valid"),
         (["--protocol", "dir", "--folder", "x", "--after-download", "burn"], "no after-download action named 'burn'"),
         (["--protocol", "dir", "--folder", "x", "--after-download", "move"], "needs a folder: give --move-to"),
-        (["--protocol", "dir", "--folder", "x", "--move-to", "Archive"], "--move-to applies to the move action only"),
+        (["--protocol", "dir", "--folder", "x", "--move-to", "Archive"], "applies to an action that takes an argument (move, test-flag)"),
         (["--protocol", "dir", "--folder", "x", "--certificate", "nocert"], "no certificate named 'nocert'"),
         (["--protocol", "dir", "--folder", "x", "--oauth-credential", "o"], "does not support oauth2"),
         (["--protocol", "dir", "--folder", "x", "--from", "a@b.example"], "No such option '--from'"),

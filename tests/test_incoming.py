@@ -285,6 +285,27 @@ def test_register_after_download_actions(tmh: Mailhost, box: Path, tmp_path: Pat
     assert flagged == [{"event": "flagged", "key": "a.eml", "argument": "urgent"}]
 
 
+def test_a_plugin_action_takes_its_argument_on_the_command_line(home: Path, plugin_env: dict[str, str], box: Path,
+                                                               tmp_path: Path) -> None:
+    """An admin gives a plugin action's argument with --action-argument; without it the
+    error names the action and that option, not the move action's folder."""
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
+    add = ("incoming", "add", "c", "--protocol", "dir", "--folder", str(box), "--after-download", "test-flag")
+    out = run_cli(*add, env=env, cwd=home)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "'test-flag' needs an argument" in out.stderr and "--action-argument" in out.stderr, out.stderr
+    assert "folder" not in out.stderr and "--move-to" not in out.stderr, out.stderr
+    out = run_cli("incoming", "add", "c", "--protocol", "dir", "--folder", str(box), "--action-argument", "x",
+                  env=env, cwd=home)
+    assert out.returncode == 2 and "applies to an action that takes an argument (move, test-flag)" in out.stderr
+    assert run_cli(*add, "--action-argument", "urgent", env=env, cwd=home).returncode == 0
+    assert run_cli("incoming", "enable", "c", "--yes", env=env, cwd=home).returncode == 0
+    (box / "a.eml").write_bytes(_msg(1))
+    assert run_cli("fetch", "c", env=env, cwd=home).returncode == 0
+    events = (tmp_path / "events.jsonl").read_text().splitlines()
+    assert {"event": "flagged", "key": "a.eml", "argument": "urgent"} in [json.loads(e) for e in events]
+
+
 def test_message_stored(tmh: Mailhost, box: Path, conn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The message_stored hook sees each message once it is committed."""
     events = tmp_path / "events.jsonl"

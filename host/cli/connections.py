@@ -50,7 +50,10 @@ def _incoming_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--folder", metavar="FOLDER", help="Mailbox folder (INBOX by default; Main/Sub for subfolders)."),
         click.option("--interval", type=int, metavar="MINUTES", help="Minutes between downloads (default 1)."),
         click.option("--after-download", metavar="ACTION", help="mark-seen (IMAP default), keep (POP3 default), delete, move, ..."),
-        click.option("--move-to", metavar="FOLDER", help="The target folder of --after-download move."),
+        # One value, two spellings: move's target folder, or the argument a plugin's action takes.
+        click.option("--move-to", "--action-argument", "move_to", metavar="FOLDER",
+                     help="The target folder of --after-download move; --action-argument VALUE: the argument "
+                          "of an action a plugin adds."),
         click.option("--shared-mailbox", metavar="ALIAS", help="Open this shared mailbox with the user's credentials."),
         click.option("--certificate", "certificates", multiple=True, metavar="NAME",
                      help="Decrypt S/MIME mail with this certificate (repeatable; replaces the list)."),
