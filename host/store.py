@@ -518,10 +518,26 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     """Migrate the store to ``revision`` (the newest by default); safe to repeat."""
     from alembic import command
 
-    with engine.begin() as conn:
-        cfg = _alembic_config(engine)
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, revision)
+    sqlite = engine.dialect.name == "sqlite"
+    with engine.connect() as conn:
+        if sqlite:
+            # A migration that changes an SQLite table copies it and drops the old one, and
+            # with foreign keys on the drop runs their ON DELETE actions on every row (CASCADE
+            # deletes the children, SET NULL cuts their links). The pragma takes effect only
+            # outside a transaction, so it is set before the migration's begins.
+            conn.exec_driver_sql("PRAGMA foreign_keys = OFF")
+            conn.commit()
+        try:
+            with conn.begin():
+                cfg = _alembic_config(engine)
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+                if sqlite and conn.exec_driver_sql("PRAGMA foreign_key_check").first() is not None:
+                    raise RuntimeError("the migration left rows whose foreign keys point nowhere; nothing was changed")
+        finally:
+            if sqlite:
+                conn.exec_driver_sql("PRAGMA foreign_keys = ON")
+                conn.commit()
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -155,3 +155,30 @@ def test_0003_turns_acknowledged_flags_into_one_mark_per_folder(database_url: st
         assert "log_id" in {c["name"] for c in inspect(engine).get_columns("incoming_queue")}
     finally:
         engine.dispose()
+
+
+def test_a_migration_that_copies_a_table_keeps_the_links_to_it(database_url: str) -> None:
+    """0003 copies incoming_queue on SQLite; the copy must not run the ON DELETE action
+    of incoming_seen.item_id (SET NULL), which cut every stored key from its item."""
+    engine = store.make_engine(database_url)
+    try:
+        store.upgrade(engine, "0002")
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO incoming_connections (id, name, description, protocol, encryption, interval, timeout, "
+                "after_download, options, enabled, created_at, updated_at) VALUES (1, 'desk', '', 'imap', 'ssl', "
+                "1, 30000, 'mark-seen', '{}', false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            conn.execute(text(
+                "INSERT INTO incoming_queue (id, connection_id, connection_name, folder, status, size, fingerprint, "
+                "raw, created_at, updated_at) VALUES (7, 1, 'desk', 'INBOX', 'new', 1, 'f', 'x', CURRENT_TIMESTAMP, "
+                "CURRENT_TIMESTAMP)"))
+            conn.execute(text(
+                "INSERT INTO incoming_seen (id, connection_id, folder, key, fingerprint, acknowledged, item_id, "
+                "seen_at) VALUES (1, 1, 'INBOX', 'k', 'f', true, 7, CURRENT_TIMESTAMP)"))
+        store.upgrade(engine)
+        with engine.connect() as conn:
+            assert conn.execute(text("SELECT item_id FROM incoming_seen")).all() == [(7,)]
+            if engine.dialect.name == "sqlite":  # and the store's connections check foreign keys again
+                assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
+    finally:
+        engine.dispose()
