@@ -919,8 +919,8 @@ def _insert_rows(s: Session, table: Table, columns: Sequence[str], rows: list[tu
     per row (measured: 40 s instead of 0.1 s for 20,000 rows). The values are plain str,
     int, bool, bytes and None, JSON columns take ``dict``s (serialized here), the
     ``now`` columns take the database clock. On SQLite the ids come from
-    ``last_insert_rowid()``: a new row of an INTEGER PRIMARY KEY table gets the largest
-    id plus one and one writer at a time gets in, so a statement's rows get the
+    ``last_insert_rowid()``: a new row of an AUTOINCREMENT table gets one more than the
+    largest id ever given and one writer at a time gets in, so a statement's rows get the
     consecutive run of ids ending there. PostgreSQL returns them (``RETURNING``).
     """
     if not rows:

@@ -279,6 +279,7 @@ class IncomingItem(Base):
     __table_args__ = (
         Index("ix_incoming_queue_connection_status", "connection_id", "status"),
         Index("ix_incoming_queue_created_at", "created_at"),
+        {"sqlite_autoincrement": True},  # ids never reused (migration 0005)
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)
@@ -349,7 +350,7 @@ class IncomingLog(Base):
     """One download pass of one connection: counts, bytes, duration, error."""
 
     __tablename__ = "incoming_log"
-    __table_args__ = (Index("ix_incoming_log_started_at", "started_at"),)
+    __table_args__ = (Index("ix_incoming_log_started_at", "started_at"), {"sqlite_autoincrement": True})
 
     id: Mapped[int] = mapped_column(primary_key=True)
     connection_id: Mapped[int | None] = mapped_column(
@@ -401,6 +402,7 @@ class OutgoingItem(Base):
     __table_args__ = (
         Index("ix_outgoing_queue_due", "status", "next_attempt_at"),
         Index("ix_outgoing_queue_created_at", "created_at"),
+        {"sqlite_autoincrement": True},  # ids never reused (migration 0005)
     )
 
     id: Mapped[int] = mapped_column(primary_key=True)

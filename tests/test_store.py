@@ -182,3 +182,79 @@ def test_a_migration_that_copies_a_table_keeps_the_links_to_it(database_url: str
                 assert conn.execute(text("PRAGMA foreign_keys")).scalar() == 1
     finally:
         engine.dispose()
+
+
+def test_ids_are_never_reused(mh_any: Mailhost, tmh_factory, tmp_path: Path) -> None:
+    """A queue item or log pass id, once given out (printed by `send`, passed to the
+    message_stored and message_sent hooks), never names another message, also after the
+    newest ones are deleted or purged: on SQLite as on PostgreSQL."""
+    import datetime as dt
+
+    from mailhost.connections import ConnectionSpec
+
+    host = tmh_factory(mh_any)
+    host.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="dir", host="outbox",
+                                                            from_address="a@example.org", default=True))
+    sent = [host.outgoing.send(["b@example.org"], subject=f"s{i}", body="hi").id for i in range(2)]
+    host.outgoing.delete(sent[-1])
+    assert host.outgoing.send(["b@example.org"], subject="again", body="hi").id > max(sent)
+
+    box = tmp_path / "box"
+    box.mkdir()
+    host.connections.add(Direction.INCOMING, ConnectionSpec(name="in", protocol="dir", folder=str(box)))
+    for name in ("a", "b"):
+        (box / name).write_bytes(f"Subject: {name}\r\n\r\n{name}\r\n".encode())
+    [first] = host.incoming.fetch(["in"])
+    items, passes = [i.id for i in host.incoming.items()], [p.id for p in host.incoming.logs()]
+    assert len(items) == 2 and host.incoming.purge(dt.timedelta(0), ("new",)) == (2, 1)
+    (box / "c").write_bytes(b"Subject: c\r\n\r\nc\r\n")
+    host.incoming.fetch(["in"])
+    [item] = host.incoming.items()
+    assert item.id > max(items) and min(p.id for p in host.incoming.logs()) > max(passes)
+
+
+def test_0005_keeps_every_row_and_link(database_url: str) -> None:
+    """Upgrading a 0004 store to ids that are never reused keeps every queue item, pass,
+    attempt and the links between them (no foreign key action fires on the way)."""
+    engine = store.make_engine(database_url)
+    try:
+        store.upgrade(engine, "0004")
+        now = "CURRENT_TIMESTAMP"
+        with engine.begin() as conn:
+            run = lambda sql: conn.execute(text(sql))  # noqa: E731
+            run("INSERT INTO incoming_connections (id, name, description, protocol, encryption, interval, timeout, "
+                f"after_download, options, enabled, created_at, updated_at) VALUES (1, 'desk', '', 'imap', 'ssl', "
+                f"1, 30000, 'mark-seen', '{{}}', false, {now}, {now})")
+            run("INSERT INTO incoming_log (connection_id, connection_name, started_at, status, listed, stored, "
+                f"duplicates, acknowledged, bytes) VALUES (1, 'desk', {now}, 'ok', 1, 1, 1, 1, 1)")
+            log_id = run("SELECT max(id) FROM incoming_log").scalar()
+            run("INSERT INTO incoming_queue (connection_id, connection_name, folder, status, size, fingerprint, raw, "
+                f"created_at, updated_at, log_id) VALUES (1, 'desk', 'INBOX', 'new', 1, 'f', 'x', {now}, {now}, {log_id})")
+            item_id = run("SELECT max(id) FROM incoming_queue").scalar()
+            run("INSERT INTO incoming_seen (connection_id, folder, key, fingerprint, item_id, seen_at) "
+                f"VALUES (1, 'INBOX', 'k', 'f', {item_id}, {now})")
+            run("INSERT INTO incoming_log_entries (log_id, item_id, at, result) "
+                f"VALUES ({log_id}, {item_id}, {now}, 'duplicate')")
+            run("INSERT INTO outgoing_queue (connection_name, status, recipients, size, raw, attempts, fell_back, "
+                f"created_at, updated_at) VALUES ('out', 'sent', '[]', 1, 'x', 1, false, {now}, {now})")
+            out_id = run("SELECT max(id) FROM outgoing_queue").scalar()
+            run(f"INSERT INTO outgoing_attempts (item_id, at, result) VALUES ({out_id}, {now}, 'sent')")
+        store.upgrade(engine)
+        with engine.begin() as conn:
+            run = lambda sql: conn.execute(text(sql))  # noqa: E731
+            assert run("SELECT item_id FROM incoming_seen").all() == [(item_id,)]
+            assert run("SELECT log_id, item_id FROM incoming_log_entries").all() == [(log_id, item_id)]
+            assert run("SELECT id, log_id FROM incoming_queue").all() == [(item_id, log_id)]
+            assert run("SELECT item_id FROM outgoing_attempts").all() == [(out_id,)]
+            # The newest rows deleted, the next ones get new ids.
+            run(f"DELETE FROM outgoing_queue WHERE id = {out_id}")
+            run("INSERT INTO outgoing_queue (connection_name, status, recipients, size, raw, attempts, fell_back, "
+                f"created_at, updated_at) VALUES ('out', 'sent', '[]', 1, 'x', 1, false, {now}, {now})")
+            assert run("SELECT max(id) FROM outgoing_queue").scalar() > out_id
+            run(f"DELETE FROM incoming_queue WHERE id = {item_id}")
+            run("INSERT INTO incoming_queue (connection_id, connection_name, folder, status, size, fingerprint, raw, "
+                f"created_at, updated_at) VALUES (1, 'desk', 'INBOX', 'new', 1, 'g', 'x', {now}, {now})")
+            assert run("SELECT max(id) FROM incoming_queue").scalar() > item_id
+        assert "incoming_seen" in inspect(engine).get_table_names()
+    finally:
+        engine.dispose()
