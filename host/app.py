@@ -58,14 +58,19 @@ class Mailhost:
         and the store; an existing config is left alone and its store upgraded."""
         cfg_path = config_path(path)
         created: list[Path] = []  # removed again if init fails: a failed init leaves nothing
-        if not cfg_path.exists():
-            write_starter_config(cfg_path, database_url)
-            created.append(cfg_path)
-        elif database_url:
+        if cfg_path.exists() and database_url:
             raise ConfigError(
                 f"{cfg_path} already exists: edit its [store] url instead of passing --database"
             )
         try:
+            if not cfg_path.exists():
+                # The config's folder first: the store and the key go in it by default.
+                missing = [p for p in reversed(cfg_path.parents) if not p.exists()]
+                for folder in missing:
+                    folder.mkdir()
+                    created.append(folder)
+                write_starter_config(cfg_path, database_url)
+                created.append(cfg_path)
             host = cls.open(cfg_path)
             database = host.config.sqlite_file
             if database is not None and not database.exists():
@@ -80,8 +85,9 @@ class Mailhost:
             host.vault  # noqa: B018  (fails early on an unusable key)
             host.migrate()
         except BaseException:
-            for made in created:
-                made.unlink(missing_ok=True)
+            for made in reversed(created):  # newest first: the files, then their folders
+                with contextlib.suppress(OSError):  # (a folder someone else filled meanwhile stays)
+                    made.rmdir() if made.is_dir() else made.unlink(missing_ok=True)
             raise
         return host
 

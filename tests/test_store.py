@@ -106,6 +106,17 @@ def test_a_failed_init_leaves_nothing(tmp_path: Path, url: str, expect: str) -> 
     assert run_cli("--config", str(tmp_path / "mailhost.toml"), "init").returncode == 0
 
 
+def test_init_in_a_new_folder(tmp_path: Path) -> None:
+    """`--config DIR/mailhost.toml init` with DIR not there yet creates DIR (as a config
+    file's folder is created for it); a failed init removes the folders it made."""
+    config = tmp_path / "etc" / "mailhost" / "mailhost.toml"
+    out = run_cli("--config", str(config), "init", "--database", "postgresql+psycopg://nobody@127.0.0.1:1/x")
+    assert out.returncode == 2 and list(tmp_path.iterdir()) == [], out.stderr
+    out = run_cli("--config", str(config), "init")
+    assert out.returncode == 0, out.stderr
+    assert {"mailhost.toml", "mailhost.key", "mailhost.db"} <= {p.name for p in config.parent.iterdir()}
+
+
 def test_a_missing_store_file_is_not_created(tmp_path: Path) -> None:
     """A command on a config whose SQLite file is gone says so, and creates no empty store."""
     cfg = tmp_path / "mailhost.toml"
