@@ -83,7 +83,8 @@ class Mailhost:
                 create_key_file(host.config.key_file)
                 created.append(host.config.key_file)
             host.vault  # noqa: B018  (fails early on an unusable key)
-            host.migrate()
+            # A config written just now is removed again if this fails: name the option.
+            host.migrate("check --database" if database_url and cfg_path in created else None)
         except BaseException:
             for made in reversed(created):  # newest first: the files, then their folders
                 with contextlib.suppress(OSError):  # (a folder someone else filled meanwhile stays)
@@ -176,14 +177,15 @@ class Mailhost:
         return (f"the store {url} failed ({why}): check that the database runs and its disk works, "
                 f"then try again (nothing half-done was kept)")
 
-    def migrate(self) -> None:
-        """Bring the store's schema up to date (``mailhost init`` does this)."""
+    def migrate(self, fix: str | None = None) -> None:
+        """Bring the store's schema up to date (``mailhost init`` does this); ``fix`` says
+        what to check when the store cannot be opened (default: the config's [store] url)."""
         try:
             store.upgrade(self.engine)
         except OperationalError as exc:
             raise ConfigError(
                 f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
-                f"{' '.join(str(exc.orig).split())}; check [store] url in {self.config.path}"
+                f"{' '.join(str(exc.orig).split())}; {fix or f'check [store] url in {self.config.path}'}"
             ) from None
         self._schema_ok = True
 

@@ -117,6 +117,15 @@ def test_init_in_a_new_folder(tmp_path: Path) -> None:
     assert {"mailhost.toml", "mailhost.key", "mailhost.db"} <= {p.name for p in config.parent.iterdir()}
 
 
+def test_a_failed_init_names_the_option_to_fix(tmp_path: Path) -> None:
+    """The store of `init --database URL` cannot be opened: the sentence names --database,
+    not the config file that the failed init did not leave behind."""
+    config = tmp_path / "mailhost.toml"
+    out = run_cli("--config", str(config), "init", "--database", "postgresql+psycopg://nobody@127.0.0.1:1/x")
+    assert out.returncode == 2 and "cannot open the store" in out.stderr, out.stderr
+    assert "check --database" in out.stderr and str(config) not in out.stderr, out.stderr
+
+
 def test_a_missing_store_file_is_not_created(tmp_path: Path) -> None:
     """A command on a config whose SQLite file is gone says so, and creates no empty store."""
     cfg = tmp_path / "mailhost.toml"
