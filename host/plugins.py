@@ -176,9 +176,11 @@ class PluginHost:
                 self._fail(info, f"import failed: {_describe(exc)}", exc)
                 continue
             self._register(ep.name, plugin, info)
-        for names, where in ((self._only, "$MAILHOST_LOAD_PLUGINS"), (self._enabled, "[plugins] enabled")):
+        for names, where in ((self._only, "$MAILHOST_LOAD_PLUGINS"), (self._enabled, "[plugins] enabled"),
+                             (self._disabled, "[plugins] disabled"),
+                             (set(self._choices.values()), "[plugins.protocols]")):
             unknown = sorted(set(names or ()) - set(self.plugins) - set(BUILTINS))
-            if unknown:  # a typo that would silently load nothing by that name
+            if unknown:  # a typo: it would silently allow, deny or choose nothing by that name
                 message = (f"{where} names {', '.join(unknown)}, which no installed plugin is called; "
                            f"installed: {', '.join(sorted(self.plugins)) or 'none'}")
                 if self.strict:

@@ -102,6 +102,23 @@ def test_allowlist_typo_is_named(home: Path, plugin_env: dict[str, str]) -> None
     assert out.returncode != 0 and "names testplugn" in out.stderr
 
 
+@pytest.mark.parametrize("edit, where", [
+    (("disabled = []", 'disabled = ["testplugn"]'), "[plugins] disabled"),
+    (("disabled = []", 'disabled = []\n\n[plugins.protocols]\ndir = "testplugn"'), "[plugins.protocols]"),
+])
+def test_denylist_and_choice_typos_are_named(home: Path, plugin_env: dict[str, str], edit: tuple[str, str],
+                                             where: str) -> None:
+    """A plugin name in [plugins] disabled or [plugins.protocols] that no plugin has is
+    said, like one in the allowlist: a typo there leaves running the plugin the admin
+    meant to stop (or to choose)."""
+    config = home / "mailhost.toml"
+    config.write_text(config.read_text().replace(*edit))
+    out = run_cli("plugins", "list", env=plugin_env, cwd=home)
+    assert out.returncode == 0 and f"{where} names testplugn, which no installed plugin" in out.stderr, out.stderr
+    out = run_cli("plugins", "list", env={**plugin_env, "MAILHOST_STRICT_PLUGINS": "1"}, cwd=home)
+    assert out.returncode != 0 and "names testplugn" in out.stderr
+
+
 def test_config_allowlist(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
     """[plugins] enabled = [...] in the config file is an allowlist."""
     config = home / "mailhost.toml"
