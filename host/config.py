@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import ipaddress
+import math
 import os
 import stat
 import tomllib
@@ -163,15 +164,8 @@ class Config:
             raise ConfigError(f"[incoming] processing_timeout_minutes in {path} must be a number of minutes "
                               f"from 0 (never) to 52560000, not {timeout!r}")
         web = _table(doc, "web", path)
-        try:
-            interval = float(service.get("delivery_interval", 10))
-            sessions = int(service.get("delivery_sessions", 4))
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(f"[service] in {path} has a value that is not a number: {exc}") from exc
-        if interval <= 0 or sessions < 1:
-            raise ConfigError(
-                f"[service] in {path}: delivery_interval must be > 0 and delivery_sessions >= 1"
-            )
+        interval = _number(service, "delivery_interval", 10, path)
+        sessions = int(_number(service, "delivery_sessions", 4, path, whole=True))
         return cls(
             path=path,
             database_url=url,
@@ -333,6 +327,16 @@ def _checked_listen(value: Any, path: Path) -> str:
                           "from 1 to 65535, like \"127.0.0.1:8025\" or \"[::1]:8025\", or \"\" to turn the web "
                           "admin off") from None
     return value
+
+
+def _number(table: dict[str, Any], key: str, default: float, path: Path, whole: bool = False) -> float:
+    """A [service] number: an int or float (not text or true), finite and above 0."""
+    value = table.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf \
+            or (whole and int(value) != value):
+        kind = "a whole number >= 1" if whole else "a number of seconds > 0"
+        raise ConfigError(f"[service] {key} in {path} must be {kind}, not {value!r}")
+    return float(value)
 
 
 def _table(doc: dict[str, Any], name: str, path: Path) -> dict[str, Any]:

@@ -203,6 +203,26 @@ def test_test_before_saving(cli) -> None:
     assert json.loads(cli("incoming", "list", "--json").stdout) == []
 
 
+@pytest.mark.parametrize("line, expect", [
+    ("delivery_interval = true", "[service] delivery_interval in"),
+    ('delivery_interval = "10"', "[service] delivery_interval in"),
+    ("delivery_interval = nan", "[service] delivery_interval in"),
+    ("delivery_interval = inf", "[service] delivery_interval in"),
+    ("delivery_sessions = 2.5", "[service] delivery_sessions in"),
+    ('delivery_sessions = "4"', "[service] delivery_sessions in"),
+    ("delivery_sessions = true", "[service] delivery_sessions in"),
+])
+def test_service_settings_of_the_wrong_type_are_bad_input(cli, line: str, expect: str) -> None:
+    """A [service] value of the wrong type (text, true, a fraction of a session, NaN) is
+    refused naming the key, as [outgoing] values are, not read as some number."""
+    config = cli.home / "mailhost.toml"
+    key = line.split(" = ")[0]
+    config.write_text("\n".join(line if text.startswith(f"{key} = ") else text
+                                for text in config.read_text().splitlines()) + "\n")
+    out = cli("incoming", "list")
+    assert out.returncode == 2 and expect in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
 def test_missing_config_is_clear(tmp_path: Path) -> None:
     """Without a config file, the error says to run init."""
     out = run_cli("incoming", "list", cwd=tmp_path, env={"MAILHOST_CONFIG": ""})
