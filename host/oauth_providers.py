@@ -31,6 +31,7 @@ import base64
 import dataclasses
 import datetime as dt
 import json
+import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -279,6 +280,7 @@ def _check_urls(config: ClientConfig) -> None:
 
 
 def _google_configure(config: ClientConfig) -> ClientConfig:
+    _no_tenant(config)
     if config.flow != "authorization-code":
         raise ValueError(
             "Google signs mailboxes in with --flow authorization-code only (Gmail's scope is not "
@@ -297,6 +299,7 @@ def _google_configure(config: ClientConfig) -> ClientConfig:
 
 
 def _oidc_configure(config: ClientConfig) -> ClientConfig:
+    _no_tenant(config)
     if not config.authority and not config.token_endpoint:
         raise ValueError(
             "an OpenID Connect credential needs --authority URL (the issuer, for discovery) "
@@ -387,6 +390,16 @@ def _cloud_of(authority: str) -> _Cloud | None:
     return next((c for c in _CLOUDS if urllib.parse.urlsplit(c.authority).hostname == host), None)
 
 
+#: A directory's ID (a GUID) or one of its domain names; also common, organizations, consumers.
+_TENANT = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,62}[A-Za-z0-9])?)*$")
+
+
+def _no_tenant(config: ClientConfig) -> None:
+    if config.tenant:
+        raise ValueError(f"--tenant applies to Microsoft credentials only ({config.provider} has no tenants): "
+                         "leave it out")
+
+
 def _microsoft_configure(config: ClientConfig) -> ClientConfig:
     authority = (config.authority or "").strip()
     cloud = next((c for c in _CLOUDS if c.name == authority.lower()), None)
@@ -404,6 +417,9 @@ def _microsoft_configure(config: ClientConfig) -> ClientConfig:
             raise ValueError(f"--authority {authority} names tenant {path}, --tenant says {tenant}: give one")
         tenant, authority = path, f"{parts.scheme}://{parts.netloc}"
     authority = authority.rstrip("/")
+    if tenant and not _TENANT.match(tenant):  # it becomes a path of the sign-in URL
+        raise ValueError(f"tenant {tenant!r} is not a directory (tenant) ID or domain: give one like "
+                         "contoso.onmicrosoft.com or 9188040d-6c67-4c5b-b112-36a304b66dad")
     if config.flow == "client-credentials":
         if not config.client_secret:
             raise ValueError("the client credentials flow needs the client secret: give --client-secret-env VAR, "

@@ -251,6 +251,28 @@ def test_microsoft_client_credentials_for_app_only_access(mh: Mailhost, idp: Ide
                                     flow="client-credentials"))
 
 
+@pytest.mark.parametrize("spec, words", [
+    ({"provider": "microsoft", "tenant": "bad tenant"}, "tenant 'bad tenant' is not a directory"),
+    ({"provider": "microsoft", "tenant": "contoso.com/../evil?x=1"}, "is not a directory"),
+    ({"provider": "microsoft", "tenant": "", "authority": "https://login.microsoftonline.com/a/b"},
+     "tenant 'a/b' is not a directory"),
+    ({"provider": "google"}, "--tenant applies to Microsoft credentials only"),
+    ({"provider": "oidc", "authority": "https://id.example.org"}, "--tenant applies to Microsoft"),
+])
+def test_a_tenant_is_a_microsoft_directory_name(home: Path, spec: dict[str, str], words: str) -> None:
+    """--tenant is a Microsoft directory's ID or domain, which becomes a path of the
+    sign-in URL: text with blanks, slashes or a query is refused, and so is a tenant on
+    a provider that has none (exit 2, nothing stored)."""
+    args = [f"--{k}={v}" for k, v in {"tenant": "contoso.onmicrosoft.com", **spec}.items()]
+    out = run_cli("oauth", "add", "c", "--client-id", "id", *args, cwd=home)
+    assert out.returncode == 2 and words in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert json.loads(run_cli("oauth", "list", "--json", cwd=home).stdout) == []
+    for tenant in ("contoso.onmicrosoft.com", "9188040d-6c67-4c5b-b112-36a304b66dad", "organizations"):
+        out = run_cli("oauth", "add", "ok", "--provider", "microsoft", "--client-id", "id", "--tenant", tenant, cwd=home)
+        assert out.returncode == 0, out.stderr
+        assert run_cli("oauth", "remove", "ok", cwd=home).returncode == 0
+
+
 def test_microsoft_clouds_by_name(mh: Mailhost) -> None:
     """--authority takes a cloud's name and brings that cloud's authority and scopes."""
     dod = mh.oauth.add(CredentialSpec(name="dod", provider="microsoft", client_id="c", authority="dod"))
