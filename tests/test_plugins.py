@@ -18,7 +18,7 @@ from mailhost.plugins import PluginHost
 from mailhost.protocols import Direction
 
 from .helpers import run_cli
-from .testplugin import install_testplugin, make_dist
+from .testplugin import make_dist
 
 
 def _plugins(home: Path, env: dict[str, str]) -> dict[str, dict]:
