@@ -46,6 +46,7 @@ from .errors import (
     NotFound,
     TemporaryFailure,
     TLSFailure,
+    UsageError,
     ValidationError,
 )
 from .oauth_providers import (
@@ -77,6 +78,10 @@ LEASE: Final = dt.timedelta(seconds=90)
 #: Never use a token this close to its expiry: the server may see it expired.
 SKEW: Final = dt.timedelta(seconds=30)
 _SECRET_ERRORS: Final = frozenset({"invalid_client", "client_secret_expired"})
+#: The settings a credential's tokens are issued for, as `oauth edit` names them: tokens
+#: issued under other values are another app's, or for something else.
+_GRANT: Final = {"provider": "provider", "client_id": "client ID", "tenant": "tenant", "authority": "authority",
+                 "token_endpoint": "token endpoint", "flow": "flow", "scopes": "scopes"}
 
 
 @dataclass
@@ -208,10 +213,7 @@ class OAuth2:
                     raise ValidationError(f"an OAuth2 credential named {merged.name!r} already exists: "
                                           "choose another name", field="name")
         config = self._validate(merged)
-        another_app = any(getattr(config, k) != getattr(current, k)
-                          for k in ("provider", "client_id", "tenant", "authority", "token_endpoint", "flow"))
-        other_scopes = set(config.scopes) != set(current.scopes or ())  # the order asks for nothing else
-        drop = another_app or other_scopes  # the stored tokens are not for what the credential says now
+        drop = bool(_changed(current, config))  # the stored tokens are not for what the credential says now
         new_secret = config.client_secret != secret
         with self.host.session() as s:
             cred = s.get(OAuthCredential, current.id)
@@ -314,11 +316,17 @@ class OAuth2:
 
         ``username`` is the mailbox login the tokens are for (a connection's username);
         without it, who signed in. Client credentials need neither an admin nor a user.
+
+        A sign-in may take minutes: its tokens are stored only if the credential still
+        asks for what it asked for then (:func:`_changed`); else nothing is stored and a
+        UsageError (NotFound once removed) says to authorize again.
         """
         cred = self.get(name)
         config = self._config(cred)
         provider = self.provider(cred.provider)
         app_only = cred.flow == "client-credentials"
+        removed = NotFound(f"OAuth2 credential {name!r} was removed while signing in, so the tokens were not "
+                           "stored: add it again with `mailhost oauth add` and authorize it")
         if interaction is None:
             interaction = Interaction(show=lambda line: log.warning("%s", line))
         try:
@@ -333,11 +341,26 @@ class OAuth2:
                 "(the mailbox's login)", field="username")
         now = utcnow()
 
+        def still(current: OAuthCredential) -> None:
+            """The sign-in may take minutes: keep its tokens only for the credential it was for."""
+            if current.created_at != cred.created_at:  # removed, and another added with its id
+                raise removed
+            if changed := _changed(cred, current):
+                again = f"`mailhost oauth authorize {current.name}" + (
+                    f" --username {username}`" if username and not app_only else "`")
+                raise UsageError(
+                    f"OAuth2 credential {current.name!r} changed while signing in (its {' and '.join(changed)} "
+                    f"{'were' if len(changed) > 1 or changed == ['scopes'] else 'was'} edited), so the tokens were "
+                    f"not stored: run {again} again")
+
         def store(state: dict[str, Any]) -> None:
             state[key] = {**_tokens_entry(tokens), "authorized_at": now.isoformat(), "last_refresh_at": None,
                           "refreshes": 0, "last_error": None, "error_kind": None, "lease": None}
 
-        self._update(cred.id, store)
+        try:
+            self._update(cred.id, store, check=still)
+        except NotFound:
+            raise removed from None
         status = self.status(cred.id, key)
         assert status is not None
         return status
@@ -539,14 +562,18 @@ class OAuth2:
     def _state(self, cred: OAuthCredential) -> dict[str, dict[str, Any]]:
         return _decode(self.host.vault.decrypt_bytes(cred.tokens_enc))
 
-    def _update(self, credential_id: int, change: Callable[[dict[str, dict[str, Any]]], Any]) -> Any:
+    def _update(self, credential_id: int, change: Callable[[dict[str, dict[str, Any]]], Any],
+                check: Callable[[OAuthCredential], None] | None = None) -> Any:
         """Apply ``change`` to the stored token state atomically; returns its result.
 
         Compare-and-set on the ciphertext: read, change, write only if nobody wrote in
-        between, else again. No lock is held while a provider is asked.
+        between, else again. No lock is held while a provider is asked. ``check`` is
+        given the credential as read, and raises to write nothing.
         """
         for _ in range(200):
             cred = self._get(credential_id)
+            if check is not None:
+                check(cred)
             state = self._state(cred)
             result = change(state)
             ciphertext = self.host.vault.encrypt(json.dumps(state, sort_keys=True)) if state else None
@@ -800,6 +827,15 @@ def _failure(cred: OAuthCredential, username: str | None, exc: OAuthError, autho
         return AuthenticationFailed(f"{who}: the sign-in did not complete ({said}): run {authorize} again")
     return AuthenticationFailed(f"{who}: {cred.provider} refused to issue a token ({said}): check the credential "
                                 f"with `mailhost oauth show {cred.name}`")
+
+
+def _changed(before: Any, after: Any) -> list[str]:
+    """Which of the settings tokens are issued for (:data:`_GRANT`) differ between two
+    credentials or client configs, as `oauth edit` names them; scopes in any order ask
+    for nothing else."""
+    return [label for attr, label in _GRANT.items()
+            if (set(getattr(before, attr) or ()) != set(getattr(after, attr) or ()) if attr == "scopes"
+                else getattr(before, attr) != getattr(after, attr))]
 
 
 def _given(value: str | None, current: str | None) -> str | None:

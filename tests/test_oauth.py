@@ -6,6 +6,8 @@ import datetime as dt
 import json
 import re
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.parse
@@ -18,13 +20,13 @@ import pytest
 
 import mailhost.oauth
 from mailhost import Mailhost
-from mailhost.errors import AuthenticationFailed, TemporaryFailure, TLSFailure, ValidationError
+from mailhost.errors import AuthenticationFailed, NotFound, TemporaryFailure, TLSFailure, UsageError, ValidationError
 from mailhost.oauth import CredentialSpec
 from mailhost.oauth_providers import Interaction, http_session
 
 from .helpers import run_cli
 from .servers.certs import Pki
-from .servers.idp import IdentityProvider
+from .servers.idp import Hold, IdentityProvider
 
 
 ALICE = "alice@example.org"
@@ -105,7 +107,7 @@ class Worker:
         self._outcome: list[Any] = []
         self._thread: threading.Thread | None = None
 
-    def start(self, call: Callable[[], str]) -> Worker:
+    def start(self, call: Callable[[], Any]) -> Worker:
         def run() -> None:
             try:
                 self._outcome.append(call())
@@ -121,7 +123,7 @@ class Worker:
         self._thread.join(seconds)
         return not self._thread.is_alive()
 
-    def result(self) -> str:
+    def result(self) -> Any:
         assert self.done_within(30), "the worker's call did not end"
         if isinstance(self._outcome[0], Exception):
             raise self._outcome[0]
@@ -479,6 +481,107 @@ def test_an_app_only_renewal_during_an_edit_gets_a_token_for_the_new_scopes(
     assert mh.oauth._state(mh.oauth.get("m365"))[""]["access_token"] in tokens
 
 
+# ---------------------------------------------------------------------------------------
+# A sign-in while the credential changes
+# ---------------------------------------------------------------------------------------
+
+
+def held_sign_in(mh: Mailhost, idp: IdentityProvider, worker: Worker, browser: Callable[[str], bool]) -> Hold:
+    """`oauth authorize m365` started in ``worker`` (for ALICE unless app-only), its token
+    request held at the provider: the minutes an admin takes to sign in."""
+    flow = mh.oauth.get("m365").flow
+    interaction = device_user(idp, ALICE) if flow == "device-code" else signed_in(browser)
+    held = idp.hold_next("token")
+    worker.start(lambda: worker.host.oauth.authorize("m365", None if flow == "client-credentials" else ALICE,
+                                                     interaction))
+    assert held.arrived.wait(10)
+    return held
+
+
+@pytest.mark.parametrize("flow", ["authorization-code", "device-code", "client-credentials"])
+def test_a_sign_in_keeps_nothing_when_the_scopes_were_edited_meanwhile(
+        mh: Mailhost, idp: IdentityProvider, workers: Callable[[], Worker], browser: Callable[[str], bool],
+        flow: str) -> None:
+    """`oauth edit --scope` while `oauth authorize` waits for its tokens: the tokens, for
+    the old scopes, are not stored under the new ones; the sign-in says why and what to run."""
+    idp.add_user(ALICE)
+    app_only = flow == "client-credentials"
+    cred = microsoft(mh, idp, flow=flow, public=flow == "device-code")
+    signing_in = workers()
+    held = held_sign_in(mh, idp, signing_in, browser)
+    scopes = ["https://graph.microsoft.com/.default"] if app_only else ["https://graph.microsoft.com/Mail.Read"]
+    mh.oauth.edit("m365", CredentialSpec(scopes=scopes))
+    held.release()
+    again = "`mailhost oauth authorize m365`" if app_only else f"`mailhost oauth authorize m365 --username {ALICE}`"
+    with pytest.raises(UsageError, match=re.escape(
+            f"OAuth2 credential 'm365' changed while signing in (its scopes were edited), so the tokens were not "
+            f"stored: run {again} again")):
+        signing_in.result()
+    assert [g["ok"] for g in idp.grants() if g.get("ok")] == [True]  # issued for the old scopes, and discarded
+    edited = mh.oauth.get("m365")
+    assert mh.oauth._state(edited) == {} and edited.token_expires_at is None and edited.last_error is None
+    if app_only:  # the next token is for the new scopes
+        assert idp.introspect(mh.oauth.access_token(cred.id, None))["scope"] == scopes[0]
+    else:
+        with pytest.raises(AuthenticationFailed, match="is not authorized for alice@example.org"):
+            mh.oauth.access_token(cred.id, ALICE)
+
+
+@pytest.mark.parametrize("edit, what", [
+    ({"client_id": "client-other"}, "its client ID was edited"),
+    ({"tenant": "other.onmicrosoft.com"}, "its tenant was edited"),
+    ({"authority": "https://login.microsoftonline.us"}, "its authority was edited"),
+    ({"flow": "device-code"}, "its flow was edited"),
+    ({"client_id": "client-other", "tenant": "other.onmicrosoft.com"}, "its client ID and tenant were edited"),
+])
+def test_a_sign_in_keeps_nothing_when_the_app_was_edited_meanwhile(
+        mh: Mailhost, idp: IdentityProvider, workers: Callable[[], Worker], browser: Callable[[str], bool],
+        edit: dict[str, Any], what: str) -> None:
+    """Another client ID, tenant, authority or flow set while an admin signs in: the
+    tokens are another app's, and are not stored for this one."""
+    idp.add_user(ALICE)
+    microsoft(mh, idp)
+    signing_in = workers()
+    held = held_sign_in(mh, idp, signing_in, browser)
+    mh.oauth.edit("m365", CredentialSpec(**edit))
+    held.release()
+    with pytest.raises(UsageError, match=re.escape(f"OAuth2 credential 'm365' changed while signing in ({what}), ")):
+        signing_in.result()
+    assert mh.oauth._state(mh.oauth.get("m365")) == {}
+
+
+def test_a_sign_in_keeps_nothing_when_the_credential_was_removed_meanwhile(
+        mh: Mailhost, idp: IdentityProvider, workers: Callable[[], Worker], browser: Callable[[str], bool]) -> None:
+    """`oauth remove` while an admin signs in: the sign-in says the credential is gone, and
+    one added again as it was (SQLite gives it the old one's id) does not get its tokens."""
+    idp.add_user(ALICE)
+    microsoft(mh, idp)
+    signing_in = workers()
+    held = held_sign_in(mh, idp, signing_in, browser)
+    mh.oauth.remove("m365")
+    again = microsoft(mh, idp, register=False)
+    held.release()
+    with pytest.raises(NotFound, match=re.escape(
+            "OAuth2 credential 'm365' was removed while signing in, so the tokens were not stored: add it again "
+            "with `mailhost oauth add` and authorize it")):
+        signing_in.result()
+    assert mh.oauth._state(mh.oauth.get("m365")) == {} and mh.oauth.get("m365").id == again.id
+
+
+def test_a_sign_in_survives_an_edit_that_keeps_the_tokens(
+        mh: Mailhost, idp: IdentityProvider, workers: Callable[[], Worker], browser: Callable[[str], bool]) -> None:
+    """A new client secret, a new name, the same scopes in another order: the app and what
+    it asks for are the same, so the sign-in is stored."""
+    idp.add_user(ALICE)
+    cred = microsoft(mh, idp)
+    signing_in = workers()
+    held = held_sign_in(mh, idp, signing_in, browser)
+    mh.oauth.edit("m365", CredentialSpec(name="mail", client_secret="n3w", scopes=list(reversed(cred.scopes))))
+    held.release()
+    assert signing_in.result()["username"] == ALICE
+    assert idp.introspect(mh.oauth.access_token(cred.id, ALICE))["username"] == ALICE
+
+
 def test_a_source_asked_again_renews_the_token(mh: Mailhost, idp: IdentityProvider,
                                               browser: Callable[[str], bool]) -> None:
     """A connection's token source renews on its second call: the server refused the first."""
@@ -794,6 +897,29 @@ def test_cli_errors_are_one_sentence(home: Path, idp: IdentityProvider, cli_env:
     refused = run_cli("oauth", "authorize", "bad")
     assert refused.returncode == 1 and refused.stderr.count("\n") == 1
     assert "AADSTS7000215" in refused.stderr and "mailhost oauth edit bad --client-secret-stdin" in refused.stderr
+
+
+def test_cli_authorize_refuses_tokens_for_settings_edited_meanwhile(home: Path, idp: IdentityProvider,
+                                                                     cli_env: dict[str, str]) -> None:
+    """`oauth authorize` (app-only, held at the provider), `oauth edit --scope` meanwhile:
+    authorize exits 2 with one sentence, and `oauth show` holds no token."""
+    idp.add_client("client-app", "s3cret")
+    added = run_cli("oauth", "add", "app", "--provider", "microsoft", "--client-id", "client-app",
+                    "--client-secret-env", "M365_SECRET", "--authority", idp.authority, "--tenant", idp.tenant,
+                    "--flow", "client-credentials", "--ca-file", idp.ca_file, env=cli_env)
+    assert added.returncode == 0, added.stderr
+    held = idp.hold_next("token")
+    with subprocess.Popen([sys.executable, "-m", "mailhost", "oauth", "authorize", "app"], text=True,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE) as authorizing:
+        assert held.arrived.wait(30)
+        edited = run_cli("oauth", "edit", "app", "--scope", "https://graph.microsoft.com/.default")
+        assert edited.returncode == 0, edited.stderr
+        held.release()
+        out, err = authorizing.communicate(timeout=60)
+    assert authorizing.returncode == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert ("OAuth2 credential 'app' changed while signing in (its scopes were edited), so the tokens were not "
+            "stored: run `mailhost oauth authorize app` again") in err
+    assert json.loads(run_cli("oauth", "show", "app", "--json").stdout)["authorizations"] == []
 
 
 def test_cli_remove_refuses_while_connections_use_it(home: Path, idp: IdentityProvider) -> None:
