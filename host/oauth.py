@@ -37,7 +37,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import and_, delete, select, update
 
 from .errors import (
     AuthenticationFailed,
@@ -568,7 +568,9 @@ class OAuth2:
 
         Compare-and-set on the ciphertext: read, change, write only if nobody wrote in
         between, else again. No lock is held while a provider is asked. ``check`` is
-        given the credential as read, and raises to write nothing.
+        given the credential as read, and raises to write nothing; the write then also
+        needs the rest of the row unchanged since (an edit may leave the tokens as they
+        were: none), told by ``updated_at``, which every write of the row sets.
         """
         for _ in range(200):
             cred = self._get(credential_id)
@@ -579,6 +581,8 @@ class OAuth2:
             ciphertext = self.host.vault.encrypt(json.dumps(state, sort_keys=True)) if state else None
             same = (OAuthCredential.tokens_enc.is_(None) if cred.tokens_enc is None
                     else OAuthCredential.tokens_enc == cred.tokens_enc)
+            if check is not None:
+                same = and_(same, OAuthCredential.updated_at == cred.updated_at)
             with self.host.session() as s:
                 written = cast("CursorResult[Any]", s.execute(
                     update(OAuthCredential).where(OAuthCredential.id == credential_id, same)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event
 
 import mailhost.oauth
 from mailhost import Mailhost
@@ -580,6 +581,36 @@ def test_a_sign_in_survives_an_edit_that_keeps_the_tokens(
     held.release()
     assert signing_in.result()["username"] == ALICE
     assert idp.introspect(mh.oauth.access_token(cred.id, ALICE))["username"] == ALICE
+
+
+def run_first(host: Mailhost, statement: str, call: Callable[[], Any]) -> list[Any]:
+    """Make ``host``'s next ``statement`` (an SQL prefix) wait until ``call`` has run to its
+    end (on another store connection): another worker or admin at the worst moment."""
+    done: list[Any] = []
+
+    def before(conn: Any, cursor: Any, sql: str, *args: Any) -> None:
+        if sql.startswith(statement) and not done:
+            done.append(call())
+
+    event.listen(host.engine, "before_cursor_execute", before)
+    return done
+
+
+def test_an_edit_between_the_last_look_and_the_write_counts(mh_any: Mailhost, idp: IdentityProvider) -> None:
+    """`oauth edit --scope` committed after authorize last read the credential, before it
+    writes (no tokens stored yet, so the tokens column did not change): still refused
+    (SQLite and PostgreSQL)."""
+    microsoft(mh_any, idp, flow="client-credentials")
+    admin = Mailhost.open(mh_any.config.path, plugins=mh_any.plugins)
+    try:
+        edited = run_first(mh_any, "UPDATE oauth_credentials", lambda: admin.oauth.edit(
+            "m365", CredentialSpec(scopes=["https://graph.microsoft.com/.default"])))
+        with pytest.raises(UsageError, match=r"'m365' changed while signing in \(its scopes were edited\)"):
+            mh_any.oauth.authorize("m365")
+        assert edited
+    finally:
+        admin.close()
+    assert mh_any.oauth._state(mh_any.oauth.get("m365")) == {}
 
 
 def test_a_source_asked_again_renews_the_token(mh: Mailhost, idp: IdentityProvider,
