@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from sqlalchemy import and_, delete, select, update
+from sqlalchemy.orm.attributes import flag_modified
 
 from .errors import (
     AuthenticationFailed,
@@ -224,9 +225,10 @@ class OAuth2:
             cred.tenant, cred.authority, cred.flow = config.tenant, config.authority, config.flow
             cred.authorization_endpoint, cred.token_endpoint = config.authorization_endpoint, config.token_endpoint
             cred.scopes, cred.ca_file = list(config.scopes), config.ca_file
-            if drop:
-                cred.tokens_enc = None
-                cred.token_expires_at = cred.last_refresh_at = cred.last_error = None
+            if drop:  # written even when read empty: tokens stored since then are for the old settings
+                for column in ("tokens_enc", "token_expires_at", "last_refresh_at", "last_error"):
+                    setattr(cred, column, None)
+                    flag_modified(cred, column)
         if new_secret and not drop:
             def forget_secret_errors(state: dict[str, Any]) -> None:
                 for entry in state.values():

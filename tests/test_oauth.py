@@ -613,6 +613,26 @@ def test_an_edit_between_the_last_look_and_the_write_counts(mh_any: Mailhost, id
     assert mh_any.oauth._state(mh_any.oauth.get("m365")) == {}
 
 
+@pytest.mark.parametrize("by", ["authorize", "poll"])
+def test_an_edit_drops_tokens_stored_after_it_read_the_credential(mh_any: Mailhost, idp: IdentityProvider,
+                                                                  by: str) -> None:
+    """App-only tokens stored between `oauth edit --scope` reading the credential and
+    writing it, by `oauth authorize` or a poll's first token, are for the old scopes: the
+    edit drops them too (SQLite and PostgreSQL)."""
+    cred = microsoft(mh_any, idp, flow="client-credentials")
+    other = Mailhost.open(mh_any.config.path, plugins=mh_any.plugins)
+    try:
+        authorized = run_first(mh_any, "UPDATE oauth_credentials", lambda: other.oauth.authorize("m365")
+                               if by == "authorize" else other.oauth.access_token(cred.id, None))
+        mh_any.oauth.edit("m365", CredentialSpec(scopes=["https://graph.microsoft.com/.default"]))
+        assert authorized
+    finally:
+        other.close()
+    edited = mh_any.oauth.get("m365")
+    assert mh_any.oauth._state(edited) == {} and edited.token_expires_at is None
+    assert idp.introspect(mh_any.oauth.access_token(cred.id, None))["scope"] == "https://graph.microsoft.com/.default"
+
+
 def test_a_source_asked_again_renews_the_token(mh: Mailhost, idp: IdentityProvider,
                                               browser: Callable[[str], bool]) -> None:
     """A connection's token source renews on its second call: the server refused the first."""
