@@ -152,6 +152,11 @@ def limit_option(f: Callable[..., Any]) -> Callable[..., Any]:
     )(f)
 
 
+# The usage line of a group that lists when given no subcommand (``queue incoming``).
+# Click marks the subcommand optional by itself only since 8.5: older ones printed it as
+# required, so say it here, the same under every click version setup.cfg allows.
+OPTIONAL_SUBCOMMAND = "[COMMAND] [ARGS]..."
+
 # A queue item's id: ids are INTEGER columns, so one beyond them is a typo to refuse
 # here, not a lookup that the database fails on.
 ITEM_ID = click.IntRange(1, MAX_INT)

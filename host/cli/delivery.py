@@ -12,6 +12,7 @@ from ..outgoing import OUTGOING_STATUSES, item_dict
 from . import (
     DAYS,
     ITEM_ID,
+    OPTIONAL_SUBCOMMAND,
     Context,
     cli,
     json_option,
@@ -86,7 +87,7 @@ def deliver(ctx: Context, sessions: int | None, connection: str | None, as_json:
         raise SystemExit(1)
 
 
-@queue.group("outgoing", invoke_without_command=True)
+@queue.group("outgoing", invoke_without_command=True, subcommand_metavar=OPTIONAL_SUBCOMMAND)
 @click.option("--status", type=click.Choice(OUTGOING_STATUSES), help="Only this status.")
 @click.option("--connection", metavar="NAME", help="Only messages queued for this connection.")
 @json_option

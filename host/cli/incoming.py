@@ -12,6 +12,7 @@ from . import (
     DAYS,
     ITEM_ID,
     MINUTES,
+    OPTIONAL_SUBCOMMAND,
     Context,
     cli,
     json_option,
@@ -69,7 +70,7 @@ def queue() -> None:
 
 
 
-@queue.group("incoming", invoke_without_command=True)
+@queue.group("incoming", invoke_without_command=True, subcommand_metavar=OPTIONAL_SUBCOMMAND)
 @click.option("--connection", metavar="NAME", help="Only this connection.")
 @click.option("--status", type=click.Choice(INCOMING_STATUSES), help="Only this status.")
 @json_option
