@@ -54,6 +54,16 @@ BUILTINS: dict[str, tuple[str, bool]] = {
     "oauth": ("mailhost.oauth_providers", True),
 }
 
+#: The distribution that brings each bundled protocol, to name when one is asked for and
+#: not installed.
+BUNDLED_PROTOCOLS: dict[tuple[Direction, str], str] = {
+    (Direction.INCOMING, "imap"): "mailhost-imap",
+    (Direction.INCOMING, "pop3"): "mailhost-pop3",
+    (Direction.INCOMING, "graph"): "mailhost-graph",
+    (Direction.OUTGOING, "smtp"): "mailhost-smtp",
+    (Direction.OUTGOING, "graph"): "mailhost-graph",
+}
+
 State = Literal["enabled", "disabled", "failed"]
 
 
@@ -302,12 +312,33 @@ class PluginHost:
         try:
             return self.protocols[(direction, name)]
         except KeyError:
-            known = sorted(n for d, n in self.protocols if d == direction)
-            raise ValidationError(
-                f"no {direction.value} protocol named {name!r} is installed and enabled; "
-                f"choose one of: {', '.join(known) or 'none (install a protocol plugin such as mailhost-imap)'}",
-                field="protocol",
-            ) from None
+            raise ValidationError(self._unavailable(direction, name), field="protocol") from None
+
+    def _unavailable(self, direction: Direction, name: str) -> str:
+        """Why protocol ``name`` is not there, and what brings it."""
+        what = f"no {direction.value} protocol named {name!r}"
+        # A plugin is named after its protocol (the bundled ones are): when that plugin is
+        # installed but off, say so, not "not installed". Not for a bundled plugin asked
+        # for the direction it lacks (imap for outgoing).
+        elsewhere = (direction, name) not in BUNDLED_PROTOCOLS and any(n == name for _, n in BUNDLED_PROTOCOLS)
+        plugin = None if elsewhere or name in BUILTINS else self.plugins.get(name)
+        if plugin is not None and plugin.state == "disabled":
+            if self._only is not None and name not in self._only:
+                return f"{what} is loaded: $MAILHOST_LOAD_PLUGINS leaves out its plugin {name}; add {name} there"
+            return (f"{what} is enabled: its plugin {name} is disabled in the config file; "
+                    f"`mailhost plugins enable {name}` enables it")
+        if plugin is not None and plugin.state == "failed":
+            return f"{what} is loaded: its plugin {name} failed to load ({plugin.error}); see `mailhost plugins list`"
+        known = self.protocol_names(direction)
+        dist = BUNDLED_PROTOCOLS.get((direction, name))
+        if dist is not None:
+            return (f"{what} is installed: install it with `pip install {dist}` "
+                    f"(installed {direction.value} protocols: {', '.join(known) or 'none'})")
+        if not known:
+            bundled = sorted({d for (way, _), d in BUNDLED_PROTOCOLS.items() if way is direction})
+            return (f"{what} is available, nor any other: install or enable a plugin that provides one, "
+                    f"such as {' or '.join(bundled)}")
+        return f"{what} is available; choose one of: {', '.join(known)} (or install the plugin that provides it)"
 
     def protocol_names(self, direction: Direction) -> list[str]:
         """The names of the protocols available in ``direction``."""

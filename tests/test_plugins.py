@@ -218,6 +218,28 @@ def test_plugins_enable_unknown_name(home: Path, plugin_env: dict[str, str]) -> 
     assert (home / "mailhost.toml").read_text() == before
 
 
+def test_missing_protocol_says_why_and_what_to_do(home: Path, tmp_path: Path) -> None:
+    """Asked for a protocol it cannot use, the host says whether its plugin is disabled
+    (by the config or $MAILHOST_LOAD_PLUGINS) or failed, and what brings it back;
+    never a distribution that does not provide it."""
+    def add(direction: str, protocol: str, env: dict[str, str] | None = None) -> str:
+        out = run_cli(direction, "add", "x", "--protocol", protocol, "--host", "h.example.org", env=env, cwd=home)
+        assert out.returncode == 2 and out.stdout == "" and "Traceback" not in out.stderr, out
+        return out.stderr
+
+    only_imap = add("outgoing", "smtp", env={"MAILHOST_LOAD_PLUGINS": "imap"})
+    assert "$MAILHOST_LOAD_PLUGINS leaves out its plugin smtp; add smtp there" in only_imap
+    assert "mailhost-imap" not in only_imap
+    assert run_cli("plugins", "disable", "pop3", cwd=home).returncode == 0
+    assert "its plugin pop3 is disabled in the config file; `mailhost plugins enable pop3`" in add("incoming", "pop3")
+    site = make_dist(tmp_path / "broken", "mailhost-exchange", {"exchange": "mailhost_exchange"},
+                     {"mailhost_exchange": "raise ImportError('no exchangelib')\n"})
+    failed = add("incoming", "exchange", env={"PYTHONPATH": str(site)})
+    assert "its plugin exchange failed to load (import failed: ImportError: no exchangelib)" in failed
+    unknown = add("incoming", "nosuch")  # pop3 is disabled above
+    assert "no incoming protocol named 'nosuch' is available; choose one of: graph, imap (" in unknown
+
+
 def test_bundled_builtin_actions_registered_through_hooks() -> None:
     """The built-in after-download actions come from the builtin plugin, through the hook."""
     host = PluginHost(only=[])
