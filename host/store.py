@@ -34,7 +34,7 @@ from sqlalchemy import (
     event,
     text,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import (
     DeclarativeBase,
     Mapped,
@@ -476,6 +476,14 @@ SECRET_COLUMNS = (
 BUSY_TIMEOUT = 30
 
 
+#: libpq settings of every PostgreSQL connection unless the store's URL gives its own
+#: (``?connect_timeout=30``): give up connecting after 10 s, and let TCP keepalives find
+#: a link that died silently within about a minute (libpq's defaults: never, 2 hours).
+PG_CONNECT_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10, "keepalives": 1, "keepalives_idle": 30, "keepalives_interval": 10, "keepalives_count": 3,
+}
+
+
 def make_engine(url: str) -> Engine:
     """An engine for ``url``; SQLite gets WAL, full sync, foreign keys and a busy wait."""
     if url.startswith("sqlite"):
@@ -495,7 +503,11 @@ def make_engine(url: str) -> Engine:
 
         return engine
     try:
-        return create_engine(url, pool_pre_ping=True)
+        parsed = make_url(url)
+        # libpq waits for ever by default: a hung server, or a firewall that drops packets,
+        # would hang a command or a pass for good. The URL's own settings win.
+        connect_args = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in parsed.query}
+        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     except ModuleNotFoundError as exc:  # the driver is an extra
         raise ConfigError(f"the PostgreSQL driver ({exc.name}) is not installed: "
                           "pip install 'mailhost[postgresql]'") from None

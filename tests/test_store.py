@@ -278,3 +278,23 @@ def test_0005_keeps_every_row_and_link(database_url: str) -> None:
         assert "incoming_seen" in inspect(engine).get_table_names()
     finally:
         engine.dispose()
+
+
+def test_a_postgresql_server_that_never_answers_is_a_clear_error(tmp_path: Path) -> None:
+    """A PostgreSQL address that takes the connection but never answers (a hung server,
+    a firewall that swallows packets) fails after the default connect timeout with one
+    sentence, instead of hanging the command for good."""
+    import socket
+
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)  # the kernel completes the handshake; nobody ever reads or answers
+    try:
+        url = f"postgresql+psycopg://postgres@127.0.0.1:{silent.getsockname()[1]}/test"
+        out = run_cli("--config", str(tmp_path / "m.toml"), "init", "--database", url, timeout=60)
+    finally:
+        silent.close()
+    assert out.returncode == 2, out.stderr
+    assert "cannot open the store" in out.stderr and "timeout" in out.stderr and "--database" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "m.toml").exists()
+
