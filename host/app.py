@@ -180,14 +180,26 @@ class Mailhost:
     def migrate(self, fix: str | None = None) -> None:
         """Bring the store's schema up to date (``mailhost init`` does this); ``fix`` says
         what to check when the store cannot be opened (default: the config's [store] url)."""
+        fix = fix or f"check [store] url in {self.config.path}"
+        self._reach(fix)
         try:
             store.upgrade(self.engine)
         except OperationalError as exc:
-            raise ConfigError(
-                f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
-                f"{' '.join(str(exc.orig).split())}; {fix or f'check [store] url in {self.config.path}'}"
-            ) from None
+            raise self._cannot_open(exc, fix) from None
         self._schema_ok = True
+
+    def _reach(self, fix: str) -> None:
+        """Connect once: a store that cannot be reached, or whose URL has options its
+        driver refuses (``?connect_timeout=abc``), is the admin's to fix, in one sentence."""
+        try:
+            with self.engine.connect():
+                pass
+        except DBAPIError as exc:
+            raise self._cannot_open(exc, fix) from None
+
+    def _cannot_open(self, exc: DBAPIError, fix: str) -> ConfigError:
+        return ConfigError(f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
+                           f"{' '.join(str(exc.orig).split())}; {fix}")
 
     def check_schema(self) -> None:
         """Refuse to work on a store that is missing or older than this code."""
@@ -197,13 +209,12 @@ class Mailhost:
         if database is not None and not database.exists():  # connecting would create it, empty
             raise ConfigError(f"the store {database} does not exist: run `mailhost init` to create it, "
                               f"or check [store] url in {self.config.path}")
+        fix = f"check [store] url in {self.config.path}"
+        self._reach(fix)
         try:
             current = store.current_revision(self.engine)
         except OperationalError as exc:
-            raise ConfigError(
-                f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
-                f"{' '.join(str(exc.orig).split())}; check [store] url in {self.config.path}"
-            ) from None
+            raise self._cannot_open(exc, fix) from None
         head = store.head_revision()
         if current != head:
             raise ConfigError(

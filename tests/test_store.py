@@ -298,3 +298,11 @@ def test_a_postgresql_server_that_never_answers_is_a_clear_error(tmp_path: Path)
     assert "cannot open the store" in out.stderr and "timeout" in out.stderr and "--database" in out.stderr
     assert "Traceback" not in out.stderr and not (tmp_path / "m.toml").exists()
 
+
+def test_a_database_url_option_the_driver_refuses_is_a_clear_error(tmp_path: Path, postgres_url: str) -> None:
+    """An option in the URL that libpq refuses is the admin's to fix: exit 2, one
+    sentence naming it, nothing written (it was an "unexpected error" to report)."""
+    out = run_cli("--config", str(tmp_path / "m.toml"), "init", "--database", f"{postgres_url}?connect_timeout=abc")
+    assert out.returncode == 2, out.stderr
+    assert "cannot open the store" in out.stderr and "connect_timeout" in out.stderr and "--database" in out.stderr
+    assert not (tmp_path / "m.toml").exists()
