@@ -306,6 +306,19 @@ def test_a_plugin_action_takes_its_argument_on_the_command_line(home: Path, plug
     assert {"event": "flagged", "key": "a.eml", "argument": "urgent"} in [json.loads(e) for e in events]
 
 
+
+def test_a_failed_fetch_names_the_connection_once(home: Path, plugin_env: dict[str, str], box: Path) -> None:
+    """The human form of a failed pass is one line that names the connection once, also
+    when the error itself had to be prefixed with it."""
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
+    assert run_cli("incoming", "add", "c", "--protocol", "dir", "--folder", str(box), env=env, cwd=home).returncode == 0
+    assert run_cli("incoming", "enable", "c", "--yes", env=env, cwd=home).returncode == 0
+    (box / "a.eml").write_bytes(_msg(1))
+    out = run_cli("fetch", "c", env={**env, "MAILHOST_TESTPLUGIN_FAIL_AT": "a.eml"}, cwd=home)
+    assert out.returncode == 1
+    assert out.stderr == "c: failed after 0 message(s): connection dropped while fetching a.eml\n", out.stderr
+
+
 def test_message_stored(tmh: Mailhost, box: Path, conn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The message_stored hook sees each message once it is committed."""
     events = tmp_path / "events.jsonl"

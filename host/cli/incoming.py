@@ -59,7 +59,8 @@ def fetch(ctx: Context, names: tuple[str, ...], as_json: bool) -> None:
                 dup = f", {r.duplicates} already stored" if r.duplicates else ""
                 click.echo(f"{r.connection}: {r.stored} new message(s), {r.bytes} bytes{dup}, in {r.seconds:.2f}s")
             else:
-                click.echo(f"{r.connection}: failed after {r.stored} message(s): {r.error}", err=True)
+                error = (r.error or "").removeprefix(f"{r.connection}: ")  # the line names it already
+                click.echo(f"{r.connection}: failed after {r.stored} message(s): {error}", err=True)
     if any(not r.ok for r in reports):
         raise SystemExit(1)
 
