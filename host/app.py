@@ -167,6 +167,9 @@ class Mailhost:
         url = self.engine.url.render_as_string(hide_password=True)
         why = " ".join(str(orig).split()).rstrip(".") or type(orig).__name__
         low = why.lower()
+        if "deadlock" in low:  # PostgreSQL aborted this transaction to free another one
+            return (f"the store {url} aborted this change to end a deadlock with another process ({why}); "
+                    "try again")
         if "locked" in low:
             return (f"the store {url} is busy: another process kept it locked for {store.BUSY_TIMEOUT} s "
                     f"({why}); try again when it is done")

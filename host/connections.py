@@ -198,10 +198,14 @@ class Connections:
         incoming connection is disabled by any edit, as in the seeds)."""
         with self.host.session() as s:
             conn = self.get(direction, name, s)
+            # Its row first, before the rows named after it: a pass's batch locks them in
+            # this order too (Incoming._hold), and PostgreSQL aborts one of two
+            # transactions that lock in opposite orders (a deadlock).
+            model = _model(direction)
+            s.execute(select(model.id).where(model.id == conn.id).with_for_update())
             current = connection_values(direction, conn)
             given = spec.given()
             if "name" in given and given["name"] != conn.name:
-                model = _model(direction)
                 if s.scalar(select(model.id).where(model.name == given["name"])) is not None:
                     raise ValidationError(
                         f"an {direction.value} connection named {given['name']!r} already exists: choose another name",

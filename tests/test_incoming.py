@@ -231,6 +231,44 @@ def test_renamed_connection_keeps_its_queue_and_log(tmh: Mailhost, box: Path, co
         tmh.incoming.items(connection=conn)
 
 
+
+def test_renaming_a_connection_while_a_batch_commits(tmh: Mailhost, conn: str) -> None:
+    """An admin renames the connection while a batch of its pass is being committed: the
+    two lock the connection's row and the pass's log row in one order, so on PostgreSQL
+    neither is aborted as a deadlock; the edit waits for the batch."""
+    import threading
+    import time
+
+    from sqlalchemy import update
+
+    from mailhost.store import IncomingLog
+
+    claimed, _ = tmh.incoming._claim(conn)
+    assert claimed is not None
+    with tmh.session() as s:
+        row = IncomingLog(connection_id=claimed.id, connection_name=conn)
+        s.add(row)
+        s.flush()
+        log_id = row.id
+    failures: list[BaseException] = []
+
+    def rename() -> None:
+        try:
+            tmh.connections.edit(Direction.INCOMING, conn, ConnectionSpec(name="support"))
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            failures.append(exc)
+
+    editor = threading.Thread(target=rename)
+    with tmh.session() as s:  # what a batch's transaction does, in its order
+        tmh.incoming._hold(s, claimed)
+        editor.start()
+        time.sleep(0.5)  # the edit reaches its writes, and waits (SQLite: for the store; PostgreSQL: rows)
+        s.execute(update(IncomingLog).where(IncomingLog.id == log_id).values(stored=1))
+    editor.join(timeout=60)
+    assert not failures, failures
+    assert [entry.connection_name for entry in tmh.incoming.logs()] == ["support"]
+
+
 def test_failure_mid_pass_loses_nothing(tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A link dropped mid-batch: the messages of that batch that came whole are stored,
     and the next pass gets the rest; each message once."""
