@@ -515,23 +515,28 @@ class Incoming:
             return conn, None
 
     @staticmethod
-    def _settle_abandoned(s: Session) -> None:
-        """Mark passes that still say running but whose worker is gone interrupted, in
-        the open transaction: a pass runs only while its worker holds the connection's
-        lease, so one whose lease expired or whose holder died (or whose connection was
-        removed) will never finish. :meth:`_claim` does it for the connection it takes;
-        this finds those of connections that no pass takes again (disabled, removed)."""
+    def _abandoned(s: Session) -> set[int]:
+        """The passes that still say running but whose worker is gone: a pass runs only
+        while its worker holds the connection's lease, so one whose lease expired or whose
+        holder died (or whose connection was removed) will never finish. :meth:`_claim`
+        settles them for the connection it takes; these include those of connections that
+        no pass takes again (disabled, removed)."""
         now = utcnow()
         running = s.execute(
             select(IncomingLog.id, IncomingLog.connection_id, IncomingConnection.lease_owner,
                    IncomingConnection.lease_until)
             .outerjoin(IncomingConnection, IncomingConnection.id == IncomingLog.connection_id)
             .where(IncomingLog.status == "running")).all()
-        gone = [log_id for log_id, connection_id, owner, until in running
-                if connection_id is None or until is None or until < now or (owner and holder_is_gone(owner))]
+        return {log_id for log_id, connection_id, owner, until in running
+                if connection_id is None or until is None or until < now or (owner and holder_is_gone(owner))}
+
+    @staticmethod
+    def _settle_abandoned(s: Session) -> None:
+        """Mark the :meth:`_abandoned` passes interrupted, in the open transaction."""
+        gone = Incoming._abandoned(s)
         if gone:
             s.execute(update(IncomingLog).where(IncomingLog.id.in_(gone), IncomingLog.status == "running")
-                      .values(status="interrupted", finished_at=now, error=_INTERRUPTED)
+                      .values(status="interrupted", finished_at=utcnow(), error=_INTERRUPTED)
                       .execution_options(synchronize_session=False))
 
     @contextlib.contextmanager
@@ -717,7 +722,7 @@ class Incoming:
     def logs(self, connection: str | None = None, limit: int | None = None) -> list[IncomingLog]:
         """Download passes, newest first (a pass whose worker is gone says interrupted)."""
         with self.host.session() as s:
-            self._settle_abandoned(s)
+            gone = self._abandoned(s)
             q = select(IncomingLog).order_by(IncomingLog.id.desc())
             if connection:
                 q = q.where(IncomingLog.connection_name == connection)
@@ -726,7 +731,12 @@ class Incoming:
             found = list(s.scalars(q))
             if connection and not found:
                 self.host.connections.check_filter(Direction.INCOMING, connection, IncomingLog.connection_name, s)
-            return found
+        # Shown as what they are, not written: a listing must work on a read-only store, and
+        # never wait for a batch's commit. The rows are detached now, so nothing is flushed.
+        for entry in found:
+            if entry.id in gone and entry.status == "running":
+                entry.status, entry.error = "interrupted", _INTERRUPTED
+        return found
 
     def log_entries(self, log_id: int) -> list[LogEntry]:
         """The messages one pass saw: those it stored (queue items naming the pass) and
