@@ -712,10 +712,13 @@ class Incoming:
         """
         minutes = round(processing_for.total_seconds() / 60, 2)
         now = utcnow()
+        stale = and_(IncomingItem.status == "processing", IncomingItem.updated_at <= now - processing_for)
         with self.host.session() as s:
-            return s.execute(update(IncomingItem).where(
-                IncomingItem.status == "processing", IncomingItem.updated_at <= now - processing_for,
-            ).values(status="new", updated_at=now, error=(
+            # Look before writing: `serve` asks every minute, and most minutes there is
+            # nothing to release, so a store that reads but cannot write stays quiet.
+            if s.scalar(select(IncomingItem.id).where(stale).limit(1)) is None:
+                return 0
+            return s.execute(update(IncomingItem).where(stale).values(status="new", updated_at=now, error=(
                 f"released back to new after more than {minutes:g} minute(s) in processing: its handler "
                 "presumably died")).execution_options(synchronize_session=False)).rowcount
 
