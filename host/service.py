@@ -12,7 +12,7 @@ Many ``serve`` processes may share one PostgreSQL store: connection leases and r
 leases on the outgoing queue keep them from doing the same work twice.
 
 The service reads the config file once, at start: it warns when the file changes (a
-``plugins enable``, a new ``[service]`` or ``[outgoing]`` setting) that a restart
+``plugins enable``, a new ``[service]``, ``[incoming]`` or ``[outgoing]`` setting) that a restart
 applies it. Connections, credentials and certificates live in the store and are read
 at every pass, so changes made with the CLI apply without a restart.
 
@@ -113,7 +113,7 @@ class Service:
 
     def _notice_config_change(self) -> None:
         """Say once per change that the config file changed and what applies it: the
-        plugins, [service] and [outgoing] were read at start and stay as they were."""
+        plugins, [service], [incoming] and [outgoing] were read at start and stay as they were."""
         stamp = self._config_stamp()
         if stamp != self._config_seen:
             self._config_seen = stamp
