@@ -159,10 +159,8 @@ class Config:
             raise ConfigError(f"[plugins.protocols] in {path} must be a table of protocol = plugin")
         service = _table(doc, "service", path)
         incoming = _table(doc, "incoming", path)
-        timeout = incoming.get("processing_timeout_minutes", 60)
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= 52_560_000:
-            raise ConfigError(f"[incoming] processing_timeout_minutes in {path} must be a number of minutes "
-                              f"from 0 (never) to 52560000, not {timeout!r}")
+        timeout = _number(incoming, "processing_timeout_minutes", 60, path, section="incoming", unit="minutes",
+                          zero="never", most=52_560_000)
         web = _table(doc, "web", path)
         interval = _number(service, "delivery_interval", 10, path)
         sessions = int(_number(service, "delivery_sessions", 4, path, whole=True))
@@ -329,13 +327,17 @@ def _checked_listen(value: Any, path: Path) -> str:
     return value
 
 
-def _number(table: dict[str, Any], key: str, default: float, path: Path, whole: bool = False) -> float:
-    """A [service] number: an int or float (not text or true), finite and above 0."""
+def _number(table: dict[str, Any], key: str, default: float, path: Path, *, section: str = "service",
+            whole: bool = False, unit: str = "seconds", zero: str | None = None, most: float = math.inf) -> float:
+    """A number of the config file: an int or float (not text or true), finite, above 0
+    (or 0 too, where ``zero`` says what 0 means) and at most ``most``."""
     value = table.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf \
+    if isinstance(value, bool) or not isinstance(value, (int, float)) \
+            or not (0 <= value if zero else 0 < value) or not value < math.inf or value > most \
             or (whole and int(value) != value):
-        kind = "a whole number >= 1" if whole else "a number of seconds > 0"
-        raise ConfigError(f"[service] {key} in {path} must be {kind}, not {value!r}")
+        kind = ("a whole number >= 1" if whole else
+                f"a number of {unit} from 0 ({zero}) to {most:.0f}" if zero else f"a number of {unit} > 0")
+        raise ConfigError(f"[{section}] {key} in {path} must be {kind}, not {value!r}")
     return float(value)
 
 
