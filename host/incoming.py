@@ -210,6 +210,7 @@ class Incoming:
             if acks.through > acks.recorded and (not acks.on_close or session.closed_cleanly):
                 try:
                     with self.host.session() as s:
+                        self._hold(s, conn)  # an edit that took the lease moved this folder's marks
                         self._record_acknowledged(s, conn.id, folder, acks, closed=True)
                 except Exception as exc:  # the next pass acknowledges them again
                     log.warning("%s: could not record acknowledgements: %s", conn.name, exc,
