@@ -1,7 +1,6 @@
 """The POP3 session against a real Dovecot (dovecot-pop3d)."""
 from __future__ import annotations
 
-import os
 import signal
 import ssl
 import subprocess
