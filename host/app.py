@@ -197,12 +197,13 @@ class Mailhost:
         try:
             with self.engine.connect():
                 pass
-        except DBAPIError as exc:
+        except (DBAPIError, ValueError) as exc:  # older psycopg raises ValueError for a bad option
             raise self._cannot_open(exc, fix) from None
 
-    def _cannot_open(self, exc: DBAPIError, fix: str) -> ConfigError:
+    def _cannot_open(self, exc: Exception, fix: str) -> ConfigError:
+        reason = getattr(exc, "orig", None) or exc  # the driver's words, without SQLAlchemy's wrapping
         return ConfigError(f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
-                           f"{' '.join(str(exc.orig).split())}; {fix}")
+                           f"{' '.join(str(reason).split())}; {fix}")
 
     def check_schema(self) -> None:
         """Refuse to work on a store that is missing or older than this code."""
