@@ -24,7 +24,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .config import listen_address
 from .connections import connection_dict
-from .errors import ConfigError, MailhostError, ValidationError
+from .errors import ConfigError, MailhostError, StoreError, ValidationError
 from .incoming import item_dict
 from .outgoing import item_dict as outgoing_item_dict
 from .protocols import Direction
@@ -77,6 +77,9 @@ class WebAdmin:
                               "file".encode())
         try:
             return self._answer(environ, start_response)
+        except StoreError as exc:  # the store is away for a while (restart, lost link): not a bug
+            return self._send(start_response, "503 Service Unavailable", "application/json",
+                              json.dumps({"error": redact(str(exc))}).encode(), [("Retry-After", "30")])
         except MailhostError as exc:  # bad input (400) or a failure it explains (500), in one sentence
             status = "400 Bad Request" if exc.exit_code == 2 else "500 Internal Server Error"
             return self._send(start_response, status, "application/json",
@@ -109,10 +112,12 @@ class WebAdmin:
         return self._send(start_response, "200 OK", "text/html; charset=utf-8", body.encode())
 
     @staticmethod
-    def _send(start_response: Callable[..., Any], status: str, ctype: str, body: bytes) -> list[bytes]:
+    def _send(start_response: Callable[..., Any], status: str, ctype: str, body: bytes,
+              extra: Iterable[tuple[str, str]] = ()) -> list[bytes]:
         start_response(status, [("Content-Type", ctype), ("Content-Length", str(len(body))),
                                 ("X-Content-Type-Options", "nosniff"),
-                                ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'")])
+                                ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+                                *extra])
         return [body]
 
     # -- data (the CLI's JSON shapes) -------------------------------------------------

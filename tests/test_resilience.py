@@ -370,3 +370,35 @@ def test_a_store_kept_busy_is_one_sentence_from_the_cli(home: Path, command: lis
     assert exit_.value.code == 1
     assert err.startswith(f"mailhost: the store sqlite:///{home / 'mailhost.db'} is busy"), err
     assert "try again" in err and "report" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_web_admin_answers_503_while_the_store_is_away(proxied: Mailhost, proxy: _Proxy) -> None:
+    """A store that cannot be reached is the service being unavailable for a while, not
+    a server bug: 503 with Retry-After and the store's sentence; 200 again once it is back."""
+    import http.client
+
+    from mailhost.web import start_web
+
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    web = start_web(proxied, f"127.0.0.1:{port}")
+
+    def get() -> http.client.HTTPResponse:
+        name, _, port = web.address.rpartition(":")
+        conn = http.client.HTTPConnection(name, int(port), timeout=60)
+        conn.request("GET", "/api/queue/incoming", headers={"Host": "localhost"})
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        return response
+
+    try:
+        assert get().status == 200
+        proxy.down()
+        away = get()
+        assert away.status == 503 and away.getheader("Retry-After") == "30", (away.status, away.getheaders())
+        proxy.up()
+        _wait_for(lambda: get().status == 200, "the web admin answers again")
+    finally:
+        web.stop()
