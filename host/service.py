@@ -27,9 +27,10 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .app import exit_now
 from .errors import StoreError
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Service"]
 
+T = TypeVar("T")
 log = logging.getLogger(__name__)
 
 RELEASE_EVERY = 60.0  # seconds between looks for items whose handler died: a timeout is minutes
@@ -122,13 +124,8 @@ class Service:
 
     def _start_due_downloads(self) -> None:
         self._running = {n: f for n, f in self._running.items() if not f.done()}
-        try:
-            due = self.host.incoming.due()
-        except StoreError as exc:
-            self._store_failed(exc)
-            return
-        except Exception:
-            log.exception("cannot read the connections that are due")
+        due = self._guarded("reading the connections that are due", self.host.incoming.due)
+        if due is None:
             return
         self._store_settled()
         for name in due:
@@ -136,13 +133,8 @@ class Service:
                 self._running[name] = self._pool.submit(self._download, name)
 
     def _download(self, name: str) -> None:
-        try:
-            report = self.host.incoming.fetch_one(name)
-        except StoreError as exc:
-            self._store_failed(exc)
-            return
-        except Exception:
-            log.exception("download pass of %s failed", name)
+        report = self._guarded(f"the download pass of {name}", lambda: self.host.incoming.fetch_one(name))
+        if report is None:
             return
         if report.error:
             log.warning("%s", report.error)
@@ -153,24 +145,25 @@ class Service:
         timeout = self.host.config.processing_timeout
         if timeout is None:
             return
-        try:
-            released = self.host.incoming.release(timeout)
-        except StoreError as exc:
-            self._store_failed(exc)
-            return
-        except Exception:
-            log.exception("cannot release the incoming items whose handler died")
-            return
+        released = self._guarded("releasing the incoming items whose handler died",
+                                 lambda: self.host.incoming.release(timeout))
         if released:
             log.warning("%d incoming item(s) were processing for more than %s: they are new again", released, timeout)
 
     def _deliver(self) -> None:
+        self._guarded("the delivery pass", lambda: self.host.outgoing.deliver(sessions=self.host.config.delivery_sessions))
+
+    def _guarded(self, what: str, work: Callable[[], T]) -> T | None:
+        """``work()``, or None once its failure is said: the store's once (it is the same
+        for every job, see :meth:`_store_failed`), anything else with its traceback; one
+        job's failure never stops the service."""
         try:
-            self.host.outgoing.deliver(sessions=self.host.config.delivery_sessions)
+            return work()
         except StoreError as exc:
             self._store_failed(exc)
         except Exception:
-            log.exception("delivery pass failed")
+            log.exception("%s failed", what)
+        return None
 
     def _store_failed(self, exc: StoreError) -> None:
         """Say that the store fails once, not at every tick while it does."""
