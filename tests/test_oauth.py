@@ -418,7 +418,7 @@ def test_a_renewal_does_not_undo_an_authorization_made_meanwhile(mh: Mailhost, i
     """A renewal that ends after `oauth authorize` replaced the grant keeps nothing of the
     old grant, neither its tokens nor its error: the new authorization stays as it was
     stored, and the renewal's caller gets its token."""
-    _, renewal, held = held_renewal(mh, idp, clock, workers(), browser)
+    renewal, held = held_renewal(mh, idp, clock, workers(), browser)
     if revoked:  # why the admin signs in again: the old grant's renewal gets AADSTS50173
         idp.revoke_user(ALICE)
     mh.oauth.authorize("m365", ALICE, signed_in(browser))  # the admin signs in again meanwhile
@@ -434,7 +434,7 @@ def test_a_renewal_does_not_bring_back_tokens_an_edit_dropped(mh: Mailhost, idp:
                                                               browser: Callable[[str], bool]) -> None:
     """`oauth edit --scope` during a renewal drops the tokens for good: the renewal's
     caller is told to sign in again, and nothing of the old grant is stored."""
-    _, renewal, held = held_renewal(mh, idp, clock, workers(), browser)
+    renewal, held = held_renewal(mh, idp, clock, workers(), browser)
     _, dropped = mh.oauth.edit("m365", CredentialSpec(scopes=["https://graph.microsoft.com/Mail.Read"]))
     assert dropped
     held.release()
@@ -474,7 +474,7 @@ def test_an_app_only_renewal_during_an_edit_gets_a_token_for_the_new_scopes(
 
 
 def held_renewal(mh: Mailhost, idp: IdentityProvider, clock: Clock, worker: Worker,
-                 browser: Callable[[str], bool]) -> tuple[Any, Worker, Hold]:
+                 browser: Callable[[str], bool]) -> tuple[Worker, Hold]:
     """ALICE signed in to m365 an hour ago, and ``worker`` renewing her token, its request
     held at the provider: the moment an admin's change meets a renewal under way."""
     idp.add_user(ALICE)
@@ -484,7 +484,7 @@ def held_renewal(mh: Mailhost, idp: IdentityProvider, clock: Clock, worker: Work
     held = idp.hold_next("token")
     worker.start(lambda: worker.host.oauth.access_token(cred.id, ALICE))
     assert held.arrived.wait(10)
-    return cred, worker, held
+    return worker, held
 
 
 def held_sign_in(mh: Mailhost, idp: IdentityProvider, worker: Worker, browser: Callable[[str], bool]) -> Hold:
