@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import Connection, inspect, text
 
 from mailhost import Mailhost, store
 from mailhost.errors import ConfigError
@@ -145,6 +145,14 @@ def test_init_twice_keeps_config(tmp_path: Path) -> None:
     assert (tmp_path / "mailhost.key").read_bytes() == key
 
 
+def _add_0002_connection(conn: Connection) -> None:
+    """Incoming connection 1, desk, as a store at schema 0002 holds it."""
+    conn.execute(text(
+        "INSERT INTO incoming_connections (id, name, description, protocol, encryption, interval, timeout, "
+        "after_download, options, enabled, created_at, updated_at) VALUES (1, 'desk', '', 'imap', 'ssl', "
+        "1, 30000, 'mark-seen', '{}', false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+
+
 def test_0003_turns_acknowledged_flags_into_one_mark_per_folder(database_url: str) -> None:
     """Upgrading a 0002 store: each folder is acknowledged up to just below its first
     unacknowledged key (the next pass repeats the rest), also folders without a cursor
@@ -153,10 +161,7 @@ def test_0003_turns_acknowledged_flags_into_one_mark_per_folder(database_url: st
     try:
         store.upgrade(engine, "0002")
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO incoming_connections (id, name, description, protocol, encryption, interval, timeout, "
-                "after_download, options, enabled, created_at, updated_at) VALUES (1, 'desk', '', 'imap', 'ssl', "
-                "1, 30000, 'mark-seen', '{}', false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            _add_0002_connection(conn)
             conn.execute(text("INSERT INTO folder_cursors (connection_id, folder, state, updated_at) "
                               "VALUES (1, 'INBOX', '{\"last_uid\": 3}', CURRENT_TIMESTAMP)"))
             for i, (folder, acked) in enumerate([("INBOX", True), ("INBOX", True), ("INBOX", False),
@@ -184,10 +189,7 @@ def test_a_migration_that_copies_a_table_keeps_the_links_to_it(database_url: str
     try:
         store.upgrade(engine, "0002")
         with engine.begin() as conn:
-            conn.execute(text(
-                "INSERT INTO incoming_connections (id, name, description, protocol, encryption, interval, timeout, "
-                "after_download, options, enabled, created_at, updated_at) VALUES (1, 'desk', '', 'imap', 'ssl', "
-                "1, 30000, 'mark-seen', '{}', false, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            _add_0002_connection(conn)
             conn.execute(text(
                 "INSERT INTO incoming_queue (id, connection_id, connection_name, folder, status, size, fingerprint, "
                 "raw, created_at, updated_at) VALUES (7, 1, 'desk', 'INBOX', 'new', 1, 'f', 'x', CURRENT_TIMESTAMP, "
