@@ -106,11 +106,23 @@ def test_sdists_ship_no_tests_or_local_state(built: dict[str, Built]) -> None:
     venv, a store, a key or a config."""
     for name, dist in built.items():
         names = dist.sdist_names()
-        assert {"PKG-INFO", "setup.cfg", "pyproject.toml", "README.md"} <= set(names), name
+        assert {"PKG-INFO", "setup.cfg", "pyproject.toml", "README.md", "LICENSE"} <= set(names), name
         stray = [n for n in names if n.split("/")[0] in ("tests", "bench", "docs", ".venv", ".ci")
                  or "__pycache__" in n or n.endswith((".pyc", ".db", ".key", ".toml.bak"))
                  or n.endswith("mailhost.toml")]
         assert stray == [], name
+
+
+def test_every_distribution_ships_the_license(built: dict[str, Built]) -> None:
+    """Each sdist and wheel carries the MIT license text (a plugin's folder holds a copy
+    of the repository's LICENSE: setuptools takes no file from outside the project), and
+    the wheel's metadata names it."""
+    text = (ROOT / "LICENSE").read_text()
+    assert text.startswith("MIT License\n") and "Copyright (c) 2026 the mailhost authors" in text
+    for name, dist in built.items():
+        assert "LICENSE" in dist.sdist_names(), name
+        assert dist.wheel_text(".dist-info/licenses/LICENSE") == text, name
+        assert dist.metadata().get_all("License-File") == ["LICENSE"], name
 
 
 def test_build_warns_nothing(built: dict[str, Built]) -> None:
