@@ -5,6 +5,7 @@ from __future__ import annotations
 import email
 import email.message
 import os
+import re
 import subprocess
 import sys
 import sysconfig
@@ -147,6 +148,19 @@ def test_metadata(built: dict[str, Built]) -> None:
         else:
             assert f"[mailhost]\n{package.removeprefix('mailhost_')} = {package}" in entry_points
             assert "mailhost>=0.1" in meta.get_all("Requires-Dist"), name
+
+
+# A Markdown link's target, inline (``[text](target)``) or a reference (``[label]: target``).
+_LINK_TARGET = re.compile(r"\]\(\s*<?([^)\s>]+)|^\s*\[[^\]]+\]:\s*<?(\S+?)>?(?:\s|$)", re.M)
+
+
+def test_long_descriptions_have_no_relative_links(built: dict[str, Built]) -> None:
+    """Each README is its distribution's page on PyPI, which has no repository to resolve
+    ``docs/cli.md`` or ``../../README.md`` against: every link is absolute (or an anchor)."""
+    for name, dist in built.items():
+        targets = [a or b for a, b in _LINK_TARGET.findall(dist.metadata().get_payload())]
+        relative = [t for t in targets if not t.startswith(("https://", "http://", "mailto:", "#"))]
+        assert relative == [], (name, relative)
 
 
 def _venv_with(tmp_path: Path, wheels: list[Path]) -> Path:
