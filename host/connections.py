@@ -661,7 +661,9 @@ def connection_values(direction: Direction, conn: Any) -> dict[str, Any]:
 
 
 def connection_dict(direction: Direction, conn: Any, provider: ProtocolProvider | None = None) -> dict[str, Any]:
-    """The JSON form of a connection, with the seeds' attribute names; no secrets."""
+    """The JSON form of a connection, with the seeds' attribute names; no secrets. Times
+    are datetimes, as in a queue item's: the CLI prints them in its one way, and its
+    ``--json`` and the REST API as ISO 8601 (:func:`mailhost.store.json_value`)."""
     port = conn.port
     if not port and provider is not None:
         port = provider.default_ports.get(Encryption(conn.encryption))
@@ -689,7 +691,7 @@ def connection_dict(direction: Direction, conn: Any, provider: ProtocolProvider 
             shared_mailbox=conn.shared_mailbox,
             certificates=[c.name for c in conn.certificates],
             enabled=conn.enabled,
-            last_poll_at=_iso(conn.last_poll_at),
+            last_poll_at=conn.last_poll_at,
             last_error=conn.last_error,
         )
     else:
@@ -702,10 +704,6 @@ def connection_dict(direction: Direction, conn: Any, provider: ProtocolProvider 
             default=conn.is_default,
         )
     return out
-
-
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
 
 
 def _model(direction: Direction) -> type[Any]:

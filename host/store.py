@@ -62,6 +62,7 @@ __all__ = [
     "OutgoingItem",
     "SECRET_COLUMNS",
     "SeenMessage",
+    "json_value",
     "make_engine",
     "upgrade",
     "utcnow",
@@ -86,6 +87,16 @@ NAMING = {
 def utcnow() -> dt.datetime:
     """Now, in UTC, timezone-aware."""
     return dt.datetime.now(dt.timezone.utc)
+
+
+def json_value(value: Any) -> Any:
+    """A stored value JSON has no type for, as the CLI's ``--json`` and the REST API
+    both write it (``json.dumps(default=...)``): a time in ISO 8601, bytes as text."""
+    if isinstance(value, dt.datetime):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    raise TypeError(f"cannot serialise {type(value).__name__}")
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):

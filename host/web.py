@@ -29,7 +29,7 @@ from .incoming import item_dict
 from .outgoing import item_dict as outgoing_item_dict
 from .protocols import Direction
 from .secrets import redact
-from .store import MAX_ROWS
+from .store import MAX_ROWS, json_value
 
 if TYPE_CHECKING:
     from .app import Mailhost
@@ -107,7 +107,7 @@ class WebAdmin:
         rows = rows_for(query)
         if api:
             return self._send(start_response, "200 OK", "application/json",
-                              json.dumps(rows, default=str, ensure_ascii=False).encode())
+                              json.dumps(rows, default=json_value, ensure_ascii=False).encode())
         body = _env.get_template("table.html").render(title=title, columns=columns, rows=rows, pages=self.routes)
         return self._send(start_response, "200 OK", "text/html; charset=utf-8", body.encode())
 

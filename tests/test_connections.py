@@ -176,6 +176,25 @@ def test_enable_reports_estimate_and_needs_confirmation(cli) -> None:
     assert out.returncode == 0, out.stderr
 
 
+def test_last_poll_is_printed_like_every_other_time(cli, tmh) -> None:
+    """`incoming show` prints the last poll as the CLI prints every time (``2026-11-21
+    19:23:17``), --json as ISO 8601, and the REST API as --json does."""
+    import datetime as dt
+
+    from mailhost.web import WebAdmin
+
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
+    assert cli("incoming", "enable", "c1", "--yes").returncode == 0
+    assert cli("fetch", "c1").returncode == 0
+    polled = json.loads(cli("incoming", "show", "c1", "--json").stdout)["last_poll_at"]
+    when = dt.datetime.fromisoformat(polled)
+    [line] = [x for x in cli("incoming", "show", "c1").stdout.splitlines() if x.startswith("last_poll_at ")]
+    assert line.split(None, 1)[1] == when.strftime("%Y-%m-%d %H:%M:%S"), line
+    environ = {"PATH_INFO": "/api/incoming", "REQUEST_METHOD": "GET", "HTTP_HOST": "localhost"}
+    [row] = json.loads(b"".join(WebAdmin(tmh)(environ, lambda status, headers: None)))
+    assert row["last_poll_at"] == polled and row["name"] == "c1"
+
+
 def test_outgoing_single_default(cli) -> None:
     """At most one outgoing connection is the default."""
     assert cli("outgoing", "add", "a", "--protocol", "dir", "--host", "a", "--default").returncode == 0

@@ -33,7 +33,7 @@ import click
 from ..app import Mailhost, exit_now
 from ..errors import MailhostError
 from ..secrets import RedactingFilter, redact
-from ..store import MAX_INT, MAX_ROWS
+from ..store import MAX_INT, MAX_ROWS, json_value
 
 __all__ = ["cli", "main"]
 
@@ -180,17 +180,9 @@ DAYS = _Span("days", 36500)
 MINUTES = _Span("minutes", 36500 * 24 * 60)
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dt.datetime):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    raise TypeError(f"cannot serialise {type(value).__name__}")
-
-
 def print_json(data: Any) -> None:
     """Print ``data`` as JSON on stdout."""
-    click.echo(json.dumps(data, indent=2, default=_jsonable, ensure_ascii=False))
+    click.echo(json.dumps(data, indent=2, default=json_value, ensure_ascii=False))
 
 
 def print_rows(
