@@ -687,7 +687,7 @@ def connection_dict(direction: Direction, conn: Any, provider: ProtocolProvider 
             folder=conn.folder,
             interval=conn.interval,
             after_download=conn.after_download,
-            move_to=conn.after_download_argument,
+            after_download_argument=conn.after_download_argument,
             shared_mailbox=conn.shared_mailbox,
             certificates=[c.name for c in conn.certificates],
             enabled=conn.enabled,

@@ -176,12 +176,19 @@ def test_enable_reports_estimate_and_needs_confirmation(cli) -> None:
     assert out.returncode == 0, out.stderr
 
 
+def _api(host, path: str):
+    """What the REST API answers to a GET of ``path`` (its WSGI application, called as a
+    server would)."""
+    from mailhost.web import WebAdmin
+
+    environ = {"PATH_INFO": path, "REQUEST_METHOD": "GET", "HTTP_HOST": "localhost"}
+    return json.loads(b"".join(WebAdmin(host)(environ, lambda status, headers: None)))
+
+
 def test_last_poll_is_printed_like_every_other_time(cli, tmh) -> None:
     """`incoming show` prints the last poll as the CLI prints every time (``2026-11-21
     19:23:17``), --json as ISO 8601, and the REST API as --json does."""
     import datetime as dt
-
-    from mailhost.web import WebAdmin
 
     assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
     assert cli("incoming", "enable", "c1", "--yes").returncode == 0
@@ -190,9 +197,25 @@ def test_last_poll_is_printed_like_every_other_time(cli, tmh) -> None:
     when = dt.datetime.fromisoformat(polled)
     [line] = [x for x in cli("incoming", "show", "c1").stdout.splitlines() if x.startswith("last_poll_at ")]
     assert line.split(None, 1)[1] == when.strftime("%Y-%m-%d %H:%M:%S"), line
-    environ = {"PATH_INFO": "/api/incoming", "REQUEST_METHOD": "GET", "HTTP_HOST": "localhost"}
-    [row] = json.loads(b"".join(WebAdmin(tmh)(environ, lambda status, headers: None)))
+    [row] = _api(tmh, "/api/incoming")
     assert row["last_poll_at"] == polled and row["name"] == "c1"
+
+
+def test_action_argument_has_one_name_everywhere(cli, tmh) -> None:
+    """The argument of an after-download action (move's folder, or a plugin action's
+    value) is ``after_download_argument`` in the text of `show`, its --json and the REST
+    API, as in the Python API: not ``move_to``, which a plugin's argument is not."""
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox),
+               "--after-download", "test-flag", "--action-argument", "urgent").returncode == 0
+    assert cli("incoming", "add", "c2", "--protocol", "dir", "--folder", str(cli.mailbox),
+               "--after-download", "move", "--move-to", "Done").returncode == 0
+    shown = json.loads(cli("incoming", "show", "c1", "--json").stdout)
+    assert (shown["after_download"], shown["after_download_argument"]) == ("test-flag", "urgent")
+    assert "move_to" not in shown
+    assert "after_download_argument  urgent" in cli("incoming", "show", "c1").stdout
+    rows = _api(tmh, "/api/incoming")
+    assert [(r["name"], r["after_download_argument"]) for r in rows] == [("c1", "urgent"), ("c2", "Done")]
+    assert not any("move_to" in r for r in rows)
 
 
 def test_outgoing_single_default(cli) -> None:

@@ -51,9 +51,9 @@ def _incoming_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--interval", type=int, metavar="MINUTES", help="Minutes between downloads (default 1)."),
         click.option("--after-download", metavar="ACTION", help="mark-seen (IMAP default), keep (POP3 default), delete, move, ..."),
         # One value, two spellings: move's target folder, or the argument a plugin's action takes.
-        click.option("--move-to", "--action-argument", "move_to", metavar="FOLDER",
+        click.option("--move-to", "--action-argument", "after_download_argument", metavar="FOLDER",
                      help="The target folder of --after-download move; --action-argument VALUE: the argument "
-                          "of an action a plugin adds."),
+                          "of an action a plugin adds. `show` and --json name it after_download_argument."),
         click.option("--shared-mailbox", metavar="ALIAS", help="Open this shared mailbox with the user's credentials."),
         click.option("--certificate", "certificates", multiple=True, metavar="NAME",
                      help="Decrypt S/MIME mail with this certificate (repeatable; replaces the list)."),
@@ -86,12 +86,9 @@ def _spec(name: str | None, opts: dict[str, Any]) -> ConnectionSpec:
         if certificates:
             fail("give --certificate or --no-certificates, not both")
         certificates = []  # given, and empty: detach them all
-    move_to = opts.pop("move_to", None)
     spec = ConnectionSpec(name=name, password=password, **{k: v for k, v in opts.items()})
     if certificates is not None:
         spec.certificates = certificates
-    if move_to is not None:
-        spec.after_download_argument = move_to
     if spec.encryption:
         spec.encryption = spec.encryption.lower()
     return spec
