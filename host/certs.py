@@ -14,7 +14,6 @@ expired one is replaced by adding the new one, attaching it, and removing the ol
 """
 from __future__ import annotations
 
-import builtins
 import contextlib
 import datetime as dt
 import hashlib
@@ -38,12 +37,12 @@ from sqlalchemy import func, or_, select
 from sqlalchemy.orm import selectinload
 
 from .errors import NotFound, ValidationError
-from .store import Certificate, utcnow
+from .store import Certificate, IncomingConnection, utcnow
 
 if TYPE_CHECKING:
     from .app import Mailhost
 
-__all__ = ["Certificates", "Pkcs12", "certificate_dict", "load_pkcs12"]
+__all__ = ["Certificates", "Pkcs12", "Removal", "certificate_dict", "load_pkcs12"]
 
 _FIX_PASSWORD = "give it with --password-env VAR, --password-file F or --password-stdin"
 
@@ -125,27 +124,50 @@ class Certificates:
                 raise NotFound(f"no certificate named {name!r}: see `mailhost certs list`")
             return row
 
-    def remove(self, name: str, detach: bool = False) -> builtins.list[str]:
-        """Remove a certificate; returns the connections it was detached from.
+    def remove(self, name: str, detach: bool = False) -> Removal:
+        """Remove a certificate; returns the connections it was detached from, and what
+        becomes of mail encrypted only for it there (:class:`Removal`).
 
         A certificate still attached to connections is refused unless ``detach`` is
         true: mail encrypted for it would then arrive undecrypted, so the admin says so.
         Mail already decrypted with it keeps its decrypted form.
         """
         with self.host.session() as s:
-            row = s.scalar(select(Certificate).options(selectinload(Certificate.connections))
-                           .where(Certificate.name == name))
+            row = s.scalar(select(Certificate).options(
+                selectinload(Certificate.connections).selectinload(IncomingConnection.certificates))
+                .where(Certificate.name == name))
             if row is None:
                 raise NotFound(f"no certificate named {name!r}: see `mailhost certs list`")
-            users = sorted(c.name for c in row.connections)
+            users = sorted(row.connections, key=lambda c: c.name)
             if users and not detach:
                 raise ValidationError(
-                    f"certificate {name!r} is attached to incoming connection(s) {', '.join(users)}: attach its "
-                    "replacement there first, then remove it with --detach to detach it as well", "name")
+                    f"certificate {name!r} is attached to incoming connection(s) {', '.join(c.name for c in users)}: "
+                    "attach its replacement there first, then remove it with --detach to detach it as well", "name")
+            # Told in the same transaction as the detaching, so it is what the connections are left with.
+            keeps_others = {c.name: any(other is not row for other in c.certificates) for c in users}
             row.connections = []
             s.flush()
             s.delete(row)
-            return users
+            return Removal(name, flagging=tuple(c for c, others in keeps_others.items() if others),
+                           bare=tuple(c for c, others in keeps_others.items() if not others))
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A removed certificate, and the incoming connections it was detached from, by what
+    becomes of mail encrypted only for it there from now on: it is stored as downloaded,
+    not decrypted, and a connection with other certificates attached (``flagging``)
+    flags it with the reason; one left with none (``bare``) does not look at encrypted
+    mail, so nothing flags it there. Tell the admin now: nothing will later."""
+
+    name: str
+    flagging: tuple[str, ...] = ()
+    bare: tuple[str, ...] = ()
+
+    @property
+    def detached(self) -> tuple[str, ...]:
+        """Every connection it was detached from, by name."""
+        return tuple(sorted(self.flagging + self.bare))
 
 
 def certificate_dict(row: Certificate, now: dt.datetime | None = None) -> dict[str, Any]:

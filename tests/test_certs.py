@@ -9,7 +9,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from mailhost import Mailhost
-from mailhost.certs import Certificates, certificate_dict
+from mailhost.certs import Certificates, Removal, certificate_dict
 from mailhost.connections import ConnectionSpec
 from mailhost.errors import NotFound, ValidationError
 from mailhost.protocols import Direction
@@ -86,7 +86,7 @@ def test_add_list_remove_on_each_store(mh_any: Mailhost, people: dict[str, Perso
     assert certs.list("%") == certs.list("_") == certs.list("a_ice") == []  # literal, not LIKE wildcards
     with mh_any.session() as s:
         assert mh_any.vault.decrypt_bytes(s.scalar(select(Certificate.key_enc))) == people["alice"].key_pem
-    assert certs.remove("Alice") == [] and certs.list() == []
+    assert certs.remove("Alice") == Removal("Alice") and certs.list() == []
 
 
 def test_names_are_unique_and_a_certificate_is_stored_once(mh: Mailhost, people: dict[str, Person]) -> None:
@@ -150,25 +150,30 @@ def test_separate_private_key_password(mh: Mailhost, tmp_path: Path, people: dic
 
 def test_remove_refuses_while_attached_unless_detached(tmh: Mailhost, tmp_path: Path, people: dict[str, Person]) -> None:
     """Removing a certificate that connections use is refused, naming them; --detach
-    detaches it from them and removes it."""
+    detaches it from them and removes it, and says which of them flag mail encrypted
+    only for it from now on (those with other certificates) and which do not."""
     certs = Certificates(tmh)
     certs.add("alice", people["alice"].p12, password=PASSWORD)
     certs.add("bob", people["bob"].p12, password=PASSWORD)
     for name in ("desk", "sales"):
         tmh.connections.add(Direction.INCOMING, ConnectionSpec(
             name=name, protocol="dir", folder=str(tmp_path), certificates=["alice", "bob"]))
-    assert certificate_dict(certs.get("alice"))["connections"] == ["desk", "sales"]
-    with pytest.raises(ValidationError, match=r"attached to incoming connection\(s\) desk, sales: .*--detach"):
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="info", protocol="dir", folder=str(tmp_path),
+                                                           certificates=["alice"]))
+    assert certificate_dict(certs.get("alice"))["connections"] == ["desk", "info", "sales"]
+    with pytest.raises(ValidationError, match=r"attached to incoming connection\(s\) desk, info, sales: .*--detach"):
         certs.remove("alice")
     assert [c.name for c in certs.list()] == ["alice", "bob"]
-    assert certs.remove("alice", detach=True) == ["desk", "sales"]
+    removal = certs.remove("alice", detach=True)
+    assert removal == Removal("alice", flagging=("desk", "sales"), bare=("info",))
+    assert removal.detached == ("desk", "info", "sales")
     assert [c.name for c in certs.list()] == ["bob"]
     assert [c.name for c in tmh.connections.get(Direction.INCOMING, "desk").certificates] == ["bob"]
     with pytest.raises(NotFound, match="no certificate named 'alice'"):
         certs.remove("alice")
     tmh.connections.edit(Direction.INCOMING, "desk", ConnectionSpec(certificates=[]))
     tmh.connections.edit(Direction.INCOMING, "sales", ConnectionSpec(certificates=[]))
-    assert certs.remove("bob") == []
+    assert certs.remove("bob") == Removal("bob")
 
 
 # ---------------------------------------------------------------------------------------

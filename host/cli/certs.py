@@ -4,7 +4,6 @@ from __future__ import annotations
 import click
 
 from ..certs import certificate_dict
-from ..protocols import Direction
 from . import (
     Context,
     cli,
@@ -76,22 +75,17 @@ def certs_remove(ctx: Context, name: str, detach: bool) -> None:
     is stored as downloaded, not decrypted, and flagged where other certificates are
     attached (docs/smime.md).
     """
-    detached = ctx.host.certificates.remove(name, detach=detach)
-    if not detached:
+    removal = ctx.host.certificates.remove(name, detach=detach)
+    if not removal.detached:
         click.echo(f"removed certificate {name}", err=True)
         return
-    click.echo(f"removed certificate {name}, detached from {', '.join(detached)}", err=True)
-    # A connection without certificates does not look at encrypted mail at all, so
-    # nothing flags it there: the admin hears it now, or never.
-    left = {c.name: bool(c.certificates) for c in ctx.host.connections.list(Direction.INCOMING)}
-    flagging = [c for c in detached if left.get(c)]
-    bare = [c for c in detached if c in left and not left[c]]
+    click.echo(f"removed certificate {name}, detached from {', '.join(removal.detached)}", err=True)
+    flagging, bare = removal.flagging, removal.bare
     fates = []
     if flagging:
         fates.append(f"{', '.join(flagging)} flag{'s' if len(flagging) == 1 else ''} it with the reason")
     if bare:
         fates.append(f"{', '.join(bare)} {'has' if len(bare) == 1 else 'have'} no certificate left and "
                      f"{'does' if len(bare) == 1 else 'do'} not flag it")
-    if fates:  # none when the connections were removed meanwhile
-        click.echo(f"from now on, mail encrypted only for {name} is stored as downloaded, not decrypted (attaching "
-                   f"a certificate later does not decrypt it): {'; '.join(fates)}", err=True)
+    click.echo(f"from now on, mail encrypted only for {name} is stored as downloaded, not decrypted (attaching "
+               f"a certificate later does not decrypt it): {'; '.join(fates)}", err=True)
