@@ -33,9 +33,11 @@ endpoints, following Microsoft's documentation (Microsoft Learn, /graph/...):
   using MIME format"): ``POST /users/{id}/sendMail`` with ``Content-Type: text/plain`` and
   the base64 MIME as body; ``202 Accepted``; malformed base64 is ``400
   ErrorMimeContentInvalidBase64String``; a copy lands in Sent Items. What was sent is kept
-  in :attr:`GraphServer.sent`. A request body over ``max_request_bytes`` (4 MB by default,
-  an assumption: Microsoft documents 3 MB per request for attachments, no figure for MIME)
-  is ``413 RequestEntityTooLarge``.
+  in :attr:`GraphServer.sent`.
+* request size (``/graph/use-the-api``, ``/graph/errors``; the body as Graph sends it is
+  reported in microsoftgraph/microsoft-graph-docs#85 and #11805): any request whose body
+  is over ``max_request_bytes`` (4 MB) is ``413`` with ``{"error": {"code": "BadRequest",
+  "message": "The maximum request length supported is 4MB."}}``, whatever it asks.
 * JSON batching (``/graph/json-batching``): ``POST /$batch`` with up to 20 requests, ids
   unique, ``dependsOn`` (a failed dependency is ``424``); each response has ``id``,
   ``status``, ``headers``, ``body`` (a JSON body as JSON, other content such as the MIME
@@ -597,6 +599,10 @@ class GraphServer:
             if not segments or segments[0] != "v1.0":
                 raise GraphError(400, "BadRequest", f"Invalid version: {segments[0] if segments else ''}")
             segments = segments[1:]
+            if not in_batch and len(req.body) > self.max_request_bytes:
+                # Graph's front door refuses any request over 4 MB before it looks further.
+                raise GraphError(413, "BadRequest", "The maximum request length supported is "
+                                 f"{self.max_request_bytes / 2**20:g}MB.")
             if not in_batch:
                 auth = req.headers.get("authorization", "")
                 if not auth.lower().startswith("bearer ") or not auth[7:].strip():
@@ -1108,9 +1114,6 @@ class _Ctx:
         ctype = self.req.headers.get("content-type", "").split(";")[0].strip().lower()
         caller = self.req.principal.user if self.req.principal and self.req.principal.user else \
             f"app:{self.req.principal.app_id if self.req.principal else '?'}"
-        if len(self.req.body) > self.s.max_request_bytes:
-            raise GraphError(413, "RequestEntityTooLarge",
-                             f"The request body exceeds the maximum of {self.s.max_request_bytes} bytes.")
         if ctype == "text/plain":
             text = self.req.body.strip()
             try:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from graph_helpers import ALICE, BOB, SUPPORT, Settings
+from graph_helpers import ALICE, BOB, SUPPORT, Settings, message
 from mailhost.errors import PermanentFailure, TemporaryFailure
 from mailhost_graph.outgoing import open_outgoing, with_envelope
 
@@ -87,7 +87,7 @@ def test_refused_token_is_temporary(graph: GraphServer, settings: Settings) -> N
 def test_too_large_is_permanent(graph: GraphServer, settings: Settings) -> None:
     """413 for a request body Graph will not take: permanent, nothing sent."""
     graph.max_request_bytes = 100
-    with open_outgoing(settings()) as s, pytest.raises(PermanentFailure, match="413 RequestEntityTooLarge"):
+    with open_outgoing(settings()) as s, pytest.raises(PermanentFailure, match="413 BadRequest: The maximum request length"):
         s.send(RAW, ALICE, ["carol@example.org", "dave@example.org"])
     assert graph.sent == []
 
@@ -105,3 +105,13 @@ def test_send_without_an_answer_is_in_doubt(graph: GraphServer, settings: Settin
         with pytest.raises(TemporaryFailure) as refused:
             s.send(RAW, ALICE, ["carol@example.org", "dave@example.org"])
     assert refused.value.in_doubt is False
+
+
+def test_five_mb_message_is_refused_413(graph: GraphServer, settings: Settings) -> None:
+    """Today: a message of 5 MB is one sendMail over Graph's 4 MB request limit, refused for good."""
+    raw = message(1, size=5 * 1024 * 1024, to="carol@example.org")
+    with open_outgoing(settings()) as s, pytest.raises(PermanentFailure) as caught:
+        s.send(raw, ALICE, ["carol@example.org"])
+    assert str(caught.value) == (f"Microsoft Graph at 127.0.0.1:{graph.port} refused send a message as {ALICE} "
+                                 "(413 BadRequest: The maximum request length supported is 4MB.)")
+    assert graph.sent == []

@@ -141,3 +141,15 @@ def test_folders_by_name_and_create(graph: GraphServer, http: httpx.Client) -> N
     assert [f["id"] for f in found] == [created.json()["id"]]
     child = http.post(f"/me/mailFolders/{created.json()['id']}/childFolders", json={"displayName": "Level 1"})
     assert child.json()["parentFolderId"] == created.json()["id"]
+
+
+def test_any_request_over_4_mb_is_413(graph: GraphServer, http: httpx.Client) -> None:
+    """A 5 MB message in one sendMail is over Graph's 4 MB request limit: 413 with Graph's
+    body, nothing sent; the limit is the request's, so creating a draft is refused alike."""
+    raw = message(1, size=5 * 1024 * 1024, to="carol@example.org")
+    for path in ("/users/alice@contoso.com/sendMail", "/users/alice@contoso.com/messages"):
+        r = http.post(path, content=base64.b64encode(raw), headers={"Content-Type": "text/plain"})
+        assert r.status_code == 413 and r.reason_phrase == "Request Entity Too Large"
+        error = r.json()["error"]
+        assert (error["code"], error["message"]) == ("BadRequest", "The maximum request length supported is 4MB.")
+    assert graph.sent == [] and graph.messages(ALICE, "sentitems") == []
