@@ -34,6 +34,28 @@ endpoints, following Microsoft's documentation (Microsoft Learn, /graph/...):
   the base64 MIME as body; ``202 Accepted``; malformed base64 is ``400
   ErrorMimeContentInvalidBase64String``; a copy lands in Sent Items. What was sent is kept
   in :attr:`GraphServer.sent`.
+* drafts, attachments and upload sessions (``/graph/api/user-post-messages``,
+  ``message-post-attachments``, ``attachment-createuploadsession``, ``message-send``,
+  ``/graph/outlook-large-attachments``): ``POST /users/{id}/messages`` with base64 MIME
+  creates a draft in Drafts (``201``, ``isDraft``); ``POST .../messages/{id}/attachments``
+  with a ``#microsoft.graph.fileAttachment`` (``contentBytes``) adds one (``201``);
+  ``POST .../attachments/createUploadSession`` with an ``AttachmentItem`` (``file``, name,
+  size, ``isInline``, ``contentId``) is ``201`` and an uploadSession (``uploadUrl``,
+  ``expirationDateTime``, ``nextExpectedRanges: ["0-"]``); files under 3 MB are ``400
+  ErrorAttachmentSizeShouldNotBeLessThanMinimumSize``. The upload URL is pre-authenticated
+  (``/api/v2.0/Users('...')/Messages('...')/AttachmentSessions('...')?authtoken=...``, on
+  this server where Graph's is on outlook.office.com): ``PUT`` with ``Content-Range: bytes
+  {start}-{end}/{total}`` in order, ``200`` with ``nextExpectedRanges: ["{next}"]``, the last
+  range ``201`` with a ``Location``; a range that is not the next one is ``416
+  invalidRange``; ``DELETE`` cancels (``204``); the stand-in refuses an ``Authorization``
+  header there (Microsoft: do not send one), so a client that would hand its token on is
+  caught. ``POST .../messages/{id}/send`` is ``202``: the draft with its attachments goes
+  out (kept in :attr:`GraphServer.sent`, whose :attr:`SentMail.attachments` decode what the
+  recipients find) and moves to Sent Items. A message over ``max_message_bytes`` (Exchange
+  Online's default 35 MB) is ``400 ErrorMessageSizeExceeded`` ("The message exceeds the
+  maximum supported size.", as reported in microsoftgraph/microsoft-graph-docs#15579).
+  Upload ``PUT``s are the request kind ``upload`` for :meth:`GraphServer.throttle`,
+  :meth:`~GraphServer.fail` and :meth:`~GraphServer.drop`.
 * request size (``/graph/use-the-api``, ``/graph/errors``; the body as Graph sends it is
   reported in microsoftgraph/microsoft-graph-docs#85 and #11805): any request whose body
   is over ``max_request_bytes`` (4 MB) is ``413`` with ``{"error": {"code": "BadRequest",
@@ -89,7 +111,10 @@ import base64
 import binascii
 import collections
 import contextlib
+import dataclasses
 import datetime as dt
+import email
+import email.message
 import email.parser
 import email.policy
 import email.utils
@@ -113,6 +138,7 @@ from .certs import Pki, server_ssl_context
 
 __all__ = [
     "AUDIENCE",
+    "Attachment",
     "GraphServer",
     "Principal",
     "SentMail",
@@ -120,6 +146,7 @@ __all__ = [
     "add_oauth_credential",
     "graph_server",
     "introspection_verifier",
+    "received_attachments",
     "wire_access_token",
 ]
 
@@ -132,6 +159,9 @@ _DISPLAY = {
 }
 _MAX_BATCH = 20
 _SIZE_PROPERTY = "Integer 0xe08"  # PidTagMessageSize, as Graph echoes it
+_MIN_UPLOAD = 3_000_000  # "between 3 MB and 150 MB": smaller files are POSTed (decimal MB: an assumption)
+_MAX_ATTACHMENT = 150 * 1024 * 1024
+_TENANT = "test-tenant"
 _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 
 
@@ -205,6 +235,38 @@ class StoredMessage:
     sender: str = ""
     to: tuple[str, ...] = ()
     internet_message_id: str = ""
+    is_draft: bool = False
+    attachments: list[Attachment] = field(default_factory=list)  # added with the API, not in ``raw``
+
+    @property
+    def size(self) -> int:
+        return len(self.raw) + sum(len(a.content) for a in self.attachments)
+
+
+@dataclass(frozen=True)
+class Attachment:
+    """A file attachment: one added to a draft with the API, or one a sent message carries."""
+
+    id: str
+    name: str
+    content_type: str
+    content: bytes
+    is_inline: bool = False
+    content_id: str | None = None
+
+
+@dataclass
+class _Upload:
+    """An attachment upload session (``createUploadSession``) and the bytes it has so far."""
+
+    id: str
+    token: str
+    mailbox: str
+    message: str  # the draft's immutable id
+    item: Attachment  # what the AttachmentItem announced (content empty)
+    size: int
+    expires: dt.datetime
+    received: bytearray = field(default_factory=bytearray)
 
 
 @dataclass
@@ -229,9 +291,15 @@ class SentMail:
 
     mailbox: str  # the mailbox in the URL
     caller: str  # the user of a delegated token, or "app:<id>"
-    raw: bytes | None  # the MIME as decoded from base64; None for a JSON send
+    raw: bytes | None  # the MIME as sent (with its Bcc); None for a JSON send
     recipients: tuple[str, ...]  # To, Cc and Bcc of the MIME, lower case
     json: Mapping[str, Any] | None = None
+
+    @property
+    def attachments(self) -> list[Attachment]:
+        """What the recipients find attached: every part with a file name or a Content-ID,
+        decoded (ids are empty)."""
+        return received_attachments(self.raw or b"")
 
 
 @dataclass
@@ -326,6 +394,7 @@ class GraphServer:
         retry_after: float = 0.05,
         mailbox_concurrency: int = 4,
         max_request_bytes: int = 4 * 1024 * 1024,
+        max_message_bytes: int = 35 * 1024 * 1024,
         verify: Callable[[str], Principal | None] | None = None,
     ) -> None:
         self.pki = pki
@@ -336,6 +405,8 @@ class GraphServer:
         self.retry_after = retry_after
         self.mailbox_concurrency = mailbox_concurrency
         self.max_request_bytes = max_request_bytes
+        self.max_message_bytes = max_message_bytes
+        self._uploads: dict[str, _Upload] = {}
         self._verify = verify
         self._secret = secrets.token_bytes(32)
         self._lock = threading.RLock()
@@ -596,13 +667,15 @@ class GraphServer:
         """Answer one request (a top-level one, or one inside ``$batch``)."""
         try:
             segments = [unquote(s) for s in req.path.split("/") if s]
-            if not segments or segments[0] != "v1.0":
-                raise GraphError(400, "BadRequest", f"Invalid version: {segments[0] if segments else ''}")
-            segments = segments[1:]
             if not in_batch and len(req.body) > self.max_request_bytes:
                 # Graph's front door refuses any request over 4 MB before it looks further.
                 raise GraphError(413, "BadRequest", "The maximum request length supported is "
                                  f"{self.max_request_bytes / 2**20:g}MB.")
+            if segments[:2] == ["api", "v2.0"] and not in_batch:
+                return self._upload(req, segments[2:])
+            if not segments or segments[0] != "v1.0":
+                raise GraphError(400, "BadRequest", f"Invalid version: {segments[0] if segments else ''}")
+            segments = segments[1:]
             if not in_batch:
                 auth = req.headers.get("authorization", "")
                 if not auth.lower().startswith("bearer ") or not auth[7:].strip():
@@ -682,6 +755,61 @@ class GraphServer:
             with self._inflight_lock:
                 self._inflight[key] -= 1
 
+    def _upload(self, req: _Request, seg: list[str]) -> _Response:
+        """``PUT`` a byte range to (or ``DELETE``) a pre-authenticated upload URL."""
+        if req.headers.get("authorization"):
+            # Microsoft: "Do not specify an Authorization request header". The stand-in
+            # refuses one, so that a client that would hand its token on is caught.
+            raise GraphError(400, "BadRequest", "The upload URL is pre-authenticated: send no Authorization header.")
+        sid = _seg_key(seg[-1]) if seg and _seg_name(seg[-1]) == "attachmentsessions" else None
+        self._maybe_throttle("upload")
+        with self._lock:
+            self.stats["upload"] += 1
+            up = self._uploads.get(sid or "")
+            if up is None or not hmac.compare_digest(req.query.get("authtoken", ""), up.token) \
+                    or up.expires < dt.datetime.now(dt.UTC):
+                raise GraphError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+            response = self._upload_range(req, up)
+            if self._drops["upload"] > 0:
+                self._drops["upload"] -= 1
+                response.drop = True
+            return response
+
+    def _upload_range(self, req: _Request, up: _Upload) -> _Response:
+        if req.method == "DELETE":
+            del self._uploads[up.id]
+            return _Response(204)
+        if req.method != "PUT":
+            raise GraphError(405, "BadRequest", f"{req.method} is not allowed here.")
+        m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", req.headers.get("content-range", "").strip())
+        if m is None:
+            raise GraphError(400, "invalidRequest", "The Content-Range header is missing or malformed.")
+        start, end, total = (int(g) for g in m.groups())
+        if total != up.size:
+            raise GraphError(400, "invalidRange", "Declared total size for this fragment is different from that "
+                                                  "of the upload session.")
+        if end < start or end - start + 1 != len(req.body) or end >= up.size:
+            raise GraphError(400, "invalidRequest", "The Content-Range header does not match the body.")
+        if start != len(up.received):
+            raise GraphError(416, "invalidRange", "Uploaded fragment overlaps with existing data."
+                             if start < len(up.received) else "Uploaded fragment is out of order.")
+        up.received += req.body
+        if len(up.received) < up.size:
+            return _Response.json(200, {"@odata.context": f"{self.base_url}/$metadata#microsoft.graph.uploadSession",
+                                        "expirationDateTime": _iso(up.expires),
+                                        "nextExpectedRanges": [str(len(up.received))]})
+        del self._uploads[up.id]
+        box = self._mailbox(up.mailbox)
+        draft = box.messages.get(up.message)
+        if draft is None:
+            raise GraphError(404, "ErrorItemNotFound", "The specified object was not found in the store.")
+        _Ctx(self, req, box, up.mailbox).fits(draft, up.size)
+        att = dataclasses.replace(up.item, content=bytes(up.received))
+        draft.attachments.append(att)
+        draft.version += 1
+        return _Response(201, headers={"Location": f"https://{self.host}:{self.port}/api/v2.0/Users('{box.id}@{_TENANT}')"
+                                                   f"/Messages('{draft.rest_id}')/Attachments('{att.id}')"})
+
     def _route(self, req: _Request, seg: list[str]) -> _Response:
         low = [s.lower() for s in seg]
         if low[0] == "me":
@@ -697,6 +825,8 @@ class GraphServer:
         ctx = _Ctx(self, req, box, box_ref)
         if low_rest == ["sendmail"] and req.method == "POST":
             return ctx.send_mail()
+        if low_rest == ["messages"] and req.method == "POST":
+            return ctx.create_draft()
         # mailFolders[/{id}[/childFolders | /messages[/delta | /{id}...]]]
         if low_rest and _seg_name(low_rest[0]) == "mailfolders":
             key = _seg_key(rest[0])
@@ -743,6 +873,13 @@ class GraphServer:
             return ctx.mime(m)
         elif tail in (["move"], ["microsoft.graph.move"]) and method == "POST":
             return ctx.move_message(m)
+        elif tail == ["attachments"] and method == "POST":
+            return ctx.add_attachment(m)
+        elif tail in (["attachments", "createuploadsession"], ["attachments", "microsoft.graph.createuploadsession"]) \
+                and method == "POST":
+            return ctx.create_upload_session(m)
+        elif tail in (["send"], ["microsoft.graph.send"]) and method == "POST":
+            return ctx.send_draft(m)
         raise GraphError(405, "BadRequest", f"{method} is not allowed here.")
 
     def _batch(self, req: _Request) -> _Response:
@@ -968,10 +1105,10 @@ class _Ctx:
             "createdDateTime": _iso(m.received), "lastModifiedDateTime": _iso(m.received),
             "changeKey": f"CQAAABYAAAA{m.version:08d}",
             "receivedDateTime": _iso(m.received), "sentDateTime": _iso(m.received),
-            "hasAttachments": b"Content-Disposition: attachment" in m.raw,
+            "hasAttachments": bool(m.attachments) or b"Content-Disposition: attachment" in m.raw,
             "internetMessageId": m.internet_message_id, "subject": m.subject,
             "bodyPreview": "", "importance": "normal", "parentFolderId": m.folder_id,
-            "conversationId": "AAQk" + m.immutable_id[-12:], "isRead": m.is_read, "isDraft": False,
+            "conversationId": "AAQk" + m.immutable_id[-12:], "isRead": m.is_read, "isDraft": m.is_draft,
             "from": {"emailAddress": {"address": email.utils.parseaddr(m.sender)[1]}},
             "sender": {"emailAddress": {"address": email.utils.parseaddr(m.sender)[1]}},
             "toRecipients": [{"emailAddress": {"address": a}} for a in m.to],
@@ -1111,30 +1248,10 @@ class _Ctx:
 
     def send_mail(self) -> _Response:
         self.need("send")
-        ctype = self.req.headers.get("content-type", "").split(";")[0].strip().lower()
-        caller = self.req.principal.user if self.req.principal and self.req.principal.user else \
-            f"app:{self.req.principal.app_id if self.req.principal else '?'}"
+        ctype = self.content_type()
         if ctype == "text/plain":
-            text = self.req.body.strip()
-            try:
-                raw = base64.b64decode(text, validate=True)
-            except (binascii.Error, ValueError):
-                raw = b""
-            if not raw:
-                raise GraphError(400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content.")
-            head = _HEADERS.parsebytes(raw)
-            rcpts = tuple(a.lower() for _, a in email.utils.getaddresses(
-                [str(v) for k in ("To", "Cc", "Bcc") for v in head.get_all(k, [])]) if a)
-            if not rcpts:
-                raise GraphError(400, "ErrorInvalidRecipients", "At least one recipient isn't valid., A message "
-                                 "can't be sent because it contains no recipients.")
-            sender = email.utils.parseaddr(str(head.get("From", "")))[1].lower()
-            if sender and sender != self.box.address:
-                self.need_send_as(sender)
-            # Bcc travels with the envelope only, as Exchange does.
-            kept = re.sub(rb"(?im)^bcc:.*\r?\n(?:[ \t].*\r?\n)*", b"", raw)
-            self.s.sent.append(SentMail(self.box.address, caller, raw, rcpts))
-            self.s.deliver_many(self.box.address, [kept], "sentitems", is_read=True)
+            raw = self.mime_body()
+            self.accept(raw)
             return _Response(202)
         if ctype == "application/json":
             try:
@@ -1144,9 +1261,135 @@ class _Ctx:
                 raise GraphError(400, "ErrorInvalidRequest", "The message property is required.") from None
             rcpts = tuple(r["emailAddress"]["address"].lower()
                           for k in ("toRecipients", "ccRecipients", "bccRecipients") for r in msg.get(k) or [])
-            self.s.sent.append(SentMail(self.box.address, caller, None, rcpts, payload))
+            self.s.sent.append(SentMail(self.box.address, self.caller(), None, rcpts, payload))
             return _Response(202)
         raise GraphError(415, "UnsupportedMediaType", f"Content-Type {ctype or 'none'} is not supported.")
+
+    def content_type(self) -> str:
+        return self.req.headers.get("content-type", "").split(";")[0].strip().lower()
+
+    def caller(self) -> str:
+        p = self.req.principal
+        return p.user if p and p.user else f"app:{p.app_id if p else '?'}"
+
+    def mime_body(self) -> bytes:
+        """The MIME message of a ``text/plain`` body, base64-decoded."""
+        try:
+            raw = base64.b64decode(self.req.body.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            raw = b""
+        if not raw:
+            raise GraphError(400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content.")
+        return raw
+
+    def accept(self, raw: bytes) -> None:
+        """Submit ``raw``: it goes to its To, Cc and Bcc (kept in :attr:`GraphServer.sent`),
+        a copy without Bcc to Sent Items."""
+        head = _HEADERS.parsebytes(raw)
+        rcpts = tuple(a.lower() for _, a in email.utils.getaddresses(
+            [str(v) for k in ("To", "Cc", "Bcc") for v in head.get_all(k, [])]) if a)
+        if not rcpts:
+            raise GraphError(400, "ErrorInvalidRecipients", "At least one recipient isn't valid., A message "
+                             "can't be sent because it contains no recipients.")
+        sender = email.utils.parseaddr(str(head.get("From", "")))[1].lower()
+        if sender and sender != self.box.address:
+            self.need_send_as(sender)
+        self.s.sent.append(SentMail(self.box.address, self.caller(), raw, rcpts))
+        self.s.deliver_many(self.box.address, [_without_bcc(raw)], "sentitems", is_read=True)
+
+    # -- drafts, attachments, upload sessions ---------------------------------------------
+
+    def create_draft(self) -> _Response:
+        """``POST /messages`` with MIME (``user-post-messages``): a draft in Drafts, ``201``."""
+        self.need("write")
+        if self.content_type() != "text/plain":
+            raise GraphError(415, "UnsupportedMediaType", "The stand-in creates drafts from MIME (text/plain) only.")
+        raw = self.mime_body()
+        if len(raw) > self.s.max_message_bytes:
+            raise GraphError(400, "ErrorMessageSizeExceeded", "The message exceeds the maximum supported size.")
+        [imm] = self.s.deliver_many(self.box.address, [raw], "drafts", is_read=True)
+        m = self.box.messages[imm]
+        m.is_draft = True
+        return _Response.json(201, self.message_json(m))
+
+    def fits(self, m: StoredMessage, more: int) -> None:
+        """Whether ``more`` bytes of attachment keep ``m`` within the mailbox's maximum message size."""
+        if m.size + more > self.s.max_message_bytes:
+            raise GraphError(400, "ErrorMessageSizeExceeded", "The message exceeds the maximum supported size.")
+
+    def add_attachment(self, m: StoredMessage) -> _Response:
+        """``POST .../attachments`` with a fileAttachment (``message-post-attachments``), ``201``."""
+        self.need("write")
+        try:
+            body = json.loads(self.req.body)
+            assert isinstance(body, dict)
+        except (ValueError, AssertionError):
+            raise GraphError(400, "BadRequest", "Empty Payload. JSON content expected.") from None
+        if body.get("@odata.type") != "#microsoft.graph.fileAttachment":
+            raise GraphError(400, "BadRequest", "The stand-in adds file attachments only.")
+        try:
+            content = base64.b64decode(str(body["contentBytes"]), validate=True)
+            name = str(body["name"])
+        except (KeyError, ValueError, binascii.Error):
+            raise GraphError(400, "ErrorInvalidProperty", "The name and contentBytes properties are required.") \
+                from None
+        self.fits(m, len(content))
+        att = Attachment(_new_id("att"), name, str(body.get("contentType") or "application/octet-stream"), content,
+                         bool(body.get("isInline")), body.get("contentId") or None)
+        m.attachments.append(att)
+        m.version += 1
+        return _Response.json(201, {
+            "@odata.context": f"{self.s.base_url}/$metadata#users('{self.box_ref}')/messages('{self.message_id(m)}')"
+                              "/attachments/$entity",
+            "@odata.type": "#microsoft.graph.fileAttachment", "id": att.id,
+            "lastModifiedDateTime": _iso(dt.datetime.now(dt.UTC)), "name": att.name, "contentType": att.content_type,
+            "size": len(content), "isInline": att.is_inline, "contentId": att.content_id, "contentLocation": None,
+            "contentBytes": body["contentBytes"],
+        })
+
+    def create_upload_session(self, m: StoredMessage) -> _Response:
+        """``POST .../attachments/createUploadSession`` (``attachment-createuploadsession``):
+        ``201`` and an uploadSession whose ``uploadUrl`` takes the bytes (see :meth:`GraphServer._upload`)."""
+        self.need("write")
+        try:
+            item = json.loads(self.req.body)["AttachmentItem"]
+            size, name = int(item["size"]), str(item["name"])
+        except (ValueError, KeyError, TypeError):
+            raise GraphError(400, "BadRequest", "The AttachmentItem parameter, with its name and size, is required.") \
+                from None
+        if item.get("attachmentType") != "file":
+            raise GraphError(400, "BadRequest", "The attachmentType of an AttachmentItem must be file.")
+        if size < _MIN_UPLOAD:
+            raise GraphError(400, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize",
+                             "Attachment size must be greater than the minimum size.")
+        if size > _MAX_ATTACHMENT:
+            raise GraphError(400, "ErrorAttachmentSizeLimitExceeded", "The attachment exceeds the maximum size.")
+        self.fits(m, size)
+        expires = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=15)
+        announced = Attachment(_new_id("att"), name, str(item.get("contentType") or "application/octet-stream"), b"",
+                               bool(item.get("isInline")), item.get("contentId") or None)
+        up = _Upload(_new_id("ses"), secrets.token_urlsafe(24), self.box.address, m.immutable_id, announced, size,
+                     expires)
+        self.s._uploads[up.id] = up
+        url = (f"https://{self.s.host}:{self.s.port}/api/v2.0/Users('{self.box.id}@{_TENANT}')"
+               f"/Messages('{self.message_id(m)}')/AttachmentSessions('{up.id}')?authtoken={up.token}")
+        return _Response.json(201, {"@odata.context": f"{self.s.base_url}/$metadata#microsoft.graph.uploadSession",
+                                    "uploadUrl": url, "expirationDateTime": _iso(expires),
+                                    "nextExpectedRanges": ["0-"]})
+
+    def send_draft(self, m: StoredMessage) -> _Response:
+        """``POST .../send`` (``message-send``): ``202``; the draft, with its attachments,
+        goes to its recipients and moves to Sent Items."""
+        self.need("send")
+        if not m.is_draft:
+            raise GraphError(400, "ErrorInvalidOperation", "Only a draft can be sent.")
+        if m.size > self.s.max_message_bytes:
+            raise GraphError(400, "ErrorMessageSizeExceeded",
+                             "The message exceeds the maximum supported size., Cannot submit the message.")
+        raw = _with_attachments(m.raw, m.attachments)
+        self.accept(raw)
+        self.s.purge_message(self.box.address, m.immutable_id)  # its copy is in Sent Items now
+        return _Response(202)
 
     # -- links --------------------------------------------------------------------------
 
@@ -1220,6 +1463,41 @@ class _Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------------------
 
 
+def _without_bcc(raw: bytes) -> bytes:
+    """Bcc travels with the envelope only, as Exchange does."""
+    return re.sub(rb"(?im)^bcc:.*\r?\n(?:[ \t].*\r?\n)*", b"", raw)
+
+
+def _with_attachments(raw: bytes, attachments: Iterable[Attachment]) -> bytes:
+    """A draft's MIME with the attachments added through the API, as Exchange submits it."""
+    attachments = list(attachments)
+    if not attachments:
+        return raw
+    msg = email.message_from_bytes(raw, policy=email.policy.SMTP)
+    assert isinstance(msg, email.message.EmailMessage)
+    if msg.get_content_type() != "multipart/mixed":
+        msg.make_mixed()
+    for a in attachments:
+        maintype, _, subtype = a.content_type.partition("/")
+        msg.add_attachment(a.content, maintype=maintype or "application", subtype=subtype or "octet-stream",
+                           filename=a.name, disposition="inline" if a.is_inline else "attachment",
+                           cid=f"<{a.content_id}>" if a.content_id else None)
+    return msg.as_bytes()
+
+
+def received_attachments(raw: bytes) -> list[Attachment]:
+    """The attachments of a MIME message as a recipient finds them: every leaf part with
+    a file name or a Content-ID, decoded."""
+    found = []
+    for part in email.message_from_bytes(raw, policy=email.policy.SMTP).walk():
+        cid = str(part.get("Content-ID") or "").strip().strip("<>") or None
+        if part.is_multipart() or not (part.get_filename() or cid):
+            continue
+        found.append(Attachment("", part.get_filename() or "", part.get_content_type(),
+                                part.get_payload(decode=True) or b"", part.get_content_disposition() == "inline", cid))
+    return found
+
+
 def _kind(method: str, seg: list[str]) -> str:
     low = [s.lower() for s in seg]
     last = low[-1] if low else ""
@@ -1231,6 +1509,14 @@ def _kind(method: str, seg: list[str]) -> str:
         return "move"
     if last == "sendmail":
         return "sendmail"
+    if last in ("send", "microsoft.graph.send"):
+        return "send"
+    if last.endswith("createuploadsession"):
+        return "uploadsession"
+    if last == "attachments":
+        return "attach"
+    if last == "messages" and method == "POST":
+        return "create"
     if any(_seg_name(s) == "messages" for s in low):
         return {"PATCH": "patch", "DELETE": "delete"}.get(method, "message")
     return "folder"

@@ -153,3 +153,49 @@ def test_any_request_over_4_mb_is_413(graph: GraphServer, http: httpx.Client) ->
         error = r.json()["error"]
         assert (error["code"], error["message"]) == ("BadRequest", "The maximum request length supported is 4MB.")
     assert graph.sent == [] and graph.messages(ALICE, "sentitems") == []
+
+
+def test_draft_upload_session_and_send(graph: GraphServer, http: httpx.Client) -> None:
+    """A MIME draft, a large attachment in ranges through its pre-authenticated upload URL,
+    a small one POSTed, then send: 201s, nextExpectedRanges, Location, 202, Sent Items."""
+    me = "/users/alice@contoso.com"
+    raw = message(1, to="carol@example.org").replace(b"From: Sender 1 <sender1@example.org>",
+                                                    b"From: alice@contoso.com\r\nBcc: erin@example.org")
+    draft = http.post(f"{me}/messages", content=base64.b64encode(raw), headers={"Content-Type": "text/plain"})
+    assert draft.status_code == 201 and draft.json()["isDraft"] is True
+    mid = draft.json()["id"]
+    assert [m.raw for m in graph.messages(ALICE, "drafts")] == [raw]
+    small = http.post(f"{me}/messages/{mid}/attachments/createUploadSession",
+                      json={"AttachmentItem": {"attachmentType": "file", "name": "a.txt", "size": 10}})
+    assert (small.status_code, small.json()["error"]["code"]) == (400, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize")
+    big = bytes(range(256)) * (13 * 1024)  # 3.25 MiB
+    created = http.post(f"{me}/messages/{mid}/attachments/createUploadSession", json={"AttachmentItem": {
+        "attachmentType": "file", "name": "plan.pdf", "size": len(big), "contentType": "application/pdf",
+        "isInline": True, "contentId": "plan"}})
+    assert created.status_code == 201 and created.json()["nextExpectedRanges"] == ["0-"]
+    url = created.json()["uploadUrl"]
+    assert "/AttachmentSessions('" in url and "authtoken=" in url
+    with httpx.Client(verify=ssl.create_default_context(cafile=graph.ca_file)) as bare:
+        def put(start: int, end: int, **headers: str) -> httpx.Response:
+            return bare.put(url, content=big[start:end + 1], headers={
+                "Content-Type": "application/octet-stream", "Content-Range": f"bytes {start}-{end}/{len(big)}",
+                **headers})
+        assert put(0, 99, Authorization="Bearer x").status_code == 400  # the URL carries its own token
+        first = put(0, 2 * 1024 * 1024 - 1)
+        assert first.status_code == 200 and first.json()["nextExpectedRanges"] == [str(2 * 1024 * 1024)]
+        assert put(0, 99).status_code == 416  # overlaps what it has
+        last = put(2 * 1024 * 1024, len(big) - 1)
+        assert last.status_code == 201 and "/Attachments('" in last.headers["Location"]
+    posted = http.post(f"{me}/messages/{mid}/attachments", json={
+        "@odata.type": "#microsoft.graph.fileAttachment", "name": "note.txt", "contentType": "text/plain",
+        "contentBytes": base64.b64encode(b"hello\r\n").decode()})
+    assert posted.status_code == 201 and posted.json()["size"] == 7
+    sent = http.post(f"{me}/messages/{mid}/send")
+    assert sent.status_code == 202 and not sent.content
+    [mail] = graph.sent
+    assert set(mail.recipients) == {"carol@example.org", "erin@example.org"}
+    assert [(a.name, a.content_type, a.content, a.is_inline, a.content_id) for a in mail.attachments] == [
+        ("plan.pdf", "application/pdf", big, True, "plan"), ("note.txt", "text/plain", b"hello\r\n", False, None)]
+    assert graph.messages(ALICE, "drafts") == []
+    [copy] = graph.messages(ALICE, "sentitems")
+    assert b"Bcc" not in copy.raw and b"plan.pdf" in copy.raw
