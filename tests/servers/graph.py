@@ -1425,6 +1425,14 @@ class _Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError, ValueError):
             super().handle()
 
+    def finish(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            super().finish()
+        with contextlib.suppress(OSError):
+            # The server closes the plain socket it accepted, which wrapping detached: close
+            # the TLS one now, or a dropped connection lingers until garbage collection.
+            self.request.close()
+
     def log_message(self, format: str, *args: Any) -> None:
         pass
 

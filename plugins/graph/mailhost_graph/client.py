@@ -60,6 +60,7 @@ MAX_RETRIES = 8  # tries after a throttled or unavailable answer
 MAX_WAIT = 60.0  # seconds waited for one request at most (the download lease lasts 2 minutes);
 # a longer Retry-After is left to the next pass or attempt
 _RETRY = frozenset({429, 502, 503, 504})
+_REFUSED = frozenset({429, 503})  # the server says it did not act on the request
 #: Ask for ids that survive moves between folders (Microsoft: "Obtain immutable
 #: identifiers for Outlook resources"), so a stored message keeps its key.
 PREFER_IMMUTABLE = 'IdType="ImmutableId"'
@@ -165,25 +166,32 @@ class GraphClient:
         content: bytes | None = None,
         headers: Mapping[str, str] | None = None,
         retry: bool = True,
+        resend: bool = True,
+        pre_authenticated: bool = False,
     ) -> httpx.Response:
         """Send one request; retries throttled and unavailable answers when ``retry``.
 
+        With ``resend`` false, a request that may have been acted on is never sent again
+        (no answer, or a gateway's 502/504): only 429 and 503, which say it was not. A
+        ``pre_authenticated`` URL (an upload session's, on another host) carries its own
+        token: it gets no Authorization header and the transcript shows no query.
         Returns the response whatever its status; :meth:`check` turns an error status
         into the matching exception. A 401 gets one fresh token and one more try.
         """
-        url = self.url(target)
+        url = _pre_authenticated(target) if pre_authenticated else self.url(target)
+        statuses = _RETRY if resend else _REFUSED
         refreshed = False
         attempt = 0
         waited = 0.0
         while True:
-            token = self.token()
+            token = None if pre_authenticated else self.token()
+            auth = {} if token is None else {"Authorization": f"Bearer {token}"}
             try:
                 response = self.http.request(
-                    method, url, params=params, json=json_body, content=content,
-                    headers={**(headers or {}), "Authorization": f"Bearer {token}"},
+                    method, url, params=params, json=json_body, content=content, headers={**(headers or {}), **auth},
                 )
             except httpx.TimeoutException as exc:
-                if retry and attempt < 2:
+                if retry and resend and attempt < 2:
                     attempt += 1
                     continue
                 doubt = _unanswered(exc)
@@ -194,7 +202,7 @@ class GraphClient:
                 ssl_error = _ssl_cause(exc)
                 if ssl_error is not None:
                     raise tls_error(ssl_error, self.where, self.settings.ca_file) from None
-                if retry and attempt < 2 and not isinstance(exc, httpx.ConnectError):
+                if retry and resend and attempt < 2 and not isinstance(exc, httpx.ConnectError):
                     attempt += 1
                     continue
                 if _unanswered(exc):
@@ -202,13 +210,13 @@ class GraphClient:
                                          f"({exc or type(exc).__name__}){_MAY_HAVE}", in_doubt=True) from None
                 raise ConnectFailure(f"cannot reach {self.where} while {doing}: {exc or type(exc).__name__}: "
                                      "check the host and the network") from None
-            self._say(f"> {method} {_shown(url, params)}")
+            self._say(f"> {method} {urlsplit(url).path if pre_authenticated else _shown(url, params)}")
             self._say(f"< {response.status_code} {response.reason_phrase}")
-            if response.status_code == 401 and not refreshed:
+            if response.status_code == 401 and token is not None and not refreshed:
                 refreshed = True
                 self.token(refused=token)
                 continue
-            if response.status_code in _RETRY and retry and attempt < MAX_RETRIES:
+            if response.status_code in statuses and retry and attempt < MAX_RETRIES:
                 wait = retry_after(response.headers)
                 if wait is None:
                     wait = min(2.0 ** attempt, 30.0) * (0.5 + random.random() / 2)
@@ -388,6 +396,14 @@ def _error_code(body: Any) -> tuple[str, str]:
         error = body["error"]
         return str(error.get("code") or ""), str(error.get("message") or "")
     return "", str(body or "")[:200]
+
+
+def _pre_authenticated(url: str) -> str:
+    """An upload URL the server returned: any host (Outlook's), but HTTPS only."""
+    if urlsplit(url).scheme != "https":
+        raise PermanentFailure(f"Microsoft Graph returned an upload URL that is not HTTPS ({urlsplit(url).scheme}:): "
+                               "the connection's host (or host override) does not match the server that answers")
+    return url
 
 
 def _shown(url: str, params: Mapping[str, str] | None) -> str:

@@ -1,8 +1,20 @@
-"""The Graph outgoing session: the queued MIME message, sent as it is with ``sendMail``.
+"""The Graph outgoing session: the queued MIME message, sent as it is, whatever its size.
 
+Up to 4 MB of request (the message in base64, so about 3 MB of MIME): one
 ``POST /users/{mailbox}/sendMail`` with ``Content-Type: text/plain`` and the message in
-base64 (Microsoft: "user: sendMail", MIME format); ``202 Accepted`` is success. The
-mailbox is the connection's From address (a shared mailbox, which needs Send As) or
+base64 (Microsoft: "user: sendMail", MIME format); ``202 Accepted`` is success.
+
+Larger, since Graph refuses any request over 4 MB (``413``): the message is saved as a
+draft without its largest attachments (``POST /users/{mailbox}/messages``, MIME), each of
+those is added to the draft (from 3 MB with an upload session, ``createUploadSession``
+and ``PUT`` ranges to its pre-authenticated URL, which gets no token; smaller ones with
+``POST .../attachments``), then the draft is sent (``POST .../messages/{id}/send``,
+``202``). This needs Mail.ReadWrite besides Mail.Send. A failure before that last request
+deletes the draft, so retries leave none behind; a failure of the last request itself is
+in doubt, as an unanswered sendMail is. Exchange limits the whole message to the
+mailbox's maximum size (35 MB by default, up to 150 MB) and each attachment to 150 MB.
+
+The mailbox is the connection's From address (a shared mailbox, which needs Send As) or
 else its username. Exchange saves a copy in the mailbox's Sent Items.
 
 Graph takes the recipients from the MIME headers (To, Cc, Bcc), not from an envelope.
@@ -15,20 +27,43 @@ from __future__ import annotations
 import base64
 import email.parser
 import email.policy
+import mimetypes
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from email.utils import getaddresses, parseaddr
+from typing import Any
 from urllib.parse import quote
 
-from mailhost.errors import PermanentFailure, TemporaryFailure
+import httpx
+from mailhost.errors import MailhostError, PermanentFailure, TemporaryFailure
 from mailhost.protocols import ConnectionSettings, OutgoingSession, SendResult
 
 from .client import GraphClient, signed_in
 
-__all__ = ["GraphOutgoingSession", "open_outgoing", "sending_mailbox", "with_envelope"]
+__all__ = [
+    "REQUEST_LIMIT",
+    "FilePart",
+    "GraphOutgoingSession",
+    "open_outgoing",
+    "sending_mailbox",
+    "split_message",
+    "with_envelope",
+]
 
 _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 _END = re.compile(rb"\r?\n\r?\n")
+
+#: Graph refuses a request body over 4 MB (413); up to this, a message goes in one sendMail.
+REQUEST_LIMIT = 4 * 1024 * 1024
+#: The base64 of a draft whose large attachments go on their own: well under the limit.
+DRAFT_TARGET = 3 * 1024 * 1024
+#: Upload sessions take files "between 3 MB and 150 MB"; smaller ones are POSTed (in
+#: base64 JSON, under 4 MB).
+UPLOAD_MIN = 3_000_000
+UPLOAD_MAX = 150 * 1024 * 1024
+#: Bytes per PUT of an upload session: under 4 MB, a multiple of 320 KiB.
+CHUNK = 10 * 320 * 1024
 
 
 def open_outgoing(settings: ConnectionSettings) -> GraphOutgoingSession:
@@ -43,7 +78,7 @@ def sending_mailbox(settings: ConnectionSettings) -> str:
 
 
 class GraphOutgoingSession(OutgoingSession):
-    """Sends through one mailbox with ``sendMail`` (see the module doc)."""
+    """Sends through one mailbox with ``sendMail``, or a draft for large messages (see the module doc)."""
 
     def __init__(self, settings: ConnectionSettings, client: GraphClient) -> None:
         self.settings = settings
@@ -51,32 +86,147 @@ class GraphOutgoingSession(OutgoingSession):
         self.mailbox = sending_mailbox(settings)
         if not self.mailbox:
             raise PermanentFailure(f"connection {settings.name} has no mailbox to send from: give --username")
+        self.path = f"/users/{quote(self.mailbox, safe='@')}"
 
     def __repr__(self) -> str:
         return f"<GraphOutgoingSession {self.mailbox} on {self.client.host}>"
 
-    def send(self, raw: bytes, sender: str, recipients: Sequence[str]) -> SendResult:
-        """One ``sendMail``; 429, 503 and 5xx raise TemporaryFailure (with the server's
-        Retry-After), 400 and 403 PermanentFailure with Graph's code and message, a
-        refused token TemporaryFailure (as a failed sign-in does). It is never retried
-        here: the outgoing queue does that, so nothing goes twice."""
+    def send(self, raw: bytes, sender: str, recipients: Sequence[str],
+             before_data: Callable[[], None] | None = None) -> SendResult:
+        """One ``sendMail``, or a draft with its attachments then ``send``; 429, 503 and
+        5xx raise TemporaryFailure (with the server's Retry-After), 400, 403 and 413
+        PermanentFailure with Graph's code and message, a refused token TemporaryFailure
+        (as a failed sign-in does). ``before_data`` runs once, right before the request
+        that sends. The message is never sent twice here: the outgoing queue retries."""
         message = with_envelope(raw, recipients)
-        doing = f"send a message as {self.mailbox}"
-        response = self.client.request(
-            "POST", f"/users/{quote(self.mailbox, safe='@')}/sendMail", doing=doing,
-            content=base64.b64encode(message), headers={"Content-Type": "text/plain"}, retry=False,
-        )
-        if response.status_code == 401:
-            # The credential, not the message: like a failed sign-in, try again later.
-            refused = self.client.error(401, response.json() if response.content else None, response.headers, doing)
-            raise TemporaryFailure(str(refused))
-        self.client.check(response, doing, ok=(202,))
-        return SendResult(f"202 Accepted: {self.client.where} took the message for {len(recipients)} "
-                          f"recipient(s) from mailbox {self.mailbox}")
+        gate = _once(before_data)
+        if _b64(len(message)) <= REQUEST_LIMIT:
+            doing = f"send a message as {self.mailbox}"
+            gate()
+            response = self.client.request("POST", f"{self.path}/sendMail", doing=doing, retry=False,
+                                           content=base64.b64encode(message), headers={"Content-Type": "text/plain"})
+            if response.status_code != 413:  # 413: Graph's limit is lower than ours; nothing was sent
+                self._check(response, doing, (202,), len(message))
+                return self._sent(recipients)
+        self._send_draft(message, gate)
+        return self._sent(recipients)
 
     def close(self) -> None:
         """Close the HTTP connections; never raises."""
         self.client.close()
+
+    # -- a draft, its attachments, send ---------------------------------------------------
+
+    def _send_draft(self, message: bytes, gate: Callable[[], None]) -> None:
+        draft, files = split_message(message, DRAFT_TARGET)
+        if _b64(len(draft)) > REQUEST_LIMIT:
+            signed = b"multipart/signed" in draft[:4096].lower() or b"pkcs7-mime" in draft[:4096].lower()
+            raise PermanentFailure(
+                f"the message is {_mb(len(message))}, more than Microsoft Graph takes in one request (4 MB in "
+                f"base64), {'and an S/MIME message must go whole' if signed else 'even without its attachments'}: "
+                "send it through an SMTP connection")
+        for f in files:
+            if len(f.content) > UPLOAD_MAX:
+                raise PermanentFailure(f"the attachment {f.name} is {_mb(len(f.content))}, more than the 150 MB "
+                                       "Microsoft Graph attaches: send it as a link, or through an SMTP connection")
+        doing = f"save a large message ({_mb(len(message))}) as a draft in mailbox {self.mailbox}"
+        created = self._check(self.client.request("POST", f"{self.path}/messages", doing=doing,
+                                                  content=base64.b64encode(draft),
+                                                  headers={"Content-Type": "text/plain"}),
+                              doing, (201,), len(message)).json()
+        target = f"{self.path}/messages/{quote(str(created['id']), safe='')}"
+        try:
+            for f in files:
+                self._attach(target, f, len(message))
+            gate()
+        except BaseException:
+            self._discard(target)
+            raise
+        doing = f"send the draft of a large message as {self.mailbox}"
+        try:
+            response = self.client.request("POST", f"{target}/send", doing=doing, resend=False)
+        except TemporaryFailure as exc:
+            if not exc.in_doubt:  # it never reached the server
+                self._discard(target)
+            raise
+        if response.status_code in (502, 504):  # a gateway lost the answer: it may have gone
+            raise TemporaryFailure(f"{self.client.where} answered {response.status_code} while {doing}: the request "
+                                   "went out whole, so the server may have acted on it", in_doubt=True)
+        try:
+            self._check(response, doing, (202,), len(message))
+        except BaseException:
+            self._discard(target)
+            raise
+
+    def _attach(self, target: str, f: FilePart, size: int) -> None:
+        """Add one attachment to the draft: POSTed whole, or uploaded in ranges."""
+        doing = f"attach {f.name} ({_mb(len(f.content))}) to the draft of a large message in mailbox {self.mailbox}"
+        item: dict[str, Any] = {"name": f.name, "contentType": f.content_type, "isInline": f.is_inline}
+        if f.content_id:
+            item["contentId"] = f.content_id
+        if len(f.content) < UPLOAD_MIN:
+            body = {"@odata.type": "#microsoft.graph.fileAttachment", **item,
+                    "contentBytes": base64.b64encode(f.content).decode("ascii")}
+            self._check(self.client.request("POST", f"{target}/attachments", doing=doing, json_body=body),
+                        doing, (201,), size)
+            return
+        session = self._check(self.client.request(
+            "POST", f"{target}/attachments/createUploadSession", doing=doing,
+            json_body={"AttachmentItem": {"attachmentType": "file", **item, "size": len(f.content)}}),
+            doing, (201,), size).json()
+        url, start, total = str(session["uploadUrl"]), 0, len(f.content)
+        while start < total:
+            end = min(start + CHUNK, total) - 1
+            response = self.client.request(
+                "PUT", url, doing=doing, content=f.content[start:end + 1], pre_authenticated=True,
+                headers={"Content-Type": "application/octet-stream", "Content-Range": f"bytes {start}-{end}/{total}"})
+            if response.status_code == 201:
+                return
+            if response.status_code == 416:  # a range sent again after a lost answer: start over later
+                raise TemporaryFailure(f"{self.client.where} lost its place in the upload while {doing} "
+                                       f"({response.status_code}): it is tried again")
+            following = _next_range(self._check(response, doing, (200,), size))
+            if following is None or following <= start:
+                raise TemporaryFailure(f"{self.client.where} did not take bytes {start}-{end} while {doing}: "
+                                       "it is tried again")
+            start = following
+        raise TemporaryFailure(f"{self.client.where} took every byte but did not attach the file while {doing}: "
+                               "it is tried again")
+
+    def _discard(self, target: str) -> None:
+        """Delete an unsent draft, best effort: a retry makes a new one."""
+        try:
+            self.client.request("DELETE", target, doing=f"delete an unsent draft in mailbox {self.mailbox}")
+        except MailhostError:
+            pass  # it stays in Drafts, unsent; the failure that brought us here is what matters
+
+    # -- answers --------------------------------------------------------------------------
+
+    def _check(self, response: httpx.Response, doing: str, ok: Sequence[int], size: int) -> httpx.Response:
+        """``response`` if its status is one of ``ok``; else the error, with a refused token
+        a TemporaryFailure and a message over the mailbox's limit said as such."""
+        if response.status_code in ok:
+            return response
+        body = response.json() if response.content and "json" in response.headers.get("content-type", "") else None
+        if response.status_code == 401:
+            # The credential, not the message: like a failed sign-in, try again later.
+            raise TemporaryFailure(str(self.client.error(401, body, response.headers, doing)))
+        code = str((body or {}).get("error", {}).get("code", "")) if isinstance(body, dict) else ""
+        if code == "ErrorMessageSizeExceeded":
+            raise PermanentFailure(
+                f"{self.client.where} refused the message ({_mb(size)} with its attachments) as larger than mailbox "
+                f"{self.mailbox} may send ({code}; Exchange Online allows 35 MB by default, up to 150 MB if an admin "
+                "raises the mailbox's MaxSendSize): send fewer or smaller attachments")
+        return self.client.check(response, doing, ok)
+
+    def _sent(self, recipients: Sequence[str]) -> SendResult:
+        return SendResult(f"202 Accepted: {self.client.where} took the message for {len(recipients)} "
+                          f"recipient(s) from mailbox {self.mailbox}")
+
+
+# ---------------------------------------------------------------------------------------
+# The envelope
+# ---------------------------------------------------------------------------------------
 
 
 def with_envelope(raw: bytes, recipients: Sequence[str]) -> bytes:
@@ -102,3 +252,142 @@ def with_envelope(raw: bytes, recipients: Sequence[str]) -> bytes:
     newline = b"\r\n" if b"\r\n" in head else b"\n"
     return b"Bcc: " + ", ".join(extra).encode("utf-8") + newline + raw
 
+
+# ---------------------------------------------------------------------------------------
+# Taking the large attachments out of a MIME message
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FilePart:
+    """An attachment taken out of a message, decoded, to be attached to its draft."""
+
+    name: str
+    content_type: str
+    content: bytes
+    is_inline: bool = False
+    content_id: str | None = None
+
+
+@dataclass(frozen=True)
+class _Span:
+    """A leaf part of a multipart: what removing it cuts out (its delimiter line
+    included), the part itself, the multipart it is in and how many parts that has."""
+
+    cut: tuple[int, int]
+    part: tuple[int, int]
+    parent: int
+    siblings: int
+
+
+def split_message(raw: bytes, target: int) -> tuple[bytes, list[FilePart]]:
+    """``raw`` without its largest attachments, taken out until the rest is at most
+    ``target`` bytes in base64, and those attachments.
+
+    Everything else stays byte for byte. Only leaf parts with a file name or a
+    Content-ID are taken, never the last part of a multipart, nothing inside S/MIME
+    (``multipart/signed``, ``application/pkcs7-mime``: the signature covers it whole).
+    """
+    spans = sorted(_attachments(raw), key=lambda s: s.cut[0] - s.cut[1])  # largest first
+    left = {s.parent: s.siblings for s in spans}
+    size, taken = len(raw), []
+    for s in spans:
+        if _b64(size) <= target:
+            break
+        if left[s.parent] > 1:  # a multipart keeps at least one part
+            taken.append(s)
+            left[s.parent] -= 1
+            size -= s.cut[1] - s.cut[0]
+    rest, at = [], 0
+    for s in sorted(taken, key=lambda s: s.cut[0]):
+        rest.append(raw[at:s.cut[0]])
+        at = s.cut[1]
+    rest.append(raw[at:])
+    return b"".join(rest), [_decoded(raw[s.part[0]:s.part[1]]) for s in taken]
+
+
+def _attachments(raw: bytes, start: int = 0, end: int | None = None) -> Iterator[_Span]:
+    """The leaf parts with a file name or Content-ID in the entity ``raw[start:end]``."""
+    end = len(raw) if end is None else end
+    head, body = _head(raw, start, end)
+    if head.get_content_maintype() != "multipart" or head.get_content_subtype() in ("signed", "encrypted"):
+        return
+    boundary = head.get_boundary()
+    if not boundary:
+        return
+    delimiter = re.compile(rb"(?m)^--" + re.escape(boundary.encode("latin-1", "replace")) + rb"(--)?[ \t]*\r?$")
+    marks = list(delimiter.finditer(raw, body, end))
+    close = next((i for i, m in enumerate(marks) if m.group(1)), None)
+    if close is None or close == 0:
+        return  # malformed: leave it whole
+    for i in range(close):
+        part_start = _after_line(raw, marks[i].end())
+        part_end = _line_start(raw, marks[i + 1].start())
+        child, _ = _head(raw, part_start, part_end)
+        if child.get_content_maintype() == "multipart":
+            yield from _attachments(raw, part_start, part_end)
+        elif child.get_filename() or child.get_param("name") or child.get("Content-ID"):
+            yield _Span((_line_start(raw, marks[i].start()), part_end), (part_start, part_end), start, close)
+
+
+def _head(raw: bytes, start: int, end: int) -> tuple[Any, int]:
+    """The headers of the entity ``raw[start:end]`` and where its body starts."""
+    if raw.startswith(b"\r\n", start) or raw.startswith(b"\n", start):  # no headers
+        return _HEADERS.parsebytes(b"\n\n"), start + (2 if raw.startswith(b"\r\n", start) else 1)
+    m = _END.search(raw, start, end)
+    stop = m.start() if m else end
+    return _HEADERS.parsebytes(raw[start:stop] + b"\n\n"), m.end() if m else end
+
+
+def _after_line(raw: bytes, at: int) -> int:
+    """Past the line break at ``at``."""
+    return at + (2 if raw.startswith(b"\r\n", at) else 1 if raw.startswith(b"\n", at) else 0)
+
+
+def _line_start(raw: bytes, at: int) -> int:
+    """Where the line break before ``at`` starts (it belongs to the delimiter that follows)."""
+    if raw[at - 2:at] == b"\r\n":
+        return at - 2
+    return at - 1 if raw[at - 1:at] == b"\n" else at
+
+
+def _decoded(part: bytes) -> FilePart:
+    msg = email.message_from_bytes(part, policy=email.policy.default)
+    ctype = msg.get_content_type()
+    cid = str(msg.get("Content-ID") or "").strip().strip("<>") or None
+    disposition = msg.get_content_disposition()
+    name = msg.get_filename() or msg.get_param("name") or ""
+    if not isinstance(name, str) or not name:
+        name = (cid or "attachment").split("@")[0] + (mimetypes.guess_extension(ctype) or "")
+    content = msg.get_payload(decode=True)
+    return FilePart(name, ctype, content if isinstance(content, bytes) else b"",
+                    disposition == "inline" or (disposition is None and cid is not None), cid)
+
+
+def _next_range(response: httpx.Response) -> int | None:
+    """The first byte the upload session expects next (``nextExpectedRanges: ["N"]``)."""
+    try:
+        return int(str(response.json()["nextExpectedRanges"][0]).split("-")[0])
+    except (ValueError, KeyError, IndexError, TypeError):
+        return None
+
+
+def _b64(size: int) -> int:
+    return 4 * -(-size // 3)
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1_000_000:.1f} MB"
+
+
+def _once(action: Callable[[], None] | None) -> Callable[[], None]:
+    """``action`` to be called at most once (a sendMail refused as too large falls back to a draft)."""
+    done = False
+
+    def run() -> None:
+        nonlocal done
+        if action is not None and not done:
+            done = True
+            action()
+
+    return run

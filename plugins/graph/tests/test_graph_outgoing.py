@@ -107,11 +107,11 @@ def test_send_without_an_answer_is_in_doubt(graph: GraphServer, settings: Settin
     assert refused.value.in_doubt is False
 
 
-def test_five_mb_message_is_refused_413(graph: GraphServer, settings: Settings) -> None:
-    """Today: a message of 5 MB is one sendMail over Graph's 4 MB request limit, refused for good."""
+def test_too_large_without_attachments_is_permanent(graph: GraphServer, settings: Settings) -> None:
+    """5 MB of text and no attachment to send on its own: refused before any request, naming SMTP."""
     raw = message(1, size=5 * 1024 * 1024, to="carol@example.org")
     with open_outgoing(settings()) as s, pytest.raises(PermanentFailure) as caught:
         s.send(raw, ALICE, ["carol@example.org"])
-    assert str(caught.value) == (f"Microsoft Graph at 127.0.0.1:{graph.port} refused send a message as {ALICE} "
-                                 "(413 BadRequest: The maximum request length supported is 4MB.)")
-    assert graph.sent == []
+    assert str(caught.value) == ("the message is 5.2 MB, more than Microsoft Graph takes in one request (4 MB in "
+                                 "base64), even without its attachments: send it through an SMTP connection")
+    assert graph.sent == [] and not graph.stats

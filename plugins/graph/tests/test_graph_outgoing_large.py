@@ -1,0 +1,199 @@
+"""Messages over Graph's 4 MB request limit: a draft, its attachments uploaded, then send.
+
+Against the stand-in, which refuses any request over 4 MB as Graph does and records
+what the recipients get (:attr:`tests.servers.graph.SentMail.attachments`).
+"""
+from __future__ import annotations
+
+import random
+from email.message import EmailMessage
+
+import pytest
+from graph_helpers import ALICE, Settings
+from mailhost.errors import PermanentFailure, TemporaryFailure
+from mailhost_graph.outgoing import REQUEST_LIMIT, open_outgoing, split_message
+
+from tests.servers.graph import GraphServer
+
+TO = ["carol@example.org"]
+TEXT = "Grüße, the files you asked for.\n"
+
+
+def data(size: int, seed: int = 1) -> bytes:
+    """``size`` random bytes (no compression or pattern can hide a lost byte)."""
+    return random.Random(seed).randbytes(size)
+
+
+def mail(*files: tuple[str, bytes], inline: tuple[str, bytes] | None = None, pad: int = 0) -> bytes:
+    """A message from alice to carol as ``mailhost send`` composes it, with these
+    attachments (name, content), an inline image referenced from HTML, and ``pad``
+    extra bytes of text."""
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = f"Alice <{ALICE}>", ", ".join(TO), "Files"
+    msg["Message-ID"] = "<large@contoso.com>"
+    msg.set_content(TEXT + ("x" * 70 + "\n") * (pad // 72) + "y" * (pad % 72) + "\n", cte="8bit")
+    if inline is not None:
+        msg.add_alternative(f'<p>{TEXT}<img src="cid:{inline[0]}"></p>', subtype="html")
+        msg.get_payload()[1].add_related(inline[1], "image", "png", cid=f"<{inline[0]}>")
+    for name, content in files:
+        msg.add_attachment(content, maintype="application", subtype="octet-stream", filename=name)
+    return msg.as_bytes(policy=msg.policy.clone(linesep="\r\n"))
+
+
+def received(graph: GraphServer) -> list[tuple[str, bytes, bool, str | None]]:
+    """What carol finds attached to the one message sent."""
+    [sent] = graph.sent
+    return [(a.name, a.content, a.is_inline, a.content_id) for a in sent.attachments]
+
+
+def test_5_mb_and_200_kb_attachments_arrive_complete(graph: GraphServer, settings: Settings) -> None:
+    """The 5 MB file goes through an upload session in ranges, the 200 KB one stays in
+    the draft's MIME; carol gets both byte for byte, and the text; no draft is left."""
+    big, small = data(5 * 1024 * 1024), data(200 * 1024, seed=2)
+    with open_outgoing(settings()) as s:
+        result = s.send(mail(("report.pdf", big), ("notes.bin", small)), ALICE, TO)
+    assert result.response.startswith("202 Accepted")
+    assert sorted(received(graph)) == [("notes.bin", small, False, None), ("report.pdf", big, False, None)]
+    [sent] = graph.sent
+    assert sent.recipients == ("carol@example.org",) and TEXT.strip().encode("utf-8") in sent.raw
+    assert (graph.stats["sendmail"], graph.stats["create"], graph.stats["uploadsession"], graph.stats["upload"],
+            graph.stats["send"]) == (0, 1, 1, 2, 1)
+    assert graph.messages(ALICE, "drafts") == [] and len(graph.messages(ALICE, "sentitems")) == 1
+
+
+def test_just_under_the_limit_goes_in_one_sendmail(graph: GraphServer, settings: Settings) -> None:
+    """Exactly 4 MB of base64 is one sendMail; three bytes more of MIME (four of base64)
+    make a draft."""
+    base = mail(("a.bin", data(2_200_000)))
+    exact = mail(("a.bin", data(2_200_000)), pad=REQUEST_LIMIT * 3 // 4 - len(base))
+    assert len(exact) * 4 // 3 == REQUEST_LIMIT
+    with open_outgoing(settings()) as s:
+        s.send(exact, ALICE, TO)
+        assert (graph.stats["sendmail"], graph.stats["create"]) == (1, 0)
+        s.send(mail(("a.bin", data(2_200_000)), pad=REQUEST_LIMIT * 3 // 4 - len(base) + 3), ALICE, TO)
+    assert (graph.stats["sendmail"], graph.stats["create"], graph.stats["send"]) == (1, 1, 1)
+    assert [[a.content for a in m.attachments] for m in graph.sent] == [[data(2_200_000)]] * 2
+
+
+def test_attachments_under_3_mb_are_posted(graph: GraphServer, settings: Settings) -> None:
+    """Three files of 1.5 MB: two leave the MIME and are POSTed whole (upload sessions
+    refuse files under 3 MB), one stays; carol gets all three."""
+    files = [(f"part{i}.bin", data(1_500_000, seed=i)) for i in range(3)]
+    with open_outgoing(settings()) as s:
+        s.send(mail(*files), ALICE, TO)
+    assert sorted(received(graph)) == sorted((n, c, False, None) for n, c in files)
+    assert (graph.stats["attach"], graph.stats["uploadsession"]) == (2, 0)
+
+
+def test_large_inline_image_keeps_its_content_id(graph: GraphServer, settings: Settings) -> None:
+    """An inline image of 4 MB referenced by cid: uploaded with isInline and its contentId."""
+    image = data(4 * 1024 * 1024)
+    with open_outgoing(settings()) as s:
+        s.send(mail(inline=("logo@contoso.com", image)), ALICE, TO)
+    assert received(graph) == [("logo.png", image, True, "logo@contoso.com")]
+    assert b"cid:logo@contoso.com" in graph.sent[0].raw
+
+
+def test_envelope_rules_hold_for_large_messages(graph: GraphServer, settings: Settings) -> None:
+    """An envelope-only recipient goes as Bcc (delivered, stripped from Sent Items); a
+    header recipient the envelope leaves out is refused before any request."""
+    raw = mail(("a.bin", data(5_000_000)))
+    with open_outgoing(settings()) as s:
+        s.send(raw, ALICE, [*TO, "erin@example.org"])
+        assert graph.sent[0].recipients == ("carol@example.org", "erin@example.org")
+        assert b"erin@example.org" not in graph.messages(ALICE, "sentitems")[0].raw
+        requests = sum(graph.stats.values())
+        with pytest.raises(PermanentFailure, match="names carol@example.org"):
+            s.send(raw, ALICE, ["erin@example.org"])
+    assert sum(graph.stats.values()) == requests and len(graph.sent) == 1
+
+
+def test_a_failed_upload_leaves_no_draft_and_the_retry_sends_once(graph: GraphServer, settings: Settings) -> None:
+    """A 500 mid-upload, then a range whose answer is lost (sent again, refused as out of
+    place): each is a TemporaryFailure that deletes its draft; the retry sends once."""
+    raw = mail(("a.bin", data(7_000_000)))
+    with open_outgoing(settings()) as s:
+        graph.fail("upload", 500, "InternalServerError", "Something went wrong.")
+        with pytest.raises(TemporaryFailure, match="500 InternalServerError") as failed:
+            s.send(raw, ALICE, TO)
+        assert failed.value.in_doubt is False
+        assert graph.messages(ALICE, "drafts") == [] and graph.sent == []
+        graph.drop("upload")
+        with pytest.raises(TemporaryFailure, match="lost its place"):
+            s.send(raw, ALICE, TO)
+        assert graph.messages(ALICE, "drafts") == [] and graph.sent == []
+        s.send(raw, ALICE, TO)
+    assert received(graph) == [("a.bin", data(7_000_000), False, None)]
+    assert graph.messages(ALICE, "drafts") == [] and len(graph.messages(ALICE, "sentitems")) == 1
+
+
+def test_throttling_mid_upload_waits_for_retry_after(graph: GraphServer, settings: Settings) -> None:
+    """429 on upload ranges: a short Retry-After is waited for in the session; one longer
+    than the session waits is a TemporaryFailure carrying it, with no draft left."""
+    raw = mail(("a.bin", data(7_000_000)))
+    with open_outgoing(settings()) as s:
+        graph.throttle(burst=2, kinds={"upload"}, retry_after=0.01)
+        s.send(raw, ALICE, TO)
+        assert graph.stats["throttled"] == 2 and len(graph.sent) == 1
+        graph.throttle(burst=1, kinds={"upload"}, retry_after=120)
+        with pytest.raises(TemporaryFailure, match="429 TooManyRequests") as caught:
+            s.send(raw, ALICE, TO)
+    assert caught.value.retry_after == 120 and len(graph.sent) == 1
+    assert graph.messages(ALICE, "drafts") == []
+
+
+def test_the_final_send(graph: GraphServer, settings: Settings) -> None:
+    """A 503 on send is waited out (the server says it did nothing); a send whose answer
+    is lost is in doubt (Graph did send it) and its draft is left alone."""
+    raw = mail(("a.bin", data(5_000_000)))
+    with open_outgoing(settings()) as s:
+        graph.throttle(burst=1, kinds={"send"}, status=503, retry_after=0.01)
+        s.send(raw, ALICE, TO)
+        assert len(graph.sent) == 1
+        graph.drop("send")
+        with pytest.raises(TemporaryFailure, match="may have acted on it") as caught:
+            s.send(raw, ALICE, TO)
+    assert caught.value.in_doubt is True and len(graph.sent) == 2
+    assert graph.stats["delete"] == 0
+
+
+def test_gate_failing_deletes_the_draft(graph: GraphServer, settings: Settings) -> None:
+    """The host's gate (the previous outcome not yet durable) raises: nothing is sent, no draft stays."""
+    def gate() -> None:
+        raise RuntimeError("store away")
+
+    with open_outgoing(settings()) as s, pytest.raises(RuntimeError):
+        s.send(mail(("a.bin", data(5_000_000))), ALICE, TO, before_data=gate)
+    assert graph.sent == [] and graph.messages(ALICE, "drafts") == []
+
+
+def test_over_the_mailbox_size_limit_is_permanent(graph: GraphServer, settings: Settings) -> None:
+    """Exchange's maximum message size: refused for good, saying so, no draft left."""
+    graph.max_message_bytes = 6_000_000
+    with open_outgoing(settings()) as s, pytest.raises(PermanentFailure) as caught:
+        s.send(mail(("a.bin", data(7_000_000))), ALICE, TO)
+    assert "larger than mailbox alice@contoso.com may send (ErrorMessageSizeExceeded" in str(caught.value)
+    assert "send fewer or smaller attachments" in str(caught.value)
+    assert graph.sent == [] and graph.messages(ALICE, "drafts") == []
+
+
+def test_without_mail_readwrite_a_large_message_is_refused(graph: GraphServer, settings: Settings) -> None:
+    """Mail.Send alone sends with sendMail but cannot save the draft: 403, naming Mail.ReadWrite."""
+    with open_outgoing(settings(scopes=("Mail.Send",))) as s, \
+            pytest.raises(PermanentFailure, match="403 ErrorAccessDenied.*Mail.ReadWrite"):
+        s.send(mail(("a.bin", data(5_000_000))), ALICE, TO)
+    assert graph.sent == []
+
+
+def test_s_mime_goes_whole_or_not_at_all(graph: GraphServer, settings: Settings) -> None:
+    """A signed message over the limit cannot lose its attachments (the signature covers them)."""
+    inner = mail(("a.bin", data(5_000_000)))
+    head, _, body = inner.partition(b"\r\n\r\n")
+    signed = (b'From: alice@contoso.com\r\nTo: carol@example.org\r\nMIME-Version: 1.0\r\nContent-Type: '
+              b'multipart/signed; protocol="application/pkcs7-signature"; micalg=sha-256; boundary="s"\r\n\r\n'
+              b"--s\r\n" + head.split(b"MIME-Version: 1.0\r\n")[1] + b"\r\n\r\n" + body + b"\r\n--s\r\n"
+              b"Content-Type: application/pkcs7-signature; name=smime.p7s\r\n\r\nMIAG\r\n--s--\r\n")
+    assert split_message(signed, 1000) == (signed, [])
+    with open_outgoing(settings()) as s, pytest.raises(PermanentFailure, match="S/MIME message must go whole"):
+        s.send(signed, ALICE, TO)
+    assert graph.sent == []
