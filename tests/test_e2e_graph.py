@@ -4,6 +4,8 @@ Store, then acknowledge, with Graph's own hazards: thousands of messages over ma
 delta pages, mail arriving between passes, throttling (429, 503) in the middle of a
 pass, a lost delta token (410 Gone), a shared mailbox, and `fetch` killed with SIGKILL
 again and again. Every message ends up in the incoming queue exactly once, byte for byte.
+Outgoing, a message over Graph's 4 MB request limit (a draft, its attachment uploaded)
+survives a failed upload and a lost answer to its send without going out twice.
 
 These tests isolate the pipeline from OAuth2: :func:`tests.servers.graph.wire_access_token`
 hands the connections a token the stand-in issued, and the SIGKILL test drives the
@@ -253,6 +255,40 @@ def test_throttled_send_waits_for_retry_after(host: Mailhost, graph: GraphServer
     assert queued.next_attempt_at is not None
     assert (queued.next_attempt_at - queued.created_at).total_seconds() >= 3600 - 5
     assert graph.sent == []
+
+
+def test_large_attachment_through_the_queue_once(host: Mailhost, graph: GraphServer, home: Path) -> None:
+    """A 6 MB attachment through the outgoing queue: a 500 mid-upload queues the message
+    again with no draft left; the retry sends it once, complete. A lost answer to the
+    final send is an interrupted attempt: queued again, not failed."""
+    from mailhost.outgoing import item_dict
+
+    host.connections.add(Direction.OUTGOING, ConnectionSpec(
+        name="out", protocol="graph", host="127.0.0.1", port=graph.port, username=ALICE, oauth_credential="ms",
+        ca_file=graph.ca_file))
+    scan = home / "scan.pdf"
+    scan.write_bytes(random.Random(6).randbytes(6_000_000))
+    graph.fail("upload", 500, "InternalServerError", "Something went wrong.")
+    item = host.outgoing.send(["carol@example.org"], connection="out", subject="Scan", body="Attached.",
+                              attachments=[scan], from_address=ALICE)
+    host.outgoing.deliver()
+    queued = host.outgoing.item(item.id)
+    assert queued.status == "queued" and "500 InternalServerError" in (queued.last_error or "")
+    assert graph.sent == [] and graph.messages(ALICE, "drafts") == []
+    host.outgoing.retry(item.id)
+    assert host.outgoing.deliver().sent == 1
+    assert host.outgoing.item(item.id).status == "sent"
+    [sent] = graph.sent
+    assert [(a.name, a.content) for a in sent.attachments] == [("scan.pdf", scan.read_bytes())]
+    assert graph.messages(ALICE, "drafts") == [] and len(graph.messages(ALICE, "sentitems")) == 1
+
+    graph.drop("send")
+    again = host.outgoing.send(["carol@example.org"], connection="out", subject="Scan 2", body="Attached.",
+                               attachments=[scan], from_address=ALICE)
+    host.outgoing.deliver()
+    doubt = item_dict(host.outgoing.item(again.id), with_attempts=True)
+    assert doubt["status"] == "queued" and [a["result"] for a in doubt["attempts_log"]] == ["interrupted"]
+    assert len(graph.sent) == 2
 
 
 def test_app_only_tokens_from_the_identity_provider(mh: Mailhost, pki: Pki, idp: IdentityProvider) -> None:

@@ -14,7 +14,7 @@ with SIGKILL mid-pass then a clean pass (each message exactly once); a token the
 provider stopped honouring, renewed without an admin; a shared mailbox with a delegated
 token (authorization code flow, the admin's browser played by a script); sending as the
 shared mailbox; and the credential without Graph scopes, refused with one sentence that
-names the fix.
+names the fix; `send --attach` with files over Graph's 4 MB request limit.
 """
 from __future__ import annotations
 
@@ -306,6 +306,33 @@ def test_refused_token_is_renewed_without_an_admin(home: Path, idp: IdentityProv
     assert [i["active"] for i in idp.introspections[:2]] == [False, True]
     [authorization] = cli_json("oauth", "show", "m365")["authorizations"]
     assert authorization["refreshes"] == 1 and authorization["last_error"] is None
+
+
+def test_send_attach_over_4_mb_then_deliver(home: Path, idp: IdentityProvider, graph: GraphServer,
+                                            env: dict[str, str]) -> None:
+    """`mailhost send --attach` a 6 MB and a 100 KB file, `deliver` through a Graph
+    connection: over the 4 MB request limit, so a draft with the large file uploaded in
+    ranges, then send; carol and the Bcc erin get both files byte for byte, once."""
+    add_app_only_credential(idp, env)
+    cli("outgoing", "add", "gout", "--protocol", "graph", "--host", "127.0.0.1", "--port", str(graph.port),
+        "--username", ALICE, "--oauth-credential", "m365", "--ca-file", graph.ca_file)
+    scan, notes = home / "scan.pdf", home / "notes.txt"
+    scan.write_bytes(random.Random(6).randbytes(6_000_000))
+    notes.write_bytes("Grüße\n".encode() * 20_000)
+    item = cli_json("send", "--to", "carol@example.org", "--bcc", "erin@example.org", "--connection", "gout",
+                    "--subject", "Scans", "--body", "Both attached.", "--attach", str(scan), "--attach", str(notes))
+    assert item["status"] == "queued" and item["size"] > 8_000_000
+    [delivered] = cli_json("deliver")
+    assert (delivered["connection"], delivered["sent"], delivered["error"]) == ("gout", 1, None), delivered
+    [mail] = graph.sent
+    assert set(mail.recipients) == {"carol@example.org", "erin@example.org"}
+    assert sorted((a.name, a.content) for a in mail.attachments) == [("notes.txt", notes.read_bytes()),
+                                                                     ("scan.pdf", scan.read_bytes())]
+    assert (graph.stats["sendmail"], graph.stats["uploadsession"], graph.stats["send"]) == (0, 1, 1)
+    assert graph.messages(ALICE, "drafts") == [] and len(graph.messages(ALICE, "sentitems")) == 1
+    [queued] = cli_json("queue", "outgoing")
+    assert (queued["id"], queued["status"]) == (item["id"], "sent")
+    assert sum(r["sent"] for r in cli_json("deliver")) == 0 and len(graph.sent) == 1  # once
 
 
 def test_credential_without_graph_scopes_is_one_sentence_naming_the_fix(
