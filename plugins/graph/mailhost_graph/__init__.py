@@ -2,8 +2,9 @@
 
 The plugin registers the protocol ``graph`` in both directions. :mod:`.incoming` lists
 new mail with the delta query and downloads raw MIME; :mod:`.outgoing` sends MIME with
-``sendMail``; :mod:`.client` is the well-behaved HTTP side (TLS, tokens, throttling,
-batching); :mod:`.folders` finds folders by name; :mod:`.diagnose` is the connection test.
+``sendMail``, or over Graph's 4 MB request limit as a draft with its attachments uploaded;
+:mod:`.client` is the well-behaved HTTP side (TLS, tokens, throttling, batching);
+:mod:`.folders` finds folders by name; :mod:`.diagnose` is the connection test.
 The Graph endpoint per Microsoft cloud comes from the host overrides the OAuth2 provider
 plugin registers (``mailhost host-overrides --protocol graph``).
 """

@@ -75,10 +75,13 @@ def test_outgoing(settings: ConnectionSettings) -> Iterator[TestStep]:
             yield TestStep(step, True, f"mailbox {mailbox} answers on {client.where}")
 
         step = "permissions"
-        right = _send_right(claims, mailbox.lower() != (settings.username or "").lower(), settings)
+        shared = mailbox.lower() != (settings.username or "").lower()
+        right = _send_right(claims, shared, settings)
         ok = not right.startswith("no")
+        large = _send_right(claims, shared, settings, "Mail.ReadWrite")
         yield TestStep(step, ok, f"send: {right}" + ("" if ok else ": grant the app Mail.Send "
-                                                      "(Mail.Send.Shared and Send As for a shared mailbox)"))
+                                                      "(Mail.Send.Shared and Send As for a shared mailbox)")
+                       + f"; over 4 MB (saved as a draft first): {large}")
     except MailError as exc:
         yield TestStep(step, False, str(exc))
     finally:
@@ -102,23 +105,25 @@ def _probe_read_write(client: GraphClient, prefix: str, folder_id: str, folder_p
     return "yes; write flags: yes"
 
 
-def _send_right(claims: dict[str, Any], shared: bool, settings: ConnectionSettings) -> str:
+def _send_right(claims: dict[str, Any], shared: bool, settings: ConnectionSettings, right: str = "Mail.Send") -> str:
     """From the token's scopes or roles when it shows them (a JWT), else from the scopes
-    the provider granted with it (an opaque token)."""
+    the provider granted with it (an opaque token); ``right`` is Mail.Send, or
+    Mail.ReadWrite for the drafts that messages over 4 MB are sent as."""
     delegated = bool(claims.get("scp"))
     scopes = set(str(claims.get("scp") or "").split()) | set(claims.get("roles") or [])
     if not claims:
         source = _source_info(settings)
         if source.get("app_only"):
             return ("unknown (app-only: the application permissions granted to the app decide, "
-                    "Mail.Send for sending): send a test email")
+                    f"{right} for sending): send a test email")
         delegated = True
         scopes = {s.rsplit("/", 1)[-1] for s in source.get("granted") or source.get("scopes") or ()}
     if not scopes:
         return "unknown (the token does not show its permissions): send a test email"
-    wanted = {"Mail.Send.Shared"} if shared and delegated else {"Mail.Send"}
+    wanted = {f"{right}.Shared"} if shared and delegated else {right}
     if scopes & wanted:
-        return "yes" + (" (the mailbox's Send As right is checked when sending)" if shared else "")
+        return "yes" + (" (the mailbox's Send As right is checked when sending)" if shared and right == "Mail.Send"
+                        else "")
     return f"no ({' or '.join(sorted(wanted))} missing)"
 
 

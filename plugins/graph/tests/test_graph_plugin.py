@@ -106,6 +106,9 @@ def test_outgoing_test(graph: GraphServer, settings: Settings) -> None:
     steps = list(outgoing_test(settings(scopes=("Mail.Send",))))
     assert [(s.name, s.ok) for s in steps] == [("token", True), ("mailbox", True), ("permissions", True)]
     assert "may not read it" in steps[1].detail
+    assert steps[-1].detail == "send: yes; over 4 MB (saved as a draft first): no (Mail.ReadWrite missing)"
+    both = list(outgoing_test(settings()))
+    assert both[-1].detail == "send: yes; over 4 MB (saved as a draft first): yes"
     refused = list(outgoing_test(settings(scopes=("Mail.Read",))))
     assert (refused[-1].name, refused[-1].ok) == ("permissions", False)
     assert "Mail.Send" in refused[-1].detail
