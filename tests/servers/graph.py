@@ -1124,13 +1124,18 @@ class _Ctx:
     def mime(self, m: StoredMessage) -> _Response:
         return _Response(200, m.raw, "text/plain")
 
-    def update_message(self, m: StoredMessage) -> _Response:
-        self.need("write")
+    def json_object(self) -> dict[str, Any]:
+        """The request's JSON object, or Graph's 400 for an empty or malformed payload."""
         try:
-            changes = json.loads(self.req.body)
-            assert isinstance(changes, dict)
+            body = json.loads(self.req.body)
+            assert isinstance(body, dict)
         except (ValueError, AssertionError):
             raise GraphError(400, "BadRequest", "Empty Payload. JSON content expected.") from None
+        return body
+
+    def update_message(self, m: StoredMessage) -> _Response:
+        self.need("write")
+        changes = self.json_object()
         if "isRead" in changes:
             if not isinstance(changes["isRead"], bool):
                 raise GraphError(400, "BadRequest", "Invalid value for property isRead.")
@@ -1320,11 +1325,7 @@ class _Ctx:
     def add_attachment(self, m: StoredMessage) -> _Response:
         """``POST .../attachments`` with a fileAttachment (``message-post-attachments``), ``201``."""
         self.need("write")
-        try:
-            body = json.loads(self.req.body)
-            assert isinstance(body, dict)
-        except (ValueError, AssertionError):
-            raise GraphError(400, "BadRequest", "Empty Payload. JSON content expected.") from None
+        body = self.json_object()
         if body.get("@odata.type") != "#microsoft.graph.fileAttachment":
             raise GraphError(400, "BadRequest", "The stand-in adds file attachments only.")
         try:

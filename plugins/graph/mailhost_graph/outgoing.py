@@ -36,7 +36,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-from mailhost.errors import MailhostError, PermanentFailure, TemporaryFailure
+from mailhost.errors import MailError, MailhostError, PermanentFailure, TemporaryFailure
 from mailhost.protocols import ConnectionSettings, OutgoingSession, SendResult
 
 from .client import GraphClient, signed_in
@@ -106,6 +106,7 @@ class GraphOutgoingSession(OutgoingSession):
             response = self.client.request("POST", f"{self.path}/sendMail", doing=doing, retry=False,
                                            content=base64.b64encode(message), headers={"Content-Type": "text/plain"})
             if response.status_code != 413:  # 413: Graph's limit is lower than ours; nothing was sent
+                self._doubt(response, doing)
                 self._check(response, doing, (202,), len(message))
                 return self._sent(recipients)
         self._send_draft(message, gate)
@@ -149,9 +150,7 @@ class GraphOutgoingSession(OutgoingSession):
             if not exc.in_doubt:  # it never reached the server
                 self._discard(target)
             raise
-        if response.status_code in (502, 504):  # a gateway lost the answer: it may have gone
-            raise TemporaryFailure(f"{self.client.where} answered {response.status_code} while {doing}: the request "
-                                   "went out whole, so the server may have acted on it", in_doubt=True)
+        self._doubt(response, doing)
         try:
             self._check(response, doing, (202,), len(message))
         except BaseException:
@@ -202,22 +201,29 @@ class GraphOutgoingSession(OutgoingSession):
 
     # -- answers --------------------------------------------------------------------------
 
+    def _doubt(self, response: httpx.Response, doing: str) -> None:
+        """A gateway's 502 or 504 to the request that sends: the server behind it may have sent it."""
+        if response.status_code in (502, 504):
+            raise TemporaryFailure(f"{self.client.where} answered {response.status_code} {response.reason_phrase} "
+                                   f"while {doing}: the request went out whole, so the server may have acted on it",
+                                   in_doubt=True)
+
     def _check(self, response: httpx.Response, doing: str, ok: Sequence[int], size: int) -> httpx.Response:
         """``response`` if its status is one of ``ok``; else the error, with a refused token
         a TemporaryFailure and a message over the mailbox's limit said as such."""
-        if response.status_code in ok:
-            return response
-        body = response.json() if response.content and "json" in response.headers.get("content-type", "") else None
-        if response.status_code == 401:
-            # The credential, not the message: like a failed sign-in, try again later.
-            raise TemporaryFailure(str(self.client.error(401, body, response.headers, doing)))
-        code = str((body or {}).get("error", {}).get("code", "")) if isinstance(body, dict) else ""
-        if code == "ErrorMessageSizeExceeded":
-            raise PermanentFailure(
-                f"{self.client.where} refused the message ({_mb(size)} with its attachments) as larger than mailbox "
-                f"{self.mailbox} may send ({code}; Exchange Online allows 35 MB by default, up to 150 MB if an admin "
-                "raises the mailbox's MaxSendSize): send fewer or smaller attachments")
-        return self.client.check(response, doing, ok)
+        try:
+            return self.client.check(response, doing, ok)
+        except MailError as exc:
+            if getattr(exc, "status", None) == 401:
+                # The credential, not the message: like a failed sign-in, try again later.
+                raise TemporaryFailure(str(exc)) from None
+            if getattr(exc, "code", None) == "ErrorMessageSizeExceeded":
+                raise PermanentFailure(
+                    f"{self.client.where} refused the message ({_mb(size)} with its attachments) as larger than "
+                    f"mailbox {self.mailbox} may send (ErrorMessageSizeExceeded; Exchange Online allows 35 MB by "
+                    "default, up to 150 MB if an admin raises the mailbox's MaxSendSize): send fewer or smaller "
+                    "attachments") from None
+            raise
 
     def _sent(self, recipients: Sequence[str]) -> SendResult:
         return SendResult(f"202 Accepted: {self.client.where} took the message for {len(recipients)} "
@@ -326,7 +332,7 @@ def _attachments(raw: bytes, start: int = 0, end: int | None = None) -> Iterator
         child, _ = _head(raw, part_start, part_end)
         if child.get_content_maintype() == "multipart":
             yield from _attachments(raw, part_start, part_end)
-        elif child.get_filename() or child.get_param("name") or child.get("Content-ID"):
+        elif child.get_filename() or child.get("Content-ID"):  # get_filename falls back to the name
             yield _Span((_line_start(raw, marks[i].start()), part_end), (part_start, part_end), start, close)
 
 
@@ -356,8 +362,8 @@ def _decoded(part: bytes) -> FilePart:
     ctype = msg.get_content_type()
     cid = str(msg.get("Content-ID") or "").strip().strip("<>") or None
     disposition = msg.get_content_disposition()
-    name = msg.get_filename() or msg.get_param("name") or ""
-    if not isinstance(name, str) or not name:
+    name = msg.get_filename()
+    if not name:
         name = (cid or "attachment").split("@")[0] + (mimetypes.guess_extension(ctype) or "")
     content = msg.get_payload(decode=True)
     return FilePart(name, ctype, content if isinstance(content, bytes) else b"",

@@ -77,6 +77,14 @@ def test_throttled_or_failing_send_is_temporary(graph: GraphServer, settings: Se
     assert graph.sent == [] and graph.stats["sendmail"] == 0
 
 
+def test_a_gateway_timeout_on_send_is_in_doubt(graph: GraphServer, settings: Settings) -> None:
+    """504 from a gateway: the mailbox server behind it may have sent the message."""
+    graph.fail("sendmail", 504, "GatewayTimeout", "The gateway did not receive a response.")
+    with open_outgoing(settings()) as s, pytest.raises(TemporaryFailure, match="504 Gateway Timeout") as caught:
+        s.send(RAW, ALICE, ["carol@example.org", "dave@example.org"])
+    assert caught.value.in_doubt is True
+
+
 def test_refused_token_is_temporary(graph: GraphServer, settings: Settings) -> None:
     """A token refused twice is a sign-in problem of the connection, not of the message."""
     with open_outgoing(settings(access_token=lambda: "expired")) as s, \
