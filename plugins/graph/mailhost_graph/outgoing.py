@@ -33,11 +33,12 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses, parseaddr
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import parse_qs, quote, urlsplit
 
 import httpx
 from mailhost.errors import MailError, MailhostError, PermanentFailure, TemporaryFailure
 from mailhost.protocols import ConnectionSettings, OutgoingSession, SendResult
+from mailhost.secrets import remember_secret
 
 from .client import GraphClient, signed_in
 
@@ -174,6 +175,8 @@ class GraphOutgoingSession(OutgoingSession):
             json_body={"AttachmentItem": {"attachmentType": "file", **item, "size": len(f.content)}}),
             doing, (201,), size).json()
         url, start, total = str(session["uploadUrl"]), 0, len(f.content)
+        for token in parse_qs(urlsplit(url).query).get("authtoken", []):
+            remember_secret(token)  # the URL's own credential: never in a log
         while start < total:
             end = min(start + CHUNK, total) - 1
             response = self.client.request(

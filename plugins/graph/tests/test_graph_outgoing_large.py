@@ -5,6 +5,8 @@ what the recipients get (:attr:`tests.servers.graph.SentMail.attachments`).
 """
 from __future__ import annotations
 
+import email
+import email.policy
 import random
 from email.message import EmailMessage
 
@@ -50,9 +52,12 @@ def test_5_mb_and_200_kb_attachments_arrive_complete(graph: GraphServer, setting
     """The 5 MB file goes through an upload session in ranges, the 200 KB one stays in
     the draft's MIME; carol gets both byte for byte, and the text; no draft is left."""
     big, small = data(5 * 1024 * 1024), data(200 * 1024, seed=2)
-    with open_outgoing(settings()) as s:
+    transcript: list[str] = []
+    with open_outgoing(settings(transcript=transcript.append)) as s:
         result = s.send(mail(("report.pdf", big), ("notes.bin", small)), ALICE, TO)
     assert result.response.startswith("202 Accepted")
+    puts = [line for line in transcript if line.startswith("> PUT ")]
+    assert len(puts) == 2 and not [line for line in transcript if "authtoken" in line]  # the URL's token stays out
     assert sorted(received(graph)) == [("notes.bin", small, False, None), ("report.pdf", big, False, None)]
     [sent] = graph.sent
     assert sent.recipients == ("carol@example.org",) and TEXT.strip().encode("utf-8") in sent.raw
@@ -197,3 +202,21 @@ def test_s_mime_goes_whole_or_not_at_all(graph: GraphServer, settings: Settings)
     with open_outgoing(settings()) as s, pytest.raises(PermanentFailure, match="S/MIME message must go whole"):
         s.send(signed, ALICE, TO)
     assert graph.sent == []
+
+
+def test_split_takes_out_only_the_attachment_byte_for_byte() -> None:
+    """The rest is the message minus one contiguous run (the part and its delimiter line),
+    still well-formed; the part comes out decoded. A multipart's only part stays."""
+    big, small = data(5_000_000), data(1000, seed=2)
+    raw = mail(("a.bin", big), ("b.bin", small))
+    rest, [part] = split_message(raw, 3 * 1024 * 1024)
+    assert (part.name, part.content_type, part.content, part.is_inline) == ("a.bin", "application/octet-stream",
+                                                                           big, False)
+    head = next(i for i in range(len(rest)) if rest[i] != raw[i])
+    assert raw[:head] + raw[len(raw) - len(rest) + head:] == rest
+    assert b'filename="a.bin"' not in rest and len(raw) - len(rest) > len(big) * 4 // 3
+    parsed = email.message_from_bytes(rest, policy=email.policy.default)
+    assert not parsed.defects and [p.get_filename() for p in parsed.iter_attachments()] == ["b.bin"]
+    only = (b'From: alice@contoso.com\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary="b"\r\n\r\n'
+            b'--b\r\nContent-Type: application/pdf; name="x.pdf"\r\n\r\n' + b"x" * 5000 + b"\r\n--b--\r\n")
+    assert split_message(only, 100) == (only, [])
