@@ -379,8 +379,10 @@ class GraphServer:
     ``latency`` delays each HTTP request (a network round trip, for benchmarks) and
     ``service_time`` each request served (the mailbox server's work; the requests of a
     batch four at a time, as Graph dispatches them);
-    ``retry_after`` is what 429/503 responses ask for, in seconds; ``verify(token)``
-    returns the :class:`Principal` of a valid token or ``None``.
+    ``retry_after`` is what 429/503 responses ask for, in seconds; ``max_request_bytes``
+    is Graph's request limit (4 MB) and ``max_message_bytes`` the mailbox's maximum
+    message size (Exchange Online's default, 35 MB); ``verify(token)`` returns the
+    :class:`Principal` of a valid token or ``None``.
     """
 
     def __init__(
