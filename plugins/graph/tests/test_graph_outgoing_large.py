@@ -80,6 +80,18 @@ def test_just_under_the_limit_goes_in_one_sendmail(graph: GraphServer, settings:
     assert [[a.content for a in m.attachments] for m in graph.sent] == [[data(2_200_000)]] * 2
 
 
+def test_a_413_to_sendmail_falls_back_to_a_draft(graph: GraphServer, settings: Settings) -> None:
+    """Should Graph's limit be under 4 MiB, its 413 to sendMail (nothing sent) leads to the
+    draft; the host's gate runs once, before the request that sends."""
+    graph.max_request_bytes = 3_500_000
+    gates: list[int] = []
+    with open_outgoing(settings()) as s:
+        s.send(mail(("a.bin", data(2_200_000))), ALICE, TO, before_data=lambda: gates.append(len(graph.sent)))
+    assert gates == [0] and received(graph) == [("a.bin", data(2_200_000), False, None)]
+    # stats count requests served: the sendMail was refused at the door
+    assert (graph.stats["sendmail"], graph.stats["create"], graph.stats["attach"], graph.stats["send"]) == (0, 1, 1, 1)
+
+
 def test_attachments_under_3_mb_are_posted(graph: GraphServer, settings: Settings) -> None:
     """Three files of 1.5 MB: two leave the MIME and are POSTed whole (upload sessions
     refuse files under 3 MB), one stays; carol gets all three."""
