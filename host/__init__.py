@@ -36,6 +36,7 @@ from .protocols import (
     MessageRef,
     OutgoingSession,
     ProtocolProvider,
+    ProviderOption,
     SendResult,
     TestStep,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "PermanentFailure",
     "PluginError",
     "ProtocolProvider",
+    "ProviderOption",
     "SendResult",
     "StoreError",
     "TLSFailure",

@@ -102,6 +102,9 @@ class ConnectionSpec:
     debug: bool | None = None
     fallback_to_default: bool | None = None
     default: bool | None = None
+    #: Values of options the protocol declares (``ProtocolProvider.options``), by name:
+    #: typed, or text to convert (from ``--option NAME=VALUE``). ``None`` or ``""``
+    #: resets one to its default on edit.
     options: dict[str, Any] = field(default_factory=dict)
 
     def given(self) -> dict[str, Any]:
@@ -159,8 +162,21 @@ class Connections:
             self.get(direction, name, s)
 
     def as_dict(self, direction: Direction, conn: Any) -> dict[str, Any]:
-        """The JSON form of a connection (no secrets)."""
-        return connection_dict(direction, conn)
+        """The JSON form of a connection (no secrets), as the CLI and the REST API show it."""
+        out = connection_dict(direction, conn, self.host.plugins.protocols.get((direction, conn.protocol)))
+        if conn.oauth_credential_id is not None:  # (not loading the OAuth2 code for the others)
+            out.update(self.host.oauth.connection_status(conn))  # token expiry and last renewal error
+        return out
+
+    def undeclared_options(self, direction: Direction, conn: Any) -> str | None:
+        """A warning when ``conn`` holds options its protocol no longer declares, else None."""
+        provider = self.host.plugins.protocols.get((direction, conn.protocol))
+        names = sorted(set(conn.options or {}) - {o.name for o in provider.options}) if provider else []
+        if not names:
+            return None
+        return (f"{direction.value} connection {conn.name!r} holds option(s) {', '.join(names)}, which protocol "
+                f"{conn.protocol} no longer declares: they are kept but not used; "
+                f"`mailhost {direction.value} edit {conn.name} --option {names[0]}=` removes one")
 
     # -- changes ----------------------------------------------------------------------
 
@@ -350,7 +366,7 @@ class Connections:
             size_limit=getattr(conn, "size_limit", 0) or 0,
             access_token=access_token,
             transcript=_transcript(conn.name) if debug else None,
-            options=dict(conn.options or {}),
+            options=_effective_options(provider, f"connection {conn.name!r} ({provider.name})", conn.options or {}),
         )
 
     # -- validation -------------------------------------------------------------------
@@ -531,7 +547,9 @@ class Connections:
         ca_file = _text(given.get("ca_file"), "ca_file")
         values["ca_file"] = _check_ca_file(ca_file, label) if ca_file else None
 
-        values["options"] = dict(given.get("options") or {})
+        # Options: the stored ones stay (unless the protocol changed), the given ones are merged in.
+        stored = dict(existing.options or {}) if existing is not None and existing.protocol == provider.name else {}
+        values["options"] = _options(provider, label, stored, given.get("options") or {})
         extra: dict[str, Any] = {}
         if direction is Direction.INCOMING:
             self._validate_incoming(s, provider, label, given, values, extra, explicit)
@@ -637,7 +655,6 @@ def connection_values(direction: Direction, conn: Any) -> dict[str, Any]:
         "oauth_credential": conn.oauth_credential.name if conn.oauth_credential else None,
         "host_override": conn.host_override,
         "ca_file": conn.ca_file,
-        "options": dict(conn.options or {}),
     }
     if direction is Direction.INCOMING:
         values.update(
@@ -703,6 +720,59 @@ def connection_dict(direction: Direction, conn: Any, provider: ProtocolProvider 
             fallback_to_default=conn.fallback_to_default,
             default=conn.is_default,
         )
+    stored = dict(conn.options or {})
+    if provider is None:  # its plugin is not loaded: what is stored
+        out.update(options=stored, undeclared_options={})
+    else:
+        out.update(options={o.name: stored.get(o.name, o.default) for o in provider.options},
+                   undeclared_options={k: v for k, v in stored.items() if provider.option(k) is None})
+    return out
+
+
+def _options(provider: ProtocolProvider, label: str, stored: Mapping[str, Any],
+             given: Mapping[str, Any]) -> dict[str, Any]:
+    """The options to store: ``stored`` with ``given`` merged in (``None`` or ``""``
+    resets one), each given one declared by the protocol and converted to its type."""
+    result = dict(stored)
+    for name, value in given.items():
+        option = provider.option(name)
+        reset = value is None or value == ""
+        if option is None and not (reset and name in stored):  # resetting a stale one removes it
+            valid = "; ".join(o.describe() for o in provider.options)
+            raise ValidationError(
+                f"{label}: {provider.name} has no option {name!r}; "
+                + (f"its options are: {valid}" if valid else f"{provider.name} takes no options")
+                + " (see `mailhost plugins options`)", field="options")
+        if reset:
+            result.pop(name, None)
+            continue
+        assert option is not None
+        try:
+            result[name] = option.convert(value)
+        except ValueError as exc:
+            raise ValidationError(f"{label}: option {name} {exc}: give --option {name}=VALUE", field="options") from None
+    _effective_options(provider, label, result)
+    return result
+
+
+def _effective_options(provider: ProtocolProvider, label: str, stored: Mapping[str, Any]) -> dict[str, Any]:
+    """What a session gets: every declared option, its stored value or its default.
+    A stored value the declaration no longer takes (the plugin changed it), or a
+    required option not set, is a ValidationError naming the option."""
+    out: dict[str, Any] = {}
+    for option in provider.options:
+        if option.name not in stored:
+            if option.required:
+                raise ValidationError(f"{label} needs option {option.name} ({option.description}): "
+                                      f"give --option {option.name}=VALUE", field="options")
+            out[option.name] = option.default
+            continue
+        try:
+            out[option.name] = option.convert(stored[option.name])
+        except ValueError as exc:
+            raise ValidationError(f"{label}: its stored option {option.name} no longer fits {provider.name}, which "
+                                  f"now {exc}: give --option {option.name}=VALUE, or --option {option.name}= for "
+                                  "the default", field="options") from None
     return out
 
 

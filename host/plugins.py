@@ -82,6 +82,8 @@ class PluginInfo:
     after_download_actions: list[str] = field(default_factory=list)
     host_overrides: list[str] = field(default_factory=list)
     oauth_providers: list[str] = field(default_factory=list)
+    #: The options each of its protocols declares, by ``direction/name``.
+    protocol_options: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     #: The entry point, to find the distribution and version when they are asked for
     #: (finding them scans every installed distribution: too slow for every start-up).
@@ -103,6 +105,7 @@ class PluginInfo:
             "after_download_actions": self.after_download_actions,
             "host_overrides": self.host_overrides,
             "oauth_providers": self.oauth_providers,
+            "protocol_options": self.protocol_options,
             "notes": self.notes,
         }
 
@@ -242,6 +245,9 @@ class PluginHost:
             lambda p: f"{p.direction.value}/{p.name}", self.protocols,
             lambda info, label: info.protocols.append(label),
         )
+        for (direction, name), provider in self.protocols.items():
+            self.plugins[provider.plugin].protocol_options[f"{direction.value}/{name}"] = [
+                o.as_dict() for o in provider.options]
         self._settle(
             actions, AfterDownloadAction, lambda a: a.name, lambda a: a.name, self.actions,
             lambda info, label: info.after_download_actions.append(label),
@@ -339,6 +345,16 @@ class PluginHost:
             return (f"{what} is available, nor any other: install or enable a plugin that provides one, "
                     f"such as {' or '.join(bundled)}")
         return f"{what} is available; choose one of: {', '.join(known)} (or install the plugin that provides it)"
+
+    def option_rows(self, protocol: str | None = None) -> list[dict[str, Any]]:
+        """Every option the protocols declare (of protocol ``protocol`` only, when given),
+        one row each, for ``mailhost plugins options`` and the web admin."""
+        return [
+            {"protocol": f"{d.value}/{n}", "plugin": p.plugin, **o.as_dict()}
+            for (d, n), p in sorted(self.protocols.items(), key=lambda kv: (kv[0][1], kv[0][0].value))
+            if protocol is None or n == protocol
+            for o in p.options
+        ]
 
     def protocol_names(self, direction: Direction) -> list[str]:
         """The names of the protocols available in ``direction``."""

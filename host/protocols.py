@@ -23,6 +23,7 @@ Usage from the host's side::
 from __future__ import annotations
 
 import enum
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ __all__ = [
     "MessageRef",
     "OutgoingSession",
     "ProtocolProvider",
+    "ProviderOption",
     "SendResult",
     "Session",
     "TestStep",
@@ -112,7 +114,9 @@ class ConnectionSettings:
     #: For OAuth2 connect mode: returns a fresh access token each time it is called.
     access_token: Callable[[], str] | None = field(default=None, repr=False)
     transcript: Callable[[str], None] | None = None
-    #: Attributes a plugin declared beyond the common ones (kept as given).
+    #: The connection's values of the options its protocol declares
+    #: (:attr:`ProtocolProvider.options`), typed, each declared name present: the value
+    #: set on the connection, else the option's default (``None`` when it has none).
     options: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -301,6 +305,120 @@ class OutgoingSession(Session, ABC):
         return None
 
 
+#: Names no option may take: the host's own connection attributes and fields, so an
+#: option never reads as one of them (in JSON, on the command line, in the settings).
+RESERVED_OPTION_NAMES: frozenset[str] = ATTRIBUTES | frozenset(
+    {
+        "name", "protocol", "description", "interval", "timeout", "enabled", "after_download",
+        "after_download_argument", "move_to", "fallback_to_default", "default", "connect_mode",
+        "password_set", "access_token", "transcript", "options", "undeclared_options",
+        "last_poll_at", "last_error",
+    }
+)
+
+_OPTION_NAME = re.compile(r"^[a-z][a-z0-9_]{0,62}$")
+# Words that say an option would hold a secret; options are stored and shown in clear.
+_SECRET_WORDS = frozenset({"password", "passwd", "passphrase", "secret", "secrets", "apikey"})
+_SECRET_ENDINGS = ("token", "api_key", "private_key", "client_key")  # not token_endpoint
+_OPTION_TYPES: dict[type, str] = {str: "text", int: "a whole number", bool: "true or false"}
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+#: The longest text an option takes.
+MAX_OPTION_TEXT = 1000
+
+
+@dataclass(frozen=True)
+class ProviderOption:
+    """A connection setting a protocol declares beyond the host's :data:`ATTRIBUTES`
+    (an account id, a tenant region, a batch size), in :attr:`ProtocolProvider.options`.
+
+    ``type`` is ``str``, ``int`` or ``bool``; ``choices``, when given, are the only
+    values it takes. A connection that does not set it gets ``default`` (``None`` when
+    there is none); a ``required`` option has no default and every connection must set
+    it. Admins set options with ``--option NAME=VALUE``; they are stored in clear and
+    shown by ``show``: a secret belongs in the connection's password or OAuth2
+    credential, and a name that says "password", "secret", "token" or "api_key" is
+    refused.
+    """
+
+    name: str
+    description: str
+    type: type = str
+    default: str | int | bool | None = None
+    required: bool = False
+    choices: tuple[str | int, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choices", tuple(self.choices))
+        what = f"option {self.name!r}"
+        if not isinstance(self.name, str) or not _OPTION_NAME.match(self.name):
+            raise ValueError(f"{what}: an option name is 1-63 characters of a-z, 0-9 and _, starting with a letter")
+        words = set(self.name.split("_"))
+        if words & _SECRET_WORDS or self.name.endswith(_SECRET_ENDINGS):
+            raise ValueError(f"{what} looks like a secret, and options are stored and shown in clear: take the "
+                             "secret from the connection's password or OAuth2 credential instead")
+        if not isinstance(self.description, str) or not self.description.strip():
+            raise ValueError(f"{what} needs a description: admins read it in `mailhost plugins options`")
+        if self.type not in _OPTION_TYPES:
+            raise ValueError(f"{what}: type {getattr(self.type, '__name__', self.type)!r} is not str, int or bool")
+        if self.choices and self.type is bool:
+            raise ValueError(f"{what}: a bool option takes no choices")
+        for choice in self.choices:
+            if type(choice) is not self.type:  # bool is an int: True is no choice of an int option
+                raise ValueError(f"{what}: choice {choice!r} is not of its type {self.type.__name__}")
+        if len(set(self.choices)) != len(self.choices):
+            raise ValueError(f"{what}: its choices {list(self.choices)} repeat a value")
+        if self.default is not None:
+            if type(self.default) is not self.type:
+                raise ValueError(f"{what}: default {self.default!r} is not of its type {self.kind}")
+            if self.required:
+                raise ValueError(f"{what} is required and has a default: give one or the other")
+            try:
+                self.convert(self.default)
+            except ValueError as exc:
+                raise ValueError(f"{what}: default {self.default!r} is not valid: {exc}") from None
+
+    @property
+    def kind(self) -> str:
+        """``str``, ``int`` or ``bool``: the type's name, for listings."""
+        return self.type.__name__
+
+    def convert(self, value: Any) -> str | int | bool:
+        """``value`` (text from the command line, or already typed) as this option's type;
+        ValueError says why it is not valid, in words an admin reads after the option's name."""
+        if isinstance(value, str) and self.type is not str:
+            text = value.strip().lower()
+            if self.type is bool and text in _TRUE + _FALSE:
+                value = text in _TRUE
+            elif self.type is int and re.fullmatch(r"[+-]?[0-9]{1,18}", text):
+                value = int(text)
+        if type(value) is not self.type:
+            raise ValueError(f"takes {_OPTION_TYPES[self.type]}"
+                             + (" (true/false, yes/no, on/off, 1/0)" if self.type is bool else "")
+                             + f", not {value!r}")
+        if isinstance(value, str) and (len(value) > MAX_OPTION_TEXT or any(ord(c) < 32 or ord(c) == 127
+                                                                            for c in value)):
+            raise ValueError(f"takes one line of at most {MAX_OPTION_TEXT} characters")
+        if self.choices and value not in self.choices:
+            raise ValueError(f"takes one of: {', '.join(map(str, self.choices))}, not {value!r}")
+        return value
+
+    def describe(self) -> str:
+        """``name (int, default 50)``: the option in a list of valid ones."""
+        about = [self.kind]
+        if self.choices:
+            about.append("one of " + "/".join(map(str, self.choices)))
+        if self.required:
+            about.append("required")
+        elif self.default is not None:
+            about.append(f"default {self.default!r}")
+        return f"{self.name} ({', '.join(about)})"
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form."""
+        return {"name": self.name, "description": self.description, "type": self.kind, "default": self.default,
+                "required": self.required, "choices": list(self.choices)}
+
+
 @dataclass(frozen=True)
 class ProtocolProvider:
     """A protocol a plugin offers: its description and how to open a session.
@@ -310,8 +428,10 @@ class ProtocolProvider:
     need not know that Folder is IMAP-only. ``default_ports`` maps each supported
     encryption to its port; an empty mapping means the protocol is not host-based
     (Microsoft Graph). ``after_download`` lists supported actions, the default first.
-    ``required`` lists the attributes a connection must set. ``test`` runs a
-    step-by-step connection test; when absent, the host opens and closes a session.
+    ``required`` lists the attributes a connection must set. ``options`` declares
+    settings of the protocol's own (:class:`ProviderOption`), which sessions find typed in
+    ``ConnectionSettings.options``. ``test`` runs a step-by-step connection test; when
+    absent, the host opens and closes a session.
     """
 
     name: str
@@ -329,6 +449,8 @@ class ProtocolProvider:
     #: INBOX in any case), so that cursors and stored keys follow the folder, not the typing.
     canonical_folder: Callable[[str], str] | None = None
     test: Callable[[ConnectionSettings], Iterable[TestStep]] | None = None
+    #: Settings of its own, beyond :data:`ATTRIBUTES`, that its connections take.
+    options: tuple[ProviderOption, ...] = ()
     #: The plugin that registered it; filled in by the host.
     plugin: str = ""
 
@@ -344,6 +466,22 @@ class ProtocolProvider:
             raise ValueError(
                 f"protocol {self.name!r} declares unknown connect modes {sorted(bad_modes)}"
             )
+        object.__setattr__(self, "options", tuple(self.options))
+        seen: set[str] = set()
+        for option in self.options:
+            if not isinstance(option, ProviderOption):
+                raise ValueError(f"protocol {self.name!r} declares option {option!r}, not a ProviderOption")
+            if option.name in RESERVED_OPTION_NAMES:
+                raise ValueError(f"protocol {self.name!r} declares option {option.name!r}, which is a connection "
+                                 "attribute of the host: list it in attributes if it is one of ATTRIBUTES, "
+                                 "else choose another name")
+            if option.name in seen:
+                raise ValueError(f"protocol {self.name!r} declares option {option.name!r} twice")
+            seen.add(option.name)
+
+    def option(self, name: str) -> ProviderOption | None:
+        """The declared option ``name``, if there is one."""
+        return next((o for o in self.options if o.name == name), None)
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """The web admin and its REST API: read-only views of what the seeds show as admin pages.
 
 Pages (Jinja2, autoescaped): connections, the incoming and outgoing queues, the incoming
-log, plugins. The same data as JSON under ``/api/...``, with the CLI's JSON shapes. It
+log, plugins and the options their protocols declare. The same data as JSON under ``/api/...``, with the CLI's JSON shapes. It
 has no sign-in of its own, so it listens on 127.0.0.1 by default; put it behind a proxy
 that authenticates before exposing it. Listening on 127.0.0.1 protects nothing against a
 web page whose name rebinds to 127.0.0.1, so a request addressed to any other name than
@@ -14,7 +14,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 from socketserver import ThreadingMixIn
@@ -23,7 +23,6 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from .config import listen_address
-from .connections import connection_dict
 from .errors import ConfigError, MailhostError, StoreError, ValidationError
 from .incoming import item_dict
 from .outgoing import item_dict as outgoing_item_dict
@@ -41,6 +40,20 @@ log = logging.getLogger(__name__)
 _env = Environment(loader=PackageLoader("mailhost", "templates"), autoescape=select_autoescape(["html"]))
 
 
+def _cell(value: Any) -> Any:
+    """A table cell: ``k=v, ...`` for a mapping (a connection's options), a list joined."""
+    if value is None:
+        return ""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={'' if v is None else v}" for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return ", ".join(map(str, value))
+    return value
+
+
+_env.filters["cell"] = _cell
+
+
 class WebAdmin:
     """A WSGI application over one installation."""
 
@@ -55,9 +68,10 @@ class WebAdmin:
             self.host_names.add(listen_address(listen)[0].lower())
         self.routes: dict[str, tuple[str, Callable[[dict[str, list[str]]], list[dict[str, Any]]], list[str]]] = {
             "incoming": ("Incoming connections", self._incoming,
-                         ["name", "protocol", "host", "username", "folder", "enabled", "last_poll_at", "last_error"]),
+                         ["name", "protocol", "host", "username", "folder", "options", "enabled", "last_poll_at",
+                          "last_error"]),
             "outgoing": ("Outgoing connections", self._outgoing,
-                         ["name", "protocol", "host", "username", "from_address", "default"]),
+                         ["name", "protocol", "host", "username", "from_address", "options", "default"]),
             "queue/incoming": ("Incoming mail queue", self._queue_incoming,
                                ["id", "connection", "status", "from", "subject", "size", "created_at"]),
             "queue/outgoing": ("Outgoing mail queue", self._queue_outgoing,
@@ -65,6 +79,8 @@ class WebAdmin:
             "log/incoming": ("Incoming mail log", self._log_incoming,
                              ["id", "connection", "status", "started_at", "stored", "duplicates", "bytes", "error"]),
             "plugins": ("Plugins", self._plugins, ["name", "distribution", "version", "state", "error"]),
+            "plugins/options": ("Protocol options", self._options,
+                                ["protocol", "name", "type", "default", "required", "choices", "description"]),
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
@@ -123,11 +139,11 @@ class WebAdmin:
     # -- data (the CLI's JSON shapes) -------------------------------------------------
 
     def _incoming(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
-        return [connection_dict(Direction.INCOMING, c) for c in
+        return [self.host.connections.as_dict(Direction.INCOMING, c) for c in
                 self.host.connections.list(Direction.INCOMING, _one(q, "search"))]
 
     def _outgoing(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
-        return [connection_dict(Direction.OUTGOING, c) for c in
+        return [self.host.connections.as_dict(Direction.OUTGOING, c) for c in
                 self.host.connections.list(Direction.OUTGOING, _one(q, "search"))]
 
     def _queue_incoming(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
@@ -146,6 +162,9 @@ class WebAdmin:
 
     def _plugins(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
         return [p.as_dict() for p in self.host.plugins.plugins.values()]
+
+    def _options(self, q: dict[str, list[str]]) -> list[dict[str, Any]]:
+        return self.host.plugins.option_rows(_one(q, "protocol"))
 
 
 #: Seconds a client may take to send its request or read the answer; then its

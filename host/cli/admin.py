@@ -43,6 +43,21 @@ def plugins_list(ctx: Context, as_json: bool, limit: int | None) -> None:
     print_rows(rows, ["name", "distribution", "version", "state", "provides"], as_json, limit)
 
 
+@plugins.command("options")
+@click.option("--protocol", metavar="NAME", help="Only this protocol's options (e.g. imap, smtp, graph).")
+@json_option
+@limit_option
+@pass_ctx
+def plugins_options(ctx: Context, protocol: str | None, as_json: bool, limit: int | None) -> None:
+    """The options each protocol declares, for `--option NAME=VALUE` on its connections."""
+    plugins = ctx.host.plugins
+    known = sorted({name for _, name in plugins.protocols})
+    if protocol is not None and protocol not in known:  # a typo, not "it has none"
+        fail(f"no protocol named {protocol!r} is loaded: choose one of {', '.join(known) or 'none installed'}")
+    print_rows(plugins.option_rows(protocol), ["protocol", "name", "type", "default", "required", "choices", "description"], as_json, limit,
+               empty=f"protocol {protocol} takes no options" if protocol else "no protocol declares options")
+
+
 def _set_plugin(ctx: Context, name: str, enabled: bool) -> None:
     config = Config.load(ctx.config)
     if name == BUILTIN:

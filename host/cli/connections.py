@@ -38,6 +38,9 @@ def _common_options(f: Callable[..., Any], protocols: str) -> Callable[..., Any]
         click.option("--oauth-credential", metavar="NAME", help="Sign in with this OAuth2 credential."),
         click.option("--host-override", metavar="NAME", help="A predefined host (see `mailhost host-overrides`)."),
         click.option("--ca-file", metavar="PATH", help="Also trust this PEM CA for this connection."),
+        click.option("--option", "options", multiple=True, metavar="NAME=VALUE",
+                     help="A setting the protocol declares (see `mailhost plugins options`); repeatable. "
+                          "NAME= resets it to its default. Not for secrets: options are shown in clear."),
         secret_options(),
     ]
     for option in reversed(options):
@@ -86,22 +89,21 @@ def _spec(name: str | None, opts: dict[str, Any]) -> ConnectionSpec:
         if certificates:
             fail("give --certificate or --no-certificates, not both")
         certificates = []  # given, and empty: detach them all
-    spec = ConnectionSpec(name=name, password=password, **{k: v for k, v in opts.items()})
+    options: dict[str, str] = {}
+    for pair in opts.pop("options", ()):
+        key, eq, value = pair.partition("=")
+        if not eq or not key.strip():
+            fail(f"--option {pair!r} is not NAME=VALUE: give the option's name, '=' and its value "
+                 "(NAME= resets it to its default)")
+        if key.strip() in options:
+            fail(f"--option {key.strip()} is given twice: give each option once")
+        options[key.strip()] = value
+    spec = ConnectionSpec(name=name, password=password, options=options, **{k: v for k, v in opts.items()})
     if certificates is not None:
         spec.certificates = certificates
     if spec.encryption:
         spec.encryption = spec.encryption.lower()
     return spec
-
-
-def _dict(ctx: Context, direction: Direction, conn: Any) -> dict[str, Any]:
-    from ..connections import connection_dict
-
-    provider = ctx.host.plugins.protocols.get((direction, conn.protocol))
-    out = connection_dict(direction, conn, provider)
-    if conn.oauth_credential_id is not None:  # (not loading the OAuth2 code for the others)
-        out.update(ctx.host.oauth.connection_status(conn))  # token expiry and last renewal error
-    return out
 
 
 def _print_steps(steps: list[TestStep], as_json: bool) -> bool:
@@ -125,7 +127,7 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
     def add(ctx: Context, name: str, as_json: bool, **opts: Any) -> None:
         conn = ctx.host.connections.add(direction, _spec(name, opts))
         if as_json:
-            print_json(_dict(ctx, direction, conn))
+            print_json(ctx.host.connections.as_dict(direction, conn))
         else:
             note = " (disabled: test it, then `mailhost incoming enable`)" if direction is Direction.INCOMING else ""
             click.echo(f"added {word} connection {conn.name}{note}", err=True)
@@ -141,7 +143,7 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
     def edit(ctx: Context, name: str, new_name: str | None, as_json: bool, **opts: Any) -> None:
         conn, disabled = ctx.host.connections.edit(direction, name, _spec(new_name, opts))
         if as_json:
-            print_json(_dict(ctx, direction, conn))
+            print_json(ctx.host.connections.as_dict(direction, conn))
         else:
             click.echo(f"changed {word} connection {conn.name}" + (" and disabled it: enable it again when ready" if disabled else ""), err=True)
 
@@ -155,7 +157,7 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
     @limit_option
     @pass_ctx
     def list_(ctx: Context, search: str | None, as_json: bool, limit: int | None) -> None:
-        rows = [_dict(ctx, direction, c) for c in ctx.host.connections.list(direction, search)]
+        rows = [ctx.host.connections.as_dict(direction, c) for c in ctx.host.connections.list(direction, search)]
         columns = (["name", "protocol", "host", "port", "username", "folder", "enabled", "last_error"]
                    if direction is Direction.INCOMING else
                    ["name", "protocol", "host", "port", "username", "from_address", "default"])
@@ -168,7 +170,11 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
     @json_option
     @pass_ctx
     def show(ctx: Context, name: str, as_json: bool) -> None:
-        print_record(_dict(ctx, direction, ctx.host.connections.get(direction, name)), as_json)
+        conn = ctx.host.connections.get(direction, name)
+        print_record(ctx.host.connections.as_dict(direction, conn), as_json)
+        warning = ctx.host.connections.undeclared_options(direction, conn)
+        if warning:
+            click.echo(f"mailhost: warning: {warning}", err=True)
 
     show.help = f"Show one {word} connection."
 

@@ -6,6 +6,10 @@ written as a file. The events it receives are appended, one JSON line each, to t
 file named by ``$MAILHOST_TESTPLUGIN_EVENTS`` when that is set. The fetch of the message
 named by ``$MAILHOST_TESTPLUGIN_FAIL_AT`` fails; of the one named by
 ``$MAILHOST_TESTPLUGIN_HANG_AT``, never returns.
+
+Both protocols declare options (``ProviderOption``): incoming ``batch_size`` (int),
+``newest_first`` (bool) and ``label`` (str with choices), outgoing ``suffix`` (the
+file name ending). Their connection tests report the options the session was given.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from mailhost import (
     MessageRef,
     OutgoingSession,
     ProtocolProvider,
+    ProviderOption,
     SendResult,
     TestStep,
     hookimpl,
@@ -49,6 +54,8 @@ class DirIncoming(IncomingSession):
         self.root = Path(settings.folder or ".")
         if not self.root.is_dir():
             raise PermanentFailure(f"{settings.name}: folder {self.root} does not exist")
+        self.batch_size: int = settings.options["batch_size"]
+        self.newest_first: bool = settings.options["newest_first"]
 
     def _files(self) -> list[Path]:
         return sorted(p for p in self.root.iterdir() if p.is_file() and not p.name.startswith("."))
@@ -56,8 +63,10 @@ class DirIncoming(IncomingSession):
     def list_new(self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]) -> Listing:
         files = self._files()
         seen = known([p.name for p in files])
-        return Listing([MessageRef(p.name, p.stat().st_size, p) for p in files if p.name not in seen],
-                       cursor={"count": len(files)})
+        new = [p for p in files if p.name not in seen][::-1 if self.newest_first else 1]
+        if self.batch_size:
+            new = new[:self.batch_size]
+        return Listing([MessageRef(p.name, p.stat().st_size, p) for p in new], cursor={"count": len(files)})
 
     def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes]]:
         for ref in refs:
@@ -98,18 +107,25 @@ class DirOutgoing(OutgoingSession):
     def __init__(self, settings: ConnectionSettings) -> None:
         self.root = Path(os.environ.get("MAILHOST_TESTPLUGIN_OUTBOX", ".")) / (settings.host or "outbox")
         self.root.mkdir(parents=True, exist_ok=True)
+        self.suffix: str = settings.options["suffix"]
 
     def send(self, raw: bytes, sender: str, recipients: Sequence[str]) -> SendResult:
         refused = {r: "550 no such user" for r in recipients if r.startswith("reject")}
         if len(refused) == len(recipients):
             raise PermanentFailure("550 every recipient refused")
         n = len(list(self.root.iterdir()))
-        (self.root / f"{n:06d}.eml").write_bytes(raw)
+        (self.root / f"{n:06d}{self.suffix}").write_bytes(raw)
         return SendResult("250 ok", refused)
 
 
 def _test(settings: ConnectionSettings) -> Iterator[TestStep]:
     yield TestStep("folder", Path(settings.folder or ".").is_dir(), str(settings.folder))
+    yield TestStep("options", True, json.dumps(dict(settings.options), sort_keys=True))
+
+
+def _test_outgoing(settings: ConnectionSettings) -> Iterator[TestStep]:
+    DirOutgoing(settings).close()
+    yield TestStep("options", True, json.dumps(dict(settings.options), sort_keys=True))
 
 
 @hookimpl
@@ -118,12 +134,18 @@ def register_protocols(register: Callable[[ProtocolProvider], None]) -> None:
         name="dir", direction=Direction.INCOMING, open=DirIncoming, title="Directory (tests)",
         attributes=frozenset({"folder", "username", "password", "certificates", "shared_mailbox"}),
         required=frozenset({"folder"}), after_download=("mark-seen", "delete", "move", "keep"), test=_test,
+        options=(
+            ProviderOption("batch_size", "list at most this many messages per pass (0: all)", int, default=0),
+            ProviderOption("newest_first", "download the newest files (by name) first", bool, default=False),
+            ProviderOption("label", "a colour to file the connection's mail under", str, choices=("red", "green")),
+        ),
     ))
     register(ProtocolProvider(
         name="dir", direction=Direction.OUTGOING, open=DirOutgoing, title="Directory (tests)",
         attributes=frozenset({"host", "from_address", "prefix", "size_limit", "debug", "username", "password",
                               "ca_file", "host_override"}),
-        required=frozenset({"host"}),
+        required=frozenset({"host"}), test=_test_outgoing,
+        options=(ProviderOption("suffix", "the file name ending of each message written", str, default=".eml"),),
     ))
 
 
