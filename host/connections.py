@@ -239,7 +239,9 @@ class Connections:
                 raise ValidationError(f"{exc} (another protocol keeps none of the old one's server settings)",
                                       field=exc.field) from None
             was_enabled = bool(getattr(conn, "enabled", False))
-            moved = any(values.get(k) != getattr(conn, k, None) for k in _MAILBOX_IDENTITY)
+            moved = any(values.get(k) != getattr(conn, k, None) for k in _MAILBOX_IDENTITY) or any(
+                values["options"].get(o.name, o.default) != (conn.options or {}).get(o.name, o.default)
+                for o in self.host.plugins.protocol(direction, values["protocol"]).options if o.identifies_mailbox)
             old_folder = getattr(conn, "folder", None)
             if values["name"] != conn.name:  # its mail and history follow it (queued mail is routed by name)
                 for column in _NAMED_AFTER[direction]:
@@ -750,7 +752,8 @@ def _options(provider: ProtocolProvider, label: str, stored: Mapping[str, Any],
         try:
             result[name] = option.convert(value)
         except ValueError as exc:
-            raise ValidationError(f"{label}: option {name} {exc}: give --option {name}=VALUE", field="options") from None
+            raise ValidationError(f"{label}: option {name} {exc}: give --option {name}=VALUE",
+                                  field="options") from None
     _effective_options(provider, label, result)
     return result
 

@@ -334,7 +334,10 @@ class ProviderOption:
     ``type`` is ``str``, ``int`` or ``bool``; ``choices``, when given, are the only
     values it takes. A connection that does not set it gets ``default`` (``None`` when
     there is none); a ``required`` option has no default and every connection must set
-    it. Admins set options with ``--option NAME=VALUE``; they are stored in clear and
+    it. ``identifies_mailbox`` says that another value points the connection at another
+    mailbox (an account id, not a batch size): changing it makes the host forget what it
+    downloaded there, as changing the host or username does. Admins set options with
+    ``--option NAME=VALUE``; they are stored in clear and
     shown by ``show``: a secret belongs in the connection's password or OAuth2
     credential, and a name that says "password", "secret", "token" or "api_key" is
     refused.
@@ -346,6 +349,7 @@ class ProviderOption:
     default: str | int | bool | None = None
     required: bool = False
     choices: tuple[str | int, ...] = ()
+    identifies_mailbox: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "choices", tuple(self.choices))
@@ -416,7 +420,8 @@ class ProviderOption:
     def as_dict(self) -> dict[str, Any]:
         """The JSON form."""
         return {"name": self.name, "description": self.description, "type": self.kind, "default": self.default,
-                "required": self.required, "choices": list(self.choices)}
+                "required": self.required, "choices": list(self.choices),
+                "identifies_mailbox": self.identifies_mailbox}
 
 
 @dataclass(frozen=True)

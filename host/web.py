@@ -1,12 +1,12 @@
 """The web admin and its REST API: read-only views of what the seeds show as admin pages.
 
 Pages (Jinja2, autoescaped): connections, the incoming and outgoing queues, the incoming
-log, plugins and the options their protocols declare. The same data as JSON under ``/api/...``, with the CLI's JSON shapes. It
-has no sign-in of its own, so it listens on 127.0.0.1 by default; put it behind a proxy
-that authenticates before exposing it. Listening on 127.0.0.1 protects nothing against a
-web page whose name rebinds to 127.0.0.1, so a request addressed to any other name than
-this machine's own and ``[web] allowed_hosts`` is refused (421). Message bodies are
-never rendered.
+log, plugins and the options their protocols declare. The same data as JSON under
+``/api/...``, with the CLI's JSON shapes. It has no sign-in of its own, so it listens on
+127.0.0.1 by default; put it behind a proxy that authenticates before exposing it.
+Listening on 127.0.0.1 protects nothing against a web page whose name rebinds to
+127.0.0.1, so a request addressed to any other name than this machine's own and
+``[web] allowed_hosts`` is refused (421). Message bodies are never rendered.
 """
 from __future__ import annotations
 

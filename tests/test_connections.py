@@ -346,3 +346,168 @@ def test_an_empty_secret_is_refused_and_username_clears_the_password(cli, tmp_pa
     assert cleared.returncode == 0, cleared.stderr
     shown = json.loads(cli("outgoing", "show", "s1", "--json").stdout)
     assert shown["username"] is None and shown["password_set"] is False
+
+
+def _stored_options(home: Path, table: str, name: str) -> dict:
+    db = sqlite3.connect(home / "mailhost.db")
+    try:
+        return json.loads(db.execute(f"SELECT options FROM {table} WHERE name = ?", (name,)).fetchone()[0])
+    finally:
+        db.close()
+
+
+def _set_stored_options(home: Path, table: str, name: str, options: dict) -> None:
+    """What a connection holds after its plugin changed what it declares."""
+    db = sqlite3.connect(home / "mailhost.db")
+    try:
+        db.execute(f"UPDATE {table} SET options = ? WHERE name = ?", (json.dumps(options), name))
+        db.commit()
+    finally:
+        db.close()
+
+
+DIR_DEFAULTS = {"batch_size": 0, "newest_first": False, "label": None}
+
+
+def test_options_are_set_typed_shown_and_reset(cli) -> None:
+    """--option NAME=VALUE stores each declared option typed; show (text and JSON) gives
+    every declared option, defaults filled in; an edit changes only what it names, and
+    NAME= resets one to its default."""
+    added = cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox),
+                "--option", "batch_size=2", "--option", "newest_first=YES", "--option", "label=red", "--json")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["options"] == {"batch_size": 2, "newest_first": True, "label": "red"}
+    assert _stored_options(cli.home, "incoming_connections", "c1") == {"batch_size": 2, "newest_first": True,
+                                                                       "label": "red"}
+    assert cli("incoming", "add", "c2", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
+    shown = json.loads(cli("incoming", "show", "c2", "--json").stdout)
+    assert shown["options"] == DIR_DEFAULTS and shown["undeclared_options"] == {}
+    assert _stored_options(cli.home, "incoming_connections", "c2") == {}  # defaults are not copied into the store
+
+    assert cli("incoming", "edit", "c1", "--option", "batch_size=5", "--option", "label=").returncode == 0
+    assert _stored_options(cli.home, "incoming_connections", "c1") == {"batch_size": 5, "newest_first": True}
+    text = cli("incoming", "show", "c1")
+    assert "options             batch_size=5, newest_first=yes, label=-" in text.stdout, text.stdout
+    assert text.stderr == ""
+    listed = json.loads(cli("incoming", "list", "--json").stdout)
+    assert [c["options"]["batch_size"] for c in listed] == [5, 0]
+
+
+def test_the_session_gets_the_options_typed_with_defaults(cli, tmp_path: Path) -> None:
+    """`test` reports what the session was given: stored options, those given with the
+    test (not saved), defaults for the rest; delivery uses an outgoing one."""
+    def tested(*args: str) -> dict:
+        out = cli(*args, "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads([s for s in json.loads(out.stdout) if s["step"] == "options"][0]["detail"])
+
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox),
+               "--option", "batch_size=2").returncode == 0
+    assert tested("incoming", "test", "c1") == {**DIR_DEFAULTS, "batch_size": 2}
+    assert tested("incoming", "test", "c1", "--option", "newest_first=on", "--option", "batch_size=") == {
+        **DIR_DEFAULTS, "newest_first": True}
+    assert _stored_options(cli.home, "incoming_connections", "c1") == {"batch_size": 2}  # a test saves nothing
+    assert tested("incoming", "test", "--protocol", "dir", "--folder", str(cli.mailbox),
+                  "--option", "label=green") == {**DIR_DEFAULTS, "label": "green"}
+
+    assert cli("outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--option", "suffix=.txt",
+               "--from", "app@example.org", "--default").returncode == 0
+    assert tested("outgoing", "test", "o1") == {"suffix": ".txt"}
+    assert cli("send", "--to", "bob@example.org", "--subject", "hi", "--body", "hello").returncode == 0
+    assert cli("deliver").returncode == 0
+    assert [p.suffix for p in (tmp_path / "outbox" / "box").iterdir()] == [".txt"]
+
+
+def test_incoming_options_limit_what_a_pass_downloads(cli) -> None:
+    """The dir protocol's batch_size and newest_first change what `fetch` downloads."""
+    for name in ("a.eml", "b.eml", "c.eml"):
+        (cli.mailbox / name).write_bytes(f"Subject: {name}\r\n\r\nbody\r\n".encode())
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox), "--option", "batch_size=1",
+               "--option", "newest_first=true").returncode == 0
+    assert cli("incoming", "enable", "c1", "--yes").returncode == 0
+    assert cli("fetch", "c1").returncode == 0
+    assert [i["subject"] for i in json.loads(cli("queue", "incoming", "--json").stdout)] == ["c.eml"]
+
+
+_DIR_OPTIONS = "batch_size (int, default 0); newest_first (bool, default False); label (str, one of red/green)"
+
+
+@pytest.mark.parametrize("option, expect", [
+    ("nosuch=1", f"connection 'c1' (dir): dir has no option 'nosuch'; its options are: {_DIR_OPTIONS} "
+                 "(see `mailhost plugins options`)"),
+    ("batch_size=abc", "connection 'c1' (dir): option batch_size takes a whole number, not 'abc': "
+                       "give --option batch_size=VALUE"),
+    ("batch_size=1.5", "option batch_size takes a whole number, not '1.5'"),
+    ("newest_first=maybe", "option newest_first takes true or false (true/false, yes/no, on/off, 1/0), not 'maybe'"),
+    ("label=blue", "option label takes one of: red, green, not 'blue'"),
+    ("batch_size", "--option 'batch_size' is not NAME=VALUE"),
+    ("=3", "--option '=3' is not NAME=VALUE"),
+])
+@pytest.mark.parametrize("command", ["add", "edit", "test"])
+def test_bad_options_are_refused_naming_them(cli, command: str, option: str, expect: str) -> None:
+    """An unknown option, a value of the wrong type or not among the choices, a malformed
+    pair: one sentence naming it and what is valid, exit 2, nothing written."""
+    if command != "add":
+        assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox),
+                   "--option", "batch_size=7").returncode == 0
+    args = ["--protocol", "dir", "--folder", str(cli.mailbox)] if command == "add" else []
+    _bad(cli, "incoming", command, "c1", *args, "--option", option, expect=expect)
+    if command != "add":
+        assert _stored_options(cli.home, "incoming_connections", "c1") == {"batch_size": 7}
+
+
+def test_bad_outgoing_options_are_refused(cli) -> None:
+    """Outgoing connections check their protocol's options the same way."""
+    _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--option", "batch_size=1",
+         table="outgoing_connections",
+         expect="connection 'o1' (dir): dir has no option 'batch_size'; its options are: suffix (str, default '.eml')")
+    _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--option", "suffix=.a",
+         "--option", "suffix=.b", table="outgoing_connections", expect="--option suffix is given twice")
+    _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--option", "suffix=a\tb",
+         table="outgoing_connections", expect="option suffix takes one line of at most 1000 characters")
+
+
+def test_options_the_protocol_stopped_declaring(cli) -> None:
+    """An option the plugin no longer declares is kept, shown apart with a warning, never
+    given to the session, refused when set, and removed by NAME=; a stored value the
+    declaration no longer takes stops its use with a sentence naming the option."""
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
+    _set_stored_options(cli.home, "incoming_connections", "c1", {"batch_size": 3, "colour": "blue"})
+    shown = cli("incoming", "show", "c1", "--json")
+    assert json.loads(shown.stdout)["undeclared_options"] == {"colour": "blue"}
+    assert json.loads(shown.stdout)["options"] == {**DIR_DEFAULTS, "batch_size": 3}
+    assert ("holds option(s) colour, which protocol dir no longer declares: they are kept but not used; "
+            "`mailhost incoming edit c1 --option colour=` removes one") in shown.stderr
+    assert "colour" not in cli("incoming", "test", "c1", "--json").stdout
+    assert cli("incoming", "edit", "c1", "--description", "kept").returncode == 0
+    assert _stored_options(cli.home, "incoming_connections", "c1") == {"batch_size": 3, "colour": "blue"}
+    _bad(cli, "incoming", "edit", "c1", "--option", "colour=red", expect="dir has no option 'colour'")
+    assert cli("incoming", "edit", "c1", "--option", "colour=").returncode == 0
+    assert _stored_options(cli.home, "incoming_connections", "c1") == {"batch_size": 3}
+    assert cli("incoming", "show", "c1").stderr == ""
+
+    _set_stored_options(cli.home, "incoming_connections", "c1", {"batch_size": "lots"})
+    refused = cli("incoming", "test", "c1")
+    assert refused.returncode == 2 and ("connection 'c1' (dir): its stored option batch_size no longer fits dir, "
+                                        "which now takes a whole number, not 'lots': give --option batch_size=VALUE, "
+                                        "or --option batch_size= for the default") in refused.stderr, refused.stderr
+    assert cli("incoming", "edit", "c1", "--option", "batch_size=4").returncode == 0
+    assert _stored_options(cli.home, "incoming_connections", "c1") == {"batch_size": 4}
+
+
+def test_plugins_options_lists_what_each_protocol_takes(cli) -> None:
+    """`plugins options` (and `plugins list --json`) tell an admin each protocol's options."""
+    rows = json.loads(cli("plugins", "options", "--json").stdout)
+    assert [(r["protocol"], r["name"], r["type"]) for r in rows] == [
+        ("incoming/dir", "batch_size", "int"), ("incoming/dir", "newest_first", "bool"),
+        ("incoming/dir", "label", "str"), ("outgoing/dir", "suffix", "str")]
+    assert rows[2] == {"protocol": "incoming/dir", "plugin": "testplugin", "name": "label",
+                       "description": "a colour to file the connection's mail under", "type": "str", "default": None,
+                       "required": False, "choices": ["red", "green"], "identifies_mailbox": False}
+    text = cli("plugins", "options", "--protocol", "dir").stdout
+    assert "incoming/dir  batch_size    int   0" in text, text
+    typo = cli("plugins", "options", "--protocol", "dri")
+    assert typo.returncode == 2 and "no protocol named 'dri' is loaded: choose one of dir" in typo.stderr
+    [plugin] = [p for p in json.loads(cli("plugins", "list", "--json").stdout) if p["name"] == "testplugin"]
+    assert [o["name"] for o in plugin["protocol_options"]["incoming/dir"]] == ["batch_size", "newest_first", "label"]
+    assert plugin["protocol_options"]["outgoing/dir"][0]["default"] == ".eml"
