@@ -28,7 +28,9 @@ Beyond the contract every mailhost keeps (the names in the design's CLI contract
 this version adds: `send --bcc/--from`, `deliver --sessions/--connection`,
 `queue outgoing --connection`, `queue outgoing show|purge`, `queue incoming purge|release`,
 `log incoming --messages`, `oauth edit`, `certs remove --detach`,
-`incoming edit --no-certificates`, `serve --once/--download-workers`.
+`incoming edit --no-certificates`, `serve --once/--download-workers`,
+`incoming|outgoing add|edit|test --option NAME=VALUE` (options a protocol declares) and
+`plugins options`.
 """
 
 

@@ -23,6 +23,7 @@ Usage from the host's side::
 from __future__ import annotations
 
 import enum
+import json
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -414,7 +415,7 @@ class ProviderOption:
         if self.required:
             about.append("required")
         elif self.default is not None:
-            about.append(f"default {self.default!r}")
+            about.append(f"default {json.dumps(self.default)}")  # as the JSON output writes it
         return f"{self.name} ({', '.join(about)})"
 
     def as_dict(self) -> dict[str, Any]:

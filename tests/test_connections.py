@@ -429,7 +429,7 @@ def test_incoming_options_limit_what_a_pass_downloads(cli) -> None:
     assert [i["subject"] for i in json.loads(cli("queue", "incoming", "--json").stdout)] == ["c.eml"]
 
 
-_DIR_OPTIONS = "batch_size (int, default 0); newest_first (bool, default False); label (str, one of red/green)"
+_DIR_OPTIONS = "batch_size (int, default 0); newest_first (bool, default false); label (str, one of red/green)"
 
 
 @pytest.mark.parametrize("option, expect", [
@@ -460,7 +460,7 @@ def test_bad_outgoing_options_are_refused(cli) -> None:
     """Outgoing connections check their protocol's options the same way."""
     _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--option", "batch_size=1",
          table="outgoing_connections",
-         expect="connection 'o1' (dir): dir has no option 'batch_size'; its options are: suffix (str, default '.eml')")
+         expect="connection 'o1' (dir): dir has no option 'batch_size'; its options are: suffix (str, default \".eml\")")
     _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--option", "suffix=.a",
          "--option", "suffix=.b", table="outgoing_connections", expect="--option suffix is given twice")
     _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--option", "suffix=a\tb",

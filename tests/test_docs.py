@@ -32,8 +32,9 @@ def _example_blocks(heading: str) -> list[tuple[str, str]]:
 
 def test_the_complete_plugin_example_works(home: Path, tmp_path: Path) -> None:
     """The Maildir plugin of docs/plugin_hooks.md, built from the page as a third party
-    would, is listed, downloads, runs its own action, and is disabled and enabled again,
-    by the page's own commands."""
+    would, is listed with its option, downloads, leaves out trashed mail until its option
+    says otherwise, runs its own action, and is disabled and enabled again, by the page's
+    own commands."""
     blocks = _example_blocks("A complete plugin: a Maildir protocol and a flag action")
     site = tmp_path / "site"
     files = {body.split("\n", 1)[0][2:]: body for lang, body in blocks
@@ -57,6 +58,8 @@ def test_the_complete_plugin_example_works(home: Path, tmp_path: Path) -> None:
 
     deliver("1700000000.A.host")
     deliver("1700000001.B.host")
+    # read and trashed by a mail client: skip_trashed (on by default) leaves it out
+    (maildir / "cur" / "1699999999.T.host:2,ST").write_bytes(b"Subject: 1699999999.T.host\r\n\r\ntrash\r\n")
     [commands] = [body for lang, body in blocks if lang == "sh"]
     fetches = 0
     for line in commands.splitlines():
@@ -70,16 +73,23 @@ def test_the_complete_plugin_example_works(home: Path, tmp_path: Path) -> None:
         assert done.returncode == 0, (line, done.stderr)
         if args[1:3] == ["plugins", "list"]:
             assert re.search(r"maildir +mailhost-maildir +0\.1\.0 +enabled +incoming/maildir, flag", done.stdout)
+        if args[1:3] == ["plugins", "options"]:
+            assert re.search(r"incoming/maildir +skip_trashed +bool +yes +no +- +leave out messages", done.stdout)
+        if args[1:3] == ["incoming", "show"]:
+            assert re.search(r"^options +skip_trashed=no$", done.stdout, flags=re.M), done.stdout
         if args[1:3] == ["fetch", "local"]:
             fetches += 1
             names = sorted(p.name for p in (maildir / "cur").iterdir())
-            assert names == (["1700000000.A.host:2,S", "1700000001.B.host:2,S"] if fetches == 1 else
-                             ["1700000000.A.host:2,S", "1700000001.B.host:2,S", "1700000002.C.host:2,F"]), names
+            assert names == (["1699999999.T.host:2,ST", "1700000000.A.host:2,S", "1700000001.B.host:2,S"]
+                             if fetches == 1 else
+                             ["1699999999.T.host:2,FST", "1700000000.A.host:2,S", "1700000001.B.host:2,S",
+                              "1700000002.C.host:2,F"]), names
         if args[1:] == ["plugins", "disable", "maildir"]:
             failed = run_cli("fetch", "local", env=env, cwd=home)
             assert failed.returncode == 1 and "no incoming protocol named 'maildir'" in failed.stderr, failed.stderr
     assert fetches == 2
     queue = json.loads(run_cli("queue", "incoming", "--json", env=env, cwd=home).stdout)
-    assert sorted(i["subject"] for i in queue) == ["1700000000.A.host", "1700000001.B.host", "1700000002.C.host"]
+    assert sorted(i["subject"] for i in queue) == ["1699999999.T.host", "1700000000.A.host", "1700000001.B.host",
+                                                   "1700000002.C.host"]
     listed = json.loads(run_cli("plugins", "list", "--json", env=env, cwd=home).stdout)
     assert [p["state"] for p in listed if p["name"] == "maildir"] == ["enabled"]

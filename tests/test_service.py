@@ -306,6 +306,31 @@ def test_web_shows_the_outgoing_queue(tmh: Mailhost) -> None:
         web.stop()
 
 
+def test_web_shows_connection_options_and_what_protocols_take(tmh: Mailhost, tmp_path: Path) -> None:
+    """The connection pages and their REST API show each connection's options (defaults
+    filled in, in the CLI's JSON shape); /plugins/options lists what each protocol takes."""
+    from mailhost.web import start_web
+
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="in", protocol="dir", folder=str(tmp_path),
+                                                           options={"batch_size": "3", "label": "green"}))
+    tmh.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="dir", host="outbox"))
+    web = start_web(tmh, f"127.0.0.1:{_free_port()}")
+    try:
+        [row] = json.loads(_get(web.address, "/api/incoming", "localhost")[1])
+        assert row["options"] == {"batch_size": 3, "newest_first": False, "label": "green"}
+        assert json.loads(_get(web.address, "/api/outgoing", "localhost")[1])[0]["options"] == {"suffix": ".eml"}
+        status, page = _get(web.address, "/incoming", "localhost")
+        assert status == 200 and b"<td>batch_size=3, newest_first=False, label=green</td>" in page, page
+        rows = json.loads(_get(web.address, "/api/plugins/options?protocol=dir", "localhost")[1])
+        assert [(r["protocol"], r["name"]) for r in rows] == [("incoming/dir", "batch_size"),
+                                                            ("incoming/dir", "newest_first"),
+                                                            ("incoming/dir", "label"), ("outgoing/dir", "suffix")]
+        status, page = _get(web.address, "/plugins/options", "localhost")
+        assert status == 200 and b"<td>red, green</td>" in page and b"list at most this many messages" in page
+    finally:
+        web.stop()
+
+
 def test_serve_releases_items_whose_handler_died(home: Path, testplugin: object, tmp_path: Path) -> None:
     """`serve` puts items left ``processing`` longer than ``[incoming]
     processing_timeout_minutes`` back to ``new`` (a visibility timeout, as SQS has); a
