@@ -168,16 +168,6 @@ class Connections:
             out.update(self.host.oauth.connection_status(conn))  # token expiry and last renewal error
         return out
 
-    def undeclared_options(self, direction: Direction, conn: Any) -> str | None:
-        """A warning when ``conn`` holds options its protocol no longer declares, else None."""
-        provider = self.host.plugins.protocols.get((direction, conn.protocol))
-        names = sorted(set(conn.options or {}) - {o.name for o in provider.options}) if provider else []
-        if not names:
-            return None
-        return (f"{direction.value} connection {conn.name!r} holds option(s) {', '.join(names)}, which protocol "
-                f"{conn.protocol} no longer declares: they are kept but not used; "
-                f"`mailhost {direction.value} edit {conn.name} --option {names[0]}=` removes one")
-
     # -- changes ----------------------------------------------------------------------
 
     def add(self, direction: Direction, spec: ConnectionSpec) -> Any:

@@ -170,11 +170,13 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
     @json_option
     @pass_ctx
     def show(ctx: Context, name: str, as_json: bool) -> None:
-        conn = ctx.host.connections.get(direction, name)
-        print_record(ctx.host.connections.as_dict(direction, conn), as_json)
-        warning = ctx.host.connections.undeclared_options(direction, conn)
-        if warning:
-            click.echo(f"mailhost: warning: {warning}", err=True)
+        record = ctx.host.connections.as_dict(direction, ctx.host.connections.get(direction, name))
+        print_record(record, as_json)
+        stale = sorted(record["undeclared_options"])
+        if stale:  # kept, so that a plugin downgraded and upgraded again loses nothing; said, so it is not a mystery
+            click.echo(f"mailhost: warning: {word} connection {name!r} holds option(s) {', '.join(stale)}, which "
+                       f"protocol {record['protocol']} no longer declares: they are kept but not used; "
+                       f"`mailhost {word} edit {name} --option {stale[0]}=` removes one", err=True)
 
     show.help = f"Show one {word} connection."
 
