@@ -22,6 +22,7 @@ Usage from the host's side::
 """
 from __future__ import annotations
 
+import builtins
 import enum
 import json
 import re
@@ -338,15 +339,14 @@ class ProviderOption:
     it. ``identifies_mailbox`` says that another value points the connection at another
     mailbox (an account id, not a batch size): changing it makes the host forget what it
     downloaded there, as changing the host or username does. Admins set options with
-    ``--option NAME=VALUE``; they are stored in clear and
-    shown by ``show``: a secret belongs in the connection's password or OAuth2
-    credential, and a name that says "password", "secret", "token" or "api_key" is
-    refused.
+    ``--option NAME=VALUE``; they are stored in clear and shown by ``show``: a secret
+    belongs in the connection's password or OAuth2 credential, and a name that says
+    "password", "secret", "token" or "api_key" is refused.
     """
 
     name: str
     description: str
-    type: type = str
+    type: builtins.type = str  # (builtins.: inside the class, "type" would name this field)
     default: str | int | bool | None = None
     required: bool = False
     choices: tuple[str | int, ...] = ()

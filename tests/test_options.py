@@ -199,3 +199,16 @@ def test_a_required_option_on_the_command_line(home: Path, plugin_env: dict[str,
     reset = cli("incoming", "edit", "a", "--option", "account_id=")
     assert reset.returncode == 2 and "needs option account_id" in reset.stderr
     assert json.loads(cli("incoming", "show", "a", "--json").stdout)["options"]["account_id"] == "alice"
+
+
+def test_options_keep_their_types_in_every_store(mh_any: Mailhost, tmh_factory: Any, tmp_path: Path) -> None:
+    """The options column (JSON, there since the first migration) gives back ints, bools
+    and text as stored, on SQLite and PostgreSQL."""
+    tmh_factory(mh_any).connections.add(Direction.INCOMING, ConnectionSpec(
+        name="c", protocol="dir", folder=str(tmp_path), options={"batch_size": "3", "newest_first": "yes"}))
+    reopened = tmh_factory(mh_any)
+    stored = reopened.connections.get(Direction.INCOMING, "c").options
+    assert stored == {"batch_size": 3, "newest_first": True}
+    assert type(stored["batch_size"]) is int and stored["newest_first"] is True
+    settings = reopened.connections.settings(Direction.INCOMING, reopened.connections.get(Direction.INCOMING, "c"))
+    assert settings.options == {"batch_size": 3, "newest_first": True, "label": None}
