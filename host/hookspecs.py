@@ -51,7 +51,9 @@ def register_protocols(register: Callable[[ProtocolProvider], None]) -> None:
     directions (Microsoft Graph does). When two plugins register the same direction and
     name, the one chosen in the config file (``[plugins.protocols] imap = "NAME"``)
     wins, else the one whose plugin name sorts first; the other is reported by
-    ``mailhost plugins list``.
+    ``mailhost plugins list``. A provider's settings of its own are declared in its
+    ``options`` (:class:`~mailhost.protocols.ProviderOption`), checked here: a bad
+    declaration fails the plugin, naming the option.
     """
 
 

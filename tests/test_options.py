@@ -212,3 +212,14 @@ def test_options_keep_their_types_in_every_store(mh_any: Mailhost, tmh_factory: 
     assert type(stored["batch_size"]) is int and stored["newest_first"] is True
     settings = reopened.connections.settings(Direction.INCOMING, reopened.connections.get(Direction.INCOMING, "c"))
     assert settings.options == {"batch_size": 3, "newest_first": True, "label": None}
+
+
+def test_another_protocol_keeps_none_of_the_old_ones_options(amh: Mailhost, tmp_path: Path) -> None:
+    """Changing the protocol drops the old protocol's options; the new one's are checked."""
+    amh.connections.add(Direction.INCOMING, ConnectionSpec(name="c", protocol="dir", folder=str(tmp_path),
+                                                           options={"batch_size": 3}))
+    with pytest.raises(ValidationError, match="needs option account_id .* keeps none of the old one's"):
+        amh.connections.edit(Direction.INCOMING, "c", ConnectionSpec(protocol="accounts", folder=str(tmp_path)))
+    conn, _ = amh.connections.edit(Direction.INCOMING, "c", ConnectionSpec(protocol="accounts", folder=str(tmp_path),
+                                                                         options={"account_id": "a"}))
+    assert conn.options == {"account_id": "a"}
