@@ -93,3 +93,21 @@ def test_the_complete_plugin_example_works(home: Path, tmp_path: Path) -> None:
                                                    "1700000002.C.host"]
     listed = json.loads(run_cli("plugins", "list", "--json", env=env, cwd=home).stdout)
     assert [p["state"] for p in listed if p["name"] == "maildir"] == ["enabled"]
+
+
+def test_the_protocol_options_example_registers() -> None:
+    """The option declarations shown in the register_protocols section register as they are."""
+    import types
+
+    from mailhost.plugins import PluginHost
+    from mailhost.protocols import Direction
+
+    [example] = [body for lang, body in _example_blocks("register_protocols")
+                 if lang == "python" and "ProviderOption(" in body]
+    module = types.ModuleType("mailhost_jmap")
+    exec(example, module.__dict__)
+    host = PluginHost(only=[], extra=[("jmap", module)], strict=True)
+    provider = host.protocol(Direction.INCOMING, "jmap")
+    assert [o.describe() for o in provider.options] == [
+        "account_id (str, required)", "region (str, one of eu/us, default \"eu\")", "batch_size (int, default 50)",
+        "include_spam (bool, default false)"]
