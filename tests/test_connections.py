@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from pathlib import Path
 
@@ -387,7 +388,7 @@ def test_options_are_set_typed_shown_and_reset(cli) -> None:
     assert cli("incoming", "edit", "c1", "--option", "batch_size=5", "--option", "label=").returncode == 0
     assert _stored_options(cli.home, "incoming_connections", "c1") == {"batch_size": 5, "newest_first": True}
     text = cli("incoming", "show", "c1")
-    assert "options             batch_size=5, newest_first=yes, label=-" in text.stdout, text.stdout
+    assert re.search(r"^options +batch_size=5, newest_first=yes, label=-$", text.stdout, re.M), text.stdout
     assert text.stderr == ""
     listed = json.loads(cli("incoming", "list", "--json").stdout)
     assert [c["options"]["batch_size"] for c in listed] == [5, 0]
