@@ -24,7 +24,10 @@ A message's life::
 
 Crash safety. A worker that dies leaves its claimed rows ``sending``; once their lease
 has expired, or at once when the owner was a process on this host that no longer runs,
-the next pass puts them back in the queue and records the interrupted attempt. One
+the next pass puts them back in the queue and records the interrupted attempt. A worker
+that stops on an error gives back at once the rows it never tried; while the store is
+away, the end of its pass or the next pass of this process does (``serve``: the next
+tick that delivers). A row whose content may have gone out keeps its lease. One
 duplicate cannot be avoided by any SMTP client: the server accepted a message (it
 committed it and was about to say 250) and the worker died before recording that. The
 window is at most one message per open session: a session never sends the content of a
@@ -52,7 +55,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from email.header import decode_header, make_header
@@ -375,6 +378,9 @@ class _Claimed:
     sent_at: dt.datetime | None
     sent_via: str | None = None
     fell_back: bool = False
+    #: Its content may have reached a server (the gate let it through): never given
+    #: back to the queue before its outcome is recorded or its lease ends.
+    tried: bool = False
 
     def pending(self) -> list[str]:
         """Recipients still to deliver: not accepted, not refused for good (5xx)."""
@@ -711,6 +717,10 @@ class Outgoing:
         self.clock: Callable[[], dt.datetime] = utcnow
         self._lock = threading.Lock() if host.engine.dialect.name == "sqlite" else None
         self._purged_at = 0.0
+        #: (lease owner, ids in doubt) of stopped workers whose untried messages could
+        #: not be given back yet (the store was away); each pass tries again first.
+        self._untried: list[tuple[str, frozenset[int]]] = []
+        self._untried_lock = threading.Lock()
 
     @property
     def policy(self) -> Policy:
@@ -927,6 +937,7 @@ class Outgoing:
         self.host.check_key()  # before any attempt: a missing key is not the message's failure
         started = time.monotonic()
         report = DeliveryReport()
+        self._give_back_untried()  # before recover(): what it gives back was not interrupted
         self._maybe_purge()
         report.recovered = self.recover()
         now = self.clock()
@@ -959,6 +970,12 @@ class Outgoing:
                         report.error = report.error or f"a delivery worker stopped: {redact(str(exc))}"
         finally:
             recorder.stop()
+        if self._untried:  # a worker stopped while the store was away: it may answer again by now
+            try:
+                self._give_back_untried()
+            except StoreError as exc:
+                log.warning("outgoing messages a stopped worker never tried stay leased until the next delivery "
+                            "pass gives them back: %s", exc)
         report.seconds = time.monotonic() - started
         return report
 
@@ -1030,14 +1047,43 @@ class Outgoing:
         items.sort(key=lambda i: order[i.id])
         return items
 
-    def _release(self, ids: Sequence[int], owner: str) -> None:
-        """Give claimed, unattempted messages back to the queue."""
-        if not ids:
-            return
+    def _give_back(self, owner: str, in_doubt: Collection[int]) -> None:
+        """Queue again, untouched, the messages a stopped worker ``owner`` holds except
+        ``in_doubt`` (tried, their outcome unrecorded): the others never went out, so
+        they need not wait out the lease. Rows ``owner`` claimed in a commit whose answer
+        was lost are among them. While the store is away this is left for the next pass."""
+        try:
+            self._requeue_untried(owner, in_doubt)
+        except StoreError as exc:
+            with self._untried_lock:
+                self._untried.append((owner, frozenset(in_doubt)))
+            log.warning("could not give back the outgoing messages a stopped worker never tried; trying again "
+                        "when the store answers: %s", exc)
+        except Exception:  # the worker's own failure is the one to report: they wait for the lease
+            log.exception("could not give back the outgoing messages that %s never tried", owner)
+
+    def _give_back_untried(self) -> None:
+        """Retry what :meth:`_give_back` could not do; StoreError if the store is still away."""
+        with self._untried_lock:
+            pending, self._untried = self._untried, []
+        for n, (owner, in_doubt) in enumerate(pending):
+            try:
+                self._requeue_untried(owner, in_doubt)
+            except BaseException:
+                with self._untried_lock:
+                    self._untried.extend(pending[n:])
+                raise
+
+    def _requeue_untried(self, owner: str, in_doubt: Collection[int]) -> None:
+        held = [_T.c.lease_owner == owner, _T.c.status == "sending"]
+        if in_doubt:
+            held.append(_T.c.id.not_in(list(in_doubt)))
         with self._writing() as conn:
-            conn.execute(update(_T).where(_T.c.id.in_(list(ids)), _T.c.lease_owner == owner,
-                                          _T.c.status == "sending")
-                         .values(status="queued", lease_owner=None, lease_until=None))
+            n = conn.execute(update(_T).where(*held)
+                             .values(status="queued", lease_owner=None, lease_until=None,
+                                     updated_at=self.clock())).rowcount
+        if n:
+            log.info("queued again %d outgoing message(s) that %s claimed and never tried", n, owner)
 
     def _work(self, group: _Group, default: _Group | None, now: dt.datetime, report: DeliveryReport,
               recorder: _Recorder, hooks: bool, owner: str) -> None:
@@ -1052,6 +1098,7 @@ class Outgoing:
         lane = _Lane(self, group, rep)
         fallback: _Lane | None = None
         prev: _Record | None = None
+        batch: list[_Claimed] = []
         try:
             while True:
                 batch = self._claim(group, now, self.policy.batch, owner)
@@ -1059,23 +1106,22 @@ class Outgoing:
                     return
                 recorder.busy(+1)
                 try:
-                    for i, item in enumerate(batch):
-                        try:
-                            if fallback is None and default is not None and self._may_fall_back(lane, default):
-                                fallback = _Lane(self, default, report.connections.setdefault(
-                                    default.name or "(default)", ConnectionReport(default.name or "(default)")))
-                            rec = self._deliver_one(item, lane, fallback, rep, _gate(prev), owner)
-                            if prev is not None:
-                                self._settle(prev, hooks)
-                            recorder.submit(rec)
-                            prev = rec
-                        except BaseException:
-                            with contextlib.suppress(Exception):
-                                self._release([x.id for x in batch[i:]] if prev is None or prev.item_id != item.id
-                                              else [x.id for x in batch[i + 1:]], owner)
-                            raise
+                    for item in batch:
+                        if fallback is None and default is not None and self._may_fall_back(lane, default):
+                            fallback = _Lane(self, default, report.connections.setdefault(
+                                default.name or "(default)", ConnectionReport(default.name or "(default)")))
+                        rec = self._deliver_one(item, lane, fallback, rep, _gate(prev), owner)
+                        if prev is not None:
+                            self._settle(prev, hooks)
+                        recorder.submit(rec)
+                        prev = rec
                 finally:
                     recorder.busy(-1)
+        except BaseException:
+            # Only the last message handed to the recorder and one tried meanwhile can be
+            # unrecorded after going out; every earlier outcome was settled.
+            self._give_back(owner, [x.id for x in batch if x.tried] + ([prev.item_id] if prev else []))
+            raise
         finally:
             try:
                 if prev is not None:
@@ -1189,11 +1235,16 @@ class Outgoing:
             log.exception("opening outgoing connection %s failed", name)
             lane.down = ConfigError(f"{name}: unexpected {type(exc).__name__}: {redact(str(exc))}")
             return _Try(name, "connection", str(lane.down), ms=_ms(started))
+
+        def through() -> None:
+            gate()
+            item.tried = True  # from here on the content may reach the server
+
         try:
             if lane.gated:
-                result = session.send(raw, sender, item.pending(), before_data=gate)  # type: ignore[call-arg]
+                result = session.send(raw, sender, item.pending(), before_data=through)  # type: ignore[call-arg]
             else:
-                gate()
+                through()
                 result = session.send(raw, sender, item.pending())
         except _GateFailed:
             lane.drop()

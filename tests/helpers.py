@@ -116,6 +116,11 @@ def message_id_of(raw: bytes) -> str:
     return re.search(rb"^Message-ID: (.*?)\r?$", raw, re.MULTILINE | re.IGNORECASE).group(1).decode()
 
 
+def outbox_subjects(outbox: Path) -> list[bytes]:
+    """The subjects of the messages the test plugin's ``dir`` protocol wrote to ``outbox``, sorted."""
+    return sorted(p.read_bytes().split(b"Subject: ")[1].split(b"\r\n")[0] for p in outbox.iterdir())
+
+
 def stored_messages(home: Path) -> list[tuple[str, bytes]]:
     """(Message-ID, raw bytes) of the incoming queue of the SQLite store in ``home``, oldest first."""
     import sqlite3

@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mailhost import Direction, Mailhost, NotFound, ValidationError
+from mailhost import Direction, Mailhost, NotFound, ValidationError, hookimpl
 from mailhost.connections import ConnectionSpec
 from mailhost.outgoing import Outgoing, Policy, item_dict, personalize
 from mailhost.plugins import PluginHost
 from mailhost.store import OutgoingItem, utcnow
 
+from tests.helpers import outbox_subjects
 from tests.servers.certs import Pki
 from tests.servers.smtpd import ReceivedMessage, SmtpServer
 
@@ -554,6 +555,54 @@ def test_recover_requeues_what_a_dead_worker_left(mh_any: Mailhost) -> None:
         assert "arrives twice" in states[i]["last_error"]
     assert states[claimed]["status"] == "queued" and states[claimed]["attempts"] == 0
     assert states[claimed]["attempts_log"] == []
+
+
+class _Stop(BaseException):
+    """What ends a thread without being an Exception (a plugin's sys.exit, gevent's Timeout)."""
+
+
+class _StopsAfterSending:
+    """A protocol whose session writes its first message (as the test plugin's ``dir``
+    does) and then stops the worker with :class:`_Stop`: that message went out."""
+
+    @hookimpl
+    def register_protocols(self, register: Callable[[Any], None]) -> None:
+        from mailhost.protocols import ProtocolProvider
+        from tests.testplugin.mailhost_testplugin import DirOutgoing
+
+        class Session(DirOutgoing):
+            stopped = False
+
+            def send(self, raw: bytes, sender: str, recipients: Any) -> Any:
+                result = super().send(raw, sender, recipients)
+                if not Session.stopped:
+                    Session.stopped = True
+                    raise _Stop()
+                return result
+
+        register(ProtocolProvider(name="stops", direction=Direction.OUTGOING, open=Session, title="Stops (tests)",
+                                  attributes=frozenset({"host", "from_address"}), required=frozenset({"host"})))
+
+
+def test_a_stopped_worker_gives_back_only_what_it_never_tried(home: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker stopped right after a message went out: the messages after it go back to
+    the queue at once, untouched; the one sent stays leased (its outcome was never
+    recorded), so the next pass does not send it a second time."""
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_OUTBOX", str(tmp_path / "outbox"))
+    mh = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(only=[], extra=[("stops", _StopsAfterSending())]))
+    try:
+        mh.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="stops", host="box",
+                                                              from_address="a@example.org", default=True))
+        ids = [mh.outgoing.send([f"r{n}@example.org"], subject=f"m{n}", body=BODY).id for n in range(4)]
+        with pytest.raises(_Stop):
+            mh.outgoing.deliver()
+        assert [mh.outgoing.item(i).status for i in ids] == ["sending", "queued", "queued", "queued"]
+        assert mh.outgoing.deliver().sent == 3
+        assert outbox_subjects(tmp_path / "outbox" / "box") == [b"m0", b"m1", b"m2", b"m3"]
+        assert [(item(mh, i)["status"], item(mh, i)["attempts"]) for i in ids] == [("sending", 0)] + [("sent", 1)] * 3
+    finally:
+        mh.close()
 
 
 def test_retry_delete_and_purge(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:

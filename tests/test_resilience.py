@@ -21,7 +21,7 @@ from mailhost.plugins import PluginHost
 from mailhost.protocols import Direction
 from mailhost.service import Service
 
-from .helpers import message_id_of
+from .helpers import message_id_of, outbox_subjects
 
 LINGER_0 = b"\x01\x00\x00\x00\x00\x00\x00\x00"  # struct linger {on, 0 s}: close with a reset
 
@@ -38,7 +38,7 @@ class _Proxy:
         self.refusing = False
         self.links: list[tuple[socket.socket, socket.socket]] = []
         self.lock = threading.Lock()
-        self.trigger: tuple[bytes, int] | None = None
+        self.trigger: tuple[bytes, int, bool] | None = None
         self.cuts = 0
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -68,6 +68,8 @@ class _Proxy:
                     if not data:
                         raise OSError("closed")
                     if sock is client and self._triggered(data):
+                        if self.refusing:
+                            self.cut()
                         raise OSError("cut")
                     (server if sock is client else client).sendall(data)
         except (OSError, ValueError):
@@ -79,17 +81,19 @@ class _Proxy:
         with self.lock:
             if self.trigger is None or self.trigger[0] not in data:
                 return False
-            pattern, skip = self.trigger
-            self.trigger = (pattern, skip - 1) if skip else None
+            pattern, skip, down = self.trigger
+            self.trigger = (pattern, skip - 1, down) if skip else None
             if skip:
                 return False
             self.cuts += 1
+            self.refusing = self.refusing or down
             return True
 
-    def cut_on(self, statement: bytes, skip: int = 0) -> None:
-        """Drop the link that sends ``statement`` (after ``skip`` times), instead of sending it."""
+    def cut_on(self, statement: bytes, skip: int = 0, down: bool = False) -> None:
+        """Drop the link that sends ``statement`` (after ``skip`` times), instead of sending it;
+        ``down``: then every link, and refuse new ones until :meth:`up`."""
         with self.lock:
-            self.trigger = (statement, skip)
+            self.trigger = (statement, skip, down)
 
     def cut(self) -> None:
         with self.lock:
@@ -333,10 +337,39 @@ def test_an_outcome_whose_record_loses_its_link_is_recorded_once_and_not_sent_ag
     later = utcnow() + dt.timedelta(hours=1)  # every lease has run out
     monkeypatch.setattr(proxied.outgoing, "clock", lambda: later)
     proxied.outgoing.deliver()
-    sent = sorted(p.read_bytes().split(b"Subject: ")[1].split(b"\r\n")[0] for p in (outbox / "box").iterdir())
-    assert sent == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+    assert outbox_subjects(outbox / "box") == [b"m0", b"m1", b"m2", b"m3", b"m4"]
     items = proxied.outgoing.items()
     assert [(i.status, i.attempts) for i in items] == [("sent", 1)] * 5
+
+
+def test_messages_a_stopped_worker_never_tried_are_queued_again_once_the_store_answers(
+        proxied: Mailhost, proxy: _Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL goes away while the outcome of the first message of a batch is
+    recorded, for longer than the recorder tries: the worker stops before sending the
+    rest. Those were never tried, so they are queued again as soon as the store answers
+    (the next pass sends them), not after their lease; the one that was sent stays
+    leased, as its outcome is unknown to the store and sending it again now could send
+    it twice."""
+    from mailhost.outgoing import _Recorder
+
+    outbox = tmp_path / "outbox"
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_OUTBOX", str(outbox))
+    monkeypatch.setattr(_Recorder, "RETRY_FOR", 0.5)  # gives up soon, as after a longer outage
+    proxied.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="dir", host="box",
+                                                               from_address="a@example.org", default=True))
+    for i in range(5):
+        proxied.outgoing.send([f"r{i}@example.org"], subject=f"m{i}", body="hi")
+    proxy.cut_on(b"UPDATE outgoing_queue SET status=$1::VARCHAR, accepted=", down=True)
+    first = proxied.outgoing.deliver()
+    assert proxy.cuts == 1
+    assert first.error and "the store postgresql+psycopg://" in first.error, first.error
+    assert outbox_subjects(outbox / "box") == [b"m0"]
+    proxy.up()
+    second = proxied.outgoing.deliver()
+    assert second.error is None and second.sent == 4, second.as_dicts()
+    assert outbox_subjects(outbox / "box") == [b"m0", b"m1", b"m2", b"m3", b"m4"]
+    by_subject = {i.subject: (i.status, i.attempts) for i in proxied.outgoing.items()}
+    assert by_subject == {"m0": ("sending", 0), **{f"m{i}": ("sent", 1) for i in range(1, 5)}}
 
 
 @pytest.mark.parametrize("command", [
