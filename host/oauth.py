@@ -38,7 +38,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from sqlalchemy import and_, delete, select, update
-from sqlalchemy.orm.attributes import flag_modified
 
 from .errors import (
     AuthenticationFailed,
@@ -176,11 +175,54 @@ class OAuth2:
         tenant, authority, token endpoint or flow means another app, and other scopes
         tokens for something else (Microsoft Graph instead of Exchange, say): either way
         the stored tokens go, and the next ones are issued for what the credential says now.
+
+        The write is a compare-and-set on ``updated_at``: when another process wrote the
+        credential since it was read (tokens stored by `oauth authorize` or a renewal,
+        another edit), the edit is worked out again on what is stored now, so what it
+        reports dropped is what its write dropped.
         """
-        current = self.get(name)
         if spec.name is not None and not spec.name.strip():
             raise ValidationError(f"OAuth2 credential {name!r}: the new name is empty: give a name, "
                                   "or leave --name out", field="name")
+        current = self.get(name)
+        for _ in range(200):
+            config, drop, new_secret = self._edited(name, current, spec)
+            values: dict[str, Any] = {
+                "name": config.name, "provider": config.provider, "client_id": config.client_id,
+                "tenant": config.tenant, "authority": config.authority, "flow": config.flow,
+                "authorization_endpoint": config.authorization_endpoint, "token_endpoint": config.token_endpoint,
+                "scopes": list(config.scopes), "ca_file": config.ca_file,
+            }
+            if new_secret:
+                values["client_secret_enc"] = self.host.vault.encrypt(config.client_secret)
+            if drop:  # the tokens stored as of the read (the write checks it is still so) are for the old settings
+                values.update(dict.fromkeys(("tokens_enc", "token_expires_at", "last_refresh_at", "last_error")))
+            with self.host.session() as s:
+                written = cast("CursorResult[Any]", s.execute(
+                    update(OAuthCredential)
+                    .where(OAuthCredential.id == current.id, OAuthCredential.updated_at == current.updated_at)
+                    .values(**values).execution_options(synchronize_session=False))).rowcount
+                # Written by someone else since it was read: again, on what is stored now.
+                now = None if written else s.get(OAuthCredential, current.id)
+            if written:
+                break
+            if now is None:
+                raise NotFound(f"OAuth2 credential {name!r} was removed while it was being edited: see "
+                               "`mailhost oauth list`")
+            current = now
+        else:
+            raise MailhostError(f"OAuth2 credential {name!r} keeps changing under this edit: try again")
+        if new_secret and not drop:
+            def forget_secret_errors(state: dict[str, Any]) -> None:
+                for entry in state.values():
+                    if entry.get("error_kind") in _SECRET_ERRORS:
+                        entry["last_error"] = entry["error_kind"] = None
+            self._update(current.id, forget_secret_errors)
+        return self.get(config.name), drop and current.tokens_enc is not None
+
+    def _edited(self, name: str, current: OAuthCredential, spec: CredentialSpec) -> tuple[ClientConfig, bool, bool]:
+        """``current`` with ``spec`` applied and validated; whether that drops the
+        tokens, and whether it brings a new client secret."""
         secret = self.host.vault.decrypt(current.client_secret_enc)
         if spec.provider and spec.provider != current.provider:
             users = self.used_by(current.id)
@@ -214,28 +256,8 @@ class OAuth2:
                     raise ValidationError(f"an OAuth2 credential named {merged.name!r} already exists: "
                                           "choose another name", field="name")
         config = self._validate(merged)
-        drop = bool(_changed(current, config))  # the stored tokens are not for what the credential says now
-        new_secret = config.client_secret != secret
-        with self.host.session() as s:
-            cred = s.get(OAuthCredential, current.id)
-            assert cred is not None
-            cred.name, cred.provider, cred.client_id = config.name, config.provider, config.client_id
-            cred.client_secret_enc = (self.host.vault.encrypt(config.client_secret) if new_secret
-                                      else cred.client_secret_enc)
-            cred.tenant, cred.authority, cred.flow = config.tenant, config.authority, config.flow
-            cred.authorization_endpoint, cred.token_endpoint = config.authorization_endpoint, config.token_endpoint
-            cred.scopes, cred.ca_file = list(config.scopes), config.ca_file
-            if drop:  # written even when read empty: tokens stored since then are for the old settings
-                for column in ("tokens_enc", "token_expires_at", "last_refresh_at", "last_error"):
-                    setattr(cred, column, None)
-                    flag_modified(cred, column)
-        if new_secret and not drop:
-            def forget_secret_errors(state: dict[str, Any]) -> None:
-                for entry in state.values():
-                    if entry.get("error_kind") in _SECRET_ERRORS:
-                        entry["last_error"] = entry["error_kind"] = None
-            self._update(current.id, forget_secret_errors)
-        return self.get(config.name), drop and bool(current.tokens_enc)
+        # The stored tokens are not for what the credential says now.
+        return config, bool(_changed(current, config)), config.client_secret != secret
 
     def remove(self, name: str) -> None:
         """Delete a credential and its tokens; refused while connections use it."""

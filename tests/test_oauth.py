@@ -618,19 +618,37 @@ def test_an_edit_drops_tokens_stored_after_it_read_the_credential(mh_any: Mailho
                                                                   by: str) -> None:
     """App-only tokens stored between `oauth edit --scope` reading the credential and
     writing it, by `oauth authorize` or a poll's first token, are for the old scopes: the
-    edit drops them too (SQLite and PostgreSQL)."""
+    edit drops them too, and says so (SQLite and PostgreSQL)."""
     cred = microsoft(mh_any, idp, flow="client-credentials")
     other = Mailhost.open(mh_any.config.path, plugins=mh_any.plugins)
     try:
         authorized = run_first(mh_any, "UPDATE oauth_credentials", lambda: other.oauth.authorize("m365")
                                if by == "authorize" else other.oauth.access_token(cred.id, None))
-        mh_any.oauth.edit("m365", CredentialSpec(scopes=["https://graph.microsoft.com/.default"]))
+        _, dropped = mh_any.oauth.edit("m365", CredentialSpec(scopes=["https://graph.microsoft.com/.default"]))
         assert authorized
     finally:
         other.close()
+    assert dropped, "the edit dropped the tokens stored meanwhile: it must say so"
     edited = mh_any.oauth.get("m365")
     assert mh_any.oauth._state(edited) == {} and edited.token_expires_at is None
     assert idp.introspect(mh_any.oauth.access_token(cred.id, None))["scope"] == "https://graph.microsoft.com/.default"
+
+
+def test_an_edit_does_not_claim_tokens_another_edit_dropped_meanwhile(mh_any: Mailhost, idp: IdentityProvider) -> None:
+    """Two admins change the scopes at once: the tokens the second read were dropped by
+    the first before the second wrote, so the second says it dropped nothing (SQLite and
+    PostgreSQL)."""
+    cred = microsoft(mh_any, idp, flow="client-credentials")
+    mh_any.oauth.access_token(cred.id, None)
+    other = Mailhost.open(mh_any.config.path, plugins=mh_any.plugins)
+    try:
+        first = run_first(mh_any, "UPDATE oauth_credentials", lambda: other.oauth.edit(
+            "m365", CredentialSpec(scopes=["https://graph.microsoft.com/.default"]))[1])
+        _, dropped = mh_any.oauth.edit("m365", CredentialSpec(scopes=["https://outlook.office.com/.default"]))
+    finally:
+        other.close()
+    assert first == [True] and not dropped
+    assert mh_any.oauth.get("m365").scopes == ["https://outlook.office.com/.default"]
 
 
 def test_a_source_asked_again_renews_the_token(mh: Mailhost, idp: IdentityProvider,
