@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import sys
 from collections.abc import Iterator
 from functools import cached_property
@@ -28,7 +29,7 @@ from sqlalchemy.orm import Session
 
 from . import store
 from .config import Config, config_path, write_starter_config
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, MailhostError, StoreError
 from .plugins import PluginHost, plugin_host
 from .secrets import RedactingFilter, Vault, create_key_file, create_private_file
 
@@ -167,6 +168,12 @@ class Mailhost:
         url = self.engine.url.render_as_string(hide_password=True)
         why = " ".join(str(orig).split()).rstrip(".") or type(orig).__name__
         low = why.lower()
+        if _lock_timeout(orig):  # PostgreSQL: store.BUSY_TIMEOUT passed waiting for another session's lock
+            held = re.search(r'in relation "([^"]+)"', why)
+            what = f"a row of {held.group(1)}" if held else "a table"
+            return (f"the store {url} is busy: {what} stayed locked by another session for {store.BUSY_TIMEOUT} s "
+                    f"({why}); end that session's transaction (pg_stat_activity shows it, mostly as 'idle in "
+                    "transaction'), then try again")
         if "deadlock" in low:  # PostgreSQL aborted this transaction to free another one
             return (f"the store {url} aborted this change to end a deadlock with another process ({why}); "
                     "try again")
@@ -200,8 +207,10 @@ class Mailhost:
         except (DBAPIError, ValueError) as exc:  # older psycopg raises ValueError for a bad option
             raise self._cannot_open(exc, fix) from None
 
-    def _cannot_open(self, exc: Exception, fix: str) -> ConfigError:
+    def _cannot_open(self, exc: Exception, fix: str) -> MailhostError:
         reason = getattr(exc, "orig", None) or exc  # the driver's words, without SQLAlchemy's wrapping
+        if _lock_timeout(reason):  # a session holds the schema (a migration under way, an open transaction)
+            return StoreError(self._store_failure(reason))
         return ConfigError(f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
                            f"{' '.join(str(reason).split())}; {fix}")
 
@@ -268,6 +277,11 @@ class Mailhost:
         every commit is already durable and closing it would only run its checkpoint."""
         if "engine" in self.__dict__ and not (exiting and self.engine.dialect.name == "sqlite"):
             self.engine.dispose()
+
+
+def _lock_timeout(orig: BaseException | None) -> bool:
+    """Whether a driver's error is PostgreSQL's lock_timeout (SQLSTATE 55P03) running out."""
+    return getattr(orig, "sqlstate", None) == "55P03" or getattr(orig, "pgcode", None) == "55P03"
 
 
 def _environmental(orig: BaseException | None) -> bool:

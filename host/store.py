@@ -482,8 +482,8 @@ SECRET_COLUMNS = (
 )
 
 
-#: Seconds a statement on SQLite waits for another process's write to end before it
-#: fails as busy.
+#: Seconds a statement waits for another process's lock before it fails as busy: on
+#: SQLite its busy wait, on PostgreSQL its ``lock_timeout``.
 BUSY_TIMEOUT = 30
 
 
@@ -518,10 +518,29 @@ def make_engine(url: str) -> Engine:
         # libpq waits for ever by default: a hung server, or a firewall that drops packets,
         # would hang a command or a pass for good. The URL's own settings win.
         connect_args = {k: v for k, v in PG_CONNECT_DEFAULTS.items() if k not in parsed.query}
-        return create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
+        engine = create_engine(parsed, pool_pre_ping=True, connect_args=connect_args)
     except ModuleNotFoundError as exc:  # the driver is an extra
         raise ConfigError(f"the PostgreSQL driver ({exc.name}) is not installed: "
                           "pip install 'mailhost[postgresql]'") from None
+
+    @event.listens_for(engine, "connect")
+    def _lock_timeout(dbapi_conn: Any, _record: Any) -> None:
+        # PostgreSQL waits for a lock for ever by default: a session left open in a
+        # transaction (an admin's `BEGIN; SELECT ... FOR UPDATE` in psql) would block a
+        # pass or a command for good, silently, and a migration's table lock queued
+        # behind it would block every other session too. A statement that waits
+        # BUSY_TIMEOUT seconds for a lock fails instead, as busy, like SQLite's. It
+        # bounds waiting only, never how long a statement works (a long purge is fine).
+        # A lock_timeout the admin set (for the role or the database, or
+        # `?options=-c lock_timeout=...` in the URL) is kept. Set once per connection
+        # and committed: a SET in a transaction that rolls back is undone.
+        cursor = dbapi_conn.cursor()
+        cursor.execute("SELECT set_config('lock_timeout', %s, false) WHERE current_setting('lock_timeout') = '0'",
+                       (f"{max(1, round(BUSY_TIMEOUT * 1000))}ms",))
+        cursor.close()
+        dbapi_conn.commit()
+
+    return engine
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:

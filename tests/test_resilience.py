@@ -2,6 +2,7 @@
 busy SQLite store, connections edited while a pass runs, a full disk."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -403,6 +404,88 @@ def test_a_store_kept_busy_is_one_sentence_from_the_cli(home: Path, command: lis
     assert exit_.value.code == 1
     assert err.startswith(f"mailhost: the store sqlite:///{home / 'mailhost.db'} is busy"), err
     assert "try again" in err and "report" not in err and len(err.strip().splitlines()) == 1, err
+
+
+@contextlib.contextmanager
+def _locked_by_another_session(database_url: str, table: str, name: str) -> Iterator[None]:
+    """An admin's psql session left open on PostgreSQL: ``BEGIN; SELECT ... FROM table
+    WHERE name = ... FOR UPDATE``. Ended after a minute at the latest (a safety net: a
+    statement that waits for ever would otherwise hang the test, not fail it)."""
+    import psycopg
+    from psycopg import sql
+
+    holder = psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname={database_url.rsplit('/', 1)[1]}")
+    holder.execute(sql.SQL("SELECT id FROM {} WHERE name = %s FOR UPDATE").format(sql.Identifier(table)), (name,))
+    net = threading.Timer(60, holder.rollback)
+    net.start()
+    try:
+        yield
+    finally:
+        net.cancel()
+        holder.rollback()
+        holder.close()
+
+
+def test_a_row_an_admin_keeps_locked_on_postgresql_is_one_sentence_from_the_cli(
+        tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A psql session holds a connection's row (`SELECT ... FOR UPDATE`, never
+    committed): `outgoing edit` waits the busy timeout for it, then says in one sentence,
+    exit 1, what is locked and what to do, instead of waiting for ever."""
+    from mailhost import store
+    from mailhost.cli import main
+
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
+    config = tmp_path / "pg" / "mailhost.toml"
+    host = Mailhost.init(config, postgres_url)
+    host.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="smtp", host="127.0.0.1"))
+    host.close()
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    try:
+        with _locked_by_another_session(postgres_url, "outgoing_connections", "out"), \
+                pytest.raises(SystemExit) as exit_:
+            main(["--config", str(config), "outgoing", "edit", "out", "--description", "edited"])
+    finally:
+        root.handlers[:], root.level = handlers, level  # main() logged to this test's captured stderr
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1, err
+    assert err.startswith("mailhost: the store postgresql+psycopg://postgres@127.0.0.1:5432/") and \
+        " is busy: a row of outgoing_connections stayed locked by another session for 0.2 s " in err, err
+    assert "idle in transaction" in err and "try again" in err and len(err.strip().splitlines()) == 1, err
+    host = Mailhost.open(config)
+    try:
+        assert host.connections.get(Direction.OUTGOING, "out").description != "edited"  # nothing half-done
+    finally:
+        host.close()
+
+
+def test_a_pass_on_a_mailbox_an_admin_keeps_locked_on_postgresql_ends_as_busy(
+        tmp_path: Path, postgres_url: str, testplugin: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download pass whose connection row a psql session holds ends as a busy store
+    after the busy timeout (what `serve` logs once and tries again at its next tick),
+    and the next pass, once the session is gone, downloads as before."""
+    from mailhost import store
+    from mailhost.errors import StoreError
+
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "a.eml").write_bytes(b"Subject: a\r\n\r\na\r\n")
+    config = tmp_path / "pg" / "mailhost.toml"
+    Mailhost.init(config, postgres_url).close()
+    host = Mailhost.open(config, plugins=PluginHost(only=[], extra=[("testplugin", testplugin)]))
+    try:
+        host.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
+        with _locked_by_another_session(postgres_url, "incoming_connections", "desk"), \
+                pytest.raises(StoreError, match=r" is busy: a row of incoming_connections stayed locked"):
+            host.incoming.fetch_one("desk")
+        again = host.incoming.fetch_one("desk")
+        assert again.error is None and again.stored == 1, again
+    finally:
+        host.close()
 
 
 def test_the_web_admin_answers_503_while_the_store_is_away(proxied: Mailhost, proxy: _Proxy) -> None:

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import Connection, inspect, text
 
 from mailhost import Mailhost, store
-from mailhost.errors import ConfigError
+from mailhost.errors import ConfigError, StoreError
 from mailhost.protocols import Direction
 
 from .helpers import run_cli
@@ -308,3 +308,56 @@ def test_a_database_url_option_the_driver_refuses_is_a_clear_error(tmp_path: Pat
     assert out.returncode == 2, out.stderr
     assert "cannot open the store" in out.stderr and "connect_timeout" in out.stderr and "--database" in out.stderr
     assert not (tmp_path / "m.toml").exists()
+
+
+def test_postgresql_waits_for_a_lock_at_most_the_busy_timeout_unless_the_admin_chose(postgres_url: str) -> None:
+    """Every PostgreSQL connection gets lock_timeout = the busy timeout (30 s), like
+    SQLite's busy wait; one the admin set for the database (or in the URL) is kept."""
+    name = postgres_url.rsplit("/", 1)[1]
+
+    def lock_timeout(url: str) -> str:
+        engine = store.make_engine(url)
+        try:
+            with engine.connect() as conn:
+                return str(conn.exec_driver_sql("SHOW lock_timeout").scalar())
+        finally:
+            engine.dispose()
+
+    assert lock_timeout(postgres_url) == "30s"
+    assert lock_timeout(f"{postgres_url}?options=-c%20lock_timeout%3D7s") == "7s"
+    admin = store.make_engine(postgres_url)
+    try:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET lock_timeout = \'5min\'')
+            conn.commit()
+    finally:
+        admin.dispose()
+    assert lock_timeout(postgres_url) == "5min"
+
+
+def test_a_store_a_migration_holds_is_busy_not_a_config_error(tmp_path: Path, postgres_url: str,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another process migrating the schema (its transaction holds alembic_version):
+    opening the store waits the busy timeout, then says it is busy (StoreError, exit 1),
+    not that the [store] url is wrong (ConfigError, exit 2)."""
+    import threading
+
+    import psycopg
+
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    config = tmp_path / "m.toml"
+    Mailhost.init(config, postgres_url).close()
+    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
+    holder = psycopg.connect(f"host=127.0.0.1 port=5432 user=postgres dbname={postgres_url.rsplit('/', 1)[1]}")
+    holder.execute("LOCK TABLE alembic_version IN ACCESS EXCLUSIVE MODE")
+    net = threading.Timer(60, holder.rollback)  # a safety net: without a lock timeout the command would hang
+    net.start()
+    host = Mailhost.open(config)
+    try:
+        with pytest.raises(StoreError, match=r" is busy: a table stayed locked by another session for 0\.2 s "):
+            host.check_schema()
+    finally:
+        host.close()
+        net.cancel()
+        holder.rollback()
+        holder.close()
