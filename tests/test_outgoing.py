@@ -567,7 +567,7 @@ class _StopsAfterSending:
 
     @hookimpl
     def register_protocols(self, register: Callable[[Any], None]) -> None:
-        from mailhost.protocols import ProtocolProvider
+        from mailhost.protocols import ProtocolProvider, ProviderOption
         from tests.testplugin.mailhost_testplugin import DirOutgoing
 
         class Session(DirOutgoing):
@@ -581,7 +581,8 @@ class _StopsAfterSending:
                 return result
 
         register(ProtocolProvider(name="stops", direction=Direction.OUTGOING, open=Session, title="Stops (tests)",
-                                  attributes=frozenset({"host", "from_address"}), required=frozenset({"host"})))
+                                  attributes=frozenset({"host", "from_address"}), required=frozenset({"host"}),
+                                  options=(ProviderOption("suffix", "the file name ending", str, default=""),)))
 
 
 def test_a_stopped_worker_gives_back_only_what_it_never_tried(home: Path, tmp_path: Path,
