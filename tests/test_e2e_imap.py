@@ -69,6 +69,23 @@ def test_uidvalidity_reset_resyncs_without_duplicates(home: Path, dovecot, mailb
     assert report["listed"] == 0
 
 
+def test_mailbox_restored_from_a_backup_loses_no_new_mail(home: Path, dovecot, mailbox, imap_conn: str) -> None:
+    """A restored backup keeps the folder's UIDVALIDITY but takes UIDNEXT back, so new
+    mail gets UIDs already stored: all of it is still downloaded, nothing twice."""
+    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(i) for i in range(2)])
+    assert json.loads(_fetch(home).stdout)[0]["stored"] == 2
+    backup = dovecot.backup(mailbox.user)  # with the dovecot-uidlist of UIDs 1-2
+    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(i) for i in range(2, 5)])
+    assert json.loads(_fetch(home).stdout)[0]["stored"] == 3
+    dovecot.restore(mailbox.user, backup)
+    arrived = [dovecot.generate_message(100 + i) for i in range(2)]
+    dovecot.deliver_many(mailbox.user, arrived)  # UIDs 3 and 4, as before the restore
+    report = json.loads(_fetch(home).stdout)[0]
+    assert (report["stored"], report["duplicates"]) == (2, 2), report
+    assert [raw for _, raw in _queue(home)][-2:] == arrived
+    assert json.loads(_fetch(home).stdout)[0]["listed"] == 0
+
+
 def test_enable_after_pointing_at_another_server_says_why_it_refetches(
         home: Path, dovecot, mailbox, imap_conn: str) -> None:
     """Another host name for the same mailbox: enable estimates every message again and

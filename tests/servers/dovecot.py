@@ -1252,3 +1252,32 @@ service pop3-login {{
             # messages Dovecot had moved to cur/ keep their flags; that's fine.
             if was_running:
                 self.start()
+
+    def backup(self, user: str) -> Path:
+        """A copy of ``user``'s whole Maildir (messages, ``dovecot-uidlist``, indexes),
+        for :meth:`restore`. Take it once an IMAP session opened the folder: without
+        its ``dovecot-uidlist`` the restored folder gets a new UIDVALIDITY."""
+        with self._lock:
+            copy = self.workdir / "backups" / uuid.uuid4().hex[:8]
+            shutil.copytree(self.maildir(user), copy)
+            return copy
+
+    def restore(self, user: str, backup: Path) -> None:
+        """Stop Dovecot, put ``backup`` back as ``user``'s Maildir, start again.
+
+        As when an admin restores last night's backup: each folder keeps its
+        UIDVALIDITY while its UIDNEXT goes back, so the next messages get UIDs that
+        were given to others before (RFC 3501 2.3.1.1 forbids it; restores do it)."""
+        with self._lock:
+            was_running = self.running
+            self.stop()
+            target = self.maildir(user)
+            shutil.rmtree(target)
+            shutil.copytree(backup, target)
+            if self._root:
+                for root, dirs, files in os.walk(target):
+                    for name in [*dirs, *files]:
+                        os.chown(os.path.join(root, name), self.mail_uid, self.mail_gid)
+                os.chown(target, self.mail_uid, self.mail_gid)
+            if was_running:
+                self.start()

@@ -34,7 +34,9 @@ class ImapSession(IncomingSession):
     """A signed-in link to one folder, downloading by UID.
 
     The cursor is ``{"uidvalidity": V, "last_uid": U}``: every message with a UID up
-    to ``U`` under UIDVALIDITY ``V`` is stored. Keys are ``"V:UID"``. The folder is
+    to ``U`` under UIDVALIDITY ``V`` is stored. Keys are ``"V:UID"``. A server that
+    gives UIDs out again under the same UIDVALIDITY (a mailbox restored from a backup)
+    starts an era ``E`` (``"era": E`` in the cursor, keys ``"V.E:UID"``). The folder is
     selected read-write by :meth:`list_new` (and on demand by the other methods), so the
     acknowledgements run on the same link.
     """
@@ -44,6 +46,7 @@ class ImapSession(IncomingSession):
         self.client = client
         self._imap: imaplib.IMAP4 = client._imap
         self._uidvalidity: int | None = None  # of the selected folder
+        self._era = 0  # of its UIDs, from the cursor (see the class)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -54,19 +57,23 @@ class ImapSession(IncomingSession):
     def list_new(
         self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]
     ) -> Listing:
-        """Messages with a UID above the cursor; everything when UIDVALIDITY changed.
+        """Messages with a UID above the cursor; everything when UIDVALIDITY changed or
+        UIDNEXT went back below it.
 
         Costs one SELECT when nothing is new, however big the folder: UIDNEXT says so.
         """
         selected = self._select()
-        validity = self._uidvalidity
-        last, reset = 0, False
-        if cursor is not None:
-            if cursor.get("uidvalidity") == validity:
-                last = int(cursor.get("last_uid", 0))
-            else:
-                reset = True  # renumbered: list from 1; the host dedups by content
         uidnext = selected.get(b"UIDNEXT")
+        last, reset, self._era = 0, False, 0
+        if cursor is not None:
+            if cursor.get("uidvalidity") != self._uidvalidity:
+                reset = True  # renumbered: list from 1; the host dedups by content
+            elif uidnext is not None and uidnext <= int(cursor.get("last_uid", 0)):
+                # UIDNEXT went back: the server gives stored UIDs to new mail. Keys of a
+                # new era, so that none passes for a stored one; listed from 1 as above.
+                reset, self._era = True, int(cursor.get("era", 0)) + 1
+            else:
+                last, self._era = int(cursor.get("last_uid", 0)), int(cursor.get("era", 0))
         if selected.get(b"EXISTS") == 0 or (uidnext is not None and uidnext <= last + 1):
             refs: list[MessageRef] = []
         else:
@@ -76,7 +83,7 @@ class ImapSession(IncomingSession):
         # UIDs below UIDNEXT are all listed (or gone), so the cursor may move up to it:
         # the next "nothing new?" then stays one SELECT even after expunges.
         top = max([last, (uidnext or 1) - 1, *(ref.handle for ref in refs)])
-        return Listing(refs, {"uidvalidity": validity, "last_uid": top}, reset)
+        return Listing(refs, self._cursor(top), reset)
 
     def estimate(
         self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]
@@ -85,18 +92,21 @@ class ImapSession(IncomingSession):
         messages, uidnext, validity = self._status()
         if cursor is None:
             return Estimate(messages, "exact")
-        if cursor.get("uidvalidity") != validity:
-            # An empty cursor is the host's "another mailbox now" (server or user changed):
-            # the folder was not renumbered, and saying so would send the admin astray.
-            why = ("the connection now reads another mailbox (its server or user changed)" if not cursor else
-                   f"the server renumbered folder {self.settings.folder} (UIDVALIDITY changed)")
+        last = int(cursor.get("last_uid", 0))
+        if cursor.get("uidvalidity") != validity or uidnext <= last:
+            if not cursor:  # the host's "another mailbox now": saying "renumbered" would mislead
+                why = "the connection now reads another mailbox (its server or user changed)"
+            elif cursor.get("uidvalidity") != validity:
+                why = f"the server renumbered folder {self.settings.folder} (UIDVALIDITY changed)"
+            else:
+                why = (f"the server gives new mail in folder {self.settings.folder} UIDs it gave before "
+                       "(UIDNEXT went back, as after restoring a backup)")
             return Estimate(
                 messages,
                 "low",
                 f"at most {messages}: {why}, so every message is downloaded again and the ones "
                 "already stored are recognised by content and skipped",
             )
-        last = int(cursor.get("last_uid", 0))
         if uidnext <= last + 1:
             return Estimate(0, "exact")
         self._ensure_selected()
@@ -116,12 +126,12 @@ class ImapSession(IncomingSession):
         return int(status[b"MESSAGES"]), int(status[b"UIDNEXT"]), int(status[b"UIDVALIDITY"])
 
     def resolve(self, keys: Sequence[str]) -> list[MessageRef]:
-        """Refs for ``"V:UID"`` keys of the current UIDVALIDITY that are still there."""
+        """Refs for keys of the current UIDVALIDITY (and era) that are still there."""
         self._ensure_selected()
-        validity, uids = str(self._uidvalidity), set()
+        current, uids = self._key(0).partition(":")[0], set()
         for key in keys:
             prefix, _, uid = key.partition(":")
-            if prefix == validity and uid.isdigit():
+            if prefix == current and uid.isdigit():
                 uids.add(int(uid))
         return [ref for uid_set in _uid_sets(uids) for ref in self._refs(uid_set)]
 
@@ -289,7 +299,6 @@ class ImapSession(IncomingSession):
 
     def _refs(self, uid_set: bytes) -> list[MessageRef]:
         """Refs with sizes for the messages in ``uid_set``, in UID order."""
-        validity = self._uidvalidity
         sizes: dict[int, int] = {}
         with translated(self.settings, f"list the messages of folder {self.settings.folder}"):
             for uid, text, _ in self._uid_fetch(uid_set, b"(UID RFC822.SIZE)"):
@@ -297,14 +306,16 @@ class ImapSession(IncomingSession):
                 if size:  # not an unsolicited FETCH (a flag change by another client)
                     sizes[uid] = int(size[1])
         return [
-            MessageRef(
-                key=f"{validity}:{uid}",
-                size=size,
-                handle=uid,
-                cursor={"uidvalidity": validity, "last_uid": uid},
-            )
+            MessageRef(key=self._key(uid), size=size, handle=uid, cursor=self._cursor(uid))
             for uid, size in sorted(sizes.items())
         ]
+
+    def _key(self, uid: int) -> str:
+        return f"{self._uidvalidity}.{self._era}:{uid}" if self._era else f"{self._uidvalidity}:{uid}"
+
+    def _cursor(self, last_uid: int) -> dict[str, int | None]:
+        cursor = {"uidvalidity": self._uidvalidity, "last_uid": last_uid}
+        return {**cursor, "era": self._era} if self._era else cursor
 
     def _uid_fetch(self, uid_set: bytes, items: bytes) -> list[tuple[int, bytes, bytes | None]]:
         """Run ``UID FETCH`` and return ``(uid, response text, BODY[] literal or None)``.

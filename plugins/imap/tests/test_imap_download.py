@@ -100,6 +100,31 @@ def test_uidvalidity_reset_lists_everything_again(settings, dovecot, mailbox):
     assert estimate.count == 3 and estimate.confidence == "low" and "recognised by content" in estimate.note
 
 
+def test_uids_given_out_again_start_a_new_era_of_keys(settings, dovecot, mailbox):
+    """A restored backup takes UIDNEXT back under the same UIDVALIDITY: everything is
+    listed again under keys no stored one equals, and keys of the old era resolve to
+    nothing (an acknowledgement left pending must not hit the mail that took its UID)."""
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(2)))
+    with PROVIDER.open(settings()) as session:
+        session.list_new(None, nothing_known)  # Dovecot numbers them: the backup holds its dovecot-uidlist
+    backup = dovecot.backup(mailbox.user)
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(2, 5)))
+    with PROVIDER.open(settings()) as session:
+        before = session.list_new(None, nothing_known)  # UIDs 1-5
+    dovecot.restore(mailbox.user, backup)
+    dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(5, 7)))  # UIDs 3, 4 again
+    with PROVIDER.open(settings()) as session:
+        estimate = session.estimate(before.cursor, nothing_known)
+        listing = session.list_new(before.cursor, nothing_known)
+        assert session.resolve([ref.key for ref in before.refs]) == []
+        again = session.list_new(listing.cursor, nothing_known)
+    assert (estimate.count, estimate.confidence) == (4, "low") and "UIDNEXT went back" in estimate.note
+    assert listing.reset and [ref.handle for ref in listing.refs] == [1, 2, 3, 4]
+    assert not {ref.key for ref in listing.refs} & {ref.key for ref in before.refs}
+    assert listing.cursor == {**before.cursor, "last_uid": 4, "era": 1} == listing.refs[-1].cursor
+    assert again.refs == [] and again.cursor == listing.cursor and not again.reset
+
+
 def test_estimate_counts_what_a_pass_would_download(settings, dovecot, mailbox):
     """First pass: every message; later: exactly the UIDs above the cursor."""
     dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(4)))
