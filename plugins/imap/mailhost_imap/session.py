@@ -47,6 +47,8 @@ class ImapSession(IncomingSession):
         self._imap: imaplib.IMAP4 = client._imap
         self._uidvalidity: int | None = None  # of the selected folder
         self._era = 0  # of its UIDs, from the cursor (see the class)
+        self._read_only = False  # the folder, as the server opened it
+        self._permanent: tuple[bytes, ...] | None = None  # the flags it keeps; None: all (RFC 3501 7.1)
         self._closed = False
 
     def __repr__(self) -> str:
@@ -176,7 +178,7 @@ class ImapSession(IncomingSession):
 
     def mark_seen(self, refs: Sequence[MessageRef]) -> None:
         """``UID STORE +FLAGS.SILENT (\\Seen)``."""
-        self._ensure_selected()
+        self._check_keeps(SEEN, "mark messages seen")
         with translated(self.settings, "mark messages seen"):
             for uid_set in _uid_sets(ref.handle for ref in refs):
                 self.client.add_flags(uid_set, [SEEN], silent=True)
@@ -193,7 +195,7 @@ class ImapSession(IncomingSession):
         """
         if not refs:
             return
-        self._ensure_selected()
+        self._check_keeps(DELETED, "delete messages")
         uids = {ref.handle for ref in refs}
         with translated(self.settings, f"delete messages from folder {self.settings.folder}"):
             for uid_set in _uid_sets(uids):
@@ -213,6 +215,8 @@ class ImapSession(IncomingSession):
         self._ensure_selected()
         target = self._server_name(folder)
         atomic = self._has("MOVE")
+        if not atomic:  # a copy the delete then cannot follow would be made again every pass
+            self._check_keeps(DELETED, f"move messages to folder {folder}")
         command = self.client.move if atomic else self.client.copy
         with translated(self.settings, f"move messages to folder {folder}"):
             for uid_set in _uid_sets(ref.handle for ref in refs):
@@ -226,6 +230,20 @@ class ImapSession(IncomingSession):
                     command(uid_set, target)
         if not atomic:
             self.delete(refs)
+
+    def _check_keeps(self, flag: bytes, doing: str) -> None:
+        """Refuse an acknowledgement the server would answer OK and ignore (Dovecot: "Store
+        ignored with read-only mailbox"): in a folder it opened read-only, or with a flag
+        it does not keep there. The host reports the refusal and tries again next pass."""
+        self._ensure_selected()
+        where = f"{self.settings.describe()} cannot {doing}: it"
+        if self._read_only:
+            raise PermanentFailure(f"{where} lets this user only read folder {self.settings.folder} (READ-ONLY)")
+        if self._permanent is not None and flag.upper() not in {kept.upper() for kept in self._permanent}:
+            raise PermanentFailure(
+                f"{where} does not let this user set the flag {flag.decode()} in folder {self.settings.folder} "
+                f"(it keeps only {b' '.join(self._permanent).decode() or 'none'})"
+            )
 
     def close(self) -> None:
         """LOGOUT; never raises."""
@@ -261,10 +279,16 @@ class ImapSession(IncomingSession):
             return any(found == name for _, _, found in self.client.list_folders("", name))
 
     def _select(self) -> dict[bytes, Any]:
-        """SELECT the folder (read-write, for the acknowledgements)."""
+        """SELECT the folder (read-write, for the acknowledgements); EXAMINE it when
+        the server says this user may only read it, so that it is still downloaded."""
         with self._in_folder("open folder"):
-            selected: dict[bytes, Any] = self.client.select_folder(self._folder())
+            try:
+                selected: dict[bytes, Any] = self.client.select_folder(self._folder())
+            except imaplib.IMAP4.readonly:  # imaplib's answer to "OK [READ-ONLY]" (it is no dropped link)
+                selected = self.client.select_folder(self._folder(), readonly=True)
         self._uidvalidity = int(selected[b"UIDVALIDITY"])
+        self._read_only = b"READ-ONLY" in selected
+        self._permanent = selected.get(b"PERMANENTFLAGS")
         return selected
 
     def _ensure_selected(self) -> None:

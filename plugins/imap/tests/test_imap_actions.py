@@ -98,3 +98,47 @@ def test_without_move_copies_then_deletes(settings, old_server):
         session.move(listed(session), "Done/Sub")
     assert len(server.maildir_messages(user, "Done/Sub")) == 2
     assert server.maildir_messages(user) == []
+
+
+# The ACL plugin, so that a test can take rights away (a dovecot-acl file in the folder).
+ACL = ("mail_plugins = $mail_plugins acl\nprotocol imap {\n  mail_plugins = $mail_plugins acl imap_acl\n}\n"
+       "plugin {\n  acl = vfile\n}\n")
+
+
+def test_a_folder_the_user_may_only_read_is_downloaded_and_never_acknowledged(settings, dovecot_factory):
+    """SELECT answers OK [READ-ONLY] (imaplib raises on it): the folder is still listed
+    and downloaded; mark seen and delete, which the server would answer OK and ignore,
+    and a copy-then-delete move, which would copy again every pass, are refused."""
+    from mailhost.errors import PermanentFailure
+
+    server = dovecot_factory(extra_config=ACL + OLD_SERVER)
+    user, password = server.new_user("ro")
+    server.deliver_many(user, (generate_message(i) for i in range(2)))
+    (server.maildir(user) / "dovecot-acl").write_text("owner lr\n")  # lookup and read
+    with PROVIDER.open(settings(server, username=user, password=password)) as session:
+        refs = listed(session)
+        assert [raw for _, raw in session.fetch(refs)] == server.maildir_messages(user)
+        for act in (lambda: session.mark_seen(refs), lambda: session.delete(refs),
+                    lambda: session.move(refs, "Archive")):
+            with pytest.raises(PermanentFailure, match=r"cannot \w+ messages.*: it lets this user only read "
+                                                        r"folder INBOX \(READ-ONLY\)"):
+                act()
+    assert server.flags(user) == ["", ""] and server.folders(user) == ["INBOX"]
+
+
+def test_a_flag_the_server_does_not_keep_is_not_taken_for_done(settings, dovecot_factory):
+    """Read-write, but the user may set only \\Seen (PERMANENTFLAGS): a delete, which
+    the server would answer OK without flagging anything, is refused; mark seen works."""
+    from mailhost.errors import PermanentFailure
+
+    server = dovecot_factory(extra_config=ACL)
+    user, password = server.new_user("rs")
+    server.deliver(user, generate_message(1))
+    (server.maildir(user) / "dovecot-acl").write_text("owner lrs\n")  # lookup, read, seen
+    with PROVIDER.open(settings(server, username=user, password=password)) as session:
+        refs = listed(session)
+        with pytest.raises(PermanentFailure, match=r"cannot delete messages: it does not let this user set "
+                                                    r"the flag \\Deleted in folder INBOX \(it keeps only \\Seen\)"):
+            session.delete(refs)
+        session.mark_seen(refs)
+    assert server.flags(user) == ["S"]
