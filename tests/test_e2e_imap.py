@@ -86,6 +86,21 @@ def test_mailbox_restored_from_a_backup_loses_no_new_mail(home: Path, dovecot, m
     assert json.loads(_fetch(home).stdout)[0]["listed"] == 0
 
 
+def test_a_message_the_server_cannot_send_holds_up_only_what_follows_it(
+        home: Path, dovecot, mailbox, imap_conn: str) -> None:
+    """Dovecot drops the link on a message file that grew behind its back: the pass
+    stores the mail before it and names it; the next pass starts there, storing nothing twice."""
+    sent = [dovecot.generate_message(i) for i in range(5)]
+    paths = [dovecot.deliver(mailbox.user, raw) for raw in sent]
+    with open(paths[3], "ab") as grown:
+        grown.write(b"appended in place\r\n")
+    first = json.loads(_fetch(home).stdout)[0]
+    assert (first["ok"], first["stored"]) == (False, 3) and "message UID 4" in first["error"]
+    again = json.loads(_fetch(home).stdout)[0]
+    assert (again["listed"], again["stored"], again["duplicates"]) == (2, 0, 0)
+    assert [raw for _, raw in _queue(home)] == sent[:3]
+
+
 def test_enable_after_pointing_at_another_server_says_why_it_refetches(
         home: Path, dovecot, mailbox, imap_conn: str) -> None:
     """Another host name for the same mailbox: enable estimates every message again and

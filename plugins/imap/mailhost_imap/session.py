@@ -10,7 +10,7 @@ from functools import cached_property
 from typing import Any
 
 from imapclient import DELETED, SEEN, IMAPClient
-from mailhost.errors import PermanentFailure, TemporaryFailure
+from mailhost.errors import MailError, PermanentFailure, TemporaryFailure
 from mailhost.protocols import ConnectionSettings, Estimate, IncomingSession, Listing, MessageRef
 
 from .link import connect, logout, translated, with_defaults
@@ -143,19 +143,29 @@ class ImapSession(IncomingSession):
         """``UID FETCH <set> (BODY.PEEK[])``: the raw bytes, never marking anything seen.
 
         Read straight off imaplib's socket buffer (see :meth:`_uid_fetch`); yields in
-        the order of ``refs``, skipping those that vanished.
+        the order of ``refs``, skipping those that vanished. When the download fails,
+        first yields the refs up to the first one that did not come whole, so that the
+        host stores them: a message the server cannot read then stops the folder there,
+        not at the start of its batch.
         """
         self._ensure_selected()
         wanted = {ref.handle for ref in refs}
         bodies: dict[int, bytes] = {}
-        with translated(self.settings, f"download messages from folder {self.settings.folder}"):
-            for uid_set in _uid_sets(wanted):
-                for uid, _, body in self._uid_fetch(uid_set, b"(BODY.PEEK[])"):
-                    if body is not None and uid in wanted:
-                        bodies[uid] = body
-            missing = wanted - bodies.keys()
-            if missing:  # gone (expunged by another client), or the server sent no content
-                self._check_gone(missing)
+        try:
+            with translated(self.settings, f"download messages from folder {self.settings.folder}"):
+                for uid_set in _uid_sets(wanted):
+                    got: list[tuple[int, bytes, bytes | None]] = []
+                    try:
+                        self._uid_fetch(uid_set, b"(BODY.PEEK[])", got)
+                    finally:
+                        bodies.update((uid, body) for uid, _, body in got if body is not None and uid in wanted)
+                missing = wanted - bodies.keys()
+                if missing:  # gone (expunged by another client), or the server sent no content
+                    self._check_gone(missing)
+        except MailError:
+            for ref in itertools.takewhile(lambda ref: ref.handle in bodies, refs):
+                yield ref, bodies[ref.handle]
+            raise
         for ref in refs:
             body = bodies.pop(ref.handle, None)
             if body is not None:
@@ -341,8 +351,11 @@ class ImapSession(IncomingSession):
         cursor = {"uidvalidity": self._uidvalidity, "last_uid": last_uid}
         return {**cursor, "era": self._era} if self._era else cursor
 
-    def _uid_fetch(self, uid_set: bytes, items: bytes) -> list[tuple[int, bytes, bytes | None]]:
-        """Run ``UID FETCH`` and return ``(uid, response text, BODY[] literal or None)``.
+    def _uid_fetch(
+        self, uid_set: bytes, items: bytes, got: list[tuple[int, bytes, bytes | None]] | None = None
+    ) -> list[tuple[int, bytes, bytes | None]]:
+        """Run ``UID FETCH`` and return ``(uid, response text, BODY[] literal or None)``,
+        appended to ``got`` as they arrive (what came before a failure stays there).
 
         imapclient parses every FETCH response in pure Python (about 18,000 messages/s
         here); these two response shapes need no parser, so they are read straight
@@ -356,7 +369,7 @@ class ImapSession(IncomingSession):
         command = b"%s UID FETCH %s %s" % (tag, uid_set, items)
         self._say(f"> {command.decode()}")
         imap.send(command + b"\r\n")
-        done, got = tag + b" ", []
+        done, got = tag + b" ", [] if got is None else got
         try:
             while True:
                 line = readline()
@@ -375,7 +388,12 @@ class ImapSession(IncomingSession):
                     size = int(digits)
                     data = read(size)
                     if len(data) != size:
-                        raise imap.abort("the server closed the link in the middle of a message")
+                        uid = _UID.search(text)
+                        raise imap.abort(
+                            f"the server closed the link after {len(data)} of the {size} bytes of message "
+                            f"UID {uid[1].decode() if uid else '?'}; if that repeats, the server's log says "
+                            "why it cannot send that message"
+                        )
                     # "BODY[] {n}", in any case, or a literal8 "BODY[] ~{n}" (RFC 3516)
                     if line[start - 7 : start] == b"BODY[] " or line[:start].rstrip(b"~").upper().endswith(b"BODY[] "):
                         body = data

@@ -167,6 +167,25 @@ def test_many_refs_are_split_into_short_commands(settings, dovecot, mailbox):
     assert [ref for ref, _ in got] == list(refs)
 
 
+def test_a_message_the_server_cannot_send_stops_the_batch_there(settings, dovecot, mailbox):
+    """A message file that grew behind Dovecot's back (its size is in its name): Dovecot
+    sends the literal's size, then drops the link. What came whole before it is still
+    yielded (the host stores it), and the error names the message."""
+    import pytest
+    from mailhost.errors import ConnectFailure
+
+    paths = [dovecot.deliver(mailbox.user, generate_message(i)) for i in range(3)]
+    with open(paths[1], "ab") as grown:
+        grown.write(b"appended in place\r\n")
+    got = []
+    with PROVIDER.open(settings()) as session:
+        refs = session.list_new(None, nothing_known).refs
+        with pytest.raises(ConnectFailure, match=r"of message UID 2; if that repeats, the server's log says why"):
+            for ref, raw in session.fetch(refs):
+                got.append((ref, raw))
+    assert got == [(refs[0], dovecot.maildir_messages(mailbox.user)[0])]
+
+
 def test_every_legal_body_form_is_read_and_none_is_skipped_while_still_there(fake_imap):
     """A server may answer in lower case, with a literal8 (RFC 3516), with a quoted
     string, or with NIL. The first three are read; a message the server still lists but
