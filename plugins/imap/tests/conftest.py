@@ -64,6 +64,18 @@ class Peer:
         self.conn = self.context.wrap_socket(self.conn, server_side=True)
         self.file = self.conn.makefile("rb")
 
+    def answer(self, respond: Callable[[list[bytes]], bytes]) -> None:
+        """Greet, then answer each command (split in words) with the untagged lines
+        ``respond(words)`` gives and OK, until LOGOUT."""
+        self.send(b"* OK fake IMAP ready\r\n")
+        while True:
+            tag, rest = self.command()
+            words = rest.split()
+            if not tag or words[0].upper() == b"LOGOUT":
+                self.send(b"* BYE bye\r\n" + tag + b" OK done\r\n")
+                return
+            self.send(respond(words) + tag + b" OK done\r\n")
+
     def serve(self, answers: dict[bytes, bytes]) -> None:
         """Answer each command with its untagged lines from ``answers`` and OK, until LOGOUT."""
         while True:

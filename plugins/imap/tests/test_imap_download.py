@@ -1,7 +1,7 @@
 """Listing and downloading against a real Dovecot."""
 from __future__ import annotations
 
-from mailhost.protocols import Encryption
+from mailhost.protocols import ConnectionSettings, Encryption
 from tests.servers.dovecot import generate_message
 
 from mailhost_imap import PROVIDER
@@ -193,7 +193,7 @@ def test_every_legal_body_form_is_read_and_none_is_skipped_while_still_there(fak
     one that is gone is left out."""
     import pytest
     from mailhost.errors import TemporaryFailure
-    from mailhost.protocols import ConnectionSettings, MessageRef
+    from mailhost.protocols import MessageRef
 
     raw = b"Subject: hi\r\n\r\nbody {3}\r\n"
     answers = {
@@ -209,27 +209,21 @@ def test_every_legal_body_form_is_read_and_none_is_skipped_while_still_there(fak
         return [uid for part in uid_set.split(b",") for first, _, last in [part.partition(b":")]
                 for uid in range(int(first), int(last or first) + 1)]
 
-    def script(peer):
-        peer.send(b"* OK fake IMAP ready\r\n")
-        while True:
-            tag, rest = peer.command()
-            words = rest.split()
-            if not tag or words[0].upper() == b"LOGOUT":
-                peer.send(b"* BYE bye\r\n" + tag + b" OK done\r\n")
-                return
-            verb, out = words[0].upper(), b""
-            if verb == b"CAPABILITY":
-                out = b"* CAPABILITY IMAP4rev1 UIDPLUS\r\n"
-            elif verb == b"SELECT":
-                out = b"* 5 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 7] ok\r\n"
-            elif words[:2] == [b"UID", b"FETCH"] and b"RFC822.SIZE" in rest:  # which are still there
-                out = b"".join(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (uid, uid, len(raw))
-                               for uid in uids(words[2]) if uid in listed)
-            elif words[:2] == [b"UID", b"FETCH"]:
-                out = b"".join(answers.get(uid, b"") for uid in uids(words[2]))
-            peer.send(out + tag + b" OK done\r\n")
+    def respond(words):
+        verb, out = words[0].upper(), b""
+        if verb == b"CAPABILITY":
+            out = b"* CAPABILITY IMAP4rev1 UIDPLUS\r\n"
+        elif verb == b"SELECT":
+            out = b"* 5 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 7] ok\r\n"
+        elif words[:2] == [b"UID", b"FETCH"] and b"RFC822.SIZE" in b" ".join(words):  # which are still there
+            out = b"".join(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (uid, uid, len(raw))
+                           for uid in uids(words[2]) if uid in listed)
+        elif words[:2] == [b"UID", b"FETCH"]:
+            out = b"".join(answers.get(uid, b"") for uid in uids(words[2]))
+        return out
 
-    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1", port=fake_imap(script),
+    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
+                              port=fake_imap(lambda peer: peer.answer(respond)),
                               encryption=Encryption.NONE, username="u", password="p", timeout=5)
     refs = {uid: MessageRef(f"7:{uid}", handle=uid) for uid in range(1, 7)}
     with PROVIDER.open(conn) as session:
@@ -237,3 +231,30 @@ def test_every_legal_body_form_is_read_and_none_is_skipped_while_still_there(fak
         assert got == {1: raw, 2: raw, 3: b'tiny "quoted" \\ message', 4: raw}
         with pytest.raises(TemporaryFailure, match=r"sent no content for 1 message\(s\) .* \(UID 5\): the next pass"):
             list(session.fetch([refs[4], refs[5], refs[6]]))
+
+
+def test_estimate_counts_more_new_uids_than_a_search_line_holds(fake_imap):
+    """200,000 new messages: the UID SEARCH answer would be one 1.3 MB line, longer than
+    imaplib reads; the count still comes (listed as a pass would list them)."""
+    new = range(2, 200_002)
+
+    def respond(words):
+        verb, out = words[0].upper(), b""
+        if verb == b"CAPABILITY":
+            out = b"* CAPABILITY IMAP4rev1\r\n"
+        elif verb == b"STATUS":
+            out = b"* STATUS INBOX (MESSAGES 200001 UIDNEXT 200002 UIDVALIDITY 7)\r\n"
+        elif verb == b"SELECT":
+            out = b"* 200001 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 200002] ok\r\n"
+        elif words[:2] == [b"UID", b"SEARCH"]:
+            out = b"* SEARCH " + b" ".join(b"%d" % uid for uid in new) + b"\r\n"
+        elif words[:2] == [b"UID", b"FETCH"] and words[2] == b"2:200001":
+            out = b"".join(b"* %d FETCH (UID %d RFC822.SIZE 300)\r\n" % (uid, uid) for uid in new)
+        return out
+
+    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
+                              port=fake_imap(lambda peer: peer.answer(respond)),
+                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
+    with PROVIDER.open(conn) as session:
+        estimate = session.estimate({"uidvalidity": 7, "last_uid": 1}, nothing_known)
+    assert (estimate.count, estimate.confidence) == (200_000, "exact")
