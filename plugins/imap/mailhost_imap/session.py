@@ -230,16 +230,26 @@ class ImapSession(IncomingSession):
         command = self.client.move if atomic else self.client.copy
         with translated(self.settings, f"move messages to folder {folder}"):
             for uid_set in _uid_sets(ref.handle for ref in refs):
-                try:
-                    command(uid_set, target)
-                except imaplib.IMAP4.error:
-                    if self._exists(target):
-                        raise
-                    self.client.create_folder(target)
-                    self.client.subscribe_folder(target)  # so that mail clients show it
-                    command(uid_set, target)
+                self._move_set(command, uid_set, target)
         if not atomic:
             self.delete(refs)
+
+    def _move_set(self, command: Callable[[bytes, str], Any], uid_set: bytes, target: str, again: bool = False) -> None:
+        """``command`` (MOVE or COPY) ``uid_set`` to ``target``, creating the folder if
+        missing. Refused with ``[EXPUNGEISSUED]`` (RFC 5530: another client expunged
+        some of them meanwhile; Dovecot then moves none), it moves those still there."""
+        try:
+            command(uid_set, target)
+        except imaplib.IMAP4.error as exc:
+            if "[EXPUNGEISSUED]" in str(exc).upper() and not again:
+                for left in _uid_sets(ref.handle for ref in self._refs(uid_set)):
+                    self._move_set(command, left, target, again=True)
+                return
+            if self._exists(target):
+                raise
+            self.client.create_folder(target)
+            self.client.subscribe_folder(target)  # so that mail clients show it
+            command(uid_set, target)
 
     def _check_keeps(self, flag: bytes, doing: str) -> None:
         """Refuse an acknowledgement the server would answer OK and ignore (Dovecot: "Store

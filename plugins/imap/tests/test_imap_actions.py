@@ -142,3 +142,24 @@ def test_a_flag_the_server_does_not_keep_is_not_taken_for_done(settings, dovecot
             session.delete(refs)
         session.mark_seen(refs)
     assert server.flags(user) == ["S"]
+
+
+@pytest.mark.parametrize("server_kind", ["move", "copy"])
+def test_move_after_another_client_expunged_one_moves_the_rest(settings, dovecot, mailbox, request, server_kind):
+    """Another client expunges one of the messages between download and move: Dovecot
+    refuses the whole UID MOVE (or COPY) with [EXPUNGEISSUED]; the others still move."""
+    import imaplib
+
+    server, (user, password) = (dovecot, mailbox) if server_kind == "move" else request.getfixturevalue("old_server")
+    server.create_folder(user, "Done")
+    server.deliver_many(user, (generate_message(i) for i in range(3)))
+    with PROVIDER.open(settings(server, username=user, password=password)) as session:
+        refs = listed(session)
+        other = imaplib.IMAP4("127.0.0.1", server.imap_port)
+        other.login(user, password)
+        other.select("INBOX")
+        other.uid("STORE", "2", "+FLAGS", "(\\Deleted)")
+        other.expunge()
+        other.logout()
+        session.move(refs, "Done")
+    assert len(server.maildir_messages(user, "Done")) == 2 and server.maildir_messages(user) == []
