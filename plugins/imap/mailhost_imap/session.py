@@ -68,14 +68,17 @@ class ImapSession(IncomingSession):
         uidnext = selected.get(b"UIDNEXT")
         last, reset, self._era = 0, False, 0
         if cursor is not None:
+            stored = int(cursor.get("last_uid", 0))
             if cursor.get("uidvalidity") != self._uidvalidity:
                 reset = True  # renumbered: list from 1; the host dedups by content
-            elif uidnext is not None and uidnext <= int(cursor.get("last_uid", 0)):
+            elif uidnext is not None and uidnext <= stored and self._highest(selected) < uidnext:
                 # UIDNEXT went back: the server gives stored UIDs to new mail. Keys of a
                 # new era, so that none passes for a stored one; listed from 1 as above.
                 reset, self._era = True, int(cursor.get("era", 0)) + 1
             else:
-                last, self._era = int(cursor.get("last_uid", 0)), int(cursor.get("era", 0))
+                last, self._era = stored, int(cursor.get("era", 0))
+                if uidnext is not None and uidnext <= last:
+                    uidnext = None  # below UIDs the folder holds: wrong, so listed as if unknown
         if selected.get(b"EXISTS") == 0 or (uidnext is not None and uidnext <= last + 1):
             refs: list[MessageRef] = []
         else:
@@ -86,6 +89,12 @@ class ImapSession(IncomingSession):
         # the next "nothing new?" then stays one SELECT even after expunges.
         top = max([last, (uidnext or 1) - 1, *(ref.handle for ref in refs)])
         return Listing(refs, self._cursor(top), reset)
+
+    def _highest(self, selected: Mapping[bytes, Any]) -> int:
+        """The highest UID in the selected folder (``UID FETCH *``), 0 when it is empty."""
+        if selected.get(b"EXISTS") == 0:
+            return 0
+        return max((ref.handle for ref in self._refs(b"*")), default=0)
 
     def estimate(
         self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]

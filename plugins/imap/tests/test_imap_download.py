@@ -125,6 +125,31 @@ def test_uids_given_out_again_start_a_new_era_of_keys(settings, dovecot, mailbox
     assert again.refs == [] and again.cursor == listing.cursor and not again.reset
 
 
+def test_a_uidnext_below_the_uids_the_folder_holds_is_not_taken_for_a_restore(fake_imap):
+    """A server whose UIDNEXT lags behind its own messages (UIDs 1-6, UIDNEXT 3) reuses
+    no UID: the messages above the cursor are listed, and nothing is listed again."""
+    def respond(words):
+        verb, out = words[0].upper(), b""
+        if verb == b"CAPABILITY":
+            out = b"* CAPABILITY IMAP4rev1\r\n"
+        elif verb == b"SELECT":
+            out = b"* 6 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 3] ok\r\n"
+        elif words[:2] == [b"UID", b"FETCH"]:
+            first = 6 if words[2] == b"*" else int(words[2].split(b":")[0])
+            out = b"".join(b"* %d FETCH (UID %d RFC822.SIZE 300)\r\n" % (uid, uid) for uid in range(first, 7))
+        return out
+
+    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
+                              port=fake_imap(lambda peer: peer.answer(respond)),
+                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
+    with PROVIDER.open(conn) as session:
+        listing = session.list_new({"uidvalidity": 7, "last_uid": 5}, nothing_known)
+        again = session.list_new(listing.cursor, nothing_known)
+    assert [ref.key for ref in listing.refs] == ["7:6"] and not listing.reset
+    assert listing.cursor == {"uidvalidity": 7, "last_uid": 6} == again.cursor
+    assert again.refs == [] and not again.reset
+
+
 def test_estimate_counts_what_a_pass_would_download(settings, dovecot, mailbox):
     """First pass: every message; later: exactly the UIDs above the cursor."""
     dovecot.deliver_many(mailbox.user, (generate_message(i) for i in range(4)))
