@@ -224,12 +224,23 @@ class ImapSession(IncomingSession):
                     self.client.uid_expunge(uid_set)
             elif max(self.client.search(["DELETED"]), default=0) <= max(uids):
                 self.client.expunge()
+            else:
+                return  # flagged; a later delete expunges them
+            # Dovecot answers "OK Expunge ignored: Permission denied" to a user without
+            # the expunge right: only a look says whether they went.
+            kept = [ref.handle for uid_set in _uid_sets(uids) for ref in self._refs(uid_set)]
+        if kept:
+            shown = ", ".join(map(str, kept[:10])) + (", ..." if len(kept) > 10 else "")
+            raise PermanentFailure(
+                f"{self.settings.describe()} cannot delete messages: it kept {len(kept)} of them in folder "
+                f"{self.settings.folder} after EXPUNGE (UID {shown}); the user may not have the right to expunge there"
+            )
 
     def move(self, refs: Sequence[MessageRef], folder: str) -> None:
         """``UID MOVE`` to ``folder`` (created if missing), else ``UID COPY`` + :meth:`delete`.
 
-        Without MOVE, a crash between the copy and the delete leaves a second copy in
-        ``folder`` when the action is repeated; nothing is lost.
+        Without MOVE, a crash between the copy and the \\Deleted flag leaves a second
+        copy in ``folder`` when the action is repeated; nothing is lost.
         """
         self._ensure_selected()
         target = self._server_name(folder)
@@ -239,7 +250,10 @@ class ImapSession(IncomingSession):
         command = self.client.move if atomic else self.client.copy
         with translated(self.settings, f"move messages to folder {folder}"):
             for uid_set in _uid_sets(ref.handle for ref in refs):
-                self._move_set(command, uid_set, target)
+                # Without MOVE, one flagged \Deleted was copied by a try whose expunge failed.
+                parts = [uid_set] if atomic else _uid_sets(self.client.search(["UID", uid_set.decode(), "UNDELETED"]))
+                for part in parts:
+                    self._move_set(command, part, target)
         if not atomic:
             self.delete(refs)
 

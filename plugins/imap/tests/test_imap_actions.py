@@ -163,3 +163,22 @@ def test_move_after_another_client_expunged_one_moves_the_rest(settings, dovecot
         other.logout()
         session.move(refs, "Done")
     assert len(server.maildir_messages(user, "Done")) == 2 and server.maildir_messages(user) == []
+
+
+def test_an_expunge_the_server_ignores_is_not_taken_for_done(settings, dovecot_factory):
+    """A user who may flag \\Deleted but not expunge: Dovecot answers the EXPUNGE "OK
+    Expunge ignored", so delete looks and refuses; a move without MOVE copies once,
+    however often it is tried again."""
+    from mailhost.errors import PermanentFailure
+
+    server = dovecot_factory(extra_config=ACL + OLD_SERVER)
+    user, password = server.new_user("ne")
+    server.deliver_many(user, (generate_message(i) for i in range(2)))
+    (server.maildir(user) / "dovecot-acl").write_text("owner lrst\n")  # lookup, read, seen, \Deleted
+    with PROVIDER.open(settings(server, username=user, password=password)) as session:
+        refs = listed(session)
+        for _ in range(2):
+            with pytest.raises(PermanentFailure, match=r"cannot delete messages: it kept 2 of them in folder INBOX "
+                                                        r"after EXPUNGE \(UID 1, 2\); the user may not have the right"):
+                session.move(refs, "Archive")
+    assert len(server.maildir_messages(user, "Archive")) == 2 and server.flags(user) == ["T", "T"]
