@@ -50,6 +50,7 @@ class ImapSession(IncomingSession):
         self._read_only = False  # the folder, as the server opened it
         self._permanent: tuple[bytes, ...] | None = None  # the flags it keeps; None: all (RFC 3501 7.1)
         self._closed = False
+        self._targets: set[str] = set()  # move targets known to be another folder
 
     def __repr__(self) -> str:
         return f"<ImapSession {self.settings.describe()} folder={self.settings.folder!r}>"
@@ -244,6 +245,16 @@ class ImapSession(IncomingSession):
         """
         self._ensure_selected()
         target = self._server_name(folder)
+        if target not in self._targets:
+            # Only INBOX itself is case-insensitive by the RFC; Dovecot takes inbox/Sub
+            # for INBOX/Sub too. Moved into itself, mail comes back every pass.
+            spelled = self._listed_as(target)
+            if spelled and spelled == self._listed_as(self._folder()):
+                raise PermanentFailure(
+                    f"{self.settings.describe()} cannot move messages to folder {folder}: it takes that for folder "
+                    f"{self.settings.folder}, which this connection downloads from"
+                )
+            self._targets.add(target)
         atomic = self._has("MOVE")
         if not atomic:  # a copy the delete then cannot follow would be made again every pass
             self._check_keeps(DELETED, f"move messages to folder {folder}")
@@ -318,8 +329,12 @@ class ImapSession(IncomingSession):
         return delimiter.decode() if isinstance(delimiter, bytes) else delimiter
 
     def _exists(self, name: str) -> bool:
-        with translated(self.settings, "list the folders"):  # LIST takes a pattern: % and * match others
-            return any(found == name for _, _, found in self.client.list_folders("", name))
+        return name in self._listed_as(name)  # LIST takes a pattern: % and * match others
+
+    def _listed_as(self, name: str) -> set[str]:
+        """The names ``LIST "" name`` gives: the server's own spelling of ``name``."""
+        with translated(self.settings, "list the folders"):
+            return {found for _, _, found in self.client.list_folders("", name)}
 
     def _select(self) -> dict[bytes, Any]:
         """SELECT the folder (read-write, for the acknowledgements); EXAMINE it when

@@ -182,3 +182,17 @@ def test_an_expunge_the_server_ignores_is_not_taken_for_done(settings, dovecot_f
                                                         r"after EXPUNGE \(UID 1, 2\); the user may not have the right"):
                 session.move(refs, "Archive")
     assert len(server.maildir_messages(user, "Archive")) == 2 and server.flags(user) == ["T", "T"]
+
+
+def test_move_into_the_folder_read_under_another_spelling_is_refused(settings, dovecot, mailbox):
+    """Dovecot takes inbox/Sub for INBOX/Sub: a move there would put the mail back where
+    each pass finds it again. It is refused, and the mail stays as it was."""
+    from mailhost.errors import PermanentFailure
+
+    dovecot.deliver(mailbox.user, generate_message(1), folder="INBOX/Sub")
+    with PROVIDER.open(settings(folder="INBOX/Sub")) as session:
+        listing = session.list_new(None, lambda keys: set())
+        with pytest.raises(PermanentFailure, match="cannot move messages to folder inbox/Sub: it takes that for "
+                                                   "folder INBOX/Sub, which this connection downloads from"):
+            session.move(listing.refs, "inbox/Sub")
+        assert session.list_new(listing.cursor, lambda keys: set()).refs == []
