@@ -185,12 +185,11 @@ class ImapSession(IncomingSession):
         """Raise unless every one of ``uids`` has left the folder: the host moves the
         cursor past what :meth:`fetch` does not return, so a message the server still
         lists but sent without content (``BODY[] NIL``) must fail the batch, not vanish."""
-        still = [ref.handle for uid_set in _uid_sets(uids) for ref in self._refs(uid_set)]
+        still = self._present(uids)
         if still:
-            shown = ", ".join(map(str, still[:10])) + (", ..." if len(still) > 10 else "")
             raise TemporaryFailure(
                 f"{self.settings.describe()} sent no content for {len(still)} message(s) it still has in "
-                f"folder {self.settings.folder} (UID {shown}): the next pass tries again; if this persists, "
+                f"folder {self.settings.folder} (UID {_shown(still)}): the next pass tries again; if this persists, "
                 "look at those messages on the server"
             )
 
@@ -229,12 +228,11 @@ class ImapSession(IncomingSession):
                 return  # flagged; a later delete expunges them
             # Dovecot answers "OK Expunge ignored: Permission denied" to a user without
             # the expunge right: only a look says whether they went.
-            kept = [ref.handle for uid_set in _uid_sets(uids) for ref in self._refs(uid_set)]
+            kept = self._present(uids)
         if kept:
-            shown = ", ".join(map(str, kept[:10])) + (", ..." if len(kept) > 10 else "")
             raise PermanentFailure(
                 f"{self.settings.describe()} cannot delete messages: it kept {len(kept)} of them in folder "
-                f"{self.settings.folder} after EXPUNGE (UID {shown}); the user may not have the right to expunge there"
+                f"{self.settings.folder} after EXPUNGE (UID {_shown(kept)}); the user may not have the right to expunge there"
             )
 
     def move(self, refs: Sequence[MessageRef], folder: str) -> None:
@@ -379,6 +377,10 @@ class ImapSession(IncomingSession):
 
     # -- the lean FETCH reader ------------------------------------------------------
 
+    def _present(self, uids: Iterable[int]) -> list[int]:
+        """Those of ``uids`` the folder still holds, in UID order."""
+        return [ref.handle for uid_set in _uid_sets(uids) for ref in self._refs(uid_set)]
+
     def _refs(self, uid_set: bytes) -> list[MessageRef]:
         """Refs with sizes for the messages in ``uid_set``, in UID order."""
         sizes: dict[int, int] = {}
@@ -468,6 +470,11 @@ class ImapSession(IncomingSession):
     def _say(self, line: str) -> None:
         if self.settings.transcript is not None:
             self.settings.transcript(line)
+
+
+def _shown(uids: Sequence[int]) -> str:
+    """The first ten of ``uids``, for a message."""
+    return ", ".join(map(str, uids[:10])) + (", ..." if len(uids) > 10 else "")
 
 
 def _uid_sets(uids: Iterable[int]) -> list[bytes]:
