@@ -21,6 +21,7 @@ from .helpers import kill_mid_pass
 from .helpers import message_id_of as _mid
 from .helpers import run_cli
 from .helpers import stored_messages as _queue
+from .servers.dovecot import ACL_CONFIG
 
 ENV = {"MAILHOST_LOAD_PLUGINS": "imap"}
 
@@ -99,6 +100,27 @@ def test_a_message_the_server_cannot_send_holds_up_only_what_follows_it(
     again = json.loads(_fetch(home).stdout)[0]
     assert (again["listed"], again["stored"], again["duplicates"]) == (2, 0, 0)
     assert [raw for _, raw in _queue(home)] == sent[:3]
+
+
+def test_a_folder_the_user_may_only_read_is_downloaded_and_says_why_it_stays_unseen(
+        home: Path, dovecot_factory) -> None:
+    """SELECT answers [READ-ONLY] (an ACL of lookup and read): every pass downloads what
+    is new and says that mark-seen cannot be done; with keep, the passes are clean."""
+    server = dovecot_factory(extra_config=ACL_CONFIG)
+    user, password = server.new_user("ro")
+    sent = [server.generate_message(i) for i in range(3)]
+    server.deliver_many(user, sent)
+    (server.maildir(user) / "dovecot-acl").write_text("owner lr\n")
+    assert run_cli("incoming", "add", "desk", "--protocol", "imap", "--host", "localhost", "--port",
+                   str(server.imaps_port), "--encryption", "ssl", "--username", user, "--password-env", "PW",
+                   "--ca-file", server.ca_file, env={**ENV, "PW": password}, cwd=home).returncode == 0
+    first = json.loads(_fetch(home).stdout)[0]
+    assert (first["ok"], first["stored"], first["acknowledged"]) == (False, 3, 0)
+    assert "lets this user only read folder INBOX (READ-ONLY): the messages are stored" in first["error"]
+    assert run_cli("incoming", "edit", "desk", "--after-download", "keep", env=ENV, cwd=home).returncode == 0
+    again = json.loads(_fetch(home).stdout)[0]
+    assert (again["ok"], again["listed"], again["stored"]) == (True, 0, 0)
+    assert [raw for _, raw in _queue(home)] == sent and server.flags(user) == ["", "", ""]
 
 
 def test_enable_after_pointing_at_another_server_says_why_it_refetches(

@@ -79,6 +79,7 @@ from typing import Iterable, Mapping
 from .certs import Pki, make_pki
 
 __all__ = [
+    "ACL_CONFIG",
     "DOVECOT_BINARY",
     "DEFAULT_USERS",
     "DEFAULT_MASTER_USERS",
@@ -95,6 +96,10 @@ __all__ = [
 DOVECOT_BINARY: str = os.environ.get("MAILHOST_DOVECOT_BINARY", "/usr/sbin/dovecot")
 DEFAULT_USERS: dict[str, str] = {"alice": "alice-pw", "bob": "bob-pw"}
 DEFAULT_MASTER_USERS: dict[str, str] = {"master": "master-pw"}
+#: ``extra_config`` loading the ACL plugin: a ``dovecot-acl`` file in a folder's directory
+#: (``owner lr`` in the Maildir root for INBOX) then sets what its user may do there.
+ACL_CONFIG = ("mail_plugins = $mail_plugins acl\nprotocol imap {\n  mail_plugins = $mail_plugins acl imap_acl\n}\n"
+              "plugin {\n  acl = vfile\n}\n")
 
 # Dovecot's default auth_username_chars, minus nothing: we validate names
 # against it (it is also what keeps "%u" safe inside a file path).

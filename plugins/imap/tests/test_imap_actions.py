@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import pytest
-from tests.servers.dovecot import generate_message
+from tests.servers.dovecot import ACL_CONFIG, generate_message
 
 from mailhost_imap import PROVIDER
 
@@ -100,18 +100,13 @@ def test_without_move_copies_then_deletes(settings, old_server):
     assert server.maildir_messages(user) == []
 
 
-# The ACL plugin, so that a test can take rights away (a dovecot-acl file in the folder).
-ACL = ("mail_plugins = $mail_plugins acl\nprotocol imap {\n  mail_plugins = $mail_plugins acl imap_acl\n}\n"
-       "plugin {\n  acl = vfile\n}\n")
-
-
 def test_a_folder_the_user_may_only_read_is_downloaded_and_never_acknowledged(settings, dovecot_factory):
     """SELECT answers OK [READ-ONLY] (imaplib raises on it): the folder is still listed
     and downloaded; mark seen and delete, which the server would answer OK and ignore,
     and a copy-then-delete move, which would copy again every pass, are refused."""
     from mailhost.errors import PermanentFailure
 
-    server = dovecot_factory(extra_config=ACL + OLD_SERVER)
+    server = dovecot_factory(extra_config=ACL_CONFIG + OLD_SERVER)
     user, password = server.new_user("ro")
     server.deliver_many(user, (generate_message(i) for i in range(2)))
     (server.maildir(user) / "dovecot-acl").write_text("owner lr\n")  # lookup and read
@@ -131,7 +126,7 @@ def test_a_flag_the_server_does_not_keep_is_not_taken_for_done(settings, dovecot
     the server would answer OK without flagging anything, is refused; mark seen works."""
     from mailhost.errors import PermanentFailure
 
-    server = dovecot_factory(extra_config=ACL)
+    server = dovecot_factory(extra_config=ACL_CONFIG)
     user, password = server.new_user("rs")
     server.deliver(user, generate_message(1))
     (server.maildir(user) / "dovecot-acl").write_text("owner lrs\n")  # lookup, read, seen
@@ -171,7 +166,7 @@ def test_an_expunge_the_server_ignores_is_not_taken_for_done(settings, dovecot_f
     however often it is tried again."""
     from mailhost.errors import PermanentFailure
 
-    server = dovecot_factory(extra_config=ACL + OLD_SERVER)
+    server = dovecot_factory(extra_config=ACL_CONFIG + OLD_SERVER)
     user, password = server.new_user("ne")
     server.deliver_many(user, (generate_message(i) for i in range(2)))
     (server.maildir(user) / "dovecot-acl").write_text("owner lrst\n")  # lookup, read, seen, \Deleted
