@@ -90,7 +90,7 @@ from .errors import (
     ValidationError,
 )
 from .leases import holder_is_gone, worker_id
-from .protocols import ConnectionSettings, Direction, OutgoingSession, SendResult
+from .protocols import ConnectionSettings, Direction, OutgoingSession, SendResult, crlf
 from .secrets import redact
 from .store import MAX_INT, OutgoingAttempt, OutgoingConnection, OutgoingItem, utcnow
 
@@ -216,16 +216,6 @@ def _header_text(value: str | None) -> str | None:
         except Exception:  # malformed encoded words: show them as they are
             return text
     return text
-
-
-_EOL = re.compile(rb"\r\n|\r|\n")
-
-
-def _crlf(raw: bytes) -> bytes:
-    """CRLF line ends throughout, as SMTP's DATA wants them."""
-    if b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b""):
-        return raw
-    return _EOL.sub(b"\r\n", raw)
 
 
 def _split(raw: bytes) -> tuple[bytes, bytes]:
@@ -815,7 +805,7 @@ class Outgoing:
                 raw = Path(eml).expanduser().read_bytes()
             except OSError as exc:
                 raise ValidationError(f"cannot read the message {eml}: {exc.strerror or exc}", field="eml") from None
-        raw = _crlf(raw)
+        raw = crlf(raw)
         head, rest = _split(raw)
         lines = head[:-2].split(b"\r\n")
         headers = BytesHeaderParser(policy=email.policy.compat32).parsebytes(head + b"\r\n")

@@ -49,6 +49,7 @@ __all__ = [
     "SendResult",
     "Session",
     "TestStep",
+    "crlf",
     "lazy",
 ]
 
@@ -286,6 +287,8 @@ class OutgoingSession(Session, ABC):
     def send(self, raw: bytes, sender: str, recipients: Sequence[str],
              before_data: Callable[[], None] | None = None) -> SendResult:
         """Deliver one raw message to ``recipients`` (the envelope, not the headers).
+
+        Whatever its line ends, the message goes out with CRLF ones (:func:`crlf`).
 
         ``before_data``, when given, is called once, after the server agreed to take
         the content and before the content goes out; the host waits there until the
@@ -529,6 +532,18 @@ class HostOverride:
     authority: str | None = None  # the matching sign-in authority, for OAuth2
     scopes: tuple[str, ...] = ()
     plugin: str = ""
+
+
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+def crlf(raw: bytes) -> bytes:
+    """``raw`` with CRLF line ends throughout (a bare CR or LF becomes CRLF), as the wire
+    wants them (RFC 5321 2.3.8): a server that ends a line, or SMTP's DATA, on a bare one
+    must never see a line the client did not mean."""
+    if b"\n" not in raw.replace(b"\r\n", b"") and b"\r" not in raw.replace(b"\r\n", b""):
+        return raw
+    return _EOL.sub(b"\r\n", raw)
 
 
 def lazy(target: str) -> Callable[..., Any]:

@@ -31,6 +31,7 @@ from mailhost import (
     TestStep,
     TLSFailure,
 )
+from mailhost.protocols import crlf
 from mailhost.secrets import REDACTED, redact
 from mailhost.tls import client_context, describe_peer, tls_error
 
@@ -216,6 +217,7 @@ class SmtpSession(OutgoingSession):
         connection is dropped without the final dot, so the server discards the message.
         """
         where = _where(self.settings)
+        raw = crlf(raw)  # before dot-stuffing: a bare CR or LF must not end a line for the server
         if not recipients:
             raise PermanentFailure(f"{where}: the message has no recipients")
         limit = self.max_size

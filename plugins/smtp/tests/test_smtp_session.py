@@ -347,3 +347,20 @@ def test_client_context_has_no_way_out() -> None:
 
     ctx = client_context()
     assert ctx.verify_mode is ssl.CERT_REQUIRED and ctx.check_hostname
+
+
+def test_line_ends_are_crlf_on_the_wire(smtp_server: Callable[..., SmtpServer]) -> None:
+    """A message with bare LF or bare CR line ends goes out with CRLF only, then dot-stuffed:
+    a server that ends DATA on ``<LF>.<LF>`` or ``<CR>.<CR>`` (SMTP smuggling) never sees
+    the smuggled commands as commands, and a strict one does not refuse bare line ends."""
+    server = smtp_server("plain")
+    smuggled = (b"Subject: s\nTo: b@example.org\n\nbare lf\n.\nMAIL FROM:<evil@example.org>\r\n"
+                b"bare cr\r.\rRCPT TO:<victim@example.org>\r\nmixed\n.\r\nend\n")
+    with open_session(settings(server, Encryption.NONE)) as session:
+        session.send(smuggled, "a@example.org", ["b@example.org"])
+        session.send(RAW, "a@example.org", ["c@example.org"])
+    first, second = server.messages
+    assert first.data == (b"Subject: s\r\nTo: b@example.org\r\n\r\nbare lf\r\n.\r\nMAIL FROM:<evil@example.org>\r\n"
+                          b"bare cr\r\n.\r\nRCPT TO:<victim@example.org>\r\nmixed\r\n.\r\nend\r\n")
+    assert first.mail_options == [f"SIZE={len(first.data)}"]  # SIZE counts what goes out
+    assert second.rcpt_tos == ["c@example.org"] and len(server.messages) == 2
