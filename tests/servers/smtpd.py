@@ -17,6 +17,8 @@ Behaviour useful for client tests:
 * :meth:`SmtpServer.fail_next_data` -- the next *n* DATA commands fail (451 by
   default) and are NOT recorded;
 * ``size_limit`` -- advertised as ``SIZE N`` and enforced (552);
+* ``hide`` -- EHLO keywords not to announce (``{"8BITMIME", "SMTPUTF8"}``: a
+  server from before those extensions, RFC 6152 and RFC 6531);
 * :meth:`SmtpServer.drop_next_data` -- the next *n* messages are recorded (the
   server keeps them) and the link is closed without a reply to the final dot:
   the client cannot know they were accepted;
@@ -58,7 +60,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
@@ -147,9 +149,8 @@ class _Handler:
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str, responses: list[str]
     ) -> list[str]:
         session.host_name = hostname
-        if not self.owner.users:
-            responses = [r for r in responses if not r.startswith("250-AUTH")]
-        return responses
+        hidden = set(self.owner.hide) | (set() if self.owner.users else {"AUTH"})
+        return [r for r in responses if r[4:].split(" ", 1)[0].upper() not in hidden]
 
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
@@ -257,12 +258,14 @@ class SmtpServer:
         port: int = 0,
         hostname: str = "smtp.mailhost.test",
         untrusted: bool = False,
+        hide: Iterable[str] = (),
     ) -> None:
         """``mode``: plain | starttls | tls. TLS certificate: ``cert_file`` +
         ``key_file``, else ``pki`` (its *untrusted* cert if ``untrusted``),
         else a PKI generated into a temp dir (see :attr:`ca_file`).
         ``users``: AUTH PLAIN/LOGIN credentials. ``size_limit``: advertised
-        ``SIZE`` (default aiosmtpd's 32 MiB). ``port=0``: a free port."""
+        ``SIZE`` (default aiosmtpd's 32 MiB). ``hide``: EHLO keywords left out
+        (never the last line, HELP). ``port=0``: a free port."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.mode = mode
@@ -274,6 +277,7 @@ class SmtpServer:
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.slow_data_seconds = slow_data_seconds
         self.hostname = hostname
+        self.hide = frozenset(k.upper() for k in hide)
         self._requested_port = port
         self._tmpdir: str | None = None
         self.ca_file: str | None = None

@@ -465,7 +465,12 @@ def _mail_options(client: _Client, raw: bytes, addresses: Sequence[str], setting
     options: list[str] = []
     if raw and client.has_extn("size"):
         options.append(f"SIZE={len(raw)}")
-    if not raw.isascii() and client.has_extn("8bitmime"):
+    if not raw.isascii():
+        if not client.has_extn("8bitmime"):  # RFC 6152: 8-bit data only to a server that announced it
+            raise PermanentFailure(
+                f"the message has 8-bit content and {_where(settings)} does not support 8BITMIME: "
+                "encode its parts quoted-printable or base64, or send it through another connection"
+            )
         options.append("BODY=8BITMIME")
     wide = [a for a in addresses if not a.isascii()]
     if wide:

@@ -364,3 +364,27 @@ def test_line_ends_are_crlf_on_the_wire(smtp_server: Callable[..., SmtpServer]) 
                           b"bare cr\r\n.\r\nRCPT TO:<victim@example.org>\r\nmixed\r\n.\r\nend\r\n")
     assert first.mail_options == [f"SIZE={len(first.data)}"]  # SIZE counts what goes out
     assert second.rcpt_tos == ["c@example.org"] and len(server.messages) == 2
+
+
+def test_8bit_and_utf8_need_the_server_to_announce_them(smtp_server: Callable[..., SmtpServer]) -> None:
+    """8-bit content goes with BODY=8BITMIME; to a server without 8BITMIME (RFC 6152) it is
+    refused before MAIL, as is a non-ASCII address without SMTPUTF8 (RFC 6531): nothing
+    reaches the server, the error names the extension, and ASCII mail still goes through."""
+    eight = "Subject: café\r\n\r\nÇa va ?\r\n".encode()
+    modern = smtp_server("plain")
+    with open_session(settings(modern, Encryption.NONE)) as session:
+        session.send(eight, "a@example.org", ["b@example.org"])
+        session.send(eight, "a@example.org", ["bé@example.org"])
+    assert [m.mail_options[1:] for m in modern.messages] == [["BODY=8BITMIME"], ["BODY=8BITMIME", "SMTPUTF8"]]
+
+    old = smtp_server("plain", hide={"8BITMIME", "SMTPUTF8"})
+    lines: list[str] = []
+    with open_session(settings(old, Encryption.NONE, transcript=lines.append)) as session:
+        with pytest.raises(PermanentFailure, match="8-bit.*8BITMIME") as eight_bit:
+            session.send(eight, "a@example.org", ["b@example.org"])
+        with pytest.raises(PermanentFailure, match="SMTPUTF8.*bé@example.org"):
+            session.send(RAW, "a@example.org", ["bé@example.org"])
+        session.send(RAW, "a@example.org", ["b@example.org"])
+    assert "test-smtp" in str(eight_bit.value)
+    assert [m.data for m in old.messages] == [RAW]
+    assert sum(line.lower().startswith("c: mail from") for line in lines) == 1
