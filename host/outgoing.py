@@ -867,6 +867,7 @@ class Outgoing:
             to_addr = ", ".join(draft.recipients)
             check_lengths(OutgoingItem, {"message_id": draft.message_id, "subject": draft.subject,
                                          "from_addr": draft.from_addr, "to_addr": to_addr}, draft.source)
+            _check_line_lengths(draft)
             item = OutgoingItem(
                 connection_id=conn.id if connection else None,
                 connection_name=conn.name if connection else None,
@@ -1517,6 +1518,22 @@ def item_dict(item: OutgoingItem, with_attempts: bool = False) -> dict[str, Any]
 def _not_leased(now: dt.datetime) -> Any:
     """Rows no live worker holds: not ``sending``, or their lease has run out."""
     return or_(_T.c.status != "sending", _T.c.lease_until.is_(None), _T.c.lease_until < now)
+
+
+#: A line longer than SMTP carries, 998 octets without its CRLF (RFC 5321 4.5.3.1.6).
+_LONG_LINE = re.compile(rb"[^\r\n]{999,}")
+
+
+def _check_line_lengths(draft: Draft) -> None:
+    """Refuse a line SMTP cannot carry: a server would refuse the message, or break the
+    line and with it any signature, only once it is queued."""
+    m = _LONG_LINE.search(draft.raw)
+    if m:
+        start = m.group(0)[:20].decode("utf-8", "replace")
+        raise ValidationError(
+            f"{draft.source} has a line of {len(m.group(0))} octets ({start!r}...), more than the 998 octets SMTP "
+            "allows: wrap it, shorten the header, or encode the part quoted-printable or base64",
+            field="eml" if draft.source != "the message" else "body")
 
 
 def _recipient_status(status: str, address: str, accepted: Sequence[str], refused: Mapping[str, str]) -> str:

@@ -220,3 +220,27 @@ def test_values_beyond_their_columns_are_refused(mh_any: Mailhost, tmp_path: Pat
     done = run_cli("send", "--to", "b@example.org", "--subject", subject, "--body", "y", "--json")
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["subject"] == subject
+
+
+def test_lines_longer_than_smtp_allows_are_refused(mh: Mailhost, smtp_server: Callable[..., SmtpServer],
+                                                   tmp_path: Path) -> None:
+    """A line over 998 octets (RFC 5321 4.5.3.1.6), in an .eml or in a header an option
+    makes, would be refused or broken by the server after queueing: exit 2 naming it,
+    nothing queued. A composed message's long body is encoded, and goes."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    eml = tmp_path / "wide.eml"
+    eml.write_bytes(b"From: a@example.org\nTo: b@example.org\nSubject: wide\n\nshort\n" + b"y" * 999 + b"\n")
+    for args, words in ((["--eml", str(eml)], f"{eml} has a line of 999 octets ('yyyyyyyy"),
+                        (["--to", "N" * 1000 + " <b@example.org>", "--subject", "x", "--body", "y"],
+                         "the message has a line of 1020 octets ('To: NNNNN")):
+        done = run_cli("send", *args)
+        assert done.returncode == 2, done.stderr
+        assert words in done.stderr and "more than the 998 octets SMTP allows" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    assert mh.outgoing.items() == []
+    done = run_cli("send", "--to", "b@example.org", "--subject", "x", "--body", "z" * 5000)
+    assert done.returncode == 0, done.stderr
+    assert run_cli("deliver").returncode == 0
+    (got,) = server.messages
+    assert max(len(line) for line in got.data.split(b"\r\n")) <= 998
