@@ -829,11 +829,13 @@ def check_address(value: str, what: str, label: str | None = None, field: str | 
     return written
 
 
-def _on_the_wire(value: str, what: str, label: str) -> str:
-    """``value``, refused if it holds a control character: it goes into a protocol
-    command line or a header, where a line break would end it and start another."""
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValidationError(f"{label}: the {what} contains a line break or control character: remove it",
+def _on_the_wire(value: str, what: str, label: str | None = None) -> str:
+    """``value``, refused if it holds a control character (C0, DEL, C1) or a Unicode line
+    or paragraph separator: it goes into a protocol command line or a header, where a
+    line break would end it and start another (Python's email package splits on them all)."""
+    if any(ord(c) < 32 or 127 <= ord(c) < 160 or c in "\u2028\u2029" for c in value):
+        where = f"{label}: " if label else ""
+        raise ValidationError(f"{where}the {what} contains a line break or control character: remove it",
                               field=what.replace(" ", "_").lower())
     return value
 

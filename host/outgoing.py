@@ -78,7 +78,7 @@ from sqlalchemy import (
     update,
 )
 
-from .connections import check_address, check_lengths
+from .connections import _on_the_wire, check_address, check_lengths  # one check for each, everywhere
 from .errors import (
     ConfigError,
     ConnectFailure,
@@ -762,8 +762,7 @@ class Outgoing:
             raise ValidationError("the message has no recipient: give --to ADDRESS", field="to")
         if subject is None:
             raise ValidationError("the message has no subject: give --subject TEXT", field="subject")
-        if any(c in subject for c in "\r\n\0"):
-            raise ValidationError("the subject contains a line break: give it on one line", field="subject")
+        _on_the_wire(subject, "subject")
         if body_file is not None:
             text = _read_text(body_file, "body file")
         else:
@@ -775,6 +774,7 @@ class Outgoing:
         msg.set_content(text.replace("\r\n", "\n"))
         for path in attachments:
             p = Path(path).expanduser()
+            _on_the_wire(p.name, "file name", f"cannot attach {str(path)!r}")  # it goes into a header
             try:
                 data = p.read_bytes()
             except OSError as exc:

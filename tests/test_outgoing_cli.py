@@ -244,3 +244,29 @@ def test_lines_longer_than_smtp_allows_are_refused(mh: Mailhost, smtp_server: Ca
     assert run_cli("deliver").returncode == 0
     (got,) = server.messages
     assert max(len(line) for line in got.data.split(b"\r\n")) <= 998
+
+
+def test_line_breaks_in_a_subject_or_file_name_are_refused(mh: Mailhost, smtp_server: Callable[..., SmtpServer],
+                                                           tmp_path: Path) -> None:
+    """Any line break or control character Python's email package would split a header on
+    (VT, FF, NEL, U+2028...) in --subject, or in an attached file's name: one sentence and
+    exit 2, not an unexpected error; nothing queued. A non-ASCII name goes (RFC 2231)."""
+    add(mh, "main", smtp_server("plain"), from_address="a@example.org", default=True)
+    mail = ["--to", "b@example.org", "--body", "y"]
+    for bad in ("\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\x1b"):
+        done = run_cli("send", *mail, "--subject", f"x{bad}Bcc: evil@example.org")
+        assert done.returncode == 2, (repr(bad), done.stderr)
+        assert "the subject contains a line break or control character" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+    odd = tmp_path / "a\nBcc: evil@example.org.txt"
+    odd.write_bytes(b"x")
+    done = run_cli("send", *mail, "--subject", "x", "--attach", str(odd))
+    assert done.returncode == 2, done.stderr
+    assert "cannot attach" in done.stderr and "the file name contains a line break" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert mh.outgoing.items() == []
+    fine = tmp_path / "Résumé 2026.pdf"
+    fine.write_bytes(b"%PDF")
+    done = run_cli("send", *mail, "--subject", "x", "--attach", str(fine))
+    assert done.returncode == 0, done.stderr
+    assert b"filename*=utf-8''R%C3%A9sum%C3%A9%202026.pdf" in mh.outgoing.item(int(done.stdout)).raw
