@@ -176,8 +176,12 @@ class _Client(smtplib.SMTP):
                 self.sock.settimeout(self.timeout)
 
     def hello(self) -> None:
+        """EHLO; HELO only when the server does not know EHLO (RFC 5321 4.1.4), not
+        when it refuses the session (a 421 closes the link: HELO would find it gone)."""
         code, message = self.ehlo()
         if code != 250:
+            if code not in (500, 501, 502, 504, 550):
+                raise smtplib.SMTPHeloError(code, message)
             code, message = self.helo()
             if code != 250:
                 raise smtplib.SMTPHeloError(code, message)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import socket
 import ssl
 import threading
@@ -388,3 +389,57 @@ def test_8bit_and_utf8_need_the_server_to_announce_them(smtp_server: Callable[..
     assert "test-smtp" in str(eight_bit.value)
     assert [m.data for m in old.messages] == [RAW]
     assert sum(line.lower().startswith("c: mail from") for line in lines) == 1
+
+
+def scripted_server(answer: Callable[[bytes], bytes | None]) -> tuple[int, threading.Thread, list[bytes]]:
+    """A one-connection server on a free port: greets with 220, then answers each command
+    line with ``answer(line)`` (None: close the link); a message after 354 is read to its
+    final dot and recorded as one entry. Returns the port, its thread and what it heard."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    heard: list[bytes] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        listener.close()
+        conn.settimeout(10)
+        f = conn.makefile("rb")
+        conn.sendall(b"220 scripted ESMTP\r\n")
+        while line := f.readline():
+            heard.append(line)
+            reply = answer(line)
+            if reply is None:
+                break
+            conn.sendall(reply)
+            if reply.startswith(b"354"):
+                heard.append(b"".join(iter(f.readline, b".\r\n")))
+                conn.sendall(answer(b"<message>") or b"")
+        conn.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread, heard
+
+
+def test_ehlo_refused_for_now_is_not_retried_with_helo() -> None:
+    """EHLO answered 421 (busy, closing): temporary, with the server's words, and no
+    HELO on a closed link (which read as 'the port may expect TLS'). A server that does
+    not know EHLO (502) still gets HELO (RFC 5321 4.1.4) and the mail."""
+    port, thread, heard = scripted_server(lambda line: b"421 4.3.2 too busy, come back later\r\n")
+    busy = ConnectionSettings(name="busy", protocol="smtp", host="127.0.0.1", port=port,
+                              encryption=Encryption.NONE, timeout=10)
+    with pytest.raises(TemporaryFailure, match="421 4.3.2 too busy") as err:
+        open_session(busy)
+    thread.join(10)
+    assert "TLS" not in str(err.value) and [h.split()[0].upper() for h in heard] == [b"EHLO"]
+
+    replies = {b"EHLO": b"502 5.5.1 what?\r\n", b"HELO": b"250 old.example.org\r\n", b"MAIL": b"250 ok\r\n",
+               b"RCPT": b"250 ok\r\n", b"DATA": b"354 go\r\n", b"<MESSAGE>": b"250 kept\r\n",
+               b"QUIT": b"221 bye\r\n"}
+    port, thread, heard = scripted_server(lambda line: replies[line.split()[0].upper()])
+    old = dataclasses.replace(busy, name="old", port=port)
+    with open_session(old) as session:
+        assert session.extensions == {}
+        assert session.send(RAW, "a@example.org", ["b@example.org"]).response == "250 kept"
+    thread.join(10)
+    assert [h.split()[0].upper() for h in heard[:4]] == [b"EHLO", b"HELO", b"MAIL", b"RCPT"]
+    assert heard[2] == b"mail FROM:<a@example.org>\r\n"  # no ESMTP parameters after HELO
