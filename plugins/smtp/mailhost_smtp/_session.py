@@ -69,6 +69,7 @@ class _Client(smtplib.SMTP):
         self._transcript = settings.transcript
         self._mask_next = False
         self.content_sent = False  # the current message's final dot went out
+        self.used = False  # a transaction was begun on this link (it is not fresh)
         super().__init__(local_hostname=_local_hostname(), timeout=settings.timeout)
 
     # -- transcript ---------------------------------------------------------------
@@ -288,17 +289,21 @@ class SmtpSession(OutgoingSession):
         return SendResult(f"{code} {_text(reply)}", refused)
 
     def _mail(self, client: _Client, raw: bytes, sender: str, addresses: Sequence[str]) -> tuple[int, bytes]:
-        """MAIL FROM; a reused session the server has meanwhile closed is reopened once
+        """MAIL FROM; a reused link the server has meanwhile closed is reopened once
         (nothing of this message has reached the server yet, so that is safe)."""
         for attempt in (1, 2):
             options = _mail_options(client, raw, addresses, self.settings)
+            # A link that carried a transaction before, even a refused one, may have
+            # been closed by the server since; a fresh one failing is the server's answer.
+            reused = client.used
+            client.used = True
             try:
                 code, reply = client.mail(sender, options)
             except (smtplib.SMTPServerDisconnected, OSError):
-                if attempt == 2 or self.sent == 0:
+                if attempt == 2 or not reused:
                     raise
                 code, reply = 421, b"connection closed"
-            if code == 421 and attempt == 1 and self.sent > 0:
+            if code == 421 and attempt == 1 and reused:
                 self._drop()
                 client = self._client = _open(self.settings)
                 continue

@@ -391,29 +391,33 @@ def test_8bit_and_utf8_need_the_server_to_announce_them(smtp_server: Callable[..
     assert sum(line.lower().startswith("c: mail from") for line in lines) == 1
 
 
-def scripted_server(answer: Callable[[bytes], bytes | None]) -> tuple[int, threading.Thread, list[bytes]]:
-    """A one-connection server on a free port: greets with 220, then answers each command
-    line with ``answer(line)`` (None: close the link); a message after 354 is read to its
-    final dot and recorded as one entry. Returns the port, its thread and what it heard."""
+def scripted_server(answer: Callable[[bytes], bytes | None],
+                    connections: int = 1) -> tuple[int, threading.Thread, list[bytes]]:
+    """A server on a free port for ``connections`` links, one after the other: greets
+    with 220, then answers each command line with ``answer(line)`` (None: close the
+    link); a message after 354 is read to its final dot and recorded as one entry.
+    Returns the port, its thread and what it heard."""
     listener = socket.create_server(("127.0.0.1", 0))
     heard: list[bytes] = []
 
     def serve() -> None:
-        conn, _ = listener.accept()
+        for _ in range(connections):
+            conn, _ = listener.accept()
+            conn.settimeout(10)
+            f = conn.makefile("rb")
+            conn.sendall(b"220 scripted ESMTP\r\n")
+            while line := f.readline():
+                heard.append(line)
+                reply = answer(line)
+                if reply is None:
+                    break
+                conn.sendall(reply)
+                if reply.startswith(b"354"):
+                    heard.append(b"".join(iter(f.readline, b".\r\n")))
+                    conn.sendall(answer(b"<message>") or b"")
+            f.close()  # the file holds the socket open too
+            conn.close()
         listener.close()
-        conn.settimeout(10)
-        f = conn.makefile("rb")
-        conn.sendall(b"220 scripted ESMTP\r\n")
-        while line := f.readline():
-            heard.append(line)
-            reply = answer(line)
-            if reply is None:
-                break
-            conn.sendall(reply)
-            if reply.startswith(b"354"):
-                heard.append(b"".join(iter(f.readline, b".\r\n")))
-                conn.sendall(answer(b"<message>") or b"")
-        conn.close()
 
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
@@ -443,3 +447,32 @@ def test_ehlo_refused_for_now_is_not_retried_with_helo() -> None:
     thread.join(10)
     assert [h.split()[0].upper() for h in heard[:4]] == [b"EHLO", b"HELO", b"MAIL", b"RCPT"]
     assert heard[2] == b"mail FROM:<a@example.org>\r\n"  # no ESMTP parameters after HELO
+
+
+def test_a_session_the_server_closed_after_a_refusal_is_reopened() -> None:
+    """Every recipient of the first message refused, RSET, and the server hangs up (as
+    some do after a failed transaction): the next message is not failed for it (which
+    would send it through the fallback connection); the session is opened again."""
+    closed = []
+    replies = {b"EHLO": b"250 scripted\r\n", b"MAIL": b"250 ok\r\n", b"DATA": b"354 go\r\n",
+               b"<MESSAGE>": b"250 kept\r\n", b"QUIT": b"221 bye\r\n"}
+
+    def answer(line: bytes) -> bytes | None:
+        verb = line.split()[0].upper()
+        if verb == b"RCPT":
+            return b"550 5.1.1 no such user\r\n" if b"nobody" in line else b"250 ok\r\n"
+        if verb == b"RSET" and not closed:
+            closed.append(line)
+            return None
+        return replies[verb]
+
+    port, thread, heard = scripted_server(answer, connections=2)
+    s = ConnectionSettings(name="hangs-up", protocol="smtp", host="127.0.0.1", port=port,
+                           encryption=Encryption.NONE, timeout=10)
+    with open_session(s) as session:
+        with pytest.raises(PermanentFailure, match="550 5.1.1"):
+            session.send(RAW, "a@example.org", ["nobody@example.org"])
+        assert session.send(RAW, "a@example.org", ["b@example.org"]).response == "250 kept"
+    thread.join(10)
+    assert [h.split()[0].upper() for h in heard].count(b"EHLO") == 2
+    assert heard[-2].endswith(b"hello\r\n..leading dot\r\n")  # the message, dot-stuffed, on the new link
