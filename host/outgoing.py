@@ -776,6 +776,11 @@ class Outgoing:
             p = Path(path).expanduser()
             _on_the_wire(p.name, "file name", f"cannot attach {str(path)!r}")  # it goes into a header
             try:
+                p.name.encode("utf-8")  # undecodable bytes of the name arrive as lone surrogates
+            except UnicodeEncodeError:
+                raise ValidationError(f"cannot attach {str(path)!r}: its name is not UTF-8: rename the file",
+                                      field="attach") from None
+            try:
                 data = p.read_bytes()
             except OSError as exc:
                 raise ValidationError(f"cannot attach {path}: {exc.strerror or exc}: give an existing file",

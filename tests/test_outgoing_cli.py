@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -250,7 +251,8 @@ def test_line_breaks_in_a_subject_or_file_name_are_refused(mh: Mailhost, smtp_se
                                                            tmp_path: Path) -> None:
     """Any line break or control character Python's email package would split a header on
     (VT, FF, NEL, U+2028...) in --subject, or in an attached file's name: one sentence and
-    exit 2, not an unexpected error; nothing queued. A non-ASCII name goes (RFC 2231)."""
+    exit 2, not an unexpected error; so is a file name that is not UTF-8. Nothing queued.
+    A non-ASCII name goes (RFC 2231)."""
     add(mh, "main", smtp_server("plain"), from_address="a@example.org", default=True)
     mail = ["--to", "b@example.org", "--body", "y"]
     for bad in ("\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\x1b"):
@@ -264,6 +266,11 @@ def test_line_breaks_in_a_subject_or_file_name_are_refused(mh: Mailhost, smtp_se
     assert done.returncode == 2, done.stderr
     assert "cannot attach" in done.stderr and "the file name contains a line break" in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+    latin1 = tmp_path / os.fsdecode(b"\xe9t\xe9.txt")  # a name from a Latin-1 system: not UTF-8
+    latin1.write_bytes(b"x")
+    done = run_cli("send", *mail, "--subject", "x", "--attach", str(latin1))
+    assert done.returncode == 2, done.stderr
+    assert "cannot attach" in done.stderr and "name is not UTF-8: rename the file" in done.stderr
     assert mh.outgoing.items() == []
     fine = tmp_path / "Résumé 2026.pdf"
     fine.write_bytes(b"%PDF")
