@@ -242,7 +242,7 @@ class SmtpSession(OutgoingSession):
             for rcpt in recipients:
                 code, reply = client.rcpt(rcpt)
                 if code == 421:
-                    _fail(where, "closed the session", code, reply)
+                    _fail(where, "refused the recipient", code, reply, rcpt)
                 if code not in (250, 251):
                     refused[rcpt] = f"{code} {_text(reply)}"
             if len(refused) == len(recipients):

@@ -476,3 +476,19 @@ def test_a_session_the_server_closed_after_a_refusal_is_reopened() -> None:
     thread.join(10)
     assert [h.split()[0].upper() for h in heard].count(b"EHLO") == 2
     assert heard[-2].endswith(b"hello\r\n..leading dot\r\n")  # the message, dot-stuffed, on the new link
+
+
+def test_a_421_to_rcpt_ends_the_session_and_says_so_once() -> None:
+    """RCPT answered 421: the server is closing; a temporary ConnectFailure that names
+    the recipient and the reply, and says 'closed the session' once."""
+    replies = {b"EHLO": b"250 scripted\r\n", b"MAIL": b"250 ok\r\n", b"RCPT": b"421 4.4.2 bye for now\r\n"}
+    port, thread, _ = scripted_server(lambda line: replies.get(line.split()[0].upper()))
+    s = ConnectionSettings(name="closing", protocol="smtp", host="127.0.0.1", port=port,
+                           encryption=Encryption.NONE, timeout=10)
+    session = open_session(s)
+    with pytest.raises(ConnectFailure) as err:
+        session.send(RAW, "a@example.org", ["b@example.org"])
+    session.close()
+    thread.join(10)
+    assert str(err.value).count("closed the session") == 1
+    assert "b@example.org" in str(err.value) and "421 4.4.2 bye for now" in str(err.value)
