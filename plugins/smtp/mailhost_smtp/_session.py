@@ -471,23 +471,24 @@ def _extensions(client: _Client) -> str:
 
 def _mail_options(client: _Client, raw: bytes, addresses: Sequence[str], settings: ConnectionSettings) -> list[str]:
     """SIZE, BODY=8BITMIME and SMTPUTF8, as the message and the server need and allow."""
+    wide = [a for a in addresses if not a.isascii()]
+    if wide and not client.has_extn("smtputf8"):  # first: a UTF-8 address also makes 8-bit headers
+        raise PermanentFailure(
+            f"{_where(settings)} does not support SMTPUTF8, which the address {wide[0]} needs: "
+            "use an ASCII address or another connection"
+        )
+    eight_bit = not raw.isascii()
+    if eight_bit and not client.has_extn("8bitmime"):  # RFC 6152: 8-bit data only to a server that announced it
+        raise PermanentFailure(
+            f"the message has 8-bit content and {_where(settings)} does not support 8BITMIME: "
+            "encode its parts quoted-printable or base64, or send it through another connection"
+        )
     options: list[str] = []
     if raw and client.has_extn("size"):
         options.append(f"SIZE={len(raw)}")
-    if not raw.isascii():
-        if not client.has_extn("8bitmime"):  # RFC 6152: 8-bit data only to a server that announced it
-            raise PermanentFailure(
-                f"the message has 8-bit content and {_where(settings)} does not support 8BITMIME: "
-                "encode its parts quoted-printable or base64, or send it through another connection"
-            )
+    if eight_bit:
         options.append("BODY=8BITMIME")
-    wide = [a for a in addresses if not a.isascii()]
     if wide:
-        if not client.has_extn("smtputf8"):
-            raise PermanentFailure(
-                f"{_where(settings)} does not support SMTPUTF8, which the address {wide[0]} needs: "
-                "use an ASCII address or another connection"
-            )
         options.append("SMTPUTF8")
     return options
 

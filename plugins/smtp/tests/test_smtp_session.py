@@ -383,8 +383,8 @@ def test_8bit_and_utf8_need_the_server_to_announce_them(smtp_server: Callable[..
     with open_session(settings(old, Encryption.NONE, transcript=lines.append)) as session:
         with pytest.raises(PermanentFailure, match="8-bit.*8BITMIME") as eight_bit:
             session.send(eight, "a@example.org", ["b@example.org"])
-        with pytest.raises(PermanentFailure, match="SMTPUTF8.*bé@example.org"):
-            session.send(RAW, "a@example.org", ["bé@example.org"])
+        with pytest.raises(PermanentFailure, match="SMTPUTF8.*bé@example.org"):  # the cause, not its 8 bits
+            session.send("To: bé@example.org\r\n\r\nhi\r\n".encode(), "a@example.org", ["bé@example.org"])
         session.send(RAW, "a@example.org", ["b@example.org"])
     assert "test-smtp" in str(eight_bit.value)
     assert [m.data for m in old.messages] == [RAW]
