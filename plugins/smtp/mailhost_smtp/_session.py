@@ -400,7 +400,15 @@ def _open(settings: ConnectionSettings, report: Report | None = None, stage: lis
 def _sign_in(client: _Client, settings: ConnectionSettings, where: str) -> str:
     """AUTH with the access token (XOAUTH2) or the password (PLAIN, else LOGIN)."""
     user = settings.username or ""
+    mechanisms = client.esmtp_features.get("auth", "").upper().split()
     if settings.access_token is not None:
+        if "XOAUTH2" not in mechanisms:  # no token is asked for, none sent, none blamed
+            hint = ("use --encryption starttls or ssl (servers offer it over TLS)"
+                    if settings.encryption is Encryption.NONE else "check the host and the port")
+            raise AuthenticationFailed(
+                f"{where} does not offer XOAUTH2, which signing in with OAuth2 needs (it offers AUTH "
+                f"{' '.join(mechanisms) or 'nothing'}): {hint}"
+            )
         code, reply = _xoauth2(client, settings, user)
         if code >= 500:
             # Refused: revoked, or expired early by the server's clock. Asked again,
@@ -418,7 +426,6 @@ def _sign_in(client: _Client, settings: ConnectionSettings, where: str) -> str:
         hint = (" before TLS: use --encryption starttls or ssl" if settings.encryption is Encryption.NONE
                 else ": remove the username if it takes mail without signing in")
         raise AuthenticationFailed(f"{where} does not offer AUTH{hint}")
-    mechanisms = client.esmtp_features.get("auth", "").upper().split()
     if "PLAIN" in mechanisms:
         mechanism = "PLAIN"
         code, reply = client.docmd("AUTH", "PLAIN " + _b64(f"\0{user}\0{settings.password}"))

@@ -492,3 +492,20 @@ def test_a_421_to_rcpt_ends_the_session_and_says_so_once() -> None:
     thread.join(10)
     assert str(err.value).count("closed the session") == 1
     assert "b@example.org" in str(err.value) and "421 4.4.2 bye for now" in str(err.value)
+
+
+@pytest.mark.parametrize("ehlo", [b"250 scripted\r\n", b"250-scripted\r\n250 AUTH PLAIN LOGIN\r\n"])
+def test_oauth2_to_a_server_without_xoauth2(ehlo: bytes) -> None:
+    """An OAuth2 connection to a server that does not offer XOAUTH2 (a wrong host, or a
+    password-only server): refused before any token is asked for or sent, saying what the
+    server offers, instead of a refused token and 'authorize again'."""
+    asked: list[int] = []
+    port, thread, heard = scripted_server(lambda line: {b"EHLO": ehlo, b"QUIT": b"221 bye\r\n"}.get(
+        line.split()[0].upper(), b"504 5.7.4 unrecognized authentication type\r\n"))
+    s = ConnectionSettings(name="o365", protocol="smtp", host="127.0.0.1", port=port, encryption=Encryption.NONE,
+                           username="user@example.org", access_token=lambda: str(asked.append(1)), timeout=10)
+    with pytest.raises(AuthenticationFailed, match="does not offer XOAUTH2") as err:
+        open_session(s)
+    thread.join(10)
+    assert "authorize" not in str(err.value) and asked == []
+    assert not any(h.upper().startswith(b"AUTH") for h in heard)
