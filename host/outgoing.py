@@ -767,6 +767,10 @@ class Outgoing:
             text = _read_text(body_file, "body file")
         else:
             text = str(body)
+        if "\0" in text:  # no text part can carry it (RFC 2045 2.7, 2.8): the file is not text
+            what = f"body file {body_file}" if body_file is not None else "body"
+            raise ValidationError(f"the {what} contains NUL characters, which mail text cannot carry: "
+                                  "send it as an attachment with --attach", field="body")
         msg = EmailMessage(policy=_POLICY_7BIT)
         msg["Subject"] = subject
         msg["Date"] = formatdate(localtime=True)

@@ -703,6 +703,7 @@ def test_eml_is_taken_as_it_is(mh: Mailhost, tmp_path: Path) -> None:
     ({"to": [], "subject": "x", "body": "y"}, "no recipient"),
     ({"to": ["a@example.org"], "subject": "x\r\nBcc: evil@example.org", "body": "y"}, "line break"),
     ({"to": ["a@example.org"], "subject": "x", "body": "y", "attachments": ["/nonexistent/file"]}, "cannot attach"),
+    ({"to": ["a@example.org"], "subject": "x", "body": "text\x00then binary"}, "body contains NUL.*--attach"),
 ])
 def test_compose_refuses_bad_input(mh: Mailhost, kwargs: dict[str, Any], match: str) -> None:
     """Bad input is one ValidationError sentence."""
