@@ -1529,19 +1529,19 @@ def _not_leased(now: dt.datetime) -> Any:
     return or_(_T.c.status != "sending", _T.c.lease_until.is_(None), _T.c.lease_until < now)
 
 
-#: A line longer than SMTP carries, 998 octets without its CRLF (RFC 5321 4.5.3.1.6).
-_LONG_LINE = re.compile(rb"[^\r\n]{999,}")
+#: The longest line SMTP carries, without its CRLF (RFC 5321 4.5.3.1.6).
+_MAX_LINE = 998
 
 
 def _check_line_lengths(draft: Draft) -> None:
     """Refuse a line SMTP cannot carry: a server would refuse the message, or break the
     line and with it any signature, only once it is queued."""
-    m = _LONG_LINE.search(draft.raw)
-    if m:
-        start = m.group(0)[:20].decode("utf-8", "replace")
+    longest = max(draft.raw.split(b"\r\n"), key=len)  # C speed; a regex takes seconds on 30 MB
+    if len(longest) > _MAX_LINE:
+        start = longest[:20].decode("utf-8", "replace")
         raise ValidationError(
-            f"{draft.source} has a line of {len(m.group(0))} octets ({start!r}...), more than the 998 octets SMTP "
-            "allows: wrap it, shorten the header, or encode the part quoted-printable or base64",
+            f"{draft.source} has a line of {len(longest)} octets ({start!r}...), more than the {_MAX_LINE} octets "
+            "SMTP allows: wrap it, shorten the header, or encode the part quoted-printable or base64",
             field="eml" if draft.source != "the message" else "body")
 
 
