@@ -275,7 +275,12 @@ def personalize(raw: bytes, from_line: bytes | None, prefix: str | None) -> byte
     if prefix:
         m = _SUBJECT.search(head)
         if m:
-            old = _header_text(m.group(0).split(b":", 1)[1].decode("utf-8", "replace")) or ""
+            value = m.group(0).split(b":", 1)[1]
+            try:
+                text = value.decode("utf-8")
+            except UnicodeDecodeError:  # raw 8-bit from an old mailer: Latin-1 keeps every byte a letter
+                text = value.decode("latin-1")
+            old = _header_text(text) or ""
             head = head[: m.start()] + _fold("Subject", f"{prefix} {old}".strip()) + head[m.end():]
         else:
             top += _fold("Subject", prefix)

@@ -750,3 +750,11 @@ def test_a_pass_leaves_no_threads(mh: Mailhost, smtp_server: Callable[..., SmtpS
     add(mh, "main", server, from_address="a@example.org", default=True)
     mh.outgoing.send(["bob@example.org"], subject="x", body=BODY)
     mh.outgoing.deliver(sessions=4)
+
+
+def test_personalize_keeps_an_8bit_subject_in_another_charset() -> None:
+    """A raw 8-bit subject that is not UTF-8 (Latin-1, from an old mailer) keeps its
+    letters when the prefix is added, instead of turning them into U+FFFD."""
+    for raw_subject, shown in ((b"Caf\xe9 cr\xe8me", "Café crème"), ("Grüße".encode(), "Grüße")):
+        out = personalize(b"To: b@example.org\r\nSubject: " + raw_subject + b"\r\n\r\nbody\r\n", None, "[P]")
+        assert email.message_from_bytes(out, policy=email.policy.default)["Subject"] == f"[P] {shown}"
