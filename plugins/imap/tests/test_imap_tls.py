@@ -67,9 +67,10 @@ def test_starttls_response_injection_is_discarded(fake_imap, pki):
     """Responses sent in plain text around the STARTTLS OK never reach the TLS session."""
     from mailhost.protocols import ConnectionSettings
 
-    received: list[bytes] = []
+    peers: list = []  # the server's end, kept at once: what it received is read after the client is done
 
     def script(peer):
+        peers.append(peer)
         peer.send(b"* OK fake IMAP ready\r\n")
         tag, _ = peer.command()  # CAPABILITY
         peer.send(b"* CAPABILITY IMAP4rev1 STARTTLS\r\n" + tag + b" OK done\r\n")
@@ -88,7 +89,6 @@ def test_starttls_response_injection_is_discarded(fake_imap, pki):
             b"CAPABILITY": b"* CAPABILITY IMAP4rev1 AUTH=PLAIN IDLE\r\n",
             b"LIST": b'* LIST () "/" INBOX\r\n',
         })
-        received.extend(peer.received)
 
     conn = ConnectionSettings(name="helpdesk", protocol="imap", host="127.0.0.1", port=fake_imap(script),
                               encryption=Encryption.STARTTLS, username="u", password="p",
@@ -98,5 +98,6 @@ def test_starttls_response_injection_is_discarded(fake_imap, pki):
         folders = [name for _, _, name in session.client.list_folders()]
     assert b"IDLE" in caps and not [cap for cap in caps if b"INJECTED" in cap]
     assert folders == ["INBOX"]
-    commands = [line.split(b" ")[1].strip() for line in received]
+    # Each of these was recorded before the server answered it, so before the client went on.
+    commands = [line.split(b" ")[1].strip() for line in peers[0].received]
     assert commands[:4] == [b"CAPABILITY", b"STARTTLS", b"CAPABILITY", b"LOGIN"]
