@@ -58,7 +58,7 @@ import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from email.header import decode_header, make_header
+from email.header import Header, decode_header, make_header
 from email.message import EmailMessage
 from email.parser import BytesHeaderParser
 from email.utils import formataddr, formatdate, getaddresses, make_msgid, parseaddr
@@ -209,7 +209,11 @@ def _addr_spec(value: str) -> str:
 def _header_text(value: str | None) -> str | None:
     if value is None:
         return None
-    text = " ".join(str(value).split())
+    return _decoded(" ".join(str(value).split()))
+
+
+def _decoded(text: str) -> str:
+    """``text`` with its RFC 2047 encoded words decoded; its spacing is kept."""
     if "=?" in text:
         try:
             return str(make_header(decode_header(text)))
@@ -275,16 +279,37 @@ def personalize(raw: bytes, from_line: bytes | None, prefix: str | None) -> byte
     if prefix:
         m = _SUBJECT.search(head)
         if m:
-            value = m.group(0).split(b":", 1)[1]
-            try:
-                text = value.decode("utf-8")
-            except UnicodeDecodeError:  # raw 8-bit from an old mailer: Latin-1 keeps every byte a letter
-                text = value.decode("latin-1")
-            old = _header_text(text) or ""
-            head = head[: m.start()] + _fold("Subject", f"{prefix} {old}".strip()) + head[m.end():]
+            head = head[: m.start()] + _prefixed(m.group(0).split(b":", 1)[1], prefix) + head[m.end():]
         else:
             top += _fold("Subject", prefix)
     return top + head + rest
+
+
+_LEADING_WSP = re.compile(rb"(?:[ \t]|\r\n[ \t])*")
+_FOLD = re.compile(r"\r\n(?=[ \t])")
+
+
+def _prefixed(value: bytes, prefix: str) -> bytes:
+    """The ``Subject:`` line for field body ``value`` (from the colon to its last CRLF)
+    with ``prefix`` in front: the subject's own bytes, spacing and folding stay as they
+    are; only a raw 8-bit subject that is not UTF-8 is decoded and encoded again."""
+    old = value[_LEADING_WSP.match(value).end():-2]  # type: ignore[union-attr]  # matches always
+    if not old:
+        return _fold("Subject", prefix)
+    try:
+        old.decode("utf-8")
+    except UnicodeDecodeError:  # raw 8-bit from an old mailer: Latin-1 keeps every byte a letter
+        text = _FOLD.sub("", old.decode("latin-1"))  # unfolded (RFC 5322 2.2.3), not squeezed
+        return _fold("Subject", f"{prefix} {_decoded(text)}")
+    if prefix.isascii() or not old.isascii():  # an RFC 6532 subject takes a UTF-8 prefix as it is
+        first = b"Subject: " + prefix.encode("utf-8")
+    elif old.startswith(b"=?"):  # space between encoded words vanishes (RFC 2047 6.2): put it inside
+        first = b"Subject: " + Header(prefix + " ", "utf-8", header_name="Subject").encode(linesep="\r\n").encode()
+    else:
+        first = _fold("Subject", prefix)[:-2]
+    line = first.rsplit(b"\n", 1)[-1] + b" " + old.split(b"\r\n", 1)[0]
+    # Folded before the subject when the line would be too long: unfolding gives back the space.
+    return first + (b"\r\n " if len(line) > 78 else b" ") + old + b"\r\n"
 
 
 # ---------------------------------------------------------------------------------------

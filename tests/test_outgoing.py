@@ -90,14 +90,14 @@ def test_delivers_with_prefix_and_from(mh: Mailhost, smtp_server: Callable[..., 
     server = smtp_server("plain")
     add(mh, "main", server, from_address="Helpdesk <help@example.org>", prefix="[HELP]", default=True)
     a = mh.outgoing.send(["bob@example.org"], subject="Grüße aus Köln", body=BODY)
-    b = mh.outgoing.send(["carol@example.org"], subject="own sender", body=BODY,
+    b = mh.outgoing.send(["carol@example.org"], subject="own   sender", body=BODY,
                          from_address="Alice <alice@example.org>")
     report = mh.outgoing.deliver()
     assert report.connections["main"].sent == 2
     got = {m.rcpt_tos[0]: m for m in server.messages}
     first, second = parsed(got["bob@example.org"]), parsed(got["carol@example.org"])
     assert first["Subject"] == "[HELP] Grüße aus Köln" and first["From"] == "Helpdesk <help@example.org>"
-    assert second["Subject"] == "[HELP] own sender" and second["From"] == "Alice <alice@example.org>"
+    assert second["Subject"] == "[HELP] own   sender" and second["From"] == "Alice <alice@example.org>"
     assert {m.mail_from for m in server.messages} == {"help@example.org"}
     for queued in (a, b):
         record = item(mh, queued.id)
@@ -717,7 +717,7 @@ def test_personalize_only_touches_from_and_subject() -> None:
     raw = b"To: b@example.org\r\nSubject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\r\n  folded\r\nX-Keep: 1\r\n\r\nbody\r\n"
     out = personalize(raw, b"From: a@example.org\r\n", "[P]")
     msg = email.message_from_bytes(out, policy=email.policy.default)
-    assert msg["Subject"] == "[P] Grüße folded" and msg["From"] == "a@example.org" and msg["X-Keep"] == "1"
+    assert msg["Subject"] == "[P] Grüße  folded" and msg["From"] == "a@example.org" and msg["X-Keep"] == "1"
     assert out.endswith(b"X-Keep: 1\r\n\r\nbody\r\n")
     assert personalize(raw, None, None) is raw
 
@@ -750,6 +750,27 @@ def test_a_pass_leaves_no_threads(mh: Mailhost, smtp_server: Callable[..., SmtpS
     add(mh, "main", server, from_address="a@example.org", default=True)
     mh.outgoing.send(["bob@example.org"], subject="x", body=BODY)
     mh.outgoing.deliver(sessions=4)
+
+
+@pytest.mark.parametrize(("subject", "prefix", "shown"), [
+    (b"a   b  c\t d ", "[P]", "[P] a   b  c\t d "),
+    (b"=?utf-8?q?Gr=C3=BC=C3=9Fe?=   aus  =?utf-8?q?K=C3=B6ln?=", "[P]", "[P] Grüße   aus  Köln"),
+    (b"=?utf-8?q?Gr=C3=BC=C3=9Fe?=  x", "[Prä]", "[Prä] Grüße  x"),
+    (b"plain  x", "[Prä]", "[Prä] plain  x"),
+    ("Grüße   aus  Köln".encode(), "[Prä]", "[Prä] Grüße   aus  Köln"),
+    (b"Caf\xe9   cr\xe8me", "[P]", "[P] Café   crème"),
+    (b"long  " + b"x" * 76, "[P]", "[P] long  " + "x" * 76),
+])
+def test_personalize_keeps_the_subjects_spacing(subject: bytes, prefix: str, shown: str) -> None:
+    """Only the prefix and one space go in front of the subject: its runs of spaces and
+    tabs stay as they are (they were squeezed to one), and an ASCII or UTF-8 subject keeps
+    its very bytes; no line grows past 78 characters for the prefix."""
+    raw = b"To: b@example.org\r\nSubject: " + subject + b"\r\nX-Keep: 1\r\n\r\nbody\r\n"
+    out = personalize(raw, None, prefix)
+    assert email.message_from_bytes(out, policy=email.policy.default)["Subject"] == shown
+    if subject.isascii() or b"\xc3" in subject:
+        assert subject + b"\r\nX-Keep: 1\r\n" in out
+    assert max(len(line) for line in out.split(b"\r\n")) <= max(78, len(b"Subject: " + subject))
 
 
 def test_personalize_keeps_an_8bit_subject_in_another_charset() -> None:
