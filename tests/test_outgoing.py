@@ -657,6 +657,32 @@ def test_internationalized_addresses_are_utf8_in_the_headers(mh: Mailhost,
     assert b"=?utf-8?q?Zo=C3=AB?= <zoe@y.org>" in head  # display names stay RFC 2047 encoded
 
 
+def test_a_utf8_from_with_an_ascii_envelope_goes_with_smtputf8(mh: Mailhost,
+                                                               smtp_server: Callable[..., SmtpServer]) -> None:
+    """``send --from`` with a non-ASCII address, through a connection whose own address
+    (the envelope sender) is ASCII, to ASCII recipients: the From header is raw UTF-8, so
+    the message goes with SMTPUTF8, and a server without it fails it for good, saying so.
+    A non-ASCII subject or display name alone is encoded: the message is 7-bit."""
+    modern, old = smtp_server("plain"), smtp_server("plain", hide={"SMTPUTF8"})
+    add(mh, "modern", modern, from_address="main@example.org", default=True)
+    add(mh, "old", old, from_address="main@example.org")
+    for name in ("modern", "old"):
+        mh.outgoing.send(["bob@example.org"], from_address="Jörg <jörg@example.org>", subject="Grüße", body=BODY,
+                         connection=name)
+    seven = mh.outgoing.send(["bob@example.org"], from_address="Jörg Müller <joerg@example.org>",
+                             subject="Grüße  aus Köln", body="Grüße\n", connection="old")
+    mh.outgoing.deliver()
+    [m] = modern.messages
+    assert m.mail_from == "main@example.org" and m.rcpt_tos == ["bob@example.org"] and "SMTPUTF8" in m.mail_options
+    [refused] = mh.outgoing.items(status="failed")
+    assert refused.connection_name == "old" and refused.attempts == 1
+    assert "raw UTF-8 in its From header" in refused.last_error and refused.message_id in refused.last_error
+    assert "does not support SMTPUTF8" in refused.last_error
+    [plain] = old.messages
+    assert plain.data.isascii() and plain.mail_options == [f"SIZE={len(plain.data)}"]
+    assert parsed(plain)["Subject"] == "Grüße  aus Köln" and mh.outgoing.item(seven.id).status == "sent"
+
+
 def test_compose_builds_a_mime_message(mh: Mailhost, tmp_path: Path) -> None:
     """Text body, attachments with guessed types, Message-ID, Date; envelope = to+cc+bcc."""
     (tmp_path / "report.pdf").write_bytes(b"%PDF-1.4 fake")

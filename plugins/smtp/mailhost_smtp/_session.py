@@ -477,27 +477,61 @@ def _extensions(client: _Client) -> str:
 
 
 def _mail_options(client: _Client, raw: bytes, addresses: Sequence[str], settings: ConnectionSettings) -> list[str]:
-    """SIZE, BODY=8BITMIME and SMTPUTF8, as the message and the server need and allow."""
+    """SIZE, BODY=8BITMIME and SMTPUTF8, as the message and the server need and allow.
+
+    A message the server cannot take as it is is refused before MAIL, never re-encoded:
+    what goes out is the queued message, byte for byte."""
     wide = [a for a in addresses if not a.isascii()]
     if wide and not client.has_extn("smtputf8"):  # first: a UTF-8 address also makes 8-bit headers
         raise PermanentFailure(
             f"{_where(settings)} does not support SMTPUTF8, which the address {wide[0]} needs: "
             "use an ASCII address or another connection"
         )
-    eight_bit = not raw.isascii()
-    if eight_bit and not client.has_extn("8bitmime"):  # RFC 6152: 8-bit data only to a server that announced it
+    end = raw.find(b"\r\n\r\n")
+    head, body = (raw[: end + 2], raw[end + 2:]) if end >= 0 else (raw, b"")
+    # RFC 6531 3.2: a message with raw UTF-8 header fields (RFC 6532) goes only with
+    # SMTPUTF8; 8BITMIME covers the body alone.
+    fields = [] if head.isascii() else _wide_fields(head)
+    if fields and not client.has_extn("smtputf8"):
         raise PermanentFailure(
-            f"the message has 8-bit content and {_where(settings)} does not support 8BITMIME: "
+            f"{_message(head)} has raw UTF-8 in its {', '.join(fields)} header{'s' if len(fields) > 1 else ''} "
+            f"(RFC 6532) and {_where(settings)} does not support SMTPUTF8, which that needs: encode "
+            "the header as RFC 2047 encoded words (as `mailhost send` does), or send it through another connection"
+        )
+    if not body.isascii() and not client.has_extn("8bitmime"):  # RFC 6152: 8-bit data only if announced
+        raise PermanentFailure(
+            f"{_message(head)} has an 8-bit body and {_where(settings)} does not support 8BITMIME: "
             "encode its parts quoted-printable or base64, or send it through another connection"
         )
     options: list[str] = []
     if raw and client.has_extn("size"):
         options.append(f"SIZE={len(raw)}")
-    if eight_bit:
+    if not raw.isascii() and client.has_extn("8bitmime"):
         options.append("BODY=8BITMIME")
-    if wide:
+    if wide or fields:
         options.append("SMTPUTF8")
     return options
+
+
+def _wide_fields(head: bytes) -> list[str]:
+    """The names of the header fields with 8-bit bytes in them, in order, once each."""
+    fields: list[str] = []
+    name = ""
+    for line in head.split(b"\r\n"):
+        if line[:1] not in (b" ", b"\t"):  # not a continuation: a new field
+            name = line.split(b":", 1)[0].decode("ascii", "replace")
+        if not line.isascii() and name not in fields:
+            fields.append(name)
+    return fields
+
+
+_MESSAGE_ID = re.compile(rb"(?im)^Message-ID:[ \t]*(<[!-~]{1,200}?>)")
+
+
+def _message(head: bytes) -> str:
+    """The message as errors name it: by its Message-ID when it has one."""
+    m = _MESSAGE_ID.search(head)
+    return f"the message {m.group(1).decode('ascii')}" if m else "the message"
 
 
 def _rset(client: _Client) -> None:

@@ -368,10 +368,10 @@ def test_line_ends_are_crlf_on_the_wire(smtp_server: Callable[..., SmtpServer]) 
 
 
 def test_8bit_and_utf8_need_the_server_to_announce_them(smtp_server: Callable[..., SmtpServer]) -> None:
-    """8-bit content goes with BODY=8BITMIME; to a server without 8BITMIME (RFC 6152) it is
+    """An 8-bit body goes with BODY=8BITMIME; to a server without 8BITMIME (RFC 6152) it is
     refused before MAIL, as is a non-ASCII address without SMTPUTF8 (RFC 6531): nothing
     reaches the server, the error names the extension, and ASCII mail still goes through."""
-    eight = "Subject: café\r\n\r\nÇa va ?\r\n".encode()
+    eight = "Subject: cafe\r\n\r\nÇa va ?\r\n".encode()
     modern = smtp_server("plain")
     with open_session(settings(modern, Encryption.NONE)) as session:
         session.send(eight, "a@example.org", ["b@example.org"])
@@ -381,13 +381,39 @@ def test_8bit_and_utf8_need_the_server_to_announce_them(smtp_server: Callable[..
     old = smtp_server("plain", hide={"8BITMIME", "SMTPUTF8"})
     lines: list[str] = []
     with open_session(settings(old, Encryption.NONE, transcript=lines.append)) as session:
-        with pytest.raises(PermanentFailure, match="8-bit.*8BITMIME") as eight_bit:
+        with pytest.raises(PermanentFailure, match="8-bit body.*8BITMIME") as eight_bit:
             session.send(eight, "a@example.org", ["b@example.org"])
         with pytest.raises(PermanentFailure, match="SMTPUTF8.*bé@example.org"):  # the cause, not its 8 bits
             session.send("To: bé@example.org\r\n\r\nhi\r\n".encode(), "a@example.org", ["bé@example.org"])
         session.send(RAW, "a@example.org", ["b@example.org"])
     assert "test-smtp" in str(eight_bit.value)
     assert [m.data for m in old.messages] == [RAW]
+    assert sum(line.lower().startswith("c: mail from") for line in lines) == 1
+
+
+def test_raw_utf8_headers_need_smtputf8(smtp_server: Callable[..., SmtpServer]) -> None:
+    """Raw UTF-8 in a header field (RFC 6532), with ASCII envelope addresses, goes with
+    SMTPUTF8 (RFC 6531 3.2; 8BITMIME covers only the body); to a server without SMTPUTF8
+    it is refused before MAIL, not sent as it is and not re-encoded, and the error names
+    the message, the header, the connection and the fix."""
+    wide = ("Message-ID: <m1@example.org>\r\nFrom: Jörg <a@example.org>\r\nSubject: Grüße,\r\n"
+            " aus Köln\r\nTo: b@example.org\r\n\r\nplain body\r\n").encode()
+    modern = smtp_server("plain")
+    with open_session(settings(modern, Encryption.NONE)) as session:
+        session.send(wide, "a@example.org", ["b@example.org"])
+    assert modern.messages[0].mail_options[1:] == ["BODY=8BITMIME", "SMTPUTF8"]
+    assert modern.messages[0].data == wide
+
+    no_utf8 = smtp_server("plain", hide={"SMTPUTF8"})
+    lines: list[str] = []
+    with open_session(settings(no_utf8, Encryption.NONE, transcript=lines.append)) as session:
+        with pytest.raises(PermanentFailure) as err:
+            session.send(wide, "a@example.org", ["b@example.org"])
+        session.send("Subject: ok\r\n\r\n8-bit body: Köln\r\n".encode(), "a@example.org", ["b@example.org"])
+    text = str(err.value)
+    assert "<m1@example.org>" in text and "From, Subject headers" in text and "SMTPUTF8" in text
+    assert f"test-smtp (127.0.0.1:{no_utf8.port})" in text and "RFC 2047" in text
+    assert [m.mail_options[1:] for m in no_utf8.messages] == [["BODY=8BITMIME"]]
     assert sum(line.lower().startswith("c: mail from") for line in lines) == 1
 
 
