@@ -260,6 +260,24 @@ def test_partial_acceptance_is_recorded_per_recipient(mh: Mailhost, smtp_server:
     assert record["attempts_log"][1]["refused"] == {"tempfail@example.org": "451 4.3.0 try again later"}
 
 
+def test_too_many_recipients_are_tried_again(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A server that takes two recipients per transaction answers the third RCPT with
+    552: the message goes to the first two, waits, and then goes to the third; no
+    recipient is refused for good, and nobody gets it twice."""
+    server = smtp_server("plain", max_recipients=2)
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    queued = mh.outgoing.send(["r1@example.org", "r2@example.org", "r3@example.org"], subject="many", body=BODY)
+    mh.outgoing.deliver()
+    record = item(mh, queued.id)
+    assert record["status"] == "queued"
+    assert [r["status"] for r in record["recipients"]] == ["accepted", "accepted", "pending"]
+    later(mh, hours=3)
+    mh.outgoing.deliver()
+    record = item(mh, queued.id)
+    assert record["status"] == "sent" and [r["status"] for r in record["recipients"]] == ["accepted"] * 3
+    assert [m.rcpt_tos for m in server.messages] == [["r1@example.org", "r2@example.org"], ["r3@example.org"]]
+
+
 def test_falls_back_to_the_default_connection(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
     """A connection that cannot be reached hands its mail to the default one, and the
     record says so; the default's From is used, as its server signs for it."""

@@ -17,6 +17,9 @@ Behaviour useful for client tests:
 * :meth:`SmtpServer.fail_next_data` -- the next *n* DATA commands fail (451 by
   default) and are NOT recorded;
 * ``size_limit`` -- advertised as ``SIZE N`` and enforced (552);
+* ``max_recipients`` -- RCPT beyond that many in one transaction gets
+  ``552 5.5.3 too many recipients`` (the code RFC 821 gave it, which servers
+  still send; RFC 5321 4.5.3.1.10 says 452 and asks clients to read 552 so);
 * ``hide`` -- EHLO keywords not to announce (``{"8BITMIME", "SMTPUTF8"}``: a
   server from before those extensions, RFC 6152 and RFC 6531);
 * :meth:`SmtpServer.drop_next_data` -- the next *n* messages are recorded (the
@@ -80,6 +83,7 @@ __all__ = [
 MODES = ("plain", "starttls", "tls")
 TEMPFAIL_REPLY = "451 4.3.0 try again later"
 REJECT_REPLY = "550 5.1.1 no such user"
+TOO_MANY_REPLY = "552 5.5.3 too many recipients"
 
 # aiosmtpd logs every connection at INFO; keep test output readable
 logging.getLogger("mail.log").setLevel(logging.WARNING)
@@ -160,6 +164,9 @@ class _Handler:
             return TEMPFAIL_REPLY
         if local.startswith("reject"):
             return REJECT_REPLY
+        limit = self.owner.max_recipients
+        if limit is not None and len(envelope.rcpt_tos) >= limit:
+            return TOO_MANY_REPLY
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
@@ -259,13 +266,15 @@ class SmtpServer:
         hostname: str = "smtp.mailhost.test",
         untrusted: bool = False,
         hide: Iterable[str] = (),
+        max_recipients: int | None = None,
     ) -> None:
         """``mode``: plain | starttls | tls. TLS certificate: ``cert_file`` +
         ``key_file``, else ``pki`` (its *untrusted* cert if ``untrusted``),
         else a PKI generated into a temp dir (see :attr:`ca_file`).
         ``users``: AUTH PLAIN/LOGIN credentials. ``size_limit``: advertised
         ``SIZE`` (default aiosmtpd's 32 MiB). ``hide``: EHLO keywords left out
-        (never the last line, HELP). ``port=0``: a free port."""
+        (never the last line, HELP). ``max_recipients``: RCPT beyond it
+        gets 552. ``port=0``: a free port."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         self.mode = mode
@@ -278,6 +287,7 @@ class SmtpServer:
         self.slow_data_seconds = slow_data_seconds
         self.hostname = hostname
         self.hide = frozenset(k.upper() for k in hide)
+        self.max_recipients = max_recipients
         self._requested_port = port
         self._tmpdir: str | None = None
         self.ca_file: str | None = None

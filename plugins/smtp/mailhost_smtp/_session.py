@@ -243,7 +243,12 @@ class SmtpSession(OutgoingSession):
                 code, reply = client.rcpt(rcpt)
                 if code == 421:
                     _fail(where, "refused the recipient", code, reply, rcpt)
-                if code not in (250, 251):
+                if code == 552:
+                    # RFC 5321 4.5.3.1.10: 552 is RFC 821's code for "too many recipients",
+                    # really a 452: these recipients wait for another transaction.
+                    refused[rcpt] = (f"452 (the server said 552 {_text(reply)}, which RFC 5321 4.5.3.1.10 "
+                                     "reads as 452: too many recipients for now)")
+                elif code not in (250, 251):
                     refused[rcpt] = f"{code} {_text(reply)}"
             if len(refused) == len(recipients):
                 _rset(client)

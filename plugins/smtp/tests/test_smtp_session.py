@@ -259,6 +259,23 @@ def test_refusals_per_recipient(smtp_server: Callable[..., SmtpServer]) -> None:
     assert [m.rcpt_tos for m in server.messages] == [["ok@example.org"], ["ok@example.org"]]
 
 
+def test_552_to_rcpt_is_temporary(smtp_server: Callable[..., SmtpServer]) -> None:
+    """A server at its recipient limit answers RCPT with 552 (RFC 821's code): that is a
+    452 (RFC 5321 4.5.3.1.10), so the message goes to the recipients taken and the others
+    are refused for now, not for good; all of them refused: a TemporaryFailure."""
+    server = smtp_server("plain", max_recipients=2)
+    with open_session(settings(server, Encryption.NONE)) as session:
+        result = session.send(RAW, "a@example.org", ["r1@example.org", "r2@example.org", "r3@example.org"])
+        assert list(result.refused) == ["r3@example.org"]
+        assert result.refused["r3@example.org"].startswith("452 ")
+        assert "552 5.5.3 too many recipients" in result.refused["r3@example.org"]
+    assert [m.rcpt_tos for m in server.messages] == [["r1@example.org", "r2@example.org"]]
+    server.max_recipients = 0
+    with open_session(settings(server, Encryption.NONE)) as session, pytest.raises(TemporaryFailure) as err:
+        session.send(RAW, "a@example.org", ["r1@example.org"])
+    assert "552 5.5.3 too many recipients" in str(err.value)
+
+
 def test_server_size_is_honoured(smtp_server: Callable[..., SmtpServer]) -> None:
     """The server's SIZE is known after EHLO, and a larger message is refused before DATA."""
     server = smtp_server("plain", size_limit=500)
