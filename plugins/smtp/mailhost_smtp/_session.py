@@ -61,6 +61,10 @@ def _text(reply: bytes | str) -> str:
     return " ".join(reply.split())
 
 
+class _Unreadable(smtplib.SMTPServerDisconnected):
+    """The reply to the final dot could not be read: the session is over, the outcome unknown."""
+
+
 class _Client(smtplib.SMTP):
     """``smtplib.SMTP`` that writes a masked transcript and is opened step by step."""
 
@@ -171,10 +175,17 @@ class _Client(smtplib.SMTP):
         assert self.sock is not None
         self.sock.settimeout(max(FINAL_REPLY_TIMEOUT, self.timeout))
         try:
-            return self.getreply()
+            code, reply = self.getreply()
+        except smtplib.SMTPResponseException as exc:  # smtplib's own "500 Line too long", not the server's
+            self.close()
+            raise _Unreadable(f"its reply could not be read: {_text(exc.smtp_error).rstrip('.').lower()}") from None
         finally:
             if self.sock is not None:
                 self.sock.settimeout(self.timeout)
+        if code < 0:  # no reply code: whether the server took the message is unknown
+            self.close()
+            raise _Unreadable("its reply was not an SMTP reply")
+        return code, reply
 
     def hello(self) -> None:
         """EHLO; HELO only when the server does not know EHLO (RFC 5321 4.1.4), not
@@ -232,6 +243,7 @@ class SmtpSession(OutgoingSession):
                 "accepts (its SIZE): send it smaller or through another connection"
             )
         client = self._live()
+        client.content_sent = False  # still True after the previous message went out
         try:
             code, reply = self._mail(client, raw, sender, [sender, *recipients])
             client = self._live()
@@ -272,7 +284,8 @@ class SmtpSession(OutgoingSession):
             self._drop()
             if in_doubt:
                 wait = max(FINAL_REPLY_TIMEOUT, self.settings.timeout)
-                what = f"no reply within {wait:g} s" if _timed_out(exc) else f"the connection broke: {_reason(exc)}"
+                what = (f"no reply within {wait:g} s" if _timed_out(exc) else str(exc) if isinstance(exc, _Unreadable)
+                        else f"the connection broke: {_reason(exc)}")
                 raise ConnectFailure(
                     f"{where}: the whole message was sent but the server did not confirm it ({what}); it may have "
                     "been delivered, so it is tried again later and may arrive twice", in_doubt=True) from None

@@ -537,6 +537,51 @@ def test_a_421_to_rcpt_ends_the_session_and_says_so_once() -> None:
     assert "b@example.org" in str(err.value) and "421 4.4.2 bye for now" in str(err.value)
 
 
+def test_a_link_lost_before_the_content_is_not_in_doubt() -> None:
+    """One message sent, then the link breaks at the next one's RCPT: that message never
+    went out, so it is a plain retry (which may fall back), not 'may have been delivered'
+    (the flag of the message before it leaked into it)."""
+    rcpts: list[bytes] = []
+
+    def answer(line: bytes) -> bytes | None:
+        verb = line.split()[0].upper()
+        if verb == b"RCPT":
+            rcpts.append(line)
+            if len(rcpts) == 2:
+                return None
+        return {b"EHLO": b"250 scripted\r\n", b"DATA": b"354 go\r\n", b"<MESSAGE>": b"250 kept\r\n"}.get(
+            verb, b"250 ok\r\n")
+
+    port, thread, _ = scripted_server(answer)
+    s = ConnectionSettings(name="drops", protocol="smtp", host="127.0.0.1", port=port,
+                           encryption=Encryption.NONE, timeout=10)
+    session = open_session(s)
+    assert session.send(RAW, "a@example.org", ["b@example.org"]).response == "250 kept"
+    with pytest.raises(ConnectFailure, match="broke while sending") as err:
+        session.send(RAW, "a@example.org", ["c@example.org"])
+    session.close()
+    thread.join(10)
+    assert err.value.in_doubt is False
+
+
+@pytest.mark.parametrize(("reply", "said"), [(b"garbage\r\n", "not an SMTP reply"),
+                                            (b"250 " + b"x" * 9000 + b"\r\n", "line too long")])
+def test_an_unreadable_reply_to_the_content_is_in_doubt(reply: bytes, said: str) -> None:
+    """The final dot answered with no reply code, or a line longer than smtplib reads: the
+    server may hold the message, so it is in doubt (not failed for good with smtplib's
+    own '500 Line too long', nor a plain retry that may go through another connection)."""
+    replies = {b"EHLO": b"250 scripted\r\n", b"DATA": b"354 go\r\n", b"<MESSAGE>": reply}
+    port, thread, _ = scripted_server(lambda line: replies.get(line.split()[0].upper(), b"250 ok\r\n"))
+    s = ConnectionSettings(name="odd", protocol="smtp", host="127.0.0.1", port=port,
+                           encryption=Encryption.NONE, timeout=10)
+    session = open_session(s)
+    with pytest.raises(ConnectFailure, match=f"did not confirm it.*{said}") as err:
+        session.send(RAW, "a@example.org", ["b@example.org"])
+    session.close()
+    thread.join(10)
+    assert err.value.in_doubt is True
+
+
 @pytest.mark.parametrize("ehlo", [b"250 scripted\r\n", b"250-scripted\r\n250 AUTH PLAIN LOGIN\r\n"])
 def test_oauth2_to_a_server_without_xoauth2(ehlo: bytes) -> None:
     """An OAuth2 connection to a server that does not offer XOAUTH2 (a wrong host, or a
