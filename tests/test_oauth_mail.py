@@ -199,10 +199,12 @@ def test_a_refused_token_is_renewed_and_tried_once_more(mh: Mailhost, idp: Ident
     assert fetch(mh).stored == 1 and len(idp.grants("refresh_token")) == 1  # the new token is kept
 
 
+@pytest.mark.parametrize("offered", [("XOAUTH2", "OAUTHBEARER"), ("OAUTHBEARER",)])
 def test_smtp_xoauth2(mh: Mailhost, idp: IdentityProvider, m365: Any,
-                      oauth_smtp: Callable[..., OAuthSmtpServer]) -> None:
-    """SMTP AUTH XOAUTH2 as the delegate, sending from the shared mailbox's address."""
-    server = oauth_smtp(idp)
+                      oauth_smtp: Callable[..., OAuthSmtpServer], offered: tuple[str, ...]) -> None:
+    """SMTP AUTH XOAUTH2 as the delegate, sending from the shared mailbox's address;
+    OAUTHBEARER (RFC 7628) when the server offers only that, as IMAP and POP3 do."""
+    server = oauth_smtp(idp, mechanisms=offered)
     conn = mh.connections.add(Direction.OUTGOING, ConnectionSpec(
         name="out", protocol="smtp", host="127.0.0.1", port=server.port, encryption="starttls", username=ALICE,
         oauth_credential="m365", from_address=SHARED, ca_file=server.ca_file))
@@ -219,6 +221,7 @@ def test_smtp_xoauth2(mh: Mailhost, idp: IdentityProvider, m365: Any,
     with provider.open(mh.connections.settings(Direction.OUTGOING, conn)) as session:
         session.send(generate_message(2, sender=SHARED), SHARED, ["team@example.net"])
     assert server.auth_attempts[2:] == [(ALICE, False), (ALICE, True)] and len(server.messages) == 2
+    assert set(server.used) == {offered[0]}
 
     idp.revoke_user(ALICE)
     with pytest.raises(AuthenticationFailed, match=r"the authorization was revoked or has expired \(AADSTS50173"):

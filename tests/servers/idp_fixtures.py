@@ -119,7 +119,8 @@ def oauth_dovecot(pki: Pki) -> Iterator[Callable[..., Dovecot]]:
 
 
 class OAuthSmtpServer(SmtpServer):
-    """The kit's SMTP server, signing in with XOAUTH2 / OAUTHBEARER only.
+    """The kit's SMTP server, signing in with XOAUTH2 / OAUTHBEARER only (``mechanisms``:
+    those EHLO offers; ``used``: the mechanism of each AUTH).
 
     Each token is checked by RFC 7662 introspection at the identity provider, as a
     resource server (HTTP Basic). A failed XOAUTH2 exchange ends the way Gmail and
@@ -128,9 +129,12 @@ class OAuthSmtpServer(SmtpServer):
     ``auth_login`` is the SASL user.
     """
 
-    def __init__(self, mode: str, idp: IdentityProvider, **kwargs: Any) -> None:
+    def __init__(self, mode: str, idp: IdentityProvider, *, mechanisms: tuple[str, ...] = ("XOAUTH2", "OAUTHBEARER"),
+                 **kwargs: Any) -> None:
         super().__init__(mode, **kwargs)
         self.idp = idp
+        self.mechanisms = mechanisms  # what EHLO offers after AUTH
+        self.used: list[str] = []  # the mechanism of each AUTH, in order
         self._introspection_url = idp.add_resource_server(f"smtp-{uuid.uuid4().hex[:6]}", uuid.uuid4().hex)
 
     def start(self) -> OAuthSmtpServer:
@@ -145,7 +149,7 @@ class OAuthSmtpServer(SmtpServer):
 
     async def _ehlo(self, server: SMTP, session: Any, envelope: Any, hostname: str, responses: list[str]) -> list[str]:
         session.host_name = hostname
-        return responses
+        return [f"250-AUTH {' '.join(self.mechanisms)}" if r.startswith("250-AUTH ") else r for r in responses]
 
     def introspect(self, token: str) -> dict[str, Any]:
         """Ask the provider about ``token`` (RFC 7662 §2.1)."""
@@ -179,6 +183,7 @@ class OAuthSmtpServer(SmtpServer):
         return blob.decode("utf-8") if isinstance(blob, bytes) else None
 
     async def _xoauth2(self, server: SMTP, args: list[str]) -> AuthResult:
+        self.used.append("XOAUTH2")
         text = await self._initial(server, args)
         fields = dict(kv.split("=", 1) for kv in (text or "").split("\x01") if "=" in kv)
         user, auth = fields.get("user", ""), fields.get("auth", "")
@@ -187,6 +192,7 @@ class OAuthSmtpServer(SmtpServer):
         return await self._check(server, user, auth[7:])
 
     async def _oauthbearer(self, server: SMTP, args: list[str]) -> AuthResult:
+        self.used.append("OAUTHBEARER")
         text = await self._initial(server, args)
         gs2, _, rest = (text or "").partition("\x01")
         user = next((p[2:] for p in gs2.split(",") if p.startswith("a=")), "")

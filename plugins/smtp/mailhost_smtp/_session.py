@@ -416,24 +416,26 @@ def _open(settings: ConnectionSettings, report: Report | None = None, stage: lis
 
 
 def _sign_in(client: _Client, settings: ConnectionSettings, where: str) -> str:
-    """AUTH with the access token (XOAUTH2) or the password (PLAIN, else LOGIN)."""
+    """AUTH with the access token (XOAUTH2, else OAUTHBEARER) or the password (PLAIN, else LOGIN)."""
     user = settings.username or ""
     mechanisms = client.esmtp_features.get("auth", "").upper().split()
     if settings.access_token is not None:
-        if "XOAUTH2" not in mechanisms:  # no token is asked for, none sent, none blamed
+        # XOAUTH2 first, as Microsoft 365 and Gmail expect; OAUTHBEARER (RFC 7628) where it is the only one.
+        mechanism = next((m for m in ("XOAUTH2", "OAUTHBEARER") if m in mechanisms), None)
+        if mechanism is None:  # no token is asked for, none sent, none blamed
             hint = ("use --encryption starttls or ssl (servers offer it over TLS)"
                     if settings.encryption is Encryption.NONE else "check the host and the port")
             raise AuthenticationFailed(
-                f"{where} does not offer XOAUTH2, which signing in with OAuth2 needs (it offers AUTH "
-                f"{' '.join(mechanisms) or 'nothing'}): {hint}"
+                f"{where} offers neither XOAUTH2 nor OAUTHBEARER, which signing in with OAuth2 needs (it offers "
+                f"AUTH {' '.join(mechanisms) or 'nothing'}): {hint}"
             )
-        code, reply = _xoauth2(client, settings, user)
+        code, reply = _oauth(client, settings, user, mechanism)
         if code >= 500:
             # Refused: revoked, or expired early by the server's clock. Asked again,
             # the token source renews the token (or says why it cannot); one retry.
-            code, reply = _xoauth2(client, settings, user)
-        _check_auth(code, reply, where, user, "XOAUTH2", oauth=True)
-        return f"signed in as {user} with XOAUTH2"
+            code, reply = _oauth(client, settings, user, mechanism)
+        _check_auth(code, reply, where, user, mechanism, oauth=True)
+        return f"signed in as {user} with {mechanism}"
     if not user:
         return "skipped: no username (the server must accept mail from this host without signing in)"
     if settings.password is None:
@@ -463,14 +465,20 @@ def _sign_in(client: _Client, settings: ConnectionSettings, where: str) -> str:
     return f"signed in as {user} with {mechanism}"
 
 
-def _xoauth2(client: _Client, settings: ConnectionSettings, user: str) -> tuple[int, bytes]:
-    """AUTH XOAUTH2 with a token from the connection's token source; the final reply."""
+def _oauth(client: _Client, settings: ConnectionSettings, user: str, mechanism: str) -> tuple[int, bytes]:
+    """AUTH XOAUTH2 or OAUTHBEARER with a token from the connection's token source; the final reply."""
     assert settings.access_token is not None
     token = settings.access_token()
     redact("", token)  # remembered: never printed, whatever the server echoes
-    code, reply = client.docmd("AUTH", "XOAUTH2 " + _b64(f"user={user}\x01auth=Bearer {token}\x01\x01"))
-    if code == 334:  # the server's error details; an empty line ends the exchange
-        code, reply = client.docmd("")
+    if mechanism == "XOAUTH2":
+        blob, done = f"user={user}\x01auth=Bearer {token}\x01\x01", ""
+    else:  # RFC 7628 3.1: a GS2 header naming the user, then key=value pairs
+        port = settings.port or DEFAULT_PORTS.get(settings.encryption, 25)
+        escaped = user.replace("=", "=3D").replace(",", "=2C")
+        blob, done = f"n,a={escaped},\x01host={settings.host}\x01port={port}\x01auth=Bearer {token}\x01\x01", "AQ=="
+    code, reply = client.docmd("AUTH", f"{mechanism} {_b64(blob)}")
+    if code == 334:  # the server's error details; an empty line (XOAUTH2) or ^A (RFC 7628 3.2.3) ends the exchange
+        code, reply = client.docmd(done)
     return code, reply
 
 
