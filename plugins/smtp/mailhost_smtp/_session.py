@@ -210,12 +210,7 @@ class SmtpSession(OutgoingSession):
     @property
     def max_size(self) -> int | None:
         """The server's SIZE (0 or absent: no limit announced)."""
-        size = self._client.esmtp_features.get("size", "") if self._client else ""
-        try:
-            value = int(size.split()[0]) if size.strip() else 0
-        except ValueError:
-            return None
-        return value or None
+        return _size_limit(self._client) if self._client else None
 
     @property
     def extensions(self) -> dict[str, str]:
@@ -236,12 +231,6 @@ class SmtpSession(OutgoingSession):
         raw = crlf(raw)  # before dot-stuffing: a bare CR or LF must not end a line for the server
         if not recipients:
             raise PermanentFailure(f"{where}: the message has no recipients")
-        limit = self.max_size
-        if limit and len(raw) > limit:
-            raise PermanentFailure(
-                f"{where}: the message is {len(raw)} bytes, more than the {limit} bytes the server "
-                "accepts (its SIZE): send it smaller or through another connection"
-            )
         client = self._live()
         client.content_sent = False  # still True after the previous message went out
         try:
@@ -515,6 +504,12 @@ def _mail_options(client: _Client, raw: bytes, addresses: Sequence[str], setting
         )
     end = raw.find(b"\r\n\r\n")
     head, body = (raw[: end + 2], raw[end + 2:]) if end >= 0 else (raw, b"")
+    limit = _size_limit(client)  # this link's: a link opened again may not have been asked before
+    if limit and len(raw) > limit:
+        raise PermanentFailure(
+            f"{_message(head)} is {len(raw)} bytes, more than the {limit} bytes {_where(settings)} accepts "
+            "(its SIZE): send it smaller or through another connection"
+        )
     # RFC 6531 3.2: a message with raw UTF-8 header fields (RFC 6532) goes only with
     # SMTPUTF8; 8BITMIME covers the body alone.
     fields = [] if head.isascii() else _wide_fields(head)
@@ -537,6 +532,16 @@ def _mail_options(client: _Client, raw: bytes, addresses: Sequence[str], setting
     if wide or fields:
         options.append("SMTPUTF8")
     return options
+
+
+def _size_limit(client: _Client) -> int | None:
+    """The SIZE the server announced (RFC 1870); None for none, 0 or one unreadable."""
+    size = client.esmtp_features.get("size", "")
+    try:
+        value = int(size.split()[0]) if size.strip() else 0
+    except ValueError:
+        return None
+    return value or None
 
 
 def _wide_fields(head: bytes) -> list[str]:

@@ -277,14 +277,28 @@ def test_552_to_rcpt_is_temporary(smtp_server: Callable[..., SmtpServer]) -> Non
 
 
 def test_server_size_is_honoured(smtp_server: Callable[..., SmtpServer]) -> None:
-    """The server's SIZE is known after EHLO, and a larger message is refused before DATA."""
+    """The server's SIZE is known after EHLO, and a larger message is refused before MAIL,
+    also on a link opened again after the first one was dropped (it was sent, and the
+    server's 552 blamed the sender)."""
     server = smtp_server("plain", size_limit=500)
-    with open_session(settings(server, Encryption.NONE)) as session:
+    lines: list[str] = []
+    big = b"Message-ID: <big@example.org>\r\n" + RAW + b"x" * 600
+
+    def drop() -> None:
+        raise RuntimeError("the previous outcome was not recorded")
+
+    with open_session(settings(server, Encryption.NONE, transcript=lines.append)) as session:
         assert session.max_size == 500
         with pytest.raises(PermanentFailure) as err:
-            session.send(RAW + b"x" * 600, "a@example.org", ["b@example.org"])
-        assert "500 bytes" in str(err.value)
-    assert server.messages == []
+            session.send(big, "a@example.org", ["b@example.org"])
+        with pytest.raises(RuntimeError):
+            session.send(RAW, "a@example.org", ["b@example.org"], before_data=drop)
+        with pytest.raises(PermanentFailure) as again:
+            session.send(big, "a@example.org", ["b@example.org"])
+    for text in (str(err.value), str(again.value)):
+        assert "<big@example.org> is 707 bytes, more than the 500 bytes test-smtp" in text and "SIZE" in text
+    assert server.messages == [] and server.sessions_opened == 2
+    assert sum(line.lower().startswith("c: mail from") for line in lines) == 1  # the dropped one's
 
 
 def test_connection_refused_is_temporary() -> None:
