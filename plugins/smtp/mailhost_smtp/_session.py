@@ -662,7 +662,12 @@ def _dry_run(client: _Client, settings: ConnectionSettings) -> Iterator[TestStep
         yield TestStep("mail from", True, "skipped: the connection has no from address (give --from ADDRESS)")
         return
     try:
-        code, reply = client.mail(sender, _mail_options(client, b"", [sender], settings))
+        options = _mail_options(client, b"", [sender], settings)
+    except MailError as exc:  # the from address needs what the server lacks (SMTPUTF8)
+        yield TestStep("mail from", False, str(exc))
+        return
+    try:
+        code, reply = client.mail(sender, options)
         if code != 250:
             yield TestStep("mail from", False, f"{where} refused MAIL FROM:<{sender}> ({code} {_text(reply)})")
             return

@@ -365,6 +365,15 @@ def test_connection_test_stops_at_the_failing_step(smtp_server: Callable[..., Sm
     assert not any(form in steps[-1].detail for form in secret_forms())
 
 
+def test_connection_test_with_a_utf8_from_address_and_no_smtputf8(smtp_server: Callable[..., SmtpServer]) -> None:
+    """A from address the server cannot take (UTF-8, no SMTPUTF8) is a failed 'mail from'
+    step that says why, like any other refusal, instead of an error that ends the report."""
+    server = smtp_server("plain", hide={"SMTPUTF8"})
+    steps = list(test_connection(settings(server, Encryption.NONE, from_address="Jörg <jörg@example.org>")))
+    assert [(s.name, s.ok) for s in steps] == [("connect", True), ("ehlo", True), ("auth", True), ("mail from", False)]
+    assert "SMTPUTF8" in steps[-1].detail and "jörg@example.org" in steps[-1].detail
+
+
 def test_implicit_tls_to_a_plain_port_fails_clearly(smtp_server: Callable[..., SmtpServer]) -> None:
     """SSL/TLS chosen for a port that speaks plain SMTP: a TLS failure naming the fix."""
     server = smtp_server("plain")
