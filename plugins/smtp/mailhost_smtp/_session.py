@@ -263,6 +263,10 @@ class SmtpSession(OutgoingSession):
             if code != 250:
                 _fail(where, "did not take the message", code, reply)
         except smtplib.SMTPResponseException as exc:  # DATA refused before the content
+            if self._client is not None and self._client.sock is None:  # smtplib's "500 Line too long"
+                self._drop()
+                raise ConnectFailure(f"{where}: the server's reply could not be read ({_text(exc.smtp_error)}) "
+                                     "while sending; the message will be retried") from None
             if exc.smtp_code == 421 or exc.smtp_code < 0:
                 self._drop()
             elif self._client is not None:

@@ -605,6 +605,21 @@ def test_an_unreadable_reply_to_the_content_is_in_doubt(reply: bytes, said: str)
     assert err.value.in_doubt is True
 
 
+def test_an_overlong_reply_before_the_content_is_a_broken_link() -> None:
+    """A reply to RCPT longer than smtplib reads: smtplib closes the link and says '500
+    Line too long', which is not the server's answer; a retry, not a permanent failure."""
+    replies = {b"EHLO": b"250 scripted\r\n", b"RCPT": b"250 " + b"x" * 9000 + b"\r\n"}
+    port, thread, _ = scripted_server(lambda line: replies.get(line.split()[0].upper(), b"250 ok\r\n"))
+    s = ConnectionSettings(name="odd", protocol="smtp", host="127.0.0.1", port=port,
+                           encryption=Encryption.NONE, timeout=10)
+    session = open_session(s)
+    with pytest.raises(ConnectFailure, match="could not be read.*will be retried") as err:
+        session.send(RAW, "a@example.org", ["b@example.org"])
+    session.close()
+    thread.join(10)
+    assert err.value.in_doubt is False
+
+
 @pytest.mark.parametrize("ehlo", [b"250 scripted\r\n", b"250-scripted\r\n250 AUTH PLAIN LOGIN\r\n"])
 def test_oauth2_to_a_server_without_xoauth2(ehlo: bytes) -> None:
     """An OAuth2 connection to a server that offers no OAuth2 mechanism (a wrong host, or a
