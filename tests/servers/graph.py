@@ -16,6 +16,15 @@ endpoints, following Microsoft's documentation (Microsoft Learn, /graph/...):
   ``SyncStateNotFound``; :meth:`GraphServer.expire_delta_tokens` injects it.
 * get MIME content (``/graph/outlook-get-mime-message``, ``/graph/api/message-get``):
   ``GET /users/{id}/messages/{id}/$value`` returns the MIME bytes.
+* list messages (``/graph/api/user-list-messages``): ``GET /users/{id}/messages`` (every
+  folder but the hidden ones) or ``.../mailFolders/{id}/messages``, ``$top``/``$skip``;
+  ``$filter`` takes only the documented filter on a string extended property
+  (``/graph/api/singlevaluelegacyextendedproperty-get``):
+  ``singleValueExtendedProperties/Any(ep: ep/id eq '{id}' and ep/value eq '{value}')``,
+  the Name in the id compared case-sensitively, the value case-insensitively; the
+  properties it knows are the custom ``X-`` headers of a message's MIME, which a MIME
+  reader keeps in PS_INTERNET_HEADERS (``String {00020386-0000-0000-C000-000000000046}
+  Name X-...``, [MS-OXCMAIL] 2.2.3.2.29). Request kind ``list``.
 * update message (``/graph/api/message-update``): ``PATCH`` with ``{"isRead": true}``,
   ``200`` and the message.
 * delete message (``/graph/api/message-delete``): ``DELETE``, ``204``; like Exchange the
@@ -163,6 +172,14 @@ _MIN_UPLOAD = 3_000_000  # "between 3 MB and 150 MB": smaller files are POSTed (
 _MAX_ATTACHMENT = 150 * 1024 * 1024
 _TENANT = "test-tenant"
 _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+#: PS_INTERNET_HEADERS: a MIME reader keeps each custom header as a string property named
+#: after it in this set ([MS-OXCMAIL] 2.2.3.2.29), which Graph reaches as
+#: ``String {00020386-0000-0000-C000-000000000046} Name X-Header``.
+INTERNET_HEADERS = "{00020386-0000-0000-c000-000000000046}"
+#: ``singleValueExtendedProperties/Any(ep: ep/id eq '...' and ep/value eq '...')``, the
+#: documented filter on a string property (``/graph/api/singlevaluelegacyextendedproperty-get``).
+_PROPERTY_FILTER = re.compile(r"\s*singleValueExtendedProperties/Any\((\w+):\s*\1/id\s+eq\s+'((?:[^']|'')*)'\s+and\s+"
+                              r"\1/value\s+eq\s+'((?:[^']|'')*)'\)\s*")
 
 
 # ---------------------------------------------------------------------------------------
@@ -829,6 +846,8 @@ class GraphServer:
             return ctx.send_mail()
         if low_rest == ["messages"] and req.method == "POST":
             return ctx.create_draft()
+        if low_rest == ["messages"] and req.method == "GET":
+            return ctx.list_messages(None)
         # mailFolders[/{id}[/childFolders | /messages[/delta | /{id}...]]]
         if low_rest and _seg_name(low_rest[0]) == "mailfolders":
             key = _seg_key(rest[0])
@@ -1165,9 +1184,20 @@ class _Ctx:
         self.s._move(self.box, m, target)
         return _Response.json(201, self.message_json(m))
 
-    def list_messages(self, f: Folder) -> _Response:
+    def list_messages(self, f: Folder | None) -> _Response:
+        """A folder's messages, or (``f`` None) those of every folder but the hidden ones,
+        with the documented ``$filter`` on a string extended property if asked."""
+        self.need("read")
         q = self.req.query
-        inside = sorted((m for m in self.box.messages.values() if m.folder_id == f.id), key=lambda m: m.added_seq)
+        shown = {f.id} if f is not None else {g.id for g in self.box.folders.values() if not g.hidden}
+        inside = sorted((m for m in self.box.messages.values() if m.folder_id in shown), key=lambda m: m.added_seq)
+        if "$filter" in q:
+            match = _PROPERTY_FILTER.fullmatch(q["$filter"])
+            if match is None:
+                raise GraphError(400, "ErrorInvalidUrlQueryFilter",
+                                 "The query filter contains one or more invalid nodes.")
+            prop, value = (g.replace("''", "'") for g in match.group(2, 3))
+            inside = [m for m in inside if _property_is(m, prop, value)]
         top = min(int(q.get("$top", "10")), 1000)
         skip = int(q.get("$skip", "0"))
         body: dict[str, Any] = {"value": [self.message_json(m, q.get("$select"), q.get("$expand"))
@@ -1474,6 +1504,18 @@ class _Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------------------
 
 
+def _property_is(m: StoredMessage, prop: str, value: str) -> bool:
+    """Whether ``m`` has the string property ``prop`` (its Name compared case-sensitively)
+    with ``value`` (case-insensitively), as Graph filters them; the stand-in knows the
+    properties a MIME reader makes of custom headers (``X-...``)."""
+    kind, _, rest = prop.partition(" ")
+    guid, _, name = rest.partition(" Name ")
+    if kind.lower() != "string" or guid.lower() != INTERNET_HEADERS or not name.lower().startswith("x-"):
+        return False
+    head = _HEADERS.parsebytes(m.raw)
+    return any(k == name and str(v).strip().lower() == value.lower() for k, v in head.items())
+
+
 def _without_bcc(raw: bytes) -> bytes:
     """Bcc travels with the envelope only, as Exchange does."""
     return re.sub(rb"(?im)^bcc:.*\r?\n(?:[ \t].*\r?\n)*", b"", raw)
@@ -1528,6 +1570,8 @@ def _kind(method: str, seg: list[str]) -> str:
         return "attach"
     if last == "messages" and method == "POST":
         return "create"
+    if _seg_name(last) == "messages" and method == "GET":
+        return "list"
     if any(_seg_name(s) == "messages" for s in low):
         return {"PATCH": "patch", "DELETE": "delete"}.get(method, "message")
     return "folder"
