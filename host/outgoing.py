@@ -43,6 +43,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import email.policy
+import hashlib
 import inspect
 import itertools
 import logging
@@ -200,6 +201,12 @@ class Draft:
     subject: str | None
     from_addr: str | None  # None: the connection's From address is added at delivery
     source: str = "the message"  # what errors call it: the .eml file it came from
+
+
+def _delivery_key(item: _Claimed) -> str:
+    """What names ``item`` to its session on every attempt, and nothing else, even in
+    another store: its row id and creation time, hashed (the session learns nothing of the store)."""
+    return hashlib.sha256(f"{item.id}\0{item.created_at.isoformat()}".encode("ascii")).hexdigest()[:32]
 
 
 def _addr_spec(value: str) -> str:
@@ -670,6 +677,7 @@ class _Lane:
         self.session: OutgoingSession | None = None
         self.settings: ConnectionSettings | None = None
         self.gated = False  # the session's send() takes before_data
+        self.keyed = False  # ... and delivery_key
         address = _connection_address(self.conn) if self.conn else None
         self.from_line = address_header("From", [address]) if address else None
         self.sender = _addr_spec(address) if address else ""
@@ -695,7 +703,8 @@ class _Lane:
                                     "not an OutgoingSession: report it to the plugin's authors")
             raise self.down
         self.session = session
-        self.gated = "before_data" in inspect.signature(session.send).parameters
+        takes = inspect.signature(session.send).parameters
+        self.gated, self.keyed = "before_data" in takes, "delivery_key" in takes
         self.report.add("sessions")
         self.out._learn_size(self.conn, session.max_size)
         return session
@@ -1272,7 +1281,10 @@ class Outgoing:
 
         try:
             if lane.gated:
-                result = session.send(raw, sender, item.pending(), before_data=through)  # type: ignore[call-arg]
+                more: dict[str, Any] = {"before_data": through}
+                if lane.keyed:
+                    more["delivery_key"] = _delivery_key(item)
+                result = session.send(raw, sender, item.pending(), **more)
             else:
                 through()
                 result = session.send(raw, sender, item.pending())

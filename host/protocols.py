@@ -302,6 +302,11 @@ class OutgoingSession(Session, ABC):
         When the whole message went out and the server's answer did not come (a timeout,
         a dropped link), raise TemporaryFailure with ``in_doubt=True``: it may have been
         delivered.
+
+        A session whose ``send`` also takes ``delivery_key`` (a keyword, with
+        ``before_data``) is given an opaque string that is the same on every attempt at
+        one queued message and differs for any other: a protocol that can find what an
+        earlier attempt left on the server (a Graph draft) tags it with this key.
         """
 
     @property
