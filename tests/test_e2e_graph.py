@@ -260,7 +260,9 @@ def test_throttled_send_waits_for_retry_after(host: Mailhost, graph: GraphServer
 def test_large_attachment_through_the_queue_once(host: Mailhost, graph: GraphServer, home: Path) -> None:
     """A 6 MB attachment through the outgoing queue: a 500 mid-upload queues the message
     again with no draft left; the retry sends it once, complete. A lost answer to the
-    final send is an interrupted attempt: queued again, not failed."""
+    final send is an interrupted attempt: queued again, not failed; the next attempt
+    finds the message in Sent Items by the tag of its item, and records it sent without
+    sending it again."""
     from mailhost.outgoing import item_dict
 
     host.connections.add(Direction.OUTGOING, ConnectionSpec(
@@ -289,6 +291,11 @@ def test_large_attachment_through_the_queue_once(host: Mailhost, graph: GraphSer
     doubt = item_dict(host.outgoing.item(again.id), with_attempts=True)
     assert doubt["status"] == "queued" and [a["result"] for a in doubt["attempts_log"]] == ["interrupted"]
     assert len(graph.sent) == 2
+    host.outgoing.retry(again.id)
+    assert host.outgoing.deliver().sent == 1
+    done = item_dict(host.outgoing.item(again.id), with_attempts=True)
+    assert done["status"] == "sent" and [a["result"] for a in done["attempts_log"]] == ["interrupted", "sent"]
+    assert len(graph.sent) == 2 and graph.messages(ALICE, "drafts") == []
 
 
 def test_app_only_tokens_from_the_identity_provider(mh: Mailhost, pki: Pki, idp: IdentityProvider) -> None:

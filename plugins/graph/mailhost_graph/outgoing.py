@@ -5,14 +5,20 @@ Up to 4 MB of request (the message in base64, so about 3 MB of MIME): one
 base64 (Microsoft: "user: sendMail", MIME format); ``202 Accepted`` is success.
 
 Larger, since Graph refuses any request over 4 MB (``413``): the message is saved as a
-draft without its largest attachments (``POST /users/{mailbox}/messages``, MIME), each of
-those is added to the draft (from 3 MB with an upload session, ``createUploadSession``
-and ``PUT`` ranges to its pre-authenticated URL, which gets no token; smaller ones with
-``POST .../attachments``), then the draft is sent (``POST .../messages/{id}/send``,
-``202``). This needs Mail.ReadWrite besides Mail.Send. A failure before that last request
-deletes the draft, so retries leave none behind; a failure of the last request itself is
-in doubt, as an unanswered sendMail is. Exchange limits the whole message to the
-mailbox's maximum size (35 MB by default, up to 150 MB) and each attachment to 150 MB.
+draft without its largest attachments and those after them (``POST
+/users/{mailbox}/messages``, MIME), each of those is added to the draft in order (from
+3 MB with an upload session, ``createUploadSession`` and ``PUT`` ranges to its
+pre-authenticated URL, which gets no token; smaller ones with ``POST .../attachments``),
+then the draft is sent (``POST .../messages/{id}/send``, ``202``). This needs
+Mail.ReadWrite besides Mail.Send. Exchange limits the whole message to the mailbox's
+maximum size (35 MB by default, up to 150 MB) and each attachment to 150 MB.
+
+The draft carries a tag (:data:`TAG_HEADER`) for the queued message, which Graph filters
+on, so that nothing is left behind or sent twice: a failure before the last request
+deletes the draft; a lost answer to saving it finds it by its tag; a failure of the last
+request itself is in doubt, as an unanswered sendMail is, and the next attempt settles
+it: the tagged message sent (no longer a draft: Graph's send moves it to Sent Items)
+means done, a tagged draft means not sent, deleted and sent anew.
 
 The mailbox is the connection's From address (a shared mailbox, which needs Send As) or
 else its username. Exchange saves a copy in the mailbox's Sent Items.
@@ -27,8 +33,10 @@ from __future__ import annotations
 import base64
 import email.parser
 import email.policy
+import hashlib
 import mimetypes
 import re
+import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses, parseaddr
@@ -44,8 +52,10 @@ from .client import GraphClient, signed_in
 
 __all__ = [
     "REQUEST_LIMIT",
+    "TAG_PROPERTY",
     "FilePart",
     "GraphOutgoingSession",
+    "draft_key",
     "open_outgoing",
     "sending_mailbox",
     "split_message",
@@ -65,6 +75,12 @@ UPLOAD_MIN = 3_000_000
 UPLOAD_MAX = 150 * 1024 * 1024
 #: Bytes per PUT of an upload session: under 4 MB, a multiple of 320 KiB.
 CHUNK = 10 * 320 * 1024
+#: The header that tags a draft with its message (:func:`draft_key`). Exchange keeps a
+#: custom header of a MIME message it reads as a string property of that name in the
+#: PS_INTERNET_HEADERS set ([MS-OXCMAIL] 2.2.3.2.29), which Graph filters on; written in
+#: lower case because Graph compares the name case-sensitively.
+TAG_HEADER = "x-mailhost-draft"
+TAG_PROPERTY = f"String {{00020386-0000-0000-C000-000000000046}} Name {TAG_HEADER}"
 
 
 def open_outgoing(settings: ConnectionSettings) -> GraphOutgoingSession:
@@ -93,12 +109,14 @@ class GraphOutgoingSession(OutgoingSession):
         return f"<GraphOutgoingSession {self.mailbox} on {self.client.host}>"
 
     def send(self, raw: bytes, sender: str, recipients: Sequence[str],
-             before_data: Callable[[], None] | None = None) -> SendResult:
+             before_data: Callable[[], None] | None = None, delivery_key: str | None = None) -> SendResult:
         """One ``sendMail``, or a draft with its attachments then ``send``; 429, 503 and
         5xx raise TemporaryFailure (with the server's Retry-After), 400, 403 and 413
         PermanentFailure with Graph's code and message, a refused token TemporaryFailure
         (as a failed sign-in does). ``before_data`` runs once, right before the request
-        that sends. The message is never sent twice here: the outgoing queue retries."""
+        that sends. The message is never sent twice here: the outgoing queue retries.
+        ``delivery_key`` (the same on each attempt at one queued message) tags the draft,
+        so that the next attempt finds what this one left: a draft, or the message sent."""
         message = with_envelope(raw, recipients)
         gate = _once(before_data)
         if _b64(len(message)) <= REQUEST_LIMIT:
@@ -110,7 +128,10 @@ class GraphOutgoingSession(OutgoingSession):
                 self._doubt(response, doing)
                 self._check(response, doing, (202,), len(message))
                 return self._sent(recipients)
-        self._send_draft(message, gate)
+        if not self._send_draft(message, gate, delivery_key):
+            return SendResult(f"sent already: {self.client.where} holds the message for {len(recipients)} "
+                              f"recipient(s) in mailbox {self.mailbox}'s Sent Items, sent by an earlier attempt "
+                              "whose answer was lost; not sent again")
         return self._sent(recipients)
 
     def close(self) -> None:
@@ -119,7 +140,8 @@ class GraphOutgoingSession(OutgoingSession):
 
     # -- a draft, its attachments, send ---------------------------------------------------
 
-    def _send_draft(self, message: bytes, gate: Callable[[], None]) -> None:
+    def _send_draft(self, message: bytes, gate: Callable[[], None], delivery_key: str | None) -> bool:
+        """Send ``message`` through a draft; False when an earlier attempt is found to have sent it."""
         draft, files = split_message(message, DRAFT_TARGET)
         if _b64(len(draft)) > REQUEST_LIMIT:
             signed = b"multipart/signed" in draft[:4096].lower() or b"pkcs7-mime" in draft[:4096].lower()
@@ -131,12 +153,21 @@ class GraphOutgoingSession(OutgoingSession):
             if len(f.content) > UPLOAD_MAX:
                 raise PermanentFailure(f"the attachment {f.name} is {_mb(len(f.content))}, more than the 150 MB "
                                        "Microsoft Graph attaches: send it as a link, or through an SMTP connection")
-        doing = f"save a large message ({_mb(len(message))}) as a draft in mailbox {self.mailbox}"
-        created = self._check(self.client.request("POST", f"{self.path}/messages", doing=doing,
-                                                  content=base64.b64encode(draft),
-                                                  headers={"Content-Type": "text/plain"}),
-                              doing, (201,), len(message)).json()
-        target = f"{self.path}/messages/{quote(str(created['id']), safe='')}"
+        # Without the queue's key no earlier attempt can be told apart: the tag only finds
+        # this attempt's own draft when the answer that names it is lost.
+        key = draft_key(self.mailbox, delivery_key or secrets.token_hex(16))
+        earlier = self._find_tagged(key) if delivery_key else []
+        if any(not m.get("isDraft", True) for m in earlier):
+            # An earlier attempt's send went through, its answer lost: the draft left Drafts
+            # for Sent Items. Sending again would send it twice.
+            gate()
+            for m in earlier:
+                if m.get("isDraft", True):
+                    self._discard(self._target(m))
+            return False
+        for m in earlier:  # an earlier attempt's draft, never sent: it may lack attachments
+            self._discard(self._target(m))
+        target = self._create(_with_tag(draft, key), key, len(message))
         try:
             for f in files:
                 self._attach(target, f, len(message))
@@ -157,6 +188,41 @@ class GraphOutgoingSession(OutgoingSession):
         except BaseException:
             self._discard(target)
             raise
+        return True
+
+    def _create(self, draft: bytes, key: str, size: int) -> str:
+        """Save ``draft`` (tagged with ``key``) in Drafts; its path. When the answer is
+        lost, the draft the server may have saved is found by its tag rather than saved twice."""
+        doing = f"save a large message ({_mb(size)}) as a draft in mailbox {self.mailbox}"
+        try:
+            response = self.client.request("POST", f"{self.path}/messages", doing=doing, resend=False,
+                                           content=base64.b64encode(draft), headers={"Content-Type": "text/plain"})
+        except TemporaryFailure as exc:
+            if not exc.in_doubt:
+                raise
+        else:
+            if response.status_code not in (502, 504):  # a gateway's: the server behind it may have saved it
+                return self._target(self._check(response, doing, (201,), size).json())
+        found = [m for m in self._find_tagged(key) if m.get("isDraft", True)]
+        if not found:
+            raise TemporaryFailure(f"{self.client.where} did not answer while {doing}, and saved no draft: "
+                                   "it is tried again")
+        for extra in found[1:]:
+            self._discard(self._target(extra))
+        return self._target(found[0])
+
+    def _find_tagged(self, key: str) -> list[dict[str, Any]]:
+        """The messages of the mailbox tagged with ``key`` (Graph's filter on a string
+        extended property): an earlier attempt's draft, or its sent copy."""
+        doing = f"look for the draft of a large message in mailbox {self.mailbox}"
+        where = f"singleValueExtendedProperties/Any(ep: ep/id eq '{TAG_PROPERTY}' and ep/value eq '{key}')"
+        # Spaces, colons and slashes percent-encoded, as Graph's documentation asks.
+        found = self.client.call("GET", f"{self.path}/messages?$filter={quote(where, safe=chr(39) + '()')}"
+                                 "&$select=id,isDraft&$top=50", doing=doing)
+        return [m for m in (found or {}).get("value", []) if isinstance(m, dict) and m.get("id")]
+
+    def _target(self, message: dict[str, Any]) -> str:
+        return f"{self.path}/messages/{quote(str(message['id']), safe='')}"
 
     def _attach(self, target: str, f: FilePart, size: int) -> None:
         """Add one attachment to the draft: POSTed whole, or uploaded in ranges."""
@@ -263,6 +329,23 @@ def with_envelope(raw: bytes, recipients: Sequence[str]) -> bytes:
 
 
 # ---------------------------------------------------------------------------------------
+# The tag that finds a draft again
+# ---------------------------------------------------------------------------------------
+
+
+def draft_key(mailbox: str, delivery_key: str) -> str:
+    """The tag of a draft in ``mailbox`` for the queued message ``delivery_key`` names
+    (hashed: the tag goes out with the message)."""
+    return hashlib.sha256(f"{mailbox.lower()}\0{delivery_key}".encode()).hexdigest()[:32]
+
+
+def _with_tag(draft: bytes, key: str) -> bytes:
+    """``draft`` with the header that carries its tag on top."""
+    newline = b"\r\n" if b"\r\n" in draft[:2000] else b"\n"
+    return TAG_HEADER.encode("ascii") + b": " + key.encode("ascii") + newline + draft
+
+
+# ---------------------------------------------------------------------------------------
 # Taking the large attachments out of a MIME message
 # ---------------------------------------------------------------------------------------
 
@@ -281,12 +364,14 @@ class FilePart:
 @dataclass(frozen=True)
 class _Span:
     """A leaf part of a multipart: what removing it cuts out (its delimiter line
-    included), the part itself, the multipart it is in and how many parts that has."""
+    included), the part itself, the multipart it is in and how many parts that has, and
+    whether it shows in the body (inline) rather than in the list of attachments."""
 
     cut: tuple[int, int]
     part: tuple[int, int]
     parent: int
     siblings: int
+    inline: bool
 
 
 def split_message(raw: bytes, target: int) -> tuple[bytes, list[FilePart]]:
@@ -296,6 +381,9 @@ def split_message(raw: bytes, target: int) -> tuple[bytes, list[FilePart]]:
     Everything else stays byte for byte. Only leaf parts with a file name or a
     Content-ID are taken, never the last part of a multipart, nothing inside S/MIME
     (``multipart/signed``, ``application/pkcs7-mime``: the signature covers it whole).
+    Exchange lists the attachments added to a draft after those of its MIME, so every
+    attachment after the first one taken is taken too (in order): recipients find them
+    in the original order.
     """
     spans = sorted(_attachments(raw), key=lambda s: s.cut[0] - s.cut[1])  # largest first
     left = {s.parent: s.siblings for s in spans}
@@ -307,12 +395,19 @@ def split_message(raw: bytes, target: int) -> tuple[bytes, list[FilePart]]:
             taken.append(s)
             left[s.parent] -= 1
             size -= s.cut[1] - s.cut[0]
+    if taken:
+        first = min(s.cut[0] for s in taken)
+        for s in sorted(spans, key=lambda s: s.cut[0]):
+            # Inline parts show where the body refers to them: their place in the list is no matter.
+            if s.cut[0] > first and s not in taken and not s.inline and left[s.parent] > 1:
+                taken.append(s)
+                left[s.parent] -= 1
     rest, at = [], 0
     for s in sorted(taken, key=lambda s: s.cut[0]):
         rest.append(raw[at:s.cut[0]])
         at = s.cut[1]
     rest.append(raw[at:])
-    return b"".join(rest), [_decoded(raw[s.part[0]:s.part[1]]) for s in taken]
+    return b"".join(rest), [_decoded(raw[s.part[0]:s.part[1]]) for s in sorted(taken, key=lambda s: s.cut[0])]
 
 
 def _attachments(raw: bytes, start: int = 0, end: int | None = None) -> Iterator[_Span]:
@@ -336,7 +431,8 @@ def _attachments(raw: bytes, start: int = 0, end: int | None = None) -> Iterator
         if child.get_content_maintype() == "multipart":
             yield from _attachments(raw, part_start, part_end)
         elif child.get_filename() or child.get("Content-ID"):  # get_filename falls back to the name
-            yield _Span((_line_start(raw, marks[i].start()), part_end), (part_start, part_end), start, close)
+            yield _Span((_line_start(raw, marks[i].start()), part_end), (part_start, part_end), start, close,
+                        _inline(child))
 
 
 def _head(raw: bytes, start: int, end: int) -> tuple[Any, int]:
@@ -360,17 +456,21 @@ def _line_start(raw: bytes, at: int) -> int:
     return at - 1 if raw[at - 1:at] == b"\n" else at
 
 
+def _inline(msg: Any) -> bool:
+    """Whether a part shows in the body: said inline, or a Content-ID without a disposition."""
+    disposition = msg.get_content_disposition()
+    return disposition == "inline" or (disposition is None and msg.get("Content-ID") is not None)
+
+
 def _decoded(part: bytes) -> FilePart:
     msg = email.message_from_bytes(part, policy=email.policy.default)
     ctype = msg.get_content_type()
     cid = str(msg.get("Content-ID") or "").strip().strip("<>") or None
-    disposition = msg.get_content_disposition()
     name = msg.get_filename()
     if not name:
         name = (cid or "attachment").split("@")[0] + (mimetypes.guess_extension(ctype) or "")
     content = msg.get_payload(decode=True)
-    return FilePart(name, ctype, content if isinstance(content, bytes) else b"",
-                    disposition == "inline" or (disposition is None and cid is not None), cid)
+    return FilePart(name, ctype, content if isinstance(content, bytes) else b"", _inline(msg), cid)
 
 
 def _next_range(response: httpx.Response) -> int | None:

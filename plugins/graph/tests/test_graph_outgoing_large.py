@@ -11,9 +11,9 @@ import random
 from email.message import EmailMessage
 
 import pytest
-from graph_helpers import ALICE, Settings
+from graph_helpers import ALICE, SUPPORT, Settings
 from mailhost.errors import PermanentFailure, TemporaryFailure
-from mailhost_graph.outgoing import REQUEST_LIMIT, open_outgoing, split_message
+from mailhost_graph.outgoing import REQUEST_LIMIT, TAG_PROPERTY, draft_key, open_outgoing, split_message
 
 from tests.servers.graph import GraphServer
 
@@ -58,11 +58,12 @@ def test_5_mb_and_200_kb_attachments_arrive_complete(graph: GraphServer, setting
     assert result.response.startswith("202 Accepted")
     puts = [line for line in transcript if line.startswith("> PUT ")]
     assert len(puts) == 2 and not [line for line in transcript if "authtoken" in line]  # the URL's token stays out
-    assert sorted(received(graph)) == [("notes.bin", small, False, None), ("report.pdf", big, False, None)]
+    assert received(graph) == [("report.pdf", big, False, None), ("notes.bin", small, False, None)]
     [sent] = graph.sent
     assert sent.recipients == ("carol@example.org",) and TEXT.strip().encode("utf-8") in sent.raw
+    # notes.bin follows report.pdf, so it is POSTed after it rather than left in the MIME
     assert (graph.stats["sendmail"], graph.stats["create"], graph.stats["uploadsession"], graph.stats["upload"],
-            graph.stats["send"]) == (0, 1, 1, 2, 1)
+            graph.stats["attach"], graph.stats["send"]) == (0, 1, 1, 2, 1, 1)
     assert graph.messages(ALICE, "drafts") == [] and len(graph.messages(ALICE, "sentitems")) == 1
 
 
@@ -93,13 +94,29 @@ def test_a_413_to_sendmail_falls_back_to_a_draft(graph: GraphServer, settings: S
 
 
 def test_attachments_under_3_mb_are_posted(graph: GraphServer, settings: Settings) -> None:
-    """Three files of 1.5 MB: two leave the MIME and are POSTed whole (upload sessions
-    refuse files under 3 MB), one stays; carol gets all three."""
+    """Three files of 1.5 MB: two would do to fit the draft, but the third follows them,
+    so all three leave the MIME and are POSTed whole (upload sessions refuse files under
+    3 MB); carol gets all three, in order."""
     files = [(f"part{i}.bin", data(1_500_000, seed=i)) for i in range(3)]
     with open_outgoing(settings()) as s:
         s.send(mail(*files), ALICE, TO)
-    assert sorted(received(graph)) == sorted((n, c, False, None) for n, c in files)
-    assert (graph.stats["attach"], graph.stats["uploadsession"]) == (2, 0)
+    assert received(graph) == [(n, c, False, None) for n, c in files]
+    assert (graph.stats["attach"], graph.stats["uploadsession"]) == (3, 0)
+
+
+def test_attachments_keep_their_order(graph: GraphServer, settings: Settings) -> None:
+    """Exchange lists attachments added to a draft after those in its MIME: the files
+    after the first one taken out are taken out too and added in order, so carol finds
+    them as they were (one POST more per small file after the first large one; the
+    ones before it, and inline images, stay in the MIME)."""
+    files = [("a.txt", data(1000, seed=1)), ("big.bin", data(5_000_000, seed=2)), ("c.txt", data(1000, seed=3)),
+             ("big2.bin", data(4_000_000, seed=4)), ("e.txt", data(1000, seed=5))]
+    with open_outgoing(settings()) as s:
+        s.send(mail(*files, inline=("logo@contoso.com", data(2000, seed=6))), ALICE, TO)
+    assert [(n, c) for n, c, _, _ in received(graph)] == [("", data(2000, seed=6)), *files]  # the image has no name
+    assert (graph.stats["create"], graph.stats["uploadsession"], graph.stats["attach"]) == (1, 2, 2)
+    draft, taken = split_message(mail(*files), 3 * 1024 * 1024)
+    assert [f.name for f in taken] == ["big.bin", "c.txt", "big2.bin", "e.txt"] and b"a.txt" in draft
 
 
 def test_large_inline_image_keeps_its_content_id(graph: GraphServer, settings: Settings) -> None:
@@ -174,6 +191,84 @@ def test_the_final_send(graph: GraphServer, settings: Settings) -> None:
     assert graph.stats["delete"] == 0
 
 
+def test_a_lost_answer_to_the_draft_leaves_no_second_draft(graph: GraphServer, settings: Settings) -> None:
+    """The server saves the draft and the link drops before its answer: the draft is
+    found by its tag and used, not saved again beside an orphan; a gateway's 504 before
+    anything was saved is a plain TemporaryFailure, nothing left behind."""
+    raw = mail(("a.bin", data(5_000_000)))
+    graph.drop("create")
+    with open_outgoing(settings()) as s:
+        s.send(raw, ALICE, TO, before_data=lambda: None, delivery_key="item-1")
+        assert (graph.stats["create"], graph.stats["send"]) == (1, 1) and len(graph.sent) == 1
+        assert graph.messages(ALICE, "drafts") == []
+        graph.fail("create", 504, "GatewayTimeout", "The gateway did not receive a response in time.")
+        with pytest.raises(TemporaryFailure, match="saved no draft") as caught:
+            s.send(raw, ALICE, TO)  # no key from a queue: the tag still finds this attempt's own draft
+    assert caught.value.in_doubt is False and len(graph.sent) == 1 and graph.messages(ALICE, "drafts") == []
+
+
+def test_the_draft_carries_its_tag_where_graph_filters_on_it(graph: GraphServer, settings: Settings) -> None:
+    """The tag is a custom header of the draft's MIME, found with Graph's documented
+    filter on a string extended property (PS_INTERNET_HEADERS), per mailbox and key."""
+    key = draft_key(ALICE, "item-1")
+    assert key != draft_key(ALICE, "item-2") and key != draft_key(SUPPORT, "item-1") and len(key) == 32
+    with open_outgoing(settings()) as s:
+        s.send(mail(("a.bin", data(5_000_000))), ALICE, TO, before_data=lambda: None, delivery_key="item-1")
+    [copy] = graph.messages(ALICE, "sentitems")
+    assert copy.raw.startswith(f"x-mailhost-draft: {key}\r\n".encode())
+    assert TAG_PROPERTY == "String {00020386-0000-0000-C000-000000000046} Name x-mailhost-draft"
+
+
+def test_an_unanswered_send_that_went_out_is_not_sent_again(graph: GraphServer, settings: Settings) -> None:
+    """The send's answer is lost after Graph sent it (the draft moved to Sent Items): the
+    next attempt at that queued message finds the sent copy by its tag and reports it
+    sent, through the host's gate, sending nothing; another queued message with the
+    same bytes is another message, and goes."""
+    raw = mail(("a.bin", data(5_000_000)))
+    gates: list[int] = []
+    with open_outgoing(settings()) as s:
+        graph.drop("send")
+        with pytest.raises(TemporaryFailure, match="may have acted on it") as caught:
+            s.send(raw, ALICE, TO, before_data=lambda: None, delivery_key="item-1")
+        assert caught.value.in_doubt is True and len(graph.sent) == 1
+        result = s.send(raw, ALICE, TO, before_data=lambda: gates.append(len(graph.sent)), delivery_key="item-1")
+        assert result.response.startswith("sent already") and "earlier attempt" in result.response and gates == [1]
+        assert len(graph.sent) == 1 and (graph.stats["create"], graph.stats["send"]) == (1, 1)
+        s.send(raw, ALICE, TO, before_data=lambda: None, delivery_key="item-2")
+    assert len(graph.sent) == 2 and graph.messages(ALICE, "drafts") == []
+
+
+def test_a_draft_an_unanswered_send_left_is_not_orphaned(graph: GraphServer, settings: Settings) -> None:
+    """A gateway's 504 to send, the server behind it having done nothing: in doubt, the
+    draft stays (still in Drafts: not sent, as a sent draft moves to Sent Items). The
+    next attempt deletes it and sends once; Drafts is empty."""
+    raw = mail(("a.bin", data(5_000_000)))
+    with open_outgoing(settings()) as s:
+        graph.fail("send", 504, "GatewayTimeout", "The gateway did not receive a response in time.")
+        with pytest.raises(TemporaryFailure, match="504") as caught:
+            s.send(raw, ALICE, TO, before_data=lambda: None, delivery_key="item-1")
+        assert caught.value.in_doubt is True and graph.sent == [] and len(graph.messages(ALICE, "drafts")) == 1
+        s.send(raw, ALICE, TO, before_data=lambda: None, delivery_key="item-1")
+    assert received(graph) == [("a.bin", data(5_000_000), False, None)]
+    assert graph.messages(ALICE, "drafts") == [] and len(graph.messages(ALICE, "sentitems")) == 1
+
+
+def test_a_shared_mailbox_sends_large_messages_from_its_own_url(graph: GraphServer, settings: Settings) -> None:
+    """From address = the shared mailbox: the draft, its lookup, its attachments and its
+    send all go to /users/support@..., as sendMail does; nothing touches alice's mailbox."""
+    transcript: list[str] = []
+    raw = mail(("a.bin", data(5_000_000))).replace(f"Alice <{ALICE}>".encode(), f"Support <{SUPPORT}>".encode())
+    scopes = ("Mail.ReadWrite.Shared", "Mail.Send.Shared")
+    with open_outgoing(settings(scopes=scopes, from_address=f"Support <{SUPPORT}>",
+                                transcript=transcript.append)) as s:
+        s.send(raw, SUPPORT, TO, before_data=lambda: None, delivery_key="item-1")
+    paths = [line.split()[2] for line in transcript if line.startswith("> ") and "/v1.0/" in line]
+    assert paths and all(p.startswith(f"/v1.0/users/{SUPPORT}/") for p in paths)
+    assert [(m.mailbox, m.caller) for m in graph.sent] == [(SUPPORT, ALICE)]
+    assert len(graph.messages(SUPPORT, "sentitems")) == 1 and graph.messages(SUPPORT, "drafts") == []
+    assert graph.messages(ALICE, "sentitems") == [] and graph.messages(ALICE, "drafts") == []
+
+
 def test_gate_failing_deletes_the_draft(graph: GraphServer, settings: Settings) -> None:
     """The host's gate (the previous outcome not yet durable) raises: nothing is sent, no draft stays."""
     def gate() -> None:
@@ -220,7 +315,7 @@ def test_split_takes_out_only_the_attachment_byte_for_byte() -> None:
     """The rest is the message minus one contiguous run (the part and its delimiter line),
     still well-formed; the part comes out decoded. A multipart's only part stays."""
     big, small = data(5_000_000), data(1000, seed=2)
-    raw = mail(("a.bin", big), ("b.bin", small))
+    raw = mail(("b.bin", small), ("a.bin", big))  # b.bin first: it keeps its place in the MIME
     rest, [part] = split_message(raw, 3 * 1024 * 1024)
     assert (part.name, part.content_type, part.content, part.is_inline) == ("a.bin", "application/octet-stream",
                                                                            big, False)
