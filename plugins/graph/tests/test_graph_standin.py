@@ -199,3 +199,28 @@ def test_draft_upload_session_and_send(graph: GraphServer, http: httpx.Client) -
     assert graph.messages(ALICE, "drafts") == []
     [copy] = graph.messages(ALICE, "sentitems")
     assert b"Bcc" not in copy.raw and b"plan.pdf" in copy.raw
+
+
+def test_messages_filtered_on_a_custom_header_property(graph: GraphServer, http: httpx.Client) -> None:
+    """The documented filter on a string extended property finds messages by a custom
+    header (PS_INTERNET_HEADERS), in every folder but the hidden ones: the name in the id
+    case-sensitive, the value not; any other filter is 400 ErrorInvalidUrlQueryFilter."""
+    tagged = b"X-Tag: Blue\r\n" + message(1)
+    kept, drafted = graph.deliver(ALICE, tagged), graph.deliver(ALICE, tagged, "drafts")
+    graph.deliver(ALICE, message(2))
+    gone = graph.deliver(ALICE, tagged)
+    http.delete(f"/users/alice@contoso.com/messages/{gone}", headers={"Prefer": 'IdType="ImmutableId"'})
+
+    def found(name: str, value: str, folder: str = "") -> list[str]:
+        where = (f"singleValueExtendedProperties/Any(ep: ep/id eq 'String {{00020386-0000-0000-C000-000000000046}} "
+                 f"Name {name}' and ep/value eq '{value}')")
+        r = http.get(f"/users/alice@contoso.com{folder}/messages", params={"$filter": where, "$select": "id"},
+                     headers={"Prefer": 'IdType="ImmutableId"'})
+        assert r.status_code == 200
+        return [m["id"] for m in r.json()["value"]]
+
+    assert found("X-Tag", "blue") == [kept, drafted]
+    assert found("X-Tag", "blue", "/mailFolders/drafts") == [drafted]
+    assert found("x-tag", "blue") == [] and found("X-Tag", "red") == []
+    bad = http.get("/users/alice@contoso.com/messages", params={"$filter": "subject eq 'message 1'"})
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "ErrorInvalidUrlQueryFilter"
