@@ -26,7 +26,11 @@ endpoints, following Microsoft's documentation (Microsoft Learn, /graph/...):
   reader keeps in PS_INTERNET_HEADERS (``String {00020386-0000-0000-C000-000000000046}
   Name X-...``, [MS-OXCMAIL] 2.2.3.2.29). Request kind ``list``.
 * update message (``/graph/api/message-update``): ``PATCH`` with ``{"isRead": true}``,
-  ``200`` and the message.
+  ``200`` and the message; ``{"singleValueExtendedProperties": [{"id": ..., "value":
+  ...}]}`` sets extended properties ("Create single-value extended property" in an
+  existing message), which ``$filter`` finds and
+  ``$expand=singleValueExtendedProperties($filter=id eq '{id}')`` shows, on the
+  messages that have it.
 * delete message (``/graph/api/message-delete``): ``DELETE``, ``204``; like Exchange the
   item goes to the hidden Recoverable Items "Deletions" folder, not to Deleted Items.
 * move message (``/graph/api/message-move``): ``POST .../move {"destinationId": ...}``
@@ -178,6 +182,7 @@ _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 INTERNET_HEADERS = "{00020386-0000-0000-c000-000000000046}"
 #: ``singleValueExtendedProperties/Any(ep: ep/id eq '...' and ep/value eq '...')``, the
 #: documented filter on a string property (``/graph/api/singlevaluelegacyextendedproperty-get``).
+_EXPAND_PROPERTY = re.compile(r"\s*singleValueExtendedProperties\(\$filter=id\s+eq\s+'((?:[^']|'')*)'\)\s*")
 _PROPERTY_FILTER = re.compile(r"\s*singleValueExtendedProperties/Any\((\w+):\s*\1/id\s+eq\s+'((?:[^']|'')*)'\s+and\s+"
                               r"\1/value\s+eq\s+'((?:[^']|'')*)'\)\s*")
 
@@ -254,6 +259,7 @@ class StoredMessage:
     internet_message_id: str = ""
     is_draft: bool = False
     attachments: list[Attachment] = field(default_factory=list)  # added with the API, not in ``raw``
+    properties: dict[str, str] = field(default_factory=dict)  # extended properties set with the API, by id
 
     @property
     def size(self) -> int:
@@ -1137,6 +1143,12 @@ class _Ctx:
         out = _select(full, select, keep=("@odata.type", "@odata.etag", "id"))
         if expand and "singlevalueextendedproperties" in expand.lower() and "0x0e08" in expand.lower():
             out["singleValueExtendedProperties"] = [{"id": _SIZE_PROPERTY, "value": str(len(m.raw))}]
+        elif expand and (asked := _EXPAND_PROPERTY.fullmatch(expand)) is not None:
+            # Graph expands the property only on the messages that have it.
+            wanted = _property_key(asked.group(1).replace("''", "'"))
+            found = [{"id": k, "value": v} for k, v in m.properties.items() if _property_key(k) == wanted]
+            if found:
+                out["singleValueExtendedProperties"] = found
         return out
 
     def get_message(self, m: StoredMessage) -> _Response:
@@ -1157,6 +1169,15 @@ class _Ctx:
     def update_message(self, m: StoredMessage) -> _Response:
         self.need("write")
         changes = self.json_object()
+        props = changes.get("singleValueExtendedProperties")
+        if props is not None:  # "Create single-value extended property" in an existing message
+            if not isinstance(props, list) or not all(isinstance(p, dict) and p.get("id") and "value" in p
+                                                      for p in props):
+                raise GraphError(400, "BadRequest", "Invalid value for property singleValueExtendedProperties.")
+            for prop in props:
+                m.properties[str(prop["id"])] = str(prop["value"])
+            m.updated_seq = self.s._next_seq()
+            m.version += 1
         if "isRead" in changes:
             if not isinstance(changes["isRead"], bool):
                 raise GraphError(400, "BadRequest", "Invalid value for property isRead.")
@@ -1504,13 +1525,23 @@ class _Handler(BaseHTTPRequestHandler):
 # ---------------------------------------------------------------------------------------
 
 
-def _property_is(m: StoredMessage, prop: str, value: str) -> bool:
-    """Whether ``m`` has the string property ``prop`` (its Name compared case-sensitively)
-    with ``value`` (case-insensitively), as Graph filters them; the stand-in knows the
-    properties a MIME reader makes of custom headers (``X-...``)."""
-    kind, _, rest = prop.partition(" ")
+def _property_key(prop: str) -> tuple[str, str, str]:
+    """An extended property's id as Graph compares it: type and set GUID in any case, the
+    Name as written."""
+    kind, _, rest = prop.strip().partition(" ")
     guid, _, name = rest.partition(" Name ")
-    if kind.lower() != "string" or guid.lower() != INTERNET_HEADERS or not name.lower().startswith("x-"):
+    return kind.lower(), guid.lower(), name
+
+
+def _property_is(m: StoredMessage, prop: str, value: str) -> bool:
+    """Whether ``m`` has the string property ``prop`` with ``value`` (compared
+    case-insensitively), as Graph filters them: one set with the API, or one a MIME reader
+    made of a custom header (``X-...``)."""
+    key = _property_key(prop)
+    if any(_property_key(k) == key and v.lower() == value.lower() for k, v in m.properties.items()):
+        return True
+    kind, guid, name = key
+    if kind != "string" or guid != INTERNET_HEADERS or not name.lower().startswith("x-"):
         return False
     head = _HEADERS.parsebytes(m.raw)
     return any(k == name and str(v).strip().lower() == value.lower() for k, v in head.items())

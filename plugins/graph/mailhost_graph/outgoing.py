@@ -18,7 +18,8 @@ on, so that nothing is left behind or sent twice: a failure before the last requ
 deletes the draft; a lost answer to saving it finds it by its tag; a failure of the last
 request itself is in doubt, as an unanswered sendMail is, and the next attempt settles
 it: the tagged message sent (no longer a draft: Graph's send moves it to Sent Items)
-means done, a tagged draft means not sent, deleted and sent anew.
+means done; a tagged draft means not sent: sent as it is if it was marked complete
+(:data:`READY_PROPERTY`), else deleted and made again.
 
 The mailbox is the connection's From address (a shared mailbox, which needs Send As) or
 else its username. Exchange saves a copy in the mailbox's Sent Items.
@@ -51,6 +52,7 @@ from mailhost.secrets import remember_secret
 from .client import GraphClient, signed_in
 
 __all__ = [
+    "READY_PROPERTY",
     "REQUEST_LIMIT",
     "TAG_PROPERTY",
     "FilePart",
@@ -81,6 +83,9 @@ CHUNK = 10 * 320 * 1024
 #: lower case because Graph compares the name case-sensitively.
 TAG_HEADER = "x-mailhost-draft"
 TAG_PROPERTY = f"String {{00020386-0000-0000-C000-000000000046}} Name {TAG_HEADER}"
+#: Set on the draft once it holds every attachment (a named property in PS_PUBLIC_STRINGS):
+#: only such a draft may be sent by a later attempt, as it is.
+READY_PROPERTY = "String {00020329-0000-0000-C000-000000000046} Name mailhost-ready"
 
 
 def open_outgoing(settings: ConnectionSettings) -> GraphOutgoingSession:
@@ -157,20 +162,27 @@ class GraphOutgoingSession(OutgoingSession):
         # this attempt's own draft when the answer that names it is lost.
         key = draft_key(self.mailbox, delivery_key or secrets.token_hex(16))
         earlier = self._find_tagged(key) if delivery_key else []
-        if any(not m.get("isDraft", True) for m in earlier):
+        drafts = [m for m in earlier if m.get("isDraft", True)]
+        if len(drafts) < len(earlier):
             # An earlier attempt's send went through, its answer lost: the draft left Drafts
             # for Sent Items. Sending again would send it twice.
             gate()
-            for m in earlier:
-                if m.get("isDraft", True):
-                    self._discard(self._target(m))
+            for m in drafts:
+                self._discard(self._target(m))
             return False
-        for m in earlier:  # an earlier attempt's draft, never sent: it may lack attachments
-            self._discard(self._target(m))
-        target = self._create(_with_tag(draft, key), key, len(message))
+        # A draft still in Drafts was not sent. One that got all its attachments (marked
+        # so before its send) is sent as it is; any other is deleted and made again.
+        ready = next((m for m in drafts if _is_ready(m, key)), None)
+        for m in drafts:
+            if m is not ready:
+                self._discard(self._target(m))
+        target = self._target(ready) if ready is not None else self._create(_with_tag(draft, key), key, len(message))
         try:
-            for f in files:
-                self._attach(target, f, len(message))
+            if ready is None:
+                for f in files:
+                    self._attach(target, f, len(message))
+                if delivery_key:
+                    self._mark_ready(target, key)
             gate()
         except BaseException:
             self._discard(target)
@@ -213,13 +225,21 @@ class GraphOutgoingSession(OutgoingSession):
 
     def _find_tagged(self, key: str) -> list[dict[str, Any]]:
         """The messages of the mailbox tagged with ``key`` (Graph's filter on a string
-        extended property): an earlier attempt's draft, or its sent copy."""
+        extended property): an earlier attempt's draft, or its sent copy; each with its
+        mark of readiness, if it has one."""
         doing = f"look for the draft of a large message in mailbox {self.mailbox}"
         where = f"singleValueExtendedProperties/Any(ep: ep/id eq '{TAG_PROPERTY}' and ep/value eq '{key}')"
+        expand = f"singleValueExtendedProperties($filter=id eq '{READY_PROPERTY}')"
         # Spaces, colons and slashes percent-encoded, as Graph's documentation asks.
-        found = self.client.call("GET", f"{self.path}/messages?$filter={quote(where, safe=chr(39) + '()')}"
+        found = self.client.call("GET", f"{self.path}/messages?$filter={_q(where)}&$expand={_q(expand)}"
                                  "&$select=id,isDraft&$top=50", doing=doing)
         return [m for m in (found or {}).get("value", []) if isinstance(m, dict) and m.get("id")]
+
+    def _mark_ready(self, target: str, key: str) -> None:
+        """Mark the draft as holding every attachment, so that a later attempt may send it."""
+        doing = f"mark the draft of a large message complete in mailbox {self.mailbox}"
+        self.client.call("PATCH", target, doing=doing, json_body={
+            "singleValueExtendedProperties": [{"id": READY_PROPERTY, "value": key}]})
 
     def _target(self, message: dict[str, Any]) -> str:
         return f"{self.path}/messages/{quote(str(message['id']), safe='')}"
@@ -337,6 +357,12 @@ def draft_key(mailbox: str, delivery_key: str) -> str:
     """The tag of a draft in ``mailbox`` for the queued message ``delivery_key`` names
     (hashed: the tag goes out with the message)."""
     return hashlib.sha256(f"{mailbox.lower()}\0{delivery_key}".encode()).hexdigest()[:32]
+
+
+def _is_ready(message: dict[str, Any], key: str) -> bool:
+    """Whether a draft found by its tag bears the mark that it got every attachment."""
+    return any(isinstance(p, dict) and str(p.get("id", "")).lower() == READY_PROPERTY.lower()
+               and p.get("value") == key for p in message.get("singleValueExtendedProperties") or [])
 
 
 def _with_tag(draft: bytes, key: str) -> bytes:
@@ -479,6 +505,11 @@ def _next_range(response: httpx.Response) -> int | None:
         return int(str(response.json()["nextExpectedRanges"][0]).split("-")[0])
     except (ValueError, KeyError, IndexError, TypeError):
         return None
+
+
+def _q(text: str) -> str:
+    """``text`` for a URL's query, percent-encoded but for quotes and parentheses."""
+    return quote(text, safe="'()")
 
 
 def _b64(size: int) -> int:

@@ -238,19 +238,41 @@ def test_an_unanswered_send_that_went_out_is_not_sent_again(graph: GraphServer, 
     assert len(graph.sent) == 2 and graph.messages(ALICE, "drafts") == []
 
 
-def test_a_draft_an_unanswered_send_left_is_not_orphaned(graph: GraphServer, settings: Settings) -> None:
+def test_a_draft_an_unanswered_send_left_is_sent_by_the_next_attempt(graph: GraphServer,
+                                                                     settings: Settings) -> None:
     """A gateway's 504 to send, the server behind it having done nothing: in doubt, the
-    draft stays (still in Drafts: not sent, as a sent draft moves to Sent Items). The
-    next attempt deletes it and sends once; Drafts is empty."""
+    draft stays (still in Drafts: not sent, as a sent draft moves to Sent Items). It was
+    marked complete before its send, so the next attempt sends that draft, through the
+    host's gate, uploading nothing again; Drafts is empty after."""
     raw = mail(("a.bin", data(5_000_000)))
+    gates: list[int] = []
     with open_outgoing(settings()) as s:
         graph.fail("send", 504, "GatewayTimeout", "The gateway did not receive a response in time.")
         with pytest.raises(TemporaryFailure, match="504") as caught:
             s.send(raw, ALICE, TO, before_data=lambda: None, delivery_key="item-1")
         assert caught.value.in_doubt is True and graph.sent == [] and len(graph.messages(ALICE, "drafts")) == 1
+        s.send(raw, ALICE, TO, before_data=lambda: gates.append(len(graph.sent)), delivery_key="item-1")
+    assert received(graph) == [("a.bin", data(5_000_000), False, None)] and gates == [0]
+    # stats count requests served: the 504 came from the gateway, the one send served is the retry's
+    assert (graph.stats["create"], graph.stats["uploadsession"], graph.stats["patch"], graph.stats["send"]) \
+        == (1, 1, 1, 1)
+    assert graph.messages(ALICE, "drafts") == [] and len(graph.messages(ALICE, "sentitems")) == 1
+
+
+def test_an_incomplete_draft_left_behind_is_replaced(graph: GraphServer, settings: Settings) -> None:
+    """An upload fails and so does deleting the draft: it stays, tagged but never marked
+    complete. The next attempt deletes it and sends the message through a new draft, once."""
+    raw = mail(("a.bin", data(5_000_000)))
+    with open_outgoing(settings()) as s:
+        graph.fail("upload", 500, "InternalServerError", "Something went wrong.")
+        graph.fail("delete", 500, "InternalServerError", "Something went wrong.")
+        with pytest.raises(TemporaryFailure, match="500 InternalServerError"):
+            s.send(raw, ALICE, TO, before_data=lambda: None, delivery_key="item-1")
+        [left] = graph.messages(ALICE, "drafts")
+        assert left.attachments == [] and graph.sent == []
         s.send(raw, ALICE, TO, before_data=lambda: None, delivery_key="item-1")
     assert received(graph) == [("a.bin", data(5_000_000), False, None)]
-    assert graph.messages(ALICE, "drafts") == [] and len(graph.messages(ALICE, "sentitems")) == 1
+    assert graph.stats["create"] == 2 and graph.messages(ALICE, "drafts") == []
 
 
 def test_a_shared_mailbox_sends_large_messages_from_its_own_url(graph: GraphServer, settings: Settings) -> None:

@@ -224,3 +224,21 @@ def test_messages_filtered_on_a_custom_header_property(graph: GraphServer, http:
     assert found("x-tag", "blue") == [] and found("X-Tag", "red") == []
     bad = http.get("/users/alice@contoso.com/messages", params={"$filter": "subject eq 'message 1'"})
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "ErrorInvalidUrlQueryFilter"
+
+
+def test_an_extended_property_set_with_patch(graph: GraphServer, http: httpx.Client) -> None:
+    """PATCH with singleValueExtendedProperties sets one; $filter finds it and $expand
+    shows it, on the messages that have it only."""
+    prop = "String {00020329-0000-0000-C000-000000000046} Name color"
+    ids = graph.deliver_many(ALICE, [message(1), message(2)])
+    prefer = {"Prefer": 'IdType="ImmutableId"'}
+    r = http.patch(f"/users/alice@contoso.com/messages/{ids[0]}", headers=prefer,
+                   json={"singleValueExtendedProperties": [{"id": prop, "value": "Blue"}]})
+    assert r.status_code == 200
+    where = f"singleValueExtendedProperties/Any(ep: ep/id eq '{prop}' and ep/value eq 'blue')"
+    expand = f"singleValueExtendedProperties($filter=id eq '{prop}')"
+    listed = http.get("/users/alice@contoso.com/mailFolders/inbox/messages", headers=prefer,
+                      params={"$select": "id", "$expand": expand}).json()["value"]
+    assert [m.get("singleValueExtendedProperties") for m in listed] == [[{"id": prop, "value": "Blue"}], None]
+    found = http.get("/users/alice@contoso.com/messages", headers=prefer, params={"$filter": where}).json()["value"]
+    assert [m["id"] for m in found] == [ids[0]]
