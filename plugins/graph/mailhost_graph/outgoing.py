@@ -173,10 +173,11 @@ class GraphOutgoingSession(OutgoingSession):
         # A draft still in Drafts was not sent. One that got all its attachments (marked
         # so before its send) is sent as it is; any other is deleted and made again.
         ready = next((m for m in drafts if _is_ready(m, key)), None)
-        for m in drafts:
-            if m is not ready:
-                self._discard(self._target(m))
-        target = self._target(ready) if ready is not None else self._create(_with_tag(draft, key), key, len(message))
+        stale = [m for m in drafts if m is not ready]
+        for m in stale:
+            self._discard(self._target(m))
+        target = self._target(ready) if ready is not None else \
+            self._create(_with_tag(draft, key), key, len(message), {str(m["id"]) for m in stale})
         try:
             if ready is None:
                 for f in files:
@@ -202,9 +203,10 @@ class GraphOutgoingSession(OutgoingSession):
             raise
         return True
 
-    def _create(self, draft: bytes, key: str, size: int) -> str:
+    def _create(self, draft: bytes, key: str, size: int, stale: set[str]) -> str:
         """Save ``draft`` (tagged with ``key``) in Drafts; its path. When the answer is
-        lost, the draft the server may have saved is found by its tag rather than saved twice."""
+        lost, the draft the server may have saved is found by its tag (not one of the
+        ``stale`` drafts of earlier attempts) rather than saved twice."""
         doing = f"save a large message ({_mb(size)}) as a draft in mailbox {self.mailbox}"
         try:
             response = self.client.request("POST", f"{self.path}/messages", doing=doing, resend=False,
@@ -215,7 +217,7 @@ class GraphOutgoingSession(OutgoingSession):
         else:
             if response.status_code not in (502, 504):  # a gateway's: the server behind it may have saved it
                 return self._target(self._check(response, doing, (201,), size).json())
-        found = [m for m in self._find_tagged(key) if m.get("isDraft", True)]
+        found = [m for m in self._find_tagged(key) if m.get("isDraft", True) and str(m["id"]) not in stale]
         if not found:
             raise TemporaryFailure(f"{self.client.where} did not answer while {doing}, and saved no draft: "
                                    "it is tried again")

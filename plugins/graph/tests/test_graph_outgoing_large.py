@@ -275,6 +275,23 @@ def test_an_incomplete_draft_left_behind_is_replaced(graph: GraphServer, setting
     assert graph.stats["create"] == 2 and graph.messages(ALICE, "drafts") == []
 
 
+def test_a_lost_answer_to_the_draft_never_picks_an_earlier_one(graph: GraphServer, settings: Settings) -> None:
+    """An earlier attempt's draft got one of two files, and its DELETE failed twice: the
+    next attempt's lost answer to saving its draft finds two tagged drafts, and goes on
+    with its own, so carol gets each file once."""
+    files = [("a.bin", data(5_000_000)), ("b.txt", data(1000, seed=2))]
+    with open_outgoing(settings()) as s:
+        graph.fail("attach", 500, "InternalServerError", "Something went wrong.")
+        graph.fail("delete", 500, "InternalServerError", "Something went wrong.", count=2)
+        with pytest.raises(TemporaryFailure, match="500 InternalServerError"):
+            s.send(mail(*files), ALICE, TO, before_data=lambda: None, delivery_key="item-1")
+        graph.drop("create")
+        s.send(mail(*files), ALICE, TO, before_data=lambda: None, delivery_key="item-1")
+    assert received(graph) == [(n, c, False, None) for n, c in files]
+    [left] = graph.messages(ALICE, "drafts")  # the one whose DELETE the server kept failing
+    assert [a.name for a in left.attachments] == ["a.bin"]
+
+
 def test_a_shared_mailbox_sends_large_messages_from_its_own_url(graph: GraphServer, settings: Settings) -> None:
     """From address = the shared mailbox: the draft, its lookup, its attachments and its
     send all go to /users/support@..., as sendMail does; nothing touches alice's mailbox."""
