@@ -624,6 +624,60 @@ def test_a_stopped_worker_gives_back_only_what_it_never_tried(home: Path, tmp_pa
         mh.close()
 
 
+class _RecordsKeys:
+    """A protocol whose send takes ``delivery_key``: it records the key of each attempt
+    and fails the first attempt at each message for a while (TemporaryFailure)."""
+
+    keys: list[tuple[bytes, str]] = []
+
+    @hookimpl
+    def register_protocols(self, register: Callable[[Any], None]) -> None:
+        from mailhost.errors import TemporaryFailure
+        from mailhost.protocols import ProtocolProvider, ProviderOption, SendResult
+        from tests.testplugin.mailhost_testplugin import DirOutgoing
+
+        keys = self.keys
+
+        class Session(DirOutgoing):
+            def send(self, raw: bytes, sender: str, recipients: Any, before_data: Any = None,
+                     delivery_key: str | None = None) -> SendResult:
+                subject = email.message_from_bytes(raw)["Subject"].encode()
+                keys.append((subject, str(delivery_key)))
+                if sum(1 for s, _ in keys if s == subject) == 1:
+                    raise TemporaryFailure("421 try again later")
+                before_data()
+                return super().send(raw, sender, recipients)
+
+        register(ProtocolProvider(name="keys", direction=Direction.OUTGOING, open=Session, title="Keys (tests)",
+                                  attributes=frozenset({"host", "from_address"}), required=frozenset({"host"}),
+                                  options=(ProviderOption("suffix", "the file name ending", str, default=""),)))
+
+
+def test_a_session_gets_one_delivery_key_per_message(home: Path, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A send that takes ``delivery_key`` gets the same one on every attempt at a message,
+    and another for each other message, with nothing of the store in it."""
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_OUTBOX", str(tmp_path / "outbox"))
+    _RecordsKeys.keys = []
+    mh = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(only=[], extra=[("keys", _RecordsKeys())]))
+    try:
+        mh.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="keys", host="box",
+                                                              from_address="a@example.org", default=True))
+        ids = [mh.outgoing.send(["r@example.org"], subject=f"m{n}", body=BODY).id for n in range(2)]
+        mh.outgoing.deliver()
+        for i in ids:
+            mh.outgoing.retry(i)
+        assert mh.outgoing.deliver().sent == 2
+    finally:
+        mh.close()
+    by_subject: dict[bytes, set[str]] = {}
+    for subject, key in _RecordsKeys.keys:
+        by_subject.setdefault(subject, set()).add(key)
+    assert sorted(by_subject) == [b"m0", b"m1"] and [len(k) for k in by_subject.values()] == [1, 1]
+    keys = set.union(*by_subject.values())
+    assert len(keys) == 2 and all(len(k) == 32 and int(k, 16) >= 0 for k in keys)  # opaque: a hash
+
+
 def test_retry_delete_and_purge(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
     """retry gives a failed message a fresh start; delete removes one; purge drops old
     sent mail; a sent or unknown message is refused with a clear error."""
