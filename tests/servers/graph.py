@@ -179,9 +179,10 @@ _HEADERS = email.parser.BytesHeaderParser(policy=email.policy.compat32)
 #: PS_INTERNET_HEADERS: a MIME reader keeps each custom header as a string property named
 #: after it in this set ([MS-OXCMAIL] 2.2.3.2.29), which Graph reaches as
 #: ``String {00020386-0000-0000-C000-000000000046} Name X-Header``.
-INTERNET_HEADERS = "{00020386-0000-0000-c000-000000000046}"
-#: ``singleValueExtendedProperties/Any(ep: ep/id eq '...' and ep/value eq '...')``, the
-#: documented filter on a string property (``/graph/api/singlevaluelegacyextendedproperty-get``).
+_INTERNET_HEADERS = "{00020386-0000-0000-c000-000000000046}"
+#: ``$expand=singleValueExtendedProperties($filter=id eq '...')`` and ``$filter=
+#: singleValueExtendedProperties/Any(ep: ep/id eq '...' and ep/value eq '...')``, as
+#: documented for string properties (``/graph/api/singlevaluelegacyextendedproperty-get``).
 _EXPAND_PROPERTY = re.compile(r"\s*singleValueExtendedProperties\(\$filter=id\s+eq\s+'((?:[^']|'')*)'\)\s*")
 _PROPERTY_FILTER = re.compile(r"\s*singleValueExtendedProperties/Any\((\w+):\s*\1/id\s+eq\s+'((?:[^']|'')*)'\s+and\s+"
                               r"\1/value\s+eq\s+'((?:[^']|'')*)'\)\s*")
@@ -1340,9 +1341,9 @@ class _Ctx:
             raise GraphError(400, "ErrorMimeContentInvalidBase64String", "Invalid base64 string for MIME content.")
         return raw
 
-    def accept(self, raw: bytes) -> None:
+    def accept(self, raw: bytes) -> StoredMessage:
         """Submit ``raw``: it goes to its To, Cc and Bcc (kept in :attr:`GraphServer.sent`),
-        a copy without Bcc to Sent Items."""
+        a copy without Bcc to Sent Items, which is returned."""
         head = _HEADERS.parsebytes(raw)
         rcpts = tuple(a.lower() for _, a in email.utils.getaddresses(
             [str(v) for k in ("To", "Cc", "Bcc") for v in head.get_all(k, [])]) if a)
@@ -1353,7 +1354,8 @@ class _Ctx:
         if sender and sender != self.box.address:
             self.need_send_as(sender)
         self.s.sent.append(SentMail(self.box.address, self.caller(), raw, rcpts))
-        self.s.deliver_many(self.box.address, [_without_bcc(raw)], "sentitems", is_read=True)
+        [imm] = self.s.deliver_many(self.box.address, [_without_bcc(raw)], "sentitems", is_read=True)
+        return self.box.messages[imm]
 
     # -- drafts, attachments, upload sessions ---------------------------------------------
 
@@ -1441,7 +1443,7 @@ class _Ctx:
             raise GraphError(400, "ErrorMessageSizeExceeded",
                              "The message exceeds the maximum supported size., Cannot submit the message.")
         raw = _with_attachments(m.raw, m.attachments)
-        self.accept(raw)
+        self.accept(raw).properties.update(m.properties)  # the item itself moves, its properties with it
         self.s.purge_message(self.box.address, m.immutable_id)  # its copy is in Sent Items now
         return _Response(202)
 
@@ -1541,7 +1543,7 @@ def _property_is(m: StoredMessage, prop: str, value: str) -> bool:
     if any(_property_key(k) == key and v.lower() == value.lower() for k, v in m.properties.items()):
         return True
     kind, guid, name = key
-    if kind != "string" or guid != INTERNET_HEADERS or not name.lower().startswith("x-"):
+    if kind != "string" or guid != _INTERNET_HEADERS or not name.lower().startswith("x-"):
         return False
     head = _HEADERS.parsebytes(m.raw)
     return any(k == name and str(v).strip().lower() == value.lower() for k, v in head.items())
