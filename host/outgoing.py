@@ -446,6 +446,9 @@ class _Record:
     owner: str  # the session's lease owner
     values: dict[str, Any]
     attempts: list[dict[str, Any]]
+    #: Whether the message's content may have reached a server (an attempt got past the
+    #: gate); one that never did is not in doubt when this record is lost.
+    tried: bool = True
     #: (connection, message id, recipients) for the message_sent hook, once committed.
     announce: tuple[str, str | None, tuple[str, ...]] | None = None
     done: threading.Event = field(default_factory=threading.Event)
@@ -1142,7 +1145,7 @@ class Outgoing:
             while True:
                 batch = self._claim(group, now, self.policy.batch, owner)
                 if not batch:
-                    return
+                    break
                 recorder.busy(+1)
                 try:
                     for item in batch:
@@ -1156,19 +1159,24 @@ class Outgoing:
                         prev = rec
                 finally:
                     recorder.busy(-1)
+            if prev is not None:
+                self._settle(prev, hooks)
         except BaseException:
-            # Only the last message handed to the recorder and one tried meanwhile can be
-            # unrecorded after going out; every earlier outcome was settled.
-            self._give_back(owner, [x.id for x in batch if x.tried] + ([prev.item_id] if prev else []))
+            in_doubt = [x.id for x in batch if x.tried]
+            if prev is not None:
+                with contextlib.suppress(BaseException):  # the first failure is the one to report
+                    self._settle(prev, hooks)
+                # Only the last message handed to the recorder and one tried meanwhile can
+                # be unrecorded after going out; every earlier outcome was settled. One whose
+                # attempts never got its content out (a server out of reach) is not in doubt.
+                if prev.tried and prev.error is not None:
+                    in_doubt.append(prev.item_id)
+            self._give_back(owner, in_doubt)
             raise
         finally:
-            try:
-                if prev is not None:
-                    self._settle(prev, hooks)
-            finally:
-                lane.close()
-                if fallback is not None:
-                    fallback.close()
+            lane.close()
+            if fallback is not None:
+                fallback.close()
 
     def _settle(self, rec: _Record, hooks: bool) -> None:
         """Wait until ``rec`` is committed, then tell the plugins what was sent."""
@@ -1247,7 +1255,7 @@ class Outgoing:
         rows = [{"item_id": item.id, "at": now, "connection_name": t.connection, "result": _RESULT[t.kind],
                  "detail": t.detail[:4000], "refused": t.refused or None, "duration_ms": t.ms} for t in tries]
         announce = (last.connection, item.message_id, tuple(newly)) if newly else None
-        return _Record(item.id, owner, values, rows, announce=announce)
+        return _Record(item.id, owner, values, rows, tried=item.tried, announce=announce)
 
     def _try(self, item: _Claimed, lane: _Lane, gate: Callable[[], None]) -> _Try:
         """One attempt of ``item`` through ``lane``; never raises for mail errors."""

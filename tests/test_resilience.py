@@ -373,6 +373,36 @@ def test_messages_a_stopped_worker_never_tried_are_queued_again_once_the_store_a
     assert by_subject == {"m0": ("sending", 0), **{f"m{i}": ("sent", 1) for i in range(1, 5)}}
 
 
+def test_a_message_that_never_reached_a_server_is_not_held_in_doubt_when_its_record_is_lost(
+        proxied: Mailhost, proxy: _Proxy, testplugin: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The outcome of a message whose server could not be reached is lost with the
+    store: nothing of it went out, so once the store answers it is queued again at once
+    and tried anew, with no "interrupted" attempt (it waited out its lease and then
+    counted as sent twice, maybe, before)."""
+    from mailhost.outgoing import _Recorder
+
+    from .test_outgoing import closed_port
+
+    monkeypatch.setattr(_Recorder, "RETRY_FOR", 0.5)
+    host = Mailhost.open(proxied.config.path, plugins=PluginHost(only=["smtp"]))
+    try:
+        host.connections.add(Direction.OUTGOING, ConnectionSpec(
+            name="out", protocol="smtp", host="127.0.0.1", port=closed_port(), encryption="none",
+            from_address="a@example.org", default=True))
+        sent = host.outgoing.send(["r@example.org"], subject="m0", body="hi")
+        proxy.cut_on(b"UPDATE outgoing_queue SET status=$1::VARCHAR, accepted=", down=True)
+        first = host.outgoing.deliver()
+        assert proxy.cuts == 1 and first.error and "the store postgresql+psycopg://" in first.error, first.error
+        proxy.up()
+        second = host.outgoing.deliver()
+        assert second.error is None and second.recovered == 0, second.as_dicts()
+        item = host.outgoing.item(sent.id)
+        assert item.status == "queued" and "connection refused" in (item.last_error or ""), item.last_error
+        assert [a.result for a in item.attempts_log] == ["temporary"]
+    finally:
+        host.close()
+
+
 @pytest.mark.parametrize("command", [
     ["queue", "incoming", "purge", "--older-than", "0"],  # a store session
     ["queue", "outgoing", "purge", "--older-than", "0"],  # the outgoing pipeline's writer
