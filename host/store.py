@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ __all__ = [
     "SeenMessage",
     "json_value",
     "make_engine",
+    "text_value",
     "upgrade",
     "utcnow",
 ]
@@ -97,6 +99,24 @@ def json_value(value: Any) -> Any:
     if isinstance(value, bytes):
         return value.decode("utf-8", "replace")
     raise TypeError(f"cannot serialise {type(value).__name__}")
+
+
+def text_value(value: Any, width: int | None = None) -> str:
+    """A stored value as the CLI's tables and records and the web admin's pages both show
+    it: ``-`` for none, ``yes``/``no`` for a bool, a time to the second, a list or a
+    mapping (a connection's options) on one line; cut to ``width`` characters if given."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, dt.datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    if isinstance(value, (list, tuple)):
+        return ", ".join(text_value(v, width) for v in value) or "-"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={text_value(v, width)}" for k, v in value.items()) or "-"
+    text = str(value).replace("\n", " ")
+    return text if width is None or len(text) <= width else text[: width - 1] + "…"
 
 
 class UTCDateTime(TypeDecorator[dt.datetime]):

@@ -14,7 +14,7 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 from socketserver import ThreadingMixIn
@@ -28,7 +28,7 @@ from .incoming import item_dict
 from .outgoing import item_dict as outgoing_item_dict
 from .protocols import Direction
 from .secrets import redact
-from .store import MAX_ROWS, json_value
+from .store import MAX_ROWS, json_value, text_value
 
 if TYPE_CHECKING:
     from .app import Mailhost
@@ -40,18 +40,7 @@ log = logging.getLogger(__name__)
 _env = Environment(loader=PackageLoader("mailhost", "templates"), autoescape=select_autoescape(["html"]))
 
 
-def _cell(value: Any) -> Any:
-    """A table cell: ``k=v, ...`` for a mapping (a connection's options), a list joined."""
-    if value is None:
-        return ""
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}={'' if v is None else v}" for k, v in value.items())
-    if isinstance(value, (list, tuple)):
-        return ", ".join(map(str, value))
-    return value
-
-
-_env.filters["cell"] = _cell
+_env.filters["cell"] = text_value  # as the CLI shows it
 
 
 class WebAdmin:

@@ -308,7 +308,8 @@ def test_web_shows_the_outgoing_queue(tmh: Mailhost) -> None:
 
 def test_web_shows_connection_options_and_what_protocols_take(tmh: Mailhost, tmp_path: Path) -> None:
     """The connection pages and their REST API show each connection's options (defaults
-    filled in, in the CLI's JSON shape); /plugins/options lists what each protocol takes."""
+    filled in, in the CLI's JSON shape, and as the CLI's text shows them: a bool as
+    yes/no); /plugins/options lists what each protocol takes."""
     from mailhost.web import start_web
 
     tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="in", protocol="dir", folder=str(tmp_path),
@@ -320,13 +321,15 @@ def test_web_shows_connection_options_and_what_protocols_take(tmh: Mailhost, tmp
         assert row["options"] == {"batch_size": 3, "newest_first": False, "label": "green"}
         assert json.loads(_get(web.address, "/api/outgoing", "localhost")[1])[0]["options"] == {"suffix": ".eml"}
         status, page = _get(web.address, "/incoming", "localhost")
-        assert status == 200 and b"<td>batch_size=3, newest_first=False, label=green</td>" in page, page
+        assert status == 200 and b"<td>batch_size=3, newest_first=no, label=green</td>" in page, page
         rows = json.loads(_get(web.address, "/api/plugins/options?protocol=dir", "localhost")[1])
         assert [(r["protocol"], r["name"]) for r in rows] == [("incoming/dir", "batch_size"),
                                                             ("incoming/dir", "newest_first"),
                                                             ("incoming/dir", "label"), ("outgoing/dir", "suffix")]
         status, page = _get(web.address, "/plugins/options", "localhost")
         assert status == 200 and b"<td>red, green</td>" in page and b"list at most this many messages" in page
+        assert b"True" not in page and b"False" not in page, page
+        assert b"<td>batch_size</td><td>int</td><td>0</td><td>no</td><td>-</td><td>list at most" in page, page
     finally:
         web.stop()
 

@@ -15,7 +15,6 @@ imported only when that command runs (see :data:`COMMAND_MODULES`), so that
 """
 from __future__ import annotations
 
-import datetime as dt
 import gc
 import importlib
 import json
@@ -33,7 +32,7 @@ import click
 from ..app import Mailhost, exit_now
 from ..errors import MailhostError
 from ..secrets import RedactingFilter, redact
-from ..store import MAX_INT, MAX_ROWS, json_value
+from ..store import MAX_INT, MAX_ROWS, json_value, text_value
 
 __all__ = ["cli", "main"]
 
@@ -197,7 +196,7 @@ def print_rows(
     if not rows:
         click.echo(empty, err=True)
         return
-    cells = [[_cell(r.get(c)) for c in columns] for r in rows]
+    cells = [[text_value(r.get(c), 60) for c in columns] for r in rows]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     click.echo("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths)).rstrip())
     for row in cells:
@@ -211,22 +210,7 @@ def print_record(record: Mapping[str, Any], as_json: bool) -> None:
         return
     width = max((len(k) for k in record), default=0)
     for key, value in record.items():
-        click.echo(f"{key.ljust(width)}  {_cell(value, 200)}")
-
-
-def _cell(value: Any, width: int = 60) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, dt.datetime):
-        return value.strftime("%Y-%m-%d %H:%M:%S")
-    if isinstance(value, (list, tuple)):
-        return ", ".join(_cell(v, width) for v in value) or "-"
-    if isinstance(value, Mapping):
-        return ", ".join(f"{k}={_cell(v, width)}" for k, v in value.items()) or "-"
-    text = str(value).replace("\n", " ")
-    return text if len(text) <= width else text[: width - 1] + "…"
+        click.echo(f"{key.ljust(width)}  {text_value(value, 200)}")
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
