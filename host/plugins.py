@@ -41,12 +41,16 @@ from .errors import PluginError, ValidationError
 from .oauth_providers import OAuthProvider
 from .protocols import AfterDownloadAction, Direction, HostOverride, ProtocolProvider
 
-__all__ = ["ENTRY_POINT_GROUP", "PluginHost", "PluginInfo", "installed_plugin_names", "plugin_host"]
+__all__ = ["ENTRY_POINT_GROUP", "OPTION_COLUMNS", "PluginHost", "PluginInfo", "installed_plugin_names",
+           "plugin_host"]
 
 log = logging.getLogger(__name__)
 
 ENTRY_POINT_GROUP = "mailhost"
 BUILTIN = "builtin"
+#: The columns of :meth:`PluginHost.option_rows` that `mailhost plugins options` and the
+#: web admin show.
+OPTION_COLUMNS = ("protocol", "name", "type", "default", "required", "choices", "minimum", "maximum", "description")
 #: The host's own plugins, by name: the module, and whether the config may disable it.
 BUILTINS: dict[str, tuple[str, bool]] = {
     BUILTIN: ("mailhost.builtin", False),

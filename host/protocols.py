@@ -30,7 +30,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Literal, Self
+from typing import Any, Literal, Self, cast
 
 __all__ = [
     "ATTRIBUTES",
@@ -342,7 +342,8 @@ class ProviderOption:
     (an account id, a tenant region, a batch size), in :attr:`ProtocolProvider.options`.
 
     ``type`` is ``str``, ``int`` or ``bool``; ``choices``, when given, are the only
-    values it takes. A connection that does not set it gets ``default`` (``None`` when
+    values it takes; ``minimum`` and ``maximum``, when given, bound an ``int`` option
+    (both included). A connection that does not set it gets ``default`` (``None`` when
     there is none); a ``required`` option has no default and every connection must set
     it. ``identifies_mailbox`` says that another value points the connection at another
     mailbox (an account id, not a batch size): changing it makes the host forget what it
@@ -359,6 +360,8 @@ class ProviderOption:
     required: bool = False
     choices: tuple[str | int, ...] = ()
     identifies_mailbox: bool = False
+    minimum: int | None = None
+    maximum: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "choices", tuple(self.choices))
@@ -380,6 +383,18 @@ class ProviderOption:
                 raise ValueError(f"{what}: choice {choice!r} is not of its type {self.type.__name__}")
         if len(set(self.choices)) != len(self.choices):
             raise ValueError(f"{what}: its choices {list(self.choices)} repeat a value")
+        for bound, value in (("minimum", self.minimum), ("maximum", self.maximum)):
+            if value is None:
+                continue
+            if self.type is not int:
+                raise ValueError(f"{what}: a {self.kind} option takes no {bound}, only an int option does")
+            if type(value) is not int:  # bool is an int: True is no bound
+                raise ValueError(f"{what}: {bound} {value!r} is not a whole number")
+        if self.minimum is not None and self.maximum is not None and self.minimum > self.maximum:
+            raise ValueError(f"{what}: minimum {self.minimum} is more than maximum {self.maximum}")
+        for choice in self.choices:
+            if not _within(cast(int, choice), self.minimum, self.maximum):
+                raise ValueError(f"{what}: choice {choice!r} is not a whole number {self.bounds}")
         if self.default is not None:
             if type(self.default) is not self.type:
                 raise ValueError(f"{what}: default {self.default!r} is not of its type {self.kind}")
@@ -413,13 +428,28 @@ class ProviderOption:
             raise ValueError(f"takes one line of at most {MAX_OPTION_TEXT} characters")
         if self.choices and value not in self.choices:
             raise ValueError(f"takes one of: {', '.join(map(str, self.choices))}, not {value!r}")
+        if self.type is int and not _within(cast(int, value), self.minimum, self.maximum):
+            raise ValueError(f"takes a whole number {self.bounds}, not {value}")
         return value
+
+    @property
+    def bounds(self) -> str:
+        """``from 1 to 500``, ``of at least 0``, ``of at most 9``, or ``""`` without bounds."""
+        if self.minimum is not None and self.maximum is not None:
+            return f"from {self.minimum} to {self.maximum}"
+        if self.minimum is not None:
+            return f"of at least {self.minimum}"
+        if self.maximum is not None:
+            return f"of at most {self.maximum}"
+        return ""
 
     def describe(self) -> str:
         """``name (int, default 50)``: the option in a list of valid ones."""
         about = [self.kind]
         if self.choices:
             about.append("one of " + "/".join(map(str, self.choices)))
+        if self.bounds:
+            about.append(self.bounds.removeprefix("of "))
         if self.required:
             about.append("required")
         elif self.default is not None:
@@ -429,8 +459,12 @@ class ProviderOption:
     def as_dict(self) -> dict[str, Any]:
         """The JSON form."""
         return {"name": self.name, "description": self.description, "type": self.kind, "default": self.default,
-                "required": self.required, "choices": list(self.choices),
-                "identifies_mailbox": self.identifies_mailbox}
+                "required": self.required, "choices": list(self.choices), "minimum": self.minimum,
+                "maximum": self.maximum, "identifies_mailbox": self.identifies_mailbox}
+
+
+def _within(value: int, minimum: int | None, maximum: int | None) -> bool:
+    return (minimum is None or value >= minimum) and (maximum is None or value <= maximum)
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ from .config import listen_address
 from .errors import ConfigError, MailhostError, StoreError, ValidationError
 from .incoming import item_dict
 from .outgoing import item_dict as outgoing_item_dict
+from .plugins import OPTION_COLUMNS
 from .protocols import Direction
 from .secrets import redact
 from .store import MAX_ROWS, json_value, text_value
@@ -69,7 +70,7 @@ class WebAdmin:
                              ["id", "connection", "status", "started_at", "stored", "duplicates", "bytes", "error"]),
             "plugins": ("Plugins", self._plugins, ["name", "distribution", "version", "state", "error"]),
             "plugins/options": ("Protocol options", self._options,
-                                ["protocol", "name", "type", "default", "required", "choices", "description"]),
+                                list(OPTION_COLUMNS)),
         }
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:

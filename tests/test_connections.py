@@ -430,7 +430,7 @@ def test_incoming_options_limit_what_a_pass_downloads(cli) -> None:
     assert [i["subject"] for i in json.loads(cli("queue", "incoming", "--json").stdout)] == ["c.eml"]
 
 
-_DIR_OPTIONS = "batch_size (int, default 0); newest_first (bool, default false); label (str, one of red/green)"
+_DIR_OPTIONS = "batch_size (int, at least 0, default 0); newest_first (bool, default false); label (str, one of red/green)"
 
 
 @pytest.mark.parametrize("option, expect", [
@@ -439,6 +439,8 @@ _DIR_OPTIONS = "batch_size (int, default 0); newest_first (bool, default false);
     ("batch_size=abc", "connection 'c1' (dir): option batch_size takes a whole number, not 'abc': "
                        "give --option batch_size=VALUE"),
     ("batch_size=1.5", "option batch_size takes a whole number, not '1.5'"),
+    ("batch_size=-1", "connection 'c1' (dir): option batch_size takes a whole number of at least 0, not -1: "
+                      "give --option batch_size=VALUE"),
     ("newest_first=maybe", "option newest_first takes true or false (true/false, yes/no, on/off, 1/0), not 'maybe'"),
     ("label=blue", "option label takes one of: red, green, not 'blue'"),
     ("batch_size", "--option 'batch_size' is not NAME=VALUE"),
@@ -446,8 +448,8 @@ _DIR_OPTIONS = "batch_size (int, default 0); newest_first (bool, default false);
 ])
 @pytest.mark.parametrize("command", ["add", "edit", "test"])
 def test_bad_options_are_refused_naming_them(cli, command: str, option: str, expect: str) -> None:
-    """An unknown option, a value of the wrong type or not among the choices, a malformed
-    pair: one sentence naming it and what is valid, exit 2, nothing written."""
+    """An unknown option, a value of the wrong type, out of its bounds or not among the
+    choices, a malformed pair: one sentence naming it and what is valid, exit 2, nothing written."""
     if command != "add":
         assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox),
                    "--option", "batch_size=7").returncode == 0
@@ -504,9 +506,13 @@ def test_plugins_options_lists_what_each_protocol_takes(cli) -> None:
         ("incoming/dir", "label", "str"), ("outgoing/dir", "suffix", "str")]
     assert rows[2] == {"protocol": "incoming/dir", "plugin": "testplugin", "name": "label",
                        "description": "a colour to file the connection's mail under", "type": "str", "default": None,
-                       "required": False, "choices": ["red", "green"], "identifies_mailbox": False}
+                       "required": False, "choices": ["red", "green"], "minimum": None, "maximum": None,
+                       "identifies_mailbox": False}
+    assert (rows[0]["minimum"], rows[0]["maximum"]) == (0, None)
     text = cli("plugins", "options", "--protocol", "dir").stdout
-    assert "incoming/dir  batch_size    int   0" in text, text
+    assert re.search(r"^MINIMUM +MAXIMUM +DESCRIPTION$", text.splitlines()[0][text.index("MINIMUM"):]), text
+    assert re.search(r"^incoming/dir +batch_size +int +0 +no +- +0 +- +list at most", text, re.M), text
+    assert re.search(r"^incoming/dir +newest_first +bool +no +no +- +- +- +download", text, re.M), text
     typo = cli("plugins", "options", "--protocol", "dri")
     assert typo.returncode == 2 and "no protocol named 'dri' is loaded: choose one of dir" in typo.stderr
     [plugin] = [p for p in json.loads(cli("plugins", "list", "--json").stdout) if p["name"] == "testplugin"]

@@ -74,7 +74,7 @@ def test_the_complete_plugin_example_works(home: Path, tmp_path: Path) -> None:
         if args[1:3] == ["plugins", "list"]:
             assert re.search(r"maildir +mailhost-maildir +0\.1\.0 +enabled +incoming/maildir, flag", done.stdout)
         if args[1:3] == ["plugins", "options"]:
-            assert re.search(r"incoming/maildir +skip_trashed +bool +yes +no +- +leave out messages", done.stdout)
+            assert re.search(r"incoming/maildir +skip_trashed +bool +yes +no +- +- +- +leave out messages", done.stdout)
         if args[1:3] == ["incoming", "show"]:
             assert re.search(r"^options +skip_trashed=no$", done.stdout, flags=re.M), done.stdout
         if args[1:3] == ["fetch", "local"]:
@@ -109,5 +109,5 @@ def test_the_protocol_options_example_registers() -> None:
     host = PluginHost(only=[], extra=[("jmap", module)], strict=True)
     provider = host.protocol(Direction.INCOMING, "jmap")
     assert [o.describe() for o in provider.options] == [
-        "account_id (str, required)", "region (str, one of eu/us, default \"eu\")", "batch_size (int, default 50)",
+        "account_id (str, required)", "region (str, one of eu/us, default \"eu\")", "batch_size (int, from 1 to 500, default 50)",
         "include_spam (bool, default false)"]

@@ -53,7 +53,8 @@ def register_protocols(register):
         required=frozenset({"folder"}), after_download=("mark-seen",),
         options=(ProviderOption("account_id", "the account whose mail to download", required=True,
                                 identifies_mailbox=True),
-                 ProviderOption("page_size", "messages per request", int, default=50)),
+                 ProviderOption("page_size", "messages per request", int, default=50, minimum=1,
+                                maximum=1000)),
     ))
 '''
 
@@ -77,6 +78,17 @@ def _accounts() -> types.ModuleType:
     (dict(name="x", description="d", type=int, choices=(1, "2")), "option 'x': choice '2' is not of its type int"),
     (dict(name="x", description="d", type=bool, choices=(True,)), "option 'x': a bool option takes no choices"),
     (dict(name="x", description="d", choices=("a", "a")), "option 'x': its choices ['a', 'a'] repeat a value"),
+    (dict(name="x", description="d", type=int, minimum=5, maximum=4), "option 'x': minimum 5 is more than maximum 4"),
+    (dict(name="x", description="d", type=int, minimum=1, default=0),
+     "option 'x': default 0 is not valid: takes a whole number of at least 1, not 0"),
+    (dict(name="x", description="d", type=int, maximum=9, default=10),
+     "option 'x': default 10 is not valid: takes a whole number of at most 9, not 10"),
+    (dict(name="x", description="d", type=int, choices=(1, 20), minimum=1, maximum=10),
+     "option 'x': choice 20 is not a whole number from 1 to 10"),
+    (dict(name="x", description="d", minimum=1), "option 'x': a str option takes no minimum, only an int option"),
+    (dict(name="x", description="d", type=bool, maximum=1), "option 'x': a bool option takes no maximum"),
+    (dict(name="x", description="d", type=int, minimum=True), "option 'x': minimum True is not a whole number"),
+    (dict(name="x", description="d", type=int, maximum="9"), "option 'x': maximum '9' is not a whole number"),
     (dict(name="api_key", description="d"), "option 'api_key' looks like a secret"),
     (dict(name="admin_password", description="d"), "option 'admin_password' looks like a secret"),
     (dict(name="refresh_token", description="d"), "take the secret from the connection's password or OAuth2"),
@@ -152,6 +164,9 @@ def test_a_session_gets_typed_options_with_defaults(amh: Mailhost, tmp_path: Pat
     assert conn.options == {"account_id": "alice", "page_size": 20}
     with pytest.raises(ValidationError, match="option page_size takes a whole number, not True"):
         amh.connections.edit(Direction.INCOMING, "a", ConnectionSpec(options={"page_size": True}))
+    for value, bound in (("1001", "1001"), (0, "0")):
+        with pytest.raises(ValidationError, match=f"option page_size takes a whole number from 1 to 1000, not {bound}"):
+            amh.connections.edit(Direction.INCOMING, "a", ConnectionSpec(options={"page_size": value}))
     with pytest.raises(ValidationError, match=r"needs option account_id \(the account whose mail to download\): "
                                               r"give --option account_id=VALUE"):
         amh.connections.edit(Direction.INCOMING, "a", ConnectionSpec(options={"account_id": None}))

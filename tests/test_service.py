@@ -309,7 +309,7 @@ def test_web_shows_the_outgoing_queue(tmh: Mailhost) -> None:
 def test_web_shows_connection_options_and_what_protocols_take(tmh: Mailhost, tmp_path: Path) -> None:
     """The connection pages and their REST API show each connection's options (defaults
     filled in, in the CLI's JSON shape, and as the CLI's text shows them: a bool as
-    yes/no); /plugins/options lists what each protocol takes."""
+    yes/no); /plugins/options lists what each protocol takes, bounds included."""
     from mailhost.web import start_web
 
     tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="in", protocol="dir", folder=str(tmp_path),
@@ -328,8 +328,8 @@ def test_web_shows_connection_options_and_what_protocols_take(tmh: Mailhost, tmp
                                                             ("incoming/dir", "label"), ("outgoing/dir", "suffix")]
         status, page = _get(web.address, "/plugins/options", "localhost")
         assert status == 200 and b"<td>red, green</td>" in page and b"list at most this many messages" in page
-        assert b"True" not in page and b"False" not in page, page
-        assert b"<td>batch_size</td><td>int</td><td>0</td><td>no</td><td>-</td><td>list at most" in page, page
+        assert b"<th>minimum</th><th>maximum</th>" in page and b"True" not in page and b"False" not in page, page
+        assert b"<td>batch_size</td><td>int</td><td>0</td><td>no</td><td>-</td><td>0</td><td>-</td>" in page, page
     finally:
         web.stop()
 

@@ -5,7 +5,7 @@ import click
 
 from ..app import Mailhost
 from ..config import Config
-from ..plugins import BUILTIN, installed_plugin_names
+from ..plugins import BUILTIN, OPTION_COLUMNS, installed_plugin_names
 from . import Context, cli, fail, json_option, limit_option, pass_ctx, print_rows
 
 
@@ -49,13 +49,14 @@ def plugins_list(ctx: Context, as_json: bool, limit: int | None) -> None:
 @limit_option
 @pass_ctx
 def plugins_options(ctx: Context, protocol: str | None, as_json: bool, limit: int | None) -> None:
-    """The options each protocol declares, for `--option NAME=VALUE` on its connections."""
+    """The options each protocol declares (type, default, choices, bounds), for `--option NAME=VALUE` on its
+    connections."""
     plugins = ctx.host.plugins
     known = sorted({name for _, name in plugins.protocols})
     if protocol is not None and protocol not in known:  # a typo, not "it has none"
         fail(f"no protocol named {protocol!r} is loaded: choose one of {', '.join(known) or 'none installed'}")
     print_rows(plugins.option_rows(protocol),
-               ["protocol", "name", "type", "default", "required", "choices", "description"], as_json, limit,
+               list(OPTION_COLUMNS), as_json, limit,
                empty=f"protocol {protocol} takes no options" if protocol else "no protocol declares options")
 
 

@@ -7,7 +7,7 @@ file named by ``$MAILHOST_TESTPLUGIN_EVENTS`` when that is set. The fetch of the
 named by ``$MAILHOST_TESTPLUGIN_FAIL_AT`` fails; of the one named by
 ``$MAILHOST_TESTPLUGIN_HANG_AT``, never returns.
 
-Both protocols declare options (``ProviderOption``): incoming ``batch_size`` (int),
+Both protocols declare options (``ProviderOption``): incoming ``batch_size`` (int, at least 0),
 ``newest_first`` (bool) and ``label`` (str with choices), outgoing ``suffix`` (the
 file name ending). Their connection tests report the options the session was given.
 """
@@ -135,7 +135,8 @@ def register_protocols(register: Callable[[ProtocolProvider], None]) -> None:
         attributes=frozenset({"folder", "username", "password", "certificates", "shared_mailbox"}),
         required=frozenset({"folder"}), after_download=("mark-seen", "delete", "move", "keep"), test=_test,
         options=(
-            ProviderOption("batch_size", "list at most this many messages per pass (0: all)", int, default=0),
+            ProviderOption("batch_size", "list at most this many messages per pass (0: all)", int, default=0,
+                           minimum=0),
             ProviderOption("newest_first", "download the newest files (by name) first", bool, default=False),
             ProviderOption("label", "a colour to file the connection's mail under", str, choices=("red", "green")),
         ),
