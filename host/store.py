@@ -505,6 +505,15 @@ SECRET_COLUMNS = (
 #: Seconds a statement waits for another process's lock before it fails as busy: on
 #: SQLite its busy wait, on PostgreSQL its ``lock_timeout``.
 BUSY_TIMEOUT = 30
+#: Seconds a PostgreSQL session of mailhost may sit in an open transaction without a
+#: statement before the server ends it (``idle_in_transaction_session_timeout``). No
+#: code path waits on the network or a person inside a transaction (the gaps are Python
+#: work between statements, well under a second), so only a process that hangs or is
+#: stopped there reaches it; ending its session frees the rows it locked, which would
+#: otherwise fail every other worker's statements as busy until it is killed. Twice
+#: BUSY_TIMEOUT, and less than a mailbox lease (2 min): a worker that takes over the
+#: mailbox of a hung pass finds its rows free.
+IDLE_IN_TRANSACTION_TIMEOUT = 60
 
 
 #: libpq settings of every PostgreSQL connection unless the store's URL gives its own
@@ -544,19 +553,24 @@ def make_engine(url: str) -> Engine:
                           "pip install 'mailhost[postgresql]'") from None
 
     @event.listens_for(engine, "connect")
-    def _lock_timeout(dbapi_conn: Any, _record: Any) -> None:
+    def _timeouts(dbapi_conn: Any, _record: Any) -> None:
         # PostgreSQL waits for a lock for ever by default: a session left open in a
         # transaction (an admin's `BEGIN; SELECT ... FOR UPDATE` in psql) would block a
         # pass or a command for good, silently, and a migration's table lock queued
         # behind it would block every other session too. A statement that waits
         # BUSY_TIMEOUT seconds for a lock fails instead, as busy, like SQLite's. It
         # bounds waiting only, never how long a statement works (a long purge is fine).
-        # A lock_timeout the admin set (for the role or the database, or
+        # The other side of it: a mailhost session that hangs inside a transaction is
+        # ended after IDLE_IN_TRANSACTION_TIMEOUT, so that its locks do not stay.
+        # A value the admin set (for the role or the database, or
         # `?options=-c lock_timeout=...` in the URL) is kept. Set once per connection
         # and committed: a SET in a transaction that rolls back is undone.
         cursor = dbapi_conn.cursor()
-        cursor.execute("SELECT set_config('lock_timeout', %s, false) WHERE current_setting('lock_timeout') = '0'",
-                       (f"{max(1, round(BUSY_TIMEOUT * 1000))}ms",))
+        cursor.execute(
+            "SELECT CASE WHEN current_setting('lock_timeout') = '0' THEN set_config('lock_timeout', %s, false) END, "
+            "CASE WHEN current_setting('idle_in_transaction_session_timeout') = '0' "
+            "THEN set_config('idle_in_transaction_session_timeout', %s, false) END",
+            (f"{max(1, round(BUSY_TIMEOUT * 1000))}ms", f"{max(1, round(IDLE_IN_TRANSACTION_TIMEOUT * 1000))}ms"))
         cursor.close()
         dbapi_conn.commit()
 

@@ -548,3 +548,66 @@ def test_the_web_admin_answers_503_while_the_store_is_away(proxied: Mailhost, pr
         _wait_for(lambda: get().status == 200, "the web admin answers again")
     finally:
         web.stop()
+
+
+def test_a_pass_hung_inside_its_transaction_on_postgresql_frees_its_rows(
+        tmp_path: Path, postgres_url: str, testplugin: object, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download pass hangs (stopped, stuck) in the middle of its batch's transaction,
+    its connection's row locked: PostgreSQL ends its session after the idle-in-transaction
+    timeout, so an admin's edit gets through instead of failing as busy for as long as
+    the process hangs. The hung pass, once it goes on, stores nothing and says so in one
+    sentence; the next pass stores the message once."""
+    from mailhost import store
+    from mailhost.errors import StoreError
+    from mailhost.incoming import Incoming
+
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
+    monkeypatch.setattr(store, "IDLE_IN_TRANSACTION_TIMEOUT", 1)
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "a.eml").write_bytes(b"Subject: a\r\n\r\na\r\n")
+    config = tmp_path / "pg" / "mailhost.toml"
+    Mailhost.init(config, postgres_url).close()
+    host = Mailhost.open(config, plugins=PluginHost(only=[], extra=[("testplugin", testplugin)]))
+    admin = Mailhost.open(config, plugins=PluginHost(only=[], extra=[("testplugin", testplugin)]))
+    hung, going_on = threading.Event(), threading.Event()
+    original = Incoming._fingerprints_in
+
+    def hang(*args: Any) -> Any:  # inside the batch's transaction, after it locked the row; once
+        found = original(*args)
+        if not hung.is_set():
+            hung.set()
+            going_on.wait(120)
+        return found
+
+    monkeypatch.setattr(Incoming, "_fingerprints_in", staticmethod(hang))
+    reports: list[Any] = []
+    try:
+        host.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
+        worker = threading.Thread(target=lambda: reports.append(host.incoming.fetch_one("desk")))
+        worker.start()
+        _wait_for(hung.is_set, "the pass reaches its batch")
+
+        def edited() -> bool:
+            try:
+                admin.connections.edit(Direction.INCOMING, "desk", ConnectionSpec(description="edited"))
+            except StoreError as exc:  # busy: the hung session still holds the row
+                assert " is busy: a row of incoming_connections stayed locked" in str(exc), exc
+                return False
+            return True
+
+        _wait_for(edited, "the edit gets the row the hung pass locked")
+        going_on.set()
+        worker.join()
+        [hung_report] = reports
+        assert hung_report.stored == 0 and hung_report.error, hung_report
+        assert "the store postgresql+psycopg://" in hung_report.error and "\n" not in hung_report.error
+        again = host.incoming.fetch_one("desk")
+        assert again.error is None and again.stored == 1, again
+        assert [i.subject for i in host.incoming.items()] == ["a"]
+        assert admin.connections.get(Direction.INCOMING, "desk").description == "edited"
+    finally:
+        going_on.set()
+        host.close()
+        admin.close()

@@ -310,29 +310,32 @@ def test_a_database_url_option_the_driver_refuses_is_a_clear_error(tmp_path: Pat
     assert not (tmp_path / "m.toml").exists()
 
 
-def test_postgresql_waits_for_a_lock_at_most_the_busy_timeout_unless_the_admin_chose(postgres_url: str) -> None:
+@pytest.mark.parametrize("setting, ours", [("lock_timeout", "30s"), ("idle_in_transaction_session_timeout", "1min")])
+def test_postgresql_timeouts_are_set_unless_the_admin_chose(postgres_url: str, setting: str, ours: str) -> None:
     """Every PostgreSQL connection gets lock_timeout = the busy timeout (30 s), like
-    SQLite's busy wait; one the admin set for the database (or in the URL) is kept."""
+    SQLite's busy wait, and idle_in_transaction_session_timeout = 60 s, so that a
+    mailhost process hung in a transaction does not hold its locks for ever; a value the
+    admin set for the database (or in the URL) is kept."""
     name = postgres_url.rsplit("/", 1)[1]
 
-    def lock_timeout(url: str) -> str:
+    def shown(url: str) -> str:
         engine = store.make_engine(url)
         try:
             with engine.connect() as conn:
-                return str(conn.exec_driver_sql("SHOW lock_timeout").scalar())
+                return str(conn.exec_driver_sql(f"SHOW {setting}").scalar())
         finally:
             engine.dispose()
 
-    assert lock_timeout(postgres_url) == "30s"
-    assert lock_timeout(f"{postgres_url}?options=-c%20lock_timeout%3D7s") == "7s"
+    assert shown(postgres_url) == ours
+    assert shown(f"{postgres_url}?options=-c%20{setting}%3D7s") == "7s"
     admin = store.make_engine(postgres_url)
     try:
         with admin.connect() as conn:
-            conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET lock_timeout = \'5min\'')
+            conn.exec_driver_sql(f'ALTER DATABASE "{name}" SET {setting} = \'5min\'')
             conn.commit()
     finally:
         admin.dispose()
-    assert lock_timeout(postgres_url) == "5min"
+    assert shown(postgres_url) == "5min"
 
 
 def test_a_store_a_migration_holds_is_busy_not_a_config_error(tmp_path: Path, postgres_url: str,
