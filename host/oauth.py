@@ -167,8 +167,9 @@ class OAuth2:
             s.flush()
             return cred
 
-    def edit(self, name: str, spec: CredentialSpec) -> tuple[OAuthCredential, bool]:
-        """Change a credential; returns it and whether its tokens were dropped.
+    def edit(self, name: str, spec: CredentialSpec) -> tuple[OAuthCredential, list[dict[str, Any]]]:
+        """Change a credential; returns it and the authorizations whose tokens the change
+        dropped (their JSON form, as they were; none when it kept the tokens).
 
         A new client secret keeps the tokens (and clears the errors the old secret
         caused): that is how an expired secret is replaced. Another provider, client ID,
@@ -218,7 +219,8 @@ class OAuth2:
                     if entry.get("error_kind") in _SECRET_ERRORS:
                         entry["last_error"] = entry["error_kind"] = None
             self._update(current.id, forget_secret_errors)
-        return self.get(config.name), drop and current.tokens_enc is not None
+        dropped = credential_dict(current, self._state(current))["authorizations"] if drop else []
+        return self.get(config.name), dropped
 
     def _edited(self, name: str, current: OAuthCredential, spec: CredentialSpec) -> tuple[ClientConfig, bool, bool]:
         """``current`` with ``spec`` applied and validated; whether that drops the

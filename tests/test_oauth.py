@@ -647,7 +647,7 @@ def test_an_edit_does_not_claim_tokens_another_edit_dropped_meanwhile(mh_any: Ma
         _, dropped = mh_any.oauth.edit("m365", CredentialSpec(scopes=["https://outlook.office.com/.default"]))
     finally:
         other.close()
-    assert first == [True] and not dropped
+    assert len(first) == 1 and first[0] and not dropped
     assert mh_any.oauth.get("m365").scopes == ["https://outlook.office.com/.default"]
 
 
@@ -1006,6 +1006,39 @@ def test_cli_remove_refuses_while_connections_use_it(home: Path, idp: IdentityPr
     assert run_cli("incoming", "remove", "helpdesk").returncode == 0
     assert run_cli("oauth", "remove", "m365").returncode == 0
     assert json.loads(run_cli("oauth", "list", "--json").stdout) == []
+
+
+def test_cli_edit_names_the_tokens_it_dropped_in_text_and_json(mh: Mailhost, idp: IdentityProvider,
+                                                                browser: Callable[[str], bool]) -> None:
+    """`oauth edit` that changes the scopes says whose tokens it dropped: on stderr, and
+    with --json as `dropped_authorizations` (the authorizations as they were; empty when
+    it kept the tokens), so that a script knows whom to authorize again."""
+    idp.add_user(ALICE)
+    microsoft(mh, idp)
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    edited = run_cli("oauth", "edit", "m365", "--scope", "https://graph.microsoft.com/Mail.Read", "--json")
+    assert edited.returncode == 0 and edited.stderr == "", edited.stderr
+    shown = json.loads(edited.stdout)
+    assert shown["authorizations"] == []
+    assert [(a["username"], a["app_only"], a["refresh_token"]) for a in shown["dropped_authorizations"]] == [
+        (ALICE, False, True)]
+    mh.oauth.authorize("m365", ALICE, signed_in(browser))
+    kept = run_cli("oauth", "edit", "m365", "--name", "mail", "--json")  # the same app and scopes
+    assert kept.returncode == 0, kept.stderr
+    assert [a["username"] for a in json.loads(kept.stdout)["authorizations"]] == [ALICE]
+    assert json.loads(kept.stdout)["dropped_authorizations"] == []
+
+    microsoft(mh, idp, name="app", flow="client-credentials")
+    mh.oauth.authorize("app")
+    text = run_cli("oauth", "edit", "app", "--scope", "https://graph.microsoft.com/.default")
+    assert text.returncode == 0, text.stderr
+    assert text.stderr == ("changed OAuth2 credential app: its app-only token was for another app or other scopes, "
+                           "so it was dropped; the next one is fetched when a connection needs it\n"), text.stderr
+    mh.oauth.authorize("mail", ALICE, signed_in(browser))
+    text = run_cli("oauth", "edit", "mail", "--scope", "https://graph.microsoft.com/.default")
+    assert text.stderr == (f"changed OAuth2 credential mail: the tokens of {ALICE} were for another app or other "
+                           "scopes, so they were dropped; authorize it again with `mailhost oauth authorize mail "
+                           "--username USER`\n"), text.stderr
 
 
 def test_cli_another_provider_keeps_nothing_of_the_old_one(home: Path) -> None:

@@ -98,20 +98,24 @@ def oauth_add(ctx: Context, name: str, as_json: bool, **opts: Any) -> None:
 @json_option
 @pass_ctx
 def oauth_edit(ctx: Context, name: str, new_name: str | None, as_json: bool, **opts: Any) -> None:
-    """Change an OAuth2 credential, e.g. store a new client secret when the old one expired."""
+    """Change an OAuth2 credential, e.g. store a new client secret when the old one expired.
+
+    Another app or other scopes drop the stored tokens: the text says whose, and --json
+    lists those authorizations as they were under `dropped_authorizations`."""
     cred, dropped = ctx.host.oauth.edit(name, _spec(new_name, opts))
-    if as_json:
-        print_json(ctx.host.oauth.as_dict(cred))
-    else:
-        if not dropped:
-            again = ""
-        elif cred.flow == "client-credentials":
-            again = (": its tokens were for another app or other scopes, so they were dropped; the next one is "
-                     "fetched when a connection needs it")
-        else:
-            again = (": its tokens were for another app or other scopes, so they were dropped; authorize it again "
-                     f"with `mailhost oauth authorize {cred.name} --username USER`")
-        click.echo(f"changed OAuth2 credential {cred.name}{again}", err=True)
+    if as_json:  # what the text says on stderr, for scripts: the authorizations to sign in again
+        print_json({**ctx.host.oauth.as_dict(cred), "dropped_authorizations": dropped})
+        return
+    again = ""
+    if dropped:
+        users = [a["username"] for a in dropped if not a["app_only"]]
+        whose = " and ".join(([f"the tokens of {', '.join(users)}"] if users else [])
+                             + (["its app-only token"] if len(users) < len(dropped) else []))
+        were, they = ("was", "it") if not users else ("were", "they")
+        again = f": {whose} {were} for another app or other scopes, so {they} {were} dropped; " + (
+            "the next one is fetched when a connection needs it" if cred.flow == "client-credentials" else
+            f"authorize it again with `mailhost oauth authorize {cred.name} --username USER`")
+    click.echo(f"changed OAuth2 credential {cred.name}{again}", err=True)
 
 
 @oauth.command("list")
