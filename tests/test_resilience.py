@@ -403,6 +403,39 @@ def test_a_message_that_never_reached_a_server_is_not_held_in_doubt_when_its_rec
         host.close()
 
 
+def test_a_deliver_that_ends_while_the_store_is_away_leaves_in_doubt_only_what_it_sent(
+        proxied: Mailhost, proxy: _Proxy, plugin_env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`mailhost deliver` sends a message, PostgreSQL goes away before its outcome is
+    recorded, and the process ends. The next run counts one message interrupted: the
+    one that did go out (its outcome was never stored, so it may arrive twice, the one
+    duplicate no client can avoid); the others, never tried, go back untouched."""
+    from mailhost.store import OutgoingAttempt
+    from sqlalchemy import select
+
+    from .helpers import run_cli
+    from .test_outgoing_processes import _tune
+
+    outbox = Path(plugin_env["MAILHOST_TESTPLUGIN_OUTBOX"])
+    _tune(proxied, lease_seconds=10)  # the recorder tries for half a lease before it gives up
+    proxied.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="dir", host="box",
+                                                               from_address="a@example.org", default=True))
+    for i in range(5):
+        proxied.outgoing.send([f"r{i}@example.org"], subject=f"m{i}", body="hi")
+    proxy.cut_on(b"UPDATE outgoing_queue SET status=$1::VARCHAR, accepted=", down=True)
+    first = run_cli("--config", str(proxied.config.path), "deliver",
+                    env={**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"})
+    assert first.returncode == 1 and "the store postgresql+psycopg://" in first.stderr, first.stderr
+    assert outbox_subjects(outbox / "box") == [b"m0"]
+    proxy.up()
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_OUTBOX", str(outbox))
+    second = proxied.outgoing.deliver()  # the next run: the first one's process is gone
+    assert second.recovered == 5 and second.sent == 5, second.as_dicts()
+    with proxied.session() as s:
+        interrupted = [a.item.subject for a in s.scalars(select(OutgoingAttempt)) if a.result == "interrupted"]
+    assert interrupted == ["m0"]
+    assert outbox_subjects(outbox / "box") == [b"m0", b"m0", b"m1", b"m2", b"m3", b"m4"]
+
+
 @pytest.mark.parametrize("command", [
     ["queue", "incoming", "purge", "--older-than", "0"],  # a store session
     ["queue", "outgoing", "purge", "--older-than", "0"],  # the outgoing pipeline's writer
