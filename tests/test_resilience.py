@@ -489,6 +489,22 @@ def _locked_by_another_session(database_url: str, table: str, name: str) -> Iter
         holder.close()
 
 
+def _pg_installation_with_one_message(tmp_path: Path, postgres_url: str,
+                                      monkeypatch: pytest.MonkeyPatch) -> tuple[Path, Path]:
+    """A PostgreSQL installation whose statements wait 0.2 s for a lock, and a folder
+    holding one message; the config file and the folder."""
+    from mailhost import store
+
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
+    box = tmp_path / "box"
+    box.mkdir()
+    (box / "a.eml").write_bytes(b"Subject: a\r\n\r\na\r\n")
+    config = tmp_path / "pg" / "mailhost.toml"
+    Mailhost.init(config, postgres_url).close()
+    return config, box
+
+
 def test_a_row_an_admin_keeps_locked_on_postgresql_is_one_sentence_from_the_cli(
         tmp_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -529,16 +545,9 @@ def test_a_pass_on_a_mailbox_an_admin_keeps_locked_on_postgresql_ends_as_busy(
     """A download pass whose connection row a psql session holds ends as a busy store
     after the busy timeout (what `serve` logs once and tries again at its next tick),
     and the next pass, once the session is gone, downloads as before."""
-    from mailhost import store
     from mailhost.errors import StoreError
 
-    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
-    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
-    box = tmp_path / "box"
-    box.mkdir()
-    (box / "a.eml").write_bytes(b"Subject: a\r\n\r\na\r\n")
-    config = tmp_path / "pg" / "mailhost.toml"
-    Mailhost.init(config, postgres_url).close()
+    config, box = _pg_installation_with_one_message(tmp_path, postgres_url, monkeypatch)
     host = Mailhost.open(config, plugins=PluginHost(only=[], extra=[("testplugin", testplugin)]))
     try:
         host.connections.add(Direction.INCOMING, ConnectionSpec(name="desk", protocol="dir", folder=str(box)))
@@ -594,14 +603,8 @@ def test_a_pass_hung_inside_its_transaction_on_postgresql_frees_its_rows(
     from mailhost.errors import StoreError
     from mailhost.incoming import Incoming
 
-    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
-    monkeypatch.setattr(store, "BUSY_TIMEOUT", 0.2)
     monkeypatch.setattr(store, "IDLE_IN_TRANSACTION_TIMEOUT", 1)
-    box = tmp_path / "box"
-    box.mkdir()
-    (box / "a.eml").write_bytes(b"Subject: a\r\n\r\na\r\n")
-    config = tmp_path / "pg" / "mailhost.toml"
-    Mailhost.init(config, postgres_url).close()
+    config, box = _pg_installation_with_one_message(tmp_path, postgres_url, monkeypatch)
     host = Mailhost.open(config, plugins=PluginHost(only=[], extra=[("testplugin", testplugin)]))
     admin = Mailhost.open(config, plugins=PluginHost(only=[], extra=[("testplugin", testplugin)]))
     hung, going_on = threading.Event(), threading.Event()
