@@ -174,6 +174,10 @@ class Mailhost:
             return (f"the store {url} is busy: {what} stayed locked by another session for {store.BUSY_TIMEOUT} s "
                     f"({why}); end that session's transaction (pg_stat_activity shows it, mostly as 'idle in "
                     "transaction'), then try again")
+        if _idled_out(orig):  # PostgreSQL ended the session: it sat in its transaction past the timeout
+            return (f"the store {url} ended this session because it sat in a transaction without a statement for "
+                    "longer than idle_in_transaction_session_timeout (this process was stalled: stopped, swapping, "
+                    "starved of CPU); nothing half-done was kept: try again")
         if "deadlock" in low:  # PostgreSQL aborted this transaction to free another one
             return (f"the store {url} aborted this change to end a deadlock with another process ({why}); "
                     "try again")
@@ -279,9 +283,25 @@ class Mailhost:
             self.engine.dispose()
 
 
+def _sqlstate(orig: BaseException | None) -> str | None:
+    """The SQLSTATE of a PostgreSQL driver's error (psycopg 3, or psycopg2's pgcode)."""
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+
+
+def _idled_out(orig: BaseException | None) -> bool:
+    """Whether PostgreSQL ended the session for idling in its transaction (SQLSTATE
+    25P03): the error itself, or the one during which the link was found lost (the
+    rollback of a transaction that failed so)."""
+    while orig is not None:
+        if _sqlstate(orig) == "25P03":
+            return True
+        orig = orig.__context__
+    return False
+
+
 def _lock_timeout(orig: BaseException | None) -> bool:
     """Whether a driver's error is PostgreSQL's lock_timeout (SQLSTATE 55P03) running out."""
-    return getattr(orig, "sqlstate", None) == "55P03" or getattr(orig, "pgcode", None) == "55P03"
+    return _sqlstate(orig) == "55P03"
 
 
 def _environmental(orig: BaseException | None) -> bool:

@@ -364,3 +364,41 @@ def test_a_store_a_migration_holds_is_busy_not_a_config_error(tmp_path: Path, po
         net.cancel()
         holder.rollback()
         holder.close()
+
+
+def test_a_session_ended_for_sitting_in_its_transaction_is_one_sentence(tmp_path: Path, postgres_url: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL ends a mailhost session that sat in its transaction past
+    idle_in_transaction_session_timeout (the process was stalled): its next statement
+    fails as a StoreError that says so, not as an unexpected error, and the store
+    works for the next transaction."""
+    import time
+
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    monkeypatch.setattr(store, "IDLE_IN_TRANSACTION_TIMEOUT", 0.2)
+    host = Mailhost.init(tmp_path / "m.toml", postgres_url)
+    watcher = store.make_engine(postgres_url)
+
+    def ended(pid: int) -> None:
+        deadline = time.monotonic() + 60  # a safety net, not an assertion on speed
+        while True:
+            with watcher.connect() as conn:
+                if not conn.execute(text("SELECT 1 FROM pg_stat_activity WHERE pid = :p"), {"p": pid}).first():
+                    return
+            assert time.monotonic() < deadline, "the server never ended the idle session"
+            time.sleep(0.05)
+
+    try:
+        for raw in (False, True):  # through SQLAlchemy, and the DB-API cursor of the download's hot path
+            with pytest.raises(StoreError, match=r"ended this session because it sat in a transaction without a "
+                                                 r"statement for longer than idle_in_transaction_session_timeout"):
+                with host.session() as s:
+                    ended(s.execute(text("SELECT pg_backend_pid()")).scalar())
+                    if raw:
+                        s.connection().connection.cursor().execute("SELECT 1")
+                    else:
+                        s.execute(text("SELECT 1"))
+            assert host.connections.list(Direction.INCOMING) == []
+    finally:
+        watcher.dispose()
+        host.close()
