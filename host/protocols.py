@@ -23,14 +23,20 @@ Usage from the host's side::
 from __future__ import annotations
 
 import builtins
+import contextlib
 import enum
 import json
 import re
+import socket
+import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Literal, Self, cast
+
+from .errors import TemporaryFailure
 
 __all__ = [
     "ATTRIBUTES",
@@ -46,8 +52,11 @@ __all__ = [
     "OutgoingSession",
     "ProtocolProvider",
     "ProviderOption",
+    "STALL_PIECE",
+    "STALL_TIMEOUTS",
     "SendResult",
     "Session",
+    "StallGuard",
     "TestStep",
     "crlf",
     "lazy",
@@ -599,3 +608,95 @@ def lazy(target: str) -> Callable[..., Any]:
     call.__doc__ = f"Calls {target}, imported on first use."
     call.__test__ = False  # type: ignore[attr-defined]  # pytest: not a test, whatever its name
     return call
+
+
+#: A download must make a step (one message, or this many bytes of a bigger one)...
+STALL_PIECE = 64 * 1024
+#: ...within this many times the connection's timeout, else :class:`StallGuard` ends it.
+STALL_TIMEOUTS = 4
+
+
+class StallGuard:
+    """Ends a download that a server drips: the "low speed" abort of curl
+    (``--speed-limit``/``--speed-time``), for sessions that read from a socket.
+
+    The socket timeout bounds one read only: a server that sends a few bytes just before
+    each read would time out holds the link, and the host's lease on the mailbox, for
+    ever. Inside ``with StallGuard(sock, timeout)``, the reader calls :meth:`step` for
+    every message (or :data:`STALL_PIECE` bytes of a bigger one) that came whole; when
+    none came for :data:`STALL_TIMEOUTS` times ``timeout`` seconds, a watcher thread
+    shuts the socket down, the blocked read returns at once (end of stream), and the
+    session raises :meth:`failure` instead of whatever the read raised::
+
+        with StallGuard(sock, settings.timeout) as guard:
+            try:
+                for message in replies:  # reads; guard.step() after each
+                    ...
+            except OSError:
+                if guard.fired:
+                    raise guard.failure(settings.describe(), "message UID 7") from None
+                raise
+
+    The reader's cost is :meth:`step`, one counter per message: no clock, no lock. Time
+    the session spends elsewhere (a generator handing out what it read) goes inside
+    :meth:`paused`, which no stall counts.
+    """
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self.timeout = timeout
+        #: Seconds without a step after which the link is shut down.
+        self.allowance = STALL_TIMEOUTS * timeout
+        #: Whether the guard shut the link down.
+        self.fired = False
+        self._sock = sock
+        self._steps = 0
+        self._paused = False
+        self._stop = threading.Event()
+        self._lock = threading.Lock()  # no shutdown once the block is left: the socket may be closed
+
+    def step(self) -> None:
+        """A message, or :data:`STALL_PIECE` bytes of one, came whole."""
+        self._steps += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Not reading from the server inside this block: no stall is counted."""
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+            self._steps += 1
+
+    def failure(self, where: str, reading: str) -> TemporaryFailure:
+        """The error for a download this guard ended, naming the server (``where``) and
+        what it was sending (``reading``)."""
+        return TemporaryFailure(
+            f"{where} sent {reading} so slowly that neither a message nor {STALL_PIECE // 1024} KiB of one came in "
+            f"{self.allowance:g} s ({STALL_TIMEOUTS} times the connection's timeout of {self.timeout:g} s), so "
+            "mailhost closed the link: the messages that came whole are stored, and the next pass goes on from "
+            "there; if this repeats, check the server's load and the network to it, or raise the timeout"
+        )
+
+    def __enter__(self) -> Self:
+        threading.Thread(target=self._watch, name="mailhost-stall-guard", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        with self._lock:
+            self._stop.set()
+
+    def _watch(self) -> None:
+        seen, since = -1, time.monotonic()
+        while not self._stop.wait(self.allowance / 8):
+            now = time.monotonic()
+            if self._paused or self._steps != seen:
+                seen, since = self._steps, now
+            elif now - since >= self.allowance:
+                with self._lock:
+                    if not self._stop.is_set():
+                        self.fired = True
+                        # socket.socket's own: an SSLSocket's would drop its TLS state under the reader
+                        with contextlib.suppress(OSError):
+                            socket.socket.shutdown(self._sock, socket.SHUT_RDWR)
+                return

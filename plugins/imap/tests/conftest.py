@@ -89,23 +89,25 @@ class Peer:
 
 @pytest.fixture
 def fake_imap(pki: Pki) -> Iterator[Callable[[Callable[[Peer], None]], int]]:
-    """``start(script) -> port``: a one-connection IMAP server running ``script(peer)``."""
+    """``start(script, connections=1) -> port``: an IMAP server running ``script(peer)``
+    for each of ``connections`` connections, one after the other."""
     started: list[tuple[socket.socket, threading.Thread, list[BaseException]]] = []
 
-    def start(script: Callable[[Peer], None]) -> int:
+    def start(script: Callable[[Peer], None], connections: int = 1) -> int:
         listener = socket.create_server(("127.0.0.1", 0))
         errors: list[BaseException] = []
 
         def run() -> None:
-            try:
-                conn, _ = listener.accept()
-                conn.settimeout(10)
-                with conn:
-                    script(Peer(conn, pki.server_context()))
-            except (OSError, ValueError):
-                pass  # the client hung up, as the tests expect it to
-            except BaseException as exc:  # pragma: no cover - a broken script
-                errors.append(exc)
+            for _ in range(connections):
+                try:
+                    conn, _ = listener.accept()
+                    conn.settimeout(10)
+                    with conn:
+                        script(Peer(conn, pki.server_context()))
+                except (OSError, ValueError):
+                    pass  # the client hung up, as the tests expect it to
+                except BaseException as exc:  # pragma: no cover - a broken script
+                    errors.append(exc)
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()

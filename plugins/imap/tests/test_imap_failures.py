@@ -1,6 +1,8 @@
 """Links that break: every failure is a mailhost error naming the connection."""
 from __future__ import annotations
 
+import time
+
 import pytest
 from mailhost.errors import ConnectFailure, PermanentFailure, TemporaryFailure
 from mailhost.protocols import ConnectionSettings, Encryption
@@ -48,3 +50,118 @@ def test_not_an_imap_server(fake_imap):
                               encryption=Encryption.NONE, username="u", password="p", timeout=5)
     with pytest.raises(PermanentFailure, match="does not greet like an IMAP server .* check the host and the port"):
         PROVIDER.open(conn)
+
+
+DRIPPED = [b"Subject: one\r\n\r\nbody one\r\n", b"Subject: two\r\n\r\n" + b"x" * 3000 + b"\r\n"]
+
+
+def dripping_server(drips: list[bool], stored: list[bytes], tls: bool = False):
+    """A script answering like Dovecot for two messages (over implicit TLS with ``tls``);
+    while ``drips[0]`` holds, the literal of UID 2 comes half at once and then a byte
+    every 0.05 s, each well within any read's timeout. ``UID STORE`` commands land in
+    ``stored``."""
+
+    def respond(peer, words):
+        verb = words[0].upper()
+        if verb == b"CAPABILITY":
+            return b"* CAPABILITY IMAP4rev1 UIDPLUS MOVE\r\n"
+        if verb == b"SELECT":
+            return (b"* FLAGS (\\Seen \\Deleted)\r\n* OK [PERMANENTFLAGS (\\Seen \\Deleted)] ok\r\n"
+                    b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 3] ok\r\n")
+        if words[:2] == [b"UID", b"STORE"]:
+            stored.append(b" ".join(words[2:]))
+            return b""
+        if words[:2] != [b"UID", b"FETCH"]:
+            return b""
+        first, _, last = words[2].partition(b":")
+        top = 2 if last == b"*" else int(last or first)
+        uids = [uid for uid in (1, 2) if int(first) <= uid <= top]
+        if b"RFC822.SIZE" in b" ".join(words):
+            return b"".join(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (uid, uid, len(DRIPPED[uid - 1])) for uid in uids)
+        out = b""
+        for uid in uids:
+            raw = DRIPPED[uid - 1]
+            answer = b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (uid, uid, len(raw), raw)
+            if uid == 2 and drips[0]:
+                peer.send(out + answer[: len(answer) // 2])
+                for at in range(len(answer) // 2, len(answer)):
+                    time.sleep(0.05)
+                    peer.send(answer[at : at + 1])
+                answer, out = b"", b""
+            out += answer
+        return out
+
+    def script(peer):
+        if tls:
+            peer.starttls()  # from the first byte
+        peer.answer(lambda words: respond(peer, words))
+
+    return script
+
+
+@pytest.mark.parametrize("encryption", [Encryption.NONE, Encryption.SSL])
+def test_a_dripping_fetch_is_cut_off_after_the_whole_messages(fake_imap, pki, encryption):
+    """A server that sends the literal of UID 2 a byte at a time, each byte within the
+    read timeout, never times a read out: the stall guard ends the download with a
+    TemporaryFailure naming the server, the message and what to do; UID 1, which came
+    whole, is still handed over."""
+    port = fake_imap(dripping_server([True], [], tls=encryption is Encryption.SSL))
+    conn = ConnectionSettings(name="desk", protocol="imap", host="localhost", port=port, encryption=encryption,
+                              ca_file=pki.ca_file, username="u", password="p", timeout=0.3)
+    got = []
+    with PROVIDER.open(conn) as session:
+        with pytest.raises(TemporaryFailure) as failure:
+            for ref, raw in session.fetch(session.list_new(None, lambda keys: set()).refs):
+                got.append(raw)
+    assert got == DRIPPED[:1] and not isinstance(failure.value, ConnectFailure)
+    assert (f"desk on localhost:{port} sent message UID 2 from folder INBOX so slowly that neither a message "
+            "nor 64 KiB of one came in 1.2 s (4 times the connection's timeout of 0.3 s)") in str(failure.value)
+    assert "the next pass goes on from there" in str(failure.value) and "raise the timeout" in str(failure.value)
+
+
+def test_a_pass_a_server_drips_stores_what_came_whole_and_the_next_resumes(fake_imap, mh):
+    """The dripped pass ends (and with it the lease its keeper renews) not ok, with UID 1
+    stored and not yet marked seen; the next pass marks it seen, then brings UID 2."""
+    from mailhost.connections import ConnectionSpec
+    from mailhost.protocols import Direction
+
+    drips, stored = [True], []
+    port = fake_imap(dripping_server(drips, stored), connections=2)
+    mh.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="desk", protocol="imap", host="127.0.0.1", port=port, encryption="none", username="u", password="p",
+        timeout=300))
+    first = mh.incoming.fetch_one("desk")
+    assert (first.ok, first.stored, stored) == (False, 1, [])
+    assert (first.error or "").startswith(f"desk on 127.0.0.1:{port} sent message UID 2 from folder INBOX so slowly")
+    drips[0] = False
+    second = mh.incoming.fetch_one("desk")
+    assert (second.ok, second.listed, second.stored, second.acknowledged) == (True, 1, 1, 2)
+    assert stored == [b"1 +FLAGS.SILENT (\\Seen)", b"2 +FLAGS.SILENT (\\Seen)"]
+    assert [mh.incoming.item(item.id).raw for item in reversed(mh.incoming.items())] == DRIPPED
+
+
+def test_a_big_message_that_comes_slowly_but_steadily_is_not_cut_off(fake_imap):
+    """384 KiB at 8 KiB every 0.05 s takes longer than the stall guard's 2 s, but every
+    64 KiB of it comes well within them: the guard counts pieces, not whole messages."""
+    raw = b"Subject: big\r\n\r\n" + (b"y" * 1022 + b"\r\n") * 384
+
+    def respond(peer, words):
+        verb = words[0].upper()
+        if verb == b"CAPABILITY":
+            return b"* CAPABILITY IMAP4rev1\r\n"
+        if verb == b"SELECT":
+            return b"* 1 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 2] ok\r\n"
+        if words[:2] == [b"UID", b"FETCH"] and b"RFC822.SIZE" in b" ".join(words):
+            return b"* 1 FETCH (UID 1 RFC822.SIZE %d)\r\n" % len(raw)
+        if words[:2] == [b"UID", b"FETCH"]:
+            answer = b"* 1 FETCH (UID 1 BODY[] {%d}\r\n%s)\r\n" % (len(raw), raw)
+            for at in range(0, len(answer), 8192):
+                time.sleep(0.05)
+                peer.send(answer[at : at + 8192])
+        return b""
+
+    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
+                              port=fake_imap(lambda peer: peer.answer(lambda words: respond(peer, words))),
+                              encryption=Encryption.NONE, username="u", password="p", timeout=0.5)
+    with PROVIDER.open(conn) as session:
+        assert [body for _, body in session.fetch(session.list_new(None, lambda keys: set()).refs)] == [raw]

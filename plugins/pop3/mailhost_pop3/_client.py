@@ -17,6 +17,8 @@ import ssl
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
+from mailhost.protocols import STALL_PIECE, StallGuard
+
 __all__ = ["Client", "LinkError", "WINDOW"]
 
 _CHUNK = 256 * 1024
@@ -40,6 +42,9 @@ class Client(poplib.POP3):
         self._pending = 0  # replies to pipelined commands nobody read (an abandoned fetch)
         self._pending_long = False
         self.broken = False  # a read or write failed: what is buffered can no longer be trusted
+        #: Stepped for every reply and every STALL_PIECE bytes read, while a session sets it.
+        self.guard: StallGuard | None = None
+        self._unstepped = 0  # bytes read since the guard's last step
         self.capabilities: dict[str, list[str]] = {}
         # poplib connects in __init__ (the timeout goes to _create_socket, which ignores
         # it) and makes self.file, which stays unused: every byte goes through _buf.
@@ -71,6 +76,11 @@ class Client(poplib.POP3):
             self.broken = True
             raise
         self._buf += data
+        if self.guard is not None:
+            self._unstepped += len(data)
+            if self._unstepped >= STALL_PIECE:
+                self._unstepped = 0
+                self.guard.step()
 
     def _find(self, sep: bytes, start: int = 0, limit: int | None = None) -> int:
         """Offset (from the read position) of the next ``sep`` at or after ``start``."""
@@ -106,6 +116,8 @@ class Client(poplib.POP3):
             del body[0]
         if b"\r\n.." in body:
             body = body.replace(b"\r\n..", b"\r\n.")
+        if self.guard is not None:
+            self.guard.step()
         return status, bytes(body)
 
     def _getlongresp(self) -> tuple[bytes, list[bytes], int]:

@@ -24,6 +24,7 @@ from mailhost.protocols import (
     IncomingSession,
     Listing,
     MessageRef,
+    StallGuard,
     TestStep,
 )
 from mailhost.tls import client_context, describe_peer, tls_error
@@ -98,7 +99,7 @@ class Pop3Session(IncomingSession):
         self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]
     ) -> Listing:
         """Every message whose UIDL is not stored yet, oldest first; POP3 has no cursor."""
-        with _errors(self.settings):
+        with self._guarded("its list of messages (UIDL, LIST)"), _errors(self.settings):
             new = self._new(known)
             sizes: dict[int, int] = {}
             if new:  # a poll with nothing new skips LIST
@@ -113,24 +114,44 @@ class Pop3Session(IncomingSession):
         pass (a server that cannot send it) can be found and dealt with."""
         wanted: list[tuple[MessageRef, int]] = []
         done = 0
-        try:
-            with _errors(self.settings):
-                numbers = self._keys()  # a ref's handle may come from another session
-                wanted = [(ref, numbers[ref.key]) for ref in refs if ref.key in numbers]
-                replies = self.client.pipeline([f"RETR {n}" for _, n in wanted], long=True)
-                for (ref, number), raw in zip(wanted, replies):
-                    done += 1
-                    if raw is None:  # gone meanwhile, or the server cannot read it now: next pass
-                        log.info("%s: RETR %d (UIDL %s) refused; skipped", _where(self.settings), number, ref.key)
-                        continue
-                    yield ref, raw
-        except ConnectFailure as exc:
-            if not 0 <= done < len(wanted):
+        with self._guarded("its list of messages (UIDL)") as guard:
+            try:
+                with _errors(self.settings):
+                    numbers = self._keys()  # a ref's handle may come from another session
+                    wanted = [(ref, numbers[ref.key]) for ref in refs if ref.key in numbers]
+                    replies = self.client.pipeline([f"RETR {n}" for _, n in wanted], long=True)
+                    for (ref, number), raw in zip(wanted, replies):
+                        done += 1
+                        if raw is None:  # gone meanwhile, or the server cannot read it now: next pass
+                            log.info("%s: RETR %d (UIDL %s) refused; skipped", _where(self.settings), number, ref.key)
+                            continue
+                        with guard.paused():  # the caller's time, not the server's
+                            yield ref, raw
+            except ConnectFailure as exc:
+                if not 0 <= done < len(wanted):
+                    raise
+                ref, number = wanted[done]
+                size = f", {ref.size:,} bytes" if ref.size is not None else ""
+                if guard.fired:
+                    raise guard.failure(_where(self.settings), f"message {number} (UIDL {ref.key}{size})") from None
+                raise ConnectFailure(f"{exc}; it broke in message {number} (UIDL {ref.key}{size}): if every pass "
+                                     "breaks there, look at that message on the server") from exc
+
+    @contextlib.contextmanager
+    def _guarded(self, reading: str) -> Iterator[StallGuard]:
+        """Reads inside are watched by a :class:`StallGuard`; a link it cut off raises its
+        failure, saying the server was sending ``reading``."""
+        client = self.client
+        with StallGuard(client.sock, self.settings.timeout) as guard:
+            client.guard = guard
+            try:
+                yield guard
+            except ConnectFailure:
+                if guard.fired:
+                    raise guard.failure(_where(self.settings), reading) from None
                 raise
-            ref, number = wanted[done]
-            size = f", {ref.size:,} bytes" if ref.size is not None else ""
-            raise ConnectFailure(f"{exc}; it broke in message {number} (UIDL {ref.key}{size}): if every pass "
-                                 "breaks there, look at that message on the server") from exc
+            finally:
+                client.guard = None
 
     def resolve(self, keys: Sequence[str]) -> list[MessageRef]:
         """Refs for the keys still on the server."""
@@ -154,7 +175,7 @@ class Pop3Session(IncomingSession):
         self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]
     ) -> Estimate:
         """Messages whose UIDL is not stored yet, read or not: POP3 has no read flag."""
-        with _errors(self.settings):
+        with self._guarded("its list of messages (UIDL)"), _errors(self.settings):
             count = len(self._new(known))
         note = (
             "POP3 has no read flag: every message whose UIDL is not stored yet counts, read or not "

@@ -6,6 +6,7 @@ import socket
 import socketserver
 import ssl
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 
 from mailhost import Mailhost
 from mailhost.connections import ConnectionSpec
-from mailhost.errors import AuthenticationFailed, ConnectFailure, PermanentFailure
+from mailhost.errors import AuthenticationFailed, ConnectFailure, PermanentFailure, TemporaryFailure
 from mailhost.protocols import ConnectionSettings, Direction, Encryption
 from mailhost_pop3 import open_session
 from tests.servers.certs import Pki
@@ -30,6 +31,9 @@ class Script:
     capa: list[str] = field(default_factory=lambda: ["USER", "UIDL", "SASL XOAUTH2"])
     drop_on_retr: int | None = None  # message number whose RETR is cut in the middle
     stall_on_retr: int | None = None  # message number whose RETR stops in the middle
+    drip_on_retr: int | None = None  # message number whose RETR goes on a byte every 0.05 s after the middle
+    trickle: bool = False  # every RETR comes 8 KiB every 0.05 s: slow, and steady
+    messages: list[bytes] = field(default_factory=lambda: list(MESSAGES))
     release: threading.Event = field(default_factory=threading.Event)  # ends a stall
     auth_lines: list[bytes] = field(default_factory=list)  # what the client sent after AUTH
     tls: ssl.SSLContext | None = None  # offer STLS with this server context
@@ -75,12 +79,29 @@ class _Handler(socketserver.StreamRequestHandler):
                     script.auth_lines.append(self.rfile.readline().strip())
                     send(b"-ERR [AUTH] invalid token\r\n")
             elif cmd == "UIDL" and "UIDL" in script.capa:
-                send(b"+OK\r\n" + b"".join(b"%d uid-%d\r\n" % (i, i) for i in range(1, len(MESSAGES) + 1)) + b".\r\n")
+                send(b"+OK\r\n" + b"".join(b"%d uid-%d\r\n" % (i, i) for i in range(1, len(script.messages) + 1))
+                     + b".\r\n")
             elif cmd == "LIST":
-                send(b"+OK\r\n" + b"".join(b"%d %d\r\n" % (i, len(m)) for i, m in enumerate(MESSAGES, 1)) + b".\r\n")
+                send(b"+OK\r\n" + b"".join(b"%d %d\r\n" % (i, len(m)) for i, m in enumerate(script.messages, 1)) + b".\r\n")
             elif cmd == "RETR":
                 n = int(arg)
-                body = b"+OK\r\n" + _stuffed(MESSAGES[n - 1]) + b".\r\n"
+                body = b"+OK\r\n" + _stuffed(script.messages[n - 1]) + b".\r\n"
+                if script.trickle:
+                    for at in range(0, len(body), 8192):
+                        time.sleep(0.05)
+                        send(body[at : at + 8192])
+                    continue
+                if n == script.drip_on_retr:  # each byte well within any read's timeout: only a guard ends it
+                    at = len(body) // 2
+                    send(body[:at])
+                    while at < len(body) and not script.release.wait(0.05):
+                        try:
+                            send(body[at : at + 1])
+                        except OSError:
+                            return  # the client cut the link off
+                        at += 1
+                    send(body[at:])
+                    continue
                 if n in (script.drop_on_retr, script.stall_on_retr):
                     send(body[: len(body) // 2])
                     if n == script.stall_on_retr:
@@ -244,3 +265,51 @@ def test_a_link_that_breaks_mid_batch_keeps_the_whole_messages(fake: tuple[Scrip
     second = mh.incoming.fetch_one("p")
     assert (second.ok, second.listed, second.stored) == (True, 1, 1)
     assert [mh.incoming.item(item.id).raw for item in reversed(mh.incoming.items())] == MESSAGES
+
+
+def test_a_dripping_retr_is_cut_off_and_names_the_message(fake: tuple[Script, int]) -> None:
+    """A server that sends message 2 a byte at a time, each byte well within the read
+    timeout, never times a read out: the stall guard ends the download with a
+    TemporaryFailure that names the server, the message and what to do."""
+    script, port = fake
+    script.drip_on_retr = 2
+    session = open_session(settings(port, timeout=0.3))
+    got = []
+    with pytest.raises(TemporaryFailure) as failure:
+        for _, raw in session.fetch(session.list_new(None, lambda keys: set()).refs):
+            got.append(raw)
+    session.close()
+    assert got == MESSAGES[:1]
+    assert not isinstance(failure.value, ConnectFailure)
+    assert (f"hostile on 127.0.0.1:{port} sent message 2 (UIDL uid-2, {len(MESSAGES[1]):,} bytes) so slowly that "
+            "neither a message nor 64 KiB of one came in 1.2 s (4 times the connection's timeout of 0.3 s)"
+            ) in str(failure.value)
+    assert "the next pass goes on from there" in str(failure.value) and "raise the timeout" in str(failure.value)
+
+
+def test_a_pass_a_server_drips_stores_what_came_whole_and_the_next_resumes(fake: tuple[Script, int],
+                                                                           mh: Mailhost) -> None:
+    """The dripped pass ends (and with it the lease the keeper renews) not ok, with message 1
+    stored; the next pass brings message 2 and deletes both, each after it was stored."""
+    script, port = fake
+    script.drip_on_retr = 2
+    mh.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="p", protocol="pop3", host="127.0.0.1", port=port, encryption="none", username="u", password="p",
+        timeout=300, after_download="delete"))
+    first = mh.incoming.fetch_one("p")
+    assert (first.ok, first.stored, script.deleted) == (False, 1, [])
+    assert (first.error or "").startswith(f"p on 127.0.0.1:{port} sent message 2 (UIDL uid-2")
+    script.drip_on_retr = None
+    second = mh.incoming.fetch_one("p")
+    assert (second.ok, second.listed, second.stored, sorted(script.deleted)) == (True, 1, 1, [1, 2])
+    assert [mh.incoming.item(item.id).raw for item in reversed(mh.incoming.items())] == MESSAGES
+
+
+def test_a_big_message_that_comes_slowly_but_steadily_is_not_cut_off(fake: tuple[Script, int]) -> None:
+    """384 KiB at 8 KiB every 0.05 s takes longer than the stall guard's 2 s, but every
+    64 KiB of it comes well within them: the guard counts pieces, not whole messages."""
+    script, port = fake
+    script.trickle = True
+    script.messages = [b"Subject: big\r\n\r\n" + (b"y" * 1022 + b"\r\n") * 384]
+    with open_session(settings(port, timeout=0.5)) as session:
+        assert [raw for _, raw in session.fetch(session.list_new(None, lambda keys: set()).refs)] == script.messages
