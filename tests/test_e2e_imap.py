@@ -70,20 +70,28 @@ def test_uidvalidity_reset_resyncs_without_duplicates(home: Path, dovecot, mailb
     assert report["listed"] == 0
 
 
-def test_mailbox_restored_from_a_backup_loses_no_new_mail(home: Path, dovecot, mailbox, imap_conn: str) -> None:
+@pytest.mark.parametrize("arriving", [2, 4], ids=["uidnext-below-the-cursor", "uidnext-past-the-cursor"])
+def test_mailbox_restored_from_a_backup_loses_no_new_mail(home: Path, dovecot, mailbox, imap_conn: str,
+                                                          arriving: int) -> None:
     """A restored backup keeps the folder's UIDVALIDITY but takes UIDNEXT back, so new
-    mail gets UIDs already stored: all of it is still downloaded, nothing twice."""
-    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(i) for i in range(2)])
+    mail gets UIDs already stored: all of it is still downloaded, nothing twice; also
+    when so much came that UIDNEXT is past the cursor again (the message at the UID
+    stored last has another INTERNALDATE)."""
+    day = 86400
+    for i in range(2):
+        dovecot.deliver(mailbox.user, dovecot.generate_message(i), internaldate=time.time() - 3 * day)
     assert json.loads(_fetch(home).stdout)[0]["stored"] == 2
     backup = dovecot.backup(mailbox.user)  # with the dovecot-uidlist of UIDs 1-2
-    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(i) for i in range(2, 5)])
+    for i in range(2, 5):
+        dovecot.deliver(mailbox.user, dovecot.generate_message(i), internaldate=time.time() - 2 * day)
     assert json.loads(_fetch(home).stdout)[0]["stored"] == 3
     dovecot.restore(mailbox.user, backup)
-    arrived = [dovecot.generate_message(100 + i) for i in range(2)]
-    dovecot.deliver_many(mailbox.user, arrived)  # UIDs 3 and 4, as before the restore
+    arrived = [dovecot.generate_message(100 + i) for i in range(arriving)]
+    for raw in arrived:  # UIDs 3 and up, as before the restore
+        dovecot.deliver(mailbox.user, raw, internaldate=time.time() - day)
     report = json.loads(_fetch(home).stdout)[0]
-    assert (report["stored"], report["duplicates"]) == (2, 2), report
-    assert [raw for _, raw in _queue(home)][-2:] == arrived
+    assert (report["stored"], report["duplicates"]) == (arriving, 2), report
+    assert [raw for _, raw in _queue(home)][-arriving:] == arrived
     assert json.loads(_fetch(home).stdout)[0]["listed"] == 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import imaplib
 import itertools
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from functools import cached_property
@@ -44,9 +45,12 @@ class ImapSession(IncomingSession):
     The cursor is ``{"uidvalidity": V, "last_uid": U}``: every message with a UID up
     to ``U`` under UIDVALIDITY ``V`` is stored. Keys are ``"V:UID"``. A server that
     gives UIDs out again under the same UIDVALIDITY (a mailbox restored from a backup)
-    starts an era ``E`` (``"era": E`` in the cursor, keys ``"V.E:UID"``). The folder is
-    selected read-write by :meth:`list_new` (and on demand by the other methods), so the
-    acknowledgements run on the same link.
+    starts an era ``E`` (``"era": E`` in the cursor, keys ``"V.E:UID"``): seen when
+    UIDNEXT went back to ``U`` or below, or, once it grew past ``U`` again, when the
+    witness, ``"witness": [W, T]`` in the cursor of a pass that ended (the highest UID
+    it listed, and its INTERNALDATE in seconds since the epoch), is there with another
+    date (see :meth:`list_new`). The folder is selected read-write by :meth:`list_new`
+    (and on demand by the other methods), so the acknowledgements run on the same link.
     """
 
     def __init__(self, settings: ConnectionSettings, client: IMAPClient) -> None:
@@ -69,71 +73,97 @@ class ImapSession(IncomingSession):
         self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]
     ) -> Listing:
         """Messages with a UID above the cursor; everything when UIDVALIDITY changed or
-        UIDNEXT went back below it.
+        the server gives UIDs out again (a restored backup, see the class).
 
         Costs one SELECT when nothing is new, however big the folder: UIDNEXT says so.
+        When something is new, one more command reads the INTERNALDATE of the witness
+        and of the highest new UID, the next witness: a restored folder whose UIDNEXT
+        grew past the cursor gave the witness's UID to other mail, so, unless that mail
+        is gone again, the witness is there with another date.
         """
         selected = self._select()
         uidnext = selected.get(b"UIDNEXT")
-        last, reset, self._era = 0, False, 0
+        last, reset, self._era, witness = 0, False, 0, []
         if cursor is not None:
             stored = int(cursor.get("last_uid", 0))
             if cursor.get("uidvalidity") != self._uidvalidity:
                 reset = True  # renumbered: list from 1; the host dedups by content
-            elif uidnext is not None and uidnext <= stored and self._highest(selected) < uidnext:
+            elif uidnext is not None and uidnext <= stored and self._highest(selected.get(b"EXISTS")) < uidnext:
                 # UIDNEXT went back: the server gives stored UIDs to new mail. Keys of a
                 # new era, so that none passes for a stored one; listed from 1 as above.
                 reset, self._era = True, int(cursor.get("era", 0)) + 1
             else:
-                last, self._era = stored, int(cursor.get("era", 0))
+                last, self._era, witness = stored, int(cursor.get("era", 0)), list(cursor.get("witness") or [])
                 if uidnext is not None and uidnext <= last:
                     uidnext = None  # below UIDs the folder holds: wrong, so listed as if unknown
         if selected.get(b"EXISTS") == 0 or (uidnext is not None and uidnext <= last + 1):
             refs: list[MessageRef] = []
         else:
-            refs = self._refs(f"{last + 1}:*".encode())
             # "last+1:*" always includes the highest UID, even when it is <= last.
-            refs = [ref for ref in refs if ref.handle > last]
+            refs = [ref for ref in self._refs(f"{last + 1}:*".encode()) if ref.handle > last]
+            dates = self._dates([*witness[:1], refs[-1].handle]) if refs else {}
+            if _given_again(witness, dates):
+                # A restored backup, and new mail took the stored UIDs: a new era, as above.
+                reset, self._era, last = True, self._era + 1, 0
+                refs = self._refs(b"1:*")
+                dates = self._dates([refs[-1].handle]) if refs else {}
+            if refs:
+                witness = [refs[-1].handle, dates[refs[-1].handle]] if refs[-1].handle in dates else []
         # UIDs below UIDNEXT are all listed (or gone), so the cursor may move up to it:
         # the next "nothing new?" then stays one SELECT even after expunges.
         top = max([last, (uidnext or 1) - 1, *(ref.handle for ref in refs)])
-        return Listing(refs, self._cursor(top), reset)
+        cursor = self._cursor(top)
+        return Listing(refs, {**cursor, "witness": witness} if witness else cursor, reset)
 
-    def _highest(self, selected: Mapping[bytes, Any]) -> int:
-        """The highest UID in the selected folder (``UID FETCH *``), 0 when it is empty."""
-        if selected.get(b"EXISTS") == 0:
+    def _highest(self, exists: int | None) -> int:
+        """The highest UID in the selected folder (``UID FETCH *``), 0 when it is empty
+        (holds ``exists`` messages, 0)."""
+        if exists == 0:
             return 0
+        self._ensure_selected()
         return max((ref.handle for ref in self._refs(b"*")), default=0)
 
     def estimate(
         self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]
     ) -> Estimate:
-        """From STATUS; the UIDs above the cursor are counted exactly by UID FETCH."""
+        """From STATUS; the UIDs above the cursor are counted exactly by UID FETCH. Says
+        what :meth:`list_new` would do: a new era when the server gives UIDs out again, a
+        count of the UIDs above the cursor when only its UIDNEXT lags behind them."""
         messages, uidnext, validity = self._status()
         if cursor is None:
             return Estimate(messages, "exact")
-        last = int(cursor.get("last_uid", 0))
-        if cursor.get("uidvalidity") != validity or uidnext <= last:
-            if not cursor:  # the host's "another mailbox now": saying "renumbered" would mislead
-                why = "the connection now reads another mailbox (its server or user changed)"
-            elif cursor.get("uidvalidity") != validity:
-                why = f"the server renumbered folder {self.settings.folder} (UIDVALIDITY changed)"
-            else:
-                why = (f"the server gives new mail in folder {self.settings.folder} UIDs it gave before "
-                       "(UIDNEXT went back, as after restoring a backup)")
-            return Estimate(
-                messages,
-                "low",
-                f"at most {messages}: {why}, so every message is downloaded again and the ones "
-                "already stored are recognised by content and skipped",
-            )
-        if uidnext <= last + 1:
+        last, folder = int(cursor.get("last_uid", 0)), self.settings.folder
+        if not cursor:  # the host's "another mailbox now": saying "renumbered" would mislead
+            why = "the connection now reads another mailbox (its server or user changed)"
+        elif cursor.get("uidvalidity") != validity:
+            why = f"the server renumbered folder {folder} (UIDVALIDITY changed)"
+        elif uidnext == last + 1:
             return Estimate(0, "exact")
-        self._ensure_selected()
-        # Listed, not counted by UID SEARCH, whose answer is one line of every UID: past
-        # about 150,000 of them longer than imaplib reads (1,000,000 bytes). An explicit
-        # upper bound: "last+1:*" would match the highest UID anyway.
-        return Estimate(len(self._refs(f"{last + 1}:{uidnext - 1}".encode())), "exact")
+        elif uidnext <= last and self._highest(messages) < uidnext:
+            why = (f"the server gives new mail in folder {folder} UIDs it gave before (UIDNEXT went back, as after "
+                   "restoring a backup)")
+        else:
+            # Listed, not counted by UID SEARCH, whose answer is one line of every UID: past
+            # about 150,000 of them longer than imaplib reads (1,000,000 bytes). An explicit
+            # upper bound where UIDNEXT holds: "last+1:*" would match the highest UID anyway.
+            lags = uidnext <= last
+            self._ensure_selected()
+            listed = self._refs(f"{last + 1}:{'*' if lags else uidnext - 1}".encode())
+            refs = [ref for ref in listed if ref.handle > last]
+            witness = list(cursor.get("witness") or [])
+            if not (refs and witness and _given_again(witness, self._dates(witness[:1]))):
+                return Estimate(len(refs), "exact", (
+                    f"the server says the next UID in folder {folder} is {uidnext}, below UIDs it holds (up to "
+                    f"{max([last, *(ref.handle for ref in refs)])}): no UID is given out again, so only the messages "
+                    f"above the {last} stored are counted, and downloaded") if lags else "")
+            why = (f"the server gives new mail in folder {folder} UIDs it gave before (UID {witness[0]}, stored "
+                   "before, now holds another message, as after restoring a backup)")
+        return Estimate(
+            messages,
+            "low",
+            f"at most {messages}: {why}, so every message is downloaded again and the ones "
+            "already stored are recognised by content and skipped",
+        )
 
     def _status(self) -> tuple[int, int, int]:
         """MESSAGES, UIDNEXT, UIDVALIDITY: by STATUS, or by SELECT once the folder is
@@ -409,6 +439,17 @@ class ImapSession(IncomingSession):
         cursor = {"uidvalidity": self._uidvalidity, "last_uid": last_uid}
         return {**cursor, "era": self._era} if self._era else cursor
 
+    def _dates(self, uids: Iterable[int]) -> dict[int, float]:
+        """The INTERNALDATE, in seconds since the epoch, of those of ``uids`` the folder holds."""
+        dates: dict[int, float] = {}
+        with translated(self.settings, f"list the messages of folder {self.settings.folder}"):
+            for uid_set in _uid_sets(uids):
+                for uid, text, _ in self._uid_fetch(uid_set, b"(UID INTERNALDATE)"):
+                    parsed = imaplib.Internaldate2tuple(text)
+                    if parsed is not None:  # not an unsolicited FETCH
+                        dates[uid] = time.mktime(parsed)
+        return dates
+
     def _uid_fetch(
         self, uid_set: bytes, items: bytes, got: list[tuple[int, bytes, bytes | None]] | None = None
     ) -> list[tuple[int, bytes, bytes | None]]:
@@ -491,6 +532,13 @@ class ImapSession(IncomingSession):
     def _say(self, line: str) -> None:
         if self.settings.transcript is not None:
             self.settings.transcript(line)
+
+
+def _given_again(witness: Sequence[float], dates: Mapping[int, float]) -> bool:
+    """Whether the witness's UID (``[uid, date]``) holds a message of another date than
+    when it was listed: the server gave that UID to new mail (a message's INTERNALDATE
+    never changes, and a UID is never given twice under one UIDVALIDITY: RFC 3501 2.3)."""
+    return bool(witness) and int(witness[0]) in dates and dates[int(witness[0])] != witness[1]
 
 
 def _read_pieces(read: Callable[[int], bytes], size: int, step: Callable[[], None]) -> bytes:

@@ -7,6 +7,9 @@ from tests.servers.dovecot import generate_message
 from mailhost_imap import PROVIDER
 
 
+NOV5 = 1793872800  # 5-Nov-2026 10:00:00 +0000, in seconds since the epoch
+
+
 def nothing_known(keys: object) -> set[str]:
     return set()
 
@@ -41,8 +44,10 @@ def test_list_new_is_incremental_and_nothing_new_costs_no_fetch(settings, doveco
     with PROVIDER.open(settings()) as session:
         first = session.list_new(None, nothing_known)
     assert [ref.handle for ref in first.refs] == [1, 2, 3]
-    assert first.cursor == {"uidvalidity": first.cursor["uidvalidity"], "last_uid": 3}
-    assert first.refs[-1].cursor == first.cursor and first.refs[0].key == f"{first.cursor['uidvalidity']}:1"
+    assert first.cursor == {"uidvalidity": first.cursor["uidvalidity"], "last_uid": 3,
+                            "witness": [3, first.cursor["witness"][1]]}
+    assert {**first.refs[-1].cursor, "witness": first.cursor["witness"]} == first.cursor
+    assert first.refs[0].key == f"{first.cursor['uidvalidity']}:1"
 
     lines: list[str] = []
     with PROVIDER.open(settings(transcript=lines.append)) as session:
@@ -121,7 +126,39 @@ def test_uids_given_out_again_start_a_new_era_of_keys(settings, dovecot, mailbox
     assert (estimate.count, estimate.confidence) == (4, "low") and "UIDNEXT went back" in estimate.note
     assert listing.reset and [ref.handle for ref in listing.refs] == [1, 2, 3, 4]
     assert not {ref.key for ref in listing.refs} & {ref.key for ref in before.refs}
-    assert listing.cursor == {**before.cursor, "last_uid": 4, "era": 1} == listing.refs[-1].cursor
+    assert listing.cursor == {**before.cursor, "last_uid": 4, "era": 1, "witness": [4, listing.cursor["witness"][1]]}
+    assert {**listing.refs[-1].cursor, "witness": listing.cursor["witness"]} == listing.cursor
+    assert again.refs == [] and again.cursor == listing.cursor and not again.reset
+
+
+def test_uids_given_out_again_past_the_cursor_start_a_new_era_too(settings, dovecot, mailbox):
+    """A restored backup took UIDNEXT back, and more new mail came than the backup
+    lacked, so UIDNEXT is past the cursor again: UIDs 3-5 hold new mail under keys
+    already stored. The witness (UID 5, listed with its INTERNALDATE) now has another
+    date: everything is listed again under keys of a new era, none of the new mail is lost."""
+    day = 86400
+    for i in range(2):
+        dovecot.deliver(mailbox.user, generate_message(i), internaldate=NOV5)
+    with PROVIDER.open(settings()) as session:
+        session.list_new(None, nothing_known)  # Dovecot numbers them: the backup holds its dovecot-uidlist
+    backup = dovecot.backup(mailbox.user)
+    for i in range(2, 5):
+        dovecot.deliver(mailbox.user, generate_message(i), internaldate=NOV5 + day)
+    with PROVIDER.open(settings()) as session:
+        before = session.list_new(None, nothing_known)  # UIDs 1-5
+    dovecot.restore(mailbox.user, backup)
+    for i in range(5, 9):  # UIDs 3-6
+        dovecot.deliver(mailbox.user, generate_message(i), internaldate=NOV5 + 2 * day)
+    with PROVIDER.open(settings()) as session:
+        estimate = session.estimate(before.cursor, nothing_known)
+        listing = session.list_new(before.cursor, nothing_known)
+        again = session.list_new(listing.cursor, nothing_known)
+    assert before.cursor["witness"] == [5, NOV5 + day]
+    assert (estimate.count, estimate.confidence) == (6, "low")
+    assert "UID 5, stored before, now holds another message" in estimate.note
+    assert listing.reset and [ref.handle for ref in listing.refs] == [1, 2, 3, 4, 5, 6]
+    assert not {ref.key for ref in listing.refs} & {ref.key for ref in before.refs}
+    assert listing.cursor == {**before.cursor, "last_uid": 6, "era": 1, "witness": [6, NOV5 + 2 * day]}
     assert again.refs == [] and again.cursor == listing.cursor and not again.reset
 
 
@@ -135,19 +172,35 @@ def test_a_uidnext_below_the_uids_the_folder_holds_is_not_taken_for_a_restore(fa
         elif verb == b"SELECT":
             out = b"* 6 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 3] ok\r\n"
         elif words[:2] == [b"UID", b"FETCH"]:
-            first = 6 if words[2] == b"*" else int(words[2].split(b":")[0])
-            out = b"".join(b"* %d FETCH (UID %d RFC822.SIZE 300)\r\n" % (uid, uid) for uid in range(first, 7))
+            item = b'INTERNALDATE "0%d-Nov-2026 10:00:00 +0000"' if b"INTERNALDATE" in words[-1] else b"RFC822.SIZE 300"
+            out = b"".join(b"* %d FETCH (UID %d %s)\r\n" % (uid, uid, item.replace(b"%d", b"%d" % uid))
+                           for uid in range(1, 7) if uid in _uid_set(words[2], highest=6))
         return out
 
     conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
                               port=fake_imap(lambda peer: peer.answer(respond)),
                               encryption=Encryption.NONE, username="u", password="p", timeout=5)
     with PROVIDER.open(conn) as session:
-        listing = session.list_new({"uidvalidity": 7, "last_uid": 5}, nothing_known)
+        listing = session.list_new({"uidvalidity": 7, "last_uid": 5, "witness": [5, NOV5]}, nothing_known)
         again = session.list_new(listing.cursor, nothing_known)
+        estimate = session.estimate({"uidvalidity": 7, "last_uid": 5, "witness": [5, NOV5]}, nothing_known)
     assert [ref.key for ref in listing.refs] == ["7:6"] and not listing.reset
-    assert listing.cursor == {"uidvalidity": 7, "last_uid": 6} == again.cursor
+    assert listing.cursor == {"uidvalidity": 7, "last_uid": 6, "witness": [6, NOV5 + 86400]} == again.cursor
     assert again.refs == [] and not again.reset
+    assert (estimate.count, estimate.confidence) == (1, "exact")
+    assert estimate.note == ("the server says the next UID in folder INBOX is 3, below UIDs it holds (up to 6): no "
+                             "UID is given out again, so only the messages above the 5 stored are counted, and "
+                             "downloaded")
+
+
+def _uid_set(uid_set: bytes, highest: int) -> set[int]:
+    """The UIDs of an IMAP UID set (``1:3,5,7:*``) in a folder whose highest UID is ``highest``."""
+    uids: set[int] = set()
+    for part in uid_set.decode().split(","):
+        first, _, last = part.partition(":")
+        ends = [highest if end == "*" else int(end) for end in (first, last or first)]
+        uids.update(range(min(ends), max(ends) + 1))
+    return uids
 
 
 def test_estimate_counts_what_a_pass_would_download(settings, dovecot, mailbox):

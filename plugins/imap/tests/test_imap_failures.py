@@ -77,7 +77,11 @@ def dripping_server(drips: list[bool], stored: list[bytes], tls: bool = False):
         top = 2 if last == b"*" else int(last or first)
         uids = [uid for uid in (1, 2) if int(first) <= uid <= top]
         if b"RFC822.SIZE" in b" ".join(words):
-            return b"".join(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (uid, uid, len(DRIPPED[uid - 1])) for uid in uids)
+            return b"".join(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (uid, uid, len(DRIPPED[uid - 1]))
+                            for uid in uids)
+        if b"INTERNALDATE" in b" ".join(words):
+            return b"".join(b'* %d FETCH (UID %d INTERNALDATE "05-Nov-2026 10:00:0%d +0000")\r\n' % (uid, uid, uid)
+                            for uid in uids)
         out = b""
         for uid in uids:
             raw = DRIPPED[uid - 1]
@@ -153,6 +157,8 @@ def test_a_big_message_that_comes_slowly_but_steadily_is_not_cut_off(fake_imap):
             return b"* 1 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 2] ok\r\n"
         if words[:2] == [b"UID", b"FETCH"] and b"RFC822.SIZE" in b" ".join(words):
             return b"* 1 FETCH (UID 1 RFC822.SIZE %d)\r\n" % len(raw)
+        if words[:2] == [b"UID", b"FETCH"] and b"INTERNALDATE" in b" ".join(words):
+            return b'* 1 FETCH (UID 1 INTERNALDATE "05-Nov-2026 10:00:00 +0000")\r\n'
         if words[:2] == [b"UID", b"FETCH"]:
             answer = b"* 1 FETCH (UID 1 BODY[] {%d}\r\n%s)\r\n" % (len(raw), raw)
             for at in range(0, len(answer), 8192):
