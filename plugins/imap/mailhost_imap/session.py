@@ -154,8 +154,8 @@ class ImapSession(IncomingSession):
             if not (refs and witness and _given_again(witness, self._dates(witness[:1]))):
                 return Estimate(len(refs), "exact", (
                     f"the server says the next UID in folder {folder} is {uidnext}, below UIDs it holds (up to "
-                    f"{max([last, *(ref.handle for ref in refs)])}): no UID is given out again, so only the messages "
-                    f"above the {last} stored are counted, and downloaded") if lags else "")
+                    f"{max([last, *(ref.handle for ref in refs)])}), a server fault that gives no UID out again: only the "
+                    f"messages above UID {last}, the last stored, are counted, and downloaded") if lags else "")
             why = (f"the server gives new mail in folder {folder} UIDs it gave before (UID {witness[0]}, stored "
                    "before, now holds another message, as after restoring a backup)")
         return Estimate(

@@ -188,9 +188,9 @@ def test_a_uidnext_below_the_uids_the_folder_holds_is_not_taken_for_a_restore(fa
     assert listing.cursor == {"uidvalidity": 7, "last_uid": 6, "witness": [6, NOV5 + 86400]} == again.cursor
     assert again.refs == [] and not again.reset
     assert (estimate.count, estimate.confidence) == (1, "exact")
-    assert estimate.note == ("the server says the next UID in folder INBOX is 3, below UIDs it holds (up to 6): no "
-                             "UID is given out again, so only the messages above the 5 stored are counted, and "
-                             "downloaded")
+    assert estimate.note == ("the server says the next UID in folder INBOX is 3, below UIDs it holds (up to 6), a "
+                             "server fault that gives no UID out again: only the messages above UID 5, the last "
+                             "stored, are counted, and downloaded")
 
 
 def _uid_set(uid_set: bytes, highest: int) -> set[int]:
