@@ -46,8 +46,9 @@ Address = tuple[Any, ...]  # one getaddrinfo() entry
 
 _BYTES_REPR = re.compile(r"""b('[^'\\]*'|"[^"\\]*")""")  # imaplib's str() of bytes
 
-# Response codes (RFC 5530) that say "not now" rather than "never".
-_TEMPORARY_CODES = ("[UNAVAILABLE]", "[INUSE]", "[LIMIT]", "[SERVERBUG]")
+# Response codes (RFC 5530) that say "not now" rather than "never". A mailbox over its
+# quota takes mail again once its user or the expunges free space: not now either.
+_TEMPORARY_CODES = ("[UNAVAILABLE]", "[INUSE]", "[LIMIT]", "[SERVERBUG]", "[OVERQUOTA]")
 
 
 def with_defaults(settings: ConnectionSettings) -> ConnectionSettings:
@@ -83,7 +84,12 @@ def failure(exc: BaseException, settings: ConnectionSettings, doing: str) -> Mai
             f"{where} dropped the link while trying to {doing} ({exc}): the next pass tries again"
         )
     words = server_words(exc)
-    kind = TemporaryFailure if any(code in words for code in _TEMPORARY_CODES) else PermanentFailure
+    if "[OVERQUOTA]" in words.upper():
+        return TemporaryFailure(
+            f"{where} refused to {doing} because the mailbox is over its quota (the server said: {words}): "
+            "free space in it (its Trash, old mail) or have its quota raised"
+        )
+    kind = TemporaryFailure if any(code in words.upper() for code in _TEMPORARY_CODES) else PermanentFailure
     return kind(f"{where} refused to {doing}: {words}")
 
 

@@ -191,3 +191,33 @@ def test_move_into_the_folder_read_under_another_spelling_is_refused(settings, d
                                                    "folder INBOX/Sub, which this connection downloads from"):
             session.move(listing.refs, "inbox/Sub")
         assert session.list_new(listing.cursor, lambda keys: set()).refs == []
+
+
+#: Dovecot's quota plugin: 20 KB for each user, answered NO [OVERQUOTA] (RFC 5530) past it.
+QUOTA = ("mail_plugins = $mail_plugins quota\nprotocol imap {\n  mail_plugins = $mail_plugins quota imap_quota\n}\n"
+         "plugin {\n  quota = maildir:User quota\n  quota_rule = *:storage=20K\n}\n")
+
+
+def test_a_move_refused_over_quota_is_temporary_and_says_to_free_space(settings, dovecot_factory, mh):
+    """Without MOVE, a move copies first, and a copy counts against the quota: Dovecot
+    answers NO [OVERQUOTA]. Quota frees up, so the pass fails as temporary, with the
+    messages stored, nothing deleted, and the fix: free space or raise the quota."""
+    from mailhost.connections import ConnectionSpec
+    from mailhost.errors import TemporaryFailure
+    from mailhost.protocols import Direction
+
+    server = dovecot_factory(extra_config=QUOTA + OLD_SERVER)
+    user, password = server.new_user("full")
+    server.deliver_many(user, (generate_message(i, size=3000) for i in range(5)))  # 15 KB; copied: 30 KB
+    with PROVIDER.open(settings(server, username=user, password=password)) as session:
+        with pytest.raises(TemporaryFailure, match=r"refused to move messages to folder Archive because the "
+                                                   r"mailbox is over its quota \(the server said: \[OVERQUOTA\] .*\): "
+                                                   r"free space in it \(its Trash, old mail\) or have its quota raised"):
+            session.move(listed(session), "Archive")
+    mh.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="full", protocol="imap", host="127.0.0.1", port=server.imaps_port, encryption="ssl", username=user,
+        password=password, ca_file=server.ca_file, after_download="move", after_download_argument="Archive"))
+    report = mh.incoming.fetch_one("full")
+    assert (report.ok, report.stored, report.acknowledged) == (False, 5, 0)
+    assert "over its quota" in (report.error or "") and "the messages are stored" in (report.error or "")
+    assert len(server.maildir_messages(user)) == 5 and server.maildir_messages(user, "Archive") == []
