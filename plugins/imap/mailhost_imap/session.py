@@ -144,18 +144,17 @@ class ImapSession(IncomingSession):
                    "restoring a backup)")
         else:
             # Listed, not counted by UID SEARCH, whose answer is one line of every UID: past
-            # about 150,000 of them longer than imaplib reads (1,000,000 bytes). An explicit
-            # upper bound where UIDNEXT holds: "last+1:*" would match the highest UID anyway.
-            lags = uidnext <= last
+            # about 150,000 of them longer than imaplib reads (1,000,000 bytes). Up to "*", as
+            # list_new lists, not to UIDNEXT - 1: a UIDNEXT that lags would hide UIDs above it.
             self._ensure_selected()
-            listed = self._refs(f"{last + 1}:{'*' if lags else uidnext - 1}".encode())
-            refs = [ref for ref in listed if ref.handle > last]
+            refs = [ref for ref in self._refs(f"{last + 1}:*".encode()) if ref.handle > last]
             witness = list(cursor.get("witness") or [])
             if not (refs and witness and _given_again(witness, self._dates(witness[:1]))):
+                highest = max([last, *(ref.handle for ref in refs)])
                 return Estimate(len(refs), "exact", (
-                    f"the server says the next UID in folder {folder} is {uidnext}, below UIDs it holds (up to "
-                    f"{max([last, *(ref.handle for ref in refs)])}), a server fault that gives no UID out again: only the "
-                    f"messages above UID {last}, the last stored, are counted, and downloaded") if lags else "")
+                    f"the server says the next UID in folder {folder} is {uidnext}, not above UIDs it holds (up to "
+                    f"{highest}), a server fault that gives no UID out again: the messages above UID {last}, the "
+                    "last stored, are counted, and downloaded, as listed") if uidnext <= highest else "")
             why = (f"the server gives new mail in folder {folder} UIDs it gave before (UID {witness[0]}, stored "
                    "before, now holds another message, as after restoring a backup)")
         return Estimate(

@@ -188,9 +188,36 @@ def test_a_uidnext_below_the_uids_the_folder_holds_is_not_taken_for_a_restore(fa
     assert listing.cursor == {"uidvalidity": 7, "last_uid": 6, "witness": [6, NOV5 + 86400]} == again.cursor
     assert again.refs == [] and not again.reset
     assert (estimate.count, estimate.confidence) == (1, "exact")
-    assert estimate.note == ("the server says the next UID in folder INBOX is 3, below UIDs it holds (up to 6), a "
-                             "server fault that gives no UID out again: only the messages above UID 5, the last "
-                             "stored, are counted, and downloaded")
+    assert estimate.note == ("the server says the next UID in folder INBOX is 3, not above UIDs it holds (up to 6), "
+                             "a server fault that gives no UID out again: the messages above UID 5, the last "
+                             "stored, are counted, and downloaded, as listed")
+
+
+def test_the_estimate_counts_what_a_pass_lists_above_a_uidnext_that_lags(fake_imap):
+    """UIDs 1-8 in the folder, 4 stored, UIDNEXT 7: a pass lists UIDs 5-8, and the
+    estimate counts the same four, not just the two below UIDNEXT."""
+    def respond(words):
+        verb, out = words[0].upper(), b""
+        if verb == b"CAPABILITY":
+            out = b"* CAPABILITY IMAP4rev1\r\n"
+        elif verb == b"STATUS":
+            out = b"* STATUS INBOX (MESSAGES 8 UIDNEXT 7 UIDVALIDITY 7)\r\n"
+        elif verb == b"SELECT":
+            out = b"* 8 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 7] ok\r\n"
+        elif words[:2] == [b"UID", b"FETCH"]:
+            out = b"".join(b"* %d FETCH (UID %d RFC822.SIZE 300)\r\n" % (uid, uid)
+                           for uid in range(1, 9) if uid in _uid_set(words[2], highest=8))
+        return out
+
+    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
+                              port=fake_imap(lambda peer: peer.answer(respond)),
+                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
+    with PROVIDER.open(conn) as session:
+        estimate = session.estimate({"uidvalidity": 7, "last_uid": 4}, nothing_known)
+        listing = session.list_new({"uidvalidity": 7, "last_uid": 4}, nothing_known)
+    assert [ref.handle for ref in listing.refs] == [5, 6, 7, 8]
+    assert (estimate.count, estimate.confidence) == (4, "exact")
+    assert "the next UID in folder INBOX is 7, not above UIDs it holds (up to 8)" in estimate.note
 
 
 def _uid_set(uid_set: bytes, highest: int) -> set[int]:
@@ -326,7 +353,7 @@ def test_estimate_counts_more_new_uids_than_a_search_line_holds(fake_imap):
             out = b"* 200001 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 200002] ok\r\n"
         elif words[:2] == [b"UID", b"SEARCH"]:
             out = b"* SEARCH " + b" ".join(b"%d" % uid for uid in new) + b"\r\n"
-        elif words[:2] == [b"UID", b"FETCH"] and words[2] == b"2:200001":
+        elif words[:2] == [b"UID", b"FETCH"] and words[2] == b"2:*":
             out = b"".join(b"* %d FETCH (UID %d RFC822.SIZE 300)\r\n" % (uid, uid) for uid in new)
         return out
 
