@@ -42,7 +42,7 @@ class Client(poplib.POP3):
         self._pending = 0  # replies to pipelined commands nobody read (an abandoned fetch)
         self._pending_long = False
         self.broken = False  # a read or write failed: what is buffered can no longer be trusted
-        #: Stepped for every reply and every STALL_PIECE bytes read, while a session sets it.
+        #: Stepped for every pipelined reply and every STALL_PIECE bytes read, while a session sets it.
         self.guard: StallGuard | None = None
         self._unstepped = 0  # bytes read since the guard's last step
         self.capabilities: dict[str, list[str]] = {}
@@ -116,8 +116,6 @@ class Client(poplib.POP3):
             del body[0]
         if b"\r\n.." in body:
             body = body.replace(b"\r\n..", b"\r\n.")
-        if self.guard is not None:
-            self.guard.step()
         return status, bytes(body)
 
     def _getlongresp(self) -> tuple[bytes, list[bytes], int]:
@@ -173,6 +171,8 @@ class Client(poplib.POP3):
                 reply: bytes | None = self.read_long()[1] if long else self._getresp()
             except poplib.error_proto:
                 reply = None
+            if self.guard is not None:
+                self.guard.step()
             self._pending = sent - i - 1
             yield reply
 

@@ -165,7 +165,7 @@ class Pop3Session(IncomingSession):
         Numbers come from this session's UIDL, never from the ref: a number from another
         session could name another message. ``-ERR`` (already deleted, gone) is fine.
         """
-        with _errors(self.settings):
+        with self._guarded("its answers to DELE"), _errors(self.settings):
             numbers = self._keys()
             commands = [f"DELE {numbers[ref.key]}" for ref in refs if ref.key in numbers]
             for _ in self.client.pipeline(commands, long=False):
