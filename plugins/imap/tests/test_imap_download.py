@@ -162,25 +162,34 @@ def test_uids_given_out_again_past_the_cursor_start_a_new_era_too(settings, dove
     assert again.refs == [] and again.cursor == listing.cursor and not again.reset
 
 
-def test_a_uidnext_below_the_uids_the_folder_holds_is_not_taken_for_a_restore(fake_imap):
-    """A server whose UIDNEXT lags behind its own messages (UIDs 1-6, UIDNEXT 3) reuses
-    no UID: the messages above the cursor are listed, and nothing is listed again."""
+def lagging_folder(fake_imap, highest: int, uidnext: int) -> ConnectionSettings:
+    """Settings for a scripted folder (UIDVALIDITY 7) holding UIDs 1 to ``highest``, of
+    300 bytes each, UID n delivered on the n-th of November 2026, whose UIDNEXT says
+    ``uidnext``."""
     def respond(words):
         verb, out = words[0].upper(), b""
         if verb == b"CAPABILITY":
             out = b"* CAPABILITY IMAP4rev1\r\n"
+        elif verb == b"STATUS":
+            out = b"* STATUS INBOX (MESSAGES %d UIDNEXT %d UIDVALIDITY 7)\r\n" % (highest, uidnext)
         elif verb == b"SELECT":
-            out = b"* 6 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 3] ok\r\n"
+            out = b"* %d EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT %d] ok\r\n" % (highest, uidnext)
         elif words[:2] == [b"UID", b"FETCH"]:
-            item = b'INTERNALDATE "0%d-Nov-2026 10:00:00 +0000"' if b"INTERNALDATE" in words[-1] else b"RFC822.SIZE 300"
-            out = b"".join(b"* %d FETCH (UID %d %s)\r\n" % (uid, uid, item.replace(b"%d", b"%d" % uid))
-                           for uid in range(1, 7) if uid in _uid_set(words[2], highest=6))
+            dated = b"INTERNALDATE" in words[-1]
+            out = b"".join(b"* %d FETCH (UID %d %s)\r\n" % (
+                uid, uid, b'INTERNALDATE "%02d-Nov-2026 10:00:00 +0000"' % uid if dated else b"RFC822.SIZE 300")
+                for uid in sorted(_uid_set(words[2], highest)))
         return out
 
-    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
+    return ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
                               port=fake_imap(lambda peer: peer.answer(respond)),
                               encryption=Encryption.NONE, username="u", password="p", timeout=5)
-    with PROVIDER.open(conn) as session:
+
+
+def test_a_uidnext_below_the_uids_the_folder_holds_is_not_taken_for_a_restore(fake_imap):
+    """A server whose UIDNEXT lags behind its own messages (UIDs 1-6, UIDNEXT 3) reuses
+    no UID: the messages above the cursor are listed, and nothing is listed again."""
+    with PROVIDER.open(lagging_folder(fake_imap, highest=6, uidnext=3)) as session:
         listing = session.list_new({"uidvalidity": 7, "last_uid": 5, "witness": [5, NOV5]}, nothing_known)
         again = session.list_new(listing.cursor, nothing_known)
         estimate = session.estimate({"uidvalidity": 7, "last_uid": 5, "witness": [5, NOV5]}, nothing_known)
@@ -196,23 +205,7 @@ def test_a_uidnext_below_the_uids_the_folder_holds_is_not_taken_for_a_restore(fa
 def test_the_estimate_counts_what_a_pass_lists_above_a_uidnext_that_lags(fake_imap):
     """UIDs 1-8 in the folder, 4 stored, UIDNEXT 7: a pass lists UIDs 5-8, and the
     estimate counts the same four, not just the two below UIDNEXT."""
-    def respond(words):
-        verb, out = words[0].upper(), b""
-        if verb == b"CAPABILITY":
-            out = b"* CAPABILITY IMAP4rev1\r\n"
-        elif verb == b"STATUS":
-            out = b"* STATUS INBOX (MESSAGES 8 UIDNEXT 7 UIDVALIDITY 7)\r\n"
-        elif verb == b"SELECT":
-            out = b"* 8 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 7] ok\r\n"
-        elif words[:2] == [b"UID", b"FETCH"]:
-            out = b"".join(b"* %d FETCH (UID %d RFC822.SIZE 300)\r\n" % (uid, uid)
-                           for uid in range(1, 9) if uid in _uid_set(words[2], highest=8))
-        return out
-
-    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
-                              port=fake_imap(lambda peer: peer.answer(respond)),
-                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
-    with PROVIDER.open(conn) as session:
+    with PROVIDER.open(lagging_folder(fake_imap, highest=8, uidnext=7)) as session:
         estimate = session.estimate({"uidvalidity": 7, "last_uid": 4}, nothing_known)
         listing = session.list_new({"uidvalidity": 7, "last_uid": 4}, nothing_known)
     assert [ref.handle for ref in listing.refs] == [5, 6, 7, 8]
@@ -226,7 +219,7 @@ def _uid_set(uid_set: bytes, highest: int) -> set[int]:
     for part in uid_set.decode().split(","):
         first, _, last = part.partition(":")
         ends = [highest if end == "*" else int(end) for end in (first, last or first)]
-        uids.update(range(min(ends), max(ends) + 1))
+        uids.update(range(min(ends), min(max(ends), highest) + 1))
     return uids
 
 
