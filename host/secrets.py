@@ -1,8 +1,11 @@
-"""Secrets at rest and in logs: one key, one cipher, one redaction helper.
+"""Secrets at rest and in logs: the installation's keys, one cipher, one redaction helper.
 
 Passwords, client secrets, tokens and private keys are encrypted with Fernet
 (AES-128-CBC + HMAC-SHA256) under a key that ``mailhost init`` writes to a 0600 file, or
-that ``$MAILHOST_SECRET_KEY`` supplies. Every secret the process decrypts is remembered
+that ``$MAILHOST_SECRET_KEY`` supplies. Either may hold several keys (one per line, or
+comma-separated): the first encrypts, all decrypt, which is how ``mailhost secrets
+rotate`` (:mod:`mailhost.rotation`) replaces a key without a moment when a stored secret
+has no key. Every secret the process decrypts is remembered
 so that :func:`redact` (used by every transcript and by the logging filter) can replace
 it, and its base64 forms, wherever it appears.
 """
@@ -13,26 +16,31 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cryptography.fernet import Fernet, InvalidToken
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
 from .errors import ConfigError
 
 __all__ = [
+    "KEY_ENV",
     "REDACTED",
     "RedactingFilter",
+    "KeySource",
     "Vault",
     "create_key_file",
     "create_private_file",
     "forget_secrets",
+    "parse_keys",
     "redact",
     "remember_secret",
+    "write_key_file",
 ]
 
 REDACTED = "********"
-_KEY_ENV = "MAILHOST_SECRET_KEY"
+KEY_ENV = "MAILHOST_SECRET_KEY"
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _known: set[str] = set()
@@ -121,42 +129,144 @@ def create_key_file(path: Path) -> None:
     create_private_file(path, Fernet.generate_key() + b"\n")
 
 
-class Vault:
-    """Encrypts and decrypts secrets with the installation's key."""
+def write_key_file(path: Path, keys: Sequence[bytes]) -> None:
+    """Replace the key file ``path`` with ``keys``, one per line, atomically and durably.
 
-    def __init__(self, key: bytes, stored: Callable[[], bytes | None] | None = None) -> None:
-        #: A secret already in the store, if any: checked against the key before the first
-        #: new secret is written, so that a wrong key never leaves a store of two keys.
-        self._stored = stored
+    A crash leaves the old file or the new one, never a part of either: the keys go to a
+    0600 temporary file beside it, which is synced and renamed over ``path``, and the
+    folder is synced so that the rename itself survives a power cut before the store is
+    changed. A symlink's target is replaced, not the link. Raises ``OSError``.
+    """
+    path = path.resolve()
+    temp = path.with_name(f".{path.name}.new")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # a stale temporary file keeps its mode through O_TRUNC
+        os.write(fd, b"".join(k + b"\n" for k in keys))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
+
+
+def parse_keys(text: str, where: str) -> list[bytes]:
+    """The Fernet keys of ``text``: one per line or comma-separated, the first encrypts.
+    ``where`` names their source in the error (never the key)."""
+    raw = [k.strip() for k in re.split(r"[,\n]", text) if k.strip()]
+    if not raw:
+        raise ConfigError(f"{where} holds no key: restore the key, or run `mailhost init` for a new installation")
+    for n, key in enumerate(raw, 1):
         try:
-            self._fernet = Fernet(key)
-        except (ValueError, TypeError) as exc:
+            Fernet(key.encode())
+        except (ValueError, TypeError):
+            which = f"{where} does not hold" if len(raw) == 1 else f"key {n} of the {len(raw)} in {where} is not"
             raise ConfigError(
-                "the secret key is not a valid Fernet key (32 url-safe base64 bytes): "
-                f"restore the right key or set {_KEY_ENV}"
-            ) from exc
+                f"{which} a valid Fernet key (32 url-safe base64 bytes): restore the right key"
+            ) from None
+    return [k.encode() for k in raw]
 
-    @classmethod
-    def from_env_or_file(cls, key_file: Path, stored: Callable[[], bytes | None] | None = None) -> Vault:
-        """The key from ``$MAILHOST_SECRET_KEY``, else from ``key_file``."""
-        env = os.environ.get(_KEY_ENV)
-        if env:
-            return cls(env.strip().encode(), stored)
+
+class KeySource:
+    """Where the installation's keys come from: ``$MAILHOST_SECRET_KEY`` (comma-separated)
+    if it is set, else the key file (one key per line). The first key encrypts, all decrypt."""
+
+    def __init__(self, key_file: Path) -> None:
+        self.env = os.environ.get(KEY_ENV) or None
+        self.key_file = key_file
+
+    @property
+    def where(self) -> str:
+        """The source, in words for errors."""
+        return f"${KEY_ENV}" if self.env else f"the secret key file {self.key_file}"
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        """What changes when the key file is replaced; ``None`` for the environment."""
+        if self.env:
+            return None
         try:
-            return cls(key_file.read_bytes().strip(), stored)
+            st = os.stat(self.key_file)
+        except OSError:
+            return (0, 0, 0)  # read() says what is wrong
+        return st.st_mtime_ns, st.st_size, st.st_ino
+
+    def read(self) -> list[bytes]:
+        """The keys, first the one that encrypts; ConfigError if there are none usable."""
+        if self.env:
+            return parse_keys(self.env, self.where)
+        try:
+            text = self.key_file.read_bytes().decode("ascii", "replace")
         except FileNotFoundError:
             raise ConfigError(
-                f"the secret key file {key_file} is missing: restore it, set {_KEY_ENV}, "
+                f"the secret key file {self.key_file} is missing: restore it, set {KEY_ENV}, "
                 "or run `mailhost init` for a new installation"
             ) from None
         except OSError as exc:  # a folder, or a file of another user
             raise ConfigError(
-                f"the secret key file {key_file} cannot be read ({exc.strerror or exc}): check "
-                f"[secrets] key_file and the file's owner and mode, or set {_KEY_ENV}"
+                f"the secret key file {self.key_file} cannot be read ({exc.strerror or exc}): check "
+                f"[secrets] key_file and the file's owner and mode, or set {KEY_ENV}"
             ) from None
+        return parse_keys(text, self.where)
+
+
+class Vault:
+    """Encrypts and decrypts secrets with the installation's keys: the first key encrypts,
+    every key decrypts (:class:`~cryptography.fernet.MultiFernet`), so that a rotated key
+    (``mailhost secrets rotate``) keeps opening what it encrypted.
+
+    A vault read from the key file reads it again when the file changes: a running
+    ``mailhost serve`` follows a rotation by another process without a restart.
+    """
+
+    def __init__(
+        self, key: bytes | Sequence[bytes] | None = None, stored: Callable[[], bytes | None] | None = None,
+        source: KeySource | None = None,
+    ) -> None:
+        """``key``: one key or several, the first encrypts; else the keys of ``source``."""
+        #: A secret already in the store, if any: checked against the key before the first
+        #: new secret is written, so that a wrong key never leaves a store of two keys.
+        self._stored = stored
+        self._checked = stored is None
+        self._source = source
+        self._stamp = source.stamp() if source is not None else None
+        self._reload_lock = threading.Lock()
+        if key is None:
+            if source is None:
+                raise TypeError("Vault needs a key or a KeySource")
+            self._use(source.read())
+        else:
+            keys = [key] if isinstance(key, bytes) else list(key)
+            self._use(parse_keys(",".join(k.decode("ascii", "replace") for k in keys), f"${KEY_ENV}"))
+
+    def _use(self, keys: list[bytes]) -> None:
+        self._count = len(keys)
+        self._fernet = Fernet(keys[0])
+        self._all = MultiFernet([Fernet(k) for k in keys])
+
+    @classmethod
+    def from_env_or_file(cls, key_file: Path, stored: Callable[[], bytes | None] | None = None) -> Vault:
+        """The keys from ``$MAILHOST_SECRET_KEY``, else from ``key_file`` (followed when it changes)."""
+        return cls(None, stored, KeySource(key_file))
+
+    def _follow(self) -> None:
+        """Read the key file again if it was replaced since it was read (a rotation)."""
+        if self._source is None or self._source.stamp() == self._stamp:
+            return
+        with self._reload_lock:
+            stamp = self._source.stamp()
+            if stamp == self._stamp:
+                return
+            self._use(self._source.read())
+            self._stamp = stamp
+            self._checked = self._stored is None  # the new keys must open the store too
+            log.warning("%s changed: using its %d key(s) from now on", self._source.where, self._count)
 
     def encrypt(self, secret: str | bytes | None) -> bytes | None:
-        """The ciphertext of ``secret`` (``None`` stays ``None``)."""
+        """The ciphertext of ``secret`` under the first key (``None`` stays ``None``)."""
         if secret is None:
             return None
         self.check()  # a wrong key stops here, before anything is written
@@ -164,22 +274,32 @@ class Vault:
         return self._fernet.encrypt(data)
 
     def check(self) -> None:
-        """Raise ConfigError unless this key opens the secrets already in the store."""
-        if self._stored is not None:
+        """Raise ConfigError unless these keys open the secrets already in the store."""
+        self._follow()
+        if not self._checked and self._stored is not None:
             self.decrypt_bytes(self._stored())
-            self._stored = None  # checked once per process
+            self._checked = True  # checked once per process (and per key file)
 
     def decrypt_bytes(self, token: bytes | None) -> bytes | None:
         """The plaintext bytes of ``token`` (private keys, token sets)."""
         if token is None:
             return None
+        self._follow()
         try:
-            return self._fernet.decrypt(token)
+            return self._all.decrypt(token)
         except InvalidToken:
-            raise ConfigError(
-                "a stored secret cannot be decrypted with this key: the key differs from "
-                f"the one that encrypted it; restore the original key file or {_KEY_ENV}"
-            ) from None
+            raise ConfigError(self._wrong_key()) from None
+
+    def _wrong_key(self) -> str:
+        keys = "this key" if self._count == 1 else f"these {self._count} keys"
+        where = self._source.where if self._source is not None else "the key given"
+        if self._source is not None and self._source.env:
+            also = (f"if another process rotated it (`mailhost secrets rotate`), restart this one with the new "
+                    f"{KEY_ENV}")
+        else:
+            also = "if it was rotated on another machine (`mailhost secrets rotate`), copy that machine's key file here"
+        return (f"a stored secret cannot be decrypted with {keys} ({where}): the key differs from the one that "
+                f"encrypted it; restore the original key file or {KEY_ENV}, or, {also}")
 
     def decrypt(self, token: bytes | None) -> str | None:
         """The plaintext of ``token``; the secret is remembered for redaction."""

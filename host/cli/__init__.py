@@ -9,7 +9,8 @@ The commands live by subject: :mod:`.admin` (init, plugins, host overrides),
 :mod:`.connections` (incoming and outgoing connections), :mod:`.certs` (certificates),
 :mod:`.incoming` (fetch, the
 incoming queue and log), :mod:`.delivery` (send, deliver, the outgoing queue),
-:mod:`.service` (serve), :mod:`.oauth` (OAuth2 credentials). A command's module is
+:mod:`.service` (serve), :mod:`.oauth` (OAuth2 credentials), :mod:`.secrets` (key
+rotation). A command's module is
 imported only when that command runs (see :data:`COMMAND_MODULES`), so that
 ``mailhost fetch`` does not pay for certificates, OAuth2 or the outgoing pipeline.
 """
@@ -84,6 +85,7 @@ COMMAND_MODULES: dict[str, tuple[str, ...]] = {
     "deliver": ("delivery",),
     "serve": ("service",),
     "oauth": ("oauth",),
+    "secrets": ("secrets",),
 }
 
 
