@@ -29,8 +29,8 @@ this version adds: `send --bcc/--from`, `deliver --sessions/--connection`,
 `queue outgoing --connection`, `queue outgoing show|purge`, `queue incoming purge|release`,
 `log incoming --messages`, `oauth edit`, `certs remove --detach`,
 `incoming edit --no-certificates`, `serve --once/--download-workers`,
-`incoming|outgoing add|edit|test --option NAME=VALUE` (options a protocol declares) and
-`plugins options`.
+`incoming|outgoing add|edit|test --option NAME=VALUE` (options a protocol declares),
+`plugins options` and `secrets rotate|drop-old` (key rotation).
 """
 
 

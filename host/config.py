@@ -39,6 +39,7 @@ url = "{url}"
 [secrets]
 # The key that encrypts passwords, client secrets, tokens and private keys at rest.
 # $MAILHOST_SECRET_KEY takes precedence. Keep a copy: without it, stored secrets are lost.
+# `mailhost secrets rotate` replaces it (the file then holds several keys, newest first).
 key_file = "mailhost.key"
 
 [plugins]

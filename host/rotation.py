@@ -85,7 +85,6 @@ def rotate(host: Mailhost, drop: bool = False) -> RotationReport:
         raise ConfigError(f"--drop-old cannot edit ${KEY_ENV}: rotate first, then remove the old keys from it "
                           "yourself once every mailhost process runs with the new one first")
     _check_writable(source)
-    host.check_schema()
     with host.session() as s:
         _lock(s)
         current = source.read()  # read under the lock: another rotation may just have written it
@@ -122,7 +121,6 @@ def drop_old(host: Mailhost) -> RotationReport:
     from the key file (from ``$MAILHOST_SECRET_KEY``: say that the admin can)."""
     source = KeySource(host.config.key_file)
     _check_writable(source)
-    host.check_schema()
     with host.session() as s:
         _lock(s)
         keys = source.read()

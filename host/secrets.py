@@ -25,9 +25,9 @@ from .errors import ConfigError
 
 __all__ = [
     "KEY_ENV",
+    "KeySource",
     "REDACTED",
     "RedactingFilter",
-    "KeySource",
     "Vault",
     "create_key_file",
     "create_private_file",
@@ -164,9 +164,9 @@ def parse_keys(text: str, where: str) -> list[bytes]:
         try:
             Fernet(key.encode())
         except (ValueError, TypeError):
-            which = f"{where} does not hold" if len(raw) == 1 else f"key {n} of the {len(raw)} in {where} is not"
+            which = f"the key in {where}" if len(raw) == 1 else f"key {n} of the {len(raw)} in {where}"
             raise ConfigError(
-                f"{which} a valid Fernet key (32 url-safe base64 bytes): restore the right key"
+                f"{which} is not a valid Fernet key (32 url-safe base64 bytes): restore the right key"
             ) from None
     return [k.encode() for k in raw]
 

@@ -50,6 +50,7 @@ __all__ = [
     "BUSY_TIMEOUT",
     "Base",
     "Certificate",
+    "ENCRYPTED_COLUMNS",
     "FolderCursor",
     "IncomingConnection",
     "IncomingItem",

@@ -28,7 +28,7 @@ from mailhost.store import ENCRYPTED_COLUMNS, IncomingConnection, IncomingItem
 from .helpers import kill_when, run_cli
 from .servers.idp import IdentityProvider
 from .test_oauth import microsoft
-from .test_smime import PASSWORD, Person, people, smime_encrypt  # noqa: F401 (people: a fixture)
+from .test_smime import PASSWORD, Person, make_person, smime_encrypt
 
 PASSWORDS = {"desk": "in-Tr0ub4dor&3", "out": "out-correct-horse"}
 
@@ -53,17 +53,23 @@ def opened(host: Mailhost, keys: list[bytes]) -> dict[tuple[str, int], bytes]:
     return {where: opener.decrypt(token) for where, token in secrets_of(host).items()}
 
 
+@pytest.fixture(scope="module")
+def alice(tmp_path_factory: pytest.TempPathFactory) -> Person:
+    """A certificate and key for S/MIME mail."""
+    return make_person(tmp_path_factory.mktemp("people"), "alice")
+
+
 @pytest.fixture
 def stocked(mh_any: Mailhost, tmh_factory: Callable[[Mailhost], Mailhost], idp: IdentityProvider,
-            people: dict[str, Person], tmp_path: Path) -> Mailhost:  # noqa: F811
+            alice: Person, tmp_path: Path) -> Mailhost:
     """An installation (SQLite, then PostgreSQL) with one secret of every kind, each put
     there the way mailhost does it: connection passwords, an OAuth2 client secret and its
     tokens, a certificate's private key, and a message decrypted at ingest."""
     host = tmh_factory(mh_any)
-    host.certificates.add("alice", people["alice"].p12, password=PASSWORD)
+    host.certificates.add("alice", alice.p12, password=PASSWORD)
     box = tmp_path / "box"
     box.mkdir()
-    (box / "secret.eml").write_bytes(smime_encrypt(people["alice"], subject="for alice"))
+    (box / "secret.eml").write_bytes(smime_encrypt(alice, subject="for alice"))
     host.connections.add(Direction.INCOMING, ConnectionSpec(
         name="desk", protocol="dir", folder=str(box), username="u", password=PASSWORDS["desk"], certificates=["alice"]))
     host.connections.add(Direction.OUTGOING, ConnectionSpec(
@@ -202,13 +208,10 @@ def test_sigkill_at_any_instant_leaves_every_secret_under_a_key_on_disk(
 # ---------------------------------------------------------------------------------------
 
 
-def _serve_until(tmh: Mailhost, box: Path, done: Callable[[], bool]) -> Service:
-    service = Service(tmh, tick=0.02)
-    threading.Thread(target=service.run, daemon=True).start()
+def _wait_for(done: Callable[[], bool]) -> None:
     deadline = time.monotonic() + 60  # a safety net, not an assertion on speed
     while not done() and time.monotonic() < deadline:
         time.sleep(0.02)
-    return service
 
 
 def _poll_again(tmh: Mailhost, box: Path, name: str) -> None:
@@ -228,17 +231,19 @@ def test_a_running_serve_follows_a_rotated_key_file(tmh: Mailhost, tmp_path: Pat
     tmh.connections.set_enabled("desk", True)
     _poll_again(tmh, box, "before")
     caplog.set_level(logging.INFO, logger="mailhost")
-    service = _serve_until(tmh, box, lambda: len(tmh.incoming.items()) == 1)
+    service = Service(tmh, tick=0.02)
+    runner = threading.Thread(target=service.run)
+    runner.start()
     try:
+        _wait_for(lambda: len(tmh.incoming.items()) == 1)
         assert len(tmh.incoming.items()) == 1
         out = run_cli("secrets", "rotate", "--drop-old")
         assert out.returncode == 0, out.stderr
         _poll_again(tmh, box, "after")
-        deadline = time.monotonic() + 60  # a safety net, not an assertion on speed
-        while len(tmh.incoming.items()) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
+        _wait_for(lambda: len(tmh.incoming.items()) == 2 or tmh.connections.get(Direction.INCOMING, "desk").last_error)
     finally:
         service.stop.set()
+        runner.join(timeout=60)
     assert tmh.connections.get(Direction.INCOMING, "desk").last_error is None
     assert sorted(i.subject for i in tmh.incoming.items()) == ["after", "before"]
     said = [r.getMessage() for r in caplog.records if "changed: using its" in r.getMessage()]

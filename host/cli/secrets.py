@@ -36,7 +36,8 @@ def secrets_drop_old(ctx: Context, as_json: bool) -> None:
 
     Run it when every machine sharing the store has the rotated key file: what still
     needs an old key (written meanwhile by a process with the old file) is re-encrypted
-    under the first key before the old keys go.
+    under the first key before the old keys go. With $MAILHOST_SECRET_KEY it does the
+    same and then says that you can leave the variable its first key alone.
     """
     _show(drop_old(ctx.host), as_json, "still under an old key")
 
