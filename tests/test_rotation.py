@@ -82,6 +82,20 @@ def stocked(mh_any: Mailhost, tmh_factory: Callable[[Mailhost], Mailhost], idp: 
     return host
 
 
+def test_several_keys_the_first_encrypts_every_one_decrypts(tmp_path: Path) -> None:
+    """A key file of several keys (blank lines and CRLF allowed) and a comma-separated
+    variable: what any key encrypted opens, and a new secret is under the first key."""
+    from mailhost.secrets import Vault
+
+    new, old = Fernet.generate_key(), Fernet.generate_key()
+    key_file = tmp_path / "mailhost.key"
+    key_file.write_bytes(new + b"\r\n\r\n" + old + b"\r\n")
+    vault = Vault.from_env_or_file(key_file)
+    assert vault.decrypt(Fernet(old).encrypt(b"from before")) == "from before"
+    assert Fernet(new).decrypt(vault.encrypt("from now on")) == b"from now on"
+    assert Vault([new, old]).decrypt(Fernet(old).encrypt(b"x")) == "x"
+
+
 def test_rotate_reencrypts_every_secret_and_drop_old_removes_the_old_key(stocked: Mailhost, idp: IdentityProvider) -> None:
     """rotate: the key file holds the new key first and the old one after it, every secret
     of every kind is under the new key alone with its plaintext unchanged, and the report
@@ -315,10 +329,17 @@ def with_secret(home: Path, plugin_env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def test_an_invalid_new_key_is_refused(home: Path, with_secret: dict[str, str]) -> None:
-    """A new key in $MAILHOST_SECRET_KEY that is no Fernet key: named by its place, never shown."""
-    old = (home / "mailhost.key").read_text().strip()
-    (home / "mailhost.key").unlink()
+@pytest.mark.parametrize("where", ["environment", "file"])
+def test_an_invalid_new_key_is_refused(home: Path, with_secret: dict[str, str], where: str) -> None:
+    """A new key that is no Fernet key, put first in $MAILHOST_SECRET_KEY or in the key
+    file by hand: named by its place, never shown."""
+    key_file = home / "mailhost.key"
+    old = key_file.read_text().strip()
+    if where == "file":
+        key_file.write_text(f"not-a-key\n{old}\n")
+        _refused(home, with_secret, f"key 1 of the 2 in the secret key file {key_file} is not a valid Fernet key")
+        return
+    key_file.unlink()
     _refused(home, {**with_secret, "MAILHOST_SECRET_KEY": f"not-a-key,{old}"},
              "key 1 of the 2 in $MAILHOST_SECRET_KEY is not a valid Fernet key")
 
