@@ -33,9 +33,14 @@ system-packages:
 install-test: install system-packages
 	$(PY) -m pip install --quiet -e ".[test]"
 
-# The whole suite, against real Dovecot, a real SMTP server, SQLite and PostgreSQL.
+# The whole suite, against real Dovecot, a real SMTP server, SQLite and PostgreSQL, in one
+# pytest-xdist worker per core: most of its time is `mailhost` processes starting and
+# servers answering, not one core's work. Each worker starts its own servers on free ports
+# and makes its own databases; tests that share files (the builds in the source tree) stay
+# together in one worker (xdist_group). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= auto
 test: install-test
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 bench: install-test
 	$(PY) -m pip install --quiet -e ".[bench]"

@@ -26,7 +26,9 @@ DISTRIBUTIONS: dict[str, tuple[Path, str, Path]] = {
     },
 }
 
-pytestmark = pytest.mark.slow
+#: The builds write their metadata (``*.egg-info``) into the source tree: under pytest-xdist
+#: these tests share one worker, or two workers' builds would write the same files at once.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("packaging")]
 
 
 @dataclass
