@@ -291,9 +291,10 @@ def _sqlstate(orig: BaseException | None) -> str | None:
 def _idled_out(orig: BaseException | None) -> bool:
     """Whether PostgreSQL ended the session for idling in its transaction (SQLSTATE
     25P03): the error itself, or the one during which the link was found lost (the
-    rollback of a transaction that failed so)."""
+    rollback of a transaction that failed so). Older psycopg 3 releases report it as a
+    lost link without the SQLSTATE, with the server's own words (English servers)."""
     while orig is not None:
-        if _sqlstate(orig) == "25P03":
+        if _sqlstate(orig) == "25P03" or "due to idle-in-transaction timeout" in str(orig):
             return True
         orig = orig.__context__
     return False
