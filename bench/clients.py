@@ -1,6 +1,6 @@
 """The raw stdlib clients that set the limits, each run as its own process by bench/run.
 
-    python bench/clients.py imap-fetch --port P --user U --password W [--tls --ca-file CA] [--mark-seen]
+    python bench/clients.py imap-fetch --port P --user U --password W [--tls --ca-file CA] [--mark-seen] [--store DIR]
     python bench/clients.py imap-poll  --port P --user U --password W
     python bench/clients.py pop3-fetch --port P --user U --password W [--tls --ca-file CA]
     python bench/clients.py smtp-send  --port P --messages N --size BYTES
@@ -15,10 +15,13 @@ Only the standard library is imported here: the limit must not pay for anything 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import imaplib
 import json
+import os
 import poplib
 import smtplib
+import sqlite3
 import ssl
 import sys
 import time
@@ -33,6 +36,9 @@ def imap_fetch(ns: argparse.Namespace) -> dict[str, object]:
 
     ``--mark-seen``: then ``UID STORE 1:* +FLAGS.SILENT (\\Seen)``, timed with it: the
     least a download that marks what it took as seen (mailhost's default) costs the server.
+    ``--store DIR``: then write every message durably into a new SQLite file there, timed with
+    it: the least any tool that keeps mail in SQLite, as mailhost's embedded store does,
+    pays for the disk (see ``_store``).
     """
     if ns.tls:
         client = imaplib.IMAP4_SSL(ns.host, ns.port, ssl_context=_context(ns.ca_file))
@@ -44,12 +50,37 @@ def imap_fetch(ns: argparse.Namespace) -> dict[str, object]:
     status, data = client.uid("FETCH", "1:*", "(BODY.PEEK[])")
     if ns.mark_seen and status == "OK":
         status, _ = client.uid("STORE", "1:*", "+FLAGS.SILENT", r"(\Seen)")
-    seconds = time.perf_counter() - started
-    client.logout()
     bodies = [item[1] for item in data if isinstance(item, tuple)]
+    stored = _store(ns.store, bodies) if ns.store and status == "OK" else None
+    seconds = time.perf_counter() - started
+    for leftover in (stored, f"{stored}-wal", f"{stored}-shm") if stored else ():
+        if os.path.exists(leftover):
+            os.remove(leftover)
+    client.logout()
     if status != "OK":
         raise SystemExit(f"UID FETCH failed: {status} {data[:1]}")
     return {"seconds": seconds, "messages": len(bodies), "bytes": sum(len(b) for b in bodies)}
+
+
+def _store(folder: str, bodies: list[bytes]) -> str:
+    """The bare minimum of a durable SQLite store: one row per message (its bytes and a
+    SHA-256, as mailhost keeps), with mailhost's settings (WAL, synchronous=FULL, 16 KiB
+    pages) and its batch sizes (250 messages, doubling up to 2,000 per commit); no
+    indexes, no dedup, no log: a floor, not a rival. Returns the file's path."""
+    path = os.path.join(folder, f"floor-{os.getpid()}.db")
+    db = sqlite3.connect(path, isolation_level=None)
+    for pragma in ("page_size=16384", "journal_mode=WAL", "synchronous=FULL"):
+        db.execute(f"PRAGMA {pragma}")
+    db.execute("CREATE TABLE item (id INTEGER PRIMARY KEY AUTOINCREMENT, fingerprint TEXT, raw BLOB)")
+    start, size = 0, 250
+    while start < len(bodies):
+        db.execute("BEGIN")
+        db.executemany("INSERT INTO item (fingerprint, raw) VALUES (?, ?)",
+                       [(hashlib.sha256(b).hexdigest(), b) for b in bodies[start:start + size]])
+        db.execute("COMMIT")
+        start, size = start + size, min(size * 2, 2000)
+    db.close()
+    return path
 
 
 def imap_poll(ns: argparse.Namespace) -> dict[str, object]:
@@ -111,6 +142,7 @@ def main() -> None:
     parser.add_argument("--tls", action="store_true", help="implicit TLS, verified against --ca-file")
     parser.add_argument("--ca-file")
     parser.add_argument("--mark-seen", action="store_true", help="imap-fetch: then flag everything \\Seen")
+    parser.add_argument("--store", metavar="DIR", help="imap-fetch: then store everything in a new SQLite file here")
     parser.add_argument("--messages", type=int, default=0)
     parser.add_argument("--size", type=int, default=3000)
     ns = parser.parse_args()
