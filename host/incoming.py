@@ -286,6 +286,12 @@ class Incoming:
         if not fetched:
             return [], 0
         certificates = self._certificates(conn)
+        # Decrypted before the transaction opens: a decryption plugin may be slow (a remote
+        # key store), and a transaction left idle that long holds its locks and is ended by
+        # PostgreSQL (idle_in_transaction_session_timeout). A message found below to be
+        # stored already was decrypted for nothing: rare (a pass repeated after a crash).
+        decryptions = [self._decrypt(conn.name, f.raw, certificates) if certificates else _NOT_ENCRYPTED
+                       for f in fetched]
         with self.host.session() as s:
             self._hold(s, conn)
             already = self._known_in(s, conn.id, folder, [f.ref.key for f in fetched])
@@ -296,7 +302,7 @@ class Incoming:
             to_ack: list[MessageRef] = []
             stored: list[_Fetched] = []
             size = 0
-            for f in fetched:
+            for f, decrypted in zip(fetched, decryptions):
                 ref, raw, fp, meta = f
                 if ref.key in already:
                     continue  # stored by an earlier pass: it needs no second copy
@@ -307,7 +313,6 @@ class Incoming:
                     continue
                 dup_prints[fp] = None  # the same content twice in one batch: stored once
                 size += len(raw)
-                decrypted = self._decrypt(conn.name, raw, certificates) if certificates else _NOT_ENCRYPTED
                 items.append((conn.id, conn.name, folder, "new", len(raw), fp, raw, meta["message_id"],
                               meta["subject"], meta["from_addr"], meta["to_addr"],
                               decrypted["decrypted"], decrypted["decryption"], log_id))

@@ -666,3 +666,44 @@ def test_a_decryption_plugin_returning_garbage_does_not_block_the_mailbox(
         assert odd.decrypted is None and odd.decryption["error"].startswith("decryption plugin failed")
     finally:
         host.close()
+
+
+class _SlowDecryption:
+    """A decryption plugin that asks a slow remote key store: 0.5 s a message."""
+
+    @hookimpl
+    def decrypt_message(self, raw: bytes, certificates: object) -> object:
+        import time
+
+        from mailhost.certificates import Decryption
+
+        time.sleep(0.5)
+        return Decryption(raw=raw.replace(b"uryyb", b"hello"), certificate="cert1")
+
+
+def test_a_slow_decryption_plugin_does_not_hold_the_transaction(
+        tmp_path: Path, postgres_url: str, testplugin: object, box: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages are decrypted before their batch's transaction opens: a slow decryption
+    plugin no longer holds the store's locks meanwhile, and PostgreSQL no longer ends the
+    session for sitting idle in its transaction (before, every pass failed, so nothing
+    more of that mailbox was ever stored). The limit is lowered from 60 s to 0.2 s here."""
+    from mailhost import store
+
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    monkeypatch.setattr(store, "IDLE_IN_TRANSACTION_TIMEOUT", 0.2)
+    Mailhost.init(tmp_path / "m.toml", postgres_url).close()
+    host = Mailhost.open(tmp_path / "m.toml", plugins=PluginHost(
+        only=[], extra=[("testplugin", testplugin), ("slow", _SlowDecryption())]))
+    try:
+        with host.session() as s:
+            s.add(Certificate(name="cert1", cert_pem=b"-", key_enc=host.vault.encrypt(b"key")))
+        host.connections.add(Direction.INCOMING, ConnectionSpec(
+            name="desk", protocol="dir", folder=str(box), certificates=["cert1"]))
+        for n in range(2):
+            (box / f"{n}.eml").write_bytes(b"Subject: secret %d\r\n\r\nuryyb\r\n" % n)
+        [report] = host.incoming.fetch(["desk"])
+        assert report.ok and report.stored == 2, report.error
+        items = [host.incoming.item(i.id) for i in host.incoming.items()]
+        assert all(i.decrypted.endswith(b"hello\r\n") for i in items)
+    finally:
+        host.close()
