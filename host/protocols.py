@@ -617,8 +617,8 @@ STALL_TIMEOUTS = 4
 
 
 class StallGuard:
-    """Ends a download that a server drips: the "low speed" abort of curl
-    (``--speed-limit``/``--speed-time``), for sessions that read from a socket.
+    """Ends a download, or any command's answer, that a server drips: the "low speed"
+    abort of curl (``--speed-limit``/``--speed-time``), for sessions that read from a socket.
 
     The socket timeout bounds one read only: a server that sends a few bytes just before
     each read would time out holds the link, and the host's lease on the mailbox, for
@@ -636,6 +636,12 @@ class StallGuard:
                 if guard.fired:
                     raise guard.failure(settings.describe(), "message UID 7") from None
                 raise
+
+    Every other command (the sign-in, SELECT, STORE, UIDL, QUIT, ...) is read inside a
+    guard of its own, stepped only per :data:`STALL_PIECE` bytes: a line is no step, or a
+    server answering with an endless slow stream of ``* OK`` lines would hold the link
+    as surely; the command ends within the allowance, or shows it is moving. Its failure
+    names the command: ``guard.failure(where, "its answer to SELECT", download=False)``.
 
     The reader's cost is :meth:`step`, one counter per message: no clock, no lock. Time
     the session spends elsewhere (a generator handing out what it read) goes inside
@@ -668,14 +674,19 @@ class StallGuard:
             self._paused = False
             self._steps += 1
 
-    def failure(self, where: str, reading: str) -> TemporaryFailure:
-        """The error for a download this guard ended, naming the server (``where``) and
-        what it was sending (``reading``)."""
+    def failure(self, where: str, reading: str, *, download: bool = True) -> TemporaryFailure:
+        """The error for a link this guard ended, naming the server (``where``) and what it
+        was sending (``reading``): a message of a download, or, with ``download`` false,
+        the answer to a command (``"its answer to SELECT"``, ``"its greeting"``)."""
+        if download:
+            what, then = "neither a message nor", "the messages that came whole are stored, and the next pass goes on from there"
+        else:
+            what, then = "neither all of it nor", "the next pass tries again"
         return TemporaryFailure(
-            f"{where} sent {reading} so slowly that neither a message nor {STALL_PIECE // 1024} KiB of one came in "
-            f"{self.allowance:g} s ({STALL_TIMEOUTS} times the connection's timeout of {self.timeout:g} s), so "
-            "mailhost closed the link: the messages that came whole are stored, and the next pass goes on from "
-            "there; if this repeats, check the server's load and the network to it, or raise the timeout"
+            f"{where} sent {reading} so slowly that {what} {STALL_PIECE // 1024} KiB of "
+            f"{'one' if download else 'it'} came in {self.allowance:g} s ({STALL_TIMEOUTS} times the connection's "
+            f"timeout of {self.timeout:g} s), so mailhost closed the link: {then}; if this repeats, check the "
+            "server's load and the network to it, or raise the timeout"
         )
 
     def __enter__(self) -> Self:

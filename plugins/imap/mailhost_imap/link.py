@@ -25,13 +25,14 @@ from mailhost.errors import (
     TemporaryFailure,
     TLSFailure,
 )
-from mailhost.protocols import ConnectionSettings, Encryption
+from mailhost.protocols import STALL_PIECE, ConnectionSettings, Encryption, StallGuard
 from mailhost.tls import client_context, tls_error
 
 from . import DEFAULT_PORTS  # declared beside the provider, which registers without this module
 
 __all__ = [
     "DEFAULT_PORTS",
+    "GuardedIMAP4",
     "connect",
     "connect_tcp",
     "resolve",
@@ -44,6 +45,7 @@ __all__ = [
 
 Address = tuple[Any, ...]  # one getaddrinfo() entry
 
+_MAXLINE = imaplib._MAXLINE  # type: ignore[attr-defined]  # imaplib's longest line
 _BYTES_REPR = re.compile(r"""b('[^'\\]*'|"[^"\\]*")""")  # imaplib's str() of bytes
 
 # Response codes (RFC 5530) that say "not now" rather than "never". A mailbox over its
@@ -146,22 +148,126 @@ def connect_tcp(settings: ConnectionSettings, addresses: list[Address]) -> socke
     )
 
 
-class _IMAP4(imaplib.IMAP4):
-    """imaplib on a socket we connected (and, for SSL, wrapped) ourselves."""
+class GuardedIMAP4(imaplib.IMAP4):
+    """imaplib on a socket we connected (and, for SSL, wrapped) ourselves, every answer
+    of which is read inside a :class:`~mailhost.protocols.StallGuard`.
 
-    def __init__(self, sock: socket.socket, host: str) -> None:
+    A command's guard starts when the command's first line goes out (the line that
+    begins with the tag :meth:`_new_tag` gave, whoever sends it: imaplib, imapclient, the
+    session's own FETCH reader) and ends when its tagged answer came, or the read
+    failed; the greeting is read under one too. The guard steps for every
+    :data:`~mailhost.protocols.STALL_PIECE` bytes read, never for a line: a server that
+    answers SELECT, STORE or LOGIN with an endless slow stream of untagged ``* OK``
+    lines, each within the read timeout, is cut off with an error naming the command,
+    instead of holding the pass and its lease for ever.
+    """
+
+    def __init__(self, sock: socket.socket, host: str, where: str, timeout: float) -> None:
         self._given = sock
+        self._where, self._timeout = where, timeout
+        #: The guard of the answer being read; None between commands.
+        self.guard: StallGuard | None = None
+        self._answer = ""  # what the guard waits for: "its greeting", "its answer to SELECT"
+        self._answer_tag: bytes | None = None  # the tag that ends it; None for the greeting
+        self._next_tag: bytes | None = None  # given out, its command not sent yet
+        self._unstepped = 0  # bytes read since the guard's last step
         super().__init__(host, 0)
 
     def _create_socket(self, timeout: float | None = None) -> socket.socket:
         return self._given
 
+    def open(self, host: str = "", port: int = imaplib.IMAP4_PORT, timeout: float | None = None) -> None:
+        super().open(host, port, timeout)
+        self._watch("its greeting", None)
+
+    def _new_tag(self) -> bytes:
+        self._next_tag = tag = super()._new_tag()
+        return tag
+
+    def send(self, data: bytes) -> None:
+        tag = self._next_tag
+        if tag is not None and data.startswith(tag + b" "):
+            self._next_tag = None
+            words = data[len(tag) + 1 :].split(None, 2)  # the name only: LOGIN's arguments are secret
+            name = b" ".join(words[:2] if words and words[0].upper() == b"UID" else words[:1])
+            self._watch(f"its answer to {name.decode('ascii', 'replace').upper()}", tag)
+        try:
+            super().send(data)
+        except OSError:
+            self.unwatch()
+            raise
+
+    def _get_response(self) -> Any:
+        try:
+            response = super()._get_response()
+        except (OSError, imaplib.IMAP4.error):
+            guard, answer = self.guard, self._answer
+            self.unwatch()
+            if guard is not None and guard.fired:
+                raise guard.failure(self._where, answer, download=False) from None
+            raise
+        if self._answer_tag is None or self.tagged_commands.get(self._answer_tag) is not None:
+            self.unwatch()  # the greeting, or the tagged answer, came
+        return response
+
+    # readline and read replace imaplib's own (the same reads, counted): the FETCH
+    # reader calls them for every message, so they call the file directly.
+    def readline(self) -> bytes:
+        line = self.file.readline(_MAXLINE + 1)
+        if len(line) > _MAXLINE:
+            raise self.error(f"got more than {_MAXLINE} bytes")
+        self._unstepped += len(line)
+        if self._unstepped >= STALL_PIECE:
+            self._step()
+        return line
+
+    def read(self, size: int) -> bytes:
+        """``size`` bytes (fewer at the end of the stream), a step for each
+        :data:`~mailhost.protocols.STALL_PIECE` of them: a drip inside a big literal is
+        caught within one piece."""
+        if size <= STALL_PIECE:
+            data: bytes = self.file.read(size)
+            self._unstepped += len(data)
+            if self._unstepped >= STALL_PIECE:
+                self._step()
+            return data
+        pieces = []
+        while size > 0:
+            piece = self.file.read(min(size, STALL_PIECE))
+            pieces.append(piece)
+            if len(piece) < min(size, STALL_PIECE):
+                break
+            size -= len(piece)
+            self._step()
+        return b"".join(pieces)
+
+    def shutdown(self) -> None:
+        self.unwatch()
+        super().shutdown()
+
+    def _step(self) -> None:
+        self._unstepped = 0
+        if self.guard is not None:
+            self.guard.step()
+
+    def _watch(self, answer: str, tag: bytes | None) -> None:
+        self.unwatch()  # a command whose answer nobody read to the end: the link moved on
+        self._answer, self._answer_tag, self._unstepped = answer, tag, 0
+        self.guard = StallGuard(self.sock, self._timeout).__enter__()
+
+    def unwatch(self) -> None:
+        """End the guard of the answer being read (a reader of its own calls this once
+        it read the tagged answer)."""
+        guard, self.guard = self.guard, None
+        if guard is not None:
+            guard.__exit__(None, None, None)
+
 
 class _Client(IMAPClient):
-    """IMAPClient over :class:`_IMAP4`: DNS, TCP and TLS stay our own, separately reported steps."""
+    """IMAPClient over :class:`GuardedIMAP4`: DNS, TCP and TLS stay our own, separately reported steps."""
 
     def __init__(self, sock: socket.socket, settings: ConnectionSettings, context: ssl.SSLContext | None) -> None:
-        self._given = sock
+        self._given, self._settings = sock, settings
         super().__init__(
             settings.host,
             settings.port,
@@ -171,7 +277,7 @@ class _Client(IMAPClient):
         )
 
     def _create_IMAP4(self) -> imaplib.IMAP4:
-        return _IMAP4(self._given, self.host)
+        return GuardedIMAP4(self._given, self.host, self._settings.describe(), self._settings.timeout)
 
 
 def start(settings: ConnectionSettings, sock: socket.socket) -> IMAPClient:

@@ -13,16 +13,14 @@ from typing import Any
 from imapclient import DELETED, SEEN, IMAPClient
 from mailhost.errors import MailError, PermanentFailure, TemporaryFailure
 from mailhost.protocols import (
-    STALL_PIECE,
     ConnectionSettings,
     Estimate,
     IncomingSession,
     Listing,
     MessageRef,
-    StallGuard,
 )
 
-from .link import connect, logout, translated, with_defaults
+from .link import GuardedIMAP4, connect, logout, translated, with_defaults
 
 __all__ = ["ImapSession", "open_session"]
 
@@ -56,7 +54,7 @@ class ImapSession(IncomingSession):
     def __init__(self, settings: ConnectionSettings, client: IMAPClient) -> None:
         self.settings = settings
         self.client = client
-        self._imap: imaplib.IMAP4 = client._imap
+        self._imap: GuardedIMAP4 = client._imap
         self._uidvalidity: int | None = None  # of the selected folder
         self._era = 0  # of its UIDs, from the cursor (see the class)
         self._read_only = False  # the folder, as the server opened it
@@ -460,67 +458,71 @@ class ImapSession(IncomingSession):
         from imaplib's buffered socket reader with ``readline``/``read``, keeping
         imaplib's tag and state bookkeeping intact. The whole response is read before
         returning, so the link is always ready for the next command. A server that
-        drips the answer is cut off by a :class:`StallGuard`, stepped once a response
-        (and once a piece of a big literal).
+        drips the answer is cut off by the command's :class:`StallGuard` (see
+        :class:`GuardedIMAP4`), stepped once a message body came whole (and for every
+        piece of the bytes read): listing lines, and ``* OK`` lines, are no step.
         """
         imap = self._imap
         readline, read = imap.readline, imap.read
         tag = imap._new_tag()
         command = b"%s UID FETCH %s %s" % (tag, uid_set, items)
         self._say(f"> {command.decode()}")
-        imap.send(command + b"\r\n")
-        done, got = tag + b" ", [] if got is None else got
-        guard, text = StallGuard(imap.sock, self.settings.timeout), b""
+        imap.send(command + b"\r\n")  # starts the command's guard
+        guard = imap.guard
+        assert guard is not None
+        done, got, text = tag + b" ", [] if got is None else got, b""
         try:
-            with guard:
-                step = guard.step
-                while True:
+            step = guard.step
+            while True:
+                line = readline()
+                if not line.startswith(b"* "):
+                    if line.startswith(done):
+                        break
+                    if not line:
+                        raise imap.abort("the server closed the link")
+                    continue  # a stray continuation: nothing to answer
+                text, body = line, None
+                while line.endswith(b"}\r\n"):  # a literal follows
+                    start = line.rfind(b"{")
+                    digits = line[start + 1 : -3]
+                    if start < 0 or not digits.isdigit():
+                        break  # a line that merely ends in "}"
+                    size = int(digits)
+                    data = read(size)  # in steps of STALL_PIECE bytes
+                    if len(data) != size:
+                        uid = _UID.search(text)
+                        raise imap.abort(
+                            f"the server closed the link after {len(data)} of the {size} bytes of message "
+                            f"UID {uid[1].decode() if uid else '?'}; if that repeats, the server's log says "
+                            "why it cannot send that message"
+                        )
+                    # "BODY[] {n}", in any case, or a literal8 "BODY[] ~{n}" (RFC 3516)
+                    if line[start - 7 : start] == b"BODY[] " or line[:start].rstrip(b"~").upper().endswith(b"BODY[] "):
+                        body = data
                     line = readline()
-                    if not line.startswith(b"* "):
-                        if line.startswith(done):
-                            break
-                        if not line:
-                            raise imap.abort("the server closed the link")
-                        continue  # a stray continuation: nothing to answer
-                    text, body = line, None
-                    while line.endswith(b"}\r\n"):  # a literal follows
-                        start = line.rfind(b"{")
-                        digits = line[start + 1 : -3]
-                        if start < 0 or not digits.isdigit():
-                            break  # a line that merely ends in "}"
-                        size = int(digits)
-                        data = read(size) if size <= STALL_PIECE else _read_pieces(read, size, step)
-                        if len(data) != size:
-                            uid = _UID.search(text)
-                            raise imap.abort(
-                                f"the server closed the link after {len(data)} of the {size} bytes of message "
-                                f"UID {uid[1].decode() if uid else '?'}; if that repeats, the server's log says "
-                                "why it cannot send that message"
-                            )
-                        # "BODY[] {n}", in any case, or a literal8 "BODY[] ~{n}" (RFC 3516)
-                        if line[start - 7 : start] == b"BODY[] " or line[:start].rstrip(b"~").upper().endswith(b"BODY[] "):
-                            body = data
-                        line = readline()
-                        text += line
-                    if body is None and b'[] "' in text:  # a quoted string (a tiny message)
-                        quoted = _QUOTED_BODY.search(text)
-                        if quoted:
-                            body = _UNQUOTE.sub(rb"\1", quoted[1])
-                    uid = _UID.search(text)
-                    if uid and (b" FETCH (" in text[:40] or b" FETCH (" in text[:40].upper()):  # any case
-                        got.append((int(uid[1]), text, body))
-                    elif text.startswith(b"* BYE"):
-                        raise imap.abort(text.decode("utf-8", "replace").strip())
-                    # other untagged responses (EXISTS, EXPUNGE, ...) change nothing for us
-                    step()
-                    text = b""  # a stall from here on is in no message's response
+                    text += line
+                if body is None and b'[] "' in text:  # a quoted string (a tiny message)
+                    quoted = _QUOTED_BODY.search(text)
+                    if quoted:
+                        body = _UNQUOTE.sub(rb"\1", quoted[1])
+                uid = _UID.search(text)
+                if uid and (b" FETCH (" in text[:40] or b" FETCH (" in text[:40].upper()):  # any case
+                    got.append((int(uid[1]), text, body))
+                    if body is not None:
+                        step()
+                elif text.startswith(b"* BYE"):
+                    raise imap.abort(text.decode("utf-8", "replace").strip())
+                # other untagged responses (EXISTS, EXPUNGE, OK, ...) change nothing for us
+                text = b""  # a stall from here on is in no message's response
         except (OSError, imaplib.IMAP4.error):
             if guard.fired:
                 uid = _UID.search(text)
                 reading = f"message UID {uid[1].decode()}" if uid else "its answer to UID FETCH"
-                raise guard.failure(self.settings.describe(), f"{reading} from folder {self.settings.folder}") from None
+                raise guard.failure(self.settings.describe(), f"{reading} from folder {self.settings.folder}",
+                                    download=b"BODY" in items) from None
             raise
         finally:
+            imap.unwatch()
             imap.tagged_commands.pop(tag, None)
         result = line[len(done) :].strip()
         self._say(f"< {line.decode('utf-8', 'replace').strip()} ({len(got)} messages)")
@@ -538,21 +540,6 @@ def _given_again(witness: Sequence[float], dates: Mapping[int, float]) -> bool:
     when it was listed: the server gave that UID to new mail (a message's INTERNALDATE
     never changes, and a UID is never given twice under one UIDVALIDITY: RFC 3501 2.3)."""
     return bool(witness) and int(witness[0]) in dates and dates[int(witness[0])] != witness[1]
-
-
-def _read_pieces(read: Callable[[int], bytes], size: int, step: Callable[[], None]) -> bytes:
-    """A literal bigger than :data:`STALL_PIECE`, read piece by piece with a step each,
-    so that a drip inside a big message is caught within one piece. Short at the end of
-    the stream, as ``read`` is."""
-    pieces = []
-    while size > 0:
-        piece = read(min(size, STALL_PIECE))
-        pieces.append(piece)
-        if len(piece) < min(size, STALL_PIECE):
-            break
-        size -= len(piece)
-        step()
-    return b"".join(pieces)
 
 
 def _shown(uids: Sequence[int]) -> str:

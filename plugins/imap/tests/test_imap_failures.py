@@ -55,6 +55,33 @@ def test_not_an_imap_server(fake_imap):
 DRIPPED = [b"Subject: one\r\n\r\nbody one\r\n", b"Subject: two\r\n\r\n" + b"x" * 3000 + b"\r\n"]
 
 
+def answer_like_dovecot(words: list[bytes], stored: list[bytes]) -> bytes:
+    """The untagged lines Dovecot answers ``words`` with, in a folder of the two messages
+    :data:`DRIPPED` (UIDs 1 and 2); ``UID STORE`` commands land in ``stored``."""
+    verb = words[0].upper()
+    if verb == b"CAPABILITY":
+        return b"* CAPABILITY IMAP4rev1 UIDPLUS MOVE\r\n"
+    if verb == b"SELECT":
+        return (b"* FLAGS (\\Seen \\Deleted)\r\n* OK [PERMANENTFLAGS (\\Seen \\Deleted)] ok\r\n"
+                b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 3] ok\r\n")
+    if words[:2] == [b"UID", b"STORE"]:
+        stored.append(b" ".join(words[2:]))
+        return b""
+    if words[:2] != [b"UID", b"FETCH"]:
+        return b""
+    first, _, last = words[2].partition(b":")
+    top = 2 if last == b"*" else int(last or first)
+    uids = [uid for uid in (1, 2) if int(first) <= uid <= top]
+    if b"RFC822.SIZE" in b" ".join(words):
+        return b"".join(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (uid, uid, len(DRIPPED[uid - 1]))
+                        for uid in uids)
+    if b"INTERNALDATE" in b" ".join(words):
+        return b"".join(b'* %d FETCH (UID %d INTERNALDATE "05-Nov-2026 10:00:0%d +0000")\r\n' % (uid, uid, uid)
+                        for uid in uids)
+    return b"".join(b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (uid, uid, len(DRIPPED[uid - 1]),
+                                                                    DRIPPED[uid - 1]) for uid in uids)
+
+
 def dripping_server(drips: list[bool], stored: list[bytes], tls: bool = False):
     """A script answering like Dovecot for two messages (over implicit TLS with ``tls``);
     while ``drips[0]`` holds, the literal of UID 2 comes half at once and then a byte
@@ -62,31 +89,15 @@ def dripping_server(drips: list[bool], stored: list[bytes], tls: bool = False):
     ``stored``."""
 
     def respond(peer, words):
-        verb = words[0].upper()
-        if verb == b"CAPABILITY":
-            return b"* CAPABILITY IMAP4rev1 UIDPLUS MOVE\r\n"
-        if verb == b"SELECT":
-            return (b"* FLAGS (\\Seen \\Deleted)\r\n* OK [PERMANENTFLAGS (\\Seen \\Deleted)] ok\r\n"
-                    b"* 2 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 3] ok\r\n")
-        if words[:2] == [b"UID", b"STORE"]:
-            stored.append(b" ".join(words[2:]))
-            return b""
-        if words[:2] != [b"UID", b"FETCH"]:
-            return b""
+        if not (drips[0] and words[:2] == [b"UID", b"FETCH"] and b"BODY" in words[-1].upper()):
+            return answer_like_dovecot(words, stored)
         first, _, last = words[2].partition(b":")
         top = 2 if last == b"*" else int(last or first)
-        uids = [uid for uid in (1, 2) if int(first) <= uid <= top]
-        if b"RFC822.SIZE" in b" ".join(words):
-            return b"".join(b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (uid, uid, len(DRIPPED[uid - 1]))
-                            for uid in uids)
-        if b"INTERNALDATE" in b" ".join(words):
-            return b"".join(b'* %d FETCH (UID %d INTERNALDATE "05-Nov-2026 10:00:0%d +0000")\r\n' % (uid, uid, uid)
-                            for uid in uids)
         out = b""
-        for uid in uids:
+        for uid in [uid for uid in (1, 2) if int(first) <= uid <= top]:
             raw = DRIPPED[uid - 1]
             answer = b"* %d FETCH (UID %d BODY[] {%d}\r\n%s)\r\n" % (uid, uid, len(raw), raw)
-            if uid == 2 and drips[0]:
+            if uid == 2:
                 peer.send(out + answer[: len(answer) // 2])
                 for at in range(len(answer) // 2, len(answer)):
                     time.sleep(0.05)
@@ -171,3 +182,67 @@ def test_a_big_message_that_comes_slowly_but_steadily_is_not_cut_off(fake_imap):
                               encryption=Encryption.NONE, username="u", password="p", timeout=0.5)
     with PROVIDER.open(conn) as session:
         assert [body for _, body in session.fetch(session.list_new(None, lambda keys: set()).refs)] == [raw]
+
+
+
+def busy_server(busy: list[bytes], stored: list[bytes]):
+    """A script answering like Dovecot (:func:`answer_like_dovecot`), except that it
+    answers the command whose words start with ``busy`` with an endless slow stream of
+    untagged ``* OK`` lines (Dovecot's "Hang in there.." of a long command), each well
+    within any read's timeout, for 20 s; then it hangs up."""
+
+    def respond(peer, words):
+        if [word.upper() for word in words[: len(busy)]] == busy:
+            for _ in range(400):
+                time.sleep(0.05)
+                peer.send(b"* OK Hang in there..\r\n")
+            raise OSError("hung up: the client never gave up")
+        return answer_like_dovecot(words, stored)
+
+    return lambda peer: peer.answer(lambda words: respond(peer, words))
+
+
+@pytest.mark.parametrize(("busy", "answer"), [
+    ([b"CAPABILITY"], "its answer to CAPABILITY"),
+    ([b"LOGIN"], "its answer to LOGIN"),
+    ([b"SELECT"], "its answer to SELECT"),
+    ([b"UID", b"FETCH"], "its answer to UID FETCH from folder INBOX"),  # the listing: a * OK line is no message
+    ([b"UID", b"STORE"], "its answer to UID STORE"),
+], ids=["capability", "login", "select", "listing", "store"])
+def test_a_command_the_server_answers_with_an_endless_drip_is_cut_off(fake_imap, busy, answer):
+    """Not only the download: the sign-in, SELECT, the listing and the after-download
+    STORE each end within the stall guard's allowance when the server drips ``* OK``
+    lines at them, with a TemporaryFailure naming the connection, the server and the command."""
+    port = fake_imap(busy_server(busy, []))
+    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1", port=port, encryption=Encryption.NONE,
+                              username="u", password="p", timeout=0.3)
+    with pytest.raises(TemporaryFailure) as failure:
+        with PROVIDER.open(conn) as session:
+            session.mark_seen(session.list_new(None, lambda keys: set()).refs)
+    assert not isinstance(failure.value, ConnectFailure)
+    assert str(failure.value).startswith(
+        f"desk on 127.0.0.1:{port} sent {answer} so slowly that neither all of it nor 64 KiB of it came in 1.2 s "
+        "(4 times the connection's timeout of 0.3 s), so mailhost closed the link: the next pass tries again"
+    ), str(failure.value)
+    assert "raise the timeout" in str(failure.value)
+
+
+def test_a_pass_whose_store_the_server_drips_ends_with_the_mail_stored(fake_imap, mh):
+    """The pass ends (and with it the lease its keeper renews) not ok, naming UID STORE,
+    with both messages stored; the next pass marks them seen and stores nothing twice."""
+    from mailhost.connections import ConnectionSpec
+    from mailhost.protocols import Direction
+
+    busy, stored = [b"UID", b"STORE"], []
+    port = fake_imap(busy_server(busy, stored), connections=2)
+    mh.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="desk", protocol="imap", host="127.0.0.1", port=port, encryption="none", username="u", password="p",
+        timeout=300))
+    first = mh.incoming.fetch_one("desk")
+    assert (first.ok, first.stored, stored) == (False, 2, [])
+    assert f"desk on 127.0.0.1:{port} sent its answer to UID STORE so slowly" in (first.error or ""), first.error
+    busy[:] = [b"NOTHING"]
+    second = mh.incoming.fetch_one("desk")
+    assert (second.ok, second.listed, second.stored, second.acknowledged) == (True, 0, 0, 2)
+    assert stored == [b"1:2 +FLAGS.SILENT (\\Seen)"]
+    assert [mh.incoming.item(item.id).raw for item in reversed(mh.incoming.items())] == DRIPPED
