@@ -7,10 +7,14 @@ search for its terminating ``CRLF.CRLF`` and dot-unstuffed with one replace.
 
 Errors: ``poplib.error_proto`` carries a ``-ERR`` reply (the server said no);
 :class:`LinkError` (an ``OSError``, like timeouts and resets) means the link is unusable.
+Every reply is read inside a :class:`~mailhost.protocols.StallGuard` (see
+:meth:`Client.watching`): a server that drips one, each byte within the read timeout,
+is cut off with a ``TemporaryFailure`` naming the command.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
 import poplib
 import socket
 import ssl
@@ -33,22 +37,26 @@ class LinkError(ConnectionError):
 
 
 class Client(poplib.POP3):
-    """A POP3 client on an already connected (and, for implicit TLS, wrapped) socket."""
+    """A POP3 client on an already connected (and, for implicit TLS, wrapped) socket;
+    ``where`` names the connection and server in errors, ``timeout`` is the connection's."""
 
-    def __init__(self, sock: socket.socket, host: str) -> None:
-        self._given = sock
+    def __init__(self, sock: socket.socket, host: str, where: str, timeout: float) -> None:
+        self._given = self.sock = sock  # (poplib sets sock again; the greeting's guard needs it first)
+        self._where, self._timeout = where, timeout
         self._buf = bytearray()
         self._pos = 0  # start of the unread bytes in _buf
         self._pending = 0  # replies to pipelined commands nobody read (an abandoned fetch)
         self._pending_long = False
         self.broken = False  # a read or write failed: what is buffered can no longer be trusted
-        #: Stepped for every pipelined reply and every STALL_PIECE bytes read, while a session sets it.
+        #: Stepped for every pipelined reply and every STALL_PIECE bytes read; see :meth:`watching`.
         self.guard: StallGuard | None = None
         self._unstepped = 0  # bytes read since the guard's last step
         self.capabilities: dict[str, list[str]] = {}
         # poplib connects in __init__ (the timeout goes to _create_socket, which ignores
-        # it) and makes self.file, which stays unused: every byte goes through _buf.
-        super().__init__(host, sock.getpeername()[1], 0.0)
+        # it), makes self.file, which stays unused (every byte goes through _buf), and
+        # reads the greeting.
+        with self.watching("its greeting"):
+            super().__init__(host, sock.getpeername()[1], 0.0)
 
     if TYPE_CHECKING:  # poplib internals that typeshed leaves out
 
@@ -56,10 +64,37 @@ class Client(poplib.POP3):
 
         def _getresp(self) -> bytes: ...
 
-        def _shortcmd(self, line: str) -> bytes: ...
-
     def _create_socket(self, timeout: float) -> socket.socket:
         return self._given
+
+    @contextlib.contextmanager
+    def watching(self, answer: str) -> Iterator[StallGuard]:
+        """Read ``answer`` (``"its answer to UIDL"``) inside a :class:`StallGuard`, stepped
+        for every reply of a pipeline and every STALL_PIECE bytes; a link it cut off raises
+        the guard's ``TemporaryFailure`` naming the server and ``answer``. Inside a guard a
+        caller set (a session's download, which names the message itself), that one watches."""
+        if self.guard is not None:
+            yield self.guard
+            return
+        with StallGuard(self.sock, self._timeout) as guard:
+            self.guard, self._unstepped = guard, 0
+            try:
+                yield guard
+            except OSError:
+                if guard.fired:
+                    raise guard.failure(self._where, answer, download=False) from None
+                raise
+            finally:
+                if self.guard is guard:
+                    self.guard = None
+
+    def _shortcmd(self, line: str) -> bytes:
+        with self.watching(f"its answer to {_name(line)}"):
+            return super()._shortcmd(line)
+
+    def _longcmd(self, line: str) -> tuple[bytes, list[bytes], int]:
+        with self.watching(f"its answer to {_name(line)}"):
+            return super()._longcmd(line)
 
     # -- reading ------------------------------------------------------------------------
 
@@ -124,8 +159,7 @@ class Client(poplib.POP3):
 
     def lines(self, command: str) -> list[bytes]:
         """The lines of a multi-line reply (UIDL, LIST, CAPA); raises ``error_proto`` for ``-ERR``."""
-        self._putcmd(command)
-        return self._getlongresp()[1]
+        return self._longcmd(command)[1]
 
     # -- writing ------------------------------------------------------------------------
 
@@ -157,24 +191,33 @@ class Client(poplib.POP3):
         (``long``) or the status line, ``None`` for ``-ERR``.
 
         With PIPELINING, up to :data:`WINDOW` commands are in flight; else one at a time.
+        Each reply is a step of the guard; the time the caller takes between them counts
+        for no stall.
         """
-        self._drain()
-        window = WINDOW if "PIPELINING" in self.capabilities else 1
-        self._pending_long = long
-        sent = 0
-        for i in range(len(commands)):
-            if sent <= i + window // 2:  # refill once half the window is read
-                batch = commands[sent : i + window]
-                self._send("".join(f"{c}\r\n" for c in batch).encode("ascii"))
-                sent += len(batch)
-            try:
-                reply: bytes | None = self.read_long()[1] if long else self._getresp()
-            except poplib.error_proto:
-                reply = None
-            if self.guard is not None:
-                self.guard.step()
-            self._pending = sent - i - 1
-            yield reply
+        if not commands:
+            return
+        with self.watching(f"its answers to {_name(commands[0])}") as guard:
+            self._drain()
+            window = WINDOW if "PIPELINING" in self.capabilities else 1
+            self._pending_long = long
+            sent = 0
+            for i in range(len(commands)):
+                if sent <= i + window // 2:  # refill once half the window is read
+                    batch = commands[sent : i + window]
+                    self._send("".join(f"{c}\r\n" for c in batch).encode("ascii"))
+                    sent += len(batch)
+                try:
+                    reply: bytes | None = self.read_long()[1] if long else self._getresp()
+                except poplib.error_proto:
+                    reply = None
+                guard.step()
+                self._pending = sent - i - 1
+                # The caller's time is no stall; and a caller that abandons the pipeline
+                # here sends its next commands under guards of their own.
+                self.guard = None
+                with guard.paused():
+                    yield reply
+                self.guard = guard
 
     # -- commands -----------------------------------------------------------------------
 
@@ -208,17 +251,23 @@ class Client(poplib.POP3):
     def auth(self, mechanism: str, response: bytes) -> bytes:
         """SASL AUTH (RFC 5034) with one client response; raises ``error_proto`` with the
         server's final reply when it refuses."""
-        self._putcmd(f"AUTH {mechanism}")
-        reply, _ = self._getline()
-        if _is_challenge(reply):
-            self._putline(base64.b64encode(response))
+        with self.watching("its answer to AUTH"):
+            self._putcmd(f"AUTH {mechanism}")
             reply, _ = self._getline()
-            if _is_challenge(reply):  # XOAUTH2 sends its error as a challenge: ack it
-                self._putline(b"")
+            if _is_challenge(reply):
+                self._putline(base64.b64encode(response))
                 reply, _ = self._getline()
+                if _is_challenge(reply):  # XOAUTH2 sends its error as a challenge: ack it
+                    self._putline(b"")
+                    reply, _ = self._getline()
         if not reply.startswith(b"+OK"):
             raise poplib.error_proto(reply)
         return reply
+
+
+def _name(command: str) -> str:
+    """The command's name, for errors: never its arguments (PASS, APOP carry secrets)."""
+    return command.split(" ", 1)[0].upper()
 
 
 def _is_challenge(reply: bytes) -> bool:

@@ -24,7 +24,6 @@ from mailhost.protocols import (
     IncomingSession,
     Listing,
     MessageRef,
-    StallGuard,
     TestStep,
 )
 from mailhost.tls import client_context, describe_peer, tls_error
@@ -99,7 +98,7 @@ class Pop3Session(IncomingSession):
         self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]
     ) -> Listing:
         """Every message whose UIDL is not stored yet, oldest first; POP3 has no cursor."""
-        with self._guarded("its list of messages (UIDL, LIST)"), _errors(self.settings):
+        with _errors(self.settings):
             new = self._new(known)
             sizes: dict[int, int] = {}
             if new:  # a poll with nothing new skips LIST
@@ -114,44 +113,28 @@ class Pop3Session(IncomingSession):
         pass (a server that cannot send it) can be found and dealt with."""
         wanted: list[tuple[MessageRef, int]] = []
         done = 0
-        with self._guarded("its list of messages (UIDL)") as guard:
+        # One guard for the whole download, so that a stall names the message it came in.
+        with _errors(self.settings), self.client.watching("its list of messages (UIDL)") as guard:
             try:
-                with _errors(self.settings):
-                    numbers = self._keys()  # a ref's handle may come from another session
-                    wanted = [(ref, numbers[ref.key]) for ref in refs if ref.key in numbers]
-                    replies = self.client.pipeline([f"RETR {n}" for _, n in wanted], long=True)
-                    for (ref, number), raw in zip(wanted, replies):
-                        done += 1
-                        if raw is None:  # gone meanwhile, or the server cannot read it now: next pass
-                            log.info("%s: RETR %d (UIDL %s) refused; skipped", _where(self.settings), number, ref.key)
-                            continue
-                        with guard.paused():  # the caller's time, not the server's
-                            yield ref, raw
-            except ConnectFailure as exc:
+                numbers = self._keys()  # a ref's handle may come from another session
+                wanted = [(ref, numbers[ref.key]) for ref in refs if ref.key in numbers]
+                replies = self.client.pipeline([f"RETR {n}" for _, n in wanted], long=True)
+                for (ref, number), raw in zip(wanted, replies):  # the caller's time is no stall
+                    done += 1
+                    if raw is None:  # gone meanwhile, or the server cannot read it now: next pass
+                        log.info("%s: RETR %d (UIDL %s) refused; skipped", _where(self.settings), number, ref.key)
+                        continue
+                    yield ref, raw
+            except OSError as exc:
                 if not 0 <= done < len(wanted):
                     raise
                 ref, number = wanted[done]
                 size = f", {ref.size:,} bytes" if ref.size is not None else ""
                 if guard.fired:
                     raise guard.failure(_where(self.settings), f"message {number} (UIDL {ref.key}{size})") from None
-                raise ConnectFailure(f"{exc}; it broke in message {number} (UIDL {ref.key}{size}): if every pass "
-                                     "breaks there, look at that message on the server") from exc
-
-    @contextlib.contextmanager
-    def _guarded(self, reading: str) -> Iterator[StallGuard]:
-        """Reads inside are watched by a :class:`StallGuard`; a link it cut off raises its
-        failure, saying the server was sending ``reading``."""
-        client = self.client
-        with StallGuard(client.sock, self.settings.timeout) as guard:
-            client.guard = guard
-            try:
-                yield guard
-            except ConnectFailure:
-                if guard.fired:
-                    raise guard.failure(_where(self.settings), reading) from None
-                raise
-            finally:
-                client.guard = None
+                raise ConnectFailure(f"{_link_error(self.settings, exc)}; it broke in message {number} (UIDL "
+                                     f"{ref.key}{size}): if every pass breaks there, look at that message on the "
+                                     "server") from exc
 
     def resolve(self, keys: Sequence[str]) -> list[MessageRef]:
         """Refs for the keys still on the server."""
@@ -165,7 +148,7 @@ class Pop3Session(IncomingSession):
         Numbers come from this session's UIDL, never from the ref: a number from another
         session could name another message. ``-ERR`` (already deleted, gone) is fine.
         """
-        with self._guarded("its answers to DELE"), _errors(self.settings):
+        with _errors(self.settings):
             numbers = self._keys()
             commands = [f"DELE {numbers[ref.key]}" for ref in refs if ref.key in numbers]
             for _ in self.client.pipeline(commands, long=False):
@@ -175,7 +158,7 @@ class Pop3Session(IncomingSession):
         self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]
     ) -> Estimate:
         """Messages whose UIDL is not stored yet, read or not: POP3 has no read flag."""
-        with self._guarded("its list of messages (UIDL)"), _errors(self.settings):
+        with _errors(self.settings):
             count = len(self._new(known))
         note = (
             "POP3 has no read flag: every message whose UIDL is not stored yet counts, read or not "
@@ -281,7 +264,7 @@ def _connect(settings: ConnectionSettings) -> Generator[TestStep, None, Client]:
                 context = _context(settings)
                 sock = _tls(settings, lambda: context.wrap_socket(sock, server_hostname=host))
                 yield TestStep("tls", True, describe_peer(sock).describe())
-            client = Client(sock, host)
+            client = Client(sock, host, where, settings.timeout)
             if settings.encryption is Encryption.STARTTLS:
                 if "STLS" not in client.capa():
                     raise TLSFailure(

@@ -33,6 +33,7 @@ class Script:
     stall_on_retr: int | None = None  # message number whose RETR stops in the middle
     drip_on_retr: int | None = None  # message number whose RETR goes on a byte every 0.05 s after the middle
     trickle: bool = False  # every RETR comes 8 KiB every 0.05 s: slow, and steady
+    busy: str | None = None  # a command answered by an endless drip (lines for UIDL, bytes of the line else)
     messages: list[bytes] = field(default_factory=lambda: list(MESSAGES))
     release: threading.Event = field(default_factory=threading.Event)  # ends a stall
     auth_lines: list[bytes] = field(default_factory=list)  # what the client sent after AUTH
@@ -57,6 +58,16 @@ class _Handler(socketserver.StreamRequestHandler):
         while line := self.rfile.readline():
             cmd, _, arg = line.strip().decode().partition(" ")
             cmd = cmd.upper()
+            if cmd == script.busy:  # each piece well within any read's timeout: only a guard ends it
+                send(b"+OK\r\n" if cmd == "UIDL" else b"+OK hang on")
+                for n in range(1, 400):
+                    if script.release.wait(0.05):
+                        break
+                    try:
+                        send(b"%d uid-%d\r\n" % (n, n) if cmd == "UIDL" else b".")
+                    except OSError:
+                        return  # the client cut the link off
+                return  # 20 s: hang up
             if cmd == "CAPA":
                 send(b"+OK\r\n" + b"".join(c.encode() + b"\r\n" for c in capa) + b".\r\n")
             elif cmd == "STLS" and script.tls:
@@ -313,3 +324,52 @@ def test_a_big_message_that_comes_slowly_but_steadily_is_not_cut_off(fake: tuple
     script.messages = [b"Subject: big\r\n\r\n" + (b"y" * 1022 + b"\r\n") * 384]
     with open_session(settings(port, timeout=0.5)) as session:
         assert [raw for _, raw in session.fetch(session.list_new(None, lambda keys: set()).refs)] == script.messages
+
+
+@pytest.mark.parametrize("command", ["USER", "PASS", "AUTH", "UIDL"])
+def test_a_command_the_server_drips_is_cut_off_and_named(fake: tuple[Script, int], command: str) -> None:
+    """Not only RETR: the sign-in (USER/PASS, or AUTH) and the listing each end within the
+    stall guard's allowance when the server drips their answer, each piece well within
+    the read timeout, with a TemporaryFailure naming the connection, the server and the command."""
+    script, port = fake
+    script.busy = command
+    oauth = {"password": None, "access_token": lambda: TOKEN} if command == "AUTH" else {}
+    with pytest.raises(TemporaryFailure) as failure:
+        with open_session(settings(port, timeout=0.3, **oauth)) as session:
+            session.list_new(None, lambda keys: set())
+    assert not isinstance(failure.value, ConnectFailure)
+    assert str(failure.value).startswith(
+        f"hostile on 127.0.0.1:{port} sent its answer to {command} so slowly that neither all of it nor 64 KiB of "
+        "it came in 1.2 s (4 times the connection's timeout of 0.3 s), so mailhost closed the link: the next pass "
+        "tries again"), str(failure.value)
+
+
+def test_a_quit_the_server_drips_ends_the_session_unconfirmed(fake: tuple[Script, int],
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """close() never raises: a dripped QUIT is cut off by the guard (which the debug log
+    says), and the session counts as not closed cleanly, so its DELEs are not taken for done."""
+    script, port = fake
+    script.busy = "QUIT"
+    session = open_session(settings(port, timeout=0.3))
+    session.delete(session.list_new(None, lambda keys: set()).refs)
+    with caplog.at_level("DEBUG", logger="mailhost_pop3._session"):
+        session.close()
+    assert not session.closed_cleanly and script.deleted == []
+    assert f"hostile on 127.0.0.1:{port} sent its answer to QUIT so slowly" in caplog.text, caplog.text
+
+
+def test_a_pass_whose_listing_the_server_drips_ends_and_the_next_one_downloads(fake: tuple[Script, int],
+                                                                              mh: Mailhost) -> None:
+    """The pass ends (and with it the lease its keeper renews) not ok, naming UIDL; the
+    next pass, with a server that answers, downloads both messages."""
+    script, port = fake
+    script.busy = "UIDL"
+    mh.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="p", protocol="pop3", host="127.0.0.1", port=port, encryption="none", username="u", password="p",
+        timeout=300))
+    first = mh.incoming.fetch_one("p")
+    assert (first.ok, first.stored) == (False, 0)
+    assert f"p on 127.0.0.1:{port} sent its answer to UIDL so slowly" in (first.error or ""), first.error
+    script.busy = None
+    second = mh.incoming.fetch_one("p")
+    assert (second.ok, second.stored) == (True, 2)
