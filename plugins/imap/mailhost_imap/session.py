@@ -301,22 +301,24 @@ class ImapSession(IncomingSession):
         if not atomic:
             self.delete(refs)
 
-    def _move_set(self, command: Callable[[bytes, str], Any], uid_set: bytes, target: str, again: bool = False) -> None:
+    def _move_set(self, command: Callable[[bytes, str], Any], uid_set: bytes, target: str, again: bool = False,
+                  created: bool = False) -> None:
         """``command`` (MOVE or COPY) ``uid_set`` to ``target``, creating the folder if
         missing. Refused with ``[EXPUNGEISSUED]`` (RFC 5530: another client expunged
-        some of them meanwhile; Dovecot then moves none), it moves those still there."""
+        some of them meanwhile; Dovecot then moves none), it moves those still there;
+        also after creating the folder, since Dovecot says ``[TRYCREATE]`` first."""
         try:
             command(uid_set, target)
         except imaplib.IMAP4.error as exc:
             if "[EXPUNGEISSUED]" in str(exc).upper() and not again:
                 for left in _uid_sets(ref.handle for ref in self._refs(uid_set)):
-                    self._move_set(command, left, target, again=True)
+                    self._move_set(command, left, target, again=True, created=created)
                 return
-            if self._exists(target):
+            if created or self._exists(target):
                 raise
             self.client.create_folder(target)
             self.client.subscribe_folder(target)  # so that mail clients show it
-            command(uid_set, target)
+            self._move_set(command, uid_set, target, again=again, created=True)
 
     def _check_keeps(self, flag: bytes, doing: str) -> None:
         """Refuse an acknowledgement the server would answer OK and ignore (Dovecot: "Store

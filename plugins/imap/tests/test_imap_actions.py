@@ -139,14 +139,19 @@ def test_a_flag_the_server_does_not_keep_is_not_taken_for_done(settings, dovecot
     assert server.flags(user) == ["S"]
 
 
+@pytest.mark.parametrize("target", ["existing", "missing"])
 @pytest.mark.parametrize("server_kind", ["move", "copy"])
-def test_move_after_another_client_expunged_one_moves_the_rest(settings, dovecot, mailbox, request, server_kind):
+def test_move_after_another_client_expunged_one_moves_the_rest(settings, dovecot, mailbox, request, server_kind,
+                                                               target):
     """Another client expunges one of the messages between download and move: Dovecot
-    refuses the whole UID MOVE (or COPY) with [EXPUNGEISSUED]; the others still move."""
+    refuses the whole UID MOVE (or COPY) with [EXPUNGEISSUED]; the others still move,
+    also when the target folder is missing at first (Dovecot then says [TRYCREATE]
+    first, and [EXPUNGEISSUED] only once the folder is created)."""
     import imaplib
 
     server, (user, password) = (dovecot, mailbox) if server_kind == "move" else request.getfixturevalue("old_server")
-    server.create_folder(user, "Done")
+    if target == "existing":
+        server.create_folder(user, "Done")
     server.deliver_many(user, (generate_message(i) for i in range(3)))
     with PROVIDER.open(settings(server, username=user, password=password)) as session:
         refs = listed(session)
