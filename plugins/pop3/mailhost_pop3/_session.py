@@ -215,7 +215,7 @@ def test(settings: ConnectionSettings) -> Iterator[TestStep]:
         return
     session = Pop3Session(settings, client)
     try:
-        step = _capabilities_step(settings, client.capabilities)
+        step = _capabilities_step(settings, session)
         yield step
         if step.ok:
             with _errors(settings):
@@ -227,20 +227,22 @@ def test(settings: ConnectionSettings) -> Iterator[TestStep]:
         session.close()
 
 
-def _capabilities_step(settings: ConnectionSettings, caps: Mapping[str, list[str]]) -> TestStep:
-    if not caps:
-        return TestStep("capabilities", True, "the server does not answer CAPA; UIDL is checked when listing")
+def _capabilities_step(settings: ConnectionSettings, session: Pop3Session) -> TestStep:
+    """What the server offers; UIDL asked for when CAPA does not list it (CAPA is
+    optional, RFC 2449, and lists what the server chose to): the step then passes
+    exactly when a download pass would get past its listing."""
+    caps = session.client.capabilities
     shown = [name for name in ("UIDL", "PIPELINING", "TOP", "STLS", "USER") if name in caps]
     if caps.get("SASL"):
         shown.append("SASL " + " ".join(caps["SASL"]))
-    detail = ", ".join(shown)
+    detail = ", ".join(shown) if caps else "the server does not answer CAPA"
     if "UIDL" not in caps:
-        return TestStep(
-            "capabilities",
-            False,
-            f"{_where(settings)}: the POP3 server does not offer UIDL ({detail}), so downloaded messages "
-            "cannot be recognised: use IMAP for this mailbox",
-        )
+        try:
+            with _errors(settings):
+                session._keys()  # the listing every pass starts with
+        except PermanentFailure as exc:
+            return TestStep("capabilities", False, str(exc))
+        detail += "; UIDL answers" + (", though CAPA does not list it" if caps else "")
     return TestStep("capabilities", True, detail)
 
 

@@ -17,6 +17,7 @@ from mailhost import Mailhost
 from mailhost.connections import ConnectionSpec
 from mailhost.errors import AuthenticationFailed, ConnectFailure, PermanentFailure, TemporaryFailure
 from mailhost.protocols import ConnectionSettings, Direction, Encryption
+import mailhost_pop3
 from mailhost_pop3 import open_session
 from tests.servers.certs import Pki
 
@@ -34,6 +35,8 @@ class Script:
     drip_on_retr: int | None = None  # message number whose RETR goes on a byte every 0.05 s after the middle
     trickle: bool = False  # every RETR comes 8 KiB every 0.05 s: slow, and steady
     busy: str | None = None  # a command answered by an endless drip (lines for UIDL, bytes of the line else)
+    no_capa: bool = False  # -ERR to CAPA (an RFC 1939 server: CAPA is RFC 2449's)
+    uidl: bool | None = None  # whether UIDL works; None: as CAPA says
     messages: list[bytes] = field(default_factory=lambda: list(MESSAGES))
     release: threading.Event = field(default_factory=threading.Event)  # ends a stall
     auth_lines: list[bytes] = field(default_factory=list)  # what the client sent after AUTH
@@ -68,7 +71,9 @@ class _Handler(socketserver.StreamRequestHandler):
                     except OSError:
                         return  # the client cut the link off
                 return  # 20 s: hang up
-            if cmd == "CAPA":
+            if cmd == "CAPA" and script.no_capa:
+                send(b"-ERR unknown command\r\n")
+            elif cmd == "CAPA":
                 send(b"+OK\r\n" + b"".join(c.encode() + b"\r\n" for c in capa) + b".\r\n")
             elif cmd == "STLS" and script.tls:
                 send(b"+OK Begin TLS\r\n" + script.inject)
@@ -89,9 +94,11 @@ class _Handler(socketserver.StreamRequestHandler):
                     send(b"+ eyJzdGF0dXMiOiI0MDEifQ==\r\n")
                     script.auth_lines.append(self.rfile.readline().strip())
                     send(b"-ERR [AUTH] invalid token\r\n")
-            elif cmd == "UIDL" and "UIDL" in script.capa:
+            elif cmd == "UIDL" and ("UIDL" in script.capa if script.uidl is None else script.uidl):
                 send(b"+OK\r\n" + b"".join(b"%d uid-%d\r\n" % (i, i) for i in range(1, len(script.messages) + 1))
                      + b".\r\n")
+            elif cmd == "STAT":
+                send(b"+OK %d %d\r\n" % (len(script.messages), sum(map(len, script.messages))))
             elif cmd == "LIST":
                 send(b"+OK\r\n" + b"".join(b"%d %d\r\n" % (i, len(m)) for i, m in enumerate(script.messages, 1)) + b".\r\n")
             elif cmd == "RETR":
@@ -198,6 +205,31 @@ def test_server_without_uidl_is_refused(fake: tuple[Script, int]) -> None:
     with open_session(settings(port)) as session:
         with pytest.raises(PermanentFailure, match="does not support UIDL.*use IMAP"):
             session.list_new(None, lambda keys: set())
+
+
+@pytest.mark.parametrize(("no_capa", "uidl"), [(True, False), (True, True), (False, True)],
+                         ids=["no-capa-no-uidl", "no-capa", "uidl-not-listed"])
+def test_the_connection_test_asks_uidl_when_capa_does_not_list_it(fake: tuple[Script, int], no_capa: bool,
+                                                                  uidl: bool) -> None:
+    """CAPA is optional, and says only what the server chose to list: when it does not
+    list UIDL the test asks UIDL itself, so that it passes exactly when the download
+    passes would (a server without UIDL fails both, with the same reason and fix)."""
+    script, port = fake
+    script.capa, script.no_capa, script.uidl = ["USER"], no_capa, uidl
+    steps = list(mailhost_pop3.test(settings(port)))
+    with open_session(settings(port)) as session:
+        try:
+            session.list_new(None, lambda keys: set())
+            listed = "ok"
+        except PermanentFailure as exc:
+            listed = str(exc)
+    capabilities = next(step for step in steps if step.name == "capabilities")
+    assert capabilities.ok is uidl and steps[-1].ok is uidl, steps
+    if uidl:
+        assert listed == "ok" and steps[-1].name == "messages"
+        assert "UIDL answers" in capabilities.detail
+    else:
+        assert capabilities.detail == listed and "does not support UIDL" in listed and "use IMAP" in listed
 
 
 def test_xoauth2_signs_in_as_shared_mailbox(fake: tuple[Script, int]) -> None:
