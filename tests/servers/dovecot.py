@@ -591,18 +591,21 @@ class Dovecot:
     def maildir(self, user: str) -> Path:
         return self.home(user) / "Maildir"
 
-    def add_user(self, name: str, password: str) -> None:
+    def add_user(self, name: str, password: str, home: str | None = None) -> None:
         """Create (or overwrite) a user with a plaintext password and an empty
         Maildir. Works before start and while running (takes effect at once
         for a new user; a *changed* password of an existing user may take up
-        to ~1 s because Dovecot re-stats a passwd-file at most once a second)."""
+        to ~1 s because Dovecot re-stats a passwd-file at most once a second).
+        ``home``: a home directory taken as it is, nothing created (``/dev/null/x``:
+        one the server cannot open, so that it signs the user in and then fails)."""
         self._check_cred(name, password)
         with self._lock:
-            home = self.home(name)
-            self._mkdir_owned(home, 0o700)
-            self._mkdir_owned(self.maildir(name), 0o700)
-            for sub in ("cur", "new", "tmp"):
-                self._mkdir_owned(self.maildir(name) / sub, 0o700)
+            if home is None:
+                home = str(self.home(name))
+                self._mkdir_owned(self.home(name), 0o700)
+                self._mkdir_owned(self.maildir(name), 0o700)
+                for sub in ("cur", "new", "tmp"):
+                    self._mkdir_owned(self.maildir(name) / sub, 0o700)
             self._write_db_file(
                 self.users_dir,
                 name,

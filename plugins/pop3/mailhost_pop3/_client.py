@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import poplib
+import re
 import socket
 import ssl
 from collections.abc import Iterator, Sequence
@@ -222,10 +223,15 @@ class Client(poplib.POP3):
     # -- commands -----------------------------------------------------------------------
 
     def capa(self) -> dict[str, list[str]]:
-        """CAPA (RFC 2449) as ``{NAME: [arguments]}``; empty if the server has no CAPA."""
+        """CAPA (RFC 2449) as ``{NAME: [arguments]}``; empty if the server has no CAPA.
+        A ``-ERR`` with a response code (``[SYS/TEMP]``, ``[IN-USE]``, RFC 3206) is no
+        "unknown command": the server refuses the session (Dovecot, signed in but unable
+        to open the mailbox, says so before it hangs up), and ``error_proto`` says why."""
         try:
             lines = self.lines("CAPA")
-        except poplib.error_proto:
+        except poplib.error_proto as exc:
+            if re.match(rb"-ERR \[[^\]]+\]", exc.args[0] if exc.args and isinstance(exc.args[0], bytes) else b""):
+                raise
             lines = []
         caps: dict[str, list[str]] = {}
         for line in lines:

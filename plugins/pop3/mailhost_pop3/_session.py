@@ -342,11 +342,12 @@ def _sign_in(settings: ConnectionSettings, client: Client) -> str:
             client.user(user)
             client.pass_(settings.password or "")
             how = f"USER/PASS as {user}"
+        # Ask again: the TRANSACTION state decides PIPELINING and UIDL; keep what came
+        # before (STLS, SASL) for the test report. A server that signed the user in
+        # and cannot open the mailbox answers here.
+        client.capabilities = {**before, **client.capa()}
     except poplib.error_proto as exc:
         raise _auth_error(settings, exc) from exc
-    # Ask again: the TRANSACTION state decides PIPELINING and UIDL; keep what came
-    # before (STLS, SASL) for the test report.
-    client.capabilities = {**before, **client.capa()}
     return how
 
 
@@ -367,6 +368,15 @@ def _is_temporary(exc: poplib.error_proto) -> bool:
 
 def _auth_error(settings: ConnectionSettings, exc: poplib.error_proto) -> MailError:
     words, host = _words(exc), settings.host
+    reply = exc.args[0].upper() if exc.args and isinstance(exc.args[0], bytes) else b""
+    if b"[SYS/" in reply:  # RFC 3206: a fault of the server's, not of the credentials
+        kind = PermanentFailure if b"[SYS/PERM]" in reply else TemporaryFailure
+        return kind(
+            f"{_where(settings)}: the POP3 server could not open the mailbox of {settings.username or 'the user'}, "
+            f"for a reason of its own, not of the password (it said: {words}): "
+            + ("the next pass tries again; if this persists, " if kind is TemporaryFailure else "")
+            + "the server's log says why"
+        )
     if _is_temporary(exc):
         return TemporaryFailure(
             f"the POP3 server {host} did not let {settings.name} sign in now ({words}): try again later; "

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from mailhost.errors import AuthenticationFailed, ConnectFailure, TLSFailure
+from mailhost.errors import AuthenticationFailed, ConnectFailure, TemporaryFailure, TLSFailure
 from mailhost.protocols import ConnectionSettings, Encryption, MessageRef
 import mailhost_pop3
 from mailhost_pop3 import PROVIDER, Pop3Session, open_session
@@ -234,6 +234,24 @@ def test_bad_password_names_connection_and_fix(dovecot: Dovecot, mailbox: Mailbo
     assert text.startswith("authentication failed for helpdesk on localhost: check the username and password")
     assert "Authentication failed" in text  # the server's words
     assert wrong not in text and wrong not in repr(failure.value)
+
+
+def test_a_mailbox_the_server_cannot_open_fails_with_what_the_server_said(dovecot: Dovecot) -> None:
+    """Dovecot signs the user in ("+OK Logged in."), then cannot open the mailbox (here a
+    home it cannot use), says "-ERR [SYS/TEMP] Internal error occurred. Refer to server
+    log ..." and hangs up: the pass and the connection test fail with those words, as
+    temporary, pointing at the server's log; not as a link that broke."""
+    dovecot.add_user("broken-home", "broken-pw", home="/dev/null/x")
+    box = Mailbox("broken-home", "broken-pw")
+    with pytest.raises(TemporaryFailure) as failure:
+        open_session(settings(dovecot, box))
+    text = str(failure.value)
+    assert not isinstance(failure.value, ConnectFailure), text
+    assert text.startswith("helpdesk on localhost") and "[SYS/TEMP] Internal error occurred" in text, text
+    assert "not of the password" in text and "the next pass tries again; if this persists, the server's log" in text
+    steps = list(mailhost_pop3.test(settings(dovecot, box)))
+    assert (steps[-1].name, steps[-1].ok) == ("authentication", False)
+    assert steps[-1].detail.partition(" [20")[0] == text.partition(" [20")[0]  # the same, but the server's clock
 
 
 def test_user_pass_without_sasl(dovecot: Dovecot, mailbox: Mailbox, monkeypatch: pytest.MonkeyPatch) -> None:
