@@ -368,7 +368,15 @@ def sign_in(settings: ConnectionSettings, client: IMAPClient) -> None:
             try:
                 _authenticate(settings, client, caps)
             except LoginError as exc:
-                raise AuthenticationFailed(_auth_message(settings, server_words(exc))) from None
+                words = server_words(exc)
+                if any(code in words.upper() for code in _TEMPORARY_CODES):
+                    # [UNAVAILABLE]: its password database is down, [INUSE], [LIMIT], ...: not the credentials
+                    raise TemporaryFailure(
+                        f"{settings.describe()} could not sign {settings.username} in now, for a reason of its own, "
+                        f"not of the password (the server said: {words}): the next pass tries again; if this "
+                        "persists, the server's log says why"
+                    ) from None
+                raise AuthenticationFailed(_auth_message(settings, words)) from None
     finally:
         imap.debug = level
         getattr(imap, "_cmd_log", {}).clear()  # imaplib's ring of recent lines holds the LOGIN line

@@ -22,6 +22,24 @@ def test_wrong_password_is_a_clear_error(settings, dovecot, mailbox):
     assert "not-the-password" not in message and "b'" not in message
 
 
+def test_a_sign_in_the_server_cannot_check_now_is_temporary(settings, dovecot, mailbox):
+    """Dovecot whose password database fails (here: it cannot read the user's entry)
+    answers LOGIN "NO [UNAVAILABLE] Temporary authentication failure": not a wrong
+    password, so no AuthenticationFailed telling the admin to check it, but a temporary
+    failure with the server's words; the next pass tries again."""
+    import os
+
+    from mailhost.errors import TemporaryFailure
+
+    os.chmod(dovecot.users_dir / mailbox.user, 0)
+    with pytest.raises(TemporaryFailure) as failed:
+        PROVIDER.open(settings())
+    message = str(failed.value)
+    assert not isinstance(failed.value, AuthenticationFailed), message
+    assert message.startswith("helpdesk on 127.0.0.1:") and "[UNAVAILABLE] Temporary authentication failure" in message
+    assert "not of the password" in message and "the next pass tries again" in message, message
+
+
 def test_shared_mailbox_through_a_master_user(settings, dovecot, mailbox):
     """SASL PLAIN with authzid = shared mailbox opens that mailbox with the master's password."""
     dovecot.deliver(mailbox.user, generate_message(1, subject="for the team"))
