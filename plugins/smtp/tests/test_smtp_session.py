@@ -23,6 +23,7 @@ from mailhost.secrets import forget_secrets
 from mailhost_smtp import PROVIDER, _session, open_session, test_connection
 
 from tests.servers.certs import Pki
+from tests.servers.scripted_smtp import scripted_server
 from tests.servers.smtpd import SmtpServer
 
 PASSWORD = "pässwörd-Ⅻ-s3cret"
@@ -455,39 +456,6 @@ def test_raw_utf8_headers_need_smtputf8(smtp_server: Callable[..., SmtpServer]) 
     assert f"test-smtp (127.0.0.1:{no_utf8.port})" in text and "RFC 2047" in text
     assert [m.mail_options[1:] for m in no_utf8.messages] == [["BODY=8BITMIME"]]
     assert sum(line.lower().startswith("c: mail from") for line in lines) == 1
-
-
-def scripted_server(answer: Callable[[bytes], bytes | None],
-                    connections: int = 1) -> tuple[int, threading.Thread, list[bytes]]:
-    """A server on a free port for ``connections`` links, one after the other: greets
-    with 220, then answers each command line with ``answer(line)`` (None: close the
-    link); a message after 354 is read to its final dot and recorded as one entry.
-    Returns the port, its thread and what it heard."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    heard: list[bytes] = []
-
-    def serve() -> None:
-        for _ in range(connections):
-            conn, _ = listener.accept()
-            conn.settimeout(10)
-            f = conn.makefile("rb")
-            conn.sendall(b"220 scripted ESMTP\r\n")
-            while line := f.readline():
-                heard.append(line)
-                reply = answer(line)
-                if reply is None:
-                    break
-                conn.sendall(reply)
-                if reply.startswith(b"354"):
-                    heard.append(b"".join(iter(f.readline, b".\r\n")))
-                    conn.sendall(answer(b"<message>") or b"")
-            f.close()  # the file holds the socket open too
-            conn.close()
-        listener.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    return listener.getsockname()[1], thread, heard
 
 
 def test_ehlo_refused_for_now_is_not_retried_with_helo() -> None:
