@@ -24,6 +24,7 @@ from mailhost.store import OutgoingItem, utcnow
 
 from tests.helpers import outbox_subjects
 from tests.servers.certs import Pki
+from tests.servers.scripted_smtp import scripted_server
 from tests.servers.smtpd import ReceivedMessage, SmtpServer
 
 BODY = "Hello,\nthis is a test.\n"
@@ -276,6 +277,37 @@ def test_too_many_recipients_are_tried_again(mh: Mailhost, smtp_server: Callable
     record = item(mh, queued.id)
     assert record["status"] == "sent" and [r["status"] for r in record["recipients"]] == ["accepted"] * 3
     assert [m.rcpt_tos for m in server.messages] == [["r1@example.org", "r2@example.org"], ["r3@example.org"]]
+
+
+def test_an_unreadable_ehlo_on_a_reopened_session_is_retried(mh: Mailhost) -> None:
+    """The server closes an idle session (421 to the next MAIL) and, opened again, answers
+    EHLO with a line longer than smtplib reads: the message waits for a retry, with an
+    error naming the connection and its server; it was failed for good ('refused the
+    session (500 Line too long)', smtplib's words, not the server's)."""
+    links: list[bytes] = []
+    mails: list[bytes] = []
+
+    def answer(line: bytes) -> bytes | None:
+        verb = line.split()[0].upper()
+        if verb == b"EHLO":
+            links.append(line)
+            return b"250 scripted\r\n" if len(links) == 1 else b"250-" + b"x" * 9000 + b"\r\n250 SIZE 1000\r\n"
+        if verb == b"MAIL":
+            mails.append(line)
+            return b"250 ok\r\n" if len(mails) == 1 else b"421 4.3.2 closing idle sessions\r\n"
+        return {b"DATA": b"354 go\r\n", b"<MESSAGE>": b"250 kept\r\n"}.get(verb, b"250 ok\r\n")
+
+    port, thread, _ = scripted_server(answer, connections=2)
+    add(mh, "main", None, port=port, from_address="a@example.org", default=True)
+    first = mh.outgoing.send(["b@example.org"], subject="first", body=BODY)
+    second = mh.outgoing.send(["b@example.org"], subject="second", body=BODY)
+    mh.outgoing.deliver(sessions=1)
+    thread.join(10)
+    assert item(mh, first.id)["status"] == "sent"
+    record = item(mh, second.id)
+    assert record["status"] == "queued" and record["attempts_log"][0]["result"] == "temporary", record
+    assert f"main (127.0.0.1:{port})" in record["last_error"] and "could not be read" in record["last_error"]
+    assert "500" not in record["last_error"] and len(links) == 2
 
 
 def test_falls_back_to_the_default_connection(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:

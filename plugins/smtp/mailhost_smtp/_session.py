@@ -46,6 +46,8 @@ Report = Callable[[str, str], None]  # (step name, detail) for each step that su
 #: committing the message, and giving up sooner invites a duplicate.
 FINAL_REPLY_TIMEOUT = 600.0
 _DOT_LINE = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)
+#: The longest reply line smtplib reads (its private ``_MAXLINE``); a longer one ends the link.
+_MAXLINE: int = getattr(smtplib, "_MAXLINE", 8192)
 
 
 @functools.lru_cache(maxsize=1)
@@ -62,7 +64,8 @@ def _text(reply: bytes | str) -> str:
 
 
 class _Unreadable(smtplib.SMTPServerDisconnected):
-    """The reply to the final dot could not be read: the session is over, the outcome unknown."""
+    """A reply could not be read (a line longer than smtplib reads, or no reply code):
+    the dialogue is out of step, so the link is closed; its text says why."""
 
 
 class _Client(smtplib.SMTP):
@@ -109,7 +112,15 @@ class _Client(smtplib.SMTP):
         super().send(s)
 
     def getreply(self) -> tuple[int, bytes]:
-        code, message = super().getreply()
+        try:
+            code, message = super().getreply()
+        except smtplib.SMTPResponseException:  # smtplib's "500 Line too long" (it closed the link), not the server's
+            self.note(f"S: [a reply line longer than {_MAXLINE} bytes]")
+            raise _Unreadable(f"a reply line too long to read (over {_MAXLINE} bytes)") from None
+        if code < 0:  # smtplib stopped at a line without a reply code: the rest would be read as the next reply
+            self.note("S: [a line that is not an SMTP reply]")
+            self.close()
+            raise _Unreadable("a line that is not an SMTP reply")
         if self._transcript is not None:
             lines = message.decode("utf-8", "replace").split("\n") or [""]
             for i, line in enumerate(lines):
@@ -175,17 +186,10 @@ class _Client(smtplib.SMTP):
         assert self.sock is not None
         self.sock.settimeout(max(FINAL_REPLY_TIMEOUT, self.timeout))
         try:
-            code, reply = self.getreply()
-        except smtplib.SMTPResponseException as exc:  # smtplib's own "500 Line too long", not the server's
-            self.close()
-            raise _Unreadable(f"its reply could not be read: {_text(exc.smtp_error).rstrip('.').lower()}") from None
+            return self.getreply()
         finally:
             if self.sock is not None:
                 self.sock.settimeout(self.timeout)
-        if code < 0:  # no reply code: whether the server took the message is unknown
-            self.close()
-            raise _Unreadable("its reply was not an SMTP reply")
-        return code, reply
 
     def hello(self) -> None:
         """EHLO; HELO only when the server does not know EHLO (RFC 5321 4.1.4), not
@@ -263,11 +267,7 @@ class SmtpSession(OutgoingSession):
             if code != 250:
                 _fail(where, "did not take the message", code, reply)
         except smtplib.SMTPResponseException as exc:  # DATA refused before the content
-            if self._client is not None and self._client.sock is None:  # smtplib's "500 Line too long"
-                self._drop()
-                raise ConnectFailure(f"{where}: the server's reply could not be read ({_text(exc.smtp_error)}) "
-                                     "while sending; the message will be retried") from None
-            if exc.smtp_code == 421 or exc.smtp_code < 0:
+            if exc.smtp_code == 421:
                 self._drop()
             elif self._client is not None:
                 _rset(self._client)  # end the transaction, keep the session
@@ -277,11 +277,15 @@ class SmtpSession(OutgoingSession):
             self._drop()
             if in_doubt:
                 wait = max(FINAL_REPLY_TIMEOUT, self.settings.timeout)
-                what = (f"no reply within {wait:g} s" if _timed_out(exc) else str(exc) if isinstance(exc, _Unreadable)
+                what = (f"no reply within {wait:g} s" if _timed_out(exc)
+                        else f"its reply could not be read: {exc}" if isinstance(exc, _Unreadable)
                         else f"the connection broke: {_reason(exc)}")
                 raise ConnectFailure(
                     f"{where}: the whole message was sent but the server did not confirm it ({what}); it may have "
                     "been delivered, so it is tried again later and may arrive twice", in_doubt=True) from None
+            if isinstance(exc, _Unreadable):
+                raise ConnectFailure(f"{where}: the server's reply could not be read ({exc}) while sending; "
+                                     "the message will be retried") from None
             if _timed_out(exc):
                 raise ConnectFailure(f"{where}: no answer in time (within {self.settings.timeout:g} s) while "
                                      "sending; the message will be retried") from None
@@ -614,6 +618,9 @@ def _translate(exc: BaseException, stage: str, settings: ConnectionSettings, whe
             f"{where}: no answer within {settings.timeout:g} s during {stage}: check the host, the port and "
             "the firewall, or raise --timeout"
         )
+    if isinstance(exc, _Unreadable):  # not the server's answer, nor the fix's: a broken or misbehaving link
+        return ConnectFailure(f"{where}: the server's reply during {stage} could not be read ({exc}): the server "
+                              f"misbehaves or is not an SMTP server (check port {port}); it will be retried")
     if isinstance(exc, smtplib.SMTPServerDisconnected):
         hint = (": the port may expect TLS from the first byte (--encryption ssl)"
                 if stage == "ehlo" and settings.encryption is not Encryption.SSL else "")

@@ -603,3 +603,24 @@ def test_oauth2_to_a_server_without_xoauth2(ehlo: bytes) -> None:
     thread.join(10)
     assert "authorize" not in str(err.value) and asked == []
     assert not any(h.upper().startswith(b"AUTH") for h in heard)
+
+
+@pytest.mark.parametrize("stage", ["greeting", "ehlo"])
+def test_an_overlong_line_while_opening_is_a_broken_link(stage: str) -> None:
+    """A greeting or EHLO reply with a line longer than smtplib reads: smtplib closes the
+    link and says '500 Line too long', which is not the server's answer. A temporary
+    ConnectFailure that names the connection and the server, not 'refused the session'
+    (a PermanentFailure: a session opened again inside send() failed its message for good)."""
+    greeting = b"220 " + b"x" * 9000 + b"\r\n" if stage == "greeting" else b"220 scripted ESMTP\r\n"
+    ehlo = b"250-" + b"x" * 9000 + b"\r\n250 SIZE 1000\r\n" if stage == "ehlo" else b"250 scripted\r\n"
+    port, thread, _ = scripted_server(lambda line: ehlo if line.upper().startswith(b"EHLO") else b"221 bye\r\n",
+                                      greeting=greeting)
+    s = ConnectionSettings(name="odd", protocol="smtp", host="127.0.0.1", port=port,
+                           encryption=Encryption.NONE, timeout=10)
+    with pytest.raises(TemporaryFailure) as err:
+        open_session(s)
+    thread.join(10)
+    text = str(err.value)
+    assert isinstance(err.value, ConnectFailure) and not err.value.in_doubt
+    assert f"odd (127.0.0.1:{port})" in text and "could not be read" in text and "over 8192 bytes" in text
+    assert "refused" not in text and "500" not in text
