@@ -83,7 +83,8 @@ class MailError(MailhostError):
 
     #: Whether trying again later may succeed.
     temporary: bool = False
-    #: The reply per recipient, when a server refused every recipient of a message.
+    #: The reply per recipient a server refused, when the message failed: every
+    #: recipient refused, or the message itself (DATA, a broken link) after some were.
     refused: dict[str, str] | None = None
 
 

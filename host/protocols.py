@@ -307,7 +307,9 @@ class OutgoingSession(Session, ABC):
         given one message at a time instead.
 
         When every recipient is refused, raise TemporaryFailure (any 4xx among the
-        replies) or PermanentFailure, with ``refused`` set to the reply per recipient.
+        replies) or PermanentFailure, with ``refused`` set to the reply per recipient;
+        when the message fails after some recipients were refused, the error's
+        ``refused`` holds theirs too, so the queue's record keeps them.
         When the whole message went out and the server's answer did not come (a timeout,
         a dropped link), raise TemporaryFailure with ``in_doubt=True``: it may have been
         delivered.

@@ -279,6 +279,33 @@ def test_too_many_recipients_are_tried_again(mh: Mailhost, smtp_server: Callable
     assert [m.rcpt_tos for m in server.messages] == [["r1@example.org", "r2@example.org"], ["r3@example.org"]]
 
 
+@pytest.mark.parametrize("code", [554, 451])
+def test_recipients_refused_before_a_failed_message_are_kept(mh: Mailhost, smtp_server: Callable[..., SmtpServer],
+                                                            code: int) -> None:
+    """RCPT refused one recipient for good and took the other, then the server refused the
+    message itself (a 5xx, or a 4xx to the final dot): the record keeps which recipient was
+    refused and the server's words for it, and a retry does not ask for it again."""
+    server = smtp_server("plain")
+    add(mh, "main", server, from_address="a@example.org", default=True)
+    queued = mh.outgoing.send(["ok@example.org", "reject@example.org"], subject="refused", body=BODY)
+    server.fail_next_data(1, code)
+    mh.outgoing.deliver()
+    record = item(mh, queued.id)
+    assert record["status"] == ("failed" if code == 554 else "queued") and str(code) in record["last_error"]
+    assert {r["address"]: (r["status"], r["reply"]) for r in record["recipients"]} == {
+        "ok@example.org": ("refused" if code == 554 else "pending", None),
+        "reject@example.org": ("refused", "550 5.1.1 no such user")}
+    assert record["attempts_log"][0]["refused"] == {"reject@example.org": "550 5.1.1 no such user"}
+    if code == 451:
+        later(mh, hours=3)
+        mh.outgoing.deliver()
+        record = item(mh, queued.id)
+        assert record["status"] == "sent" and [m.rcpt_tos for m in server.messages] == [["ok@example.org"]]
+        assert {r["address"]: r["status"] for r in record["recipients"]} == {
+            "ok@example.org": "accepted", "reject@example.org": "refused"}
+        assert record["attempts_log"][1]["refused"] is None  # not asked again
+
+
 def test_an_unreadable_ehlo_on_a_reopened_session_is_retried(mh: Mailhost) -> None:
     """The server closes an idle session (421 to the next MAIL) and, opened again, answers
     EHLO with a line longer than smtplib reads: the message waits for a retry, with an

@@ -235,6 +235,22 @@ class SmtpSession(OutgoingSession):
         raw = crlf(raw)  # before dot-stuffing: a bare CR or LF must not end a line for the server
         if not recipients:
             raise PermanentFailure(f"{where}: the message has no recipients")
+        refused: dict[str, str] = {}
+        try:
+            code, reply = self._transaction(where, raw, sender, recipients, before_data, refused)
+        except MailError as exc:
+            # Whatever ended the transaction, the recipients refused on the way keep their
+            # replies in the queue's record: a 5xx one is not asked again, and the admin sees why.
+            if refused and not exc.refused:
+                exc.refused = dict(refused)
+            raise
+        self.sent += 1
+        return SendResult(f"{code} {_text(reply)}", refused)
+
+    def _transaction(self, where: str, raw: bytes, sender: str, recipients: Sequence[str],
+                     before_data: Callable[[], None] | None, refused: dict[str, str]) -> tuple[int, bytes]:
+        """MAIL, RCPT, DATA; the final reply when it is 250. ``refused`` gets each
+        recipient the server refused, as it does."""
         client = self._live()
         client.content_sent = False  # still True after the previous message went out
         try:
@@ -243,7 +259,6 @@ class SmtpSession(OutgoingSession):
             if code != 250:
                 _rset(client)
                 _fail(where, "refused the sender", code, reply, sender)
-            refused: dict[str, str] = {}
             for rcpt in recipients:
                 code, reply = client.rcpt(rcpt)
                 if code == 421:
@@ -260,12 +275,11 @@ class SmtpSession(OutgoingSession):
                 temporary = any(r.startswith("4") for r in refused.values())
                 detail = "; ".join(f"{r}: {why}" for r, why in refused.items())
                 cls = TemporaryFailure if temporary else PermanentFailure
-                exc = cls(f"{where} refused every recipient ({detail})")
-                setattr(exc, "refused", refused)  # noqa: B010  # per recipient, for the queue's record
-                raise exc
+                raise cls(f"{where} refused every recipient ({detail})")
             code, reply = client.data_gated(raw, before_data)
             if code != 250:
                 _fail(where, "did not take the message", code, reply)
+            return code, reply
         except smtplib.SMTPResponseException as exc:  # DATA refused before the content
             if exc.smtp_code == 421:
                 self._drop()
@@ -300,8 +314,6 @@ class SmtpSession(OutgoingSession):
             if self._client is not None and self._client.sock is None:
                 self._client = None  # closed at the gate: the next message reopens
             raise
-        self.sent += 1
-        return SendResult(f"{code} {_text(reply)}", refused)
 
     def _mail(self, client: _Client, raw: bytes, sender: str, addresses: Sequence[str]) -> tuple[int, bytes]:
         """MAIL FROM; a reused link the server has meanwhile closed is reopened once
