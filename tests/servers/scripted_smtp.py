@@ -31,9 +31,9 @@ def scripted_server(answer: Callable[[bytes], bytes | None], connections: int = 
     line) and sends ``answer(b"<message>")``.
 
     ``read_only``: read only this many bytes of the message, then send
-    ``answer(b"<message>")`` at once (the client is still writing). ``pace``: sleep this
-    many seconds after each 64 KiB of the message read (a slow link; the listener's
-    receive buffer is made small, so the client feels it). ``context``: implicit TLS.
+    ``answer(b"<message>")`` at once (the client is still writing). ``pace``: take this
+    many seconds for each 64 KiB of the message (a slow link; the listener's receive
+    buffer is made small, so the client feels it). ``context``: implicit TLS.
     Returns the port, the thread and what it heard."""
     listener = socket.socket()
     if pace:
@@ -52,7 +52,7 @@ def scripted_server(answer: Callable[[bytes], bytes | None], connections: int = 
                 break
             got += piece
             if pace:
-                time.sleep(pace)
+                time.sleep(pace * len(piece) / _PIECE)
         return bytes(got[:-3]) if got.endswith(b"\r\n.\r\n") else bytes(got)
 
     def serve() -> None:

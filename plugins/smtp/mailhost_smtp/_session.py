@@ -31,7 +31,7 @@ from mailhost import (
     TestStep,
     TLSFailure,
 )
-from mailhost.protocols import crlf
+from mailhost.protocols import STALL_PIECE, crlf
 from mailhost.secrets import REDACTED, redact
 from mailhost.tls import client_context, describe_peer, tls_error
 
@@ -104,13 +104,6 @@ class _Client(smtplib.SMTP):
         self._mask_next = True
         return self.docmd(payload)
 
-    def send(self, s: str | bytes) -> None:  # type: ignore[override]  # smtplib says Buffer, means these
-        # putcmd sends text; only DATA sends the message itself, as bytes: the
-        # transcript says how big it is and never what it says.
-        if isinstance(s, bytes) and self._transcript is not None:
-            self.note(f"C: [message, {len(s)} bytes, ending with <CRLF>.<CRLF>]")
-        super().send(s)
-
     def getreply(self) -> tuple[int, bytes]:
         try:
             code, message = super().getreply()
@@ -181,7 +174,7 @@ class _Client(smtplib.SMTP):
         q = _DOT_LINE.sub(b"..", msg)
         if q[-2:] != b"\r\n":
             q += b"\r\n"
-        self.send(q + b".\r\n")
+        self.write_content(q + b".\r\n")
         self.content_sent = True
         assert self.sock is not None
         self.sock.settimeout(max(FINAL_REPLY_TIMEOUT, self.timeout))
@@ -190,6 +183,22 @@ class _Client(smtplib.SMTP):
         finally:
             if self.sock is not None:
                 self.sock.settimeout(self.timeout)
+
+    def write_content(self, data: bytes) -> None:
+        """Write the message (dot-stuffed, with its final dot) piece by piece.
+
+        The timeout bounds each piece of :data:`STALL_PIECE` bytes, not the whole: a
+        socket's ``sendall`` gives the whole message one timeout, which a big one over a
+        slow uplink never meets."""
+        self.note(f"C: [message, {len(data)} bytes, ending with <CRLF>.<CRLF>]")  # never what it says
+        assert self.sock is not None
+        try:
+            with memoryview(data) as view:
+                for start in range(0, len(view), STALL_PIECE):
+                    self.sock.sendall(view[start:start + STALL_PIECE])
+        except OSError as exc:
+            self.close()
+            raise smtplib.SMTPServerDisconnected(_reason(exc)) from exc
 
     def hello(self) -> None:
         """EHLO; HELO only when the server does not know EHLO (RFC 5321 4.1.4), not

@@ -624,3 +624,30 @@ def test_an_overlong_line_while_opening_is_a_broken_link(stage: str) -> None:
     assert isinstance(err.value, ConnectFailure) and not err.value.in_doubt
     assert f"odd (127.0.0.1:{port})" in text and "could not be read" in text and "over 8192 bytes" in text
     assert "refused" not in text and "500" not in text
+
+
+def _big(megabytes: int) -> bytes:
+    """A message far bigger than the kernel's socket buffers, in 76-octet lines."""
+    line = b"x" * 76 + b"\r\n"
+    return b"Subject: big\r\n\r\n" + line * (megabytes * 1024 * 1024 // len(line))
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls"])
+def test_a_big_message_over_a_slow_link_is_not_cut_by_the_timeout(pki: Pki, mode: str) -> None:
+    """The timeout bounds a stall, not the whole upload: a message that takes several
+    times the timeout to go over a slow link, each piece of it going in well within the
+    timeout, is sent (socket.sendall gave the whole message one timeout, so a big
+    attachment over a slow uplink timed out on every attempt)."""
+    replies = {b"EHLO": b"250 scripted\r\n", b"DATA": b"354 go\r\n", b"<MESSAGE>": b"250 kept\r\n",
+               b"QUIT": b"221 bye\r\n"}
+    context = pki.server_context() if mode == "tls" else None
+    port, thread, heard = scripted_server(lambda line: replies.get(line.split()[0].upper(), b"250 ok\r\n"),
+                                          pace=1 / 64, context=context)
+    s = ConnectionSettings(name="slow", protocol="smtp", host="127.0.0.1", port=port, encryption=MODES[mode],
+                           ca_file=pki.ca_file, timeout=1)
+    # Read at 4 MiB/s at most: past the kernel's buffers (4 MiB at most here) it takes longer than the timeout.
+    message = _big(10)
+    with open_session(s) as session:
+        assert session.send(message, "a@example.org", ["b@example.org"]).response == "250 kept"
+    thread.join(10)
+    assert heard[-2] == message
