@@ -68,6 +68,16 @@ class _Unreadable(smtplib.SMTPServerDisconnected):
     the dialogue is out of step, so the link is closed; its text says why."""
 
 
+class _Unsent(smtplib.SMTPServerDisconnected):
+    """The link failed while the message was being written, before its final dot went
+    out, and the server said nothing: it cannot have taken the message."""
+
+
+class _Answered(smtplib.SMTPResponseException):
+    """The server answered while the message was still being written (and the link
+    failed): its words, before the final dot went out."""
+
+
 class _Client(smtplib.SMTP):
     """``smtplib.SMTP`` that writes a masked transcript and is opened step by step."""
 
@@ -189,7 +199,9 @@ class _Client(smtplib.SMTP):
 
         The timeout bounds each piece of :data:`STALL_PIECE` bytes, not the whole: a
         socket's ``sendall`` gives the whole message one timeout, which a big one over a
-        slow uplink never meets."""
+        slow uplink never meets. When the link fails first, the server may have said
+        why (a 421 as it closes): that is raised as :class:`_Answered`, else
+        :class:`_Unsent`; either way the final dot did not go out."""
         self.note(f"C: [message, {len(data)} bytes, ending with <CRLF>.<CRLF>]")  # never what it says
         assert self.sock is not None
         try:
@@ -197,8 +209,24 @@ class _Client(smtplib.SMTP):
                 for start in range(0, len(view), STALL_PIECE):
                     self.sock.sendall(view[start:start + STALL_PIECE])
         except OSError as exc:
+            said = self._said_meanwhile()
             self.close()
-            raise smtplib.SMTPServerDisconnected(_reason(exc)) from exc
+            if said is not None and said[0] >= 400:  # a refusal; anything else before the dot is noise
+                raise _Answered(*said) from None
+            why = (f"the server took no {STALL_PIECE // 1024} KiB of it in {self.timeout:g} s" if _timed_out(exc)
+                   else f"the connection broke: {_reason(exc)}")
+            raise _Unsent(why) from None
+
+    def _said_meanwhile(self) -> tuple[int, bytes] | None:
+        """The reply the server sent while the message was being written, if any: it is
+        in the socket's buffer already when the server closed the link or stopped reading."""
+        if self.sock is None:
+            return None
+        try:
+            self.sock.settimeout(min(self.timeout, 1.0))
+            return self.getreply()
+        except (smtplib.SMTPException, OSError):
+            return None
 
     def hello(self) -> None:
         """EHLO; HELO only when the server does not know EHLO (RFC 5321 4.1.4), not
@@ -289,12 +317,14 @@ class SmtpSession(OutgoingSession):
             if code != 250:
                 _fail(where, "did not take the message", code, reply)
             return code, reply
-        except smtplib.SMTPResponseException as exc:  # DATA refused before the content
-            if exc.smtp_code == 421:
+        except smtplib.SMTPResponseException as exc:  # DATA refused, or the server's word while the content went out
+            cut = isinstance(exc, _Answered)  # the link is gone; the final dot never went out
+            if cut or exc.smtp_code == 421:
                 self._drop()
             elif self._client is not None:
                 _rset(self._client)  # end the transaction, keep the session
-            _fail(where, "did not take the message", exc.smtp_code, exc.smtp_error)
+            _fail(where, "stopped the message before its end" if cut else "did not take the message",
+                  exc.smtp_code, exc.smtp_error)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
             in_doubt = self._client is not None and self._client.content_sent
             self._drop()
@@ -306,6 +336,9 @@ class SmtpSession(OutgoingSession):
                 raise ConnectFailure(
                     f"{where}: the whole message was sent but the server did not confirm it ({what}); it may have "
                     "been delivered, so it is tried again later and may arrive twice", in_doubt=True) from None
+            if isinstance(exc, _Unsent):
+                raise ConnectFailure(f"{where}: the message could not be sent whole ({exc}); without its end the "
+                                     "server cannot have taken it, so it will be retried") from None
             if isinstance(exc, _Unreadable):
                 raise ConnectFailure(f"{where}: the server's reply could not be read ({exc}) while sending; "
                                      "the message will be retried") from None

@@ -633,6 +633,32 @@ def _big(megabytes: int) -> bytes:
 
 
 @pytest.mark.parametrize("mode", ["plain", "tls"])
+def test_a_421_while_the_message_is_written_is_shown_and_not_in_doubt(pki: Pki, mode: str) -> None:
+    """The server says 421 and closes while mailhost is still writing a big message: its
+    words are what the error shows (not only 'the connection broke'), and the message is
+    not in doubt: the final dot never went out, so the server cannot have taken it. The
+    next message opens a new link and goes."""
+    replies = {b"EHLO": b"250 scripted\r\n", b"DATA": b"354 go\r\n",
+               b"<MESSAGE>": b"421 4.4.2 scripted: idle too long, closing\r\n", b"QUIT": b"221 bye\r\n"}
+    context = pki.server_context() if mode == "tls" else None
+    port, thread, heard = scripted_server(lambda line: replies.get(line.split()[0].upper(), b"250 ok\r\n"),
+                                          read_only=64 * 1024, context=context)
+    lines: list[str] = []
+    s = ConnectionSettings(name="closing", protocol="smtp", host="127.0.0.1", port=port, encryption=MODES[mode],
+                           ca_file=pki.ca_file, timeout=10, transcript=lines.append)
+    session = open_session(s)
+    with pytest.raises(ConnectFailure) as err:
+        session.send(_big(16), "a@example.org", ["b@example.org"])
+    session.close()
+    thread.join(10)
+    text = str(err.value)
+    assert err.value.in_doubt is False and err.value.refused is None
+    assert f"closing (127.0.0.1:{port})" in text and "421 4.4.2 scripted: idle too long, closing" in text
+    assert "before its end" in text and "will be retried" in text
+    assert "S: 421 4.4.2 scripted: idle too long, closing" in lines
+
+
+@pytest.mark.parametrize("mode", ["plain", "tls"])
 def test_a_big_message_over_a_slow_link_is_not_cut_by_the_timeout(pki: Pki, mode: str) -> None:
     """The timeout bounds a stall, not the whole upload: a message that takes several
     times the timeout to go over a slow link, each piece of it going in well within the
