@@ -87,6 +87,7 @@ class _Client(smtplib.SMTP):
         self._mask_next = False
         self.content_sent = False  # the current message's final dot went out
         self.used = False  # a transaction was begun on this link (it is not fresh)
+        self.greeted = False  # the server's first line came (a TLS-first port sends none)
         super().__init__(local_hostname=_local_hostname(), timeout=settings.timeout)
 
     # -- transcript ---------------------------------------------------------------
@@ -147,6 +148,7 @@ class _Client(smtplib.SMTP):
 
     def read_greeting(self) -> str:
         code, message = self.getreply()
+        self.greeted = True
         if code != 220:
             raise smtplib.SMTPConnectError(code, message)
         return f"{code} {_text(message)}"
@@ -463,7 +465,7 @@ def _open(settings: ConnectionSettings, report: Report | None = None, stage: lis
         raise
     except BaseException as exc:
         client.close()
-        raise _translate(exc, stage[0], settings, where) from None
+        raise _translate(exc, stage[0], settings, where, client.greeted) from None
 
 
 def _sign_in(client: _Client, settings: ConnectionSettings, where: str) -> str:
@@ -656,9 +658,14 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _translate(exc: BaseException, stage: str, settings: ConnectionSettings, where: str) -> MailError:
-    """A MailError that says what failed, where, and the fix."""
+def _translate(exc: BaseException, stage: str, settings: ConnectionSettings, where: str,
+               greeted: bool = True) -> MailError:
+    """A MailError that says what failed, where, and the fix; ``greeted``: whether the
+    server's greeting came."""
     port = settings.port or DEFAULT_PORTS.get(settings.encryption, 25)
+    # No greeting on a plain link: the usual cause is a port that expects TLS from the
+    # first byte (465), where the server waits for a TLS handshake as we wait for it.
+    tls_first = not greeted and settings.encryption is not Encryption.SSL
     if isinstance(exc, (ssl.SSLError, ssl.CertificateError)) and stage in ("tls", "connect"):
         return tls_error(exc, where, settings.ca_file)
     if isinstance(exc, socket.gaierror):
@@ -668,6 +675,11 @@ def _translate(exc: BaseException, stage: str, settings: ConnectionSettings, whe
             f"{where}: connection refused: check the host and the port ({port}), and that the server is running"
         )
     if _timed_out(exc):
+        if tls_first:
+            fix = ("port 465 expects TLS from the first byte: use --encryption ssl" if port == 465 else
+                   f"if port {port} expects TLS from the first byte (as 465 does), use --encryption ssl; else check "
+                   "the host, the port and the firewall")
+            return ConnectFailure(f"{where}: no answer within {settings.timeout:g} s, not even a greeting: {fix}")
         return ConnectFailure(
             f"{where}: no answer within {settings.timeout:g} s during {stage}: check the host, the port and "
             "the firewall, or raise --timeout"
@@ -676,8 +688,7 @@ def _translate(exc: BaseException, stage: str, settings: ConnectionSettings, whe
         return ConnectFailure(f"{where}: the server's reply during {stage} could not be read ({exc}): the server "
                               f"misbehaves or is not an SMTP server (check port {port}); it will be retried")
     if isinstance(exc, smtplib.SMTPServerDisconnected):
-        hint = (": the port may expect TLS from the first byte (--encryption ssl)"
-                if stage == "ehlo" and settings.encryption is not Encryption.SSL else "")
+        hint = ": the port may expect TLS from the first byte (--encryption ssl)" if tls_first else ""
         return ConnectFailure(f"{where}: the server closed the connection during {stage}{hint}")
     if isinstance(exc, smtplib.SMTPResponseException):
         words = f"{exc.smtp_code} {_text(exc.smtp_error)}"

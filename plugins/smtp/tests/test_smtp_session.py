@@ -383,6 +383,30 @@ def test_implicit_tls_to_a_plain_port_fails_clearly(smtp_server: Callable[..., S
     assert "encryption" in str(err.value)
 
 
+@pytest.mark.parametrize("mode", ["starttls", "plain"])
+def test_a_plain_start_on_an_implicit_tls_port_names_the_fix(smtp_server: Callable[..., SmtpServer],
+                                                             mode: str) -> None:
+    """STARTTLS (or none) chosen for a port that speaks TLS from the first byte (465, the
+    usual mix-up): the server waits for a handshake and says nothing, and the error says
+    to use --encryption ssl, not only 'raise --timeout', which never helps there. A server
+    that greeted and then went silent gets no such hint."""
+    server = smtp_server("tls")
+    with pytest.raises(ConnectFailure) as err:
+        open_session(settings(server, MODES[mode], timeout=0.5))
+    text = str(err.value)
+    assert f"test-smtp (127.0.0.1:{server.port})" in text and "no answer within 0.5 s" in text
+    assert "not even a greeting" in text and "--encryption ssl" in text and "raise --timeout" not in text
+
+    port, thread, _ = scripted_server(lambda line: b"250 scripted\r\n" if line.upper().startswith(b"QUIT") else b"",
+                                      greeting=b"220 slow ESMTP\r\n")
+    quiet = ConnectionSettings(name="quiet", protocol="smtp", host="127.0.0.1", port=port, encryption=Encryption.NONE,
+                               timeout=0.5)
+    with pytest.raises(ConnectFailure) as err:
+        open_session(quiet)
+    thread.join(10)
+    assert "during ehlo" in str(err.value) and "--encryption ssl" not in str(err.value)
+
+
 def test_client_context_has_no_way_out() -> None:
     """The plugin's TLS is the host's: verification on, hostname checked."""
     from mailhost.tls import client_context
