@@ -68,7 +68,9 @@ OUTGOING = ProtocolProvider(
     open=open_outgoing,
     connect_modes=frozenset({"oauth2"}),
     attributes=frozenset({
-        "host", "port", "username", "from_address", "oauth_credential", "host_override", "ca_file",
+        # The seeds' Prefix applies to OAuth2 connections too; the host writes it into the
+        # subject, as it does the From address, before the session gets the message.
+        "host", "port", "username", "from_address", "prefix", "oauth_credential", "host_override", "ca_file",
         "size_limit", "debug",
     }),
     required=frozenset({"username"}),

@@ -63,6 +63,10 @@ def test_connection_rules(host: Mailhost) -> None:
     client = GraphClient(host.connections.settings(Direction.INCOMING, conn))
     assert client.base == "https://graph.microsoft.com/v1.0"
     client.close()
+    # Outgoing: the seeds' From address and Prefix, which apply to OAuth2 connections.
+    out = host.connections.add(Direction.OUTGOING, ConnectionSpec(
+        name="o", protocol="graph", username=ALICE, oauth_credential="ms", from_address=ALICE, prefix="[Desk]"))
+    assert (out.from_address, out.prefix) == (ALICE, "[Desk]")
 
 
 def test_one_spelling_per_folder() -> None:
