@@ -298,6 +298,34 @@ def test_large_attachment_through_the_queue_once(host: Mailhost, graph: GraphSer
     assert len(graph.sent) == 2 and graph.messages(ALICE, "drafts") == []
 
 
+def test_a_large_message_retried_after_an_edit_goes_as_the_connection_now_says(
+        host: Mailhost, graph: GraphServer, home: Path) -> None:
+    """A gateway's 504 to the send of a large message leaves its complete draft in Drafts
+    and the item queued (interrupted); the admin then edits the connection's subject prefix
+    and From name. The retry sends the message once, as the connection now says, as it
+    does a small message, and leaves no draft behind."""
+    host.connections.add(Direction.OUTGOING, ConnectionSpec(
+        name="out", protocol="graph", host="127.0.0.1", port=graph.port, username=ALICE, oauth_credential="ms",
+        ca_file=graph.ca_file, from_address=f"Alice <{ALICE}>", prefix="[Old]"))
+    scan = home / "scan.pdf"
+    scan.write_bytes(random.Random(7).randbytes(6_000_000))
+    graph.fail("send", 504, "GatewayTimeout", "The gateway did not receive a response in time.")
+    item = host.outgoing.send(["carol@example.org"], connection="out", subject="Scan", body="Attached.",
+                              attachments=[scan])
+    host.outgoing.deliver()
+    assert host.outgoing.item(item.id).status == "queued" and graph.sent == []
+    assert len(graph.messages(ALICE, "drafts")) == 1
+    host.connections.edit(Direction.OUTGOING, "out", ConnectionSpec(prefix="[New]",
+                                                                    from_address=f"Alice Desk <{ALICE}>"))
+    host.outgoing.retry(item.id)
+    assert host.outgoing.deliver().sent == 1
+    [sent] = graph.sent
+    head = sent.raw.split(b"\r\n\r\n", 1)[0]
+    assert b"Subject: [New] Scan" in head and b"From: Alice Desk <" in head and b"[Old]" not in sent.raw
+    assert [(a.name, a.content) for a in sent.attachments] == [("scan.pdf", scan.read_bytes())]
+    assert graph.messages(ALICE, "drafts") == [] and host.outgoing.item(item.id).status == "sent"
+
+
 def test_app_only_tokens_from_the_identity_provider(mh: Mailhost, pki: Pki, idp: IdentityProvider) -> None:
     """Client-credentials tokens of the local identity provider, which Graph checks by
     RFC 7662 introspection; an expired one is refused (401) and replaced, mid-session."""

@@ -19,7 +19,11 @@ deletes the draft; a lost answer to saving it finds it by its tag; a failure of 
 request itself is in doubt, as an unanswered sendMail is, and the next attempt settles
 it: the tagged message sent (no longer a draft: Graph's send moves it to Sent Items)
 means done; a tagged draft means not sent: sent as it is if it was marked complete
-(:data:`READY_PROPERTY`), else deleted and made again.
+(:data:`READY_PROPERTY`) for the very message this attempt sends, else deleted and made
+again. The mark names the message by a hash of its bytes, because the host personalizes
+each attempt anew from the connection (its From address, its subject prefix): after an
+admin's edit, the message goes as the connection now says, as a small message does, never
+as a draft an earlier attempt left.
 
 The mailbox is the connection's From address (a shared mailbox, which needs Send As) or
 else its username. Exchange saves a copy in the mailbox's Sent Items.
@@ -83,8 +87,9 @@ CHUNK = 10 * 320 * 1024
 #: lower case because Graph compares the name case-sensitively.
 TAG_HEADER = "x-mailhost-draft"
 TAG_PROPERTY = f"String {{00020386-0000-0000-C000-000000000046}} Name {TAG_HEADER}"
-#: Set on the draft once it holds every attachment (a named property in PS_PUBLIC_STRINGS):
-#: only such a draft may be sent by a later attempt, as it is.
+#: Set on the draft once it holds every attachment (a named property in PS_PUBLIC_STRINGS),
+#: to :func:`_ready_mark`: only such a draft, of the same message, may be sent by a later
+#: attempt, as it is.
 READY_PROPERTY = "String {00020329-0000-0000-C000-000000000046} Name mailhost-ready"
 
 
@@ -171,8 +176,10 @@ class GraphOutgoingSession(OutgoingSession):
                 self._discard(self._target(m))
             return False
         # A draft still in Drafts was not sent. One that got all its attachments (marked
-        # so before its send) is sent as it is; any other is deleted and made again.
-        ready = next((m for m in drafts if _is_ready(m, key)), None)
+        # so before its send) is sent as it is, if it is this message: the connection's
+        # From address or prefix may have changed since. Any other is deleted and made again.
+        mark = _ready_mark(key, message)
+        ready = next((m for m in drafts if _is_ready(m, mark)), None)
         stale = [m for m in drafts if m is not ready]
         for m in stale:
             self._discard(self._target(m))
@@ -183,7 +190,7 @@ class GraphOutgoingSession(OutgoingSession):
                 for f in files:
                     self._attach(target, f, len(message))
                 if delivery_key:
-                    self._mark_ready(target, key)
+                    self._mark_ready(target, mark)
             gate()
         except BaseException:
             self._discard(target)
@@ -237,11 +244,12 @@ class GraphOutgoingSession(OutgoingSession):
                                  "&$select=id,isDraft&$top=50", doing=doing)
         return [m for m in (found or {}).get("value", []) if isinstance(m, dict) and m.get("id")]
 
-    def _mark_ready(self, target: str, key: str) -> None:
-        """Mark the draft as holding every attachment, so that a later attempt may send it."""
+    def _mark_ready(self, target: str, mark: str) -> None:
+        """Mark the draft as holding every attachment of the message ``mark`` names, so
+        that a later attempt at that same message may send it."""
         doing = f"mark the draft of a large message complete in mailbox {self.mailbox}"
         self.client.call("PATCH", target, doing=doing, json_body={
-            "singleValueExtendedProperties": [{"id": READY_PROPERTY, "value": key}]})
+            "singleValueExtendedProperties": [{"id": READY_PROPERTY, "value": mark}]})
 
     def _target(self, message: dict[str, Any]) -> str:
         return f"{self.path}/messages/{quote(str(message['id']), safe='')}"
@@ -361,10 +369,17 @@ def draft_key(mailbox: str, delivery_key: str) -> str:
     return hashlib.sha256(f"{mailbox.lower()}\0{delivery_key}".encode()).hexdigest()[:32]
 
 
-def _is_ready(message: dict[str, Any], key: str) -> bool:
-    """Whether a draft found by its tag bears the mark that it got every attachment."""
+def _ready_mark(key: str, message: bytes) -> str:
+    """The mark of a complete draft tagged ``key`` that holds exactly ``message`` (the
+    bytes the attempt sends: From, subject prefix and Bcc as the connection says now)."""
+    return hashlib.sha256(key.encode("ascii") + b"\0" + message).hexdigest()[:32]
+
+
+def _is_ready(message: dict[str, Any], mark: str) -> bool:
+    """Whether a draft found by its tag bears the mark that it got every attachment of
+    the message ``mark`` names."""
     return any(isinstance(p, dict) and str(p.get("id", "")).lower() == READY_PROPERTY.lower()
-               and p.get("value") == key for p in message.get("singleValueExtendedProperties") or [])
+               and p.get("value") == mark for p in message.get("singleValueExtendedProperties") or [])
 
 
 def _with_tag(draft: bytes, key: str) -> bytes:

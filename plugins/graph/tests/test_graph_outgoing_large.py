@@ -308,6 +308,26 @@ def test_a_shared_mailbox_sends_large_messages_from_its_own_url(graph: GraphServ
     assert graph.messages(ALICE, "sentitems") == [] and graph.messages(ALICE, "drafts") == []
 
 
+def test_a_draft_left_for_the_message_as_it_was_is_made_again(graph: GraphServer, settings: Settings) -> None:
+    """A gateway's 504 to send leaves a complete draft; then the admin changes the
+    connection's subject prefix and From name, so the host's next attempt at that queued
+    message brings other bytes. The old draft is deleted and the message goes once, as the
+    connection now says, as a small message would (not as the draft an attempt left)."""
+    first = mail(("a.bin", data(5_000_000))).replace(b"Subject: Files", b"Subject: [Old] Files")
+    now = first.replace(b"Subject: [Old] Files", b"Subject: [New] Files").replace(b"Alice <", b"Alice Desk <")
+    with open_outgoing(settings()) as s:
+        graph.fail("send", 504, "GatewayTimeout", "The gateway did not receive a response in time.")
+        with pytest.raises(TemporaryFailure, match="504"):
+            s.send(first, ALICE, TO, before_data=lambda: None, delivery_key="item-1")
+        assert graph.sent == [] and len(graph.messages(ALICE, "drafts")) == 1
+        s.send(now, ALICE, TO, before_data=lambda: None, delivery_key="item-1")
+    [sent] = graph.sent
+    head = sent.raw.split(b"\r\n\r\n", 1)[0]
+    assert b"Subject: [New] Files" in head and b"From: Alice Desk <" in head and b"[Old]" not in sent.raw
+    assert received(graph) == [("a.bin", data(5_000_000), False, None)]
+    assert graph.stats["create"] == 2 and graph.messages(ALICE, "drafts") == []
+
+
 def test_gate_failing_deletes_the_draft(graph: GraphServer, settings: Settings) -> None:
     """The host's gate (the previous outcome not yet durable) raises: nothing is sent, no draft stays."""
     def gate() -> None:
