@@ -233,11 +233,14 @@ def test_send_202_and_send_refused(host: Mailhost, graph: GraphServer, token: st
     assert sent.raw.startswith(b"Bcc: erin@example.org\r\n")  # the envelope-only recipient
     assert b"Subject: Ticket 1\r\n" in sent.raw and b"support@contoso.com" in sent.raw
 
-    graph.fail("sendmail", 403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
+    # Refused through support's URL, then through alice's own (which a From of another
+    # mailbox is tried through next): the right to send as support is missing.
+    graph.fail("sendmail", 403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.", count=2)
     refused = host.outgoing.send(["carol@example.org"], connection="out", subject="Ticket 2", body="Hello")
     host.outgoing.deliver()
     failed = host.outgoing.item(refused.id)
     assert failed.status == "failed" and "403 ErrorAccessDenied" in (failed.last_error or "")
+    assert f"must give {ALICE} Send As or Send on Behalf on {SUPPORT}" in (failed.last_error or "")
     assert len(graph.sent) == 1
 
 

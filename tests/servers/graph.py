@@ -93,6 +93,19 @@ endpoints, following Microsoft's documentation (Microsoft Learn, /graph/...):
   a delegated token reaches another mailbox only with ``Mail.*.Shared`` scopes and the
   mailbox permission (:meth:`GraphServer.grant`); app-only tokens (``roles``) reach every
   mailbox.
+* sending from another user, a shared mailbox or a group ("Send Outlook messages from
+  another user", ``/graph/outlook-send-mail-from-other-user``): with a delegated token,
+  the ``From`` of the message may name another mailbox when the signed-in user has Send
+  As or Send on Behalf on it (:meth:`GraphServer.grant`) and the token ``Mail.Send.Shared``;
+  else ``403 ErrorSendAsDenied``. Sent through ``/users/{that mailbox}`` rather than the
+  user's own, the user needs Full Access on it "in addition to either the Send on Behalf
+  or Send As permission" (the stand-in answers ``403 ErrorAccessDenied`` without it), and
+  the copy goes to that mailbox's Sent Items, else to the user's. ``/users/{id |
+  userPrincipalName}`` takes a mailbox's id or address only: another of its addresses (a
+  proxy address, :meth:`GraphServer.add_user`'s ``aliases``) is ``404 ErrorInvalidUser``,
+  while a ``From`` naming it is the owner's own address (the stand-in keeps it as written,
+  as Exchange does with the organization's SendFromAliasEnabled on; with it off, Exchange
+  rewrites it to the primary address).
 
 Tokens: by default the server issues its own JWT-shaped access tokens
 (:meth:`GraphServer.issue_token`, HMAC-signed, with ``aud``, ``exp``, ``scp`` or
@@ -304,6 +317,8 @@ class Mailbox:
     rest: dict[str, str] = field(default_factory=dict)  # rest id -> immutable id (also old ids)
     full_access: set[str] = field(default_factory=set)  # users with FullAccess
     send_as: set[str] = field(default_factory=set)  # users with SendAs
+    send_on_behalf: set[str] = field(default_factory=set)  # users with Send on Behalf
+    aliases: set[str] = field(default_factory=set)  # its other (proxy) addresses, lower case
 
     def well_known(self, name: str) -> Folder:
         return next(f for f in self.folders.values() if f.well_known == name)
@@ -511,22 +526,28 @@ class GraphServer:
 
     # -- the directory ------------------------------------------------------------------
 
-    def add_user(self, address: str, display_name: str | None = None) -> Mailbox:
-        """A user with a mailbox."""
-        return self._add_mailbox(address, display_name, shared=False)
+    def add_user(self, address: str, display_name: str | None = None, aliases: Iterable[str] = ()) -> Mailbox:
+        """A user with a mailbox, and ``aliases``: other addresses of it (proxy addresses),
+        which mail may come from but ``/users/{...}`` does not take."""
+        box = self._add_mailbox(address, display_name, shared=False)
+        box.aliases.update(a.lower() for a in aliases)
+        return box
 
     def add_shared_mailbox(self, address: str, display_name: str | None = None) -> Mailbox:
         """A shared mailbox (no sign-in of its own)."""
         return self._add_mailbox(address, display_name, shared=True)
 
-    def grant(self, mailbox: str, user: str, *, full_access: bool = True, send_as: bool = False) -> None:
-        """Give ``user`` FullAccess (read and change its mail) and/or SendAs on ``mailbox``."""
+    def grant(self, mailbox: str, user: str, *, full_access: bool = True, send_as: bool = False,
+              send_on_behalf: bool = False) -> None:
+        """Give ``user`` FullAccess (read and change its mail), SendAs and/or Send on Behalf on ``mailbox``."""
         with self._lock:
             box = self._mailbox(mailbox)
             if full_access:
                 box.full_access.add(user.lower())
             if send_as:
                 box.send_as.add(user.lower())
+            if send_on_behalf:
+                box.send_on_behalf.add(user.lower())
 
     def _add_mailbox(self, address: str, display_name: str | None, shared: bool) -> Mailbox:
         with self._lock:
@@ -1030,10 +1051,11 @@ class _Ctx:
         if p.app_only or own:
             ok = bool(p.scopes & set(wanted))
         else:
+            # Sending through another mailbox's URL takes Full Access "in addition to either
+            # the Send on Behalf or Send As permission" (outlook-send-mail-from-other-user).
             shared = {f"{w}.Shared" for w in wanted}
-            has_right = p.user in (self.box.send_as if right == "send" else self.box.full_access)
-            ok = bool(p.scopes & shared) and has_right
-            if right == "send" and bool(p.scopes & shared) and not has_right:
+            ok = bool(p.scopes & shared) and p.user in self.box.full_access
+            if ok and right == "send" and p.user not in self.box.send_as | self.box.send_on_behalf:
                 raise GraphError(403, "ErrorSendAsDenied",
                                  "The user account which was used to submit this request does not have the right "
                                  "to send mail on behalf of the specified sending account., Cannot submit message.")
@@ -1041,11 +1063,15 @@ class _Ctx:
             raise GraphError(403, "ErrorAccessDenied", "Access is denied. Check credentials and try again.")
 
     def need_send_as(self, address: str) -> None:
-        """The From of a MIME message is another mailbox: the caller needs SendAs on it."""
+        """The From of a MIME message is another mailbox: the caller needs Mail.Send.Shared
+        and Send As or Send on Behalf on it (a user's own alias is the user's own)."""
         p = self.req.principal
         assert p is not None
-        other = self.s.mailboxes.get(address)
-        if p.app_only or p.user == address or (other is not None and p.user in other.send_as):
+        other = self.s.mailboxes.get(address) or next(
+            (b for b in self.s.mailboxes.values() if address in b.aliases), None)
+        if p.app_only or (other is not None and p.user == other.address):
+            return
+        if other is not None and "Mail.Send.Shared" in p.scopes and p.user in other.send_as | other.send_on_behalf:
             return
         raise GraphError(403, "ErrorSendAsDenied",
                          "The user account which was used to submit this request does not have the right "
@@ -1351,7 +1377,7 @@ class _Ctx:
             raise GraphError(400, "ErrorInvalidRecipients", "At least one recipient isn't valid., A message "
                              "can't be sent because it contains no recipients.")
         sender = email.utils.parseaddr(str(head.get("From", "")))[1].lower()
-        if sender and sender != self.box.address:
+        if sender and sender != self.box.address and sender not in self.box.aliases:
             self.need_send_as(sender)
         self.s.sent.append(SentMail(self.box.address, self.caller(), raw, rcpts))
         [imm] = self.s.deliver_many(self.box.address, [_without_bcc(raw)], "sentitems", is_read=True)

@@ -25,8 +25,16 @@ each attempt anew from the connection (its From address, its subject prefix): af
 admin's edit, the message goes as the connection now says, as a small message does, never
 as a draft an earlier attempt left.
 
-The mailbox is the connection's From address (a shared mailbox, which needs Send As) or
-else its username. Exchange saves a copy in the mailbox's Sent Items.
+The mailbox is the connection's From address (a shared mailbox) or else its username;
+Exchange saves a copy in that mailbox's Sent Items. Microsoft ("Send Outlook messages from
+another user") lets a signed-in user send with another ``From`` through either URL: the
+From's own needs the user's Full Access on it besides Send As or Send on Behalf, the
+user's own needs only the latter. So when Graph will not take the From address's mailbox
+by its URL (``404 ErrorInvalidUser``: no mailbox has that id or user principal name, as
+for an alias or a group; ``403 ErrorAccessDenied``: no Full Access), which says nothing
+was sent, the message goes through the username's mailbox, its From unchanged, and the
+copy is in the user's Sent Items. A refusal to send as another address is one sentence
+naming the rights and the scope to grant.
 
 Graph takes the recipients from the MIME headers (To, Cc, Bcc), not from an envelope.
 Envelope recipients missing from the headers (the Bcc of a composed message) are added
@@ -110,10 +118,16 @@ class GraphOutgoingSession(OutgoingSession):
     def __init__(self, settings: ConnectionSettings, client: GraphClient) -> None:
         self.settings = settings
         self.client = client
-        self.mailbox = sending_mailbox(settings)
-        if not self.mailbox:
+        self.sender = parseaddr(settings.from_address or "")[1]
+        self.user = (settings.username or "").strip()
+        mailbox = sending_mailbox(settings)
+        if not mailbox:
             raise PermanentFailure(f"connection {settings.name} has no mailbox to send from: give --username")
-        self.path = f"/users/{quote(self.mailbox, safe='@')}"
+        self._use(mailbox)
+
+    def _use(self, mailbox: str) -> None:
+        self.mailbox = mailbox
+        self.path = f"/users/{quote(mailbox, safe='@')}"
 
     def __repr__(self) -> str:
         return f"<GraphOutgoingSession {self.mailbox} on {self.client.host}>"
@@ -129,6 +143,20 @@ class GraphOutgoingSession(OutgoingSession):
         so that the next attempt finds what this one left: a draft, or the message sent."""
         message = with_envelope(raw, recipients)
         gate = _once(before_data)
+        try:
+            return self._send(message, len(recipients), gate, delivery_key)
+        except PermanentFailure as exc:
+            if not self._not_by_its_url(exc):
+                raise self._refused_as(exc) from None
+        self._use(self.user)  # for the rest of the session: the answer would be the same
+        try:
+            return self._send(message, len(recipients), gate, delivery_key)
+        except PermanentFailure as exc:
+            raise self._refused_as(exc) from None
+
+    def _send(self, message: bytes, recipients: int, gate: Callable[[], None],
+              delivery_key: str | None) -> SendResult:
+        """:meth:`send` through :attr:`mailbox`."""
         if _b64(len(message)) <= REQUEST_LIMIT:
             doing = f"send a message as {self.mailbox}"
             gate()
@@ -139,10 +167,30 @@ class GraphOutgoingSession(OutgoingSession):
                 self._check(response, doing, (202,), len(message))
                 return self._sent(recipients)
         if not self._send_draft(message, gate, delivery_key):
-            return SendResult(f"sent already: {self.client.where} holds the message for {len(recipients)} "
+            return SendResult(f"sent already: {self.client.where} holds the message for {recipients} "
                               f"recipient(s) in mailbox {self.mailbox}'s Sent Items, sent by an earlier attempt "
                               "whose answer was lost; not sent again")
         return self._sent(recipients)
+
+    def _not_by_its_url(self, exc: PermanentFailure) -> bool:
+        """Whether Graph refused the From address's mailbox by its URL in a way that says
+        nothing was sent and the user's own mailbox may do: no such mailbox (an alias, a
+        group), or no Full Access on it."""
+        said = (getattr(exc, "status", None), str(getattr(exc, "code", "") or "").lower())
+        return bool(self.user) and self.mailbox.lower() != self.user.lower() and \
+            said in ((404, "errorinvaliduser"), (403, "erroraccessdenied"))
+
+    def _refused_as(self, exc: PermanentFailure) -> PermanentFailure:
+        """A 403 to sending as another address than the signed-in user's: one sentence
+        naming the rights and the scope to grant; any other refusal as it is."""
+        if getattr(exc, "status", None) != 403 or not self.sender or self.sender.lower() == self.user.lower():
+            return exc
+        who = self.user or "the signed-in user"
+        said = f"403 {getattr(exc, 'code', '') or 'Forbidden'}"
+        return PermanentFailure(
+            f"{self.client.where} refused to let {who} send as {self.sender} ({said}): an Exchange admin must give "
+            f"{who} Send As or Send on Behalf on {self.sender}, and the connection's OAuth2 credential needs the "
+            "scope Mail.Send.Shared (or, app-only, the application permission Mail.Send)")
 
     def close(self) -> None:
         """Close the HTTP connections; never raises."""
@@ -324,9 +372,10 @@ class GraphOutgoingSession(OutgoingSession):
                     "attachments") from None
             raise
 
-    def _sent(self, recipients: Sequence[str]) -> SendResult:
-        return SendResult(f"202 Accepted: {self.client.where} took the message for {len(recipients)} "
-                          f"recipient(s) from mailbox {self.mailbox}")
+    def _sent(self, recipients: int) -> SendResult:
+        sending_as = f" as {self.sender}" if self.sender and self.sender.lower() != self.mailbox.lower() else ""
+        return SendResult(f"202 Accepted: {self.client.where} took the message for {recipients} "
+                          f"recipient(s) from mailbox {self.mailbox}{sending_as}")
 
 
 # ---------------------------------------------------------------------------------------

@@ -48,9 +48,46 @@ def test_shared_mailbox_sends_as_itself(graph: GraphServer, settings: Settings) 
         s.send(raw, SUPPORT, ["carol@example.org", "dave@example.org"])
     assert [(m.mailbox, m.caller) for m in graph.sent] == [(SUPPORT, ALICE)]
     with open_outgoing(settings(scopes=scopes, user=BOB, username=BOB, from_address=SUPPORT)) as s, \
-            pytest.raises(PermanentFailure, match="403 ErrorSendAsDenied"):
+            pytest.raises(PermanentFailure) as refused:
         s.send(raw, SUPPORT, ["carol@example.org", "dave@example.org"])
     assert len(graph.sent) == 1
+    assert str(refused.value).startswith(
+        f"Microsoft Graph at 127.0.0.1:{graph.port} refused to let {BOB} send as {SUPPORT} (403 ErrorSendAsDenied): "
+        f"an Exchange admin must give {BOB} Send As or Send on Behalf on {SUPPORT}, and the connection's OAuth2 "
+        "credential needs the scope Mail.Send.Shared")
+
+
+def test_send_as_without_full_access_goes_through_the_users_mailbox(graph: GraphServer, settings: Settings) -> None:
+    """bob has Send As on support but no Full Access, which sending through support's own
+    URL needs (Microsoft: "Send Outlook messages from another user"): Graph refuses that
+    URL, nothing is sent, and the message goes through bob's mailbox with From support."""
+    graph.grant(SUPPORT, BOB, full_access=False, send_as=True)
+    raw = RAW.replace(b"Alice <alice@contoso.com>", b"Support <support@contoso.com>")
+    with open_outgoing(settings(scopes=("Mail.Send", "Mail.Send.Shared"), user=BOB, username=BOB,
+                                from_address=f"Support <{SUPPORT}>")) as s:
+        result = s.send(raw, SUPPORT, ["carol@example.org", "dave@example.org"])
+        s.send(raw, SUPPORT, ["carol@example.org", "dave@example.org"])  # the session remembers the way
+    assert result.response.endswith(f"from mailbox {BOB} as {SUPPORT}")
+    assert [(m.mailbox, m.caller, m.raw) for m in graph.sent] == [(BOB, BOB, raw)] * 2
+    assert graph.stats["sendmail"] == 3 and len(graph.messages(BOB, "sentitems")) == 2  # one refusal
+
+
+def test_an_alias_of_the_user_sends_through_the_users_mailbox(graph: GraphServer, settings: Settings) -> None:
+    """From address = one of dana's proxy addresses, which /users/{...} does not take (404
+    ErrorInvalidUser): the message goes through dana's mailbox, From as written; the
+    connection test says so instead of failing."""
+    from mailhost_graph.diagnose import test_outgoing
+
+    dana = "dana@contoso.com"
+    graph.add_user(dana, aliases=["sales@contoso.com"])
+    raw = RAW.replace(b"Alice <alice@contoso.com>", b"Sales <sales@contoso.com>")
+    conn = settings(user=dana, username=dana, from_address="Sales <sales@contoso.com>")
+    with open_outgoing(conn) as s:
+        s.send(raw, "sales@contoso.com", ["carol@example.org", "dave@example.org"])
+    assert [(m.mailbox, m.caller, m.raw) for m in graph.sent] == [(dana, dana, raw)]
+    steps = list(test_outgoing(conn))
+    assert [s.ok for s in steps] == [True, True, True], steps
+    assert f"go through {dana}'s mailbox with From sales@contoso.com" in steps[1].detail
 
 
 def test_refusals_are_permanent_with_graphs_code(graph: GraphServer, settings: Settings) -> None:

@@ -308,6 +308,22 @@ def test_a_shared_mailbox_sends_large_messages_from_its_own_url(graph: GraphServ
     assert graph.messages(ALICE, "sentitems") == [] and graph.messages(ALICE, "drafts") == []
 
 
+def test_a_large_message_from_an_alias_goes_through_the_users_mailbox(graph: GraphServer,
+                                                                      settings: Settings) -> None:
+    """From address = a proxy address of dana, which /users/{...} does not take: the
+    lookup of earlier drafts is refused (404), and the draft, its upload and its send go
+    through dana's mailbox, From as written."""
+    dana = "dana@contoso.com"
+    graph.add_user(dana, aliases=["sales@contoso.com"])
+    raw = mail(("a.bin", data(5_000_000))).replace(f"Alice <{ALICE}>".encode(), b"Sales <sales@contoso.com>")
+    with open_outgoing(settings(user=dana, username=dana, from_address="sales@contoso.com")) as s:
+        s.send(raw, "sales@contoso.com", TO, before_data=lambda: None, delivery_key="item-1")
+    assert received(graph) == [("a.bin", data(5_000_000), False, None)]
+    [sent] = graph.sent
+    assert (sent.mailbox, sent.caller) == (dana, dana) and b"From: Sales <sales@contoso.com>" in sent.raw
+    assert graph.messages(dana, "drafts") == [] and len(graph.messages(dana, "sentitems")) == 1
+
+
 def test_a_draft_left_for_the_message_as_it_was_is_made_again(graph: GraphServer, settings: Settings) -> None:
     """A gateway's 504 to send leaves a complete draft; then the admin changes the
     connection's subject prefix and From name, so the host's next attempt at that queued
