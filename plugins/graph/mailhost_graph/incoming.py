@@ -155,21 +155,34 @@ class GraphIncomingSession(IncomingSession):
         self._each(refs, "PATCH", "", {"isRead": True}, "mark messages read")
 
     def delete(self, refs: Sequence[MessageRef]) -> None:
-        """``DELETE``, 20 per ``$batch``: Exchange keeps the message in the mailbox's
-        Recoverable Items (retention applies), not in Deleted Items."""
-        self._each(refs, "DELETE", "", None, f"delete messages from folder {self.folder_path}")
+        """``DELETE``, 20 per ``$batch``, of the messages still in the folder (see
+        :meth:`_still_here`): Exchange keeps the message in the mailbox's Recoverable Items
+        (retention applies), not in Deleted Items."""
+        self._each(self._still_here(refs), "DELETE", "", None, f"delete messages from folder {self.folder_path}")
 
     def move(self, refs: Sequence[MessageRef], folder: str) -> None:
         """``POST .../move`` to ``folder`` (a path or well-known name, created if
-        missing), 20 per ``$batch``."""
+        missing), 20 per ``$batch``, of the messages still in the folder (see :meth:`_still_here`)."""
         target = self.folders.ensure(folder)
-        self._each(refs, "POST", "/move", {"destinationId": target.id}, f"move messages to folder {folder}")
+        self._each(self._still_here(refs), "POST", "/move", {"destinationId": target.id},
+                   f"move messages to folder {folder}")
 
     def close(self) -> None:
         """Close the HTTP connections; never raises."""
         self.client.close()
 
     # -- helpers ----------------------------------------------------------------------
+
+    def _still_here(self, refs: Sequence[MessageRef]) -> list[MessageRef]:
+        """``refs`` less the messages no longer in the folder. An immutable id opens a
+        message wherever it is, so one a user or a rule moved or deleted (to Deleted
+        Items) after the listing is downloaded and stored all the same; deleting or moving
+        it would take it from where they put it, or bring a deleted one back. Marking it
+        read harms nothing there, so the default action spares the lookup."""
+        if not refs:
+            return []
+        here = {ref.key for ref in self.resolve([str(ref.handle) for ref in refs])}
+        return [ref for ref in refs if str(ref.handle) in here]
 
     def folder(self) -> FolderInfo:
         """The connection's folder (looked up once per session)."""

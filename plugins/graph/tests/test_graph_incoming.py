@@ -85,7 +85,27 @@ def test_mark_seen_delete_and_move(graph: GraphServer, settings: Settings) -> No
     assert len(graph.messages(ALICE, "recoverableitemsdeletions")) == 10
     assert len(graph.messages(ALICE, "deleteditems")) == 0  # DELETE does not fill Deleted Items
     assert [m.immutable_id for m in graph.messages(ALICE, "Processed/2026")] == [r.key for r in refs[35:]]
-    assert graph.stats["batch"] == 2 + 1 + 1 + 2 + 1
+    # delete and move look first (one $batch of GETs per 20) for what is still in the folder
+    assert graph.stats["batch"] == 2 + (1 + 1) + (1 + 1) + 2 + 1
+
+
+def test_delete_and_move_leave_what_a_user_filed_meanwhile(graph: GraphServer, settings: Settings) -> None:
+    """Listed and downloaded, then before the after-download action a user files one
+    message in Archive and deletes another (to Deleted Items): an immutable id still opens
+    them, and both were stored, but the action leaves them where the user put them."""
+    ids = graph.deliver_many(ALICE, [message(i) for i in range(6)])
+    with session(settings()) as s:
+        refs = s.list_new(None, nothing_known).refs
+        assert [raw for _, raw in s.fetch(refs)] == [message(i) for i in range(6)]
+        graph.move_message(ALICE, ids[1], "archive")
+        graph.move_message(ALICE, ids[4], "deleteditems")
+        s.move(refs[:3], "Processed")
+        s.delete(refs[3:])
+    assert [m.immutable_id for m in graph.messages(ALICE, "archive")] == [ids[1]]
+    assert [m.immutable_id for m in graph.messages(ALICE, "deleteditems")] == [ids[4]]
+    assert [m.immutable_id for m in graph.messages(ALICE, "Processed")] == [ids[0], ids[2]]
+    assert [m.immutable_id for m in graph.messages(ALICE, "recoverableitemsdeletions")] == [ids[3], ids[5]]
+    assert graph.messages(ALICE) == []
 
 
 def test_folder_by_path_and_missing_folder(graph: GraphServer, settings: Settings) -> None:
