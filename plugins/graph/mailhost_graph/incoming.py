@@ -77,7 +77,12 @@ class GraphIncomingSession(IncomingSession):
             found, delta_link = self._round(link) if link else self._first_round(folder)
         except DeltaExpired:
             reset = True
-            found, delta_link = self._first_round(folder)
+            try:
+                found, delta_link = self._first_round(folder)
+            except DeltaExpired as again:  # a skip token of the new round expired too
+                raise TemporaryFailure(
+                    f"{self.client.where} forgot its place twice in one listing of folder {self.folder_path} "
+                    f"({again}): the next pass lists the folder again; nothing stored is downloaded twice") from None
         stored = known(list(found)) if found else set()
         refs = [MessageRef(key=key, size=size, handle=key) for key, (_, size) in
                 sorted(found.items(), key=lambda item: item[1][0]) if key not in stored]

@@ -132,6 +132,21 @@ def test_stale_delta_token_resyncs_with_reset(graph: GraphServer, settings: Sett
     assert listing.cursor != cursor
 
 
+def test_a_listing_forgotten_twice_in_a_pass_is_temporary(graph: GraphServer, settings: Settings) -> None:
+    """410 for the stored delta link, then again while listing the folder anew (a skip
+    token expired too): one sentence, a TemporaryFailure, not an unexpected error; the
+    next pass lists the folder again."""
+    graph.deliver_many(ALICE, [message(i) for i in range(60)])
+    with session(settings()) as s:
+        cursor = s.list_new(None, nothing_known).cursor
+        graph.fail("delta", 410, "SyncStateNotFound", "The sync state generation is not found.", count=2)
+        with pytest.raises(TemporaryFailure, match="forgot its place twice in one listing of folder Inbox "
+                                                   r"\(SyncStateNotFound\): the next pass lists the folder again"):
+            s.list_new(cursor, nothing_known)
+        again = s.list_new(cursor, nothing_known)
+    assert not again.reset and again.refs == []  # the stored link still holds on this server
+
+
 def test_throttling_is_honoured(graph: GraphServer, settings: Settings) -> None:
     """Every 3rd request answers 429 (and a burst of 503): everything still completes."""
     graph.deliver_many(ALICE, [message(i) for i in range(80)])
