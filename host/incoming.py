@@ -166,16 +166,18 @@ class Incoming:
             s.add(log_row)
             s.flush()
             log_id = log_row.id
+        wait: float | None = None
         try:
             with self._lease_kept(conn.id):
                 self._run(conn, log_id, report, progress)
         except MailhostError as exc:
             report.ok, report.error = False, _sentence(conn.name, exc)
+            wait = getattr(exc, "retry_after", None)
         except Exception as exc:  # a plugin bug must not stop the other connections
             log.exception("download pass of %s failed", conn.name)
             report.ok, report.error = False, f"{conn.name}: unexpected {type(exc).__name__}: {redact(str(exc))}"
         report.seconds = time.monotonic() - started
-        self._finish(conn, log_id, report)
+        self._finish(conn, log_id, report, wait)
         return report
 
     def _run(self, conn: IncomingConnection, log_id: int, report: PassReport, progress: Progress | None) -> None:
@@ -598,8 +600,13 @@ class Incoming:
         s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id)
                   .values(lease_owner=None, lease_until=None).execution_options(synchronize_session=False))
 
-    def _finish(self, conn: IncomingConnection, log_id: int, report: PassReport) -> None:
+    def _finish(self, conn: IncomingConnection, log_id: int, report: PassReport, wait: float | None = None) -> None:
+        """Log the pass and set the next poll: after the connection's interval, or after
+        ``wait``, a throttling server's Retry-After, when that is longer (polling sooner
+        only prolongs the throttling, and Microsoft Graph asks to wait it out)."""
         now = utcnow()
+        # A day at most: a Retry-After date far off is a server's mistake, not a reason to stop.
+        after = max(dt.timedelta(minutes=conn.interval or 1), dt.timedelta(seconds=min(wait or 0, 86400)))
         with self.host.session() as s:
             s.execute(update(IncomingLog).where(IncomingLog.id == log_id).values(
                 finished_at=now, status="ok" if report.ok else "failed", listed=report.listed,
@@ -610,7 +617,7 @@ class Incoming:
             s.execute(update(IncomingConnection).where(
                 IncomingConnection.id == conn.id, IncomingConnection.lease_owner == self.worker).values(
                 last_poll_at=now, last_error=report.error,
-                next_poll_at=now + dt.timedelta(minutes=conn.interval or 1),
+                next_poll_at=now + after,
                 lease_owner=None, lease_until=None).execution_options(synchronize_session=False))
 
     def due(self) -> list[str]:

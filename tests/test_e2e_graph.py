@@ -158,6 +158,25 @@ def test_throttling_mid_pass_stores_each_once(host: Mailhost, graph: GraphServer
     assert all(m.is_read for m in graph.messages(ALICE))
 
 
+def test_a_throttled_pass_polls_again_after_retry_after(host: Mailhost, graph: GraphServer) -> None:
+    """Graph throttles the listing with a Retry-After longer than the client waits
+    in a pass (900 s): the pass fails, temporary, and the next poll is not due before the
+    server's Retry-After (polling sooner prolongs the throttling); the interval still
+    holds for shorter ones."""
+    graph.deliver_many(ALICE, [message(i) for i in range(5)])
+    name = add_incoming(host, graph)
+    graph.throttle(burst=50, retry_after=900, kinds=["delta"])
+    [report] = host.incoming.fetch([name])
+    assert not report.ok and "429 TooManyRequests" in (report.error or "")
+    conn = host.connections.get(Direction.INCOMING, name)
+    assert (conn.next_poll_at - conn.last_poll_at).total_seconds() == 900
+    graph.throttle(burst=1, retry_after=0.01, kinds=["delta"])
+    [report] = host.incoming.fetch([name])
+    assert report.ok and report.stored == 5
+    conn = host.connections.get(Direction.INCOMING, name)
+    assert (conn.next_poll_at - conn.last_poll_at).total_seconds() == 60 * (conn.interval or 1)
+
+
 def test_stale_delta_token_resyncs_without_duplicates(host: Mailhost, graph: GraphServer) -> None:
     """410 Gone: the folder is listed again, the stored messages are skipped, the new one comes."""
     graph.deliver_many(ALICE, [message(i) for i in range(120)])
