@@ -13,11 +13,12 @@ The CLI and the web admin are thin layers over this object.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import cached_property
 from pathlib import Path
 from typing import Any, NoReturn
@@ -108,6 +109,14 @@ class Mailhost:
     def engine(self) -> Engine:
         """The store's engine."""
         return store.make_engine(self.config.database_url)
+
+    @cached_property
+    def clock(self) -> Callable[[], dt.datetime]:
+        """Now, by the store's clock: what leases and schedules that several workers
+        share are read by (see :class:`mailhost.leases.StoreClock`)."""
+        from .leases import StoreClock
+
+        return StoreClock(self.engine)
 
     @cached_property
     def vault(self) -> Vault:

@@ -135,6 +135,8 @@ class Incoming:
     def __init__(self, host: Mailhost) -> None:
         self.host = host
         self.worker = worker_id()
+        #: Leases and schedules go by the store's clock, which every worker shares.
+        self.clock: Callable[[], dt.datetime] = host.clock
 
     # -- download passes --------------------------------------------------------------
 
@@ -500,7 +502,7 @@ class Incoming:
         machine that no longer runs (a crashed ``mailhost fetch`` must not block the
         next one for the rest of its lease).
         """
-        now = utcnow()
+        now = self.clock()
         with self.host.session() as s:
             conn = self.host.connections.get(Direction.INCOMING, name, s)
             free = [IncomingConnection.lease_until.is_(None), IncomingConnection.lease_until < now,
@@ -523,13 +525,12 @@ class Incoming:
             return conn, None
 
     @staticmethod
-    def _abandoned(s: Session) -> set[int]:
+    def _abandoned(s: Session, now: dt.datetime) -> set[int]:
         """The passes that still say running but whose worker is gone: a pass runs only
         while its worker holds the connection's lease, so one whose lease expired or whose
         holder died (or whose connection was removed) will never finish. :meth:`_claim`
         settles them for the connection it takes; these include those of connections that
         no pass takes again (disabled, removed)."""
-        now = utcnow()
         running = s.execute(
             select(IncomingLog.id, IncomingLog.connection_id, IncomingConnection.lease_owner,
                    IncomingConnection.lease_until)
@@ -539,12 +540,12 @@ class Incoming:
                 if connection_id is None or until is None or until < now or (owner and holder_is_gone(owner))}
 
     @staticmethod
-    def _settle_abandoned(s: Session) -> None:
+    def _settle_abandoned(s: Session, now: dt.datetime) -> None:
         """Mark the :meth:`_abandoned` passes interrupted, in the open transaction."""
-        gone = Incoming._abandoned(s)
+        gone = Incoming._abandoned(s, now)
         if gone:
             s.execute(update(IncomingLog).where(IncomingLog.id.in_(gone), IncomingLog.status == "running")
-                      .values(status="interrupted", finished_at=utcnow(), error=_INTERRUPTED)
+                      .values(status="interrupted", finished_at=now, error=_INTERRUPTED)
                       .execution_options(synchronize_session=False))
 
     @contextlib.contextmanager
@@ -574,7 +575,7 @@ class Incoming:
     def _renew_lease(self, s: Session, connection_id: int) -> None:
         s.execute(update(IncomingConnection).where(IncomingConnection.id == connection_id,
                                                    IncomingConnection.lease_owner == self.worker)
-                  .values(lease_until=utcnow() + LEASE).execution_options(synchronize_session=False))
+                  .values(lease_until=self.clock() + LEASE).execution_options(synchronize_session=False))
 
     def _hold(self, s: Session, conn: IncomingConnection) -> None:
         """Check, as the first write of a pass's transaction, that the lease is still
@@ -604,7 +605,7 @@ class Incoming:
         """Log the pass and set the next poll: after the connection's interval, or after
         ``wait``, a throttling server's Retry-After, when that is longer (polling sooner
         only prolongs the throttling, and Microsoft Graph asks to wait it out)."""
-        now = utcnow()
+        now = self.clock()
         # A day at most: a Retry-After date far off is a server's mistake, not a reason to stop.
         after = max(dt.timedelta(minutes=conn.interval or 1), dt.timedelta(seconds=min(wait or 0, 86400)))
         with self.host.session() as s:
@@ -626,7 +627,7 @@ class Incoming:
         first. Ours counts: a pass that lost the store before it could release its lease
         is tried again as soon as the store answers, not when the lease runs out (the
         caller knows which of its passes still run)."""
-        now = utcnow()
+        now = self.clock()
         free = or_(IncomingConnection.lease_until.is_(None), IncomingConnection.lease_until < now)
         with self.host.session() as s:
             rows = s.execute(
@@ -713,7 +714,7 @@ class Incoming:
             if item is None:
                 raise NotFound(f"no incoming queue item {item_id}")
             # Stamped even when nothing else changes: that is how a handler renews its claim.
-            item.status, item.error, item.updated_at = status, error, utcnow()
+            item.status, item.error, item.updated_at = status, error, self.clock()
 
     def release(self, processing_for: dt.timedelta) -> int:
         """Put items whose status has been ``processing`` for longer than
@@ -724,7 +725,7 @@ class Incoming:
         back for another handler (which may then repeat what the dead one did).
         """
         minutes = round(processing_for.total_seconds() / 60, 2)
-        now = utcnow()
+        now = self.clock()
         stale = and_(IncomingItem.status == "processing", IncomingItem.updated_at <= now - processing_for)
         with self.host.session() as s:
             # Look before writing: `serve` asks every minute, and most minutes there is
@@ -738,7 +739,7 @@ class Incoming:
     def logs(self, connection: str | None = None, limit: int | None = None) -> list[IncomingLog]:
         """Download passes, newest first (a pass whose worker is gone says interrupted)."""
         with self.host.session() as s:
-            gone = self._abandoned(s)
+            gone = self._abandoned(s, self.clock())
             q = select(IncomingLog).order_by(IncomingLog.id.desc())
             if connection:
                 q = q.where(IncomingLog.connection_name == connection)
@@ -785,7 +786,7 @@ class Incoming:
                 "whose handler died back to new with `mailhost queue incoming release`, then purge them", "status")
         cutoff = utcnow() - older_than
         with self.host.session() as s:
-            self._settle_abandoned(s)  # a pass whose worker died is over, and as old as it started
+            self._settle_abandoned(s, self.clock())  # a pass whose worker died is over, and as old as it started
             items = s.execute(delete(IncomingItem).where(
                 IncomingItem.created_at < cutoff, IncomingItem.status.in_(statuses))).rowcount
             passes = s.execute(delete(IncomingLog).where(

@@ -93,7 +93,7 @@ from .errors import (
 from .leases import holder_is_gone, worker_id
 from .protocols import ConnectionSettings, Direction, OutgoingSession, SendResult, crlf
 from .secrets import redact
-from .store import MAX_INT, OutgoingAttempt, OutgoingConnection, OutgoingItem, utcnow
+from .store import MAX_INT, OutgoingAttempt, OutgoingConnection, OutgoingItem
 
 if TYPE_CHECKING:
     from .app import Mailhost
@@ -745,8 +745,9 @@ class Outgoing:
         self.host = host
         self.worker = worker_id()
         self._passes = itertools.count(1)
-        #: The pipeline's clock (tests move it forward instead of waiting).
-        self.clock: Callable[[], dt.datetime] = utcnow
+        #: The pipeline's clock: the store's, which every worker shares, for leases and
+        #: schedules (tests move it forward instead of waiting).
+        self.clock: Callable[[], dt.datetime] = host.clock
         self._lock = threading.Lock() if host.engine.dialect.name == "sqlite" else None
         self._purged_at = 0.0
         #: (lease owner, ids in doubt) of stopped workers whose untried messages could

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import os
 import random
 import signal
@@ -177,3 +179,28 @@ def kill_mid_pass(proc: subprocess.Popen[Any], home: Path, rng: random.Random,
         return time.monotonic() >= at or len(counts) > commits
 
     return kill_when(proc, ready, then=rng.uniform(0.0, 0.01))
+
+
+@contextlib.contextmanager
+def machine_clock_off(delta: dt.timedelta) -> Iterator[None]:
+    """Within the block, this machine's clock runs ``delta`` off (ahead if positive), as
+    mailhost reads it: every mailhost module's ``utcnow``. The database's clock is
+    untouched, as for a worker on another machine whose clock is wrong."""
+    import mailhost.store
+
+    real = mailhost.store.utcnow
+
+    def skewed() -> dt.datetime:
+        return real() + delta
+
+    def modules(holding: Callable[[], dt.datetime]) -> list[Any]:
+        return [module for name, module in list(sys.modules.items())
+                if (name == "mailhost" or name.startswith("mailhost.")) and getattr(module, "utcnow", None) is holding]
+
+    for module in modules(real):
+        module.utcnow = skewed
+    try:
+        yield
+    finally:  # also the modules imported in the block, which took the skewed one from mailhost.store
+        for module in modules(skewed):
+            module.utcnow = real

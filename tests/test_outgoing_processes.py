@@ -1,7 +1,9 @@
-"""Many `mailhost deliver` processes, and one killed mid-pass: nothing lost, nothing
-sent twice, except what a server accepted in the instant before a kill."""
+"""Many `mailhost deliver` processes, one killed mid-pass, one whose clock is wrong:
+nothing lost, nothing sent twice, except what a server accepted in the instant
+before a kill."""
 from __future__ import annotations
 
+import datetime as dt
 import email
 import email.policy
 import os
@@ -10,13 +12,16 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 from mailhost import Direction, Mailhost
 from mailhost.connections import ConnectionSpec
 
+from mailhost.store import utcnow
+from tests.helpers import machine_clock_off
 from tests.servers.smtpd import SmtpServer, read_spool
 
 BODY = "Hello,\nthis is a test.\n"
@@ -138,3 +143,63 @@ def test_sigkill_during_a_delivery_pass(mh: Mailhost, kind: str, request: pytest
                    if any(a.result == "interrupted" for a in mh.outgoing.item(i.id).attempts_log)}
     assert set(twice) <= interrupted and len(interrupted) <= sessions
     assert {i.status for i in mh.outgoing.items()} == {"sent"}
+
+
+@pytest.fixture
+def held_server(smtp_server: Callable[..., SmtpServer], monkeypatch: pytest.MonkeyPatch) -> Iterator[SmtpServer]:
+    """A server that, once it has the content of the first message, holds its answer
+    until ``server.release`` is set (``server.holding`` says it has it): the worker that
+    sent it waits there with its batch claimed, the rest of which it has not sent yet."""
+    import asyncio
+
+    from tests.servers import smtpd
+
+    original = smtpd._Handler.handle_DATA
+    holding, release = threading.Event(), threading.Event()
+
+    async def held(self: Any, server: Any, session: Any, envelope: Any) -> str:
+        if not holding.is_set():
+            holding.set()
+            await asyncio.get_running_loop().run_in_executor(None, release.wait)
+        return await original(self, server, session, envelope)
+
+    monkeypatch.setattr(smtpd._Handler, "handle_DATA", held)
+    server = smtp_server("plain")
+    server.holding, server.release = holding, release  # type: ignore[attr-defined]
+    yield server
+    release.set()
+
+
+def _five_queued(mh: Mailhost, server: SmtpServer) -> list[str]:
+    mh.connections.add(Direction.OUTGOING, ConnectionSpec(
+        name="main", protocol="smtp", host="127.0.0.1", port=server.port, encryption="none",
+        from_address="a@example.org", default=True))
+    return [mh.outgoing.send([f"r{n}@example.org"], subject=f"n{n}", body=BODY).message_id for n in range(5)]
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_worker_whose_clock_runs_ahead_never_sends_what_another_is_sending(
+        mh_any: Mailhost, held_server: SmtpServer) -> None:
+    """A worker on a machine whose clock runs 15 minutes ahead (more than the 10-minute
+    lease) starts a delivery pass while `mailhost deliver` on another is sending five
+    messages (the server is taking the first). It leaves them to that worker, which
+    delivers each once (it took all five as left by a dead worker and sent them too)."""
+    _tune(mh_any, batch=5)
+    queued = _five_queued(mh_any, held_server)
+    sender = subprocess.Popen(_deliver_cmd("--sessions", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert held_server.holding.wait(60), "the first message never reached the server"  # type: ignore[attr-defined]
+        with machine_clock_off(dt.timedelta(minutes=15)):
+            ahead = Mailhost.open(mh_any.config.path)
+            try:
+                report = ahead.outgoing.deliver()
+            finally:
+                ahead.close()
+        assert (report.recovered, report.sent) == (0, 0), report.as_dicts()
+    finally:
+        held_server.release.set()  # type: ignore[attr-defined]
+        out, err = sender.communicate(timeout=120)
+    assert sender.returncode == 0, err
+    counts = _message_ids([m.data for m in held_server.messages])
+    assert set(counts) == set(queued) and set(counts.values()) == {1}, counts

@@ -1,0 +1,81 @@
+"""Leases between workers on several machines, which share one PostgreSQL store but
+not one clock: lease times go by the database's clock, so a worker whose own clock is
+minutes off neither takes a lease that is still held nor writes one that has already
+run out."""
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from mailhost import Mailhost
+from mailhost.connections import ConnectionSpec
+from mailhost.plugins import PluginHost
+from mailhost.protocols import Direction
+
+from .helpers import machine_clock_off
+
+OFF = dt.timedelta(minutes=15)  # more than any lease: an incoming lease is 2 minutes, an outgoing one 10
+
+pytestmark = pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)  # SQLite has one machine
+
+
+@pytest.fixture
+def workers(mh_any: Mailhost) -> Iterator[Any]:
+    """``open()``: one more worker (a Mailhost of its own) on a PostgreSQL store."""
+    opened: list[Mailhost] = []
+
+    def open_() -> Mailhost:
+        host = Mailhost.open(mh_any.config.path, plugins=PluginHost(only=["imap"]))
+        opened.append(host)
+        return host
+
+    yield open_
+    for host in opened:
+        host.close()
+
+
+@pytest.mark.parametrize("off", ["taker-ahead", "holder-behind"])
+def test_a_worker_with_a_wrong_clock_never_takes_a_mailbox_that_is_being_downloaded(
+        workers: Any, dovecot: Any, mailbox: Any, off: str) -> None:
+    """Worker A's pass holds the lease on a Dovecot mailbox; worker B, whose clock runs
+    15 minutes ahead (or A's, 15 minutes behind), wants to download it too. B leaves
+    it alone, and says who has it (it downloaded the whole mailbox while A's pass was
+    under way: A's lease looked expired by B's clock, or was written expired by A's)."""
+    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(i) for i in range(5)])
+    admin = workers()
+    admin.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="desk", protocol="imap", host="localhost", port=dovecot.imap_port, encryption="starttls",
+        username=mailbox.user, password=mailbox.password, ca_file=dovecot.ca_file))
+    admin.connections.set_enabled("desk", True)
+    with machine_clock_off(-OFF if off == "holder-behind" else dt.timedelta(0)):
+        a = workers()
+        held, _ = a.incoming._claim("desk")  # what A's pass does first; it goes on downloading
+    assert held is not None
+    with machine_clock_off(OFF if off == "taker-ahead" else dt.timedelta(0)):
+        b = workers()
+        assert "desk" not in b.incoming.due()
+        report = b.incoming.fetch_one("desk")
+    assert report.skipped and a.incoming.worker in report.skipped, report
+    assert report.stored == 0 and admin.incoming.items() == []
+
+
+def test_a_handler_with_a_clock_behind_keeps_the_item_it_processes(workers: Any, dovecot: Any,
+                                                                    mailbox: Any) -> None:
+    """A handler on a machine whose clock runs 15 minutes behind takes an item
+    (processing); `serve` on another machine releases items processing for more than 10
+    minutes. The item stays with its handler (it went back to new at once, for a
+    second handler to process it too)."""
+    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(0)])
+    admin = workers()
+    admin.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="desk", protocol="imap", host="localhost", port=dovecot.imap_port, encryption="starttls",
+        username=mailbox.user, password=mailbox.password, ca_file=dovecot.ca_file))
+    assert admin.incoming.fetch_one("desk").stored == 1
+    (item,) = admin.incoming.items()
+    with machine_clock_off(-OFF):
+        workers().incoming.set_status(item.id, "processing")
+    assert admin.incoming.release(dt.timedelta(minutes=10)) == 0
+    assert admin.incoming.item(item.id).status == "processing"
