@@ -27,7 +27,10 @@ has expired, or at once when the owner was a process on this host that no longer
 the next pass puts them back in the queue and records the interrupted attempt. A worker
 that stops on an error gives back at once the rows it never tried; while the store is
 away, the end of its pass or the next pass of this process does (``serve``: the next
-tick that delivers). A row whose content may have gone out keeps its lease. One
+tick that delivers). A row whose content may have gone out keeps its lease. A worker
+stalled for most of its lease (stopped, swapping, cut off from the store) sends no
+message's content once it runs again: its leases may have run out and been taken over
+(each is checked, by this process's monotonic clock, at the gate). One
 duplicate cannot be avoided by any SMTP client: the server accepted a message (it
 committed it and was about to say 250) and the worker died before recording that. The
 window is at most one message per open session: a session never sends the content of a
@@ -462,20 +465,29 @@ class _Record:
 
 
 class _GateFailed(Exception):
-    """The previous message's outcome could not be committed: stop sending."""
+    """The previous message's outcome could not be committed, or this worker's lease
+    on the message ran out: stop sending."""
 
 
-def _gate(prev: _Record | None) -> Callable[[], None]:
+def _gate(prev: _Record | None, item_id: int, recorder: _Recorder) -> Callable[[], None]:
     """What a session calls before a message's content goes out: wait for the
-    previous outcome to be durable."""
-    if prev is None:
-        return lambda: None
+    previous outcome to be durable, then check that the lease on the message still
+    holds long enough for the recorder to renew it. A worker that was stalled longer
+    than its lease (stopped, swapping, cut off from the store) may find the message
+    taken over by another worker, which sends it too."""
 
     def wait() -> None:
-        try:
-            prev.wait()
-        except BaseException as exc:
-            raise _GateFailed(f"the outcome of outgoing item {prev.item_id} could not be recorded: {exc}") from exc
+        if prev is not None:
+            try:
+                prev.wait()
+            except BaseException as exc:
+                raise _GateFailed(f"the outcome of outgoing item {prev.item_id} could not be recorded: {exc}") from exc
+        if not recorder.holds(item_id):
+            raise _GateFailed(
+                f"this worker's lease on outgoing item {item_id} ran out before the message went out (the worker was "
+                f"stalled, or could not renew it in the store, for about [outgoing] lease_seconds, {recorder.lease:g} "
+                "s): another worker may take it over, so this one leaves it and the rest of its batch; raise "
+                "lease_seconds if stalls this long are expected")
 
     return wait
 
@@ -507,6 +519,15 @@ class _Recorder:
         self._update: _Prepared | None = None
         self._insert: _Prepared | None = None
         self._renewed = time.monotonic()
+        self.lease = self.out.policy.lease.total_seconds()
+        #: Seconds between two renewals of the leases of this pass's messages.
+        self.every = max(1.0, self.lease / 3)
+        #: Until when (time.monotonic()) this pass surely holds the lease on each row it
+        #: claimed: one lease after the claim or the last renewal that covered the row
+        #: began. Kept here, not read back from the store: after a stall the store may
+        #: say the lease was taken, or nothing at all.
+        self._held: dict[int, float] = {}
+        self._held_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="outgoing-recorder", daemon=True)
         self._thread.start()
 
@@ -524,8 +545,29 @@ class _Recorder:
         self.q.put(self._STOP)
         self._thread.join()
 
+    def leased(self, ids: Collection[int], since: float) -> None:
+        """The pass holds the leases on ``ids``, taken or renewed by a statement begun at
+        ``since`` (time.monotonic()) for one lease."""
+        with self._held_lock:
+            for item_id in ids:
+                self._held[item_id] = since + self.lease
+
+    def holds(self, item_id: int) -> bool:
+        """Whether the pass holds the lease on ``item_id`` for longer than the recorder
+        takes to renew it: its content may go out, and its outcome be recorded, before
+        any other worker can take it over. A lease running short (the recorder was busy
+        recording) is renewed here first; one that ran out is not (see _safe_renew)."""
+        if self._left(item_id) > self.every:
+            return True
+        self._safe_renew()
+        return self._left(item_id) > self.every
+
+    def _left(self, item_id: int) -> float:
+        with self._held_lock:
+            return self._held.get(item_id, 0.0) - time.monotonic()
+
     def _run(self) -> None:
-        every = max(1.0, self.out.policy.lease.total_seconds() / 3)
+        every = self.every
         stopping = False
         while not stopping:
             try:
@@ -618,12 +660,18 @@ class _Recorder:
             return
 
     def _safe_renew(self) -> None:
-        self._renewed = time.monotonic()
+        self._renewed = since = time.monotonic()
         try:
             with self.out._writing() as conn:
-                conn.execute(update(_T).where(_T.c.lease_owner.startswith(self.prefix, autoescape=True),
-                                              _T.c.status == "sending")
-                             .values(lease_until=self.out.clock() + self.out.policy.lease))
+                now = self.out.clock()
+                # Only leases that still hold: one that ran out (this process was stalled)
+                # may have been taken over, and a recovery that read it as expired goes on
+                # to take it; the messages under it are not sent by this pass any more.
+                renewed = conn.execute(
+                    update(_T).where(_T.c.lease_owner.startswith(self.prefix, autoescape=True),
+                                     _T.c.status == "sending", _T.c.lease_until > now)
+                    .values(lease_until=now + self.out.policy.lease).returning(_T.c.id)).scalars().all()
+            self.leased(renewed, since)
         except Exception as exc:
             log.error("could not renew the leases of outgoing messages under way: %s", exc,
                       exc_info=not isinstance(exc, StoreError))
@@ -1144,16 +1192,18 @@ class Outgoing:
         batch: list[_Claimed] = []
         try:
             while True:
+                since = time.monotonic()
                 batch = self._claim(group, now, self.policy.batch, owner)
                 if not batch:
                     break
+                recorder.leased([item.id for item in batch], since)
                 recorder.busy(+1)
                 try:
                     for item in batch:
                         if fallback is None and default is not None and self._may_fall_back(lane, default):
                             fallback = _Lane(self, default, report.connections.setdefault(
                                 default.name or "(default)", ConnectionReport(default.name or "(default)")))
-                        rec = self._deliver_one(item, lane, fallback, rep, _gate(prev), owner)
+                        rec = self._deliver_one(item, lane, fallback, rep, _gate(prev, item.id, recorder), owner)
                         if prev is not None:
                             self._settle(prev, hooks)
                         recorder.submit(rec)

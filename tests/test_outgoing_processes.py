@@ -1,5 +1,5 @@
-"""Many `mailhost deliver` processes, one killed mid-pass, one whose clock is wrong:
-nothing lost, nothing sent twice, except what a server accepted in the instant
+"""Many `mailhost deliver` processes, one killed or stopped mid-pass, one whose clock
+is wrong: nothing lost, nothing sent twice, except what a server accepted in the instant
 before a kill."""
 from __future__ import annotations
 
@@ -170,11 +170,75 @@ def held_server(smtp_server: Callable[..., SmtpServer], monkeypatch: pytest.Monk
     release.set()
 
 
+def _store_busy(mh: Mailhost) -> bool:
+    """Whether another process has a transaction open in the store: PostgreSQL sessions
+    of its database not idle (other than ours, which are), SQLite's write lock taken."""
+    if mh.engine.dialect.name == "sqlite":
+        import sqlite3
+
+        db = sqlite3.connect(mh.config.sqlite_file, timeout=0, isolation_level=None)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            db.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            db.close()
+    with mh.engine.connect() as conn:
+        return bool(conn.exec_driver_sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND pid <> pg_backend_pid() AND backend_type = 'client backend' AND state <> 'idle'").scalar())
+
+
+def _stop_between_transactions(proc: subprocess.Popen[Any], mh: Mailhost) -> None:
+    """SIGSTOP ``proc`` at an instant when it has no transaction open in the store (the
+    lease renewals run every few seconds): stopped inside one, it would keep the rows
+    it locked, and every other worker would wait for them."""
+    while True:
+        os.kill(proc.pid, signal.SIGSTOP)
+        if not _store_busy(mh):
+            return
+        os.kill(proc.pid, signal.SIGCONT)
+        time.sleep(0.01)
+
+
 def _five_queued(mh: Mailhost, server: SmtpServer) -> list[str]:
     mh.connections.add(Direction.OUTGOING, ConnectionSpec(
         name="main", protocol="smtp", host="127.0.0.1", port=server.port, encryption="none",
         from_address="a@example.org", default=True))
     return [mh.outgoing.send([f"r{n}@example.org"], subject=f"n{n}", body=BODY).message_id for n in range(5)]
+
+
+def test_a_worker_stopped_longer_than_its_lease_sends_nothing_another_took_over(
+        mh_any: Mailhost, held_server: SmtpServer) -> None:
+    """`mailhost deliver` is stopped (SIGSTOP) while the server takes the first of the
+    five messages it claimed, for longer than its lease; another worker takes the five
+    over and delivers them (the first may arrive twice: it was on the wire). Then the
+    stopped one runs again (SIGCONT): it sends none of the other four a second time (it
+    sent all four again, as if it still held them)."""
+    _tune(mh_any, batch=5, lease_seconds=5)
+    queued = _five_queued(mh_any, held_server)
+    victim = subprocess.Popen(_deliver_cmd("--sessions", "1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        assert held_server.holding.wait(60), "the first message never reached the server"  # type: ignore[attr-defined]
+        _stop_between_transactions(victim, mh_any)
+        held_server.release.set()  # type: ignore[attr-defined]  # it takes the message; the 250 waits in the socket
+        deadline = time.monotonic() + 60  # a safety net: the lease is 5 s
+        while any(i.lease_until is None or i.lease_until >= utcnow() for i in mh_any.outgoing.items(status="sending")):
+            assert time.monotonic() < deadline, "the stopped worker's lease never ran out"
+            time.sleep(0.1)
+        other = mh_any.outgoing.deliver()
+        assert (other.recovered, other.sent) == (5, 5), other.as_dicts()
+    finally:
+        os.kill(victim.pid, signal.SIGCONT)
+        _, err = victim.communicate(timeout=120)
+    counts = _message_ids([m.data for m in held_server.messages])
+    assert set(counts) == set(queued)
+    assert {mid for mid, n in counts.items() if n > 1} <= {queued[0]}, counts
+    assert "ran out" in err and "lease_seconds" in err and "Traceback" not in err, err
+    assert [i.status for i in mh_any.outgoing.items()] == ["sent"] * 5
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
