@@ -2,9 +2,9 @@
 the one clock that leases are read by.
 
 Both pipelines lease work in the store (a mailbox being downloaded, messages being
-sent). A lease ends when it expires; one held by a process on this machine (same PID
-namespace) that no longer runs ends at once, so a crashed ``mailhost fetch`` or
-``deliver`` never blocks the next one for the rest of its lease.
+sent). A lease ends when it expires; one held by a process on this machine (same boot
+of its kernel, same PID namespace) that no longer runs ends at once, so a crashed
+``mailhost fetch`` or ``deliver`` never blocks the next one for the rest of its lease.
 
 Workers on several machines compare lease times that other workers wrote, so they all
 read them by the store's clock (:class:`StoreClock`), never by their own: a machine
@@ -36,22 +36,39 @@ def _pid_namespace() -> str:
         return "-"
 
 
+def _boot_id() -> str:
+    """This machine's kernel, as it booted (Linux's random boot id), or ``-``.
+
+    A hostname and a PID namespace do not tell machines apart: VMs cloned from one image
+    keep one hostname, and the initial PID namespace has the same id on every Linux
+    machine; a worker on the other machine would pass for a dead process of this one.
+    """
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return f.read().strip().replace("-", "")[:16] or "-"
+    except OSError:
+        return "-"
+
+
 def worker_id() -> str:
-    """host:pid-namespace:pid:random — enough to tell, on this host, that a worker died."""
-    return f"{socket.gethostname()}:{_pid_namespace()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    """host:boot:pid-namespace:pid:random — enough to tell, on this host, that a worker died."""
+    return f"{socket.gethostname()}:{_boot_id()}:{_pid_namespace()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
 
 
 def holder_is_gone(owner: str) -> bool:
-    """Whether ``owner`` was a process on this host (same PID namespace) that is gone.
+    """Whether ``owner`` was a process of this machine's running kernel (same boot, same
+    PID namespace) that is gone.
 
-    Only a certain "gone" counts: another host, another namespace, or a PID that runs
+    Only a certain "gone" counts: another host, another boot (another machine of the
+    same name, or this one before a restart), another namespace, or a PID that runs
     (perhaps reused) all wait for the lease to expire instead.
     """
-    parts = owner.split("/", 1)[0].rsplit(":", 3)
-    if len(parts) != 4:
+    parts = owner.split("/", 1)[0].rsplit(":", 4)
+    if len(parts) != 5:  # a worker id of an older mailhost, which could not tell machines apart
         return False
-    hostname, namespace, pid, _ = parts
-    if hostname != socket.gethostname() or namespace == "-" or namespace != _pid_namespace():
+    hostname, boot, namespace, pid, _ = parts
+    if hostname != socket.gethostname() or "-" in (boot, namespace) or boot != _boot_id() \
+            or namespace != _pid_namespace():
         return False
     try:
         os.kill(int(pid), 0)

@@ -1,7 +1,8 @@
 """Leases between workers on several machines, which share one PostgreSQL store but
-not one clock: lease times go by the database's clock, so a worker whose own clock is
-minutes off neither takes a lease that is still held nor writes one that has already
-run out."""
+not one clock, and perhaps a hostname: lease times go by the database's clock, so a
+worker whose own clock is minutes off neither takes a lease that is still held nor
+writes one that has already run out; and a worker on another machine of the same name
+is never taken for a dead process of this one."""
 from __future__ import annotations
 
 import datetime as dt
@@ -28,7 +29,7 @@ def workers(mh_any: Mailhost) -> Iterator[Any]:
     opened: list[Mailhost] = []
 
     def open_() -> Mailhost:
-        host = Mailhost.open(mh_any.config.path, plugins=PluginHost(only=["imap"]))
+        host = Mailhost.open(mh_any.config.path, plugins=PluginHost(only=["imap", "smtp"]))
         opened.append(host)
         return host
 
@@ -79,3 +80,50 @@ def test_a_handler_with_a_clock_behind_keeps_the_item_it_processes(workers: Any,
         workers().incoming.set_status(item.id, "processing")
     assert admin.incoming.release(dt.timedelta(minutes=10)) == 0
     assert admin.incoming.item(item.id).status == "processing"
+
+
+def _worker_on_a_clone(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The worker id that a worker on another machine with this one's name writes (a VM
+    cloned from one image): the same hostname, the same PID namespace id (the initial
+    namespace's is the same on every Linux machine), a PID that runs there and not here,
+    another kernel."""
+    import subprocess
+    import sys
+
+    import mailhost.leases
+
+    gone_here = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone_here.wait()
+    with monkeypatch.context() as m:
+        m.setattr(mailhost.leases.os, "getpid", lambda: gone_here.pid)
+        m.setattr(mailhost.leases, "_boot_id", lambda: "0123456789abcdef", raising=False)  # its kernel
+        return mailhost.leases.worker_id()
+
+
+def test_a_worker_on_a_clone_of_this_machine_is_not_taken_for_a_dead_one(
+        workers: Any, dovecot: Any, mailbox: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker on a machine of the same name holds a mailbox and is sending two
+    messages. This machine's workers wait for its leases: it was taken for a process
+    of this machine that had died, so its mailbox was downloaded here too and its
+    messages were queued again and sent a second time, at every delivery pass."""
+    from mailhost.store import IncomingConnection, OutgoingItem
+    from sqlalchemy import update
+
+    admin = workers()
+    admin.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="desk", protocol="imap", host="localhost", port=dovecot.imap_port, encryption="starttls",
+        username=mailbox.user, password=mailbox.password, ca_file=dovecot.ca_file))
+    admin.connections.add(Direction.OUTGOING, ConnectionSpec(
+        name="out", protocol="smtp", host="127.0.0.1", port=25, encryption="none", from_address="a@example.org",
+        default=True))
+    ids = [admin.outgoing.send(["b@example.org"], subject=f"m{n}", body="hi\n").id for n in range(2)]
+    clone = _worker_on_a_clone(monkeypatch)
+    soon = admin.clock() + dt.timedelta(minutes=1)
+    with admin.session() as s:
+        s.execute(update(IncomingConnection).values(lease_owner=clone, lease_until=soon))
+        s.execute(update(OutgoingItem).where(OutgoingItem.id.in_(ids)).values(
+            status="sending", lease_owner=f"{clone}/1.0", lease_until=soon))
+    assert admin.outgoing.recover() == 0
+    assert [admin.outgoing.item(i).status for i in ids] == ["sending", "sending"]
+    report = admin.incoming.fetch_one("desk")
+    assert report.skipped and clone in report.skipped, report
