@@ -13,8 +13,9 @@ Rules, in order:
    not named in ``[plugins] disabled``.
    A plugin that is not loaded is never imported.
 3. A plugin that fails to import, whose hook implementations do not match the specs
-   (an unknown hook name, a wrong argument), or whose ``register_*`` hook raises (any
-   exception, SystemExit included; only KeyboardInterrupt goes through), is
+   (an unknown hook name, a wrong argument, a hook function without ``@hookimpl``),
+   whose ``register_*`` hook raises (any exception, SystemExit included; only
+   KeyboardInterrupt goes through) or registers anything but the hook's kind, is
    marked *failed* with its error and the host runs on; ``$MAILHOST_STRICT_PLUGINS=1``
    turns that into a :class:`~mailhost.errors.PluginError`.
 4. Two plugins registering the same protocol (direction and name): the one named in
@@ -24,6 +25,7 @@ Rules, in order:
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
 import importlib.metadata
@@ -206,6 +208,13 @@ class PluginHost:
 
     def _register(self, name: str, plugin: object, info: PluginInfo) -> None:
         self.plugins[name] = info
+        unmarked = sorted(hook for hook in self._hook_names if callable(getattr(plugin, hook, None))
+                          and self.pm.parse_hookimpl_opts(plugin, hook) is None
+                          and not hasattr(getattr(plugin, hook), f"{hookspecs.PROJECT}_spec"))
+        if unmarked:  # pluggy passes over an unmarked function: the plugin would run without it
+            self._fail(info, f"defines {', '.join(unmarked)} without @mailhost.hookimpl, so mailhost would never "
+                       "call it: mark it with @hookimpl (from mailhost import hookimpl)", TypeError())
+            return
         try:
             self.pm.register(plugin, name=name)
         except Exception as exc:  # pluggy validates every hookimpl against its spec
@@ -215,11 +224,23 @@ class PluginHost:
             self.pm.check_pending()  # hook names with no spec: typos
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(name=name)
-            self._fail(info, f"implements an unknown hook: {_describe(exc)}", exc)
+            unknown = [hook for hook in self._hook_names_of(plugin) if hook not in self._hook_names]
+            hint = "; ".join(f"{hook}: did you mean {close[0]}?" for hook in unknown
+                             if (close := difflib.get_close_matches(hook, self._hook_names, n=1)))
+            self._fail(info, f"implements an unknown hook: {_describe(exc)}" + (f" ({hint})" if hint else ""), exc)
             return
         info.hooks = sorted(
             {caller.name for caller in self.pm.get_hookcallers(plugin) or []}
         )
+
+    @functools.cached_property
+    def _hook_names(self) -> list[str]:
+        """The hooks the specs define."""
+        return sorted(name for name in dir(self.pm.hook) if not name.startswith("_"))
+
+    def _hook_names_of(self, plugin: object) -> list[str]:
+        """The names of ``plugin``'s functions marked as hook implementations."""
+        return [name for name in dir(plugin) if self.pm.parse_hookimpl_opts(plugin, name) is not None]
 
     def _fail(self, info: PluginInfo, why: str, exc: BaseException) -> None:
         info.state, info.error = "failed", why
@@ -239,11 +260,17 @@ class PluginHost:
         actions = self._gather("register_after_download_actions")
         overrides = self._gather("register_host_overrides")
         oauth_providers = self._gather("register_oauth_providers")
-        for plugin, items in protocols.items():
-            for p in items:
-                if not isinstance(p, ProtocolProvider):
-                    self._fail(self.plugins[plugin], f"registered {p!r}, not a ProtocolProvider", TypeError())
-                    break
+        # What a plugin registers must be of the hook's kind: anything else would be
+        # dropped without a word (or break a listing later), so the plugin fails here.
+        for hook, gathered, kind in (("register_protocols", protocols, ProtocolProvider),
+                                     ("register_after_download_actions", actions, AfterDownloadAction),
+                                     ("register_host_overrides", overrides, HostOverride),
+                                     ("register_oauth_providers", oauth_providers, OAuthProvider)):
+            for plugin, items in gathered.items():
+                wrong = next((item for item in items if not isinstance(item, kind)), None)
+                if wrong is not None and self.plugins[plugin].state != "failed":
+                    self._fail(self.plugins[plugin], f"registered {_short(wrong)} in {hook}, which takes "
+                               f"{kind.__name__} objects (from {kind.__module__})", TypeError())
         self._settle(
             protocols, ProtocolProvider, lambda p: (p.direction, p.name),
             lambda p: f"{p.direction.value}/{p.name}", self.protocols,
@@ -444,6 +471,12 @@ def _own_version() -> str | None:
         return importlib.metadata.version("mailhost")
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+def _short(value: object) -> str:
+    """``value``'s repr, cut to a length that fits a sentence."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _describe(exc: BaseException) -> str:

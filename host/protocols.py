@@ -514,6 +514,21 @@ class ProtocolProvider:
     plugin: str = ""
 
     def __post_init__(self) -> None:
+        # A plugin's mistakes stop at its registration, in a sentence naming the field:
+        # later they would fail far from their cause, or take every command down.
+        if not isinstance(self.name, str) or not self.name or not self.name.isprintable() or " " in self.name:
+            raise ValueError(f"a protocol's name is one word of text (it is --protocol NAME), not {self.name!r}")
+        try:
+            object.__setattr__(self, "direction", Direction(self.direction))
+        except ValueError:
+            raise ValueError(f"protocol {self.name!r}: direction {self.direction!r} is not Direction.INCOMING "
+                             "or Direction.OUTGOING") from None
+        for names in ("connect_modes", "attributes", "required"):
+            value = getattr(self, names)
+            if isinstance(value, str) or not isinstance(value, Iterable) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"protocol {self.name!r}: {names} is a set of names, such as "
+                                 f"frozenset({{'host', 'username'}}), not {value!r}")
+            object.__setattr__(self, names, frozenset(value))
         unknown = (self.attributes | self.required) - ATTRIBUTES
         if unknown:
             raise ValueError(
@@ -537,6 +552,20 @@ class ProtocolProvider:
             if option.name in seen:
                 raise ValueError(f"protocol {self.name!r} declares option {option.name!r} twice")
             seen.add(option.name)
+        actions = self.after_download
+        if isinstance(actions, str) or not isinstance(actions, Iterable) or not all(isinstance(a, str) for a in actions):
+            raise ValueError(f"protocol {self.name!r}: after_download is a tuple of action names, the default first, "
+                             f"such as ('mark-seen', 'delete'), not {actions!r} (one name needs a comma: ('keep',))")
+        object.__setattr__(self, "after_download", tuple(actions))
+        if self.direction is Direction.INCOMING and not self.after_download:
+            raise ValueError(f"protocol {self.name!r}: an incoming protocol lists the after-download actions it "
+                             "supports in after_download, the default first; ('keep',) if it leaves messages as "
+                             "they are")
+        for hook in ("open", "test", "canonical_folder"):
+            value = getattr(self, hook)
+            if not callable(value) and (hook == "open" or value is not None):
+                raise ValueError(f"protocol {self.name!r}: {hook} is a callable (give lazy('package.module:name')), "
+                                 f"not {value!r}")
 
     def option(self, name: str) -> ProviderOption | None:
         """The declared option ``name``, if there is one."""
@@ -560,6 +589,20 @@ class AfterDownloadAction:
     takes_argument: bool = False
     protocols: frozenset[str] | None = None
     plugin: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or not self.name.isprintable() or " " in self.name:
+            raise ValueError(f"an after-download action's name is one word of text (it is --after-download NAME), "
+                             f"not {self.name!r}")
+        if not callable(self.apply):
+            raise ValueError(f"after-download action {self.name!r}: apply is a callable (session, refs, argument), "
+                             f"not {self.apply!r}")
+        if self.protocols is not None:
+            if isinstance(self.protocols, str) or not all(isinstance(p, str) for p in self.protocols):
+                raise ValueError(f"after-download action {self.name!r}: protocols is a set of protocol names, such "
+                                 f"as frozenset({{'maildir'}}), or None for every protocol that lists it; "
+                                 f"not {self.protocols!r}")
+            object.__setattr__(self, "protocols", frozenset(self.protocols))
 
     def supports(self, provider: ProtocolProvider) -> bool:
         """Whether this action can run on sessions of ``provider``."""

@@ -352,3 +352,86 @@ def test_enabling_the_builtin_plugin_is_a_no_op(home: Path, plugin_env: dict[str
     out = run_cli("plugins", "disable", "builtin", env=plugin_env, cwd=home)
     assert out.returncode == 2 and "cannot be disabled" in out.stderr
     assert (home / "mailhost.toml").read_text() == before
+
+
+def _module(name: str, source: str) -> object:
+    import types
+
+    module = types.ModuleType(name)
+    exec(source, module.__dict__)
+    return module
+
+
+@pytest.mark.parametrize("hook, registered, expect", [
+    ("register_protocols",
+     "ProtocolProvider(name='wp', direction='incoming', open=lambda s: None, after_download=('mark-seen'))",
+     "after_download is a tuple of action names, the default first, such as ('mark-seen', 'delete'), not 'mark-seen'"),
+    ("register_protocols", "ProtocolProvider(name='wp', direction='inbound', open=lambda s: None)",
+     "direction 'inbound' is not Direction.INCOMING or Direction.OUTGOING"),
+    ("register_protocols", "ProtocolProvider(name='wp', direction=Direction.INCOMING, open=lambda s: None)",
+     "an incoming protocol lists the after-download actions it supports in after_download"),
+    ("register_protocols",
+     "ProtocolProvider(name='wp', direction=Direction.INCOMING, open='wp.session:open', after_download=('keep',))",
+     "open is a callable (give lazy('package.module:name')), not 'wp.session:open'"),
+    ("register_protocols",
+     "ProtocolProvider(name='wp', direction=Direction.OUTGOING, open=lambda s: None, attributes='host')",
+     "attributes is a set of names, such as frozenset({'host', 'username'}), not 'host'"),
+    ("register_after_download_actions", "{'name': 'wrong'}",
+     "registered {'name': 'wrong'} in register_after_download_actions, which takes AfterDownloadAction objects"),
+    ("register_after_download_actions", "AfterDownloadAction('wrong', None)",
+     "after-download action 'wrong': apply is a callable (session, refs, argument), not None"),
+    ("register_after_download_actions",
+     "ProtocolProvider(name='wp', direction=Direction.OUTGOING, open=lambda s: None)",
+     "registered ProtocolProvider(name='wp'"),
+    ("register_host_overrides", "('example', 'imap', 'eu', 'imap.eu.example.com')",
+     "in register_host_overrides, which takes HostOverride objects"),
+    ("register_oauth_providers", "'example'", "in register_oauth_providers, which takes OAuthProvider objects"),
+])
+def test_a_wrong_registration_fails_the_plugin_alone(testplugin: object, hook: str, registered: str,
+                                                      expect: str) -> None:
+    """What a plugin registers is checked when it registers: a protocol with a direction
+    given as text works, and a wrong value (a direction that is neither, an action list
+    written as one string, an object of another kind) fails that plugin with a sentence
+    naming the field, never the host (a text direction used to crash every command) and
+    never silently (an object of another kind used to be dropped)."""
+    module = _module("wrong", "from mailhost import *\nfrom mailhost import hookimpl\n"
+                              f"@hookimpl\ndef {hook}(register):\n    register({registered})\n")
+    host = PluginHost(only=[], extra=[("testplugin", testplugin), ("wrong", module)])
+    assert host.plugins["wrong"].state == "failed"
+    assert expect in (host.plugins["wrong"].error or ""), host.plugins["wrong"].error
+    assert host.plugins["testplugin"].state == "enabled" and (Direction.INCOMING, "dir") in host.protocols
+    assert not any(p.plugin == "wrong" for p in host.protocols.values())
+    with pytest.raises(PluginError, match="plugin wrong"):
+        PluginHost(only=[], extra=[("wrong", module)], strict=True)
+
+
+def test_a_protocol_with_a_text_direction_is_listed(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """`plugins list` works with a plugin whose protocol says direction="incoming" (it took
+    every command down with an AttributeError), and the protocol is usable."""
+    site = make_dist(tmp_path / "textdir", "mailhost-textdir", {"textdir": "mailhost_textdir"}, {
+        "mailhost_textdir": "from mailhost import ProtocolProvider, hookimpl\n"
+                            "@hookimpl\ndef register_protocols(register):\n"
+                            "    register(ProtocolProvider(name='textdir', direction='incoming', open=print,\n"
+                            "                              after_download=('keep',)))\n"})
+    env = {**plugin_env, "PYTHONPATH": f"{site}:{plugin_env['PYTHONPATH']}"}
+    assert _plugins(home, env)["textdir"]["protocols"] == ["incoming/textdir"]
+
+
+def test_a_hook_without_its_marker_fails_the_plugin(home: Path, plugin_env: dict[str, str], tmp_path: Path) -> None:
+    """A plugin that defines a hook without @hookimpl is failed with the fix: pluggy
+    passes over such a function, and the plugin was listed enabled, providing nothing."""
+    site = make_dist(tmp_path / "nomark", "mailhost-nomark", {"nomark": "mailhost_nomark"}, {
+        "mailhost_nomark": "from mailhost import AfterDownloadAction\n"
+                           "def register_after_download_actions(register):\n"
+                           "    register(AfterDownloadAction('nomark', print))\n"})
+    env = {**plugin_env, "PYTHONPATH": f"{site}:{plugin_env['PYTHONPATH']}"}
+    nomark = _plugins(home, env)["nomark"]
+    assert nomark["state"] == "failed"
+    assert nomark["error"] == ("defines register_after_download_actions without @mailhost.hookimpl, so mailhost would "
+                               "never call it: mark it with @hookimpl (from mailhost import hookimpl)")
+
+
+def test_a_hook_typo_names_the_hook_meant() -> None:
+    """A misspelt hook name is failed with the spelling it was close to."""
+    host = PluginHost(only=[], extra=[("typo", _module("typo", _TYPO))])
+    assert "(register_protocol: did you mean register_protocols?)" in (host.plugins["typo"].error or "")
