@@ -42,12 +42,13 @@ from .errors import (
     MailhostError,
     NotFound,
     PermanentFailure,
+    PluginError,
     StoreError,
     TemporaryFailure,
     ValidationError,
 )
 from .leases import holder_is_gone, worker_id
-from .protocols import Direction, Estimate, IncomingSession, MessageRef
+from .protocols import Direction, Estimate, IncomingSession, Listing, MessageRef
 from .secrets import redact
 from .store import (
     FolderCursor,
@@ -177,7 +178,7 @@ class Incoming:
             wait = getattr(exc, "retry_after", None)
         except Exception as exc:  # a plugin bug must not stop the other connections
             log.exception("download pass of %s failed", conn.name)
-            report.ok, report.error = False, f"{conn.name}: unexpected {type(exc).__name__}: {redact(str(exc))}"
+            report.ok, report.error = False, f"{conn.name}: {redact(self.host.plugins.unexpected(exc))}"
         report.seconds = time.monotonic() - started
         self._finish(conn, log_id, report, wait)
         return report
@@ -196,7 +197,8 @@ class Incoming:
                 state = s.get(FolderCursor, (conn.id, folder))
                 cursor = dict(state.state) if state is not None and state.state else None
                 acks.recorded = acks.through = (state.acknowledged_through or 0) if state is not None else 0
-            listing = session.list_new(cursor, lambda keys: self._known(conn.id, folder, keys))
+            listing = _checked_listing(session.list_new(cursor, lambda keys: self._known(conn.id, folder, keys)),
+                                       provider.plugin, conn.protocol)
             report.listed = len(listing.refs)
             self._finish_pending(session, conn, folder, action, report, acks)
             with _Link(session) as link:
@@ -207,11 +209,17 @@ class Incoming:
                     self._put_cursor(s, conn.id, folder, dict(listing.cursor))
                 self._record_acknowledged(s, conn.id, folder, acks)
         finally:
-            session.close()
-            unconfirmed = acks.on_close and not session.closed_cleanly and report.acknowledged
+            try:
+                session.close()
+                closed_cleanly = session.closed_cleanly
+            except Exception as exc:  # close() must not raise; everything stored stays stored
+                log.warning("%s: the session's close() raised %s", conn.name, self.host.plugins.unexpected(exc),
+                            exc_info=True)
+                closed_cleanly = False
+            unconfirmed = acks.on_close and not closed_cleanly and report.acknowledged
             if unconfirmed:  # the server applies them at a clean close only (POP3's DELE at QUIT)
                 report.acknowledged = 0
-            if acks.through > acks.recorded and (not acks.on_close or session.closed_cleanly):
+            if acks.through > acks.recorded and (not acks.on_close or closed_cleanly):
                 try:
                     with self.host.session() as s:
                         self._hold(s, conn)  # an edit that took the lease moved this folder's marks
@@ -225,6 +233,12 @@ class Incoming:
                 f"{conn.after_download} did not take effect on {unconfirmed} message(s): they are stored, and the "
                 "next pass applies it again"
             )
+        if isinstance(acks.refused, PluginError):
+            raise PluginError(
+                f"{conn.name}: the after-download action {conn.after_download} failed with an {acks.refused}: the "
+                "messages are stored, and the next pass tries the action again; until the plugin is fixed, choose "
+                f"another action (mailhost incoming edit {conn.name} --after-download ...)"
+            ) from acks.refused.__cause__
         if acks.refused is not None:  # everything is stored; say what was not acknowledged
             raise (TemporaryFailure if acks.refused.temporary else PermanentFailure)(
                 f"{acks.refused}: the messages are stored, and the next pass tries the after-download action "
@@ -257,20 +271,24 @@ class Incoming:
                 except MailError as exc:
                     acks.refuse(exc)
                     continue
+                except Exception as exc:  # a plugin's bug: like a refusal, it stops acknowledgements, not downloads
+                    acks.refuse(self._action_failed(conn, exc))
+                    continue
                 report.acknowledged += count
                 if acks.refused is None:
                     acks.through = max(acks.through, through)
 
-        ahead = link.submit(_download, link.session, batches[0]) if batches else None
+        plugin = self.host.plugins.protocol(Direction.INCOMING, conn.protocol).plugin
+        ahead = link.submit(_download, link.session, batches[0], plugin) if batches else None
         for i, batch in enumerate(batches):
             assert ahead is not None
             try:
                 fetched = ahead.result()
             except _Broken as broken:  # store what came whole (up to the last of it), then fail
-                upto = batch.index(broken.fetched[-1].ref) + 1
+                upto = [r.key for r in batch].index(broken.fetched[-1].ref.key) + 1
                 self._store_batch(conn, folder, log_id, batch[:upto], broken.fetched, report, acks)
                 raise broken.error from None
-            ahead = link.submit(_download, link.session, batches[i + 1]) if i + 1 < len(batches) else None
+            ahead = link.submit(_download, link.session, batches[i + 1], plugin) if i + 1 < len(batches) else None
             settle(wait=False)
             stored, through = self._store_batch(conn, folder, log_id, batch, fetched, report, acks)
             done += len(batch)
@@ -405,8 +423,20 @@ class Incoming:
             except MailError as exc:  # what is new is still downloaded, see _download
                 acks.refuse(exc)
                 return
+            except Exception as exc:
+                acks.refuse(self._action_failed(conn, exc))
+                return
             report.acknowledged += len(refs)
             acks.through = chunk[-1][1]  # keys no longer on the server need nothing more
+
+    def _action_failed(self, conn: IncomingConnection, exc: Exception) -> PluginError:
+        """An after-download action's unexpected exception, logged with its traceback, as
+        the refusal that stops the pass's acknowledgements (not its downloads: a plugin's
+        bug in acknowledging must not keep new mail from being stored)."""
+        log.error("%s: the after-download action %s failed", conn.name, conn.after_download, exc_info=exc)
+        failure = PluginError(redact(self.host.plugins.unexpected(exc)))
+        failure.__cause__ = exc
+        return failure
 
     @staticmethod
     def _record_acknowledged(s: Session, connection_id: int, folder: str, acks: _Acks, closed: bool = False) -> None:
@@ -843,10 +873,11 @@ class _Acks:
     on_close: bool
     through: int = 0
     recorded: int = 0
-    #: The server's first refusal of an acknowledgement in this pass: no more are tried.
-    refused: MailError | None = None
+    #: The server's first refusal of an acknowledgement in this pass, or a plugin's
+    #: unexpected exception in one (a PluginError): no more are tried.
+    refused: MailError | PluginError | None = None
 
-    def refuse(self, exc: MailError) -> None:
+    def refuse(self, exc: MailError | PluginError) -> None:
         if self.refused is None:
             self.refused = exc
 
@@ -887,24 +918,75 @@ class _Fetched(NamedTuple):
 class _Broken(Exception):
     """A batch whose download failed after some of its messages had arrived whole."""
 
-    def __init__(self, fetched: list[_Fetched], error: MailError) -> None:
+    def __init__(self, fetched: list[_Fetched], error: Exception) -> None:
         super().__init__(str(error))
         self.fetched, self.error = fetched, error
 
 
-def _download(session: IncomingSession, refs: Sequence[MessageRef]) -> list[_Fetched]:
+def _download(session: IncomingSession, refs: Sequence[MessageRef], plugin: str) -> list[_Fetched]:
     """Fetch a batch, fingerprint and summarize it (on the link's thread, so this
     Python work overlaps with the previous batch's commit). A failure after whole
-    messages arrived raises :class:`_Broken` with them, so that they are stored."""
+    messages arrived (a server's, or a plugin's bug) raises :class:`_Broken` with them,
+    so that they are stored."""
     fetched: list[_Fetched] = []
+    asked = {ref.key for ref in refs}
     try:
-        for ref, raw in session.fetch(refs):
+        for item in session.fetch(refs):
+            ref, raw = _checked_fetched(item, asked, plugin)
+            asked.discard(ref.key)  # once: a key yielded twice would be stored twice
             fetched.append(_Fetched(ref, raw, hashlib.sha256(raw).hexdigest(), summarize(raw)))
-    except MailError as exc:
+    except Exception as exc:
         if fetched:
             raise _Broken(fetched, exc) from exc
         raise
     return fetched
+
+
+#: The longest key a session may give a message (the store's column).
+MAX_KEY = 500
+
+
+def _contract(plugin: str, protocol: str, what: str) -> PluginError:
+    """A session's answer that breaks the contract of docs/plugin_hooks.md."""
+    return PluginError(f"plugin {plugin} broke the session contract: its {protocol} session's {what}; nothing of "
+                       "this pass was stored from it (report it to the plugin's author)")
+
+
+def _checked_listing(listing: Any, plugin: str, protocol: str) -> Listing:
+    """``list_new``'s answer, checked: a Listing of MessageRefs whose keys are text of
+    at most :data:`MAX_KEY` characters, each listed once. A key that is not text never
+    matches the stored one (it comes back as text), and one listed twice would fail the
+    batch's commit at every pass, blocking the mailbox."""
+    if not isinstance(listing, Listing):
+        raise _contract(plugin, protocol, f"list_new returned {type(listing).__name__}, not a mailhost.Listing")
+    seen: set[str] = set()
+    for ref in listing.refs:
+        if not isinstance(ref, MessageRef):
+            raise _contract(plugin, protocol, f"list_new listed {type(ref).__name__} {ref!r:.80}, not a MessageRef")
+        if not isinstance(ref.key, str) or not ref.key or len(ref.key) > MAX_KEY:
+            raise _contract(plugin, protocol, f"list_new listed the key {ref.key!r:.80}; a key is text of 1 to "
+                                              f"{MAX_KEY} characters")
+        if ref.key in seen:
+            raise _contract(plugin, protocol, f"list_new listed the key {ref.key!r:.80} twice; a key names one "
+                                              "message, listed once")
+        seen.add(ref.key)
+    return listing
+
+
+def _checked_fetched(item: Any, asked: set[str], plugin: str) -> tuple[MessageRef, bytes]:
+    """One ``(ref, raw bytes)`` of ``fetch``, checked: a ref it was asked for (and not
+    given yet), and bytes."""
+    ref, raw = item if isinstance(item, tuple) and len(item) == 2 else (None, None)
+    if not isinstance(ref, MessageRef):
+        raise PluginError(f"plugin {plugin} broke the session contract: its fetch yielded {item!r:.80}, not a "
+                          "(MessageRef, bytes) pair")
+    if ref.key not in asked:
+        raise PluginError(f"plugin {plugin} broke the session contract: its fetch yielded the key {ref.key!r:.80}, "
+                          "which it was not asked for in this batch, or yielded it twice")
+    if not isinstance(raw, bytes):
+        raise PluginError(f"plugin {plugin} broke the session contract: its fetch yielded {type(raw).__name__}, not "
+                          f"bytes, for the key {ref.key!r:.80}: give each message as the server sent it")
+    return ref, raw
 
 
 def _chunks(items: list[Any], n: int) -> Iterator[list[Any]]:

@@ -401,6 +401,33 @@ class PluginHost:
                 field="after_download",
             ) from None
 
+    def culprit(self, exc: BaseException) -> PluginInfo | None:
+        """The plugin whose code raised ``exc``: the innermost frame of its traceback that
+        is in a plugin's package (not the host's own plugins), if any is."""
+        modules: list[str] = []
+        tb = exc.__traceback__
+        while tb is not None:
+            modules.append(str(tb.tb_frame.f_globals.get("__name__", "")))
+            tb = tb.tb_next
+        for module in reversed(modules):
+            for info in self.plugins.values():
+                if info.name not in BUILTINS and (module == info.module or module.startswith(info.module + ".")):
+                    return info
+        return None
+
+    def unexpected(self, exc: BaseException) -> str:
+        """``unexpected KeyError in plugin NAME (DISTRIBUTION VERSION): MESSAGE``: an
+        exception outside mailhost's error tree, naming the plugin whose code raised it, so
+        that an admin knows whom to tell. Not redacted: the caller redacts."""
+        info = self.culprit(exc)
+        where = ""
+        if info is not None:
+            shown = info.as_dict()
+            dist = " ".join(str(v) for v in (shown["distribution"], shown["version"]) if v)
+            where = f" in plugin {info.name}" + (f" ({dist})" if dist else "")
+        text = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
+        return f"unexpected {type(exc).__name__}{where}" + (f": {text}" if text else "")
+
     @property
     def hook(self) -> Any:
         """The pluggy hook relay, for calling the event hooks."""

@@ -1,11 +1,13 @@
 """The incoming pipeline, protocol-agnostic, through the test plugin's `dir` protocol."""
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -15,7 +17,7 @@ from mailhost.connections import ConnectionSpec
 from mailhost.errors import NotFound
 from mailhost.hookspecs import hookimpl
 from mailhost.plugins import PluginHost
-from mailhost.protocols import Direction, Estimate
+from mailhost.protocols import Direction, Estimate, Listing, MessageRef
 from mailhost.store import Certificate, SeenMessage
 
 from .helpers import run_cli
@@ -708,3 +710,111 @@ def test_a_slow_decryption_plugin_does_not_hold_the_transaction(
         assert all(i.decrypted.endswith(b"hello\r\n") for i in items)
     finally:
         host.close()
+
+
+# ---------------------------------------------------------------------------------------
+# A plugin's bugs: the pass fails naming the plugin, and no mail is lost, stored twice,
+# or kept from coming in.
+# ---------------------------------------------------------------------------------------
+
+
+def test_a_plugin_bug_mid_fetch_stores_what_came_and_names_the_plugin(
+        tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session raising an exception no session should (a RuntimeError) mid-batch: the
+    messages of the batch that came whole are stored, as after a dropped link (they were
+    thrown away, so a message that always trips the plugin kept those before it out too),
+    and the error names the plugin to report it to; the next pass gets the rest, each once."""
+    import mailhost.incoming as incoming
+
+    monkeypatch.setattr(incoming, "BATCH_COUNT", 2)
+    for i in range(5):
+        (box / f"{i}.eml").write_bytes(_msg(i))
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_BUG_AT", "3.eml")
+    [report] = tmh.incoming.fetch([conn])
+    assert not report.ok and report.stored == 3
+    assert report.error == "desk: unexpected RuntimeError in plugin testplugin: a bug at 3.eml"
+    monkeypatch.delenv("MAILHOST_TESTPLUGIN_BUG_AT")
+    [report] = tmh.incoming.fetch([conn])
+    assert report.ok and report.stored == 2
+    assert sorted(_stored(tmh)) == sorted(_msg(i) for i in range(5))
+    assert len(list(box.glob(".*.seen"))) == 5
+
+
+def test_a_plugin_bug_in_the_after_download_action_does_not_stop_downloads(
+        tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An after-download action that raises a plugin's bug is treated like a server's
+    refusal: the messages stay stored and unacknowledged, new mail still comes in pass
+    after pass (each pass failed at once on the old acknowledgements, so nothing new was
+    ever stored), and the error names the plugin and the way out."""
+    for i in range(3):
+        (box / f"{i}.eml").write_bytes(_msg(i))
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_BUG_IN", "mark_seen")
+    [report] = tmh.incoming.fetch([conn])
+    assert not report.ok and (report.stored, report.acknowledged) == (3, 0)
+    assert report.error == (
+        "desk: the after-download action mark-seen failed with an unexpected RuntimeError in plugin testplugin: a bug "
+        "in mark_seen: the messages are stored, and the next pass tries the action again; until the plugin is fixed, "
+        "choose another action (mailhost incoming edit desk --after-download ...)")
+    (box / "3.eml").write_bytes(_msg(3))
+    [report] = tmh.incoming.fetch([conn])
+    assert not report.ok and (report.listed, report.stored) == (1, 1)
+    monkeypatch.delenv("MAILHOST_TESTPLUGIN_BUG_IN")
+    [report] = tmh.incoming.fetch([conn])
+    assert report.ok and (report.stored, report.acknowledged) == (0, 4)
+    assert sorted(_stored(tmh)) == sorted(_msg(i) for i in range(4))
+
+
+def test_a_session_whose_close_raises_does_not_fail_the_pass(
+        tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """close() must not raise; one that does is logged, naming the plugin, and the pass,
+    whose messages are stored and acknowledged, is not failed (it was, every pass)."""
+    (box / "0.eml").write_bytes(_msg(0))
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_BUG_IN", "close")
+    [report] = tmh.incoming.fetch([conn])
+    assert report.ok and (report.stored, report.acknowledged) == (1, 1), report.error
+    [report] = tmh.incoming.fetch([conn])
+    assert report.ok and report.listed == 0
+
+
+@pytest.mark.parametrize("step, answer, expect", [
+    ("list_new", lambda refs: [*refs], "its dir session's list_new returned list, not a mailhost.Listing"),
+    ("list_new", lambda refs: Listing([MessageRef(i, r.size, r.handle) for i, r in enumerate(refs)]),
+     "its dir session's list_new listed the key 0; a key is text of 1 to 500 characters"),
+    ("list_new", lambda refs: Listing([dataclasses.replace(r, key=r.key * 101) for r in refs]),
+     "a key is text of 1 to 500 characters"),
+    ("list_new", lambda refs: Listing([*refs, refs[0]]), "its dir session's list_new listed the key '0.eml' twice"),
+    ("fetch", lambda pairs: ((ref, raw.decode()) for ref, raw in pairs),
+     "its fetch yielded str, not bytes, for the key '0.eml'"),
+    ("fetch", lambda pairs: (pair for listed in [list(pairs)] for pair in listed * 2),
+     "its fetch yielded the key '0.eml', which it was not asked for in this batch, or yielded it twice"),
+])
+def test_a_session_answer_of_the_wrong_kind_is_a_plugin_error(
+        tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch, step: str, answer: Any,
+        expect: str) -> None:
+    """What a session returns is checked before anything is stored from it: a listing
+    that is not a Listing, a key that is not text (stored as text, it never matched
+    again: stored twice, then a unique-key error at every pass), longer than the store
+    takes (PostgreSQL refused the batch at every pass) or listed twice (the same error),
+    and fetched bytes that are not bytes fail the pass in a sentence naming the plugin;
+    once the plugin is fixed, every message is stored once."""
+    from tests.testplugin.mailhost_testplugin import DirIncoming
+
+    for i in range(3):
+        (box / f"{i}.eml").write_bytes(_msg(i))
+    with monkeypatch.context() as m:
+        if step == "list_new":
+            m.setattr(DirIncoming, "list_new", lambda self, cursor, known, real=DirIncoming.list_new:
+                      answer(list(real(self, cursor, known).refs)))
+        else:
+            m.setattr(DirIncoming, "fetch", lambda self, refs, real=DirIncoming.fetch: answer(real(self, refs)))
+        for _ in range(2):
+            [report] = tmh.incoming.fetch([conn])
+            assert report.error is not None and report.error.startswith(
+                "desk: plugin testplugin broke the session contract: ") and expect in report.error, report.error
+            if "twice" in expect and step == "fetch":  # the messages came whole before the repeat: stored once
+                assert report.stored == 3
+                break
+            assert not report.ok and report.stored == 0, report
+    [report] = tmh.incoming.fetch([conn])
+    assert report.ok, report.error
+    assert sorted(_stored(tmh)) == sorted(_msg(i) for i in range(3))

@@ -5,7 +5,10 @@ the connection's folder is a message (key: the file name); outgoing, each messag
 written as a file. The events it receives are appended, one JSON line each, to the
 file named by ``$MAILHOST_TESTPLUGIN_EVENTS`` when that is set. The fetch of the message
 named by ``$MAILHOST_TESTPLUGIN_FAIL_AT`` fails; of the one named by
-``$MAILHOST_TESTPLUGIN_HANG_AT``, never returns.
+``$MAILHOST_TESTPLUGIN_HANG_AT``, never returns. A plugin's bug (a RuntimeError, which
+no session should raise) comes at the fetch of the message named by
+``$MAILHOST_TESTPLUGIN_BUG_AT``, or in the step named by ``$MAILHOST_TESTPLUGIN_BUG_IN``
+(``open``, ``mark_seen``, ``estimate``, ``close``, ``test``).
 
 Both protocols declare options (``ProviderOption``): incoming ``batch_size`` (int, at least 0),
 ``newest_first`` (bool) and ``label`` (str with choices), outgoing ``suffix`` (the
@@ -47,10 +50,16 @@ def _event(kind: str, **data: Any) -> None:
             fh.write(json.dumps({"event": kind, **data}) + "\n")
 
 
+def _bug(step: str) -> None:
+    if os.environ.get("MAILHOST_TESTPLUGIN_BUG_IN") == step:
+        raise RuntimeError(f"a bug in {step}")
+
+
 class DirIncoming(IncomingSession):
     """Every file in the folder is a message; ``.seen`` marks it read."""
 
     def __init__(self, settings: ConnectionSettings) -> None:
+        _bug("open")
         self.root = Path(settings.folder or ".")
         if not self.root.is_dir():
             raise PermanentFailure(f"{settings.name}: folder {self.root} does not exist")
@@ -70,6 +79,8 @@ class DirIncoming(IncomingSession):
 
     def fetch(self, refs: Sequence[MessageRef]) -> Iterator[tuple[MessageRef, bytes]]:
         for ref in refs:
+            if os.environ.get("MAILHOST_TESTPLUGIN_BUG_AT") == ref.key:
+                raise RuntimeError(f"a bug at {ref.key}")
             if os.environ.get("MAILHOST_TESTPLUGIN_FAIL_AT") == ref.key:
                 raise TemporaryFailure(f"connection dropped while fetching {ref.key}")
             if os.environ.get("MAILHOST_TESTPLUGIN_HANG_AT") == ref.key:  # a server that stops answering
@@ -82,15 +93,20 @@ class DirIncoming(IncomingSession):
         return [MessageRef(k, None, self.root / k) for k in keys if (self.root / k).exists()]
 
     def estimate(self, cursor: Mapping[str, Any] | None, known: Callable[[Sequence[str]], set[str]]) -> Estimate:
+        _bug("estimate")
         return Estimate(len(self.list_new(cursor, known).refs), "exact")
 
     def mark_seen(self, refs: Sequence[MessageRef]) -> None:
+        _bug("mark_seen")
         for ref in refs:
             (self.root / f".{ref.key}.seen").touch()
 
     def delete(self, refs: Sequence[MessageRef]) -> None:
         for ref in refs:
             (self.root / ref.key).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        _bug("close")
 
     def move(self, refs: Sequence[MessageRef], folder: str) -> None:
         target = self.root / folder
@@ -119,6 +135,7 @@ class DirOutgoing(OutgoingSession):
 
 
 def _test(settings: ConnectionSettings) -> Iterator[TestStep]:
+    _bug("test")
     yield TestStep("folder", Path(settings.folder or ".").is_dir(), str(settings.folder))
     yield TestStep("options", True, json.dumps(dict(settings.options), sort_keys=True))
 
