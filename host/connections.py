@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from .errors import MailError, NotFound, ValidationError
+from .errors import MailError, MailhostError, NotFound, PluginError, ValidationError
 from .protocols import (
     ConnectionSettings,
     Direction,
@@ -314,17 +314,26 @@ class Connections:
             # A server may quote what it was sent ("wrong password ... for user").
             yield dataclasses.replace(step, detail=redact(step.detail))
 
-    @staticmethod
-    def _steps(provider: ProtocolProvider, settings: ConnectionSettings) -> Iterator[TestStep]:
-        if provider.test is not None:
-            yield from provider.test(settings)
-            return
+    def _steps(self, provider: ProtocolProvider, settings: ConnectionSettings) -> Iterator[TestStep]:
         try:
-            provider.open(settings).close()
-        except MailError as exc:
-            yield TestStep("connect", False, str(exc))
-        else:
-            yield TestStep("connect", True, f"signed in to {settings.describe()}")
+            if provider.test is not None:
+                for step in provider.test(settings):
+                    if not isinstance(step, TestStep):
+                        raise PluginError(f"plugin {provider.plugin} broke the test contract: its {provider.name} "
+                                          f"test yielded {step!r:.80}, not a mailhost.TestStep")
+                    yield step
+                return
+            try:
+                provider.open(settings).close()
+            except MailError as exc:
+                yield TestStep("connect", False, str(exc))
+            else:
+                yield TestStep("connect", True, f"signed in to {settings.describe()}")
+        except MailhostError:
+            raise
+        except Exception as exc:  # a plugin's bug is the test's finding, not a crash of the command
+            log.warning("testing connection %s failed", settings.name, exc_info=True)
+            yield TestStep("plugin", False, self.host.plugins.unexpected(exc))
 
     # -- sessions ---------------------------------------------------------------------
 

@@ -188,9 +188,7 @@ class Incoming:
         action = self.host.plugins.action(conn.after_download)
         settings = self.host.connections.settings(Direction.INCOMING, conn)
         folder = conn.folder or ""
-        session = provider.open(settings)
-        if not isinstance(session, IncomingSession):
-            raise MailhostError(f"protocol {conn.protocol} opened a {type(session).__name__}, not an IncomingSession")
+        session = _checked_session(provider.open(settings), provider.plugin, conn.protocol)
         acks = _Acks(on_close=session.acknowledges_on_close)
         try:
             with self.host.session() as s:
@@ -688,9 +686,20 @@ class Incoming:
             stored_elsewhere = s.scalar(select(SeenMessage.id).where(
                 SeenMessage.connection_id == conn.id,
                 or_(SeenMessage.folder != folder, SeenMessage.key.startswith(RETIRED, autoescape=True))).limit(1))
-        with provider.open(self.host.connections.settings(Direction.INCOMING, conn)) as session:
-            assert isinstance(session, IncomingSession)
+        session = _checked_session(provider.open(self.host.connections.settings(Direction.INCOMING, conn)),
+                                   provider.plugin, conn.protocol)
+        try:
             estimate = session.estimate(cursor, lambda keys: self._known(conn.id, folder, keys))
+        finally:
+            try:
+                session.close()
+            except Exception as exc:  # close() must not raise; the estimate stands
+                log.warning("%s: the session's close() raised %s", conn.name, self.host.plugins.unexpected(exc),
+                            exc_info=True)
+        if not (isinstance(estimate, Estimate) and type(estimate.count) is int and estimate.count >= 0
+                and estimate.confidence in ("exact", "high", "low") and isinstance(estimate.note, str)):
+            raise _contract(provider.plugin, conn.protocol, f"estimate returned {estimate!r:.80}, not an "
+                            "Estimate(count, confidence) of a whole number and exact, high or low")
         # Other confidences hedge already, in the plugin's own words.
         if estimate.count and estimate.confidence == "exact" and stored_elsewhere is not None:
             note = (f"some of them may be stored already: {conn.name} stored mail from another folder or mailbox "
@@ -948,8 +957,16 @@ MAX_KEY = 500
 
 def _contract(plugin: str, protocol: str, what: str) -> PluginError:
     """A session's answer that breaks the contract of docs/plugin_hooks.md."""
-    return PluginError(f"plugin {plugin} broke the session contract: its {protocol} session's {what}; nothing of "
-                       "this pass was stored from it (report it to the plugin's author)")
+    return PluginError(f"plugin {plugin} broke the session contract: its {protocol} session's {what} (report it to "
+                       "the plugin's author)")
+
+
+def _checked_session(session: Any, plugin: str, protocol: str) -> IncomingSession:
+    """What a provider's ``open`` returned, checked: an IncomingSession."""
+    if not isinstance(session, IncomingSession):
+        raise PluginError(f"plugin {plugin} broke the session contract: its {protocol} open returned "
+                          f"{type(session).__name__}, not a mailhost.IncomingSession")
+    return session
 
 
 def _checked_listing(listing: Any, plugin: str, protocol: str) -> Listing:

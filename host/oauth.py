@@ -501,7 +501,7 @@ class OAuth2:
                 return _token(entry)
             raise failure from None
         except Exception as exc:  # a provider's bug: recorded, the lease freed, raised as is
-            self._record_failure(cred.id, key, owner, redact(f"unexpected {type(exc).__name__}: {exc}"),
+            self._record_failure(cred.id, key, owner, redact(self.host.plugins.unexpected(exc)),
                                  type(exc).__name__)
             raise
         if old is not None and old.refresh_token and fresh.refresh_token is None:

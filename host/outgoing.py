@@ -1331,7 +1331,7 @@ class Outgoing:
                         retry_after=getattr(exc, "retry_after", None))
         except Exception as exc:  # a plugin bug must not stop the pass
             log.exception("opening outgoing connection %s failed", name)
-            lane.down = ConfigError(f"{name}: unexpected {type(exc).__name__}: {redact(str(exc))}")
+            lane.down = ConfigError(f"{name}: {redact(self.host.plugins.unexpected(exc))}")
             return _Try(name, "connection", str(lane.down), ms=_ms(started))
 
         def through() -> None:
@@ -1365,7 +1365,7 @@ class Outgoing:
         except Exception as exc:
             log.exception("sending through outgoing connection %s failed", name)
             lane.drop()
-            return _Try(name, "temporary", f"{name}: unexpected {type(exc).__name__}: {redact(str(exc))}",
+            return _Try(name, "temporary", f"{name}: {redact(self.host.plugins.unexpected(exc))}",
                         ms=_ms(started))
         refused = {str(k): str(v) for k, v in (result.refused or {}).items()}
         kind = "partial" if refused else "sent"

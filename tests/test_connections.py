@@ -518,3 +518,25 @@ def test_plugins_options_lists_what_each_protocol_takes(cli) -> None:
     [plugin] = [p for p in json.loads(cli("plugins", "list", "--json").stdout) if p["name"] == "testplugin"]
     assert [o["name"] for o in plugin["protocol_options"]["incoming/dir"]] == ["batch_size", "newest_first", "label"]
     assert plugin["protocol_options"]["outgoing/dir"][0]["default"] == ".eml"
+
+
+@pytest.mark.parametrize("bug", ["test", "open", "estimate"])
+def test_a_plugin_bug_in_a_test_or_an_estimate_is_a_finding_not_a_crash(cli, bug: str) -> None:
+    """A protocol plugin raising a bug (a RuntimeError) in its connection test, or while
+    `enable` estimates, is named in the command's answer: `incoming test` reports a failed
+    step naming the plugin and its distribution, and `enable` says it could not estimate
+    and enables the connection (both ended in "unexpected error ... please report it", as
+    if mailhost were at fault, and the connection could not be enabled at all)."""
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
+    found = f"unexpected RuntimeError in plugin testplugin (mailhost-testplugin 0.1.0): a bug in {bug}"
+    env = {"MAILHOST_TESTPLUGIN_BUG_IN": bug}
+    if bug == "test":
+        out = cli("incoming", "test", "c1", "--json", env=env)
+        assert out.returncode == 1, out.stderr
+        assert {"step": "plugin", "ok": False, "detail": found} in json.loads(out.stdout)
+    else:
+        out = cli("incoming", "enable", "c1", "--yes", env=env)
+        assert out.returncode == 0, out.stderr
+        assert f"could not estimate the messages to download ({found})" in out.stderr
+        assert json.loads(cli("incoming", "show", "c1", "--json").stdout)["enabled"] is True
+    assert "please report it" not in out.stderr

@@ -111,3 +111,28 @@ def test_the_protocol_options_example_registers() -> None:
     assert [o.describe() for o in provider.options] == [
         "account_id (str, required)", "region (str, one of eu/us, default \"eu\")", "batch_size (int, from 1 to 500, default 50)",
         "include_spam (bool, default false)"]
+
+
+def test_the_plugin_mistakes_fail_as_the_page_says() -> None:
+    """Each mistake of "When a plugin is wrong" fails its plugin with the sentence the
+    page gives after it (the parts around "..."), strictly too."""
+    import types
+
+    import pytest
+
+    from mailhost.errors import PluginError
+    from mailhost.plugins import PluginHost
+
+    [example] = [body for lang, body in _example_blocks("When a plugin is wrong") if lang == "python"]
+    header, *mistakes = example.split("\n\n\n")
+    assert len(mistakes) == 4
+    for mistake in mistakes:
+        code, _, said = mistake.strip().rpartition("\n# ")
+        module = types.ModuleType("mailhost_wrong")
+        exec(f"{header}\n{code}\n", module.__dict__)
+        host = PluginHost(only=[], extra=[("wrong", module)])
+        error = host.plugins["wrong"].error or ""
+        assert host.plugins["wrong"].state == "failed" and all(part.strip() in error for part in said.split("...")), (
+            said, error)
+        with pytest.raises(PluginError, match="plugin wrong"):
+            PluginHost(only=[], extra=[("wrong", module)], strict=True)

@@ -1,13 +1,15 @@
 """``mailhost incoming ...`` and ``mailhost outgoing ...``: connections."""
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import click
 
 from ..connections import ConnectionSpec
-from ..errors import MailError
+from ..errors import MailError, MailhostError, PluginError
+from ..secrets import redact
 from ..protocols import Direction, TestStep
 from . import (
     Context,
@@ -236,8 +238,13 @@ def incoming_enable(ctx: Context, name: str, yes: bool) -> None:
                 f"(confidence: {estimate.confidence})")
         if estimate.note:
             what += f"; {estimate.note}"
-    except MailError as exc:
+    except (MailError, PluginError) as exc:
         what = f"could not estimate the messages to download ({exc})"
+    except MailhostError:
+        raise
+    except Exception as exc:  # a plugin's bug: it does not keep the connection from being enabled
+        logging.getLogger(__name__).debug("estimating %s failed", name, exc_info=True)
+        what = f"could not estimate the messages to download ({redact(ctx.host.plugins.unexpected(exc))})"
     click.echo(what, err=True)
     if not yes:
         if not click.get_text_stream("stdin").isatty():
