@@ -1367,6 +1367,13 @@ class Outgoing:
             lane.drop()
             return _Try(name, "temporary", f"{name}: {redact(self.host.plugins.unexpected(exc))}",
                         ms=_ms(started))
+        if not isinstance(result, SendResult):
+            # send() returned: the server took the message. Recorded as sent, or the next
+            # pass would deliver it again; the plugin is told what it broke.
+            plugin = self.host.connections.provider(Direction.OUTGOING, conn).plugin
+            log.warning("%s: plugin %s broke the session contract: its send returned %.80r, not a mailhost.SendResult; "
+                        "the message counts as accepted by every recipient", name, plugin, result)
+            result = SendResult("accepted (the plugin's send returned no SendResult)")
         refused = {str(k): str(v) for k, v in (result.refused or {}).items()}
         kind = "partial" if refused else "sent"
         return _Try(name, kind, redact(result.response or "accepted"), result=result, refused=refused, ms=_ms(started))

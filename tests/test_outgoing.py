@@ -936,3 +936,44 @@ def test_personalize_keeps_an_8bit_subject_in_another_charset() -> None:
     for raw_subject, shown in ((b"Caf\xe9 cr\xe8me", "Café crème"), ("Grüße".encode(), "Grüße")):
         out = personalize(b"To: b@example.org\r\nSubject: " + raw_subject + b"\r\n\r\nbody\r\n", None, "[P]")
         assert email.message_from_bytes(out, policy=email.policy.default)["Subject"] == f"[P] {shown}"
+
+
+class _ReturnsNothing:
+    """A protocol whose send delivers and forgets to return its SendResult."""
+
+    @hookimpl
+    def register_protocols(self, register: Callable[[Any], None]) -> None:
+        from mailhost.protocols import ProtocolProvider, ProviderOption
+        from tests.testplugin.mailhost_testplugin import DirOutgoing
+
+        class Session(DirOutgoing):
+            def send(self, raw: bytes, sender: str, recipients: Any) -> Any:
+                super().send(raw, sender, recipients)  # no return
+
+        register(ProtocolProvider(name="mute", direction=Direction.OUTGOING, open=Session, title="Mute (tests)",
+                                  attributes=frozenset({"host", "from_address"}), required=frozenset({"host"}),
+                                  options=(ProviderOption("suffix", "the file name ending", str, default=""),)))
+
+
+def test_a_send_that_returns_no_result_counts_as_sent_once(home: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """A plugin's send that returns (the server took the message) but not a SendResult:
+    each message is recorded sent, once, and the log names the plugin. Each pass used to
+    send one message and stop its worker on an AttributeError, leaving the messages in
+    sending, to be sent again when their lease ran out."""
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_OUTBOX", str(tmp_path / "outbox"))
+    mh = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(only=[], extra=[("mute", _ReturnsNothing())]))
+    try:
+        mh.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="mute", host="box",
+                                                              from_address="a@example.org", default=True))
+        ids = [mh.outgoing.send([f"r{n}@example.org"], subject=f"m{n}", body=BODY).id for n in range(3)]
+        report = mh.outgoing.deliver()
+        assert report.sent == 3 and report.error is None, report.error
+        assert [mh.outgoing.item(i).status for i in ids] == ["sent"] * 3
+        assert mh.outgoing.deliver().sent == 0
+        assert outbox_subjects(tmp_path / "outbox" / "box") == [b"m0", b"m1", b"m2"]
+        assert "plugin mute broke the session contract: its send returned None, not a mailhost.SendResult" in caplog.text
+    finally:
+        mh.close()
+
