@@ -87,10 +87,16 @@ class Mailhost:
             host.vault  # noqa: B018  (fails early on an unusable key)
             # A config written just now is removed again if this fails: name the option.
             host.migrate("check --database" if database_url and cfg_path in created else None)
-        except BaseException:
+        except BaseException as exc:
             for made in reversed(created):  # newest first: the files, then their folders
                 with contextlib.suppress(OSError):  # (a folder someone else filled meanwhile stays)
                     made.rmdir() if made.is_dir() else made.unlink(missing_ok=True)
+            if isinstance(exc, OSError):  # a folder this user may not write (a service account), a read-only disk
+                folder = Path(exc.filename).parent if exc.filename else cfg_path.parent
+                place = "--config FILE (the key and the store go beside it)" + (" or --database" if database_url else "")
+                raise ConfigError(f"cannot create files in {folder} ({exc.strerror or exc}): make that folder "
+                                  f"writable for this user, or choose another place with {place}; nothing was "
+                                  "left behind") from None
             raise
         return host
 

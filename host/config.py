@@ -203,7 +203,14 @@ class Config:
             off.append(name)
         plugins["enabled"] = on
         plugins["disabled"] = off
-        _atomic_write(self.path, tomlkit.dumps(doc))
+        try:
+            _atomic_write(self.path, tomlkit.dumps(doc))
+        except OSError as exc:  # a folder this user may not write (a service account), a full disk
+            folder = Path(os.path.realpath(self.path)).parent
+            raise ConfigError(f"cannot write the config file {self.path} ({exc.strerror or exc}): mailhost writes "
+                              f"a new file in its folder {folder} and renames it over the old one, so make that "
+                              "folder writable for this user, or edit [plugins] yourself; nothing was "
+                              "changed") from None
         self.plugins_enabled, self.plugins_disabled = on, off
 
 
@@ -274,8 +281,9 @@ def _atomic_write(path: Path, text: str) -> None:
         old: os.stat_result | None = os.stat(target)
     except FileNotFoundError:
         old = None
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    tmp: str | None = None
     try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             os.fchmod(fd, stat.S_IMODE(old.st_mode) if old else 0o600)
             if old is not None and (old.st_uid, old.st_gid) != (os.geteuid(), os.getegid()):
@@ -286,7 +294,8 @@ def _atomic_write(path: Path, text: str) -> None:
             os.fsync(fd)
         os.replace(tmp, target)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
 
 

@@ -30,13 +30,30 @@ PG_ADMIN_URL = os.environ.get("MAILHOST_TEST_PG", "postgresql+psycopg://postgres
 
 
 def run_cli(*args: str, input: str | bytes | None = None, env: dict[str, str] | None = None,
-            cwd: str | os.PathLike[str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    """Run ``mailhost ARGS`` in a subprocess; text output, never raises on exit status."""
+            cwd: str | os.PathLike[str] | None = None, timeout: float = 120,
+            obey_permissions: bool = False) -> subprocess.CompletedProcess[str]:
+    """Run ``mailhost ARGS`` in a subprocess; text output, never raises on exit status.
+
+    ``obey_permissions``: file modes bind it even when the tests run as root, as they bind
+    the service account an admin runs mailhost as (see :func:`_without_root_bypass`)."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "mailhost", *args], input=input, env=full_env, cwd=cwd,
         capture_output=True, text=isinstance(input, str) or input is None, timeout=timeout,
+        preexec_fn=_without_root_bypass if obey_permissions and os.geteuid() == 0 else None,
     )
+
+
+def _without_root_bypass() -> None:
+    """In the child before exec: drop CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from the
+    bounding set, so that the program run as root gets neither and a folder of mode 0555
+    refuses it a new file, as it does any other user."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for capability in (1, 2):  # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, capability, 0, 0, 0) != 0:  # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP) failed")
 
 
 @pytest.fixture

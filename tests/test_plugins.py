@@ -435,3 +435,21 @@ def test_a_hook_typo_names_the_hook_meant() -> None:
     """A misspelt hook name is failed with the spelling it was close to."""
     host = PluginHost(only=[], extra=[("typo", _module("typo", _TYPO))])
     assert "(register_protocol: did you mean register_protocols?)" in (host.plugins["typo"].error or "")
+
+
+def test_plugin_edits_in_a_folder_this_user_cannot_write_are_one_sentence(home: Path,
+                                                                           plugin_env: dict[str, str]) -> None:
+    """mailhost runs as a service account that may read its config but not write its
+    folder: `plugins disable` says which folder to make writable (exit 2), instead of an
+    unexpected PermissionError to report, and the config stays as it was."""
+    config = home / "mailhost.toml"
+    before, files = config.read_text(), sorted(home.iterdir())
+    home.chmod(0o555)
+    try:
+        out = run_cli("plugins", "disable", "testplugin", env=plugin_env, cwd=home, obey_permissions=True)
+    finally:
+        home.chmod(0o755)
+    assert out.returncode == 2, out.stderr
+    assert f"cannot write the config file {config} (Permission denied)" in out.stderr, out.stderr
+    assert "make that folder writable for this user" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert config.read_text() == before and sorted(home.iterdir()) == files

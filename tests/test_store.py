@@ -106,6 +106,29 @@ def test_a_failed_init_leaves_nothing(tmp_path: Path, url: str, expect: str) -> 
     assert run_cli("--config", str(tmp_path / "mailhost.toml"), "init").returncode == 0
 
 
+@pytest.mark.parametrize("where", ["config", "database", "new folder"])
+def test_init_where_this_user_cannot_write_is_one_sentence(tmp_path: Path, where: str) -> None:
+    """`init` as a user who may not write the folder of the config, of the store or of a
+    folder to create: one sentence naming that folder and the fix (exit 2, not an
+    unexpected PermissionError to report), and nothing left behind."""
+    locked, free = tmp_path / "locked", tmp_path / "free"
+    locked.mkdir()
+    free.mkdir()
+    args = {"config": ["--config", str(locked / "mailhost.toml"), "init"],
+            "database": ["--config", str(free / "mailhost.toml"), "init", "--database",
+                         f"sqlite:///{locked / 'mailhost.db'}"],
+            "new folder": ["--config", str(locked / "etc" / "mailhost.toml"), "init"]}[where]
+    locked.chmod(0o555)
+    try:
+        out = run_cli(*args, cwd=tmp_path, obey_permissions=True)
+    finally:
+        locked.chmod(0o755)
+    assert out.returncode == 2, out.stderr
+    assert f"cannot create files in {locked} (Permission denied): make that folder writable" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and "Traceback" not in out.stderr, out.stderr
+    assert list(locked.iterdir()) == [] and list(free.iterdir()) == []
+
+
 def test_init_in_a_new_folder(tmp_path: Path) -> None:
     """`--config DIR/mailhost.toml init` with DIR not there yet creates DIR (as a config
     file's folder is created for it); a failed init removes the folders it made."""
