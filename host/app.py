@@ -183,6 +183,9 @@ class Mailhost:
         url = self.engine.url.render_as_string(hide_password=True)
         why = " ".join(str(orig).split()).rstrip(".") or type(orig).__name__
         low = why.lower()
+        denied = self._sqlite_denied(orig, why)
+        if denied:
+            return denied
         if _lock_timeout(orig):  # PostgreSQL: store.BUSY_TIMEOUT passed waiting for another session's lock
             held = re.search(r'in relation "([^"]+)"', why)
             what = f"a row of {held.group(1)}" if held else "a table"
@@ -205,6 +208,33 @@ class Mailhost:
             return f"the store {url} is read-only ({why}): make it writable for this user, then try again"
         return (f"the store {url} failed ({why}): check that the database runs and its disk works, "
                 f"then try again (nothing half-done was kept)")
+
+    def _sqlite_denied(self, orig: BaseException | None, why: str) -> str | None:
+        """The sentence for an SQLite store this user may not open or write, else None.
+
+        SQLite writes the store and creates its -wal and -shm files beside it: a folder
+        the user may not write fails even a read (SQLITE_READONLY_DIRECTORY), which the
+        driver words as "attempt to write a readonly database", not as the folder's fault.
+        """
+        code = getattr(orig, "sqlite_errorcode", None)
+        database = self.config.sqlite_file
+        if code is None or database is None:
+            return None
+        folder = database.parent
+        # The -wal and -shm files take the store's mode when SQLite makes them: one made
+        # while the store was read-only stays so after the store is made writable again.
+        files = [database, *(database.with_name(database.name + end) for end in ("-wal", "-shm"))]
+        unusable = [f.name for f in files if f.exists() and not os.access(f, os.R_OK | os.W_OK)]
+        if code == _SQLITE_READONLY_DIRECTORY or (code & 0xFF == _SQLITE_CANTOPEN and not os.access(folder, os.W_OK)):
+            what = f"its folder {folder} is not writable for this user"
+        elif code & 0xFF in (_SQLITE_READONLY, _SQLITE_CANTOPEN) and unusable:
+            names = unusable[0] if len(unusable) == 1 else f"{', '.join(unusable[:-1])} and {unusable[-1]}"
+            what = f"{names} {'is' if len(unusable) == 1 else 'are'} not readable and writable for this user"
+        else:
+            return None
+        return (f"the store {database} cannot be used: {what} ({why}); SQLite writes the file and creates "
+                f"{database.name}-wal and {database.name}-shm beside it, so give the user that runs mailhost "
+                "the folder and those files (chown), then try again")
 
     def migrate(self, fix: str | None = None) -> None:
         """Bring the store's schema up to date (``mailhost init`` does this); ``fix`` says
@@ -230,6 +260,9 @@ class Mailhost:
         reason = getattr(exc, "orig", None) or exc  # the driver's words, without SQLAlchemy's wrapping
         if _lock_timeout(reason):  # a session holds the schema (a migration under way, an open transaction)
             return StoreError(self._store_failure(reason))
+        denied = self._sqlite_denied(reason, " ".join(str(reason).split()).rstrip("."))
+        if denied:  # the URL is right: the file's or its folder's permissions are not
+            return StoreError(denied)
         return ConfigError(f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
                            f"{' '.join(str(reason).split())}; {fix}")
 
@@ -296,6 +329,12 @@ class Mailhost:
         every commit is already durable and closing it would only run its checkpoint."""
         if "engine" in self.__dict__ and not (exiting and self.engine.dialect.name == "sqlite"):
             self.engine.dispose()
+
+
+# SQLite's result codes (the primary code is the low byte of an extended one).
+_SQLITE_READONLY = 8
+_SQLITE_CANTOPEN = 14
+_SQLITE_READONLY_DIRECTORY = 1544
 
 
 def _sqlstate(orig: BaseException | None) -> str | None:

@@ -159,6 +159,41 @@ def test_a_missing_store_file_is_not_created(tmp_path: Path) -> None:
     assert not (tmp_path / "missing.db").exists()
 
 
+@pytest.mark.parametrize("locked", ["folder", "file"])
+def test_a_store_this_user_may_not_write_says_so_not_check_the_url(tmp_path: Path, plugin_env: dict[str, str],
+                                                                   locked: str) -> None:
+    """An installation made by root and run by a service account: SQLite refuses even a
+    read when it cannot create the store's -wal and -shm files beside it ("attempt to
+    write a readonly database"); a file it may only read fails the first write. The
+    sentence names the folder (or the file) and the fix, instead of sending the admin to
+    check a [store] url that is right, or calling the store read-only."""
+    import sqlite3
+
+    config = tmp_path / "mailhost.toml"
+    assert run_cli("--config", str(config), "init").returncode == 0
+    db = sqlite3.connect(tmp_path / "mailhost.db")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()  # the last connection to close removes -wal and -shm
+    assert not (tmp_path / "mailhost.db-wal").exists()
+    target = tmp_path if locked == "folder" else tmp_path / "mailhost.db"
+    target.chmod(0o555 if locked == "folder" else 0o400)
+    add = ("--config", str(config), "outgoing", "add", "o", "--protocol", "dir", "--host", "box")
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
+    try:
+        out = run_cli(*add, env=env, obey_permissions=True)
+    finally:
+        target.chmod(0o755 if locked == "folder" else 0o600)
+    assert out.returncode == 1, out.stderr
+    # SQLite gave the -wal and -shm files it made meanwhile the store's mode: named too
+    expect = (f"its folder {tmp_path} is not writable for this user" if locked == "folder" else
+              "mailhost.db, mailhost.db-wal and mailhost.db-shm are not readable and writable for this user")
+    assert f"the store {tmp_path / 'mailhost.db'} cannot be used: {expect}" in out.stderr, out.stderr
+    assert "check [store] url" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    for made in tmp_path.glob("mailhost.db-*"):
+        made.chmod(0o600)
+    assert run_cli(*add, env=env, obey_permissions=True).returncode == 0
+
+
 def test_init_twice_keeps_config(tmp_path: Path) -> None:
     """A second `init` keeps the config and key, and only upgrades the store."""
     cfg = tmp_path / "mailhost.toml"
