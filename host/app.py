@@ -81,12 +81,19 @@ class Mailhost:
                 # empty file is an empty SQLite database, and SQLite gives its -wal and
                 # -shm files the database's mode.
                 create_private_file(database)
-            if not os.environ.get("MAILHOST_SECRET_KEY") and not host.config.key_file.exists():
+            new_key = not os.environ.get("MAILHOST_SECRET_KEY") and not host.config.key_file.exists()
+            if new_key:
                 create_key_file(host.config.key_file)
                 created.append(host.config.key_file)
             host.vault  # noqa: B018  (fails early on an unusable key)
             # A config written just now is removed again if this fails: name the option.
             host.migrate("check --database" if database_url and cfg_path in created else None)
+            if new_key and host._a_stored_secret() is not None:
+                # A new key opens none of them: the key file was lost, not never made.
+                raise ConfigError(
+                    f"the secret key file {host.config.key_file} is missing, and the store holds secrets encrypted "
+                    f"under the key it held: restore that file (or set MAILHOST_SECRET_KEY to its key); a new key "
+                    "could not open them, so init made none")
         except BaseException as exc:
             for made in reversed(created):  # newest first: the files, then their folders
                 with contextlib.suppress(OSError):  # (a folder someone else filled meanwhile stays)

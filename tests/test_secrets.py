@@ -26,6 +26,27 @@ def test_key_file_is_private(home: Path) -> None:
     assert stat.S_IMODE(os.stat(home / "mailhost.key").st_mode) == 0o600
 
 
+def test_init_over_a_store_whose_key_file_is_lost_makes_no_new_key(home: Path, plugin_env: dict[str, str]) -> None:
+    """`init` on an installation whose key file is gone, and whose store holds secrets:
+    a new key would open none of them, so init refuses (exit 2, naming the file to
+    restore) and writes none, instead of reporting success with a key that every later
+    command refuses; with the file restored, all works as before."""
+    env = {**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin", "PW": PASSWORD}
+    assert run_cli("outgoing", "add", "o", "--protocol", "dir", "--host", "box", "--username", "u",
+                   "--password-env", "PW", env=env, cwd=home).returncode == 0
+    key = home / "mailhost.key"
+    kept = key.read_bytes()
+    key.unlink()
+    out = run_cli("init", env=env, cwd=home)
+    assert out.returncode == 2, out.stderr
+    assert f"the secret key file {key} is missing, and the store holds secrets" in out.stderr, out.stderr
+    assert "restore that file" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert not key.exists()
+    key.write_bytes(kept)
+    assert run_cli("init", env=env, cwd=home).returncode == 0
+    assert run_cli("outgoing", "test", "o", env=env, cwd=home).returncode == 0
+
+
 def test_init_makes_config_and_store_private(tmp_path: Path) -> None:
     """`init` creates the config (it may hold a database password) and the SQLite store
     (all downloaded mail) with mode 0600, like the key, whatever the umask."""
