@@ -66,6 +66,9 @@ class Service:
         self._store_failed_at = 0.0
         self._config_seen = self._config_stamp()
         self._store_lock = threading.Lock()
+        #: Whether a pass failed (a connection's error, the store, a bug): `serve --once`
+        #: then exits 1, like `fetch` and `deliver`.
+        self.failed = False
 
     def install_signal_handlers(self) -> None:
         """Stop cleanly on SIGTERM/SIGINT; a second signal exits at once."""
@@ -137,6 +140,7 @@ class Service:
         if report is None:
             return
         if report.error:
+            self.failed = True
             log.warning("%s", report.error)
         elif report.stored:
             log.info("%s: %d new message(s)", name, report.stored)
@@ -151,7 +155,25 @@ class Service:
             log.warning("%d incoming item(s) were processing for more than %s: they are new again", released, timeout)
 
     def _deliver(self) -> None:
-        self._guarded("the delivery pass", lambda: self.host.outgoing.deliver(sessions=self.host.config.delivery_sessions))
+        report = self._guarded("the delivery pass",
+                               lambda: self.host.outgoing.deliver(sessions=self.host.config.delivery_sessions))
+        if report is None:
+            return
+        # Said as `mailhost deliver` says it: a connection that cannot send is in the log,
+        # as a download that fails is, not only in the queue's last_error.
+        for r in report.connections.values():
+            counts = ", ".join(f"{n} {label}" for n, label in (
+                (r.sent, "sent"), (r.partial, "partly delivered"), (r.retrying, "to retry"), (r.failed, "failed"),
+                (r.fell_back, "via the default")) if n)
+            if r.error:
+                self.failed = True
+                named = r.error if r.error.startswith(r.connection) else f"{r.connection}: {r.error}"
+                log.warning("%s (%s)", named, counts or "nothing sent")
+            elif counts:
+                (log.warning if r.failed or r.retrying else log.info)("%s: %s", r.connection, counts)
+        if report.error:
+            self.failed = True
+            log.warning("%s", report.error)
 
     def _guarded(self, what: str, work: Callable[[], T]) -> T | None:
         """``work()``, or None once its failure is said: the store's once (it is the same
@@ -163,6 +185,7 @@ class Service:
             self._store_failed(exc)
         except Exception:
             log.exception("%s failed", what)
+        self.failed = True
         return None
 
     def _store_failed(self, exc: StoreError) -> None:

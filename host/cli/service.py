@@ -10,7 +10,8 @@ from . import Context, cli, pass_ctx
 
 
 @cli.command()
-@click.option("--once", is_flag=True, help="Run one round of due downloads and one delivery pass, then exit.")
+@click.option("--once", is_flag=True, help="Run one round of due downloads and one delivery pass, then exit "
+                                           "(status 1 if one of them failed).")
 @click.option("--download-workers", type=click.IntRange(1, 64), default=4, show_default=True,
               help="Connections downloaded at the same time.")
 @pass_ctx
@@ -30,9 +31,11 @@ def serve(ctx: Context, once: bool, download_workers: int) -> None:
 
         web = start_web(host, host.config.web_listen)
         click.echo(f"web admin on http://{web.address}/", err=True)
-    click.echo(f"mailhost serving from {host.config.path} (Ctrl-C to stop)", err=True)
+    click.echo(f"mailhost serving from {host.config.path}" + ("" if once else " (Ctrl-C to stop)"), err=True)
     try:
         service.run(once=once)
     finally:
         if web is not None:
             web.stop()
+    if once and service.failed:  # what failed is in the log above
+        raise SystemExit(1)
