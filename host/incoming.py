@@ -103,6 +103,9 @@ class PassReport:
     error: str | None = None
     skipped: str | None = None
     item_ids: list[int] = field(default_factory=list)
+    #: The pass ended early, after a whole batch, because its caller is stopping
+    #: (``serve`` on SIGTERM): what it listed beyond ``stored`` waits for the next pass.
+    stopped: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         """The JSON form."""
@@ -156,8 +159,13 @@ class Incoming:
                 ))
         return [self.fetch_one(name, progress) for name in chosen]
 
-    def fetch_one(self, name: str, progress: Progress | None = None) -> PassReport:
-        """One download pass over connection ``name``; failures land in the report and log."""
+    def fetch_one(self, name: str, progress: Progress | None = None,
+                  stop: threading.Event | None = None) -> PassReport:
+        """One download pass over connection ``name``; failures land in the report and log.
+
+        ``stop`` set: the pass ends after the batch under way is stored and acknowledged
+        (``report.stopped``), as after a crash there, which loses and repeats nothing; the
+        next pass goes on from that batch."""
         report = PassReport(name)
         started = time.monotonic()
         conn, holder = self._claim(name)
@@ -172,7 +180,7 @@ class Incoming:
         wait: float | None = None
         try:
             with self._lease_kept(conn.id):
-                self._run(conn, log_id, report, progress)
+                self._run(conn, log_id, report, progress, stop)
         except MailhostError as exc:
             report.ok, report.error = False, _sentence(conn.name, exc)
             wait = getattr(exc, "retry_after", None)
@@ -183,7 +191,8 @@ class Incoming:
         self._finish(conn, log_id, report, wait)
         return report
 
-    def _run(self, conn: IncomingConnection, log_id: int, report: PassReport, progress: Progress | None) -> None:
+    def _run(self, conn: IncomingConnection, log_id: int, report: PassReport, progress: Progress | None,
+             stop: threading.Event | None = None) -> None:
         provider = self.host.connections.provider(Direction.INCOMING, conn)
         action = self.host.plugins.action(conn.after_download)
         settings = self.host.connections.settings(Direction.INCOMING, conn)
@@ -200,10 +209,12 @@ class Incoming:
             report.listed = len(listing.refs)
             self._finish_pending(session, conn, folder, action, report, acks)
             with _Link(session) as link:
-                self._download(link, conn, folder, log_id, action, listing.refs, report, acks, progress)
+                self._download(link, conn, folder, log_id, action, listing.refs, report, acks, progress, stop)
             with self.host.session() as s:
                 self._hold(s, conn)
-                if listing.cursor is not None:
+                # The listing's cursor says "all of it is stored": not after a pass that stopped
+                # early, whose batches each committed the cursor that they reached.
+                if listing.cursor is not None and not report.stopped:
                     self._put_cursor(s, conn.id, folder, dict(listing.cursor))
                 self._record_acknowledged(s, conn.id, folder, acks)
         finally:
@@ -247,6 +258,7 @@ class Incoming:
     def _download(
         self, link: _Link, conn: IncomingConnection, folder: str, log_id: int, action: Any,
         refs: Sequence[MessageRef], report: PassReport, acks: _Acks, progress: Progress | None,
+        stop: threading.Event | None = None,
     ) -> None:
         """Fetch, commit and acknowledge batch after batch, the server and the store
         working at once: while batch N is committed, the session thread already
@@ -286,7 +298,10 @@ class Incoming:
                 upto = [r.key for r in batch].index(broken.fetched[-1].ref.key) + 1
                 self._store_batch(conn, folder, log_id, batch[:upto], broken.fetched, report, acks)
                 raise broken.error from None
-            ahead = link.submit(_download, link.session, batches[i + 1], plugin) if i + 1 < len(batches) else None
+            # Stopping: store and acknowledge what came, fetch no more.
+            report.stopped = stop is not None and stop.is_set() and i + 1 < len(batches)
+            ahead = link.submit(_download, link.session, batches[i + 1], plugin) if i + 1 < len(batches) \
+                and not report.stopped else None
             settle(wait=False)
             stored, through = self._store_batch(conn, folder, log_id, batch, fetched, report, acks)
             done += len(batch)
@@ -295,6 +310,8 @@ class Incoming:
                 pending.append((future, len(stored), through))
             if progress:
                 progress(done, total)
+            if report.stopped:
+                break
         settle(wait=True)
 
     def _store_batch(

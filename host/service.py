@@ -5,8 +5,9 @@ every ``[service] delivery_interval`` seconds; once a minute, incoming items lef
 ``processing`` longer than ``[incoming] processing_timeout_minutes`` (their handler
 died) go back to ``new``. One connection's failure never stops the others (it is
 logged, on the connection and in the incoming log). SIGTERM or SIGINT
-stops the service after the passes under way; a second one exits at once, which is
-safe because every pipeline stores before it acknowledges.
+stops the service after the batches under way (a download pass ends after the batch it
+is storing, the next pass goes on from there; a delivery pass finishes); a second one
+exits at once, which is safe because every pipeline stores before it acknowledges.
 
 Many ``serve`` processes may share one PostgreSQL store: connection leases and row
 leases on the outgoing queue keep them from doing the same work twice.
@@ -81,7 +82,7 @@ class Service:
                 # finishing (and throwing away) their passes. Stopping mid-pass is safe:
                 # every pipeline stores before it acknowledges.
                 exit_now(128 + signum)
-            log.warning("%s: finishing the passes under way, then stopping", signal.Signals(signum).name)
+            log.warning("%s: finishing the batches under way, then stopping", signal.Signals(signum).name)
             self.stop.set()
 
         signal.signal(signal.SIGTERM, handler)
@@ -136,12 +137,17 @@ class Service:
                 self._running[name] = self._pool.submit(self._download, name)
 
     def _download(self, name: str) -> None:
-        report = self._guarded(f"the download pass of {name}", lambda: self.host.incoming.fetch_one(name))
+        # A stopping service ends the pass after the batch under way, not after the mailbox.
+        report = self._guarded(f"the download pass of {name}",
+                               lambda: self.host.incoming.fetch_one(name, stop=self.stop))
         if report is None:
             return
         if report.error:
             self.failed = True
             log.warning("%s", report.error)
+        elif report.stopped:
+            log.warning("%s: stopped after %d of %d new message(s), as the service stops; the next pass goes on "
+                        "from there", name, report.stored + report.duplicates, report.listed)
         elif report.stored:
             log.info("%s: %d new message(s)", name, report.stored)
 
@@ -169,8 +175,11 @@ class Service:
                 self.failed = True
                 named = r.error if r.error.startswith(r.connection) else f"{r.connection}: {r.error}"
                 log.warning("%s (%s)", named, counts or "nothing sent")
+            elif r.failed or r.retrying:  # each message's own reason is in the queue
+                log.warning("%s: %s (`mailhost queue outgoing --connection %s` says why)", r.connection, counts,
+                            r.connection)
             elif counts:
-                (log.warning if r.failed or r.retrying else log.info)("%s: %s", r.connection, counts)
+                log.info("%s: %s", r.connection, counts)
         if report.error:
             self.failed = True
             log.warning("%s", report.error)

@@ -251,3 +251,24 @@ def test_sigkill_at_random_points_stores_each_message_once(home: Path, dovecot, 
     by_id = {_mid(m): m for m in sent}
     assert all(raw == by_id[m] for m, raw in stored)
     assert all("S" in f for f in dovecot.flags(mailbox.user))  # every acknowledgement finished
+
+
+def test_a_pass_told_to_stop_ends_after_its_batch_and_the_next_goes_on(home: Path, dovecot, mailbox,
+                                                                      imap_conn: str, mh) -> None:
+    """`serve` stopping (SIGTERM) ends a download pass after the batch under way, not
+    after the whole mailbox: that batch is stored and marked seen, the rest stays for the
+    next pass, which finds all of it (the folder's cursor only moves with what was
+    stored), nothing twice."""
+    import threading
+
+    sent = [dovecot.generate_message(i, size=600) for i in range(1000)]  # batches of 250, 500, 250
+    dovecot.deliver_many(mailbox.user, sent)
+    stop = threading.Event()
+    first = mh.incoming.fetch_one(imap_conn, lambda done, total: done and stop.set(), stop)  # after one batch
+    assert first.ok and first.stopped, first
+    assert (first.listed, first.stored, first.acknowledged) == (1000, 750, 750)  # the batch fetched meanwhile too
+    assert sum("S" in f for f in dovecot.flags(mailbox.user)) == 750
+    second = mh.incoming.fetch_one(imap_conn)
+    assert second.ok and not second.stopped and (second.listed, second.stored, second.duplicates) == (250, 250, 0)
+    assert [raw for _, raw in _queue(home)] == sent
+    assert all("S" in f for f in dovecot.flags(mailbox.user))

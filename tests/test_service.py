@@ -288,7 +288,7 @@ def test_second_sigterm_exits_at_once_and_a_restart_takes_over(home: Path, plugi
     try:
         _wait_for(lambda: events.exists() and '"hanging"' in events.read_text(), "the pass reached a.eml")
         proc.send_signal(signal.SIGTERM)
-        _wait_for(lambda: any("finishing the passes under way" in line for line in err), "the first SIGTERM")
+        _wait_for(lambda: any("finishing the batches under way" in line for line in err), "the first SIGTERM")
         assert proc.poll() is None  # the hanging pass holds it, as the first signal should
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 128 + signal.SIGTERM
