@@ -24,6 +24,7 @@ def cli(home: Path, plugin_env: dict[str, str], tmp_path: Path):
 
     run.mailbox = mailbox  # type: ignore[attr-defined]
     run.home = home  # type: ignore[attr-defined]
+    run.env = plugin_env  # type: ignore[attr-defined]
     return run
 
 
@@ -540,3 +541,51 @@ def test_a_plugin_bug_in_a_test_or_an_estimate_is_a_finding_not_a_crash(cli, bug
         assert f"could not estimate the messages to download ({found})" in out.stderr
         assert json.loads(cli("incoming", "show", "c1", "--json").stdout)["enabled"] is True
     assert "please report it" not in out.stderr
+
+
+@pytest.mark.parametrize("answer, status, expect", [
+    (b"\x03", 130, "interrupted: incoming connection c1 stays disabled"),  # Ctrl-C at the question
+    (b"n\r", 1, "incoming connection c1 stays disabled"),
+])
+def test_enable_interrupted_or_declined_at_the_question_stays_disabled(cli, answer: bytes, status: int,
+                                                                       expect: str) -> None:
+    """On a terminal `incoming enable` asks; Ctrl-C there (or no) says on a line of its own
+    that the connection stays disabled and how to enable it, instead of "aborted"."""
+    import os
+    import pty
+    import select
+    import signal
+    import sys
+
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
+    env = {**os.environ, **cli.env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: mailhost on the terminal
+        os.chdir(cli.home)
+        os.execve(sys.executable, [sys.executable, "-m", "mailhost", "incoming", "enable", "c1"], env)
+    said = b""
+    try:
+        while b"[y/N]" not in said:
+            assert select.select([fd], [], [], 120)[0], said  # a safety net, not a timing assertion
+            said += os.read(fd, 1024)
+        os.write(fd, answer)
+        while True:
+            assert select.select([fd], [], [], 120)[0], said
+            try:
+                chunk = os.read(fd, 1024)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            said += chunk
+    except BaseException:
+        os.kill(pid, signal.SIGKILL)  # a child still at its question would never end
+        raise
+    finally:
+        _, wait_status = os.waitpid(pid, 0)
+        os.close(fd)
+    text = said.decode().replace("\r\n", "\n")
+    assert os.waitstatus_to_exitcode(wait_status) == status, text
+    assert f"\nmailhost: {expect}; run `mailhost incoming enable c1` again" in text, text
+    assert "aborted" not in text and "Traceback" not in text, text
+    assert json.loads(cli("incoming", "show", "c1", "--json").stdout)["enabled"] is False

@@ -249,7 +249,14 @@ def incoming_enable(ctx: Context, name: str, yes: bool) -> None:
     if not yes:
         if not click.get_text_stream("stdin").isatty():
             fail(f"enabling {name} needs confirmation: run it on a terminal or pass --yes")
-        click.confirm(f"enable {name}?", abort=True, err=True)
+        again = f"run `mailhost incoming enable {name}` again when ready (--yes does not ask)"
+        try:
+            confirmed = click.confirm(f"enable {name}?", err=True)
+        except click.Abort:  # Ctrl-C, or the end of input: click has not ended the prompt's line
+            click.echo(err=True)
+            fail(f"interrupted: incoming connection {name} stays disabled; {again}", 130)
+        if not confirmed:
+            fail(f"incoming connection {name} stays disabled; {again}", 1)
     ctx.host.connections.set_enabled(name, True)
     click.echo(f"enabled incoming connection {name}", err=True)
 
