@@ -10,6 +10,7 @@ Listening on 127.0.0.1 protects nothing against a web page whose name rebinds to
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import socket
@@ -216,7 +217,14 @@ def start_web(host: Mailhost, listen: str, request_timeout: float = REQUEST_TIME
         name, port = listen_address(listen)
         server = (_Server6 if ":" in name else _Server)((name, port), _QuietHandler, request_timeout)
         server.set_app(WebAdmin(host, listen))
-    except (OSError, ValueError) as exc:
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:  # most often this installation's serve, started twice
+            raise ConfigError(f"cannot serve the web admin on {listen!r}: another program listens there, perhaps "
+                              "another `mailhost serve` (see `ss -ltnp`): stop it, or give this one another [web] "
+                              f"listen in {host.config.path} (\"\" turns its web admin off)") from None
+        raise ConfigError(f"cannot serve the web admin on {listen!r} ({exc}): change [web] listen in "
+                          f"{host.config.path}, or set it to \"\" to turn the web admin off") from None
+    except ValueError as exc:
         raise ConfigError(f"cannot serve the web admin on {listen!r} ({exc}): change [web] listen in "
                           f"{host.config.path}, or set it to \"\" to turn the web admin off") from None
     return RunningWeb(server)

@@ -137,6 +137,20 @@ def test_bad_web_listen_is_bad_input(home: Path, listen: str, expect: str) -> No
     assert "[web] listen" in out.stderr and expect in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
+def test_serve_on_a_web_address_in_use_says_another_program_listens(home: Path) -> None:
+    """A second `serve` of one installation (or anything else) on the web admin's address:
+    one sentence that says something listens there and what to do, exit 2."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        listen = f"127.0.0.1:{taken.getsockname()[1]}"
+        _set_listen(home, listen)
+        out = run_cli("serve", cwd=home)
+    assert out.returncode == 2, out.stderr
+    assert f"cannot serve the web admin on '{listen}': another program listens there, perhaps another `mailhost " \
+           "serve`" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
 def test_bad_outgoing_setting_stops_serve_at_start(home: Path) -> None:
     """A bad [outgoing] value stops serve before it starts (exit 2, one sentence), instead
     of a traceback in every delivery pass of a service that looks healthy."""
