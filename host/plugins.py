@@ -379,7 +379,12 @@ class PluginHost:
 
     def option_rows(self, protocol: str | None = None) -> list[dict[str, Any]]:
         """Every option the protocols declare (of protocol ``protocol`` only, when given),
-        one row each, for ``mailhost plugins options`` and the web admin."""
+        one row each, for ``mailhost plugins options`` and the web admin. A protocol that
+        is not loaded is a typo to name (ValidationError), not "it declares none"."""
+        known = sorted({name for _, name in self.protocols})
+        if protocol is not None and protocol not in known:
+            raise ValidationError(f"no protocol named {protocol!r} is loaded: choose one of "
+                                  f"{', '.join(known) or 'none installed'}", field="protocol")
         return [
             {"protocol": f"{d.value}/{n}", "plugin": p.plugin, **o.as_dict()}
             for (d, n), p in sorted(self.protocols.items(), key=lambda kv: (kv[0][1], kv[0][0].value))

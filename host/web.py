@@ -103,8 +103,13 @@ class WebAdmin:
         query = parse_qs(environ.get("QUERY_STRING", ""))
         api = path.startswith("api/")
         key = path[4:] if api else path
-        if environ.get("REQUEST_METHOD", "GET") != "GET":
-            return self._send(start_response, "405 Method Not Allowed", "text/plain", b"read-only")
+        method = environ.get("REQUEST_METHOD", "GET")
+        if method == "HEAD":  # a monitor's check (curl -I): GET's status and headers, no body
+            self._answer({**environ, "REQUEST_METHOD": "GET"}, start_response)
+            return [b""]
+        if method != "GET":
+            return self._send(start_response, "405 Method Not Allowed", "text/plain", b"read-only",
+                              [("Allow", "GET, HEAD")])
         if key == "" and not api:
             body = _env.get_template("index.html").render(pages=self.routes)
             return self._send(start_response, "200 OK", "text/html; charset=utf-8", body.encode())

@@ -206,6 +206,31 @@ def _get(address: str, path: str, host_header: str) -> tuple[int, bytes]:
         conn.close()
 
 
+def test_web_answers_head_and_refuses_an_unknown_protocol(tmh: Mailhost) -> None:
+    """A monitor's HEAD (curl -I) gets GET's status and headers without the body, where
+    it got 405; ?protocol= naming no loaded protocol is a 400 that lists them, as `plugins
+    options --protocol` says, not an empty list that reads as "it takes no options"."""
+    import http.client
+
+    from mailhost.web import start_web
+
+    web = start_web(tmh, f"127.0.0.1:{_free_port()}")
+    try:
+        name, _, port = web.address.rpartition(":")
+        for path, status in (("/api/incoming", 200), ("/queue/incoming", 200), ("/nope", 404)):
+            conn = http.client.HTTPConnection(name, int(port), timeout=30)
+            try:
+                conn.request("HEAD", path)
+                response = conn.getresponse()
+                assert (response.status, response.read()) == (status, b""), path
+            finally:
+                conn.close()
+        status, body = _get(web.address, "/api/plugins/options?protocol=nosuch", "localhost")
+        assert status == 400 and "no protocol named 'nosuch' is loaded: choose one of dir" in json.loads(body)["error"]
+    finally:
+        web.stop()
+
+
 def test_web_admin_answers_only_its_own_host_names(tmh: Mailhost, tmh_factory) -> None:
     """A request addressed to another name (a DNS-rebinding page) gets 421 and no data;
     localhost, 127.0.0.1, [::1], the listen address and [web] allowed_hosts are answered."""
