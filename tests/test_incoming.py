@@ -640,6 +640,18 @@ def test_item_id_beyond_the_store_is_bad_input_on_each_store(mh_any: Mailhost) -
         assert "is not in the range" in out.stderr and "unexpected error" not in out.stderr
 
 
+def _with_decryption(config: Path, testplugin: object, decryption: object, box: Path) -> Mailhost:
+    """A host with the test plugin and ``decryption``, and an incoming connection "desk"
+    reading ``box`` with a certificate attached (so the decryption hook runs)."""
+    host = Mailhost.open(config, plugins=PluginHost(
+        only=[], extra=[("testplugin", testplugin), ("decryption", decryption)]))
+    with host.session() as s:
+        s.add(Certificate(name="cert1", cert_pem=b"-", key_enc=host.vault.encrypt(b"key")))
+    host.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="desk", protocol="dir", folder=str(box), certificates=["cert1"]))
+    return host
+
+
 class _WrongDecryption:
     """A third-party decryption plugin with a bug: it returns a dict, not a Decryption."""
 
@@ -653,13 +665,8 @@ def test_a_decryption_plugin_returning_garbage_does_not_block_the_mailbox(
     """What a decryption plugin returns that is not a Decryption is that plugin failing:
     the message is stored as downloaded and flagged, and the pass goes on (before, the
     whole batch failed, every pass, so nothing more of that mailbox was ever stored)."""
-    host = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(
-        only=[], extra=[("testplugin", testplugin), ("wrong", _WrongDecryption())]))
+    host = _with_decryption(home / "mailhost.toml", testplugin, _WrongDecryption(), box)
     try:
-        with host.session() as s:
-            s.add(Certificate(name="cert1", cert_pem=b"-", key_enc=host.vault.encrypt(b"key")))
-        host.connections.add(Direction.INCOMING, ConnectionSpec(
-            name="desk", protocol="dir", folder=str(box), certificates=["cert1"]))
         (box / "a.eml").write_bytes(b"Subject: odd\r\nX-Wrong: 1\r\n\r\nbody\r\n")
         (box / "b.eml").write_bytes(_msg(2))
         [report] = host.incoming.fetch(["desk"])
@@ -695,13 +702,8 @@ def test_a_slow_decryption_plugin_does_not_hold_the_transaction(
     monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
     monkeypatch.setattr(store, "IDLE_IN_TRANSACTION_TIMEOUT", 1.0)
     Mailhost.init(tmp_path / "m.toml", postgres_url).close()
-    host = Mailhost.open(tmp_path / "m.toml", plugins=PluginHost(
-        only=[], extra=[("testplugin", testplugin), ("slow", _SlowDecryption())]))
+    host = _with_decryption(tmp_path / "m.toml", testplugin, _SlowDecryption(), box)
     try:
-        with host.session() as s:
-            s.add(Certificate(name="cert1", cert_pem=b"-", key_enc=host.vault.encrypt(b"key")))
-        host.connections.add(Direction.INCOMING, ConnectionSpec(
-            name="desk", protocol="dir", folder=str(box), certificates=["cert1"]))
         for n in range(2):
             (box / f"{n}.eml").write_bytes(b"Subject: secret %d\r\n\r\nuryyb\r\n" % n)
         [report] = host.incoming.fetch(["desk"])
