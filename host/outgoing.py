@@ -350,6 +350,12 @@ class ConnectionReport:
         """The JSON form."""
         return dataclasses.asdict(self)
 
+    def counts(self) -> str:
+        """The outcomes in words, as the CLI and serve's log say them: "2 sent, 1 to retry"."""
+        return ", ".join(f"{n} {label}" for n, label in (
+            (self.sent, "sent"), (self.partial, "partly delivered"), (self.retrying, "to retry"),
+            (self.failed, "failed"), (self.fell_back, "via the default")) if n) or "nothing sent"
+
 
 @dataclass
 class DeliveryReport:

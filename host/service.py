@@ -168,18 +168,15 @@ class Service:
         # Said as `mailhost deliver` says it: a connection that cannot send is in the log,
         # as a download that fails is, not only in the queue's last_error.
         for r in report.connections.values():
-            counts = ", ".join(f"{n} {label}" for n, label in (
-                (r.sent, "sent"), (r.partial, "partly delivered"), (r.retrying, "to retry"), (r.failed, "failed"),
-                (r.fell_back, "via the default")) if n)
             if r.error:
                 self.failed = True
                 named = r.error if r.error.startswith(r.connection) else f"{r.connection}: {r.error}"
-                log.warning("%s (%s)", named, counts or "nothing sent")
+                log.warning("%s (%s)", named, r.counts())
             elif r.failed or r.retrying:  # each message's own reason is in the queue
-                log.warning("%s: %s (`mailhost queue outgoing --connection %s` says why)", r.connection, counts,
+                log.warning("%s: %s (`mailhost queue outgoing --connection %s` says why)", r.connection, r.counts(),
                             r.connection)
-            elif counts:
-                log.info("%s: %s", r.connection, counts)
+            elif r.sent or r.partial or r.fell_back:
+                log.info("%s: %s", r.connection, r.counts())
         if report.error:
             self.failed = True
             log.warning("%s", report.error)

@@ -72,15 +72,10 @@ def deliver(ctx: Context, sessions: int | None, connection: str | None, as_json:
             click.echo(f"requeued {report.recovered} message(s) an interrupted delivery left", err=True)
         if not rows:
             click.echo("nothing to deliver", err=True)
-        for r in rows:
-            parts = [f"{r['sent']} sent"]
-            parts += [f"{r[k]} {label}" for k, label in (("partial", "partly delivered"), ("retrying", "to retry"),
-                                                          ("failed", "failed"), ("fell_back", "via the default"))
-                      if r[k]]
-            click.echo(f"{r['connection']}: {', '.join(parts)} in {r['seconds']:.2f}s "
-                       f"({r['sessions']} session(s))")
-            if r["error"]:
-                click.echo(f"{r['connection']}: {r['error']}", err=True)
+        for r in report.connections.values():
+            click.echo(f"{r.connection}: {r.counts()} in {report.seconds:.2f}s ({r.sessions} session(s))")
+            if r.error:
+                click.echo(f"{r.connection}: {r.error}", err=True)
     if report.error or any(r["error"] for r in rows):
         if report.error and not as_json:
             click.echo(f"mailhost: {report.error}", err=True)
