@@ -134,17 +134,22 @@ def test_a_dripping_fetch_is_cut_off_after_the_whole_messages(fake_imap, pki, en
     assert "the next pass goes on from there" in str(failure.value) and "raise the timeout" in str(failure.value)
 
 
-def test_a_pass_a_server_drips_stores_what_came_whole_and_the_next_resumes(fake_imap, mh):
-    """The dripped pass ends (and with it the lease its keeper renews) not ok, with UID 1
-    stored and not yet marked seen; the next pass marks it seen, then brings UID 2."""
+def _desk(mh, port: int) -> int:
+    """Add the incoming connection "desk" to the scripted server on ``port``; returns the port."""
     from mailhost.connections import ConnectionSpec
     from mailhost.protocols import Direction
 
-    drips, stored = [True], []
-    port = fake_imap(dripping_server(drips, stored), connections=2)
     mh.connections.add(Direction.INCOMING, ConnectionSpec(
         name="desk", protocol="imap", host="127.0.0.1", port=port, encryption="none", username="u", password="p",
         timeout=300))
+    return port
+
+
+def test_a_pass_a_server_drips_stores_what_came_whole_and_the_next_resumes(fake_imap, mh):
+    """The dripped pass ends (and with it the lease its keeper renews) not ok, with UID 1
+    stored and not yet marked seen; the next pass marks it seen, then brings UID 2."""
+    drips, stored = [True], []
+    port = _desk(mh, fake_imap(dripping_server(drips, stored), connections=2))
     first = mh.incoming.fetch_one("desk")
     assert (first.ok, first.stored, stored) == (False, 1, [])
     assert (first.error or "").startswith(f"desk on 127.0.0.1:{port} sent message UID 2 from folder INBOX so slowly")
@@ -230,14 +235,8 @@ def test_a_command_the_server_answers_with_an_endless_drip_is_cut_off(fake_imap,
 def test_a_pass_whose_store_the_server_drips_ends_with_the_mail_stored(fake_imap, mh):
     """The pass ends (and with it the lease its keeper renews) not ok, naming UID STORE,
     with both messages stored; the next pass marks them seen and stores nothing twice."""
-    from mailhost.connections import ConnectionSpec
-    from mailhost.protocols import Direction
-
     busy, stored = [b"UID", b"STORE"], []
-    port = fake_imap(busy_server(busy, stored), connections=2)
-    mh.connections.add(Direction.INCOMING, ConnectionSpec(
-        name="desk", protocol="imap", host="127.0.0.1", port=port, encryption="none", username="u", password="p",
-        timeout=300))
+    port = _desk(mh, fake_imap(busy_server(busy, stored), connections=2))
     first = mh.incoming.fetch_one("desk")
     assert (first.ok, first.stored, stored) == (False, 2, [])
     assert f"desk on 127.0.0.1:{port} sent its answer to UID STORE so slowly" in (first.error or ""), first.error
