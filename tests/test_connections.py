@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -543,6 +545,25 @@ def test_a_plugin_bug_in_a_test_or_an_estimate_is_a_finding_not_a_crash(cli, bug
     assert "please report it" not in out.stderr
 
 
+def _wait_until_reading_the_terminal(pid: int) -> None:
+    """Wait until process ``pid`` sits in read(0, ...) (Linux: /proc/PID/syscall).
+
+    A Ctrl-C that arrives between the prompt being written and the read starting is
+    noted by CPython but acted on only at the next signal (input() does not check
+    before it blocks): the child would wait at its question for ever. A person never
+    types that fast; a test does."""
+    read = {"x86_64": 0, "aarch64": 63}.get(os.uname().machine)
+    if read is None:
+        return
+    deadline = time.monotonic() + 120  # a safety net, not a timing assertion
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/syscall") as f:
+            if f.read().split()[:2] == [str(read), "0x0"]:
+                return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} never read its terminal")
+
+
 @pytest.mark.parametrize("answer, status, expect", [
     (b"\x03", 130, "interrupted: incoming connection c1 stays disabled"),  # Ctrl-C at the question
     (b"n\r", 1, "incoming connection c1 stays disabled"),
@@ -551,7 +572,6 @@ def test_enable_interrupted_or_declined_at_the_question_stays_disabled(cli, answ
                                                                        expect: str) -> None:
     """On a terminal `incoming enable` asks; Ctrl-C there (or no) says on a line of its own
     that the connection stays disabled and how to enable it, instead of "aborted"."""
-    import os
     import pty
     import select
     import signal
@@ -568,6 +588,7 @@ def test_enable_interrupted_or_declined_at_the_question_stays_disabled(cli, answ
         while b"[y/N]" not in said:
             assert select.select([fd], [], [], 120)[0], said  # a safety net, not a timing assertion
             said += os.read(fd, 1024)
+        _wait_until_reading_the_terminal(pid)
         os.write(fd, answer)
         while True:
             assert select.select([fd], [], [], 120)[0], said
