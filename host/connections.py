@@ -678,6 +678,30 @@ def connection_values(direction: Direction, conn: Any) -> dict[str, Any]:
     return values
 
 
+def cleartext_warning(direction: Direction, record: Mapping[str, Any]) -> str | None:
+    """A sentence when connection ``record`` (its JSON form) sends its password or
+    OAuth2 token unencrypted over the network: encryption none to a host that is not
+    this machine. The admin may mean it (a relay on a trusted segment), so it is said,
+    not refused, as mail clients warn at set-up."""
+    host = (record.get("host") or "").strip().lower()
+    secret = ("OAuth2 token" if record.get("connect_mode") == "oauth2"
+              else "password" if record.get("password_set") else None)
+    if record.get("encryption") != Encryption.NONE.value or not host or secret is None or _loopback(host):
+        return None
+    name, word = record["name"], direction.value
+    return (f"{word} connection {name} sends its {secret} unencrypted to {host} (encryption none), where anyone "
+            f"on the way can read it: `mailhost {word} edit {name} --encryption starttls` (or ssl) protects it")
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def connection_dict(direction: Direction, conn: Any, provider: ProtocolProvider | None = None) -> dict[str, Any]:
     """The JSON form of a connection, with the seeds' attribute names; no secrets. Times
     are datetimes, as in a queue item's: the CLI prints them in its one way, and its

@@ -610,3 +610,27 @@ def test_enable_interrupted_or_declined_at_the_question_stays_disabled(cli, answ
     assert f"\nmailhost: {expect}; run `mailhost incoming enable c1` again" in text, text
     assert "aborted" not in text and "Traceback" not in text, text
     assert json.loads(cli("incoming", "show", "c1", "--json").stdout)["enabled"] is False
+
+
+def test_a_password_sent_unencrypted_over_the_network_is_warned_about(cli) -> None:
+    """Encryption none with a password to another machine is said on add, edit and show
+    (the admin may mean it: a relay on a trusted segment), never to this machine, and
+    never on stdout, where --json prints only the record."""
+    def smtp(*args: str):
+        return cli(*args, env={"PW": "s3cret", "MAILHOST_LOAD_PLUGINS": "smtp"})
+
+    words = ("outgoing connection relay sends its password unencrypted to smtp.example.org (encryption none), where "
+             "anyone on the way can read it: `mailhost outgoing edit relay --encryption starttls` (or ssl) protects it")
+    added = smtp("outgoing", "add", "relay", "--protocol", "smtp", "--host", "smtp.example.org", "--encryption", "none",
+                 "--username", "u", "--password-env", "PW", "--from", "a@example.org", "--json")
+    assert added.returncode == 0, added.stderr
+    assert json.loads(added.stdout)["encryption"] == "none"
+    assert f"mailhost: warning: {words}" in added.stderr
+    assert words in smtp("outgoing", "show", "relay").stderr
+    assert "unencrypted" not in smtp("outgoing", "edit", "relay", "--encryption", "starttls").stderr
+    assert "unencrypted" not in smtp("outgoing", "show", "relay").stderr
+    edited = smtp("outgoing", "edit", "relay", "--encryption", "none")
+    assert edited.returncode == 0 and words in edited.stderr, edited.stderr
+    for quiet in (["--host", "127.0.0.1"], ["--host", "localhost"], ["--username", ""]):
+        out = smtp("outgoing", "edit", "relay", *quiet)
+        assert out.returncode == 0 and "unencrypted" not in out.stderr, (quiet, out.stderr)

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from ..connections import ConnectionSpec
+from ..connections import ConnectionSpec, cleartext_warning
 from ..errors import MailError, MailhostError, PluginError
 from ..secrets import redact
 from ..protocols import Direction, TestStep
@@ -118,6 +118,12 @@ def _print_steps(steps: list[TestStep], as_json: bool) -> bool:
     return ok
 
 
+def _warn_cleartext(direction: Direction, record: dict[str, Any]) -> None:
+    warning = cleartext_warning(direction, record)
+    if warning:
+        click.echo(f"mailhost: warning: {warning}", err=True)
+
+
 def _register(direction: Direction, group: click.Group, options: Callable[..., Any]) -> None:
     word = direction.value
 
@@ -128,11 +134,13 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
     @pass_ctx
     def add(ctx: Context, name: str, as_json: bool, **opts: Any) -> None:
         conn = ctx.host.connections.add(direction, _spec(name, opts))
+        record = ctx.host.connections.as_dict(direction, conn)
         if as_json:
-            print_json(ctx.host.connections.as_dict(direction, conn))
+            print_json(record)
         else:
             note = " (disabled: test it, then `mailhost incoming enable`)" if direction is Direction.INCOMING else ""
             click.echo(f"added {word} connection {conn.name}{note}", err=True)
+        _warn_cleartext(direction, record)
 
     add.help = f"Add an {word} connection named NAME." + (" It starts disabled." if direction is Direction.INCOMING else "")
 
@@ -144,10 +152,12 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
     @pass_ctx
     def edit(ctx: Context, name: str, new_name: str | None, as_json: bool, **opts: Any) -> None:
         conn, disabled = ctx.host.connections.edit(direction, name, _spec(new_name, opts))
+        record = ctx.host.connections.as_dict(direction, conn)
         if as_json:
-            print_json(ctx.host.connections.as_dict(direction, conn))
+            print_json(record)
         else:
             click.echo(f"changed {word} connection {conn.name}" + (" and disabled it: enable it again when ready" if disabled else ""), err=True)
+        _warn_cleartext(direction, record)
 
     edit.help = f"Change an {word} connection." + (
         " Editing an enabled one disables it; pointing it at another mailbox stops a download pass of the old one"
@@ -174,6 +184,7 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
     def show(ctx: Context, name: str, as_json: bool) -> None:
         record = ctx.host.connections.as_dict(direction, ctx.host.connections.get(direction, name))
         print_record(record, as_json)
+        _warn_cleartext(direction, record)
         stale = sorted(record["undeclared_options"])
         if stale:  # kept, so that a plugin downgraded and upgraded again loses nothing; said, so it is not a mystery
             click.echo(f"mailhost: warning: {word} connection {name!r} holds option(s) {', '.join(stale)}, which "
