@@ -30,7 +30,7 @@ from sqlalchemy.orm import Session
 
 from . import store
 from .config import Config, config_path, write_starter_config
-from .errors import ConfigError, MailhostError, StoreError
+from .errors import ConfigError, MailhostError, StoreError, StoreUnreachable
 from .plugins import PluginHost, plugin_host
 from .secrets import RedactingFilter, Vault, create_key_file, create_private_file
 
@@ -270,6 +270,10 @@ class Mailhost:
         denied = self._sqlite_denied(reason, " ".join(str(reason).split()).rstrip("."))
         if denied:  # the URL is right: the file's or its folder's permissions are not
             return StoreError(denied)
+        if fix.startswith("check [store]") and _unanswered(reason):  # it worked at init: the server is away
+            return StoreUnreachable(
+                f"cannot reach the store {self.engine.url.render_as_string(hide_password=True)}: "
+                f"{' '.join(str(reason).split())}; start the database server, or {fix}")
         return ConfigError(f"cannot open the store {self.engine.url.render_as_string(hide_password=True)}: "
                            f"{' '.join(str(reason).split())}; {fix}")
 
@@ -364,6 +368,23 @@ def _idled_out(orig: BaseException | None) -> bool:
 def _lock_timeout(orig: BaseException | None) -> bool:
     """Whether a driver's error is PostgreSQL's lock_timeout (SQLSTATE 55P03) running out."""
     return _sqlstate(orig) == "55P03"
+
+
+def _unanswered(orig: BaseException | None) -> bool:
+    """Whether a driver's error says the database server did not answer: a PostgreSQL
+    connection that failed before any reply (refused, timed out, no such host), or a
+    server starting up, shutting down or out of connections. A server that answered
+    "no" (wrong credentials, no such role or database: libpq's ``FATAL:`` lines, which
+    psycopg gives without a SQLSTATE while connecting) is the config's to fix."""
+    if getattr(orig, "sqlite_errorcode", None) is not None or not type(orig).__module__.startswith("psycopg"):
+        return False
+    state = _sqlstate(orig)
+    if state is not None:
+        return state.startswith("08") or state in ("57P01", "57P03", "53300")
+    text = str(orig)
+    return "FATAL:" not in text or any(words in text for words in (
+        "the database system is starting up", "the database system is shutting down",
+        "the database system is in recovery mode", "too many clients"))
 
 
 def _environmental(orig: BaseException | None) -> bool:

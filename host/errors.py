@@ -78,6 +78,11 @@ class StoreError(MailhostError):
     later may succeed."""
 
 
+class StoreUnreachable(StoreError):
+    """The database server did not answer (not running, starting up, out of
+    connections, or not at that address): nothing was done; ``serve`` waits for it."""
+
+
 class MailError(MailhostError):
     """Talking to a mail server failed."""
 

@@ -647,3 +647,48 @@ def test_a_pass_hung_inside_its_transaction_on_postgresql_frees_its_rows(
         going_on.set()
         host.close()
         admin.close()
+
+
+def test_serve_started_before_postgresql_waits_for_it(tmp_path: Path, postgres_url: str, proxy: _Proxy,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """At boot mailhost may start before PostgreSQL: `serve` says once that the store does
+    not answer and waits for it (no exit for a supervisor to catch); a one-shot command
+    meanwhile fails with exit 1 (a failure while running, not bad input), naming the
+    fix; a server that answers "no" (a database that does not exist) stops serve at once."""
+    import signal
+    import subprocess
+    import sys
+
+    from .helpers import run_cli
+
+    monkeypatch.delenv("MAILHOST_SECRET_KEY", raising=False)
+    config = tmp_path / "inst" / "mailhost.toml"
+    Mailhost.init(config, proxy.url(postgres_url)).close()
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:8025"', 'listen = ""'))  # no web admin
+    proxy.down()
+    fetch = run_cli("--config", str(config), "fetch")
+    assert fetch.returncode == 1, fetch.stderr
+    assert fetch.stderr.startswith("mailhost: cannot reach the store postgresql+psycopg://"), fetch.stderr
+    assert "start the database server, or check [store] url in" in fetch.stderr and "Traceback" not in fetch.stderr
+    serve = subprocess.Popen([sys.executable, "-m", "mailhost", "--config", str(config), "serve"],
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "MAILHOST_LOAD_PLUGINS": "builtin"})
+    try:
+        assert serve.stderr is not None
+        first = serve.stderr.readline()
+        assert first.startswith("mailhost: cannot reach the store") and "waiting for it" in first, first
+        time.sleep(1.5)  # a few tries while it is away
+        assert serve.poll() is None
+        proxy.up()
+        said = [serve.stderr.readline() for _ in range(2)]
+        assert said[0] == "mailhost: the store answers now\n", said
+        assert said[1].startswith("mailhost serving from"), said
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        rest = serve.communicate(timeout=60)[1]
+    assert serve.returncode == 0 and "Traceback" not in rest, rest
+    gone = config.with_name("gone.toml")
+    gone.write_text(config.read_text().replace(postgres_url.rsplit("/", 1)[1] + '"', 'no_such_database_here"', 1))
+    assert "no_such_database_here" in gone.read_text()
+    stopped = run_cli("--config", str(gone), "serve", timeout=60)
+    assert stopped.returncode == 2, stopped.stderr
+    assert 'database "no_such_database_here" does not exist' in stopped.stderr and "waiting" not in stopped.stderr

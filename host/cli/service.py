@@ -2,11 +2,38 @@
 from __future__ import annotations
 
 import logging
+import time
 
 import click
 
+from ..app import Mailhost
+from ..errors import StoreUnreachable
 from ..service import Service
 from . import Context, cli, pass_ctx
+
+
+def _wait_for_the_store(host: Mailhost) -> None:
+    """Check the store, waiting while its server does not answer: at boot mailhost may
+    start before PostgreSQL, and a service that exits then needs its supervisor to try
+    again. Anything else wrong with the store stops serve at once (exit 2)."""
+    delay, waited = 1.0, False
+    while True:
+        try:
+            host.check_schema()
+        except StoreUnreachable as exc:
+            if not waited:  # said once, not every try
+                click.echo(f"mailhost: {exc}; waiting for it (trying again every {int(_MAX_WAIT)} s at most, "
+                           "Ctrl-C to stop)", err=True)
+                waited = True
+            time.sleep(delay)
+            delay = min(delay * 2, _MAX_WAIT)
+            continue
+        if waited:
+            click.echo("mailhost: the store answers now", err=True)
+        return
+
+
+_MAX_WAIT = 30.0
 
 
 @cli.command()
@@ -18,7 +45,10 @@ from . import Context, cli, pass_ctx
 def serve(ctx: Context, once: bool, download_workers: int) -> None:
     """Run the service: scheduled downloads, delivery, and the web admin."""
     host = ctx.host
-    host.check_schema()
+    if once:
+        host.check_schema()
+    else:
+        _wait_for_the_store(host)
     # Bad configuration stops serve here (exit 2), not in every pass of every connection.
     host.check_key()
     host.outgoing.policy  # noqa: B018  (reads and checks [outgoing])
