@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from .errors import MailError, MailhostError, NotFound, PluginError, ValidationError
 from .protocols import (
+    ATTRIBUTES,
     ConnectionSettings,
     Direction,
     Encryption,
@@ -748,10 +749,18 @@ def connection_dict(direction: Direction, conn: Any, provider: ProtocolProvider 
     stored = dict(conn.options or {})
     if provider is None:  # its plugin is not loaded: what is stored
         out.update(options=stored, undeclared_options={})
-    else:
-        out.update(options={o.name: stored.get(o.name, o.default) for o in provider.options},
-                   undeclared_options={k: v for k, v in stored.items() if provider.option(k) is None})
-    return out
+        return out
+    out.update(options={o.name: stored.get(o.name, o.default) for o in provider.options},
+               undeclared_options={k: v for k, v in stored.items() if provider.option(k) is None})
+    # Only what the protocol has: a column of another protocol's holds a default it never
+    # uses (a Graph connection's encryption "ssl").
+    return {k: v for k, v in out.items() if k not in _SHOWN_IF or _SHOWN_IF[k] in provider.attributes}
+
+
+#: The keys of :func:`connection_dict` shown only for a protocol that declares the attribute.
+_SHOWN_IF: dict[str, str] = {
+    **{a: a for a in ATTRIBUTES if a != "password"}, "password_set": "password",
+}
 
 
 def _options(provider: ProtocolProvider, label: str, stored: Mapping[str, Any],

@@ -309,6 +309,25 @@ def test_host_overrides_listing(cli) -> None:
     assert json.loads(cli("host-overrides", "--provider", "test", "--protocol", "dir", "--json").stdout) == rows
 
 
+def test_show_has_only_the_settings_of_the_connections_protocol(cli) -> None:
+    """`show` and its --json list the attributes the protocol declares, not the columns of
+    every protocol: a connection whose protocol has no encryption, host or port (dir
+    incoming, like Graph has no encryption) showed `encryption ssl`, a default it never uses."""
+    assert cli("incoming", "add", "d", "--protocol", "dir", "--folder", "x", "--username", "u").returncode == 0
+    assert cli("outgoing", "add", "o", "--protocol", "dir", "--host", "box").returncode == 0
+    for direction, name, absent, present in (
+            ("incoming", "d", {"host", "port", "encryption", "oauth_credential", "host_override", "ca_file"},
+             {"folder", "username", "password_set", "certificates", "shared_mailbox", "after_download"}),
+            ("outgoing", "o", {"port", "encryption", "oauth_credential"},
+             {"host", "username", "password_set", "from_address", "ca_file", "host_override", "default"})):
+        shown = json.loads(cli(direction, "show", name, "--json").stdout)
+        assert not absent & set(shown) and present <= set(shown), shown
+        text = cli(direction, "show", name).stdout
+        assert not {line.split()[0] for line in text.splitlines()} & absent, text
+        [listed] = json.loads(cli(direction, "list", "--json").stdout)
+        assert listed == shown
+
+
 def test_certificates_attached_and_detached(cli) -> None:
     """--certificate attaches (replacing the list); --no-certificates detaches them all."""
     from mailhost import Mailhost
