@@ -218,6 +218,8 @@ class Connections:
                         f"an {direction.value} connection named {given['name']!r} already exists: choose another name",
                         field="name",
                     )
+            if given.get("protocol"):  # as its plugin spells it: `--protocol IMAP` names the same protocol
+                given["protocol"] = self.host.plugins.protocol(direction, given["protocol"]).name
             if "protocol" in given and given["protocol"] != conn.protocol:
                 # Another protocol: attributes of the old one must not leak into it.
                 current = {k: v for k, v in current.items() if k in ("name", "description", "interval", "timeout")}

@@ -345,15 +345,26 @@ class PluginHost:
     # -- look-ups ---------------------------------------------------------------------
 
     def protocol(self, direction: Direction, name: str) -> ProtocolProvider:
-        """The provider of protocol ``name``; a ValidationError lists the choices."""
-        try:
-            return self.protocols[(direction, name)]
-        except KeyError:
-            raise ValidationError(self._unavailable(direction, name), field="protocol") from None
+        """The provider of protocol ``name`` (in any case); a ValidationError lists the choices."""
+        key = self.protocol_name(name, direction)
+        if key is None:
+            raise ValidationError(self._unavailable(direction, name), field="protocol")
+        return self.protocols[(direction, key)]
 
-    def _unavailable(self, direction: Direction, name: str) -> str:
-        """Why protocol ``name`` is not there, and what brings it."""
-        what = f"no {direction.value} protocol named {name!r}"
+    def protocol_name(self, name: str, direction: Direction | None = None) -> str | None:
+        """The loaded protocol (of ``direction``, or of either) that ``name`` names, as its
+        plugin registered it, or None. Names compare without case, since an admin types
+        ``IMAP``; a name that only differs in case from two protocols names neither."""
+        names = {n for d, n in self.protocols if direction is None or d is direction}
+        if name in names:
+            return name
+        folded = [n for n in names if n.casefold() == name.casefold()]
+        return folded[0] if len(folded) == 1 else None
+
+    def _unavailable(self, direction: Direction, typed: str) -> str:
+        """Why protocol ``typed`` is not there, and what brings it."""
+        what = f"no {direction.value} protocol named {typed!r}"
+        name = typed.lower()  # the plugins' and bundled protocols' names are lower case
         # A plugin is named after its protocol (the bundled ones are): when that plugin is
         # installed but off, say so, not "not installed". Not for a bundled plugin asked
         # for the direction it lacks (imap for outgoing).
@@ -381,10 +392,12 @@ class PluginHost:
         """Every option the protocols declare (of protocol ``protocol`` only, when given),
         one row each, for ``mailhost plugins options`` and the web admin. A protocol that
         is not loaded is a typo to name (ValidationError), not "it declares none"."""
-        known = sorted({name for _, name in self.protocols})
-        if protocol is not None and protocol not in known:
-            raise ValidationError(f"no protocol named {protocol!r} is loaded: choose one of "
-                                  f"{', '.join(known) or 'none installed'}", field="protocol")
+        if protocol is not None:
+            typed, protocol = protocol, self.protocol_name(protocol)
+            if protocol is None:
+                raise ValidationError(f"no protocol named {typed!r} is loaded: choose one of "
+                                      f"{', '.join(sorted({n for _, n in self.protocols})) or 'none installed'}",
+                                      field="protocol")
         return [
             {"protocol": f"{d.value}/{n}", "plugin": p.plugin, **o.as_dict()}
             for (d, n), p in sorted(self.protocols.items(), key=lambda kv: (kv[0][1], kv[0][0].value))

@@ -157,6 +157,26 @@ def test_protocol_change_says_the_old_settings_are_gone(cli) -> None:
          expect="needs a host: give --host (the mail server's name) (another protocol keeps none of the old one's")
 
 
+def test_a_protocol_name_in_any_case_is_that_protocol(cli) -> None:
+    """`--protocol DIR` (add, edit, test, `plugins options`, `host-overrides`) is dir,
+    stored as the plugin registered it; it was "no protocol named 'DIR'". A typo still
+    is one, and an edit that names the same protocol in capitals keeps its settings."""
+    assert cli("incoming", "add", "c1", "--protocol", "DIR", "--folder", str(cli.mailbox)).returncode == 0
+    assert cli("outgoing", "add", "o1", "--protocol", "Dir", "--host", "box").returncode == 0
+    assert json.loads(cli("incoming", "show", "c1", "--json").stdout)["protocol"] == "dir"
+    assert json.loads(cli("outgoing", "show", "o1", "--json").stdout)["protocol"] == "dir"
+    edited = cli("incoming", "edit", "c1", "--protocol", "Dir", "--description", "same")
+    assert edited.returncode == 0, edited.stderr
+    assert json.loads(cli("incoming", "show", "c1", "--json").stdout)["folder"] == str(cli.mailbox)
+    tested = cli("incoming", "test", "--protocol", "DIR", "--folder", str(cli.mailbox), "--json")
+    assert tested.returncode == 0, tested.stderr
+    assert cli("plugins", "options", "--protocol", "DIR", "--json").stdout == \
+        cli("plugins", "options", "--protocol", "dir", "--json").stdout
+    assert json.loads(cli("host-overrides", "--protocol", "DIR", "--json").stdout)[0]["protocol"] == "dir"
+    _bad(cli, "incoming", "add", "c2", "--protocol", "DRI", "--folder", "x",
+         expect="no incoming protocol named 'DRI' is available; choose one of: dir")
+
+
 def test_edit_enabled_incoming_disables_it(cli) -> None:
     """Editing an enabled incoming connection disables it."""
     assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0

@@ -101,6 +101,8 @@ def plugins_disable(ctx: Context, name: str) -> None:
 def host_overrides(ctx: Context, provider: str | None, protocol: str | None, as_json: bool, limit: int | None) -> None:
     """Predefined hosts per provider and protocol, from the plugins."""
     overrides = ctx.host.plugins.host_overrides
+    if protocol is not None:  # in any case, as everywhere
+        protocol = ctx.host.plugins.protocol_name(protocol) or protocol
     for what, value in (("provider", provider), ("protocol", protocol)):
         known = sorted({getattr(o, what) for o in overrides})
         if value is not None and value not in known:  # a typo, not "none match"
