@@ -57,7 +57,6 @@ from .store import (
     IncomingLog,
     IncomingLogEntry,
     SeenMessage,
-    utcnow,
 )
 
 if TYPE_CHECKING:
@@ -173,7 +172,8 @@ class Incoming:
             report.skipped = f"another worker ({holder}) is downloading it"
             return report
         with self.host.session() as s:
-            log_row = IncomingLog(connection_id=conn.id, connection_name=conn.name)
+            # By the clock that stamps its end and that purge compares it with.
+            log_row = IncomingLog(connection_id=conn.id, connection_name=conn.name, started_at=self.clock())
             s.add(log_row)
             s.flush()
             log_id = log_row.id
@@ -840,9 +840,10 @@ class Incoming:
             raise ValidationError(
                 "items in status processing are not purged, since a handler may be working on them: put those "
                 "whose handler died back to new with `mailhost queue incoming release`, then purge them", "status")
-        cutoff = utcnow() - older_than
+        now = self.clock()  # the items' times are the database's
+        cutoff = now - older_than
         with self.host.session() as s:
-            self._settle_abandoned(s, self.clock())  # a pass whose worker died is over, and as old as it started
+            self._settle_abandoned(s, now)  # a pass whose worker died is over, and as old as it started
             items = s.execute(delete(IncomingItem).where(
                 IncomingItem.created_at < cutoff, IncomingItem.status.in_(statuses))).rowcount
             passes = s.execute(delete(IncomingLog).where(

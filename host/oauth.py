@@ -445,7 +445,7 @@ class OAuth2:
                       key: str = key) -> tuple[str, dict[str, Any] | None]:
                 if key != APP_ONLY and key not in state:  # dropped meanwhile: a poll never starts a sign-in
                     return "changed", None
-                return _claim(state, key, owner, utcnow())
+                return _claim(state, key, owner, utcnow(), self.host.clock())
 
             outcome, entry = self._update(credential_id, claim)
             if outcome == "claimed":
@@ -748,19 +748,24 @@ def _token(entry: Mapping[str, Any]) -> str:
     return str(entry["access_token"])
 
 
-def _claim(state: dict[str, dict[str, Any]], key: str, worker: str,
-           now: dt.datetime) -> tuple[str, dict[str, Any] | None]:
+def _claim(state: dict[str, dict[str, Any]], key: str, worker: str, now: dt.datetime,
+           store_now: dt.datetime) -> tuple[str, dict[str, Any] | None]:
     """Take ``key``'s renewal lease. Returns the outcome and the entry as stored:
     "claimed", "busy" (another worker holds the lease) or "fresh" (another worker has
-    renewed the token meanwhile)."""
+    renewed the token meanwhile).
+
+    The lease goes by ``store_now``, the store's clock (:class:`mailhost.leases.StoreClock`),
+    which all workers share: by its own clock, a worker whose clock runs behind wrote a
+    lease that the others saw expired, and they renewed the token too. The token's
+    times, stamped by the provider when it issued them, go by this machine's ``now``."""
     entry = state.get(key)
     if entry is not None and entry.get("access_token") and not _due(entry, now):
         return "fresh", dict(entry)
     lease = (entry or {}).get("lease") or {}
-    if lease.get("until") and dt.datetime.fromisoformat(lease["until"]) > now:
+    if lease.get("until") and dt.datetime.fromisoformat(lease["until"]) > store_now:
         return "busy", dict(entry) if entry is not None else None
     entry = state.setdefault(key, {})
-    entry["lease"] = {"owner": worker, "until": (now + LEASE).isoformat()}
+    entry["lease"] = {"owner": worker, "until": (store_now + LEASE).isoformat()}
     return "claimed", dict(entry)
 
 

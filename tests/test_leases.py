@@ -127,3 +127,49 @@ def test_a_worker_on_a_clone_of_this_machine_is_not_taken_for_a_dead_one(
     assert [admin.outgoing.item(i).status for i in ids] == ["sending", "sending"]
     report = admin.incoming.fetch_one("desk")
     assert report.skipped and clone in report.skipped, report
+
+
+def test_a_worker_with_a_clock_behind_keeps_the_token_renewal_it_holds(workers: Any, idp: Any) -> None:
+    """Worker A, whose clock runs 15 minutes behind, renews an app-only token (its
+    request held at the provider); worker B needs the token meanwhile. B waits for A's
+    renewal and uses its token: A's lease had looked 13 minutes expired by the store's
+    time, so B renewed the token too (spending a refresh token twice, for a user's)."""
+    import concurrent.futures
+
+    from .test_oauth import microsoft
+
+    admin = workers()
+    cred = microsoft(admin, idp, flow="client-credentials")
+    first = admin.oauth.access_token(cred.id, None)
+    held = idp.hold_next("token")
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        with machine_clock_off(-OFF):
+            a = workers()
+            a.oauth.invalidate(cred.id, None, first)  # its server refused the token: A renews it
+            renewal = pool.submit(a.oauth.access_token, cred.id, None)
+            assert held.arrived.wait(10)  # A holds the lease
+        b = workers()
+        waiting = pool.submit(b.oauth.access_token, cred.id, None)
+        done, _ = concurrent.futures.wait([waiting], timeout=1)
+        held.release()
+        assert not done, "B renewed the token that A was renewing"
+        assert waiting.result(timeout=30) == renewal.result(timeout=30) != first
+    assert len(idp.grants("client_credentials")) == 2  # the first token, and A's renewal
+
+
+def test_purge_goes_by_the_stores_clock(workers: Any, dovecot: Any, mailbox: Any) -> None:
+    """`queue incoming purge --older-than 1` on a machine whose clock runs two days ahead
+    keeps the mail and the log pass downloaded a moment ago: it deleted both, comparing
+    its own clock with the database's time stamps."""
+    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(0)])
+    admin = workers()
+    admin.connections.add(Direction.INCOMING, ConnectionSpec(
+        name="desk", protocol="imap", host="localhost", port=dovecot.imap_port, encryption="starttls",
+        username=mailbox.user, password=mailbox.password, ca_file=dovecot.ca_file))
+    assert admin.incoming.fetch_one("desk").stored == 1
+    (item,) = admin.incoming.items()
+    admin.incoming.set_status(item.id, "processed")
+    with machine_clock_off(dt.timedelta(days=2)):
+        assert workers().incoming.purge(dt.timedelta(days=1)) == (0, 0)
+    assert [i.id for i in admin.incoming.items()] == [item.id] and len(admin.incoming.logs()) == 1
+    assert admin.incoming.purge(dt.timedelta(0)) == (1, 1)  # what is older than the store's now goes
