@@ -106,6 +106,15 @@ class PassReport:
     #: (``serve`` on SIGTERM): what it listed beyond ``stored`` waits for the next pass.
     stopped: bool = False
 
+    @property
+    def stop_note(self) -> str | None:
+        """Why a pass that ``stopped`` stored fewer messages than it listed, in the incoming
+        log and in ``serve``'s output; None for a pass that was not stopped."""
+        if not self.stopped:
+            return None
+        return (f"stopped after {self.stored + self.duplicates} of {self.listed} new message(s) as the service "
+                "shut down; the next pass goes on from there")
+
     def as_dict(self) -> dict[str, Any]:
         """The JSON form."""
         return {
@@ -653,11 +662,14 @@ class Incoming:
         now = self.clock()
         # A day at most: a Retry-After date far off is a server's mistake, not a reason to stop.
         after = max(dt.timedelta(minutes=conn.interval or 1), dt.timedelta(seconds=min(wait or 0, 86400)))
+        # A stopped pass says so: it read like a whole one that stored less than it listed.
+        status = "failed" if not report.ok else "stopped" if report.stopped else "ok"
+        said = "; ".join(t for t in (report.error, report.stop_note) if t) or None
         with self.host.session() as s:
             s.execute(update(IncomingLog).where(IncomingLog.id == log_id).values(
-                finished_at=now, status="ok" if report.ok else "failed", listed=report.listed,
+                finished_at=now, status=status, listed=report.listed,
                 stored=report.stored, duplicates=report.duplicates, acknowledged=report.acknowledged,
-                bytes=report.bytes, error=report.error))
+                bytes=report.bytes, error=said))
             # Only while the lease is ours: if it ran out and another worker took over, that
             # worker's pass is the one that says how the connection stands.
             s.execute(update(IncomingConnection).where(

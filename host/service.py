@@ -146,8 +146,7 @@ class Service:
             self.failed = True
             log.warning("%s", report.error)
         elif report.stopped:
-            log.warning("%s: stopped after %d of %d new message(s), as the service stops; the next pass goes on "
-                        "from there", name, report.stored + report.duplicates, report.listed)
+            log.warning("%s: %s", name, report.stop_note)
         elif report.stored:
             log.info("%s: %d new message(s)", name, report.stored)
 

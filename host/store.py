@@ -391,7 +391,7 @@ class IncomingLog(Base):
     connection_name: Mapped[str] = mapped_column(String(200))
     started_at: Mapped[dt.datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[dt.datetime | None]
-    status: Mapped[str] = mapped_column(String(20), default="running")  # running, ok, failed, interrupted
+    status: Mapped[str] = mapped_column(String(20), default="running")  # running, ok, stopped, failed, interrupted
     listed: Mapped[int] = mapped_column(default=0)
     stored: Mapped[int] = mapped_column(default=0)
     duplicates: Mapped[int] = mapped_column(default=0)

@@ -156,6 +156,26 @@ def test_another_mailbox_is_downloaded_whole_and_acknowledged_only_after(
     assert report.ok and (report.listed, report.stored, report.acknowledged) == (0, 0, 0)
 
 
+def test_a_pass_stopped_by_the_service_says_so_in_the_log(tmh: Mailhost, box: Path, conn: str) -> None:
+    """A pass that `serve` stopped on SIGTERM after a batch is logged as stopped, saying how
+    far it got and that the next pass goes on: it read like a complete pass that stored
+    fewer messages than it listed. The connection has no error for it."""
+    import threading
+
+    for i in range(800):  # batches of 250, 500 and 50
+        (box / f"{i:03d}.eml").write_bytes(_msg(i))
+    stop = threading.Event()
+    report = tmh.incoming.fetch_one(conn, lambda done, total: done and stop.set(), stop)  # after one batch
+    assert report.ok and report.stopped and (report.listed, report.stored) == (800, 750), report
+    [entry] = tmh.incoming.logs(conn)
+    assert (entry.status, entry.listed, entry.stored) == ("stopped", 800, 750)
+    assert entry.error == ("stopped after 750 of 800 new message(s) as the service shut down; the next pass goes "
+                           "on from there")
+    assert tmh.connections.get(Direction.INCOMING, conn).last_error is None
+    assert tmh.incoming.fetch_one(conn).stored == 50
+    assert [(e.status, e.error) for e in tmh.incoming.logs(conn)][0] == ("ok", None)
+
+
 def test_refused_acknowledgements_do_not_stop_downloads(tmh: Mailhost, box: Path, conn: str,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """A server that refuses the after-download action (a read-only mailbox, a quota)

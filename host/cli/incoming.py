@@ -130,7 +130,9 @@ def log_group() -> None:
 def log_incoming(ctx: Context, connection: str | None, messages: bool, as_json: bool, limit: int | None) -> None:
     """Download passes, newest first: counts, bytes, duration, errors.
 
-    A pass whose process died (killed, crashed) or lost its lease says interrupted.
+    A pass whose process died (killed, crashed) or lost its lease says interrupted; one
+    that `serve` stopped after a batch as it shut down (SIGTERM) says stopped, and how far
+    it got: the next pass goes on from there.
     """
     rows = []
     for entry in ctx.host.incoming.logs(connection, limit):
