@@ -48,6 +48,7 @@ from .errors import (
     ValidationError,
 )
 from .leases import holder_is_gone, worker_id
+from .plugins import broke_contract
 from .protocols import Direction, Estimate, IncomingSession, Listing, MessageRef
 from .secrets import redact
 from .store import (
@@ -987,8 +988,7 @@ MAX_KEY = 500
 
 def _contract(plugin: str, protocol: str, what: str) -> PluginError:
     """A session's answer that breaks the contract of docs/plugin_hooks.md."""
-    return PluginError(f"plugin {plugin} broke the session contract: its {protocol} session's {what} (report it to "
-                       "the plugin's author)")
+    return broke_contract(f"plugin {plugin}", "session", f"its {protocol} session's {what}")
 
 
 def _checked_session(session: Any, plugin: str, protocol: str) -> IncomingSession:

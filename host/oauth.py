@@ -44,6 +44,7 @@ from .errors import (
     MailError,
     MailhostError,
     NotFound,
+    PluginError,
     TemporaryFailure,
     TLSFailure,
     UsageError,
@@ -57,6 +58,7 @@ from .oauth_providers import (
     OAuthProvider,
     TokenSet,
 )
+from .plugins import broke_contract
 from .secrets import redact, remember_secret
 from .store import IncomingConnection, OAuthCredential, OutgoingConnection, utcnow
 
@@ -359,6 +361,7 @@ class OAuth2:
             tokens = provider.authorize(config, interaction, None if app_only else username)
         except OAuthError as exc:
             raise _failure(cred, username, exc, authorizing=True) from None
+        tokens = self._checked(provider, "authorize", tokens)
         _remember(tokens)
         key = _key(cred, username or tokens.identity)
         if not key and not app_only:
@@ -489,9 +492,10 @@ class OAuth2:
                                        + (f" --username {key}`" if key else "`"))
         try:
             if old is None:  # app-only: the first token
-                fresh = provider.authorize(self._config(cred), Interaction(show=lambda line: None), None)
+                fresh = self._checked(provider, "authorize", provider.authorize(
+                    self._config(cred), Interaction(show=lambda line: None), None))
             else:
-                fresh = provider.refresh(self._config(cred), old)
+                fresh = self._checked(provider, "refresh", provider.refresh(self._config(cred), old))
         except OAuthError as exc:
             failure = _failure(cred, key, exc)
             if not self._record_failure(cred.id, key, owner, str(failure), exc.kind):
@@ -501,8 +505,8 @@ class OAuth2:
                 return _token(entry)
             raise failure from None
         except Exception as exc:  # a provider's bug: recorded, the lease freed, raised as is
-            self._record_failure(cred.id, key, owner, redact(self.host.plugins.unexpected(exc)),
-                                 type(exc).__name__)
+            said = str(exc) if isinstance(exc, PluginError) else self.host.plugins.unexpected(exc)
+            self._record_failure(cred.id, key, owner, redact(said), type(exc).__name__)
             raise
         if old is not None and old.refresh_token and fresh.refresh_token is None:
             fresh = dataclasses.replace(fresh, refresh_token=old.refresh_token)
@@ -525,6 +529,14 @@ class OAuth2:
             return None
         log.info("renewed the OAuth2 token of %s for %s", cred.name, key or "the app")
         return fresh.access_token
+
+    def _checked(self, provider: OAuthProvider, hook: str, tokens: Any) -> TokenSet:
+        """What a provider's ``authorize`` or ``refresh`` returned, checked: a TokenSet."""
+        if not isinstance(tokens, TokenSet):
+            raise broke_contract(self.host.plugins.named(provider.plugin), "OAuth2 provider",
+                                 f"its {provider.name} provider's {hook} returned {type(tokens).__name__}, "
+                                 "not a mailhost.oauth_providers.TokenSet")
+        return tokens
 
     def _release(self, credential_id: int, key: str, owner: str) -> None:
         """Free ``key``'s renewal lease if ``owner`` still holds it."""

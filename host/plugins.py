@@ -438,18 +438,29 @@ class PluginHost:
         exception outside mailhost's error tree, naming the plugin whose code raised it, so
         that an admin knows whom to tell. Not redacted: the caller redacts."""
         info = self.culprit(exc)
-        where = ""
-        if info is not None:
-            shown = info.as_dict()
-            dist = " ".join(str(v) for v in (shown["distribution"], shown["version"]) if v)
-            where = f" in plugin {info.name}" + (f" ({dist})" if dist else "")
+        where = f" in {self.named(info.name)}" if info is not None else ""
         text = "; ".join(line.strip() for line in str(exc).strip().splitlines() if line.strip())
         return f"unexpected {type(exc).__name__}{where}" + (f": {text}" if text else "")
+
+    def named(self, plugin: str) -> str:
+        """``plugin NAME (DISTRIBUTION VERSION)``: a plugin as errors name it, so that an
+        admin knows whom to tell (the distribution when it has one)."""
+        info = self.plugins.get(plugin)
+        shown = info.as_dict() if info is not None else {}
+        dist = " ".join(str(v) for v in (shown.get("distribution"), shown.get("version")) if v)
+        return f"plugin {plugin}" + (f" ({dist})" if dist else "")
 
     @property
     def hook(self) -> Any:
         """The pluggy hook relay, for calling the event hooks."""
         return self.pm.hook
+
+
+def broke_contract(plugin: str, contract: str, what: str) -> PluginError:
+    """``PLUGIN broke the CONTRACT contract: WHAT (report it to the plugin's author)``: an
+    answer of a plugin's code that the host cannot use, against docs/plugin_hooks.md
+    (``plugin`` as errors name it: :meth:`PluginHost.named` where the host is at hand)."""
+    return PluginError(f"{plugin} broke the {contract} contract: {what} (report it to the plugin's author)")
 
 
 def installed_plugin_names() -> list[str]:

@@ -165,6 +165,71 @@ def test_register_oauth_providers(tmh: Mailhost, clock: Clock) -> None:
     assert tmh.oauth.access_token(cred.id, ALICE) == f"at-{ALICE}-2"
 
 
+#: A provider plugin that answers with the token response (a dict) instead of a TokenSet;
+#: its first tokens (authorize with ANSWER "tokens") are due for renewal at once.
+TOY_PROVIDER = """
+import datetime as dt
+from mailhost import hookimpl
+from mailhost.oauth_providers import OAuthProvider, TokenSet
+from mailhost.store import utcnow
+
+ANSWER = ["dict"]
+
+def answer():
+    if ANSWER[0] == "dict":
+        return {"access_token": "at", "expires_in": 3600}
+    now = utcnow()
+    return TokenSet(access_token="at-1", refresh_token="rt-1", obtained_at=now - dt.timedelta(hours=1), expires_at=now)
+
+@hookimpl
+def register_oauth_providers(register):
+    register(OAuthProvider("toy", authorize=lambda config, interaction, username: answer(),
+                           refresh=lambda config, tokens: answer()))
+"""
+
+
+def test_a_provider_that_returns_no_token_set_broke_its_contract(home: Path, tmp_path: Path) -> None:
+    """A provider plugin whose authorize or refresh returns something else than a TokenSet
+    gets a PluginError naming the plugin, its distribution and what it returned (it was an
+    AttributeError from deep in mailhost, naming no plugin), as `oauth authorize` says it
+    (exit 1, one line); a renewal records the error and frees its lease for the next try
+    (it was held for 90 s)."""
+    import types
+
+    from mailhost.errors import PluginError
+    from mailhost.plugins import PluginHost
+
+    from .testplugin import make_dist
+
+    site = make_dist(tmp_path / "toy", "mailhost-toy", {"toy": "mailhost_toy"}, {"mailhost_toy": TOY_PROVIDER},
+                     version="0.3.0")
+    env = {"PYTHONPATH": str(site), "MAILHOST_LOAD_PLUGINS": "toy"}
+    assert run_cli("oauth", "add", "t", "--provider", "toy", "--client-id", "id", env=env, cwd=home).returncode == 0
+    out = run_cli("oauth", "authorize", "t", "--username", ALICE, env=env, cwd=home)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == ("mailhost: plugin toy (mailhost-toy 0.3.0) broke the OAuth2 provider contract: its "
+                                  "toy provider's authorize returned dict, not a mailhost.oauth_providers.TokenSet "
+                                  "(report it to the plugin's author)"), out.stderr
+
+    toy = types.ModuleType("mailhost_toy")
+    exec(TOY_PROVIDER, toy.__dict__)
+    host = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(only=[], extra=[("toy", toy)]))
+    try:
+        toy.ANSWER[0] = "tokens"
+        host.oauth.authorize("t", ALICE)
+        toy.ANSWER[0] = "dict"
+        cred = host.oauth.get("t")
+        for _ in range(2):  # the lease is free again: the next caller tries again at once
+            with pytest.raises(PluginError, match=re.escape(
+                    "plugin toy broke the OAuth2 provider contract: its toy provider's refresh returned dict, not a ")):
+                host.oauth.access_token(cred.id, ALICE)
+        entry = host.oauth._state(host.oauth.get("t"))[ALICE]
+        assert entry["lease"] is None and "broke the OAuth2 provider contract" in entry["last_error"]
+        assert entry["access_token"] == "at-1"
+    finally:
+        host.close()
+
+
 def test_unknown_provider_lists_the_choices(mh: Mailhost) -> None:
     """A misspelt provider is refused with the installed ones named."""
     with pytest.raises(ValidationError, match=r"no OAuth2 provider named 'microsfot'.*google, microsoft, oidc"):
