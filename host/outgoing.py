@@ -161,24 +161,28 @@ class Policy:
         if unknown:
             raise ConfigError(f"[outgoing] in {where} has unknown keys {unknown}: use {sorted(known)}")
 
-        def number(key: str, default: float, low: float, integer: bool = False) -> float:
+        def number(key: str, default: float, low: float, high: float, integer: bool = False) -> float:
+            # TOML reads inf, nan and 1e300 as floats: each would end a pass as an
+            # "unexpected error" (a timedelta or an int of it overflows), so bound them.
             value = table.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < low \
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
                     or (integer and int(value) != value):
                 kind = "a whole number" if integer else "a number"
-                raise ConfigError(f"[outgoing] {key} in {where} must be {kind} >= {low:g}, not {value!r}")
+                raise ConfigError(f"[outgoing] {key} in {where} must be {kind} from {low:g} to {high:.0f}, "
+                                  f"not {value!r}")
             return float(value)
 
-        keep = number("keep_sent_days", 30, 0)
-        age = number("max_age_hours", 24, 0)
+        year = 365 * 86400
+        keep = number("keep_sent_days", 30, 0, 36500)
+        age = number("max_age_hours", 24, 0, 100 * 365 * 24)
         return cls(
-            retry_base=number("retry_base_seconds", 60, 0),
-            retry_max=number("retry_max_seconds", 3600, 0),
-            max_attempts=int(number("max_attempts", 20, 1, True)),
+            retry_base=number("retry_base_seconds", 60, 0, year),
+            retry_max=number("retry_max_seconds", 3600, 0, year),
+            max_attempts=int(number("max_attempts", 20, 1, 1_000_000, True)),
             max_age=dt.timedelta(hours=age) if age else None,
-            lease=dt.timedelta(seconds=number("lease_seconds", 600, 5)),
-            batch=int(number("batch", 50, 1, True)),
-            per_session=int(number("messages_per_session", 100, 1, True)),
+            lease=dt.timedelta(seconds=number("lease_seconds", 600, 5, 7 * 86400)),
+            batch=int(number("batch", 50, 1, 100_000, True)),
+            per_session=int(number("messages_per_session", 100, 1, 1_000_000, True)),
             keep_sent=dt.timedelta(days=keep) if keep else None,
         )
 

@@ -289,6 +289,29 @@ def test_service_settings_of_the_wrong_type_are_bad_input(cli, line: str, expect
     assert out.returncode == 2 and expect in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
+@pytest.mark.parametrize("line, expect", [
+    ("keep_sent_days = inf", "[outgoing] keep_sent_days in"),
+    ("keep_sent_days = 1e12", "[outgoing] keep_sent_days in"),
+    ("max_age_hours = nan", "[outgoing] max_age_hours in"),
+    ("max_age_hours = 1e300", "[outgoing] max_age_hours in"),
+    ("max_attempts = nan", "[outgoing] max_attempts in"),
+    ("messages_per_session = inf", "[outgoing] messages_per_session in"),
+    ("retry_base_seconds = nan", "[outgoing] retry_base_seconds in"),
+    ("retry_max_seconds = 1e300", "[outgoing] retry_max_seconds in"),
+])
+def test_outgoing_settings_out_of_range_are_bad_input(cli, line: str, expect: str) -> None:
+    """An [outgoing] value that is no finite number in a sensible range (inf, nan, 1e300,
+    which TOML reads as floats) is refused naming the key, not an "unexpected error"."""
+    config = cli.home / "mailhost.toml"
+    key = line.split(" = ")[0]
+    config.write_text("\n".join(line if text.startswith(f"{key} = ") else text
+                                for text in config.read_text().splitlines()) + "\n")
+    config.write_text(config.read_text().replace('listen = "127.0.0.1:8025"', 'listen = ""'))
+    for args in (("deliver",), ("serve", "--once")):
+        out = cli(*args)
+        assert out.returncode == 2 and expect in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
 def test_missing_config_is_clear(tmp_path: Path) -> None:
     """Without a config file, the error says to run init."""
     out = run_cli("incoming", "list", cwd=tmp_path, env={"MAILHOST_CONFIG": ""})
