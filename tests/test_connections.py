@@ -608,7 +608,7 @@ def test_a_plugin_bug_in_a_test_or_an_estimate_is_a_finding_not_a_crash(cli, bug
 
 
 def _wait_until_reading_the_terminal(pid: int) -> None:
-    """Wait until process ``pid`` sits in read(0, ...) (Linux: /proc/PID/syscall).
+    """Wait until process ``pid`` sits in read() (Linux: /proc/PID/syscall).
 
     A Ctrl-C that arrives between the prompt being written and the read starting is
     noted by CPython but acted on only at the next signal (input() does not check
@@ -620,34 +620,28 @@ def _wait_until_reading_the_terminal(pid: int) -> None:
     deadline = time.monotonic() + 120  # a safety net, not a timing assertion
     while time.monotonic() < deadline:
         with open(f"/proc/{pid}/syscall") as f:
-            if f.read().split()[:2] == [str(read), "0x0"]:
+            if f.read().split()[:1] == [str(read)]:  # any fd: getpass reads /dev/tty, not stdin
                 return
         time.sleep(0.005)
     raise AssertionError(f"process {pid} never read its terminal")
 
 
-@pytest.mark.parametrize("answer, status, expect", [
-    (b"\x03", 130, "interrupted: incoming connection c1 stays disabled"),  # Ctrl-C at the question
-    (b"n\r", 1, "incoming connection c1 stays disabled"),
-])
-def test_enable_interrupted_or_declined_at_the_question_stays_disabled(cli, answer: bytes, status: int,
-                                                                       expect: str) -> None:
-    """On a terminal `incoming enable` asks; Ctrl-C there (or no) says on a line of its own
-    that the connection stays disabled and how to enable it, instead of "aborted"."""
+def _on_a_terminal(cli, args: tuple[str, ...], prompt: bytes, answer: bytes) -> tuple[int, str]:
+    """Run ``mailhost ARGS`` on a terminal, type ``answer`` at ``prompt``; its exit status
+    and everything it wrote there."""
     import pty
     import select
     import signal
     import sys
 
-    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
     env = {**os.environ, **cli.env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
     pid, fd = pty.fork()
     if pid == 0:  # the child: mailhost on the terminal
         os.chdir(cli.home)
-        os.execve(sys.executable, [sys.executable, "-m", "mailhost", "incoming", "enable", "c1"], env)
+        os.execve(sys.executable, [sys.executable, "-m", "mailhost", *args], env)
     said = b""
     try:
-        while b"[y/N]" not in said:
+        while prompt not in said:
             assert select.select([fd], [], [], 120)[0], said  # a safety net, not a timing assertion
             said += os.read(fd, 1024)
         _wait_until_reading_the_terminal(pid)
@@ -667,8 +661,20 @@ def test_enable_interrupted_or_declined_at_the_question_stays_disabled(cli, answ
     finally:
         _, wait_status = os.waitpid(pid, 0)
         os.close(fd)
-    text = said.decode().replace("\r\n", "\n")
-    assert os.waitstatus_to_exitcode(wait_status) == status, text
+    return os.waitstatus_to_exitcode(wait_status), said.decode().replace("\r\n", "\n")
+
+
+@pytest.mark.parametrize("answer, status, expect", [
+    (b"\x03", 130, "interrupted: incoming connection c1 stays disabled"),  # Ctrl-C at the question
+    (b"n\r", 1, "incoming connection c1 stays disabled"),
+])
+def test_enable_interrupted_or_declined_at_the_question_stays_disabled(cli, answer: bytes, status: int,
+                                                                       expect: str) -> None:
+    """On a terminal `incoming enable` asks; Ctrl-C there (or no) says on a line of its own
+    that the connection stays disabled and how to enable it, instead of "aborted"."""
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
+    code, text = _on_a_terminal(cli, ("incoming", "enable", "c1"), b"[y/N]", answer)
+    assert code == status, text
     assert f"\nmailhost: {expect}; run `mailhost incoming enable c1` again" in text, text
     assert "aborted" not in text and "Traceback" not in text, text
     assert json.loads(cli("incoming", "show", "c1", "--json").stdout)["enabled"] is False
@@ -696,3 +702,19 @@ def test_a_password_sent_unencrypted_over_the_network_is_warned_about(cli) -> No
     for quiet in (["--host", "127.0.0.1"], ["--host", "localhost"], ["--username", ""]):
         out = smtp("outgoing", "edit", "relay", *quiet)
         assert out.returncode == 0 and "unencrypted" not in out.stderr, (quiet, out.stderr)
+
+
+@pytest.mark.parametrize("answer, status, expect", [
+    (b"\x03", 130, "interrupted while reading the password: nothing was changed"),  # Ctrl-C
+    (b"\x04", 2, "no password was read from the terminal"),  # Ctrl-D, the end of input
+])
+def test_ctrl_c_or_ctrl_d_at_the_password_prompt_changes_nothing(cli, answer: bytes, status: int,
+                                                                 expect: str) -> None:
+    """--password-stdin on a terminal asks without echo; Ctrl-C or Ctrl-D there is one
+    sentence saying what happened and that nothing changed, not "mailhost: aborted"."""
+    code, text = _on_a_terminal(cli, ("outgoing", "add", "o1", "--protocol", "dir", "--host", "h",
+                                      "--username", "u", "--password-stdin"), b"Password: ", answer)
+    assert code == status, text
+    assert f"\nmailhost: {expect}" in text and text.count("mailhost:") == 1, text
+    assert "aborted" not in text and "Traceback" not in text, text
+    assert json.loads(cli("outgoing", "list", "--json").stdout) == []

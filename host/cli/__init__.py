@@ -277,7 +277,15 @@ def read_secret(env: str | None, file: str | None, stdin: bool, what: str = "pas
         if sys.stdin.isatty():
             import getpass
 
-            value = getpass.getpass(f"{what.capitalize()}: ")
+            try:
+                value = getpass.getpass(f"{what.capitalize()}: ")
+            except KeyboardInterrupt:  # Ctrl-C: before anything was written
+                click.echo(err=True)  # getpass has not ended the prompt's line
+                fail(f"interrupted while reading the {what}: nothing was changed", 130)
+            except EOFError:  # Ctrl-D on an empty line
+                click.echo(err=True)
+                fail(f"no {what} was read from the terminal (Ctrl-D ends the input): type it and press "
+                     f"Enter, {keep}")
         else:
             value = sys.stdin.readline().rstrip("\r\n")
         if not value:
@@ -302,9 +310,9 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
     code = 0
     try:
         cli.main(args=list(argv) if argv is not None else None, prog_name="mailhost", standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("mailhost: aborted", err=True)
-        code = 1
+    except click.exceptions.Abort:  # click's form of Ctrl-C (KeyboardInterrupt) in a command
+        click.echo("mailhost: interrupted", err=True)
+        code = 130
     except click.exceptions.Exit as exc:
         code = exc.exit_code
     except click.ClickException as exc:
