@@ -913,8 +913,16 @@ def _check_host(host: str, label: str) -> str:
 
 def _check_ca_file(path: str, label: str) -> str:
     p = Path(path).expanduser()
+    if p.is_dir():
+        raise ValidationError(f"{label}: CA file {path} is a folder: give the path of a PEM file in it",
+                              field="ca_file")
     if not p.is_file():
         raise ValidationError(f"{label}: CA file {path} does not exist: give the path of a PEM file", field="ca_file")
+    try:
+        p.open("rb").close()  # else ssl would call a file it may not read "no PEM certificate"
+    except OSError as exc:
+        raise ValidationError(f"{label}: CA file {path} cannot be read ({exc.strerror}): make it readable for "
+                              "the user that runs mailhost", field="ca_file") from None
     try:
         ssl.create_default_context(cafile=str(p))
     except (ssl.SSLError, OSError, ValueError) as exc:

@@ -119,6 +119,17 @@ def test_ca_file_checked(cli, tmp_path: Path) -> None:
          expect="does not exist", table="outgoing_connections")
     _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--ca-file", str(junk),
          expect="holds no PEM certificate", table="outgoing_connections")
+    # a folder is not "missing", and a file this user may not read holds no news about PEM
+    _bad(cli, "outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--ca-file", str(tmp_path),
+         expect=f"CA file {tmp_path} is a folder: give the path of a PEM file in it", table="outgoing_connections")
+    private = tmp_path / "private-ca.pem"
+    private.write_text("-----BEGIN CERTIFICATE-----\n")
+    private.chmod(0)
+    out = run_cli("outgoing", "add", "o1", "--protocol", "dir", "--host", "box", "--ca-file", str(private),
+                  cwd=cli.home, env={**cli.env, "MAILHOST_LOAD_PLUGINS": "testplugin"}, obey_permissions=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"CA file {private} cannot be read (Permission denied): make it readable" in out.stderr, out.stderr
+    assert _rows(cli.home, "outgoing_connections") == 0
 
 
 @pytest.mark.parametrize(
