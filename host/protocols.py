@@ -195,6 +195,8 @@ class TestStep:
 
     __test__ = False  # not a pytest test class
 
+    #: Lowercase, and for the steps every protocol shares ``dns``, ``tcp``, ``tls``,
+    #: ``authentication``: scripts read them from ``incoming test --json``.
     name: str
     ok: bool
     detail: str = ""

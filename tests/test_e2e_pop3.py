@@ -98,3 +98,18 @@ def test_pop3_uidl_change_does_not_duplicate(home: Path, dovecot, mailbox, pop3_
     report = _fetch(home)
     assert (report["listed"], report["stored"], report["duplicates"]) == (10, 0, 10)  # new UIDLs, same content
     assert len(_queue(home)) == 10
+
+
+def test_imap_and_pop3_tests_name_their_steps_alike(home: Path, dovecot, mailbox) -> None:
+    """`incoming test --json` names the shared steps the same for every protocol (dns, tcp,
+    tls, authentication, as the host's own connect and plugin steps), so that a script
+    can look for "tls" without knowing which plugin answered."""
+    env = {"MAILHOST_LOAD_PLUGINS": "imap,pop3", "PW": mailbox.password}
+    steps = {}
+    for protocol, port in (("imap", dovecot.imaps_port), ("pop3", dovecot.pop3s_port)):
+        out = run_cli("incoming", "test", "--protocol", protocol, "--host", "localhost", "--port", str(port),
+                      "--encryption", "ssl", "--username", mailbox.user, "--password-env", "PW",
+                      "--ca-file", dovecot.ca_file, "--json", env=env, cwd=home)
+        assert out.returncode == 0, out.stderr
+        steps[protocol] = [step["step"] for step in json.loads(out.stdout)]
+    assert steps["imap"][:4] == steps["pop3"][:4] == ["dns", "tcp", "tls", "authentication"], steps

@@ -16,21 +16,22 @@ _REPORTED = ("IDLE", "MOVE", "UIDPLUS", "CONDSTORE", "QRESYNC")
 
 
 def test(settings: ConnectionSettings) -> Iterator[TestStep]:
-    """DNS, TCP, TLS, authentication, capabilities, folder; stops at the first failure."""
+    """dns, tcp, tls (the names every protocol uses), authentication, capabilities, folder; stops
+    at the first failure."""
     settings = with_defaults(settings)
-    step = "DNS"
+    step = "dns"
     sock = client = None
     try:
         addresses = resolve(settings)
         found = sorted({address[4][0] for address in addresses})
         yield TestStep(step, True, f"{settings.host} resolves to {', '.join(found)}")
 
-        step = "TCP"
+        step = "tcp"
         sock = connect_tcp(settings, addresses)
         peer = sock.getpeername()
         yield TestStep(step, True, f"connected to {peer[0]} port {peer[1]}")
 
-        step = "TLS" if settings.encryption is not Encryption.NONE else "greeting"
+        step = "tls" if settings.encryption is not Encryption.NONE else "greeting"
         client, sock = start(settings, sock), None  # start() owns the socket now
         if settings.encryption is Encryption.NONE:
             yield TestStep(step, True, "no TLS (encryption none): the password and the mail cross the network readable")

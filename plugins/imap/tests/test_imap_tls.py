@@ -35,7 +35,7 @@ def test_ca_file_gone_since_it_was_saved(settings, tmp_path, encryption):
         with pytest.raises(TLSFailure, match=rf"the CA file {path} cannot be used \(.*{reason}.*: put the PEM file"):
             PROVIDER.open(conn)
         steps = list(report(conn))
-        assert steps[-1].name == "TLS" and not steps[-1].ok and str(path) in steps[-1].detail
+        assert steps[-1].name == "tls" and not steps[-1].ok and str(path) in steps[-1].detail
 
 
 def test_starttls_required_but_not_offered(settings, dovecot_factory):
