@@ -729,3 +729,14 @@ def test_ctrl_c_or_ctrl_d_at_the_password_prompt_changes_nothing(cli, answer: by
     assert f"\nmailhost: {expect}" in text and text.count("mailhost:") == 1, text
     assert "aborted" not in text and "Traceback" not in text, text
     assert json.loads(cli("outgoing", "list", "--json").stdout) == []
+
+
+@pytest.mark.parametrize("args", [(), ("incoming",), ("queue",), ("queue", "outgoing", "purge", "--help")])
+def test_a_group_without_its_command_shows_its_help(cli, args: tuple[str, ...]) -> None:
+    """`mailhost incoming` (what a new admin types to see what it can do) shows that
+    group's help, not the help dressed as an error ("mailhost: Usage: ...")."""
+    out = cli(*args)
+    text = out.stdout + out.stderr
+    assert "mailhost: Usage" not in text and "Traceback" not in text, text
+    assert text.startswith(f"Usage: mailhost {' '.join(a for a in args if a != '--help')}".rstrip()), text
+    assert out.returncode == (0 if "--help" in args else 2), text

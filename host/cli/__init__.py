@@ -315,6 +315,9 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
         code = 130
     except click.exceptions.Exit as exc:
         code = exc.exit_code
+    except _NO_COMMAND as exc:  # `mailhost incoming`: the group's help, not dressed as an error
+        click.echo(exc.format_message(), err=True)
+        code = exc.exit_code
     except click.ClickException as exc:
         click.echo(f"mailhost: {exc.format_message()}", err=True)
         code = exc.exit_code
@@ -344,6 +347,8 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
 
 
 _leaving = False  # main() runs as the program and will end with _leave()
+#: A group run without its command (click >= 8.2 raises it; 8.1 prints the help itself).
+_NO_COMMAND: type[click.ClickException] | tuple[()] = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 def _leave(code: int) -> NoReturn:
