@@ -740,3 +740,19 @@ def test_a_group_without_its_command_shows_its_help(cli, args: tuple[str, ...]) 
     assert "mailhost: Usage" not in text and "Traceback" not in text, text
     assert text.startswith(f"Usage: mailhost {' '.join(a for a in args if a != '--help')}".rstrip()), text
     assert out.returncode == (0 if "--help" in args else 2), text
+
+
+def test_output_to_a_full_disk_is_said_so(cli) -> None:
+    """A listing redirected to a full disk (here /dev/full) fails with one sentence saying
+    the output could not be written and why, exit 1, not "unexpected error ... report it"."""
+    import subprocess
+    import sys
+
+    assert cli("incoming", "add", "c1", "--protocol", "dir", "--folder", str(cli.mailbox)).returncode == 0
+    env = {**os.environ, **cli.env, "MAILHOST_LOAD_PLUGINS": "testplugin"}
+    with open("/dev/full", "w") as full:
+        out = subprocess.run([sys.executable, "-m", "mailhost", "incoming", "list", "--json"], stdout=full,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=cli.home, timeout=120)
+    assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
+    assert "cannot write the output (No space left on device)" in out.stderr, out.stderr
+    assert "unexpected" not in out.stderr, out.stderr

@@ -16,6 +16,7 @@ imported only when that command runs (see :data:`COMMAND_MODULES`), so that
 """
 from __future__ import annotations
 
+import errno
 import gc
 import importlib
 import json
@@ -332,20 +333,35 @@ def main(argv: Iterable[str] | None = None) -> NoReturn:
         code = 130
     except BrokenPipeError:
         code = 0
+    except OSError as exc:
+        # Files mailhost writes (config, key, store) say their own errors; an OSError
+        # without a file name that runs out of room is the output, redirected to a full disk.
+        if exc.filename is not None or exc.errno not in _NO_ROOM:
+            code = _unexpected(exc)
+        else:
+            click.echo(f"mailhost: cannot write the output ({exc.strerror}): make room where it goes, "
+                       "then run the command again", err=True)
+            code = 1
     except Exception as exc:  # a bug: say so in one line, the traceback on request
-        if os.environ.get("MAILHOST_DEBUG"):
-            click.echo(redact(traceback.format_exc()), err=True)
-        click.echo(
-            f"mailhost: unexpected error {type(exc).__name__}: {redact(str(exc))} "
-            "(set MAILHOST_DEBUG=1 for the traceback, and please report it)",
-            err=True,
-        )
-        code = 1
+        code = _unexpected(exc)
     if _leaving:
         _leave(code)
     sys.exit(code)
 
 
+def _unexpected(exc: Exception) -> int:
+    """A bug: say so in one line, the traceback on request."""
+    if os.environ.get("MAILHOST_DEBUG"):
+        click.echo(redact(traceback.format_exc()), err=True)
+    click.echo(
+        f"mailhost: unexpected error {type(exc).__name__}: {redact(str(exc))} "
+        "(set MAILHOST_DEBUG=1 for the traceback, and please report it)",
+        err=True,
+    )
+    return 1
+
+
+_NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _leaving = False  # main() runs as the program and will end with _leave()
 #: A group run without its command (click >= 8.2 raises it; 8.1 prints the help itself).
 _NO_COMMAND: type[click.ClickException] | tuple[()] = getattr(click.exceptions, "NoArgsIsHelpError", ())
