@@ -151,7 +151,11 @@ class Config:
         url = os.environ.get("MAILHOST_DATABASE_URL") or store.get("url") or "sqlite:///mailhost.db"
         url = resolve_database_url(str(url), base, path)
         secrets = _table(doc, "secrets", path)
-        key_file = Path(str(secrets.get("key_file", "mailhost.key"))).expanduser()
+        key_name = secrets.get("key_file", "mailhost.key")
+        if not isinstance(key_name, str) or not key_name.strip():
+            raise ConfigError(f"[secrets] key_file in {path} must be the path of the key file, like "
+                              f"\"mailhost.key\", not {key_name!r}")
+        key_file = Path(key_name).expanduser()
         plugins = _table(doc, "plugins", path)
         enabled = _strings(plugins.get("enabled", []), "plugins.enabled", path, '["imap"]', "plugin names")
         disabled = _strings(plugins.get("disabled", []), "plugins.disabled", path, '["imap"]', "plugin names")

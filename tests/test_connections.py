@@ -288,10 +288,14 @@ def test_test_before_saving(cli) -> None:
     ("delivery_sessions = 2.5", "[service] delivery_sessions in"),
     ('delivery_sessions = "4"', "[service] delivery_sessions in"),
     ("delivery_sessions = true", "[service] delivery_sessions in"),
+    ("key_file = 5", "[secrets] key_file in"),
+    ("key_file = []", "[secrets] key_file in"),
+    ('key_file = ""', "[secrets] key_file in"),
 ])
-def test_service_settings_of_the_wrong_type_are_bad_input(cli, line: str, expect: str) -> None:
+def test_config_settings_of_the_wrong_type_are_bad_input(cli, line: str, expect: str) -> None:
     """A [service] value of the wrong type (text, true, a fraction of a session, NaN) is
-    refused naming the key, as [outgoing] values are, not read as some number."""
+    refused naming the key, as [outgoing] values are, not read as some number; so is a
+    key_file that is no path (5 would be read as a file named "5")."""
     config = cli.home / "mailhost.toml"
     key = line.split(" = ")[0]
     config.write_text("\n".join(line if text.startswith(f"{key} = ") else text
