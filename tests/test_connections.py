@@ -760,3 +760,20 @@ def test_output_to_a_full_disk_is_said_so(cli) -> None:
     assert out.returncode == 1 and out.stderr.count("\n") == 1, out.stderr
     assert "cannot write the output (No space left on device)" in out.stderr, out.stderr
     assert "unexpected" not in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("direction", ["incoming", "outgoing"])
+def test_edit_without_options_changes_nothing(cli, direction: str) -> None:
+    """`edit NAME` with nothing to change is bad input: an enabled incoming connection is
+    not disabled by it (any edit disables one), and nothing claims it "changed"."""
+    add = (["--folder", str(cli.mailbox)] if direction == "incoming" else ["--host", "box"])
+    assert cli(direction, "add", "c1", "--protocol", "dir", *add).returncode == 0
+    if direction == "incoming":
+        assert cli("incoming", "enable", "c1", "--yes").returncode == 0
+    before = json.loads(cli(direction, "show", "c1", "--json").stdout)
+    out = cli(direction, "edit", "c1")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert f"nothing to change in {direction} connection c1: give the options to change" in out.stderr, out.stderr
+    assert json.loads(cli(direction, "show", "c1", "--json").stdout) == before
+    missing = cli(direction, "edit", "nosuch")  # a typo in the name is still said as such
+    assert missing.returncode == 2 and f"no {direction} connection named 'nosuch'" in missing.stderr
