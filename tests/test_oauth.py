@@ -1190,3 +1190,17 @@ def test_connection_picks_a_cloud_host(mh: Mailhost) -> None:
     assert mh.connections.get(Direction.INCOMING, "gov-in").host == "imap.example.org"
     mh.connections.edit(Direction.INCOMING, "gov-in", ConnectionSpec(host_override="gcc-high"))  # and back
     assert mh.connections.get(Direction.INCOMING, "gov-in").host == "outlook.office365.us"
+
+
+def test_cli_edit_without_options_changes_nothing(home: Path) -> None:
+    """`oauth edit NAME` with nothing to change is bad input saying so, like a connection's
+    edit, not "changed OAuth2 credential NAME"; an unknown name is still said as such."""
+    added = run_cli("oauth", "add", "m365", "--provider", "microsoft", "--client-id", "app")
+    assert added.returncode == 0, added.stderr
+    before = json.loads(run_cli("oauth", "show", "m365", "--json").stdout)
+    out = run_cli("oauth", "edit", "m365")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert "nothing to change in OAuth2 credential m365: give the options to change" in out.stderr, out.stderr
+    assert json.loads(run_cli("oauth", "show", "m365", "--json").stdout) == before
+    missing = run_cli("oauth", "edit", "nosuch")
+    assert missing.returncode == 2 and "no OAuth2 credential named 'nosuch'" in missing.stderr, missing.stderr

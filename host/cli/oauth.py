@@ -12,6 +12,7 @@ from ..oauth_providers import FLOWS, Interaction
 from . import (
     Context,
     cli,
+    fail,
     json_option,
     limit_option,
     pass_ctx,
@@ -102,7 +103,12 @@ def oauth_edit(ctx: Context, name: str, new_name: str | None, as_json: bool, **o
 
     Another app or other scopes drop the stored tokens: the text says whose, and --json
     lists those authorizations as they were under `dropped_authorizations`."""
-    cred, dropped = ctx.host.oauth.edit(name, _spec(new_name, opts))
+    spec = _spec(new_name, opts)
+    if all(value is None for value in vars(spec).values()):
+        ctx.host.oauth.get(name)  # a typo in the name is said as such
+        fail(f"nothing to change in OAuth2 credential {name}: give the options to change "
+             "(`mailhost oauth edit --help` lists them)")
+    cred, dropped = ctx.host.oauth.edit(name, spec)
     if as_json:  # what the text says on stderr, for scripts: the authorizations to sign in again
         print_json({**ctx.host.oauth.as_dict(cred), "dropped_authorizations": dropped})
         return
