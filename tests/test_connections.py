@@ -352,6 +352,9 @@ def test_config_typos_and_huge_numbers_are_bad_input(cli) -> None:
                          (("queue", "outgoing", "purge", "--older-than", "999999999"), "is not in the range"),
                          (("queue", "incoming", "purge", "--older-than", "nan"), "'nan' is not a number of days"),
                          (("queue", "outgoing", "purge", "--older-than", "NaN"), "'NaN' is not a number of days"),
+                         (("queue", "outgoing", "purge", "--older-than", "abc"), "'abc' is not a number of days"),
+                         (("queue", "incoming", "release", "--processing-for", "1h"),
+                          "'1h' is not a number of minutes"),
                          (("queue", "incoming", "show", "99999999999999999999", "--raw"), "is not in the range"),
                          (("queue", "outgoing", "retry", "99999999999999999999"), "is not in the range")):
         out = cli(*args)

@@ -172,10 +172,13 @@ class _Span(click.FloatRange):
         self.unit = unit
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
+        try:
+            number = float(value)
+        except (TypeError, ValueError):  # click would say "not a valid float range"
+            number = math.nan
         if math.isnan(number):
             self.fail(f"{value!r} is not a number of {self.unit}: give one from 0 to {self.max:.0f}", param, ctx)
-        return number
+        return super().convert(number, param, ctx)
 
 
 DAYS = _Span("days", 36500)
