@@ -21,6 +21,7 @@ it, so that the new key is kept by the admin before any secret depends on it.
 """
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -165,13 +166,20 @@ def _check_writable(source: KeySource) -> None:
     path = source.key_file.resolve()
     for what in (path, path.parent):
         if what.exists() and not os.access(what, os.W_OK):
-            raise _unwritable(source, PermissionError(13, "Permission denied"))
+            # os.access says no but not why: a read-only mount needs another fix than a chown
+            if os.statvfs(what).f_flag & os.ST_RDONLY:
+                raise _unwritable(source, OSError(errno.EROFS, os.strerror(errno.EROFS)))
+            raise _unwritable(source, PermissionError(errno.EACCES, os.strerror(errno.EACCES)))
 
 
 def _unwritable(source: KeySource, exc: OSError) -> ConfigError:
+    if exc.errno == errno.EROFS:
+        fix = ("the key file's file system is mounted read-only: rotate where the file can be written and copy "
+               "it here, or keep the keys in $MAILHOST_SECRET_KEY")
+    else:
+        fix = "rotation writes the new key into it, so make it and its folder writable for this user"
     return ConfigError(
-        f"cannot write the secret key file {source.key_file} ({exc.strerror or exc}): rotation writes the new key "
-        "into it, so make it and its folder writable for this user; nothing was changed")
+        f"cannot write the secret key file {source.key_file} ({exc.strerror or exc}): {fix}; nothing was changed")
 
 
 def _rows(s: Session, column: Any) -> Iterator[tuple[int, bytes]]:

@@ -380,3 +380,23 @@ def test_a_key_file_that_cannot_be_written_is_refused(home: Path, with_secret: d
         if blocker.is_dir():
             blocker.rmdir()
     assert run_cli("outgoing", "test", "out", env=with_secret, cwd=home).returncode == 0
+
+
+def test_a_key_file_on_a_read_only_file_system_says_so(home: Path, with_secret: dict[str, str]) -> None:
+    """A key file on a read-only mount (a Kubernetes secret volume, say) is refused saying
+    the file system is read-only, not "Permission denied: make it writable for this
+    user", which no chown can fix. Needs a read-only bind mount: root with CAP_SYS_ADMIN."""
+    import subprocess
+
+    folder, view = home / "keys", home / "keys-ro"
+    folder.mkdir()
+    view.mkdir()
+    (home / "mailhost.key").rename(folder / "mailhost.key")
+    if subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(view)], capture_output=True).returncode:
+        pytest.skip("cannot make a read-only bind mount here (needs root with CAP_SYS_ADMIN)")
+    try:
+        config = home / "mailhost.toml"
+        config.write_text(config.read_text().replace('key_file = "mailhost.key"', 'key_file = "keys-ro/mailhost.key"'))
+        _refused(home, with_secret, "(Read-only file system): the key file's file system is mounted read-only")
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
