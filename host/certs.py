@@ -80,7 +80,7 @@ class Certificates:
         cert = loaded.certificate
         if cert.not_valid_after_utc < utcnow():
             raise ValidationError(
-                f"the certificate in {source} ({cert.subject.rfc4514_string()}) expired on "
+                f"the certificate in {source} ({_dn(cert.subject)}) expired on "
                 f"{cert.not_valid_after_utc:%Y-%m-%d}: add its current replacement instead", "file")
         cert_pem = cert.public_bytes(serialization.Encoding.PEM)
         key_pem = loaded.key.private_bytes(
@@ -95,7 +95,7 @@ class Certificates:
                     raise ValidationError(f"the certificate in {source} is already stored as {other!r}", "file")
             row = Certificate(
                 name=name, alias=alias,
-                subject=cert.subject.rfc4514_string()[:1000], issuer=cert.issuer.rfc4514_string()[:1000],
+                subject=_dn(cert.subject)[:1000], issuer=_dn(cert.issuer)[:1000],
                 serial=_hex(cert.serial_number)[:100], not_before=cert.not_valid_before_utc,
                 not_after=cert.not_valid_after_utc, cert_pem=cert_pem, key_enc=self.host.vault.encrypt(key_pem),
             )
@@ -170,6 +170,12 @@ class Removal:
         return tuple(sorted(self.flagging + self.bare))
 
 
+def _dn(name: x509.Name) -> str:
+    """``name`` as RFC 4514 text, emailAddress (in nearly every S/MIME subject) named as
+    openssl names it rather than as its OID, 1.2.840.113549.1.9.1."""
+    return name.rfc4514_string({x509.NameOID.EMAIL_ADDRESS: "emailAddress"})
+
+
 def certificate_dict(row: Certificate, now: dt.datetime | None = None) -> dict[str, Any]:
     """The JSON form of a stored certificate; never the key."""
     now = now or utcnow()
@@ -216,7 +222,7 @@ class Pkcs12:
     key: PrivateKeyTypes
 
     def __repr__(self) -> str:  # keep the key out of tracebacks
-        return f"Pkcs12(certificate={self.certificate.subject.rfc4514_string()!r})"
+        return f"Pkcs12(certificate={_dn(self.certificate.subject)!r})"
 
 
 def load_pkcs12(data: bytes, password: str | None, key_password: str | None = None,

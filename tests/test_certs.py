@@ -327,3 +327,26 @@ def test_cli_remove_detach_says_what_becomes_of_mail_for_it(home: Path, plugin_e
     assert decryption["to desk"]["error"].startswith("no attached certificate matches a recipient")
     out = run_cli("certs", "remove", "alice", "--detach", env=env, cwd=home)
     assert out.stderr.splitlines()[1].endswith(": desk has no certificate left and does not flag it"), out.stderr
+
+
+def test_an_email_address_in_the_subject_is_named(mh: Mailhost) -> None:
+    """S/MIME certificates carry the mailbox as emailAddress in their subject: the listing
+    names it so, as openssl does, not by its OID (1.2.840.113549.1.9.1=...)."""
+    import datetime as dt
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import pkcs12
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "helpdesk"),
+                         x509.NameAttribute(NameOID.EMAIL_ADDRESS, "helpdesk@example.org")])
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+            .serial_number(7).not_valid_before(now - dt.timedelta(days=1)).not_valid_after(now + dt.timedelta(days=30))
+            .sign(key, hashes.SHA256()))
+    data = pkcs12.serialize_key_and_certificates(b"helpdesk", key, cert, None, serialization.NoEncryption())
+    row = Certificates(mh).add("helpdesk", data)
+    assert row.subject == row.issuer == "emailAddress=helpdesk@example.org,CN=helpdesk"
+    assert certificate_dict(row)["subject"] == "emailAddress=helpdesk@example.org,CN=helpdesk"
