@@ -233,19 +233,23 @@ SECTIONS: dict[str, frozenset[str]] = {
 
 def resolve_database_url(url: str, base: Path, path: Path | None = None) -> str:
     """Check a database URL and make a relative SQLite path relative to ``base``."""
+    shown = _without_password(url)
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
+    except (ArgumentError, ValueError) as exc:  # ValueError: a port that is no number
         where = f" in {path}" if path else ""
         raise ConfigError(
-            f"the database URL {url!r}{where} is not valid: use sqlite:///FILE "
+            f"the database URL {shown!r}{where} is not valid: use sqlite:///FILE "
             "or postgresql+psycopg://USER@HOST/DB"
         ) from exc
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql"):
         raise ConfigError(
-            f"the database URL {url!r} uses {backend!r}: mailhost supports sqlite and postgresql"
+            f"the database URL {shown!r} uses {backend!r}: mailhost supports sqlite and postgresql"
         )
+    if backend == "postgresql" and "+" in parsed.drivername and parsed.get_driver_name() != "psycopg":
+        raise ConfigError(f"the database URL {shown!r} asks for the driver {parsed.get_driver_name()!r}: "
+                          "mailhost uses psycopg 3, so write postgresql+psycopg://USER@HOST/DB")
     if backend == "sqlite":
         if not parsed.database or parsed.database == ":memory:" or parsed.database.startswith("file::memory:"):
             raise ConfigError(f"the database URL {url!r} is an in-memory SQLite store, which keeps nothing: "
@@ -259,6 +263,17 @@ def resolve_database_url(url: str, base: Path, path: Path | None = None) -> str:
                               + ": give the path of a file, like sqlite:///mailhost.db")
         url = parsed.set(database=str(db)).render_as_string(hide_password=False)
     return url
+
+
+def _without_password(url: str) -> str:
+    """``url`` for a message: a password in it (``USER:PASSWORD@``) shown as ``***``.
+
+    Done on the text, since a URL this mentions may be one SQLAlchemy cannot parse."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    if not sep or not at or ":" not in userinfo:
+        return url
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}"
 
 
 def write_starter_config(path: Path, database_url: str | None) -> None:

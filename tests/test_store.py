@@ -89,6 +89,23 @@ def test_init_with_bad_database_url(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("url, expect", [
+    ("postgresql+psycopg://mailhost:s3cret@db.example.org:abc/mailhost", "is not valid: use sqlite:///FILE"),
+    ("mysql://mailhost:s3cret@db.example.org/mailhost", "supports sqlite and postgresql"),
+    ("postgresql+psycopg2://mailhost:s3cret@127.0.0.1:1/mailhost", "mailhost uses psycopg 3, so write postgresql+psycopg://"),
+])
+def test_a_malformed_database_url_is_bad_input_and_keeps_its_password(tmp_path: Path, url: str, expect: str) -> None:
+    """A store URL with a typo (a port that is no number, another database or driver) is
+    one sentence, exit 2, that never shows the password in it; nothing is written."""
+    for args in (("init", "--database", url), ("incoming", "list")):
+        if args[0] != "init":
+            (tmp_path / "m.toml").write_text(f'[store]\nurl = "{url}"\n')
+        out = run_cli("--config", str(tmp_path / "m.toml"), *args)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert expect in out.stderr and "s3cret" not in out.stderr and "mailhost:***@" in out.stderr, out.stderr
+        assert sorted(p.name for p in tmp_path.iterdir()) == (["m.toml"] if args[0] != "init" else []), out.stderr
+
+
+@pytest.mark.parametrize("url, expect", [
     ("sqlite:///nowhere/at/all.db", "in a folder that does not exist"),
     ("sqlite:////tmp", "a folder: give the path of a file"),
     ("sqlite:///", "in-memory SQLite store, which keeps nothing"),
