@@ -51,7 +51,6 @@ class Service:
     """The long-running loop of one worker process."""
 
     STORE_REMINDER = 300.0
-    STORE_SETTLED = 5.0
 
     def __init__(self, host: Mailhost, download_workers: int = 4, tick: float = 1.0) -> None:
         self.host = host
@@ -61,10 +60,12 @@ class Service:
         self._running: dict[str, Future[object]] = {}
         self._signals = 0
         # A failing store is said once (and again every STORE_REMINDER seconds while it
-        # lasts), and once more when it has not failed for STORE_SETTLED seconds: a store
-        # that reads but cannot write (full, read-only, locked) fails at every tick.
+        # lasts), and once more when each job that failed on it has worked since. Not when
+        # some time passed without a failure: a store that reads but cannot write (full,
+        # read-only, locked) keeps a pass waiting BUSY_TIMEOUT for its lock meanwhile,
+        # and the reads of every tick work.
         self._store_said: float | None = None
-        self._store_failed_at = 0.0
+        self._store_failing: set[str] = set()  # the jobs (their ``what``) whose last run failed on the store
         self._config_seen = self._config_stamp()
         self._store_lock = threading.Lock()
         #: Whether a pass failed (a connection's error, the store, a bug): `serve --once`
@@ -131,15 +132,16 @@ class Service:
         due = self._guarded("reading the connections that are due", self.host.incoming.due)
         if due is None:
             return
-        self._store_settled()
+        # A connection neither due nor under way runs no pass that could fail again
+        # (disabled, removed): its failed pass no longer keeps the store from being back.
+        self._store_worked(*(self._pass(name) for name in self._failing_passes() - set(due) - set(self._running)))
         for name in due:
             if name not in self._running and not self.stop.is_set():
                 self._running[name] = self._pool.submit(self._download, name)
 
     def _download(self, name: str) -> None:
         # A stopping service ends the pass after the batch under way, not after the mailbox.
-        report = self._guarded(f"the download pass of {name}",
-                               lambda: self.host.incoming.fetch_one(name, stop=self.stop))
+        report = self._guarded(self._pass(name), lambda: self.host.incoming.fetch_one(name, stop=self.stop))
         if report is None:
             return
         if report.error:
@@ -185,19 +187,33 @@ class Service:
         for every job, see :meth:`_store_failed`), anything else with its traceback; one
         job's failure never stops the service."""
         try:
-            return work()
+            result = work()
         except StoreError as exc:
-            self._store_failed(exc)
+            self._store_failed(what, exc)
         except Exception:
             log.exception("%s failed", what)
+        else:
+            self._store_worked(what)
+            return result
         self.failed = True
         return None
 
-    def _store_failed(self, exc: StoreError) -> None:
+    @staticmethod
+    def _pass(name: str) -> str:
+        """The ``what`` of connection ``name``'s download pass."""
+        return f"the download pass of {name}"
+
+    def _failing_passes(self) -> set[str]:
+        """The connections whose last download pass failed on the store."""
+        prefix = self._pass("")
+        with self._store_lock:
+            return {what[len(prefix):] for what in self._store_failing if what.startswith(prefix)}
+
+    def _store_failed(self, what: str, exc: StoreError) -> None:
         """Say that the store fails once, not at every tick while it does."""
         now = time.monotonic()
         with self._store_lock:
-            self._store_failed_at = now
+            self._store_failing.add(what)
             say = self._store_said is None or now - self._store_said >= self.STORE_REMINDER
             if say:
                 self._store_said = now
@@ -206,10 +222,11 @@ class Service:
         else:
             log.debug("%s", exc)
 
-    def _store_settled(self) -> None:
-        """After a read of the store worked: say it is back once nothing failed for a while."""
+    def _store_worked(self, *whats: str) -> None:
+        """Jobs ``whats`` worked: say the store is back once no job that failed on it fails still."""
         with self._store_lock:
-            back = self._store_said is not None and time.monotonic() - self._store_failed_at >= self.STORE_SETTLED
+            self._store_failing.difference_update(whats)
+            back = self._store_said is not None and not self._store_failing
             if back:
                 self._store_said = None
         if back:
