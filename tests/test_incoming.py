@@ -220,12 +220,13 @@ def test_lease_is_kept_while_a_step_takes_long(tmh: Mailhost, box: Path, conn: s
     from mailhost.incoming import Incoming
     from tests.testplugin.mailhost_testplugin import DirIncoming
 
-    monkeypatch.setattr(incoming, "LEASE", dt.timedelta(seconds=1))
-    step, started = getattr(DirIncoming, slow_step), threading.Event()
+    monkeypatch.setattr(incoming, "LEASE", dt.timedelta(seconds=2))
+    step, started, tried = getattr(DirIncoming, slow_step), threading.Event(), threading.Event()
 
     def slow(self, *args):
-        started.set()
-        time.sleep(2.5)  # more than twice the lease
+        if not started.is_set():  # the first worker's step lasts until the second one tried
+            started.set()
+            assert tried.wait(120)  # a safety net, not a timing
         return step(self, *args)
 
     monkeypatch.setattr(DirIncoming, slow_step, slow)
@@ -234,8 +235,9 @@ def test_lease_is_kept_while_a_step_takes_long(tmh: Mailhost, box: Path, conn: s
     worker = threading.Thread(target=lambda: reports.extend(tmh.incoming.fetch([conn])))
     worker.start()
     assert started.wait(30)
-    time.sleep(1.8)  # the first lease has run out by now; only a renewal keeps the mailbox taken
+    time.sleep(2.5)  # at least: the first lease has run out by now; only a renewal keeps the mailbox taken
     other = Incoming(tmh).fetch_one(conn)
+    tried.set()
     worker.join(30)
     assert other.skipped and "another worker" in other.skipped
     [report] = reports
