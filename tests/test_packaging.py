@@ -6,6 +6,7 @@ import email
 import email.message
 import os
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -26,8 +27,8 @@ DISTRIBUTIONS: dict[str, tuple[Path, str, Path]] = {
     },
 }
 
-#: The builds write their metadata (``*.egg-info``) into the source tree: under pytest-xdist
-#: these tests share one worker, or two workers' builds would write the same files at once.
+#: The builds run in a copy of the checkout (:func:`built`); these tests still share one
+#: pytest-xdist worker, which builds once for all of them.
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("packaging")]
 
 
@@ -62,12 +63,20 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
-    """Every distribution, built with this venv's setuptools (no isolation: no download)."""
+    """Every distribution, built with this venv's setuptools (no isolation: no download).
+
+    From a copy of the checkout: setuptools writes ``*.egg-info`` and its release tree
+    (``mailhost-0.1.0/``) into the folder it builds, and a build in the checkout itself
+    met another process there once in a CI run (its release tree lost a file mid-build)."""
     out = tmp_path_factory.mktemp("dist")
+    source = tmp_path_factory.mktemp("source") / "checkout"
+    shutil.copytree(ROOT, source, symlinks=True, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", "*.py[cod]", "out"))
     result: dict[str, Built] = {}
     for name, (folder, _, _) in DISTRIBUTIONS.items():
         done = subprocess.run(
-            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out / name), str(folder)],
+            [sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out / name),
+             str(source / folder.relative_to(ROOT))],
             capture_output=True, text=True, check=False, timeout=300,
         )
         assert done.returncode == 0, done.stdout + done.stderr
