@@ -63,12 +63,8 @@ def test_a_worker_with_a_wrong_clock_never_takes_a_mailbox_that_is_being_downloa
     assert report.stored == 0 and admin.incoming.items() == []
 
 
-def test_a_handler_with_a_clock_behind_keeps_the_item_it_processes(workers: Any, dovecot: Any,
-                                                                    mailbox: Any) -> None:
-    """A handler on a machine whose clock runs 15 minutes behind takes an item
-    (processing); `serve` on another machine releases items processing for more than 10
-    minutes. The item stays with its handler (it went back to new at once, for a
-    second handler to process it too)."""
+def _one_stored(workers: Any, dovecot: Any, mailbox: Any) -> tuple[Any, Any]:
+    """A worker that downloaded one message through connection "desk"; and that message's item."""
     dovecot.deliver_many(mailbox.user, [dovecot.generate_message(0)])
     admin = workers()
     admin.connections.add(Direction.INCOMING, ConnectionSpec(
@@ -76,6 +72,16 @@ def test_a_handler_with_a_clock_behind_keeps_the_item_it_processes(workers: Any,
         username=mailbox.user, password=mailbox.password, ca_file=dovecot.ca_file))
     assert admin.incoming.fetch_one("desk").stored == 1
     (item,) = admin.incoming.items()
+    return admin, item
+
+
+def test_a_handler_with_a_clock_behind_keeps_the_item_it_processes(workers: Any, dovecot: Any,
+                                                                    mailbox: Any) -> None:
+    """A handler on a machine whose clock runs 15 minutes behind takes an item
+    (processing); `serve` on another machine releases items processing for more than 10
+    minutes. The item stays with its handler (it went back to new at once, for a
+    second handler to process it too)."""
+    admin, item = _one_stored(workers, dovecot, mailbox)
     with machine_clock_off(-OFF):
         workers().incoming.set_status(item.id, "processing")
     assert admin.incoming.release(dt.timedelta(minutes=10)) == 0
@@ -161,13 +167,7 @@ def test_purge_goes_by_the_stores_clock(workers: Any, dovecot: Any, mailbox: Any
     """`queue incoming purge --older-than 1` on a machine whose clock runs two days ahead
     keeps the mail and the log pass downloaded a moment ago: it deleted both, comparing
     its own clock with the database's time stamps."""
-    dovecot.deliver_many(mailbox.user, [dovecot.generate_message(0)])
-    admin = workers()
-    admin.connections.add(Direction.INCOMING, ConnectionSpec(
-        name="desk", protocol="imap", host="localhost", port=dovecot.imap_port, encryption="starttls",
-        username=mailbox.user, password=mailbox.password, ca_file=dovecot.ca_file))
-    assert admin.incoming.fetch_one("desk").stored == 1
-    (item,) = admin.incoming.items()
+    admin, item = _one_stored(workers, dovecot, mailbox)
     admin.incoming.set_status(item.id, "processed")
     with machine_clock_off(dt.timedelta(days=2)):
         assert workers().incoming.purge(dt.timedelta(days=1)) == (0, 0)
