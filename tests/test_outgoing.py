@@ -2,6 +2,7 @@
 fall back, record. Time never passes in these tests: the pipeline's clock is moved."""
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import email
 import email.policy
@@ -662,16 +663,27 @@ class _StopsAfterSending:
                                   options=(ProviderOption("suffix", "the file name ending", str, default=""),)))
 
 
+@contextlib.contextmanager
+def _toy_outbox(home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str,
+                plugin: object) -> Iterator[Mailhost]:
+    """A host with only the toy plugin ``plugin``, its protocol ``name`` writing to
+    tmp_path/outbox, and the default outgoing connection "out" on it."""
+    monkeypatch.setenv("MAILHOST_TESTPLUGIN_OUTBOX", str(tmp_path / "outbox"))
+    mh = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(only=[], extra=[(name, plugin)]))
+    try:
+        mh.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol=name, host="box",
+                                                              from_address="a@example.org", default=True))
+        yield mh
+    finally:
+        mh.close()
+
+
 def test_a_stopped_worker_gives_back_only_what_it_never_tried(home: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """A worker stopped right after a message went out: the messages after it go back to
     the queue at once, untouched; the one sent stays leased (its outcome was never
     recorded), so the next pass does not send it a second time."""
-    monkeypatch.setenv("MAILHOST_TESTPLUGIN_OUTBOX", str(tmp_path / "outbox"))
-    mh = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(only=[], extra=[("stops", _StopsAfterSending())]))
-    try:
-        mh.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="stops", host="box",
-                                                              from_address="a@example.org", default=True))
+    with _toy_outbox(home, tmp_path, monkeypatch, "stops", _StopsAfterSending()) as mh:
         ids = [mh.outgoing.send([f"r{n}@example.org"], subject=f"m{n}", body=BODY).id for n in range(4)]
         with pytest.raises(_Stop):
             mh.outgoing.deliver()
@@ -679,8 +691,6 @@ def test_a_stopped_worker_gives_back_only_what_it_never_tried(home: Path, tmp_pa
         assert mh.outgoing.deliver().sent == 3
         assert outbox_subjects(tmp_path / "outbox" / "box") == [b"m0", b"m1", b"m2", b"m3"]
         assert [(item(mh, i)["status"], item(mh, i)["attempts"]) for i in ids] == [("sending", 0)] + [("sent", 1)] * 3
-    finally:
-        mh.close()
 
 
 class _RecordsKeys:
@@ -962,11 +972,7 @@ def test_a_send_that_returns_no_result_counts_as_sent_once(home: Path, tmp_path:
     each message is recorded sent, once, and the log names the plugin. Each pass used to
     send one message and stop its worker on an AttributeError, leaving the messages in
     sending, to be sent again when their lease ran out."""
-    monkeypatch.setenv("MAILHOST_TESTPLUGIN_OUTBOX", str(tmp_path / "outbox"))
-    mh = Mailhost.open(home / "mailhost.toml", plugins=PluginHost(only=[], extra=[("mute", _ReturnsNothing())]))
-    try:
-        mh.connections.add(Direction.OUTGOING, ConnectionSpec(name="out", protocol="mute", host="box",
-                                                              from_address="a@example.org", default=True))
+    with _toy_outbox(home, tmp_path, monkeypatch, "mute", _ReturnsNothing()) as mh:
         ids = [mh.outgoing.send([f"r{n}@example.org"], subject=f"m{n}", body=BODY).id for n in range(3)]
         report = mh.outgoing.deliver()
         assert report.sent == 3 and report.error is None, report.error
@@ -974,6 +980,4 @@ def test_a_send_that_returns_no_result_counts_as_sent_once(home: Path, tmp_path:
         assert mh.outgoing.deliver().sent == 0
         assert outbox_subjects(tmp_path / "outbox" / "box") == [b"m0", b"m1", b"m2"]
         assert "plugin mute broke the session contract: its send returned None, not a mailhost.SendResult" in caplog.text
-    finally:
-        mh.close()
 
