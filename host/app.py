@@ -246,7 +246,6 @@ class Mailhost:
     def migrate(self, fix: str | None = None) -> None:
         """Bring the store's schema up to date (``mailhost init`` does this); ``fix`` says
         what to check when the store cannot be opened (default: the config's [store] url)."""
-        fix = fix or f"check [store] url in {self.config.path}"
         self._reach(fix)
         try:
             store.upgrade(self.engine)
@@ -254,7 +253,7 @@ class Mailhost:
             raise self._cannot_open(exc, fix) from None
         self._schema_ok = True
 
-    def _reach(self, fix: str) -> None:
+    def _reach(self, fix: str | None = None) -> None:
         """Connect once: a store that cannot be reached, or whose URL has options its
         driver refuses (``?connect_timeout=abc``), is the admin's to fix, in one sentence."""
         try:
@@ -263,14 +262,19 @@ class Mailhost:
         except (DBAPIError, ValueError) as exc:  # older psycopg raises ValueError for a bad option
             raise self._cannot_open(exc, fix) from None
 
-    def _cannot_open(self, exc: Exception, fix: str) -> MailhostError:
+    def _cannot_open(self, exc: Exception, fix: str | None = None) -> MailhostError:
+        """The error for a store that cannot be opened; ``fix`` is what to check when it is
+        not the configured store (``init --database``), where even a server that does not
+        answer is a URL to correct, not one to wait for."""
+        configured = fix is None
+        fix = fix or f"check [store] url in {self.config.path}"
         reason = getattr(exc, "orig", None) or exc  # the driver's words, without SQLAlchemy's wrapping
         if _lock_timeout(reason):  # a session holds the schema (a migration under way, an open transaction)
             return StoreError(self._store_failure(reason))
         denied = self._sqlite_denied(reason, " ".join(str(reason).split()).rstrip("."))
         if denied:  # the URL is right: the file's or its folder's permissions are not
             return StoreError(denied)
-        if fix.startswith("check [store]") and _unanswered(reason):  # it worked at init: the server is away
+        if configured and _unanswered(reason):  # it worked at init: the server is away
             return StoreUnreachable(
                 f"cannot reach the store {self.engine.url.render_as_string(hide_password=True)}: "
                 f"{' '.join(str(reason).split())}; start the database server, or {fix}")
@@ -285,12 +289,11 @@ class Mailhost:
         if database is not None and not database.exists():  # connecting would create it, empty
             raise ConfigError(f"the store {database} does not exist: run `mailhost init` to create it, "
                               f"or check [store] url in {self.config.path}")
-        fix = f"check [store] url in {self.config.path}"
-        self._reach(fix)
+        self._reach()
         try:
             current = store.current_revision(self.engine)
         except OperationalError as exc:
-            raise self._cannot_open(exc, fix) from None
+            raise self._cannot_open(exc) from None
         head = store.head_revision()
         if current != head:
             raise ConfigError(

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import click
 
-from ..app import Mailhost
 from ..errors import StoreUnreachable
 from ..service import Service
+
+if TYPE_CHECKING:
+    from ..app import Mailhost
 from . import Context, cli, pass_ctx
 
 
