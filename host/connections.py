@@ -204,7 +204,10 @@ class Connections:
         """Change a connection; returns it and whether editing disabled it (an enabled
         incoming connection is disabled by any edit, as in the seeds)."""
         with self.host.session() as s:
-            conn = self.get(direction, name, s)
+            conn = self.get(direction, name, s)  # a typo in the name is said as such first
+            if not spec.given():  # an edit disables an enabled incoming connection: a no-op must not
+                raise ValidationError(f"nothing to change in {direction.value} connection {name}: give the options "
+                                      f"to change (`mailhost {direction.value} edit --help` lists them)")
             # Its row first, before the rows named after it: a pass's batch locks them in
             # this order too (Incoming._hold), and PostgreSQL aborts one of two
             # transactions that lock in opposite orders (a deadlock).

@@ -151,12 +151,7 @@ def _register(direction: Direction, group: click.Group, options: Callable[..., A
     @json_option
     @pass_ctx
     def edit(ctx: Context, name: str, new_name: str | None, as_json: bool, **opts: Any) -> None:
-        spec = _spec(new_name, opts)
-        if not spec.given():  # an edit disables an enabled incoming connection: a no-op must not
-            ctx.host.connections.get(direction, name)  # a typo in the name is said as such
-            fail(f"nothing to change in {word} connection {name}: give the options to change "
-                 f"(`mailhost {word} edit --help` lists them)")
-        conn, disabled = ctx.host.connections.edit(direction, name, spec)
+        conn, disabled = ctx.host.connections.edit(direction, name, _spec(new_name, opts))
         record = ctx.host.connections.as_dict(direction, conn)
         if as_json:
             print_json(record)
