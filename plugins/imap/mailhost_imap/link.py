@@ -221,6 +221,13 @@ class GuardedIMAP4(imaplib.IMAP4):
             self._step()
         return line
 
+    def take(self, lines: re.Pattern[bytes]) -> bytes:
+        """The whole lines at the head of what is buffered (read once if nothing is) that
+        ``lines`` matches, consumed; ``b""`` when the next line does not match. An answer
+        of many short lines (a listing) is read a buffer at a time, not a line at a time."""
+        run = lines.match(self.file.peek(_MAXLINE))
+        return self.read(run.end()) if run else b""
+
     def read(self, size: int) -> bytes:
         """``size`` bytes (fewer at the end of the stream), a step for each
         :data:`~mailhost.protocols.STALL_PIECE` of them: a drip inside a big literal is

@@ -28,6 +28,10 @@ _UID = re.compile(rb"[( ]UID (\d+)", re.I)
 _SIZE = re.compile(rb"[( ]RFC822\.SIZE (\d+)", re.I)
 _QUOTED_BODY = re.compile(rb'[( ]BODY\[\] "((?:[^"\\]|\\.)*)"', re.I)
 _UNQUOTE = re.compile(rb"\\(.)")
+#: Listing lines as Dovecot (and most servers) write them, read in bulk; any other
+#: shape goes through the line-by-line reader.
+_LISTING = re.compile(rb"(?:\* \d+ FETCH \(UID \d+ RFC822\.SIZE \d+\)\r\n)+")
+_LISTED = re.compile(rb"(\* \d+ FETCH \(UID (\d+) RFC822\.SIZE \d+\)\r\n)")
 _MAX_SET = 4000  # bytes of UID set per command: far below servers' line limits (Dovecot: 64 KiB)
 
 
@@ -465,7 +469,8 @@ class ImapSession(IncomingSession):
         piece of the bytes read): listing lines, and ``* OK`` lines, are no step.
         """
         imap = self._imap
-        readline, read = imap.readline, imap.read
+        readline, read, take = imap.readline, imap.read, imap.take
+        listing = items == b"(UID RFC822.SIZE)"
         tag = imap._new_tag()
         command = b"%s UID FETCH %s %s" % (tag, uid_set, items)
         self._say(f"> {command.decode()}")
@@ -476,6 +481,11 @@ class ImapSession(IncomingSession):
         try:
             step = guard.step
             while True:
+                if listing:  # 20,000 lines: 0.02 s a buffer at a time, 0.1 s a line at a time
+                    run = take(_LISTING)
+                    if run:
+                        got.extend((int(uid), text, None) for text, uid in _LISTED.findall(run))
+                        continue
                 line = readline()
                 if not line.startswith(b"* "):
                     if line.startswith(done):

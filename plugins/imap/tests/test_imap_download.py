@@ -356,3 +356,35 @@ def test_estimate_counts_more_new_uids_than_a_search_line_holds(fake_imap):
     with PROVIDER.open(conn) as session:
         estimate = session.estimate({"uidvalidity": 7, "last_uid": 1}, nothing_known)
     assert (estimate.count, estimate.confidence) == (200_000, "exact")
+
+
+def test_a_listing_in_any_shape_gives_every_uid_and_size(fake_imap):
+    """Listing lines as Dovecot writes them are read a buffer at a time; the other
+    shapes servers use (items in another order or case, unsolicited FETCH and EXISTS
+    lines among them) still count, wherever they fall in those buffers."""
+    def line(uid: int) -> bytes:
+        if uid % 97 == 0:
+            return b"* %d fetch (rfc822.size %d uid %d)\r\n" % (uid, uid + 10, uid)
+        if uid % 89 == 0:
+            return b"* %d FETCH (FLAGS (\\Seen))\r\n* 4000 EXISTS\r\n* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (
+                uid, uid, uid, uid + 10)
+        return b"* %d FETCH (UID %d RFC822.SIZE %d)\r\n" % (uid, uid, uid + 10)
+
+    def respond(words):
+        verb, out = words[0].upper(), b""
+        if verb == b"CAPABILITY":
+            out = b"* CAPABILITY IMAP4rev1\r\n"
+        elif verb == b"SELECT":
+            out = b"* 3000 EXISTS\r\n* OK [UIDVALIDITY 7] ok\r\n* OK [UIDNEXT 3001] ok\r\n"
+        elif words[:2] == [b"UID", b"FETCH"] and b"RFC822.SIZE" in b" ".join(words):
+            out = b"".join(line(uid) for uid in range(1, 3001))
+        elif words[:2] == [b"UID", b"FETCH"]:
+            out = b'* 3000 FETCH (UID 3000 INTERNALDATE "01-Nov-2026 10:00:00 +0000")\r\n'
+        return out
+
+    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
+                              port=fake_imap(lambda peer: peer.answer(respond)),
+                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
+    with PROVIDER.open(conn) as session:
+        listing = session.list_new(None, nothing_known)
+    assert [(ref.handle, ref.size) for ref in listing.refs] == [(uid, uid + 10) for uid in range(1, 3001)]
