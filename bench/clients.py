@@ -1,7 +1,7 @@
 """The raw stdlib clients that set the limits, each run as its own process by bench/run.
 
     python bench/clients.py imap-fetch --port P --user U --password W [--tls --ca-file CA] [--mark-seen] [--store DIR]
-    python bench/clients.py imap-pipeline --port P --user U --password W [--tls --ca-file CA] --store DIR
+    python bench/clients.py imap-pipeline --port P --user U --password W [--tls --ca-file CA] --store DIR [--preload M]
     python bench/clients.py imap-poll  --port P --user U --password W
     python bench/clients.py pop3-fetch --port P --user U --password W [--tls --ca-file CA]
     python bench/clients.py smtp-send  --port P --messages N --size BYTES
@@ -12,6 +12,8 @@ with the counts it checked. bench/run times the whole process around it and read
 peak memory, so a row can show both the in-process limit and what a process costs.
 
 Only the standard library is imported here: the limit must not pay for anything else.
+(``--preload M``, for the pipeline alone, imports module ``M`` first: what the floor
+becomes with a library a real client cannot do without.)
 """
 from __future__ import annotations
 
@@ -215,9 +217,13 @@ def main() -> None:
     parser.add_argument("--mark-seen", action="store_true", help="imap-fetch: then flag everything \\Seen")
     parser.add_argument("--store", metavar="DIR", help="imap-fetch: then store everything in a new SQLite file here; imap-pipeline: "
                              "where its SQLite file goes")
+    parser.add_argument("--preload", action="append", default=[], metavar="MODULE",
+                        help="imap-pipeline: import MODULE before anything else (repeatable)")
     parser.add_argument("--messages", type=int, default=0)
     parser.add_argument("--size", type=int, default=3000)
     ns = parser.parse_args()
+    for module in ns.preload:
+        __import__(module)
     print(json.dumps(ACTIONS[ns.action](ns)))
     sys.stdout.flush()
 
