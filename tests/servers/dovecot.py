@@ -544,6 +544,14 @@ class Dovecot:
         """Copy of ``{user: password}``."""
         return dict(self._users)
 
+    def setting(self, name: str) -> str:
+        """The value Dovecot reads for setting ``name`` from this instance's
+        config (``doveconf -h``; nested ones as ``service/anvil/...``)."""
+        # doveconf is installed beside the dovecot binary: <prefix>/sbin -> <prefix>/bin
+        doveconf = Path(self.binary).parent.parent / "bin" / "doveconf"
+        return subprocess.run([str(doveconf), "-c", str(self.config_file), "-h", name],
+                              capture_output=True, text=True, check=True).stdout.strip()
+
     def log_text(self, since: int = 0) -> str:
         """Contents of the Dovecot log from byte offset ``since`` (plus the
         master's early stderr output of the last start, if any)."""

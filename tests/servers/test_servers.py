@@ -8,7 +8,6 @@ import poplib
 import smtplib
 import socket
 import ssl
-import time
 from pathlib import Path
 
 import pytest
@@ -161,15 +160,19 @@ def test_master_user_authzid(dovecot: Dovecot, mailbox: Mailbox, pki: Pki) -> No
 
 
 def test_bad_password_and_unknown_user_fail_fast(dovecot: Dovecot, mailbox: Mailbox, pki: Pki) -> None:
-    t0 = time.monotonic()
-    for user, password in ((mailbox.user, "wrong"), ("nobody-here", "x")):
+    """Failed logins are refused at once and never lock out the valid login that follows."""
+    # what Dovecot runs with: by default it delays each failure by 2 s and, through
+    # the anvil penalty socket, every later login from the address by up to 15 s
+    assert dovecot.setting("auth_failure_delay") == "0"
+    assert int(dovecot.setting("service/anvil/unix_listener/anvil-auth-penalty/mode"), 8) == 0
+    for user, password in [(mailbox.user, "wrong"), ("nobody-here", "x")] * 2:
         imap = imaps(dovecot, pki)
         with pytest.raises(imaplib.IMAP4.error, match="AUTHENTICATIONFAILED"):
             imap.login(user, password)
         imap.logout()
-    # auth_failure_delay = 0 and no auth penalty; Dovecot still flushes
-    # failures on a 0.5 s timer, so each failed login costs <= ~0.5 s
-    assert time.monotonic() - t0 < 3
+    imap = imaps(dovecot, pki)
+    assert imap.login(mailbox.user, mailbox.password)[0] == "OK"
+    imap.logout()
 
 
 def test_users_added_while_running_work_at_once(dovecot: Dovecot, pki: Pki) -> None:
@@ -202,9 +205,9 @@ def test_idle_sees_direct_delivery(dovecot: Dovecot, mailbox: Mailbox, pki: Pki)
 
 def test_deliver_many_bulk(dovecot: Dovecot, mailbox: Mailbox, pki: Pki) -> None:
     msgs = [generate_message(i, size=1000) for i in range(2000)]
-    t0 = time.monotonic()
     assert dovecot.deliver_many(mailbox.user, msgs, "Bulk") == 2000
-    assert time.monotonic() - t0 < 5
+    # written straight into the Maildir: all there on return, before any IMAP session
+    assert len(dovecot.maildir_entries(mailbox.user, "Bulk")) == 2000
     imap = imaps(dovecot, pki)
     imap.login(mailbox.user, mailbox.password)
     assert imap.select("Bulk") == ("OK", [b"2000"])
