@@ -25,6 +25,8 @@ Behaviour useful for client tests:
 * :meth:`SmtpServer.drop_next_data` -- the next *n* messages are recorded (the
   server keeps them) and the link is closed without a reply to the final dot:
   the client cannot know they were accepted;
+* ``slow_rcpt_seconds`` -- sleep before answering each RCPT, as a server that
+  checks the recipient (a callout, greylisting) does;
 * ``slow_data_seconds`` -- sleep before answering the final DATA dot. The
   message is recorded (and spooled) *after* the sleep, right before the 250,
   like a real server committing it -- a client killed during the sleep does
@@ -159,6 +161,8 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
+        if self.owner.slow_rcpt_seconds > 0:
+            await asyncio.sleep(self.owner.slow_rcpt_seconds)
         local = address.split("@", 1)[0].lower()
         if local.startswith("tempfail"):
             return TEMPFAIL_REPLY
@@ -262,6 +266,7 @@ class SmtpServer:
         size_limit: int | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         slow_data_seconds: float = 0.0,
+        slow_rcpt_seconds: float = 0.0,
         port: int = 0,
         hostname: str = "smtp.mailhost.test",
         untrusted: bool = False,
@@ -285,6 +290,7 @@ class SmtpServer:
         self.size_limit = size_limit
         self.spool_dir = Path(spool_dir) if spool_dir is not None else None
         self.slow_data_seconds = slow_data_seconds
+        self.slow_rcpt_seconds = slow_rcpt_seconds
         self.hostname = hostname
         self.hide = frozenset(k.upper() for k in hide)
         self.max_recipients = max_recipients

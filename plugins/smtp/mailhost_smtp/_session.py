@@ -8,6 +8,7 @@ to a transcript with secrets masked at the source and then redacted by the host.
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import re
 import smtplib
@@ -41,9 +42,20 @@ __all__ = ["DEFAULT_PORTS", "SmtpSession", "open_session", "test_connection"]
 
 
 Report = Callable[[str, str], None]  # (step name, detail) for each step that succeeded
-#: Seconds to wait for the reply to the message's final dot, at least (the connection's
-#: timeout when longer). RFC 5321 4.5.3.2.6 asks for 10 minutes: the server may be
-#: committing the message, and giving up sooner invites a duplicate.
+# Seconds a transaction waits, at least, for each reply and each piece of the message
+# to go out (RFC 5321 4.5.3.2; the connection's timeout when longer, which alone bounds
+# connecting, the greeting, EHLO and AUTH). A server may check a recipient (a callout,
+# greylisting) or the sender for minutes: giving up sooner fails a message it would take.
+#: MAIL FROM's reply (RFC 5321 4.5.3.2.2).
+MAIL_TIMEOUT = 300.0
+#: Each RCPT TO's reply (4.5.3.2.3).
+RCPT_TIMEOUT = 300.0
+#: DATA's 354 (4.5.3.2.4).
+DATA_TIMEOUT = 120.0
+#: Each piece of the message going out (4.5.3.2.5).
+BLOCK_TIMEOUT = 180.0
+#: The reply to the message's final dot (4.5.3.2.6): the server may be committing the
+#: message, and giving up sooner invites a duplicate.
 FINAL_REPLY_TIMEOUT = 600.0
 _DOT_LINE = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)
 #: The longest reply line smtplib reads (its private ``_MAXLINE``); a longer one ends the link.
@@ -89,6 +101,24 @@ class _Client(smtplib.SMTP):
         self.used = False  # a transaction was begun on this link (it is not fresh)
         self.greeted = False  # the server's first line came (a TLS-first port sends none)
         super().__init__(local_hostname=_local_hostname(), timeout=settings.timeout)
+        #: What the last :meth:`patient` block waited for, and for how long at most: for the
+        #: error that says so when the wait ran out.
+        self.awaiting, self.wait = "an answer", self.timeout
+
+    @contextlib.contextmanager
+    def patient(self, least: float, awaiting: str) -> Iterator[None]:
+        """Inside, each read and write waits ``least`` seconds, or the connection's timeout
+        when that is longer (RFC 5321 4.5.3.2); the connection's timeout again after.
+        ``awaiting`` names what is waited for (``"its answer to RCPT TO"``)."""
+        self.awaiting, self.wait = awaiting, max(least, self.timeout)
+        if self.sock is not None:
+            self.sock.settimeout(self.wait)
+        try:
+            yield
+        finally:
+            if self.sock is not None:  # closed on the way: the next link gets the timeout anew
+                self.sock.settimeout(self.timeout)
+        self.awaiting, self.wait = "an answer", self.timeout  # not when it failed: the error names the wait
 
     # -- transcript ---------------------------------------------------------------
 
@@ -173,8 +203,9 @@ class _Client(smtplib.SMTP):
         """``smtplib.SMTP.data`` with a gate between the 354 and the message, and the
         long wait for the final reply. ``content_sent`` says whether the final dot went out."""
         self.content_sent = False
-        self.putcmd("data")
-        code, reply = self.getreply()
+        with self.patient(DATA_TIMEOUT, "its answer to DATA"):
+            self.putcmd("data")
+            code, reply = self.getreply()
         if code != 354:
             raise smtplib.SMTPDataError(code, reply)
         if gate is not None:
@@ -186,20 +217,24 @@ class _Client(smtplib.SMTP):
         q = _DOT_LINE.sub(b"..", msg)
         if q[-2:] != b"\r\n":
             q += b"\r\n"
-        self.write_content(q + b".\r\n")
+        with self.patient(BLOCK_TIMEOUT, "the message"):
+            self.write_content(q + b".\r\n")
         self.content_sent = True
-        assert self.sock is not None
-        self.sock.settimeout(max(FINAL_REPLY_TIMEOUT, self.timeout))
-        try:
+        with self.patient(FINAL_REPLY_TIMEOUT, "its answer to the final dot"):
             return self.getreply()
-        finally:
-            if self.sock is not None:
-                self.sock.settimeout(self.timeout)
+
+    def mail(self, sender: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
+        with self.patient(MAIL_TIMEOUT, "its answer to MAIL FROM"):
+            return super().mail(sender, options)
+
+    def rcpt(self, recip: str, options: Sequence[str] = ()) -> tuple[int, bytes]:
+        with self.patient(RCPT_TIMEOUT, "its answer to RCPT TO"):
+            return super().rcpt(recip, options)
 
     def write_content(self, data: bytes) -> None:
         """Write the message (dot-stuffed, with its final dot) piece by piece.
 
-        The timeout bounds each piece of :data:`STALL_PIECE` bytes, not the whole: a
+        The wait bounds each piece of :data:`STALL_PIECE` bytes, not the whole: a
         socket's ``sendall`` gives the whole message one timeout, which a big one over a
         slow uplink never meets. When the link fails first, the server may have said
         why (a 421 as it closes): that is raised as :class:`_Answered`, else
@@ -215,7 +250,7 @@ class _Client(smtplib.SMTP):
             self.close()
             if said is not None and said[0] >= 400:  # a refusal; anything else before the dot is noise
                 raise _Answered(*said) from None
-            why = (f"the server took no {STALL_PIECE // 1024} KiB of it in {self.timeout:g} s" if _timed_out(exc)
+            why = (f"the server took no {STALL_PIECE // 1024} KiB of it in {self.wait:g} s" if _timed_out(exc)
                    else f"the connection broke: {_reason(exc)}")
             raise _Unsent(why) from None
 
@@ -329,9 +364,10 @@ class SmtpSession(OutgoingSession):
                   exc.smtp_code, exc.smtp_error)
         except (smtplib.SMTPServerDisconnected, OSError) as exc:
             in_doubt = self._client is not None and self._client.content_sent
+            awaiting, wait = ((self._client.awaiting, self._client.wait) if self._client is not None
+                              else ("an answer", self.settings.timeout))
             self._drop()
             if in_doubt:
-                wait = max(FINAL_REPLY_TIMEOUT, self.settings.timeout)
                 what = (f"no reply within {wait:g} s" if _timed_out(exc)
                         else f"its reply could not be read: {exc}" if isinstance(exc, _Unreadable)
                         else f"the connection broke: {_reason(exc)}")
@@ -345,8 +381,8 @@ class SmtpSession(OutgoingSession):
                 raise ConnectFailure(f"{where}: the server's reply could not be read ({exc}) while sending; "
                                      "the message will be retried") from None
             if _timed_out(exc):
-                raise ConnectFailure(f"{where}: no answer in time (within {self.settings.timeout:g} s) while "
-                                     "sending; the message will be retried") from None
+                raise ConnectFailure(f"{where}: {awaiting} did not come within {wait:g} s while sending; the "
+                                     "message will be retried") from None
             raise ConnectFailure(
                 f"{where}: the connection broke while sending ({_reason(exc)}); the message will be retried"
             ) from None
@@ -659,10 +695,11 @@ def _reason(exc: BaseException) -> str:
 
 
 def _translate(exc: BaseException, stage: str, settings: ConnectionSettings, where: str,
-               greeted: bool = True) -> MailError:
+               greeted: bool = True, wait: float | None = None) -> MailError:
     """A MailError that says what failed, where, and the fix; ``greeted``: whether the
-    server's greeting came."""
+    server's greeting came; ``wait``: how long a reply was waited for (the timeout if None)."""
     port = settings.port or DEFAULT_PORTS.get(settings.encryption, 25)
+    wait = settings.timeout if wait is None else wait
     # No greeting on a plain link: the usual cause is a port that expects TLS from the
     # first byte (465), where the server waits for a TLS handshake as we wait for it.
     tls_first = not greeted and settings.encryption is not Encryption.SSL
@@ -679,9 +716,9 @@ def _translate(exc: BaseException, stage: str, settings: ConnectionSettings, whe
             fix = ("port 465 expects TLS from the first byte: use --encryption ssl" if port == 465 else
                    f"if port {port} expects TLS from the first byte (as 465 does), use --encryption ssl; else check "
                    "the host, the port and the firewall")
-            return ConnectFailure(f"{where}: no answer within {settings.timeout:g} s, not even a greeting: {fix}")
+            return ConnectFailure(f"{where}: no answer within {wait:g} s, not even a greeting: {fix}")
         return ConnectFailure(
-            f"{where}: no answer within {settings.timeout:g} s during {stage}: check the host, the port and "
+            f"{where}: no answer within {wait:g} s during {stage}: check the host, the port and "
             "the firewall, or raise --timeout"
         )
     if isinstance(exc, _Unreadable):  # not the server's answer, nor the fix's: a broken or misbehaving link
@@ -742,17 +779,20 @@ def _dry_run(client: _Client, settings: ConnectionSettings) -> Iterator[TestStep
     except MailError as exc:  # the from address needs what the server lacks (SMTPUTF8)
         yield TestStep("mail from", False, str(exc))
         return
+    step = "mail from"
     try:
         code, reply = client.mail(sender, options)
         if code != 250:
             yield TestStep("mail from", False, f"{where} refused MAIL FROM:<{sender}> ({code} {_text(reply)})")
             return
         yield TestStep("mail from", True, f"MAIL FROM:<{sender}>: {code} {_text(reply)}")
+        step = "rcpt to"
         code, reply = client.rcpt(sender)
         ok = code in (250, 251)
         yield TestStep("rcpt to", ok, f"RCPT TO:<{sender}>: {code} {_text(reply)}"
                        + ("" if ok else f" ({where} would not take mail for it)"))
+        step = "rset"
         code, reply = client.rset()
         yield TestStep("rset", code == 250, f"RSET: {code} {_text(reply)} (nothing was sent)")
     except (smtplib.SMTPException, OSError) as exc:
-        yield TestStep("mail from", False, str(_translate(exc, "mail from", settings, where)))
+        yield TestStep(step, False, str(_translate(exc, step, settings, where, wait=client.wait)))

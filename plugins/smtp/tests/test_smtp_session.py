@@ -187,6 +187,36 @@ def test_the_final_reply_is_waited_for_then_in_doubt(smtp_server: Callable[..., 
     assert silent.value.in_doubt and dropped.value.in_doubt
 
 
+def test_a_slow_answer_to_rcpt_is_waited_for(smtp_server: Callable[..., SmtpServer]) -> None:
+    """A server checking each recipient (a callout, greylisting) answers RCPT after the
+    connection's timeout: RFC 5321 asks for 5 minutes, so the message is sent, not
+    failed; the connection test says the recipient is taken."""
+    server = smtp_server("plain", slow_rcpt_seconds=1.5)
+    slow = settings(server, Encryption.NONE, timeout=0.5, from_address="a@example.org")
+    with open_session(slow) as session:
+        sent = session.send(RAW, "a@example.org", ["b@example.org", "c@example.org"])
+    assert sent.response.startswith("250") and sent.refused == {}
+    assert [m.rcpt_tos for m in server.messages] == [["b@example.org", "c@example.org"]]
+    steps = list(test_connection(slow))
+    assert all(s.ok for s in steps) and steps[-2].name == "rcpt to", steps
+
+
+def test_a_silent_answer_to_rcpt_still_ends(smtp_server: Callable[..., SmtpServer],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """RCPT's long wait has an end (lowered here from RFC 5321's 5 minutes): past it the
+    message is retried (nothing of it went out, so not in doubt), and the error says what
+    was waited for and how long; the connection test names the rcpt step."""
+    monkeypatch.setattr(_session, "RCPT_TIMEOUT", 0.5)
+    server = smtp_server("plain", slow_rcpt_seconds=5.0)
+    silent = settings(server, Encryption.NONE, timeout=0.2, from_address="a@example.org")
+    with open_session(silent) as session:
+        with pytest.raises(ConnectFailure, match="answer to RCPT TO did not come within 0.5 s") as caught:
+            session.send(RAW, "a@example.org", ["b@example.org"])
+    assert caught.value.in_doubt is False and server.messages == []
+    steps = list(test_connection(silent))
+    assert (steps[-1].name, steps[-1].ok) == ("rcpt to", False) and "within 0.5 s" in steps[-1].detail, steps
+
+
 def test_a_silent_server_times_out() -> None:
     """No answer within the timeout before any message went out: a ConnectFailure
     (temporary, not in doubt)."""
