@@ -35,7 +35,7 @@ import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, TypeVar, cast
 
 from sqlalchemy import and_, delete, select, update
 
@@ -70,6 +70,7 @@ if TYPE_CHECKING:
 __all__ = ["APP_ONLY", "CredentialSpec", "OAuth2", "TokenSource", "credential_dict"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 #: The username under which app-only (client credentials) tokens are kept.
 APP_ONLY: Final = ""
@@ -328,9 +329,10 @@ class OAuth2:
         )
         if provider.configure is not None:
             try:
-                config = provider.configure(config)
+                configured = provider.configure(config)
             except ValueError as exc:
                 raise ValidationError(f"{label}: {exc}", field="provider") from None
+            config = self._checked(provider, "configure", configured, ClientConfig)
         check_lengths(OAuthCredential, {k: getattr(config, k) for k in (
             "client_id", "tenant", "authority", "authorization_endpoint", "token_endpoint", "ca_file")}, label)
         return config
@@ -361,7 +363,7 @@ class OAuth2:
             tokens = provider.authorize(config, interaction, None if app_only else username)
         except OAuthError as exc:
             raise _failure(cred, username, exc, authorizing=True) from None
-        tokens = self._checked(provider, "authorize", tokens)
+        tokens = self._checked(provider, "authorize", tokens, TokenSet)
         _remember(tokens)
         key = _key(cred, username or tokens.identity)
         if not key and not app_only:
@@ -493,9 +495,9 @@ class OAuth2:
         try:
             if old is None:  # app-only: the first token
                 fresh = self._checked(provider, "authorize", provider.authorize(
-                    self._config(cred), Interaction(show=lambda line: None), None))
+                    self._config(cred), Interaction(show=lambda line: None), None), TokenSet)
             else:
-                fresh = self._checked(provider, "refresh", provider.refresh(self._config(cred), old))
+                fresh = self._checked(provider, "refresh", provider.refresh(self._config(cred), old), TokenSet)
         except OAuthError as exc:
             failure = _failure(cred, key, exc)
             if not self._record_failure(cred.id, key, owner, str(failure), exc.kind):
@@ -530,13 +532,14 @@ class OAuth2:
         log.info("renewed the OAuth2 token of %s for %s", cred.name, key or "the app")
         return fresh.access_token
 
-    def _checked(self, provider: OAuthProvider, hook: str, tokens: Any) -> TokenSet:
-        """What a provider's ``authorize`` or ``refresh`` returned, checked: a TokenSet."""
-        if not isinstance(tokens, TokenSet):
+    def _checked(self, provider: OAuthProvider, hook: str, answer: Any, kind: type[_T]) -> _T:
+        """What a provider's ``hook`` returned, checked: a ``kind`` (a TokenSet from
+        ``authorize`` and ``refresh``, a ClientConfig from ``configure``)."""
+        if not isinstance(answer, kind):
             raise broke_contract(self.host.plugins.named(provider.plugin), "OAuth2 provider",
-                                 f"its {provider.name} provider's {hook} returned {type(tokens).__name__}, "
-                                 "not a mailhost.oauth_providers.TokenSet")
-        return tokens
+                                 f"its {provider.name} provider's {hook} returned {type(answer).__name__}, "
+                                 f"not a mailhost.oauth_providers.{kind.__name__}")
+        return answer
 
     def _release(self, credential_id: int, key: str, owner: str) -> None:
         """Free ``key``'s renewal lease if ``owner`` still holds it."""

@@ -166,7 +166,8 @@ def test_register_oauth_providers(tmh: Mailhost, clock: Clock) -> None:
 
 
 #: A provider plugin that answers with the token response (a dict) instead of a TokenSet;
-#: its first tokens (authorize with ANSWER "tokens") are due for renewal at once.
+#: its first tokens (authorize with ANSWER "tokens") are due for renewal at once. Its
+#: "fussy" provider's configure answers with a dict instead of a ClientConfig.
 TOY_PROVIDER = """
 import datetime as dt
 from mailhost import hookimpl
@@ -185,6 +186,8 @@ def answer():
 def register_oauth_providers(register):
     register(OAuthProvider("toy", authorize=lambda config, interaction, username: answer(),
                            refresh=lambda config, tokens: answer()))
+    register(OAuthProvider("fussy", authorize=lambda config, interaction, username: answer(),
+                           refresh=lambda config, tokens: answer(), configure=lambda config: {"scopes": "mail"}))
 """
 
 
@@ -228,6 +231,24 @@ def test_a_provider_that_returns_no_token_set_broke_its_contract(home: Path, tmp
         assert entry["access_token"] == "at-1"
     finally:
         host.close()
+
+
+def test_a_provider_whose_configure_returns_no_client_config_broke_its_contract(home: Path, tmp_path: Path) -> None:
+    """A provider plugin whose configure returns something else than a ClientConfig gets
+    a PluginError naming the plugin, its distribution and what it returned, as the
+    TokenSet check words it, and `oauth add` says so (exit 1, one line): nothing is added."""
+    from .testplugin import make_dist
+
+    site = make_dist(tmp_path / "toy", "mailhost-toy", {"toy": "mailhost_toy"}, {"mailhost_toy": TOY_PROVIDER},
+                     version="0.3.0")
+    env = {"PYTHONPATH": str(site), "MAILHOST_LOAD_PLUGINS": "toy"}
+    out = run_cli("oauth", "add", "t", "--provider", "fussy", "--client-id", "id", env=env, cwd=home)
+    assert out.returncode == 1 and out.stderr.strip() == (
+        "mailhost: plugin toy (mailhost-toy 0.3.0) broke the OAuth2 provider contract: its fussy provider's "
+        "configure returned dict, not a mailhost.oauth_providers.ClientConfig (report it to the plugin's author)"
+    ), out.stderr
+    listed = run_cli("oauth", "list", "--json", env=env, cwd=home)
+    assert listed.returncode == 0 and json.loads(listed.stdout) == [], listed.stdout
 
 
 def test_unknown_provider_lists_the_choices(mh: Mailhost) -> None:
