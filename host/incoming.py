@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -126,6 +127,9 @@ class PassReport:
 
 
 T = TypeVar("T")
+#: A plugin as contract errors name it (:meth:`PluginHost.named`), worked out only when
+#: one is raised: finding its distribution reads the installed ones' metadata.
+Blame = Callable[[], str]
 Progress = Callable[[int, int], None]
 
 
@@ -207,7 +211,8 @@ class Incoming:
         action = self.host.plugins.action(conn.after_download)
         settings = self.host.connections.settings(Direction.INCOMING, conn)
         folder = conn.folder or ""
-        session = _checked_session(provider.open(settings), provider.plugin, conn.protocol)
+        blame = self._blame(provider.plugin)
+        session = _checked_session(provider.open(settings), blame, conn.protocol)
         acks = _Acks(on_close=session.acknowledges_on_close)
         try:
             with self.host.session() as s:
@@ -215,7 +220,7 @@ class Incoming:
                 cursor = dict(state.state) if state is not None and state.state else None
                 acks.recorded = acks.through = (state.acknowledged_through or 0) if state is not None else 0
             listing = _checked_listing(session.list_new(cursor, lambda keys: self._known(conn.id, folder, keys)),
-                                       provider.plugin, conn.protocol)
+                                       blame, conn.protocol)
             report.listed = len(listing.refs)
             self._finish_pending(session, conn, folder, action, report, acks)
             with _Link(session) as link:
@@ -298,7 +303,7 @@ class Incoming:
                 if acks.refused is None:
                     acks.through = max(acks.through, through)
 
-        plugin = self.host.plugins.protocol(Direction.INCOMING, conn.protocol).plugin
+        plugin = self._blame(self.host.plugins.protocol(Direction.INCOMING, conn.protocol).plugin)
         ahead = link.submit(_download, link.session, batches[0], plugin) if batches else None
         for i, batch in enumerate(batches):
             assert ahead is not None
@@ -516,6 +521,10 @@ class Incoming:
             s.execute(update(model).where(model.connection_id == connection_id, model.folder == old)
                       .values(folder=new).execution_options(synchronize_session=False))
 
+    def _blame(self, plugin: str) -> Blame:
+        """How a contract error names ``plugin``: with its distribution, as the OAuth2 checks do."""
+        return functools.partial(self.host.plugins.named, plugin)
+
     def _known(self, connection_id: int, folder: str, keys: Sequence[str]) -> set[str]:
         with self.host.session() as s:
             return self._known_in(s, connection_id, folder, keys)
@@ -716,8 +725,9 @@ class Incoming:
             stored_elsewhere = s.scalar(select(SeenMessage.id).where(
                 SeenMessage.connection_id == conn.id,
                 or_(SeenMessage.folder != folder, SeenMessage.key.startswith(RETIRED, autoescape=True))).limit(1))
+        blame = self._blame(provider.plugin)
         session = _checked_session(provider.open(self.host.connections.settings(Direction.INCOMING, conn)),
-                                   provider.plugin, conn.protocol)
+                                   blame, conn.protocol)
         try:
             estimate = session.estimate(cursor, lambda keys: self._known(conn.id, folder, keys))
         finally:
@@ -728,7 +738,7 @@ class Incoming:
                             exc_info=True)
         if not (isinstance(estimate, Estimate) and type(estimate.count) is int and estimate.count >= 0
                 and estimate.confidence in ("exact", "high", "low") and isinstance(estimate.note, str)):
-            raise _contract(provider.plugin, conn.protocol, f"estimate returned {estimate!r:.80}, not an "
+            raise _contract(blame, conn.protocol, f"estimate returned {estimate!r:.80}, not an "
                             "Estimate(count, confidence) of a whole number and exact, high or low")
         # Other confidences hedge already, in the plugin's own words.
         if estimate.count and estimate.confidence == "exact" and stored_elsewhere is not None:
@@ -963,7 +973,7 @@ class _Broken(Exception):
         self.fetched, self.error = fetched, error
 
 
-def _download(session: IncomingSession, refs: Sequence[MessageRef], plugin: str) -> list[_Fetched]:
+def _download(session: IncomingSession, refs: Sequence[MessageRef], plugin: Blame) -> list[_Fetched]:
     """Fetch a batch, fingerprint and summarize it (on the link's thread, so this
     Python work overlaps with the previous batch's commit). A failure after whole
     messages arrived (a server's, or a plugin's bug) raises :class:`_Broken` with them,
@@ -986,20 +996,20 @@ def _download(session: IncomingSession, refs: Sequence[MessageRef], plugin: str)
 MAX_KEY = 500
 
 
-def _contract(plugin: str, protocol: str, what: str) -> PluginError:
+def _contract(plugin: Blame, protocol: str, what: str) -> PluginError:
     """A session's answer that breaks the contract of docs/plugin_hooks.md."""
-    return broke_contract(f"plugin {plugin}", "session", f"its {protocol} session's {what}")
+    return broke_contract(plugin(), "session", f"its {protocol} session's {what}")
 
 
-def _checked_session(session: Any, plugin: str, protocol: str) -> IncomingSession:
+def _checked_session(session: Any, plugin: Blame, protocol: str) -> IncomingSession:
     """What a provider's ``open`` returned, checked: an IncomingSession."""
     if not isinstance(session, IncomingSession):
-        raise PluginError(f"plugin {plugin} broke the session contract: its {protocol} open returned "
-                          f"{type(session).__name__}, not a mailhost.IncomingSession")
+        raise broke_contract(plugin(), "session", f"its {protocol} open returned {type(session).__name__}, not a "
+                                                  "mailhost.IncomingSession")
     return session
 
 
-def _checked_listing(listing: Any, plugin: str, protocol: str) -> Listing:
+def _checked_listing(listing: Any, plugin: Blame, protocol: str) -> Listing:
     """``list_new``'s answer, checked: a Listing of MessageRefs whose keys are text of
     at most :data:`MAX_KEY` characters, each listed once. A key that is not text never
     matches the stored one (it comes back as text), and one listed twice would fail the
@@ -1020,19 +1030,18 @@ def _checked_listing(listing: Any, plugin: str, protocol: str) -> Listing:
     return listing
 
 
-def _checked_fetched(item: Any, asked: set[str], plugin: str) -> tuple[MessageRef, bytes]:
+def _checked_fetched(item: Any, asked: set[str], plugin: Blame) -> tuple[MessageRef, bytes]:
     """One ``(ref, raw bytes)`` of ``fetch``, checked: a ref it was asked for (and not
     given yet), and bytes."""
     ref, raw = item if isinstance(item, tuple) and len(item) == 2 else (None, None)
     if not isinstance(ref, MessageRef):
-        raise PluginError(f"plugin {plugin} broke the session contract: its fetch yielded {item!r:.80}, not a "
-                          "(MessageRef, bytes) pair")
+        raise broke_contract(plugin(), "session", f"its fetch yielded {item!r:.80}, not a (MessageRef, bytes) pair")
     if ref.key not in asked:
-        raise PluginError(f"plugin {plugin} broke the session contract: its fetch yielded the key {ref.key!r:.80}, "
-                          "which it was not asked for in this batch, or yielded it twice")
+        raise broke_contract(plugin(), "session", f"its fetch yielded the key {ref.key!r:.80}, which it was not "
+                                                  "asked for in this batch, or yielded it twice")
     if not isinstance(raw, bytes):
-        raise PluginError(f"plugin {plugin} broke the session contract: its fetch yielded {type(raw).__name__}, not "
-                          f"bytes, for the key {ref.key!r:.80}: give each message as the server sent it")
+        raise broke_contract(plugin(), "session", f"its fetch yielded {type(raw).__name__}, not bytes, for the "
+                                                  f"key {ref.key!r:.80}: give each message as the server sent it")
     return ref, raw
 
 

@@ -800,6 +800,15 @@ def test_a_session_whose_close_raises_does_not_fail_the_pass(
     assert report.ok and report.listed == 0
 
 
+def _installed(tmh: Mailhost, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Give the test plugin, loaded in process, the distribution it has when installed;
+    returns the plugin as errors then name it."""
+    info = tmh.plugins.plugins["testplugin"]
+    monkeypatch.setattr(info, "distribution", "mailhost-testplugin")
+    monkeypatch.setattr(info, "version", "0.1.0")
+    return "plugin testplugin (mailhost-testplugin 0.1.0)"
+
+
 @pytest.mark.parametrize("step, answer, expect", [
     ("list_new", lambda refs: [*refs], "its dir session's list_new returned list, not a mailhost.Listing"),
     ("list_new", lambda refs: Listing([MessageRef(i, r.size, r.handle) for i, r in enumerate(refs)]),
@@ -819,10 +828,11 @@ def test_a_session_answer_of_the_wrong_kind_is_a_plugin_error(
     that is not a Listing, a key that is not text (stored as text, it never matched
     again: stored twice, then a unique-key error at every pass), longer than the store
     takes (PostgreSQL refused the batch at every pass) or listed twice (the same error),
-    and fetched bytes that are not bytes fail the pass in a sentence naming the plugin;
-    once the plugin is fixed, every message is stored once."""
+    and fetched bytes that are not bytes fail the pass in a sentence naming the plugin
+    and its distribution; once the plugin is fixed, every message is stored once."""
     from tests.testplugin.mailhost_testplugin import DirIncoming
 
+    plugin = _installed(tmh, monkeypatch)
     for i in range(3):
         (box / f"{i}.eml").write_bytes(_msg(i))
     with monkeypatch.context() as m:
@@ -834,7 +844,7 @@ def test_a_session_answer_of_the_wrong_kind_is_a_plugin_error(
         for _ in range(2):
             [report] = tmh.incoming.fetch([conn])
             assert report.error is not None and report.error.startswith(
-                "desk: plugin testplugin broke the session contract: ") and expect in report.error, report.error
+                f"desk: {plugin} broke the session contract: ") and expect in report.error, report.error
             if "twice" in expect and step == "fetch":  # the messages came whole before the repeat: stored once
                 assert report.stored == 3
                 break
@@ -842,3 +852,31 @@ def test_a_session_answer_of_the_wrong_kind_is_a_plugin_error(
     [report] = tmh.incoming.fetch([conn])
     assert report.ok, report.error
     assert sorted(_stored(tmh)) == sorted(_msg(i) for i in range(3))
+
+
+def test_an_open_or_an_estimate_of_the_wrong_kind_is_a_plugin_error(
+        tmh: Mailhost, box: Path, conn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A provider's open that gives no IncomingSession fails the pass, and a session's
+    estimate that gives no Estimate fails the estimate, each in a sentence naming the
+    plugin and its distribution."""
+    from mailhost.errors import PluginError
+    from tests.testplugin.mailhost_testplugin import DirIncoming
+
+    plugin = _installed(tmh, monkeypatch)
+    (box / "0.eml").write_bytes(_msg(0))
+    with monkeypatch.context() as m:
+        m.setattr(DirIncoming, "estimate", lambda self, cursor, known: (1, "exact"))
+        with pytest.raises(PluginError) as caught:
+            tmh.incoming.estimate(conn)
+    assert str(caught.value) == (f"{plugin} broke the session contract: its dir session's estimate returned (1, "
+                                 "'exact'), not an Estimate(count, confidence) of a whole number and exact, high or "
+                                 "low (report it to the plugin's author)")
+    key = (Direction.INCOMING, "dir")
+    with monkeypatch.context() as m:
+        m.setitem(tmh.plugins.protocols, key, dataclasses.replace(tmh.plugins.protocols[key], open=lambda _: None))
+        [report] = tmh.incoming.fetch([conn])
+    assert not report.ok and report.error == (f"desk: {plugin} broke the session contract: its dir open returned "
+                                              "NoneType, not a mailhost.IncomingSession (report it to the plugin's "
+                                              "author)"), report.error
+    [report] = tmh.incoming.fetch([conn])
+    assert report.ok and report.stored == 1, report.error
