@@ -369,6 +369,9 @@ class DeliveryReport:
     recovered: int = 0
     seconds: float = 0.0
     error: str | None = None
+    #: Why purging the sent messages past ``keep_sent_days`` failed (also logged); the
+    #: pass went on without it.
+    purge_error: str | None = None
 
     @property
     def sent(self) -> int:
@@ -1039,7 +1042,7 @@ class Outgoing:
         started = time.monotonic()
         report = DeliveryReport()
         self._give_back_untried()  # before recover(): what it gives back was not interrupted
-        self._maybe_purge()
+        report.purge_error = self._maybe_purge()
         report.recovered = self.recover()
         now = self.clock()
         groups = self._plan(now, connection)
@@ -1588,10 +1591,12 @@ class Outgoing:
             conn.execute(delete(_A).where(_A.c.item_id.in_(select(_T.c.id).where(old).scalar_subquery())))
             return int(conn.execute(delete(_T).where(old)).rowcount or 0)
 
-    def _maybe_purge(self) -> None:
+    def _maybe_purge(self) -> str | None:
+        """Purge the sent messages past ``keep_sent_days``, once an hour at most; why it
+        failed, if it did."""
         keep = self.policy.keep_sent
         if keep is None or time.monotonic() - self._purged_at < 3600 and self._purged_at:
-            return
+            return None
         self._purged_at = time.monotonic()
         try:
             n = self.purge(keep)
@@ -1599,6 +1604,8 @@ class Outgoing:
                 log.info("purged %d sent message(s) older than %s", n, keep)
         except Exception as exc:
             log.error("purging sent outgoing messages failed: %s", exc, exc_info=not isinstance(exc, StoreError))
+            return f"purging sent outgoing messages failed: {exc}"
+        return None
 
 
 # ---------------------------------------------------------------------------------------

@@ -166,6 +166,8 @@ class Service:
                                lambda: self.host.outgoing.deliver(sessions=self.host.config.delivery_sessions))
         if report is None:
             return
+        if report.purge_error:  # said in the log by the outgoing queue
+            self.failed = True
         # Said as `mailhost deliver` says it: a connection that cannot send is in the log,
         # as a download that fails is, not only in the queue's last_error.
         for r in report.connections.values():

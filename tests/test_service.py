@@ -121,6 +121,22 @@ def test_serve_once_logs_what_failed_and_exits_1(home: Path, plugin_env: dict[st
         assert out.returncode == 0 and "WARNING" not in out.stderr, out.stderr
 
 
+@pytest.mark.parametrize("command", [("serve", "--once"), ("deliver",)])
+def test_a_purge_of_sent_messages_that_fails_is_a_failure(home: Path, command: tuple[str, ...]) -> None:
+    """A store that reads but cannot be written: the purge of old sent messages that each
+    delivery pass starts with fails, and nothing else had work. `serve --once` and
+    `deliver` say what failed and the fix, and exit 1, not 0 as if all went well."""
+    db = home / "mailhost.db"
+    db.chmod(0o444)
+    try:
+        out = run_cli(*command, cwd=home, obey_permissions=True)
+    finally:
+        db.chmod(0o600)
+    assert out.returncode == 1, out.stderr
+    assert "purging sent outgoing messages failed: the store " in out.stderr, out.stderr
+    assert "are not readable and writable for this user" in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("listen, expect", [
     (":99999", "the port '99999' is not a number from 1 to 65535"),
     ("0.0.0.0:-1", "the port '-1' is not"),

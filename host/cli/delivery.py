@@ -76,7 +76,8 @@ def deliver(ctx: Context, sessions: int | None, connection: str | None, as_json:
             click.echo(f"{r.connection}: {r.counts()} in {report.seconds:.2f}s ({r.sessions} session(s))")
             if r.error:
                 click.echo(f"{r.connection}: {r.error}", err=True)
-    if report.error or any(r["error"] for r in rows):
+    # A failed purge of old sent messages is in the log already; it fails the command too.
+    if report.error or report.purge_error or any(r["error"] for r in rows):
         if report.error and not as_json:
             click.echo(f"mailhost: {report.error}", err=True)
         raise SystemExit(1)
