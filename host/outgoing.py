@@ -46,6 +46,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import email.policy
+import functools
 import hashlib
 import inspect
 import itertools
@@ -249,9 +250,18 @@ def _header_re(name: str) -> re.Pattern[bytes]:
 
 
 _SUBJECT = _header_re("Subject")
+_FROM = _header_re("From")
 _BCC = _header_re("Bcc")
 _RESENT_BCC = _header_re("Resent-Bcc")
 _FIELD = re.compile(rb"[!-9;-~]+[ \t]*:")  # a header line: a field name (RFC 5322 3.6.8), then ":"
+
+
+def _has_from(raw: bytes) -> bool:
+    """Whether message ``raw`` has its own From (else its connection's is added when sent)."""
+    end = raw.find(b"\r\n\r\n")  # the header only: a body line may start with "From:"
+    return _FROM.search(raw, 0, end + 2 if end >= 0 else len(raw)) is not None
+
+
 #: Fields every email message has at least one of; a file with none is something else.
 _MESSAGE_FIELDS = {"from", "to", "cc", "bcc", "subject", "date", "message-id", "mime-version", "sender"}
 
@@ -424,6 +434,11 @@ class _Claimed:
     #: Its content may have reached a server (the gate let it through): never given
     #: back to the queue before its outcome is recorded or its lease ends.
     tried: bool = False
+
+    @functools.cached_property
+    def own_from(self) -> bool:
+        """Whether the message has its own From; ``from_addr`` may be a connection's otherwise."""
+        return _has_from(self.raw)
 
     def pending(self) -> list[str]:
         """Recipients still to deliver: not accepted, not refused for good (5xx)."""
@@ -718,7 +733,7 @@ class _Prepared:
 
 
 _RECORD_COLUMNS = ("status", "attempts", "next_attempt_at", "last_error", "accepted", "refused", "sent_at",
-                   "sent_via", "fell_back", "updated_at")
+                   "sent_via", "fell_back", "from_addr", "updated_at")
 _RECORD_STMT = (
     update(_T)
     .where(_T.c.id == bindparam("b_id"), _T.c.lease_owner == bindparam("b_owner"), _T.c.status == "sending")
@@ -743,6 +758,7 @@ class _Lane:
         self.gated = False  # the session's send() takes before_data
         self.keyed = False  # ... and delivery_key
         address = _connection_address(self.conn) if self.conn else None
+        self.address = address  # the From it gives a message that has none
         self.from_line = address_header("From", [address]) if address else None
         self.sender = _addr_spec(address) if address else ""
 
@@ -987,7 +1003,9 @@ class Outgoing:
                 status="queued",
                 message_id=draft.message_id,
                 subject=draft.subject,
-                from_addr=draft.from_addr,
+                # Without its own From, the one it will get as things stand (delivery
+                # records the one it got: another, after an edit or a fallback).
+                from_addr=draft.from_addr or _connection_address(conn),
                 to_addr=to_addr,
                 recipients=list(draft.recipients),
                 accepted=[],
@@ -1288,10 +1306,14 @@ class Outgoing:
         age = now - (item.queued_at or item.created_at)
         max_age = self.policy.max_age
         give_up = attempts >= self.policy.max_attempts or (max_age is not None and age >= max_age)
+        # The From it went out with: its own, or the delivering connection's.
+        via = fallback if fell_back and fallback is not None else lane
+        from_addr = via.address if last.delivered and not item.own_from else item.from_addr
         values: dict[str, Any] = {
             "attempts": attempts, "accepted": accepted, "refused": refused or None, "updated_at": now,
             # Which connection delivered it, and whether that was the fallback.
             "sent_via": last.connection if last.delivered else item.sent_via,
+            "from_addr": from_addr,
             "fell_back": fell_back if last.delivered else item.fell_back,
             "sent_at": now if last.delivered else item.sent_at,
             "next_attempt_at": None, "last_error": None,
@@ -1328,11 +1350,11 @@ class Outgoing:
             return _Try(name, "connection", _sentence(name, lane.down))
         conn = lane.conn
         assert conn is not None
-        raw = personalize(item.raw, lane.from_line if item.from_addr is None else None, conn.prefix)
+        raw = personalize(item.raw, None if item.own_from else lane.from_line, conn.prefix)
         if conn.size_limit and len(raw) > conn.size_limit:
             return _Try(name, "permanent", f"the message is {len(raw)} bytes, more than the size limit of "
                         f"{conn.size_limit} bytes of outgoing connection {name}")
-        sender = lane.sender or _addr_spec(item.from_addr or "")
+        sender = lane.sender or (_addr_spec(item.from_addr or "") if item.own_from else "")
         if not sender:
             return _Try(name, "connection", f"outgoing connection {name} has no from address for a message without "
                         f"From: set one with `mailhost outgoing edit {name} --from ADDRESS`")

@@ -445,7 +445,7 @@ class OutgoingItem(Base):
     status: Mapped[str] = mapped_column(String(20), default="queued")
     message_id: Mapped[str | None] = mapped_column(String(1000))
     subject: Mapped[str | None] = mapped_column(Text)
-    from_addr: Mapped[str | None] = mapped_column(Text)
+    from_addr: Mapped[str | None] = mapped_column(Text)  # its own From, else its connection's (see Outgoing.enqueue)
     to_addr: Mapped[str | None] = mapped_column(Text)
     recipients: Mapped[list[Any]] = mapped_column(default=list)  # the envelope
     accepted: Mapped[list[Any] | None]  # recipients the server has taken

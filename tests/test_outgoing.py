@@ -278,6 +278,8 @@ def test_too_many_recipients_are_tried_again(mh: Mailhost, smtp_server: Callable
     record = item(mh, queued.id)
     assert record["status"] == "sent" and [r["status"] for r in record["recipients"]] == ["accepted"] * 3
     assert [m.rcpt_tos for m in server.messages] == [["r1@example.org", "r2@example.org"], ["r3@example.org"]]
+    # The queue records the connection's From once sent to some: the rest get it too.
+    assert [parsed(m).get_all("From") for m in server.messages] == [["a@example.org"]] * 2
 
 
 @pytest.mark.parametrize("code", [554, 451])

@@ -140,6 +140,29 @@ def test_send_without_a_default_connection(mh: Mailhost) -> None:
     assert done.returncode == 2 and "set-default" in done.stderr
 
 
+def test_the_queue_shows_the_from_a_connection_gives(mh: Mailhost, smtp_server: Callable[..., SmtpServer]) -> None:
+    """A message sent without --from gets its connection's From: the queue shows that one
+    while it waits, not null, and once sent the one it went out with: the default
+    connection's when that delivered it as a fallback."""
+    default, own = smtp_server("plain"), smtp_server("plain")
+    add(mh, "main", default, from_address="Desk <desk@example.org>", default=True)
+    add(mh, "branch", own, from_address="branch@example.org", fallback_to_default=True)
+    send = ("send", "--to", "bob@example.org", "--subject", "s", "--body", "b", "--json")
+    first = run_cli(*send)
+    assert first.returncode == 0 and json.loads(first.stdout)["from"] == "Desk <desk@example.org>", first.stderr
+    assert run_cli(*send, "--connection", "branch").returncode == 0
+    waiting = json.loads(run_cli("queue", "outgoing", "--json").stdout)
+    assert [r["from"] for r in waiting] == ["branch@example.org", "Desk <desk@example.org>"], waiting
+    own.fail_next_data(1, 451)
+    assert run_cli("deliver").returncode == 0
+    done = json.loads(run_cli("queue", "outgoing", "--json").stdout)
+    assert [(r["from"], r["sent_via"], r["fell_back"]) for r in done] == [
+        ("Desk <desk@example.org>", "main", True), ("Desk <desk@example.org>", "main", False)], done
+    assert [m.data.count(b"From: ") for m in default.messages] == [1, 1]
+    assert all(b"From: Desk <desk@example.org>\r\n" in m.data for m in default.messages)
+    assert "from             Desk <desk@example.org>" in run_cli("queue", "outgoing", "show", str(done[0]["id"])).stdout
+
+
 def test_deliver_with_nothing_due(mh: Mailhost) -> None:
     """An empty queue: nothing to do, exit 0, an empty JSON list."""
     done = run_cli("deliver", "--json")

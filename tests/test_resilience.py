@@ -316,6 +316,10 @@ def test_a_link_lost_mid_pass_stores_nothing_twice_and_counts_true(proxied: Mail
     assert sorted(subjects, key=int) == [str(i) for i in range(600)]
 
 
+#: The statement that records the outcomes of outgoing messages, as PostgreSQL gets it.
+_RECORDER = b"UPDATE outgoing_queue SET status=$1::VARCHAR, from_addr="
+
+
 def test_an_outcome_whose_record_loses_its_link_is_recorded_once_and_not_sent_again(
         proxied: Mailhost, proxy: _Proxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The link to PostgreSQL drops while the outcome of a sent message is recorded: the
@@ -331,7 +335,7 @@ def test_an_outcome_whose_record_loses_its_link_is_recorded_once_and_not_sent_ag
                                                                from_address="a@example.org", default=True))
     for i in range(5):
         proxied.outgoing.send([f"r{i}@example.org"], subject=f"m{i}", body="hi")
-    proxy.cut_on(b"UPDATE outgoing_queue SET status=$1::VARCHAR, accepted=")  # the recorder's statement
+    proxy.cut_on(_RECORDER)
     report = proxied.outgoing.deliver()
     assert proxy.cuts == 1
     assert report.sent == 5, report.as_dicts()
@@ -360,7 +364,7 @@ def test_messages_a_stopped_worker_never_tried_are_queued_again_once_the_store_a
                                                                from_address="a@example.org", default=True))
     for i in range(5):
         proxied.outgoing.send([f"r{i}@example.org"], subject=f"m{i}", body="hi")
-    proxy.cut_on(b"UPDATE outgoing_queue SET status=$1::VARCHAR, accepted=", down=True)
+    proxy.cut_on(_RECORDER, down=True)
     first = proxied.outgoing.deliver()
     assert proxy.cuts == 1
     assert first.error and "the store postgresql+psycopg://" in first.error, first.error
@@ -390,7 +394,7 @@ def test_a_message_that_never_reached_a_server_is_not_held_in_doubt_when_its_rec
             name="out", protocol="smtp", host="127.0.0.1", port=closed_port(), encryption="none",
             from_address="a@example.org", default=True))
         sent = host.outgoing.send(["r@example.org"], subject="m0", body="hi")
-        proxy.cut_on(b"UPDATE outgoing_queue SET status=$1::VARCHAR, accepted=", down=True)
+        proxy.cut_on(_RECORDER, down=True)
         first = host.outgoing.deliver()
         assert proxy.cuts == 1 and first.error and "the store postgresql+psycopg://" in first.error, first.error
         proxy.up()
@@ -421,7 +425,7 @@ def test_a_deliver_that_ends_while_the_store_is_away_leaves_in_doubt_only_what_i
                                                                from_address="a@example.org", default=True))
     for i in range(5):
         proxied.outgoing.send([f"r{i}@example.org"], subject=f"m{i}", body="hi")
-    proxy.cut_on(b"UPDATE outgoing_queue SET status=$1::VARCHAR, accepted=", down=True)
+    proxy.cut_on(_RECORDER, down=True)
     first = run_cli("--config", str(proxied.config.path), "deliver",
                     env={**plugin_env, "MAILHOST_LOAD_PLUGINS": "testplugin"})
     assert first.returncode == 1 and "the store postgresql+psycopg://" in first.stderr, first.stderr
