@@ -310,9 +310,11 @@ class Connections:
                     "options (at least --protocol)" if name else "give NAME or the options of add (at least --protocol)",
                     field="protocol",
                 )
-            given.setdefault("name", name or "(unsaved)")
+            given.setdefault("name", name or "unsaved")  # to validate; then none (ConnectionSettings.label)
             values, _ = self._validate(direction, s, given, existing,
-                                       explicit=explicit if existing is not None else None)
+                                       explicit=explicit if existing is not None else None, named=bool(name))
+            if not name:
+                values["name"] = ""
             conn = _model(direction)(**values)  # transient: never added, never saved
         provider = self.provider(direction, conn)
         settings = self.settings(direction, conn)  # remembers the secret, for redact()
@@ -338,7 +340,7 @@ class Connections:
         except MailhostError:
             raise
         except Exception as exc:  # a plugin's bug is the test's finding, not a crash of the command
-            log.warning("testing connection %s failed", settings.name, exc_info=True)
+            log.warning("testing %s failed", settings.describe(), exc_info=True)
             yield TestStep("plugin", False, self.host.plugins.unexpected(exc))
 
     # -- sessions ---------------------------------------------------------------------
@@ -380,13 +382,14 @@ class Connections:
 
     def _validate(
         self, direction: Direction, s: Session, given: Mapping[str, Any], existing: Any,
-        explicit: set[str] | None = None,
+        explicit: set[str] | None = None, named: bool = True,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         """Check every attribute; return column values and related objects.
 
         ``explicit`` names the attributes the admin gave (all of ``given`` when None);
         stored attributes that do not apply to the protocol are dropped, given ones
-        are refused.
+        are refused. Not ``named``: a connection tested before it is saved, whose name
+        is no name of the admin's, so errors do not quote it.
         """
         plugins = self.host.plugins
         provider = plugins.protocol(direction, str(given.get("protocol")))
@@ -397,7 +400,7 @@ class Connections:
                 f"the connection name {given.get('name')!r} is not valid: use 1-200 printable characters",
                 field="name",
             )
-        label = f"connection {name!r} ({provider.name})"
+        label = f"connection {name!r} ({provider.name})" if named else f"this {provider.name} connection"
         wrong_side = _OUTGOING_ONLY if direction is Direction.INCOMING else _INCOMING_ONLY
         for key in wrong_side:
             if given.get(key) not in (None, False, [], ""):
@@ -937,7 +940,7 @@ def _check_ca_file(path: str, label: str) -> str:
 
 
 def _transcript(name: str) -> Any:
-    logger = logging.getLogger(f"mailhost.transcript.{name}")
+    logger = logging.getLogger(f"mailhost.transcript.{name}" if name else "mailhost.transcript")
 
     def write(line: str) -> None:
         logger.info("%s", redact(line))

@@ -108,6 +108,9 @@ class ConnectionSettings:
     ``password`` is the decrypted secret: a session must never log it. ``transcript``
     is set when the connection's Debug attribute is on; every line passed to it is
     redacted by the host before it reaches a log.
+
+    ``name`` is empty for a connection tested before it is saved: it has no name yet, so
+    messages name it with :attr:`label` and :meth:`describe`, not with ``name``.
     """
 
     name: str
@@ -136,10 +139,15 @@ class ConnectionSettings:
         """Whether this connection signs in with an OAuth2 access token."""
         return self.access_token is not None
 
+    @property
+    def label(self) -> str:
+        """The connection in a sentence: its name, or "this connection" before it is saved."""
+        return self.name or "this connection"
+
     def describe(self) -> str:
-        """``name on host:port``, for error messages."""
+        """``name on host:port`` (``host:port`` before it is saved), for error messages."""
         where = f"{self.host}:{self.port}" if self.host else self.protocol
-        return f"{self.name} on {where}"
+        return f"{self.name} on {where}" if self.name else where
 
 
 @dataclass(frozen=True)

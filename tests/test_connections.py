@@ -280,6 +280,36 @@ def test_test_before_saving(cli) -> None:
     assert json.loads(cli("incoming", "list", "--json").stdout) == []
 
 
+@pytest.mark.parametrize("direction, protocol, expect", [
+    ("incoming", "imap", "cannot connect to 127.0.0.1:{port} ("),
+    ("incoming", "pop3", "127.0.0.1:{port}: cannot connect ("),
+    ("outgoing", "smtp", "127.0.0.1:{port}: connection refused: "),
+])
+def test_a_test_before_saving_names_the_server_not_a_made_up_name(home: Path, direction: str, protocol: str,
+                                                                   expect: str) -> None:
+    """`incoming test` / `outgoing test` with the options of add, no NAME: the connection
+    has no name yet, so what they say names its server (or "this connection"), in text
+    and in JSON, not a placeholder as if it were its name."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {"MAILHOST_LOAD_PLUGINS": protocol, "PW": "secret"}
+    args = (direction, "test", "--protocol", protocol, "--host", "127.0.0.1", "--port", str(port),
+            "--encryption", "none", "--username", "u@example.org", "--password-env", "PW")
+    for json_option in ((), ("--json",)):
+        out = run_cli(*args, *json_option, env=env, cwd=home)
+        assert out.returncode == 1, out.stderr
+        said = out.stdout + out.stderr
+        if json_option:
+            said = " ".join(step["detail"] for step in json.loads(out.stdout))
+        assert expect.format(port=port) in said and "unsaved" not in said, said
+    bad = run_cli(direction, "test", "--protocol", protocol, env=env, cwd=home)
+    assert bad.returncode == 2, bad.stderr
+    assert f"mailhost: this {protocol} connection needs a host: give --host" in bad.stderr, bad.stderr
+
+
 @pytest.mark.parametrize("line, expect", [
     ("delivery_interval = true", "[service] delivery_interval in"),
     ('delivery_interval = "10"', "[service] delivery_interval in"),

@@ -83,7 +83,7 @@ class GraphClient:
     def __init__(self, settings: ConnectionSettings, *, sleep: Callable[[float], None] = time.sleep) -> None:
         if settings.access_token is None:
             raise AuthenticationFailed(
-                f"connection {settings.name} has no OAuth2 credential, which Microsoft Graph needs: "
+                f"{settings.label} has no OAuth2 credential, which Microsoft Graph needs: "
                 "give --oauth-credential NAME"
             )
         self.settings = settings
@@ -123,11 +123,11 @@ class GraphClient:
                 if self._token is None:
                     problem = scope_problem(self.settings, self.host)
                     if problem is not None:  # Graph would refuse every token: say why, ask no one
-                        raise AuthenticationFailed(f"connection {self.settings.name}: {problem}")
+                        raise AuthenticationFailed(f"{self.settings.label}: {problem}")
                 token = self.settings.access_token()
                 if not token:
                     raise AuthenticationFailed(
-                        f"connection {self.settings.name}: the OAuth2 credential gave no access token: "
+                        f"{self.settings.label}: the OAuth2 credential gave no access token: "
                         "authorize it again with `mailhost oauth authorize`"
                     )
                 remember_secret(token)  # never in a log, whatever happens

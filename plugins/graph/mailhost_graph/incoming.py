@@ -57,7 +57,7 @@ class GraphIncomingSession(IncomingSession):
         self.client = client
         self.mailbox = settings.shared_mailbox or settings.username or ""
         if not self.mailbox:
-            raise PermanentFailure(f"connection {settings.name} has no mailbox: give --username")
+            raise PermanentFailure(f"{settings.label} has no mailbox: give --username")
         self.prefix = f"/users/{quote(self.mailbox, safe='@')}"
         self.folders = Folders(client, self.mailbox)
         self.folder_path = settings.folder or "Inbox"

@@ -122,7 +122,7 @@ class GraphOutgoingSession(OutgoingSession):
         self.user = (settings.username or "").strip()
         mailbox = sending_mailbox(settings)
         if not mailbox:
-            raise PermanentFailure(f"connection {settings.name} has no mailbox to send from: give --username")
+            raise PermanentFailure(f"{settings.label} has no mailbox to send from: give --username")
         self._use(mailbox)
 
     def _use(self, mailbox: str) -> None:

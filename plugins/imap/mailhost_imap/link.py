@@ -119,12 +119,12 @@ def translated(settings: ConnectionSettings, doing: str) -> Iterator[None]:
 def resolve(settings: ConnectionSettings) -> list[Address]:
     """The server's addresses (DNS)."""
     if not settings.host:
-        raise PermanentFailure(f"connection {settings.name} has no host: set the IMAP server's host name")
+        raise PermanentFailure(f"{settings.label} has no host: set the IMAP server's host name")
     try:
         return socket.getaddrinfo(settings.host, settings.port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise ConnectFailure(
-            f"the host name {settings.host} of {settings.name} does not resolve ({exc}): "
+            f"the host name {settings.host} of {settings.label} does not resolve ({exc}): "
             "check the host name and the DNS"
         ) from exc
 
@@ -447,7 +447,7 @@ def _auth_message(settings: ConnectionSettings, said: str) -> str:
         )
     else:
         fix = "check the username and password"
-    return f"authentication failed for {settings.name} on {host}: {fix} (the server said: {said})"
+    return f"authentication failed for {settings.label} on {host}: {fix} (the server said: {said})"
 
 
 def connect(settings: ConnectionSettings) -> IMAPClient:

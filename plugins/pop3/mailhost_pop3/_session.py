@@ -379,7 +379,7 @@ def _auth_error(settings: ConnectionSettings, exc: poplib.error_proto) -> MailEr
         )
     if _is_temporary(exc):
         return TemporaryFailure(
-            f"the POP3 server {host} did not let {settings.name} sign in now ({words}): try again later; "
+            f"the POP3 server {host} did not let {settings.label} sign in now ({words}): try again later; "
             "another client may have the mailbox open"
         )
     if settings.access_token is not None:
@@ -390,7 +390,7 @@ def _auth_error(settings: ConnectionSettings, exc: poplib.error_proto) -> MailEr
     else:
         fix = "check the username and password"
     return AuthenticationFailed(
-        f"authentication failed for {settings.name} on {host}: {fix} (the server said: {words})"
+        f"authentication failed for {settings.label} on {host}: {fix} (the server said: {words})"
     )
 
 
@@ -404,7 +404,8 @@ def _port(settings: ConnectionSettings) -> int:
 
 
 def _where(settings: ConnectionSettings) -> str:
-    return f"{settings.name} on {settings.host}:{_port(settings)}"
+    where = f"{settings.host}:{_port(settings)}"
+    return f"{settings.name} on {where}" if settings.name else where  # no name before it is saved
 
 
 def _words(exc: poplib.error_proto) -> str:

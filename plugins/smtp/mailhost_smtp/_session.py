@@ -449,7 +449,8 @@ def open_session(settings: ConnectionSettings) -> SmtpSession:
 
 
 def _where(settings: ConnectionSettings) -> str:
-    return f"{settings.name} ({settings.host}:{settings.port or DEFAULT_PORTS.get(settings.encryption, 25)})"
+    where = f"{settings.host}:{settings.port or DEFAULT_PORTS.get(settings.encryption, 25)}"
+    return f"{settings.name} ({where})" if settings.name else where  # no name before it is saved
 
 
 def _open(settings: ConnectionSettings, report: Report | None = None, stage: list[str] | None = None) -> _Client:
@@ -457,7 +458,7 @@ def _open(settings: ConnectionSettings, report: Report | None = None, stage: lis
     names the step under way, so a test can say which one failed."""
     host = settings.host
     if not host:
-        raise PermanentFailure(f"{settings.name}: no host is set: give --host")
+        raise PermanentFailure(f"{settings.label}: no host is set: give --host")
     port = settings.port or DEFAULT_PORTS.get(settings.encryption, 25)
     where = _where(settings)
     stage = stage if stage is not None else [""]
