@@ -13,8 +13,10 @@ import datetime as dt
 import ipaddress
 import math
 import os
+import random
 import stat
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from sqlalchemy.exc import ArgumentError
 
 from .errors import ConfigError
 
-__all__ = ["Config", "DEFAULT_CONFIG_NAME", "config_path", "listen_address", "write_starter_config"]
+__all__ = ["Config", "DEFAULT_CONFIG_NAME", "Policy", "config_path", "listen_address", "write_starter_config"]
 
 DEFAULT_CONFIG_NAME = "mailhost.toml"
 
@@ -90,6 +92,71 @@ def config_path(explicit: str | os.PathLike[str] | None = None) -> Path:
     return Path(chosen).expanduser().absolute()
 
 
+@dataclass(frozen=True)
+class Policy:
+    """How the pipeline retries and shares work; ``[outgoing]`` in the config file.
+
+    The delay before attempt ``n + 1`` is ``min(retry_max, retry_base * 2 ** (n - 1))``,
+    scaled by a random factor in [0.5, 1) so that a server's queue of failures does not
+    come back all at once, and never shorter than a delay the server asked for. A
+    message is given up (``failed``) after ``max_attempts`` attempts or ``max_age``
+    since it was queued (or queued again by an admin), whichever comes first. A zero
+    ``max_age_hours`` or ``keep_sent_days`` means no limit.
+    """
+
+    retry_base: float = 60.0
+    retry_max: float = 3600.0
+    max_attempts: int = 20
+    max_age: dt.timedelta | None = dt.timedelta(hours=24)  # None: no age limit
+    lease: dt.timedelta = dt.timedelta(minutes=10)
+    batch: int = 50  # messages per claim
+    per_session: int = 100  # a further parallel session per this many due messages
+    keep_sent: dt.timedelta | None = dt.timedelta(days=30)  # sent mail kept for audit
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any], where: object = "the config file") -> Policy:
+        """Read ``[outgoing]``; a bad value is a ConfigError naming the key."""
+        table = raw.get("outgoing", {}) or {}
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"[outgoing] in {where} must be a table")
+        known = {"retry_base_seconds", "retry_max_seconds", "max_attempts", "max_age_hours", "lease_seconds",
+                 "batch", "messages_per_session", "keep_sent_days"}
+        unknown = sorted(set(table) - known)
+        if unknown:
+            raise ConfigError(f"[outgoing] in {where} has unknown keys {unknown}: use {sorted(known)}")
+
+        def number(key: str, default: float, low: float, high: float, integer: bool = False) -> float:
+            # TOML reads inf, nan and 1e300 as floats: each would end a pass as an
+            # "unexpected error" (a timedelta or an int of it overflows), so bound them.
+            value = table.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
+                    or (integer and int(value) != value):
+                kind = "a whole number" if integer else "a number"
+                raise ConfigError(f"[outgoing] {key} in {where} must be {kind} from {low:g} to {high:.0f}, "
+                                  f"not {value!r}")
+            return float(value)
+
+        year = 365 * 86400
+        keep = number("keep_sent_days", 30, 0, 36500)
+        age = number("max_age_hours", 24, 0, 100 * 365 * 24)
+        return cls(
+            retry_base=number("retry_base_seconds", 60, 0, year),
+            retry_max=number("retry_max_seconds", 3600, 0, year),
+            max_attempts=int(number("max_attempts", 20, 1, 1_000_000, True)),
+            max_age=dt.timedelta(hours=age) if age else None,
+            lease=dt.timedelta(seconds=number("lease_seconds", 600, 5, 7 * 86400)),
+            batch=int(number("batch", 50, 1, 100_000, True)),
+            per_session=int(number("messages_per_session", 100, 1, 1_000_000, True)),
+            keep_sent=dt.timedelta(days=keep) if keep else None,
+        )
+
+    def backoff(self, attempts: int, retry_after: float | None = None) -> float:
+        """Seconds to wait after the ``attempts``-th failed attempt."""
+        delay = min(self.retry_max, self.retry_base * 2.0 ** min(max(0, attempts - 1), 60))
+        delay *= 0.5 + random.random() / 2
+        return max(delay, retry_after or 0.0)
+
+
 @dataclass
 class Config:
     """The parsed config file, with paths resolved."""
@@ -107,6 +174,8 @@ class Config:
     #: How long an incoming item may stay ``processing`` before ``serve`` puts it back to
     #: ``new``; None: never.
     processing_timeout: dt.timedelta | None = dt.timedelta(minutes=60)
+    #: ``[outgoing]``: how the outgoing pipeline retries and shares work.
+    outgoing: Policy = field(default_factory=Policy)
     raw: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -182,6 +251,7 @@ class Config:
             web_allowed_hosts=_strings(web.get("allowed_hosts", []), "[web] allowed_hosts", path,
                                        '["mailhost.example.org"]'),
             processing_timeout=dt.timedelta(minutes=timeout) if timeout else None,
+            outgoing=Policy.from_config(doc, path),
             raw=doc,
         )
 
@@ -218,8 +288,8 @@ class Config:
         self.plugins_enabled, self.plugins_disabled = on, off
 
 
-#: The config file's sections and their keys (``[outgoing]`` is checked by its reader,
-#: mailhost.outgoing.Policy).
+#: The config file's sections and their keys (``[outgoing]``'s are checked by
+#: :meth:`Policy.from_config`).
 SECTIONS: dict[str, frozenset[str]] = {
     "store": frozenset({"url"}),
     "secrets": frozenset({"key_file"}),

@@ -55,7 +55,6 @@ import math
 import mimetypes
 import os
 import queue
-import random
 import re
 import socket
 import threading
@@ -83,6 +82,7 @@ from sqlalchemy import (
     update,
 )
 
+from .config import Policy  # [outgoing] is read with the rest of the config file
 from .connections import _on_the_wire, check_address, check_lengths  # one check for each, everywhere
 from .errors import (
     ConfigError,
@@ -122,76 +122,6 @@ _T = cast(Table, OutgoingItem.__table__)
 _A = cast(Table, OutgoingAttempt.__table__)
 _POLICY_7BIT = email.policy.SMTP.clone(cte_type="7bit")  # portable: no 8BITMIME needed
 _COUNT_LOCK = threading.Lock()
-
-
-# ---------------------------------------------------------------------------------------
-# Policy: retries, leases, parallelism ([outgoing] in the config file)
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Policy:
-    """How the pipeline retries and shares work; ``[outgoing]`` in the config file.
-
-    The delay before attempt ``n + 1`` is ``min(retry_max, retry_base * 2 ** (n - 1))``,
-    scaled by a random factor in [0.5, 1) so that a server's queue of failures does not
-    come back all at once, and never shorter than a delay the server asked for. A
-    message is given up (``failed``) after ``max_attempts`` attempts or ``max_age``
-    since it was queued (or queued again by an admin), whichever comes first. A zero
-    ``max_age_hours`` or ``keep_sent_days`` means no limit.
-    """
-
-    retry_base: float = 60.0
-    retry_max: float = 3600.0
-    max_attempts: int = 20
-    max_age: dt.timedelta | None = dt.timedelta(hours=24)  # None: no age limit
-    lease: dt.timedelta = dt.timedelta(minutes=10)
-    batch: int = 50  # messages per claim
-    per_session: int = 100  # a further parallel session per this many due messages
-    keep_sent: dt.timedelta | None = dt.timedelta(days=30)  # sent mail kept for audit
-
-    @classmethod
-    def from_config(cls, raw: Mapping[str, Any], where: object = "the config file") -> Policy:
-        """Read ``[outgoing]``; a bad value is a ConfigError naming the key."""
-        table = raw.get("outgoing", {}) or {}
-        if not isinstance(table, Mapping):
-            raise ConfigError(f"[outgoing] in {where} must be a table")
-        known = {"retry_base_seconds", "retry_max_seconds", "max_attempts", "max_age_hours", "lease_seconds",
-                 "batch", "messages_per_session", "keep_sent_days"}
-        unknown = sorted(set(table) - known)
-        if unknown:
-            raise ConfigError(f"[outgoing] in {where} has unknown keys {unknown}: use {sorted(known)}")
-
-        def number(key: str, default: float, low: float, high: float, integer: bool = False) -> float:
-            # TOML reads inf, nan and 1e300 as floats: each would end a pass as an
-            # "unexpected error" (a timedelta or an int of it overflows), so bound them.
-            value = table.get(key, default)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high \
-                    or (integer and int(value) != value):
-                kind = "a whole number" if integer else "a number"
-                raise ConfigError(f"[outgoing] {key} in {where} must be {kind} from {low:g} to {high:.0f}, "
-                                  f"not {value!r}")
-            return float(value)
-
-        year = 365 * 86400
-        keep = number("keep_sent_days", 30, 0, 36500)
-        age = number("max_age_hours", 24, 0, 100 * 365 * 24)
-        return cls(
-            retry_base=number("retry_base_seconds", 60, 0, year),
-            retry_max=number("retry_max_seconds", 3600, 0, year),
-            max_attempts=int(number("max_attempts", 20, 1, 1_000_000, True)),
-            max_age=dt.timedelta(hours=age) if age else None,
-            lease=dt.timedelta(seconds=number("lease_seconds", 600, 5, 7 * 86400)),
-            batch=int(number("batch", 50, 1, 100_000, True)),
-            per_session=int(number("messages_per_session", 100, 1, 1_000_000, True)),
-            keep_sent=dt.timedelta(days=keep) if keep else None,
-        )
-
-    def backoff(self, attempts: int, retry_after: float | None = None) -> float:
-        """Seconds to wait after the ``attempts``-th failed attempt."""
-        delay = min(self.retry_max, self.retry_base * 2.0 ** min(max(0, attempts - 1), 60))
-        delay *= 0.5 + random.random() / 2
-        return max(delay, retry_after or 0.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -837,7 +767,7 @@ class Outgoing:
         """Retry and sharing rules from ``[outgoing]`` in the config file."""
         cached = self.__dict__.get("_policy")
         if cached is None:
-            cached = self.__dict__["_policy"] = Policy.from_config(self.host.config.raw, self.host.config.path)
+            cached = self.__dict__["_policy"] = self.host.config.outgoing
         return cached
 
     @contextlib.contextmanager

@@ -357,6 +357,29 @@ def test_outgoing_settings_out_of_range_are_bad_input(cli, line: str, expect: st
         assert out.returncode == 2 and expect in out.stderr and out.stderr.count("\n") == 1, out.stderr
 
 
+@pytest.mark.parametrize("line, expect", [
+    ("keep_sent_days = -1", "[outgoing] keep_sent_days in {config} must be a number from 0 to 36500, not -1"),
+    ('max_attempts = "many"', "[outgoing] max_attempts in {config} must be a whole number from 1 to 1000000, "
+                              "not 'many'"),
+    ("retries = 3", "[outgoing] in {config} has unknown keys ['retries']: use ["),
+])
+def test_a_bad_outgoing_setting_is_bad_input_wherever_the_config_is_read(cli, line: str, expect: str) -> None:
+    """[outgoing] is checked with the rest of the config file, by every command that reads
+    it (`init` run again, `incoming list`), as [service] and [web] are, not only by the
+    `deliver` and `serve` that use it: one sentence naming the key, exit 2."""
+    config = cli.home / "mailhost.toml"
+    key = line.split(" = ")[0]
+    text = config.read_text()
+    lines = [line if old.startswith(f"{key} = ") else old for old in text.splitlines()]
+    if line not in lines:
+        lines.insert(lines.index("[outgoing]") + 1, line)
+    config.write_text("\n".join(lines) + "\n")
+    for args in (("init",), ("incoming", "list"), ("deliver",)):
+        out = cli(*args)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith("mailhost: " + expect.format(config=config)), out.stderr
+
+
 def test_missing_config_is_clear(tmp_path: Path) -> None:
     """Without a config file, the error says to run init."""
     out = run_cli("incoming", "list", cwd=tmp_path, env={"MAILHOST_CONFIG": ""})

@@ -52,9 +52,9 @@ def serve(ctx: Context, once: bool, download_workers: int) -> None:
         host.check_schema()
     else:
         _wait_for_the_store(host)
-    # Bad configuration stops serve here (exit 2), not in every pass of every connection.
+    # Bad configuration stops serve here (exit 2), not in every pass of every connection
+    # (the config file itself, [outgoing] included, was checked when it was read).
     host.check_key()
-    host.outgoing.policy  # noqa: B018  (reads and checks [outgoing])
     logging.getLogger("mailhost").setLevel(logging.INFO)
     service = Service(host, download_workers=download_workers)
     service.install_signal_handlers()
