@@ -162,6 +162,13 @@ def test_uids_given_out_again_past_the_cursor_start_a_new_era_too(settings, dove
     assert again.refs == [] and again.cursor == listing.cursor and not again.reset
 
 
+def scripted(fake_imap, respond) -> ConnectionSettings:
+    """Settings for a scripted server answering each command's words with ``respond``."""
+    return ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
+                              port=fake_imap(lambda peer: peer.answer(respond)),
+                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
+
+
 def lagging_folder(fake_imap, highest: int, uidnext: int) -> ConnectionSettings:
     """Settings for a scripted folder (UIDVALIDITY 7) holding UIDs 1 to ``highest``, of
     300 bytes each, UID n delivered on the n-th of November 2026, whose UIDNEXT says
@@ -181,9 +188,7 @@ def lagging_folder(fake_imap, highest: int, uidnext: int) -> ConnectionSettings:
                 for uid in sorted(_uid_set(words[2], highest)))
         return out
 
-    return ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
-                              port=fake_imap(lambda peer: peer.answer(respond)),
-                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
+    return scripted(fake_imap, respond)
 
 
 def test_a_uidnext_below_the_uids_the_folder_holds_is_not_taken_for_a_restore(fake_imap):
@@ -320,9 +325,7 @@ def test_every_legal_body_form_is_read_and_none_is_skipped_while_still_there(fak
             out = b"".join(answers.get(uid, b"") for uid in uids(words[2]))
         return out
 
-    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
-                              port=fake_imap(lambda peer: peer.answer(respond)),
-                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
+    conn = scripted(fake_imap, respond)
     refs = {uid: MessageRef(f"7:{uid}", handle=uid) for uid in range(1, 7)}
     with PROVIDER.open(conn) as session:
         got = {ref.handle: body for ref, body in session.fetch([refs[uid] for uid in (1, 2, 3, 4, 6)])}
@@ -350,9 +353,7 @@ def test_estimate_counts_more_new_uids_than_a_search_line_holds(fake_imap):
             out = b"".join(b"* %d FETCH (UID %d RFC822.SIZE 300)\r\n" % (uid, uid) for uid in new)
         return out
 
-    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
-                              port=fake_imap(lambda peer: peer.answer(respond)),
-                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
+    conn = scripted(fake_imap, respond)
     with PROVIDER.open(conn) as session:
         estimate = session.estimate({"uidvalidity": 7, "last_uid": 1}, nothing_known)
     assert (estimate.count, estimate.confidence) == (200_000, "exact")
@@ -382,9 +383,7 @@ def test_a_listing_in_any_shape_gives_every_uid_and_size(fake_imap):
             out = b'* 3000 FETCH (UID 3000 INTERNALDATE "01-Nov-2026 10:00:00 +0000")\r\n'
         return out
 
-    conn = ConnectionSettings(name="desk", protocol="imap", host="127.0.0.1",
-                              port=fake_imap(lambda peer: peer.answer(respond)),
-                              encryption=Encryption.NONE, username="u", password="p", timeout=5)
+    conn = scripted(fake_imap, respond)
     with PROVIDER.open(conn) as session:
         listing = session.list_new(None, nothing_known)
     assert [(ref.handle, ref.size) for ref in listing.refs] == [(uid, uid + 10) for uid in range(1, 3001)]
