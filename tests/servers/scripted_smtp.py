@@ -13,16 +13,19 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 __all__ = ["scripted_server"]
 
 _PIECE = 64 * 1024
 
+#: What the server sends: the bytes at once, or pieces (maybe without end) ``drip`` seconds apart.
+Reply = bytes | Iterable[bytes]
 
-def scripted_server(answer: Callable[[bytes], bytes | None], connections: int = 1, *,
-                    greeting: bytes = b"220 scripted ESMTP\r\n", read_only: int | None = None,
-                    pace: float = 0.0,
+
+def scripted_server(answer: Callable[[bytes], Reply | None], connections: int = 1, *,
+                    greeting: Reply = b"220 scripted ESMTP\r\n", read_only: int | None = None,
+                    pace: float = 0.0, drip: float = 0.0,
                     context: ssl.SSLContext | None = None) -> tuple[int, threading.Thread, list[bytes]]:
     """A server on a free port for ``connections`` links, one after the other: greets
     with ``greeting``, then answers each command line with ``answer(line)`` (None: close the
@@ -33,8 +36,10 @@ def scripted_server(answer: Callable[[bytes], bytes | None], connections: int = 
     ``read_only``: read only this many bytes of the message, then send
     ``answer(b"<message>")`` at once (the client is still writing). ``pace``: take this
     many seconds for each 64 KiB of the message (a slow link; the listener's receive
-    buffer is made small, so the client feels it). ``context``: implicit TLS.
-    Returns the port, the thread and what it heard."""
+    buffer is made small, so the client feels it). ``drip``: a greeting or answer given
+    as pieces (an iterable of bytes, which may never end: a server dripping a reply a
+    byte or a line at a time) is sent a piece every ``drip`` seconds, until the client
+    goes away. ``context``: implicit TLS. Returns the port, the thread and what it heard."""
     listener = socket.socket()
     if pace:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, _PIECE)  # accepted links inherit it
@@ -55,6 +60,15 @@ def scripted_server(answer: Callable[[bytes], bytes | None], connections: int = 
                 time.sleep(pace * len(piece) / _PIECE)
         return bytes(got[:-3]) if got.endswith(b"\r\n.\r\n") else bytes(got)
 
+    def send(conn: socket.socket, reply: Reply) -> None:
+        if isinstance(reply, bytes):
+            conn.sendall(reply)
+            return
+        for n, piece in enumerate(reply):
+            if n:
+                time.sleep(drip)
+            conn.sendall(piece)
+
     def serve() -> None:
         for _ in range(connections):
             conn, _ = listener.accept()
@@ -63,18 +77,18 @@ def scripted_server(answer: Callable[[bytes], bytes | None], connections: int = 
                 conn = context.wrap_socket(conn, server_side=True)
             f = conn.makefile("rb")
             try:
-                conn.sendall(greeting)
+                send(conn, greeting)
                 while line := f.readline():
                     heard.append(line)
                     reply = answer(line)
                     if reply is None:
                         break
-                    conn.sendall(reply)
-                    if reply.startswith(b"354"):
+                    send(conn, reply)
+                    if isinstance(reply, bytes) and reply.startswith(b"354"):
                         heard.append(content(f))
                         reply = answer(b"<message>") or b""
-                        conn.sendall(reply)
-                    if reply.startswith(b"421"):
+                        send(conn, reply)
+                    if isinstance(reply, bytes) and reply.startswith(b"421"):
                         break
             except OSError:  # the client went away: what it did is in heard
                 pass

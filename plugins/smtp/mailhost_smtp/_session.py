@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import functools
+import io
 import re
 import smtplib
 import socket
@@ -60,6 +61,14 @@ FINAL_REPLY_TIMEOUT = 600.0
 _DOT_LINE = re.compile(rb"(?m)^\.")  # dot-stuffing (RFC 5321 4.5.2)
 #: The longest reply line smtplib reads (its private ``_MAXLINE``); a longer one ends the link.
 _MAXLINE: int = getattr(smtplib, "_MAXLINE", 8192)
+#: The most one reply may hold, its lines together: 128 of RFC 5321's longest (512 octets,
+#: 4.5.3.1.5), far more than any server's EHLO. Past it the server is not answering but
+#: streaming, and the link is ended.
+MAX_REPLY = 64 * 1024
+#: What a command line is called in errors (``"its answer to RCPT TO"``); any other line
+#: sent is a step of an AUTH exchange (a SASL response, never named: it may be secret).
+_COMMANDS = {"MAIL": "MAIL FROM", "RCPT": "RCPT TO", **{v: v for v in (
+    "EHLO", "HELO", "STARTTLS", "AUTH", "DATA", "RSET", "NOOP", "QUIT", "VRFY", "EXPN", "HELP")}}
 
 
 @functools.lru_cache(maxsize=1)
@@ -90,6 +99,62 @@ class _Answered(smtplib.SMTPResponseException):
     failed): its words, before the final dot went out."""
 
 
+class _Dripped(smtplib.SMTPServerDisconnected):
+    """A reply had begun but not ended when its wait ran out (a server dripping it a
+    byte or a line at a time, each within the socket timeout, or sending lines without
+    end): the link is closed."""
+
+    def __init__(self, awaiting: str, wait: float, got: int) -> None:
+        #: What it was (``"its answer to RCPT TO"``), and why that is wrong: for the in-doubt error.
+        self.late = f"{awaiting} did not end within {wait:g} s"
+        super().__init__(f"{self.late} ({got} bytes of it came)")
+
+
+class _Overdue(Exception):
+    """Raised by :class:`_Replies` when the reply being read is past its deadline."""
+
+
+class _Replies(io.RawIOBase):
+    """The socket as the reply reader's buffered file reads it, one ``recv`` at a time.
+
+    The socket timeout bounds one read only, so a server that sends a byte, or a line,
+    just before each read would time out holds the link (and the messages it carries)
+    for ever. :meth:`_Client.getreply` sets :attr:`deadline` for each reply; every read
+    of the reply after its first then waits only for what is left of it (the first
+    waits the socket's timeout, which is the whole wait: no clock and no system call
+    more on the usual one-read reply). No thread watches: a reply has one reader."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        #: When the reply being read must have ended (``time.monotonic``); None: no bound.
+        self.deadline: float | None = None
+        self.first = True  # the reply's first read is still to come
+        self.shortened = False  # a read set the socket's timeout below the reply's wait
+        self.got = 0  # bytes read since the reply began (for the error)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self.first:
+            self.first = False
+        elif self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise _Overdue
+            self._sock.settimeout(left)
+            self.shortened = True
+            try:
+                n = self._sock.recv_into(buffer)
+            except (socket.timeout, TimeoutError):
+                raise _Overdue from None
+            self.got += n
+            return n
+        n = self._sock.recv_into(buffer)
+        self.got += n
+        return n
+
+
 class _Client(smtplib.SMTP):
     """``smtplib.SMTP`` that writes a masked transcript and is opened step by step."""
 
@@ -100,9 +165,12 @@ class _Client(smtplib.SMTP):
         self.content_sent = False  # the current message's final dot went out
         self.used = False  # a transaction was begun on this link (it is not fresh)
         self.greeted = False  # the server's first line came (a TLS-first port sends none)
+        self._patient = False  # inside patient(), which names what is awaited itself
+        self._replies: _Replies | None = None  # under self.file, made with it
         super().__init__(local_hostname=_local_hostname(), timeout=settings.timeout)
-        #: What the last :meth:`patient` block waited for, and for how long at most: for the
-        #: error that says so when the wait ran out.
+        #: What the reply being read answers, and how long it may take at most (the last
+        #: :meth:`patient` block's, else the last command's and the timeout): for the error
+        #: that says so when the wait ran out.
         self.awaiting, self.wait = "an answer", self.timeout
 
     @contextlib.contextmanager
@@ -113,9 +181,11 @@ class _Client(smtplib.SMTP):
         self.awaiting, self.wait = awaiting, max(least, self.timeout)
         if self.sock is not None:
             self.sock.settimeout(self.wait)
+        self._patient = True
         try:
             yield
         finally:
+            self._patient = False
             if self.sock is not None:  # closed on the way: the next link gets the timeout anew
                 self.sock.settimeout(self.timeout)
         self.awaiting, self.wait = "an answer", self.timeout  # not when it failed: the error names the wait
@@ -137,6 +207,8 @@ class _Client(smtplib.SMTP):
             else:
                 shown = f"{cmd} {args}" if args else cmd
             self.note(f"C: {shown}")
+        if not self._patient:
+            self.awaiting = f"its answer to {_COMMANDS.get(cmd.upper(), 'the AUTH exchange')}"
         self._mask_next = False
         super().putcmd(cmd, args)
 
@@ -146,11 +218,7 @@ class _Client(smtplib.SMTP):
         return self.docmd(payload)
 
     def getreply(self) -> tuple[int, bytes]:
-        try:
-            code, message = super().getreply()
-        except smtplib.SMTPResponseException:  # smtplib's "500 Line too long" (it closed the link), not the server's
-            self.note(f"S: [a reply line longer than {_MAXLINE} bytes]")
-            raise _Unreadable(f"a reply line too long to read (over {_MAXLINE} bytes)") from None
+        code, message = self._read_reply()
         if code < 0:  # smtplib stopped at a line without a reply code: the rest would be read as the next reply
             self.note("S: [a line that is not an SMTP reply]")
             self.close()
@@ -161,6 +229,59 @@ class _Client(smtplib.SMTP):
                 sep = "-" if i < len(lines) - 1 else " "
                 self.note(f"S: {code}{sep}{line}")
         return code, message
+
+    def _read_reply(self) -> tuple[int, bytes]:
+        """smtplib's ``getreply`` (the same lines, codes and errors), bounded as a whole:
+        the reply must end within the socket's timeout when it began (the step's wait,
+        see :meth:`patient`) and hold at most :data:`MAX_REPLY` bytes; else the link is
+        closed and :class:`_Dripped` or :class:`_Unreadable` raised."""
+        sock = self.sock
+        if sock is None:
+            raise smtplib.SMTPServerDisconnected("please run connect() first")
+        if self.file is None:  # a new link, or TLS begun: nothing read before is kept
+            self._replies = _Replies(sock)
+            self.file = io.BufferedReader(self._replies)
+        replies = self._replies
+        assert replies is not None
+        wait = sock.gettimeout()
+        replies.deadline = None if wait is None else time.monotonic() + wait
+        replies.first, replies.shortened, replies.got = True, False, 0
+        lines: list[bytes] = []
+        size = 0
+        while True:
+            try:
+                line = self.file.readline(_MAXLINE + 1)
+            except _Overdue:
+                dripped = _Dripped(self.awaiting, wait or 0.0, replies.got)
+                self.note(f"S: [{dripped}]")
+                self.close()
+                raise dripped from None
+            except OSError as exc:
+                self.close()
+                raise smtplib.SMTPServerDisconnected(f"Connection unexpectedly closed: {exc}") from exc
+            if not line:
+                self.close()
+                raise smtplib.SMTPServerDisconnected("Connection unexpectedly closed")
+            if len(line) > _MAXLINE:
+                self.note(f"S: [a reply line longer than {_MAXLINE} bytes]")
+                self.close()
+                raise _Unreadable(f"a reply line too long to read (over {_MAXLINE} bytes)")
+            size += len(line)
+            if size > MAX_REPLY:
+                self.note(f"S: [a reply longer than {MAX_REPLY // 1024} KiB]")
+                self.close()
+                raise _Unreadable(f"a reply of more than {MAX_REPLY // 1024} KiB, which no SMTP reply needs")
+            lines.append(line[4:].strip(b" \t\r\n"))
+            try:
+                code = int(line[:3])
+            except ValueError:
+                code = -1
+                break
+            if line[3:4] != b"-":
+                break
+        if replies.shortened and self.sock is not None:
+            self.sock.settimeout(wait)  # the next write or reply of the step waits as long again
+        return code, b"\n".join(lines)
 
     # -- opening, one step at a time ----------------------------------------------
 
@@ -177,6 +298,7 @@ class _Client(smtplib.SMTP):
         return self.sock
 
     def read_greeting(self) -> str:
+        self.awaiting = "its greeting"
         code, message = self.getreply()
         self.greeted = True
         if code != 220:
@@ -368,7 +490,8 @@ class SmtpSession(OutgoingSession):
                               else ("an answer", self.settings.timeout))
             self._drop()
             if in_doubt:
-                what = (f"no reply within {wait:g} s" if _timed_out(exc)
+                what = (exc.late if isinstance(exc, _Dripped)
+                        else f"no reply within {wait:g} s" if _timed_out(exc)
                         else f"its reply could not be read: {exc}" if isinstance(exc, _Unreadable)
                         else f"the connection broke: {_reason(exc)}")
                 raise ConnectFailure(
@@ -377,6 +500,9 @@ class SmtpSession(OutgoingSession):
             if isinstance(exc, _Unsent):
                 raise ConnectFailure(f"{where}: the message could not be sent whole ({exc}); without its end the "
                                      "server cannot have taken it, so it will be retried") from None
+            if isinstance(exc, _Dripped):
+                raise ConnectFailure(f"{where}: {exc}, so mailhost closed the link while sending; the message "
+                                     f"will be retried{_DRIPPED_FIX}") from None
             if isinstance(exc, _Unreadable):
                 raise ConnectFailure(f"{where}: the server's reply could not be read ({exc}) while sending; "
                                      "the message will be retried") from None
@@ -684,6 +810,11 @@ def _fail(where: str, what: str, code: int, reply: bytes | str, subject: str | N
     raise PermanentFailure(f"{where} {what}{about} ({words})")
 
 
+#: The end of the error for a reply that did not end in time (:class:`_Dripped`).
+_DRIPPED_FIX = ("; if this repeats, the server is overloaded or misbehaving (it must send each reply whole "
+                "within the wait): check it and the network to it, or raise --timeout")
+
+
 def _timed_out(exc: BaseException) -> bool:
     """A timeout, also when smtplib wrapped it in SMTPServerDisconnected."""
     return any(isinstance(e, (socket.timeout, TimeoutError)) for e in (exc, exc.__cause__, exc.__context__))
@@ -712,6 +843,8 @@ def _translate(exc: BaseException, stage: str, settings: ConnectionSettings, whe
         return ConnectFailure(
             f"{where}: connection refused: check the host and the port ({port}), and that the server is running"
         )
+    if isinstance(exc, _Dripped):
+        return ConnectFailure(f"{where}: {exc}, so mailhost closed the link: it will be retried{_DRIPPED_FIX}")
     if _timed_out(exc):
         if tls_first:
             fix = ("port 465 expects TLS from the first byte: use --encryption ssl" if port == 465 else

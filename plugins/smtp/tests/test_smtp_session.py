@@ -627,6 +627,145 @@ def test_an_unreadable_reply_to_the_content_is_in_doubt(reply: bytes, said: str)
     assert err.value.in_doubt is True
 
 
+def _bounded(call: Callable[[], object], stop: threading.Event, seconds: float = 30.0) -> BaseException | None:
+    """What ``call`` raised (None: it returned), run in a thread. Still running after
+    ``seconds``, a reply was never cut off: the test fails instead of hanging, and ``stop``
+    ends the server's drip."""
+    outcome: list[BaseException | None] = []
+
+    def run() -> None:
+        try:
+            call()
+            outcome.append(None)
+        except BaseException as exc:  # what the test looks at
+            outcome.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        stop.set()
+        pytest.fail(f"still reading a reply after {seconds:g} s: it was never cut off")
+    return outcome[0]
+
+
+def _endless(line: bytes, stop: threading.Event) -> Iterator[bytes]:
+    """``line`` again and again, until ``stop``."""
+    while not stop.is_set():
+        yield line
+
+
+def _bytewise(reply: bytes, stop: threading.Event) -> Iterator[bytes]:
+    """``reply`` a byte at a time, until ``stop``."""
+    for i in range(len(reply)):
+        if stop.is_set():
+            return
+        yield reply[i:i + 1]
+
+
+@pytest.mark.parametrize(("command", "wait"), [("EHLO", "0.5"), ("RCPT TO", "1")])
+def test_an_endless_reply_is_cut_off(monkeypatch: pytest.MonkeyPatch, command: str, wait: str) -> None:
+    """A server answers EHLO or RCPT with ``250-`` lines without end, each well within the
+    timeout, so no read ever times out: the session, and the messages it holds, were kept
+    for ever. A reply must end within its step's wait (the timeout; RCPT's own, lowered
+    here from 5 minutes): a temporary ConnectFailure naming the connection, the server and
+    the answer it was waiting for, not in doubt (the message did not go out); the
+    connection test names the step."""
+    monkeypatch.setattr(_session, "RCPT_TIMEOUT", 1.0)
+    stop = threading.Event()
+    verb = command.split()[0].encode()
+
+    def answer(line: bytes) -> Any:
+        said = line.split()[0].upper()
+        if said == verb:
+            return _endless(b"250-still thinking\r\n", stop)
+        return {b"EHLO": b"250 scripted\r\n", b"QUIT": b"221 bye\r\n"}.get(said, b"250 ok\r\n")
+
+    port, thread, heard = scripted_server(answer, connections=2, drip=0.05)
+    s = ConnectionSettings(name="dripping", protocol="smtp", host="127.0.0.1", port=port,
+                           encryption=Encryption.NONE, timeout=0.5, from_address="a@example.org")
+
+    def send() -> None:
+        with open_session(s) as session:
+            session.send(RAW, "a@example.org", ["b@example.org"])
+
+    err = _bounded(send, stop)
+    steps: list[Any] = []
+    _bounded(lambda: steps.extend(test_connection(s)), stop)
+    stop.set()
+    thread.join(15)
+    assert isinstance(err, ConnectFailure) and err.in_doubt is False, err
+    text = str(err)
+    assert f"dripping (127.0.0.1:{port})" in text and f"its answer to {command} did not end within {wait} s" in text
+    assert "closed the link" in text and "retried" in text
+    assert not any(h.upper().startswith(b"DATA") for h in heard)
+    failed = steps[-1]
+    assert not failed.ok and failed.name == ("ehlo" if verb == b"EHLO" else "rcpt to"), steps
+    assert f"its answer to {command} did not end within {wait} s" in failed.detail
+
+
+@pytest.mark.parametrize(("which", "mode"), [("greeting", "plain"), ("final dot", "plain"), ("final dot", "tls")])
+def test_a_reply_dripped_a_byte_at_a_time_is_cut_off(monkeypatch: pytest.MonkeyPatch, pki: Pki, which: str,
+                                                     mode: str) -> None:
+    """One reply line dripped a byte at a time (over TLS, a record each), each byte well
+    within the timeout (the line would take 100 s): the reply must still end within its
+    wait. The greeting: a temporary ConnectFailure while opening. The answer to the final
+    dot (its 10 minutes lowered here): in doubt, as when no answer comes, for the server
+    may have taken the message."""
+    monkeypatch.setattr(_session, "FINAL_REPLY_TIMEOUT", 0.5)
+    stop = threading.Event()
+    slow = b"x" * 2000 + b"\r\n"
+    replies = {b"EHLO": b"250 scripted\r\n", b"DATA": b"354 go\r\n", b"QUIT": b"221 bye\r\n"}
+
+    def answer(line: bytes) -> Any:
+        said = line.split()[0].upper()
+        if said == b"<MESSAGE>":
+            return _bytewise(b"250 " + slow, stop)
+        return replies.get(said, b"250 ok\r\n")
+
+    greeting: Any = _bytewise(b"220 " + slow, stop) if which == "greeting" else b"220 scripted ESMTP\r\n"
+    port, thread, heard = scripted_server(answer, greeting=greeting, drip=0.05,
+                                          context=pki.server_context() if mode == "tls" else None)
+    s = ConnectionSettings(name="dripping", protocol="smtp", host="127.0.0.1", port=port,
+                           encryption=MODES[mode], ca_file=pki.ca_file, timeout=0.5)
+
+    def send() -> None:
+        with open_session(s) as session:
+            session.send(RAW, "a@example.org", ["b@example.org"])
+
+    err = _bounded(send, stop)
+    stop.set()
+    thread.join(15)
+    assert isinstance(err, ConnectFailure), err
+    text = str(err)
+    assert f"dripping (127.0.0.1:{port})" in text
+    if which == "greeting":
+        assert err.in_doubt is False and heard == []
+        assert "its greeting did not end within 0.5 s" in text and "closed the link" in text
+    else:
+        assert err.in_doubt is True
+        assert "did not confirm it (its answer to the final dot did not end within 0.5 s)" in text
+        assert "may have been delivered" in text
+
+
+def test_a_reply_without_end_sent_at_full_speed_is_cut_off() -> None:
+    """EHLO answered with ``250-`` lines without end, as fast as they are read: no wait
+    runs out first, so the size of a reply is bounded too (64 KiB, far above any real
+    one): a temporary ConnectFailure, the reply could not be read."""
+    stop = threading.Event()
+    line = b"250-" + b"x" * 500 + b"\r\n"
+    port, thread, _ = scripted_server(lambda said: _endless(line, stop) if said.upper().startswith(b"EHLO")
+                                      else b"221 bye\r\n")
+    s = ConnectionSettings(name="flooding", protocol="smtp", host="127.0.0.1", port=port,
+                           encryption=Encryption.NONE, timeout=10)
+    err = _bounded(lambda: open_session(s).close(), stop)
+    stop.set()
+    thread.join(15)
+    assert isinstance(err, ConnectFailure) and err.in_doubt is False, err
+    text = str(err)
+    assert f"flooding (127.0.0.1:{port})" in text and "could not be read (a reply of more than 64 KiB" in text
+
+
 def test_an_overlong_reply_before_the_content_is_a_broken_link() -> None:
     """A reply to RCPT longer than smtplib reads: smtplib closes the link and says '500
     Line too long', which is not the server's answer; a retry, not a permanent failure."""
