@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import or_, select, update
 from sqlalchemy.orm import Session, selectinload
 
-from .errors import MailError, MailhostError, NotFound, PluginError, ValidationError
+from .errors import MailError, MailhostError, NotFound, ValidationError
+from .plugins import broke_contract
 from .protocols import (
     ATTRIBUTES,
     ConnectionSettings,
@@ -327,8 +328,8 @@ class Connections:
             if provider.test is not None:
                 for step in provider.test(settings):
                     if not isinstance(step, TestStep):
-                        raise PluginError(f"plugin {provider.plugin} broke the test contract: its {provider.name} "
-                                          f"test yielded {step!r:.80}, not a mailhost.TestStep")
+                        raise broke_contract(self.host.plugins.named(provider.plugin), "test",
+                                             f"its {provider.name} test yielded {step!r:.80}, not a mailhost.TestStep")
                     yield step
                 return
             try:

@@ -95,6 +95,7 @@ from .errors import (
     ValidationError,
 )
 from .leases import holder_is_gone, worker_id
+from .plugins import broke_contract
 from .protocols import ConnectionSettings, Direction, OutgoingSession, SendResult, crlf
 from .secrets import redact
 from .store import MAX_INT, OutgoingAttempt, OutgoingConnection, OutgoingItem
@@ -1335,9 +1336,10 @@ class Outgoing:
         if not isinstance(result, SendResult):
             # send() returned: the server took the message. Recorded as sent, or the next
             # pass would deliver it again; the plugin is told what it broke.
-            plugin = self.host.connections.provider(Direction.OUTGOING, conn).plugin
-            log.warning("%s: plugin %s broke the session contract: its send returned %.80r, not a mailhost.SendResult; "
-                        "the message counts as accepted by every recipient", name, plugin, result)
+            plugin = self.host.plugins.named(self.host.connections.provider(Direction.OUTGOING, conn).plugin)
+            broke = broke_contract(plugin, "session", f"its {conn.protocol} session's send returned {result!r:.80}, "
+                                                      "not a mailhost.SendResult")
+            log.warning("%s: %s; the message counts as accepted by every recipient", name, broke)
             result = SendResult("accepted (the plugin's send returned no SendResult)")
         refused = {str(k): str(v) for k, v in (result.refused or {}).items()}
         kind = "partial" if refused else "sent"

@@ -128,6 +128,15 @@ def mh_any(tmp_path: Path, database_url: str, monkeypatch: pytest.MonkeyPatch) -
     host.close()
 
 
+def as_installed(host: Mailhost, monkeypatch: pytest.MonkeyPatch, plugin: str = "testplugin") -> str:
+    """Give ``plugin``, loaded in process, the distribution it would have when installed
+    (``mailhost-PLUGIN 0.1.0``); returns the plugin as errors then name it."""
+    info = host.plugins.plugins[plugin]
+    monkeypatch.setattr(info, "distribution", f"mailhost-{plugin}")
+    monkeypatch.setattr(info, "version", "0.1.0")
+    return f"plugin {plugin} (mailhost-{plugin} 0.1.0)"
+
+
 def message_id_of(raw: bytes) -> str:
     """The Message-ID header of a raw message."""
     import re

@@ -1,6 +1,7 @@
 """Connections through the CLI: validation from the protocol's declaration, exit 2, nothing written."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -9,8 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from mailhost.connections import ConnectionSpec
+from mailhost.errors import PluginError
+from mailhost.protocols import Direction
 
-from .helpers import run_cli
+from .helpers import as_installed, run_cli
 
 
 @pytest.fixture
@@ -676,6 +680,22 @@ def test_a_plugin_bug_in_a_test_or_an_estimate_is_a_finding_not_a_crash(cli, bug
         assert f"could not estimate the messages to download ({found})" in out.stderr
         assert json.loads(cli("incoming", "show", "c1", "--json").stdout)["enabled"] is True
     assert "please report it" not in out.stderr
+
+
+def test_a_connection_test_that_yields_no_step_names_the_plugin(tmh, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """A protocol's connection test that yields something other than a TestStep broke
+    the test contract: the error names the plugin and its distribution (whom to tell), as
+    every contract error does."""
+    plugin = as_installed(tmh, monkeypatch)
+    tmh.connections.add(Direction.INCOMING, ConnectionSpec(name="c1", protocol="dir", folder=str(tmp_path)))
+    key = (Direction.INCOMING, "dir")
+    monkeypatch.setitem(tmh.plugins.protocols, key, dataclasses.replace(
+        tmh.plugins.protocols[key], test=lambda settings: iter([("connect", True)])))
+    with pytest.raises(PluginError) as caught:
+        list(tmh.connections.test(Direction.INCOMING, "c1", ConnectionSpec()))
+    assert str(caught.value) == (f"{plugin} broke the test contract: its dir test yielded ('connect', True), not a "
+                                 "mailhost.TestStep (report it to the plugin's author)")
 
 
 def _wait_until_reading_the_terminal(pid: int) -> None:

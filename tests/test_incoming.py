@@ -20,7 +20,7 @@ from mailhost.plugins import PluginHost
 from mailhost.protocols import Direction, Estimate, Listing, MessageRef
 from mailhost.store import Certificate, SeenMessage
 
-from .helpers import run_cli
+from .helpers import as_installed, run_cli
 
 
 def _msg(i: int, body: str = "hello") -> bytes:
@@ -800,15 +800,6 @@ def test_a_session_whose_close_raises_does_not_fail_the_pass(
     assert report.ok and report.listed == 0
 
 
-def _installed(tmh: Mailhost, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Give the test plugin, loaded in process, the distribution it has when installed;
-    returns the plugin as errors then name it."""
-    info = tmh.plugins.plugins["testplugin"]
-    monkeypatch.setattr(info, "distribution", "mailhost-testplugin")
-    monkeypatch.setattr(info, "version", "0.1.0")
-    return "plugin testplugin (mailhost-testplugin 0.1.0)"
-
-
 @pytest.mark.parametrize("step, answer, expect", [
     ("list_new", lambda refs: [*refs], "its dir session's list_new returned list, not a mailhost.Listing"),
     ("list_new", lambda refs: Listing([MessageRef(i, r.size, r.handle) for i, r in enumerate(refs)]),
@@ -832,7 +823,7 @@ def test_a_session_answer_of_the_wrong_kind_is_a_plugin_error(
     and its distribution; once the plugin is fixed, every message is stored once."""
     from tests.testplugin.mailhost_testplugin import DirIncoming
 
-    plugin = _installed(tmh, monkeypatch)
+    plugin = as_installed(tmh, monkeypatch)
     for i in range(3):
         (box / f"{i}.eml").write_bytes(_msg(i))
     with monkeypatch.context() as m:
@@ -862,7 +853,7 @@ def test_an_open_or_an_estimate_of_the_wrong_kind_is_a_plugin_error(
     from mailhost.errors import PluginError
     from tests.testplugin.mailhost_testplugin import DirIncoming
 
-    plugin = _installed(tmh, monkeypatch)
+    plugin = as_installed(tmh, monkeypatch)
     (box / "0.eml").write_bytes(_msg(0))
     with monkeypatch.context() as m:
         m.setattr(DirIncoming, "estimate", lambda self, cursor, known: (1, "exact"))

@@ -23,7 +23,7 @@ from mailhost.outgoing import Outgoing, Policy, item_dict, personalize
 from mailhost.plugins import PluginHost
 from mailhost.store import OutgoingItem, utcnow
 
-from tests.helpers import outbox_subjects
+from tests.helpers import as_installed, outbox_subjects
 from tests.servers.certs import Pki
 from tests.servers.scripted_smtp import scripted_server
 from tests.servers.smtpd import ReceivedMessage, SmtpServer
@@ -971,15 +971,19 @@ def test_a_send_that_returns_no_result_counts_as_sent_once(home: Path, tmp_path:
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            caplog: pytest.LogCaptureFixture) -> None:
     """A plugin's send that returns (the server took the message) but not a SendResult:
-    each message is recorded sent, once, and the log names the plugin. Each pass used to
+    each message is recorded sent, once, and the log names the plugin and its
+    distribution, whom to tell. Each pass used to
     send one message and stop its worker on an AttributeError, leaving the messages in
     sending, to be sent again when their lease ran out."""
     with _toy_outbox(home, tmp_path, monkeypatch, "mute", _ReturnsNothing()) as mh:
+        plugin = as_installed(mh, monkeypatch, "mute")
         ids = [mh.outgoing.send([f"r{n}@example.org"], subject=f"m{n}", body=BODY).id for n in range(3)]
         report = mh.outgoing.deliver()
         assert report.sent == 3 and report.error is None, report.error
         assert [mh.outgoing.item(i).status for i in ids] == ["sent"] * 3
         assert mh.outgoing.deliver().sent == 0
         assert outbox_subjects(tmp_path / "outbox" / "box") == [b"m0", b"m1", b"m2"]
-        assert "plugin mute broke the session contract: its send returned None, not a mailhost.SendResult" in caplog.text
+        assert (f"out: {plugin} broke the session contract: its mute session's send returned None, not a "
+                "mailhost.SendResult (report it to the plugin's author); the message counts as accepted by every "
+                "recipient") in caplog.text
 
