@@ -117,19 +117,20 @@ class _Overdue(Exception):
 class _Replies(io.RawIOBase):
     """The socket as the reply reader's buffered file reads it, one ``recv`` at a time.
 
-    The socket timeout bounds one read only, so a server that sends a byte, or a line,
-    just before each read would time out holds the link (and the messages it carries)
-    for ever. :meth:`_Client.getreply` sets :attr:`deadline` for each reply; every read
-    of the reply after its first then waits only for what is left of it (the first
-    waits the socket's timeout, which is the whole wait: no clock and no system call
-    more on the usual one-read reply). No thread watches: a reply has one reader."""
+    The socket's timeout stays the connection's: setting it gives up the GIL (a
+    ``fcntl``), and doing so around every command cost parallel delivery an eighth of
+    its rate. A longer wait (:meth:`_Client.patient`) reads again after each timeout
+    until :attr:`deadline`. That bound is the reply's as a whole: a server that sends
+    a byte, or a line, just before each read would time out would otherwise hold the
+    link (and the messages it carries) for ever; a read after the reply's first raises
+    :class:`_Overdue` once the deadline passed (at most one socket timeout late). No
+    thread watches and, on the usual one-read reply, no clock is read."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
         #: When the reply being read must have ended (``time.monotonic``); None: no bound.
         self.deadline: float | None = None
         self.first = True  # the reply's first read is still to come
-        self.shortened = False  # a read set the socket's timeout below the reply's wait
         self.got = 0  # bytes read since the reply began (for the error)
 
     def readable(self) -> bool:
@@ -138,21 +139,19 @@ class _Replies(io.RawIOBase):
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         if self.first:
             self.first = False
-        elif self.deadline is not None:
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise _Overdue
-            self._sock.settimeout(left)
-            self.shortened = True
+        elif self.deadline is not None and time.monotonic() >= self.deadline:
+            raise _Overdue
+        while True:
             try:
                 n = self._sock.recv_into(buffer)
             except (socket.timeout, TimeoutError):
-                raise _Overdue from None
+                if self.deadline is None or time.monotonic() >= self.deadline:
+                    if self.got:
+                        raise _Overdue from None
+                    raise  # nothing of the reply came: no answer in time
+                continue  # a wait longer than the socket's timeout: read on
             self.got += n
             return n
-        n = self._sock.recv_into(buffer)
-        self.got += n
-        return n
 
 
 class _Client(smtplib.SMTP):
@@ -175,19 +174,16 @@ class _Client(smtplib.SMTP):
 
     @contextlib.contextmanager
     def patient(self, least: float, awaiting: str) -> Iterator[None]:
-        """Inside, each read and write waits ``least`` seconds, or the connection's timeout
-        when that is longer (RFC 5321 4.5.3.2); the connection's timeout again after.
-        ``awaiting`` names what is waited for (``"its answer to RCPT TO"``)."""
+        """Inside, each reply and each piece of the message waits ``least`` seconds, or the
+        connection's timeout when that is longer (RFC 5321 4.5.3.2); the connection's
+        timeout again after. ``awaiting`` names what is waited for (``"its answer to
+        RCPT TO"``). The socket's own timeout is left alone (see :class:`_Replies`)."""
         self.awaiting, self.wait = awaiting, max(least, self.timeout)
-        if self.sock is not None:
-            self.sock.settimeout(self.wait)
         self._patient = True
         try:
             yield
         finally:
             self._patient = False
-            if self.sock is not None:  # closed on the way: the next link gets the timeout anew
-                self.sock.settimeout(self.timeout)
         self.awaiting, self.wait = "an answer", self.timeout  # not when it failed: the error names the wait
 
     # -- transcript ---------------------------------------------------------------
@@ -232,9 +228,9 @@ class _Client(smtplib.SMTP):
 
     def _read_reply(self) -> tuple[int, bytes]:
         """smtplib's ``getreply`` (the same lines, codes and errors), bounded as a whole:
-        the reply must end within the socket's timeout when it began (the step's wait,
-        see :meth:`patient`) and hold at most :data:`MAX_REPLY` bytes; else the link is
-        closed and :class:`_Dripped` or :class:`_Unreadable` raised."""
+        the reply must end within the step's wait (see :meth:`patient`) and hold at most
+        :data:`MAX_REPLY` bytes; else the link is closed and :class:`_Dripped` or
+        :class:`_Unreadable` raised."""
         sock = self.sock
         if sock is None:
             raise smtplib.SMTPServerDisconnected("please run connect() first")
@@ -243,9 +239,9 @@ class _Client(smtplib.SMTP):
             self.file = io.BufferedReader(self._replies)
         replies = self._replies
         assert replies is not None
-        wait = sock.gettimeout()
+        wait = self.wait if sock.gettimeout() is not None else None
         replies.deadline = None if wait is None else time.monotonic() + wait
-        replies.first, replies.shortened, replies.got = True, False, 0
+        replies.first, replies.got = True, 0
         lines: list[bytes] = []
         size = 0
         while True:
@@ -279,8 +275,6 @@ class _Client(smtplib.SMTP):
                 break
             if line[3:4] != b"-":
                 break
-        if replies.shortened and self.sock is not None:
-            self.sock.settimeout(wait)  # the next write or reply of the step waits as long again
         return code, b"\n".join(lines)
 
     # -- opening, one step at a time ----------------------------------------------
@@ -362,11 +356,20 @@ class _Client(smtplib.SMTP):
         why (a 421 as it closes): that is raised as :class:`_Answered`, else
         :class:`_Unsent`; either way the final dot did not go out."""
         self.note(f"C: [message, {len(data)} bytes, ending with <CRLF>.<CRLF>]")  # never what it says
-        assert self.sock is not None
+        sock = self.sock
+        assert sock is not None
         try:
             with memoryview(data) as view:
                 for start in range(0, len(view), STALL_PIECE):
-                    self.sock.sendall(view[start:start + STALL_PIECE])
+                    piece, began = view[start:start + STALL_PIECE], time.monotonic()
+                    while piece:
+                        try:
+                            piece = piece[sock.send(piece):]
+                        except (socket.timeout, TimeoutError):
+                            # The socket times out after the connection's timeout; the
+                            # step's wait may be longer (nothing went out: send again).
+                            if time.monotonic() - began >= self.wait:
+                                raise
         except OSError as exc:
             said = self._said_meanwhile()
             self.close()
@@ -381,11 +384,15 @@ class _Client(smtplib.SMTP):
         in the socket's buffer already when the server closed the link or stopped reading."""
         if self.sock is None:
             return None
+        wait = self.wait  # the caller's error names it
         try:
-            self.sock.settimeout(min(self.timeout, 1.0))
+            self.wait = min(self.timeout, 1.0)
+            self.sock.settimeout(self.wait)
             return self.getreply()
         except (smtplib.SMTPException, OSError):
             return None
+        finally:
+            self.wait = wait
 
     def hello(self) -> None:
         """EHLO; HELO only when the server does not know EHLO (RFC 5321 4.1.4), not
