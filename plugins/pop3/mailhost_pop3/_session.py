@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import poplib
 import socket
@@ -404,8 +405,8 @@ def _port(settings: ConnectionSettings) -> int:
 
 
 def _where(settings: ConnectionSettings) -> str:
-    where = f"{settings.host}:{_port(settings)}"
-    return f"{settings.name} on {where}" if settings.name else where  # no name before it is saved
+    """The connection as errors name it (:meth:`ConnectionSettings.describe`), its default port filled in."""
+    return dataclasses.replace(settings, port=_port(settings)).describe()
 
 
 def _words(exc: poplib.error_proto) -> str:
